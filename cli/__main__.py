@@ -1,0 +1,3 @@
+from surge.main import main
+
+main()

@@ -1,0 +1,73 @@
+"""The embedded zero-set-up broker (noida-db): good for a first run, not for production."""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+from aiokafka.admin import AIOKafkaAdminClient
+
+
+def _binary() -> str:
+    found = shutil.which("noida-db") or str(Path(sys.executable).with_name("noida-db"))
+    if not Path(found).exists():
+        raise RuntimeError("noida-db is not installed: pip install noida-db")
+    return found
+
+
+def start_noida(data_dir: Path, port: int, *, timeout: float = 30) -> subprocess.Popen[bytes]:
+    """Start noida-db's Kafka endpoint in its own process group, ready to serve."""
+    data_dir.mkdir(parents=True, exist_ok=True)
+    log = (data_dir / "noida.log").open("ab")
+    process = subprocess.Popen(
+        [
+            _binary(),
+            "start",
+            "--data-dir",
+            str(data_dir),
+            "--only",
+            "kafka",
+            "--kafka-port",
+            str(port),
+        ],
+        stdout=log,
+        stderr=subprocess.STDOUT,
+        start_new_session=True,  # its console script runs the real binary as a child
+    )
+    deadline = time.monotonic() + timeout
+    while not asyncio.run(_serves_metadata(f"127.0.0.1:{port}")):
+        if process.poll() is not None or time.monotonic() > deadline:
+            stop_noida(process)
+            raise RuntimeError(f"noida-db did not start; see {data_dir / 'noida.log'}")
+        time.sleep(0.2)
+    return process
+
+
+def stop_noida(process: subprocess.Popen[bytes]) -> None:
+    """SIGTERM the whole group: noida-db saves its state on a clean stop."""
+    try:
+        os.killpg(process.pid, signal.SIGTERM)
+        process.wait(15)
+    except ProcessLookupError:
+        pass
+    except subprocess.TimeoutExpired:
+        os.killpg(process.pid, signal.SIGKILL)
+
+
+async def _serves_metadata(bootstrap: str) -> bool:
+    """The port opens before data is loaded: only a real metadata answer counts as ready."""
+    admin = AIOKafkaAdminClient(bootstrap_servers=bootstrap, request_timeout_ms=2000)
+    try:
+        await admin.start()
+        await admin.list_topics()
+        return True
+    except Exception:
+        return False
+    finally:
+        await admin.close()

@@ -1,0 +1,136 @@
+"""`surge demo`: the whole path on one machine, in one command.
+
+Embedded broker, a worker process serving an example model, a burst of requests published
+with a plain Kafka producer, then a steady load; prints throughput, latency and batch sizes.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import signal
+import socket
+import subprocess
+import sys
+import tempfile
+import time
+import urllib.request
+from pathlib import Path
+
+import numpy as np
+from prometheus_client.parser import text_string_to_metric_families
+from rich.console import Console
+from rich.table import Table
+
+from surge.broker import start_noida, stop_noida
+from surge.examples import MLP_FEATURES, MLP_NAME, write_mlp
+from surge.producers import SurgeClient
+from surge.producers.load import LoadReport, run_load
+
+console = Console()
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def run_demo(*, requests: int, rate: float) -> int:
+    workdir = Path(tempfile.mkdtemp(prefix="surge-demo-"))
+    port, metrics_port = _free_port(), _free_port()
+    bootstrap = f"127.0.0.1:{port}"
+    with console.status("starting the embedded broker (noida-db)"):
+        broker = start_noida(workdir / "broker", port)
+    write_mlp(workdir / "models")
+    env = os.environ | {
+        "SURGE_KAFKA__BOOTSTRAP_SERVERS": bootstrap,
+        "SURGE_WORKER__MODEL_ROOT": str(workdir / "models"),
+        "SURGE_WORKER__GROUP_ID": "surge-demo",
+        "SURGE_METRICS__PORT": str(metrics_port),
+        "SURGE_LOG__FORMAT": "json",
+    }
+    log = (workdir / "worker.log").open("wb")
+    worker = subprocess.Popen([sys.executable, "-m", "surge", "worker"], env=env, stderr=log)
+    rng = np.random.default_rng(0)
+    features = rng.standard_normal((1024, 1, MLP_FEATURES)).astype(np.float32)
+
+    def inputs(i: int) -> dict[str, np.ndarray]:
+        return {"x": features[i % len(features)]}
+
+    try:
+        with console.status("worker starting: waiting for its first result"):
+            started = time.perf_counter()
+            asyncio.run(_first_result(bootstrap, inputs(0)))
+            ready_s = time.perf_counter() - started
+        with console.status(f"burst: {requests:,} requests published at once"):
+            burst = asyncio.run(run_load(bootstrap, MLP_NAME, inputs, count=requests))
+        steady_count = int(rate * 5)
+        with console.status(f"steady load: {rate:,.0f} requests/s for 5 s"):
+            steady = asyncio.run(
+                run_load(bootstrap, MLP_NAME, inputs, count=steady_count, rate=rate)
+            )
+        batches = _batch_sizes(metrics_port)
+    finally:
+        worker.send_signal(signal.SIGTERM)
+        worker.wait(30)
+        stop_noida(broker)
+    _print_summary(ready_s, burst, steady, batches)
+    console.print(f"worker log: {workdir / 'worker.log'}")
+    return 0 if burst.received == burst.sent and steady.received == steady.sent else 1
+
+
+async def _first_result(bootstrap: str, inputs: dict[str, np.ndarray]) -> None:
+    async with SurgeClient(bootstrap) as client:
+        await client.predict(MLP_NAME, inputs, timeout=120)
+
+
+def _batch_sizes(port: int) -> dict[str, float]:
+    """Rows per model call, from the worker's Prometheus histogram: bucket -> share of batches."""
+    text = urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=5).read().decode()
+    buckets: list[tuple[float, float]] = []
+    for family in text_string_to_metric_families(text):
+        if family.name == "surge_batch_rows":
+            buckets = [
+                (float(s.labels["le"]), s.value)
+                for s in family.samples
+                if s.name.endswith("_bucket")
+            ]
+    shares: dict[str, float] = {}
+    total = buckets[-1][1] if buckets else 0
+    previous_le, previous = 0.0, 0.0
+    for le, cumulative in buckets:
+        if cumulative > previous and total:
+            label = (
+                f"{int(previous_le) + 1}–{int(le)}"
+                if le != float("inf")
+                else f">{int(previous_le)}"
+            )
+            shares[label] = (cumulative - previous) / total
+        previous_le, previous = le, cumulative
+    return shares
+
+
+def _print_summary(
+    ready_s: float, burst: LoadReport, steady: LoadReport, batches: dict[str, float]
+) -> None:
+    table = Table(title="Surge demo: MLP 32→256→256→10 on the embedded broker")
+    for column in ("phase", "requests", "results", "throughput", "p50", "p99"):
+        table.add_column(column, justify="right")
+    for name, report in (("burst", burst), (f"steady {steady.offered_rate:,.0f}/s", steady)):
+        table.add_row(
+            name,
+            f"{report.sent:,}",
+            f"{report.received:,}",
+            f"{report.throughput:,.0f} req/s",
+            f"{report.percentile(50):.1f} ms",
+            f"{report.percentile(99):.1f} ms",
+        )
+    console.print(table)
+    sizes = Table(title="rows per model call (share of batches)")
+    sizes.add_column("rows")
+    sizes.add_column("share", justify="right")
+    for label, share in batches.items():
+        sizes.add_row(label, f"{share:.1%}")
+    console.print(sizes)
+    console.print(f"first result {ready_s:.1f} s after the worker was launched")

@@ -1,0 +1,136 @@
+"""The `surge` command: broker, worker, predict, demo, schema."""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import sys
+from pathlib import Path
+
+import numpy as np
+
+
+def main(argv: list[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(prog="surge", description=__doc__)
+    commands = parser.add_subparsers(dest="command", required=True)
+
+    broker = commands.add_parser("broker", help="run the embedded zero-set-up broker (noida-db)")
+    broker.add_argument("--port", type=int, default=9092)
+    broker.add_argument("--data-dir", type=Path, default=Path(".noida-db"))
+
+    worker = commands.add_parser("worker", help="run a worker pool member")
+    worker.add_argument("-c", "--config", type=Path, help="TOML settings (see config/worker.toml)")
+
+    predict = commands.add_parser("predict", help="send one request and print its result")
+    predict.add_argument("model")
+    predict.add_argument(
+        "--input",
+        "-i",
+        action="append",
+        default=[],
+        metavar="NAME=JSON",
+        help='a tensor as a JSON array, e.g. x="[[0.1, 0.2]]" (FP32); repeat for more inputs',
+    )
+    predict.add_argument("--datatype", default="float32", help="numpy dtype of the inputs")
+    predict.add_argument("--version")
+    predict.add_argument("--bootstrap", default="127.0.0.1:9092")
+    predict.add_argument("--via", choices=["kafka", "redis"], default="kafka")
+    predict.add_argument("--redis-url")
+    predict.add_argument("--timeout", type=float, default=30.0)
+
+    demo = commands.add_parser("demo", help="broker + worker + example model + a burst, in one go")
+    demo.add_argument("--requests", type=int, default=20_000)
+    demo.add_argument("--rate", type=float, default=2_000.0, help="steady-load phase, requests/s")
+
+    commands.add_parser("schema", help="print JSON Schema of the wire contract")
+
+    args = parser.parse_args(argv)
+    sys.exit(_COMMANDS[args.command](args))
+
+
+def _broker(args: argparse.Namespace) -> int:
+    from surge.broker import start_noida, stop_noida
+
+    process = start_noida(args.data_dir, args.port)
+    print(
+        f"embedded broker (noida-db) on 127.0.0.1:{args.port}, data in {args.data_dir}; "
+        "Ctrl-C stops it"
+    )
+    try:
+        return process.wait()
+    except KeyboardInterrupt:
+        stop_noida(process)
+        return 0
+
+
+def _worker(args: argparse.Namespace) -> int:
+    from surge.config import ConfigError, load_settings
+    from surge.workers import serve
+    from surge.workers.logs import configure
+
+    try:
+        settings = load_settings(args.config)
+    except ConfigError as exc:
+        print(exc, file=sys.stderr)
+        return 2
+    configure(settings.log.level, settings.log.format)
+    asyncio.run(serve(settings))
+    return 0
+
+
+def _predict(args: argparse.Namespace) -> int:
+    from surge.producers import PredictionError, SurgeClient
+
+    inputs = {}
+    for item in args.input:
+        name, _, raw = item.partition("=")
+        inputs[name] = np.asarray(json.loads(raw), dtype=args.datatype)
+
+    async def run() -> int:
+        async with SurgeClient(args.bootstrap, redis_url=args.redis_url) as client:
+            try:
+                result = await client.predict(
+                    args.model, inputs, version=args.version, timeout=args.timeout, via=args.via
+                )
+            except PredictionError as exc:
+                print(
+                    json.dumps({"error": exc.message, "code": str(exc.code), "id": exc.request_id})
+                )
+                return 1
+        outputs = {name: array.tolist() for name, array in result.outputs.items()}
+        print(
+            json.dumps(
+                {
+                    "id": result.id,
+                    "model_name": result.model_name,
+                    "model_version": result.model_version,
+                    "outputs": outputs,
+                }
+            )
+        )
+        return 0
+
+    return asyncio.run(run())
+
+
+def _demo(args: argparse.Namespace) -> int:
+    from surge.demo import run_demo
+
+    return run_demo(requests=args.requests, rate=args.rate)
+
+
+def _schema(args: argparse.Namespace) -> int:
+    from surge.schemas import json_schema
+
+    print(json.dumps(json_schema(), indent=2))
+    return 0
+
+
+_COMMANDS = {
+    "broker": _broker,
+    "worker": _worker,
+    "predict": _predict,
+    "demo": _demo,
+    "schema": _schema,
+}

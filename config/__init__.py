@@ -1,0 +1,32 @@
+"""Configuration: TOML files in this folder, validated at start-up, one message per bad field."""
+
+from pathlib import Path
+
+from surge.config.loader import ConfigError, convert, load_settings, read_toml
+from surge.config.model import ModelConfig, TensorConfig
+from surge.config.settings import (
+    KafkaSettings,
+    LogSettings,
+    MetricsSettings,
+    RedisSettings,
+    Settings,
+    WorkerSettings,
+)
+
+CONFIG_DIR = Path(__file__).parent
+
+__all__ = [
+    "CONFIG_DIR",
+    "ConfigError",
+    "KafkaSettings",
+    "LogSettings",
+    "MetricsSettings",
+    "ModelConfig",
+    "RedisSettings",
+    "Settings",
+    "TensorConfig",
+    "WorkerSettings",
+    "convert",
+    "load_settings",
+    "read_toml",
+]

@@ -1,0 +1,103 @@
+"""Load TOML into settings Structs, reporting every bad field at once."""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import os
+import tomllib
+from collections.abc import Iterator, Mapping
+from pathlib import Path
+from typing import Any, TypeVar
+
+import msgspec
+
+from surge.config.settings import Settings
+
+T = TypeVar("T", bound=msgspec.Struct)
+ENV_PREFIX = "SURGE_"
+
+
+class ConfigError(ValueError):
+    """A configuration that does not validate; `problems` has one line per bad field."""
+
+    def __init__(self, source: str, problems: list[str]) -> None:
+        self.source = source
+        self.problems = problems
+        super().__init__(f"invalid configuration in {source}:\n  " + "\n  ".join(problems))
+
+
+def load_settings(path: str | Path | None = None, env: Mapping[str, str] | None = None) -> Settings:
+    """Settings from a TOML file (optional), overridden by `SURGE_<TABLE>__<FIELD>` variables."""
+    data: dict[str, Any] = {}
+    source = "defaults"
+    if path is not None:
+        data = read_toml(path)
+        source = str(path)
+    overrides = env_overrides(os.environ if env is None else env)
+    for table, fields in overrides.items():
+        data.setdefault(table, {}).update(fields)
+    if overrides:
+        source += " + environment"
+    return convert(data, Settings, source)
+
+
+def read_toml(path: str | Path) -> dict[str, Any]:
+    try:
+        with open(path, "rb") as f:
+            return tomllib.load(f)
+    except OSError as exc:
+        raise ConfigError(str(path), [f"cannot read: {exc.strerror}"]) from None
+    except tomllib.TOMLDecodeError as exc:
+        raise ConfigError(str(path), [f"not valid TOML: {exc}"]) from None
+
+
+def env_overrides(env: Mapping[str, str]) -> dict[str, dict[str, Any]]:
+    """`SURGE_KAFKA__BOOTSTRAP_SERVERS=h:9092` -> {"kafka": {"bootstrap_servers": "h:9092"}}."""
+    tables: dict[str, dict[str, Any]] = {}
+    for name, raw in env.items():
+        if not name.startswith(ENV_PREFIX) or "__" not in name:
+            continue
+        table, _, field = name[len(ENV_PREFIX) :].lower().partition("__")
+        value: Any = raw
+        if raw[:1] in "[{":  # lists and tables are written as JSON
+            with contextlib.suppress(json.JSONDecodeError):
+                value = json.loads(raw)
+        tables.setdefault(table, {})[field] = value
+    return tables
+
+
+def convert(data: dict[str, Any], cls: type[T], source: str) -> T:
+    """Validate `data` as `cls`; on failure raise one ConfigError listing every problem."""
+    problems = list(_field_problems(data, cls, ""))
+    if not problems:
+        try:
+            return msgspec.convert(data, cls, strict=False)
+        except msgspec.ValidationError as exc:  # cross-field checks in __post_init__
+            problems = [str(exc)]
+    raise ConfigError(source, problems)
+
+
+def _field_problems(data: Any, cls: type[msgspec.Struct], path: str) -> Iterator[str]:
+    if not isinstance(data, dict):
+        yield f"{path.rstrip('.') or 'top level'}: expected a table, got {type(data).__name__}"
+        return
+    fields = {f.encode_name: f for f in msgspec.structs.fields(cls)}
+    for key in data:
+        if key not in fields:
+            yield f"{path}{key}: unknown field (known: {', '.join(fields)})"
+    for name, field in fields.items():
+        if name not in data:
+            if field.required:
+                yield f"{path}{name}: missing"
+            continue
+        value = data[name]
+        if isinstance(field.type, type) and issubclass(field.type, msgspec.Struct):
+            nested = list(_field_problems(value, field.type, f"{path}{name}."))
+            if nested:
+                yield from nested
+                continue
+        try:
+            msgspec.convert(value, field.type, strict=False)
+        except msgspec.ValidationError as exc:
+            yield f"{path}{name}: {exc}"

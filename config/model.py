@@ -1,0 +1,48 @@
+"""Per-model configuration: `MODEL_ROOT/<name>/config.toml`, shared by all its versions."""
+
+from __future__ import annotations
+
+from typing import Annotated, Literal
+
+import msgspec
+
+Positive = Annotated[int, msgspec.Meta(ge=1)]
+Dim = Annotated[int, msgspec.Meta(ge=-1)]
+
+
+class TensorConfig(msgspec.Struct, kw_only=True, forbid_unknown_fields=True):
+    """One model input or output. `shape` excludes the batch dimension; -1 is variable.
+
+    An input with `pad_value` is padded to the longest request of its batch along its
+    variable dimensions; without one, requests of different shapes run in separate batches.
+    """
+
+    name: str
+    datatype: str
+    shape: list[Dim]
+    pad_value: float | None = None
+
+
+class ModelConfig(msgspec.Struct, kw_only=True, forbid_unknown_fields=True):
+    runtime: Literal["auto", "onnx", "torch"] = "auto"  # auto: from the model file's name
+    device: str = "auto"  # auto | cpu | cuda | cuda:<n>
+    max_batch_size: Positive = 64
+    max_batch_delay_ms: Annotated[float, msgspec.Meta(ge=0)] = 2.0
+    preferred_batch_sizes: list[Positive] = []
+    instances: Positive = 1  # batches of this model run concurrently
+    intra_op_threads: Annotated[int, msgspec.Meta(ge=0)] = 0  # 0: the runtime's default
+    version_policy: Literal["latest", "all", "specific"] = "latest"
+    latest_versions: Positive = 1
+    versions: list[Annotated[int, msgspec.Meta(ge=0)]] = []
+    inputs: list[TensorConfig] = []  # empty: read from the ONNX model
+    outputs: list[TensorConfig] = []
+    warmup: bool = True
+
+    def __post_init__(self) -> None:
+        if self.device != "auto" and self.device != "cpu" and not self.device.startswith("cuda"):
+            raise ValueError(f"device {self.device!r} must be auto, cpu, cuda or cuda:<n>")
+        if self.version_policy == "specific" and not self.versions:
+            raise ValueError("version_policy 'specific' needs a list of versions")
+        too_big = [n for n in self.preferred_batch_sizes if n > self.max_batch_size]
+        if too_big:
+            raise ValueError(f"preferred_batch_sizes {too_big} exceed max_batch_size")

@@ -1,0 +1,134 @@
+"""Worker settings: one Struct per TOML table, each field with a default and a bound."""
+
+from __future__ import annotations
+
+import re
+import ssl
+from typing import Annotated, Any, Literal
+
+import msgspec
+
+Positive = Annotated[int, msgspec.Meta(ge=1)]
+NonNegative = Annotated[float, msgspec.Meta(ge=0)]
+Port = Annotated[int, msgspec.Meta(ge=0, le=65535)]
+
+
+class KafkaSettings(msgspec.Struct, kw_only=True, forbid_unknown_fields=True):
+    bootstrap_servers: str = "127.0.0.1:9092"
+    client_id: str = "surge"
+    security_protocol: Literal["PLAINTEXT", "SSL", "SASL_PLAINTEXT", "SASL_SSL"] = "PLAINTEXT"
+    sasl_mechanism: Literal["PLAIN", "SCRAM-SHA-256", "SCRAM-SHA-512"] | None = None
+    sasl_username: str | None = None
+    sasl_password: str | None = None
+    ssl_cafile: str | None = None
+    ssl_certfile: str | None = None
+    ssl_keyfile: str | None = None
+    request_timeout_ms: Positive = 30_000
+    # Keep equal to the broker's `message.max.bytes`: a mismatch makes sends fail late.
+    max_request_size: Positive = 1_048_576
+
+    def __post_init__(self) -> None:
+        if self.security_protocol.startswith("SASL") and self.sasl_mechanism is None:
+            raise ValueError(f"security_protocol {self.security_protocol} needs sasl_mechanism")
+
+    def client_options(self) -> dict[str, Any]:
+        """Keyword arguments shared by every aiokafka client Surge creates."""
+        options: dict[str, Any] = {
+            "bootstrap_servers": self.bootstrap_servers,
+            "client_id": self.client_id,
+            "security_protocol": self.security_protocol,
+            "request_timeout_ms": self.request_timeout_ms,
+        }
+        if self.sasl_mechanism:
+            options |= {
+                "sasl_mechanism": self.sasl_mechanism,
+                "sasl_plain_username": self.sasl_username,
+                "sasl_plain_password": self.sasl_password,
+            }
+        if self.security_protocol in ("SSL", "SASL_SSL"):
+            context = ssl.create_default_context(cafile=self.ssl_cafile)
+            if self.ssl_certfile:
+                context.load_cert_chain(self.ssl_certfile, self.ssl_keyfile)
+            options["ssl_context"] = context
+        return options
+
+
+class RedisSettings(msgspec.Struct, kw_only=True, forbid_unknown_fields=True):
+    url: str = ""  # empty: `surge-reply-to: redis` is refused with an error result
+    username: str | None = None
+    password: str | None = None
+    ssl_ca_certs: str | None = None
+    ssl_certfile: str | None = None
+    ssl_keyfile: str | None = None
+    result_ttl_s: Positive = 3600
+    key_prefix: str = "surge:result:"
+
+    def __post_init__(self) -> None:
+        if self.url and not self.url.startswith(("redis://", "rediss://", "unix://")):
+            raise ValueError(
+                f"redis url {self.url!r} must start with redis://, rediss:// or unix://"
+            )
+
+    def client_options(self) -> dict[str, Any]:
+        options: dict[str, Any] = {"username": self.username, "password": self.password}
+        if self.url.startswith("rediss://"):
+            options |= {
+                "ssl_ca_certs": self.ssl_ca_certs,
+                "ssl_certfile": self.ssl_certfile,
+                "ssl_keyfile": self.ssl_keyfile,
+            }
+        return {k: v for k, v in options.items() if v is not None}
+
+
+class WorkerSettings(msgspec.Struct, kw_only=True, forbid_unknown_fields=True):
+    group_id: str = "surge"
+    model_root: str = "models"
+    models: list[str] = []  # empty: every model found in model_root
+    topic_prefix: str = "surge.requests."
+    topics: dict[str, str] = {}  # model -> request topic, overriding topic_prefix + model
+    shared_topics: list[str] = []  # topics carrying several models, routed by `surge-model`
+    auto_offset_reset: Literal["earliest", "latest"] = "earliest"
+    create_topics: bool = True
+    topic_partitions: Positive = 8
+    topic_replication_factor: Positive = 1
+    dead_letter_topic: str = "surge.dead-letters"
+    default_reply_to: str = ""  # for requests without `surge-reply-to`; empty: dead-letter them
+    # Results may only go to topics matching this: a request cannot make a worker write anywhere.
+    reply_topic_pattern: str = r"[A-Za-z0-9._-]{1,249}"
+    max_in_flight: Positive = 20_000
+    max_in_flight_bytes: Positive = 256 * 1024 * 1024
+    max_message_bytes: Positive = 1_048_576
+    max_tensor_elements: Positive = 1 << 22
+    batch_time_budget_s: Annotated[float, msgspec.Meta(gt=0)] = 60.0
+    max_poll_interval_ms: Positive = 300_000
+    session_timeout_ms: Positive = 10_000
+    max_poll_records: Positive = 2048
+    fetch_max_wait_ms: Positive = 20
+    commit_interval_ms: Positive = 200
+    reload_interval_s: Annotated[float, msgspec.Meta(gt=0)] = 2.0
+    shutdown_timeout_s: Annotated[float, msgspec.Meta(gt=0)] = 30.0
+
+    def __post_init__(self) -> None:
+        try:
+            re.compile(self.reply_topic_pattern)
+        except re.error as exc:
+            raise ValueError(f"reply_topic_pattern is not a regular expression: {exc}") from None
+        if self.batch_time_budget_s * 1000 >= self.max_poll_interval_ms:
+            raise ValueError("batch_time_budget_s must stay below max_poll_interval_ms")
+
+
+class LogSettings(msgspec.Struct, kw_only=True, forbid_unknown_fields=True):
+    level: Literal["debug", "info", "warning", "error"] = "info"
+    format: Literal["auto", "json", "console"] = "auto"  # auto: console on a terminal
+
+
+class MetricsSettings(msgspec.Struct, kw_only=True, forbid_unknown_fields=True):
+    port: Port = 0  # 0: no Prometheus endpoint
+
+
+class Settings(msgspec.Struct, kw_only=True, forbid_unknown_fields=True):
+    kafka: KafkaSettings = msgspec.field(default_factory=KafkaSettings)
+    redis: RedisSettings = msgspec.field(default_factory=RedisSettings)
+    worker: WorkerSettings = msgspec.field(default_factory=WorkerSettings)
+    log: LogSettings = msgspec.field(default_factory=LogSettings)
+    metrics: MetricsSettings = msgspec.field(default_factory=MetricsSettings)

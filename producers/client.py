@@ -1,0 +1,301 @@
+"""The async client: publish requests to Kafka and await their results."""
+
+from __future__ import annotations
+
+import asyncio
+import time
+import uuid
+from collections.abc import Iterable, Mapping
+from typing import Any, Literal
+
+import numpy as np
+from aiokafka import AIOKafkaConsumer, AIOKafkaProducer, TopicPartition
+from aiokafka.admin import AIOKafkaAdminClient, NewTopic
+from aiokafka.errors import TopicAlreadyExistsError
+from redis.asyncio import Redis
+
+from surge.producers.requests import (
+    Prediction,
+    PredictionError,
+    read_redis_result,
+    read_result,
+    request_body,
+    request_headers,
+)
+from surge.schemas import MSGPACK, headers
+
+Result = Prediction | PredictionError
+
+
+class SurgeClient:
+    """Submit requests and await results through a reply topic this client owns, or Redis.
+
+    Results are matched by request id and deduplicated: a redelivered result is dropped.
+    """
+
+    def __init__(
+        self,
+        bootstrap_servers: str = "127.0.0.1:9092",
+        *,
+        content_type: str = MSGPACK,
+        topic_prefix: str = "surge.requests.",
+        reply_topic: str | None = None,
+        reply_topic_replication: int = 1,
+        redis_url: str | None = None,
+        redis_prefix: str = "surge:result:",
+        kafka_options: Mapping[str, Any] | None = None,
+        redis_options: Mapping[str, Any] | None = None,
+    ) -> None:
+        self._kafka = {"bootstrap_servers": bootstrap_servers, **(kafka_options or {})}
+        self.content_type = content_type
+        self._topic_prefix = topic_prefix
+        self.reply_topic = reply_topic or f"surge.replies.{uuid.uuid4().hex[:16]}"
+        self._reply_replication = reply_topic_replication
+        self._redis_url = redis_url
+        self._redis_options = dict(redis_options or {})
+        self._redis_prefix = redis_prefix
+        self._producer: AIOKafkaProducer | None = None
+        self._replies: AIOKafkaConsumer | None = None
+        self._redis: Redis | None = None
+        self._pubsub: Any = None
+        self._waiting: dict[str, asyncio.Future[Result]] = {}
+        self._subscribed: dict[str, asyncio.Event] = {}
+        self._readers: list[asyncio.Task[None]] = []
+        self._lock = asyncio.Lock()
+
+    async def __aenter__(self) -> SurgeClient:
+        await self.start()
+        return self
+
+    async def __aexit__(self, *exc: object) -> None:
+        await self.close()
+
+    async def start(self) -> None:
+        self._producer = AIOKafkaProducer(
+            **self._kafka, acks="all", enable_idempotence=True, linger_ms=1
+        )
+        await self._producer.start()
+
+    async def close(self) -> None:
+        for task in self._readers:
+            task.cancel()
+        await asyncio.gather(*self._readers, return_exceptions=True)
+        if self._replies is not None:
+            await self._replies.stop()
+        if self._pubsub is not None:
+            await self._pubsub.aclose()
+        if self._redis is not None:
+            await self._redis.aclose()
+        if self._producer is not None:
+            await self._producer.stop()
+
+    # -- sending ----------------------------------------------------------------------------
+
+    async def submit(
+        self,
+        model: str,
+        inputs: Mapping[str, np.ndarray],
+        *,
+        version: str | int | None = None,
+        request_id: str | None = None,
+        reply_to: str | None = None,
+        deadline_ms: int | None = None,
+        topic: str | None = None,
+    ) -> str:
+        """Publish one request without waiting for its result; returns its id."""
+        delivery = await self._send(
+            model, inputs, version, request_id, reply_to, deadline_ms, topic
+        )
+        await delivery[1]
+        return delivery[0]
+
+    async def _send(
+        self,
+        model: str,
+        inputs: Mapping[str, np.ndarray],
+        version: str | int | None,
+        request_id: str | None,
+        reply_to: str | None,
+        deadline_ms: int | None,
+        topic: str | None,
+    ) -> tuple[str, asyncio.Future[Any]]:
+        assert self._producer is not None, "call start() first"
+        request_id = request_id or uuid.uuid4().hex
+        delivery = await self._producer.send(
+            topic or self._topic_prefix + model,
+            request_body(inputs, request_id, self.content_type),
+            key=request_id.encode(),
+            headers=request_headers(
+                model=model,
+                content_type=self.content_type,
+                reply_to=reply_to,
+                version=None if version is None else str(version),
+                deadline_ms=deadline_ms,
+            ),
+        )
+        return request_id, delivery
+
+    # -- awaiting results -------------------------------------------------------------------
+
+    async def predict(
+        self,
+        model: str,
+        inputs: Mapping[str, np.ndarray],
+        *,
+        version: str | int | None = None,
+        timeout: float = 30.0,
+        via: Literal["kafka", "redis"] = "kafka",
+        topic: str | None = None,
+    ) -> Prediction:
+        """Send one request and return its prediction; raises PredictionError or TimeoutError."""
+        (result,) = await self.predict_many(
+            model, [inputs], version=version, timeout=timeout, via=via, topic=topic
+        )
+        assert isinstance(result, Prediction)
+        return result
+
+    async def predict_many(
+        self,
+        model: str,
+        batch: Iterable[Mapping[str, np.ndarray]],
+        *,
+        version: str | int | None = None,
+        timeout: float = 30.0,
+        via: Literal["kafka", "redis"] = "kafka",
+        topic: str | None = None,
+        return_exceptions: bool = False,
+    ) -> list[Result]:
+        """Send many requests and await all results, in order. With `return_exceptions`, a
+        failed request yields its PredictionError in place instead of raising."""
+        reply_to = await self._reply_channel(via)
+        deadline_ms = int((time.time() + timeout) * 1000)  # nobody waits longer: don't compute it
+        loop = asyncio.get_running_loop()
+        batch = list(batch)
+        ids = [uuid.uuid4().hex for _ in batch]
+        futures = [self._waiting.setdefault(i, loop.create_future()) for i in ids]
+        if via == "redis":
+            await self._subscribe(ids)
+        try:
+            deliveries = [
+                (
+                    await self._send(
+                        model, inputs, version, request_id, reply_to, deadline_ms, topic
+                    )
+                )[1]
+                for request_id, inputs in zip(ids, batch, strict=True)
+            ]
+            await asyncio.gather(*deliveries)
+            async with asyncio.timeout(timeout):
+                results = await asyncio.gather(*futures)
+        except TimeoutError:
+            results = await self._late_results(ids, futures, via)
+        finally:
+            for request_id in ids:
+                self._waiting.pop(request_id, None)
+            if via == "redis":
+                await self._unsubscribe(ids)
+        if not return_exceptions:
+            for result in results:
+                if isinstance(result, PredictionError):
+                    raise result
+        return list(results)
+
+    async def _late_results(
+        self, ids: list[str], futures: list[asyncio.Future[Result]], via: str
+    ) -> list[Result]:
+        """On timeout, Redis may still hold results whose notification was missed."""
+        if via == "redis" and self._redis is not None:
+            values = await self._redis.mget([self._redis_prefix + i for i in ids])
+            for future, value in zip(futures, values, strict=True):
+                if value is not None and not future.done():
+                    future.set_result(read_redis_result(value, self.content_type))
+        missing = sum(not f.done() for f in futures)
+        if missing:
+            raise TimeoutError(f"{missing} of {len(ids)} results did not arrive in time")
+        return [f.result() for f in futures]
+
+    def _resolve(self, request_id: str, result: Result) -> None:
+        future = self._waiting.get(request_id)
+        if future is not None and not future.done():  # duplicates and strays are dropped
+            future.set_result(result)
+
+    async def _reply_channel(self, via: str) -> str:
+        async with self._lock:
+            if via == "redis":
+                if self._redis is None:
+                    await self._start_redis()
+                return headers.REPLY_TO_REDIS
+            if self._replies is None:
+                await self._start_reply_topic()
+            return self.reply_topic
+
+    async def _start_reply_topic(self) -> None:
+        admin = AIOKafkaAdminClient(**self._kafka)
+        await admin.start()
+        try:
+            if self.reply_topic not in await admin.list_topics():
+                await admin.create_topics([NewTopic(self.reply_topic, 1, self._reply_replication)])
+        except TopicAlreadyExistsError:
+            pass
+        finally:
+            await admin.close()
+        consumer = AIOKafkaConsumer(
+            **self._kafka, isolation_level="read_committed", enable_auto_commit=False
+        )
+        await consumer.start()
+        partitions = None
+        while not partitions:  # metadata of a topic just created shows up within moments
+            partitions = consumer.partitions_for_topic(self.reply_topic)
+            if not partitions:
+                await consumer._client.force_metadata_update()
+        assigned = [TopicPartition(self.reply_topic, p) for p in partitions]
+        consumer.assign(assigned)
+        await consumer.seek_to_end(*assigned)
+        for tp in assigned:
+            await consumer.position(tp)  # pin the start before the first request goes out
+        self._replies = consumer
+        self._readers.append(asyncio.create_task(self._read_reply_topic(consumer)))
+
+    async def _read_reply_topic(self, consumer: AIOKafkaConsumer) -> None:
+        async for record in consumer:
+            fields = dict(record.headers)
+            request_id = fields.get(headers.REQUEST_ID, b"").decode()
+            status = fields.get(headers.STATUS, b"error").decode()
+            content_type = fields.get(headers.CONTENT_TYPE, self.content_type.encode()).decode()
+            if request_id in self._waiting:
+                self._resolve(request_id, read_result(record.value, content_type, status))
+
+    async def _start_redis(self) -> None:
+        if not self._redis_url:
+            raise ValueError("Redis replies need redis_url")
+        self._redis = Redis.from_url(self._redis_url, **self._redis_options)
+        self._pubsub = self._redis.pubsub()
+        # A standing subscription keeps the reader alive between requests.
+        await self._pubsub.subscribe(f"surge:client:{uuid.uuid4().hex}")
+        self._readers.append(asyncio.create_task(self._read_redis()))
+
+    async def _subscribe(self, ids: list[str]) -> None:
+        channels = [self._redis_prefix + i for i in ids]
+        events = [self._subscribed.setdefault(c, asyncio.Event()) for c in channels]
+        await self._pubsub.subscribe(*channels)
+        for event in events:  # confirmed: a result published from now on reaches us
+            await event.wait()
+
+    async def _unsubscribe(self, ids: list[str]) -> None:
+        channels = [self._redis_prefix + i for i in ids]
+        for channel in channels:
+            self._subscribed.pop(channel, None)
+        await self._pubsub.unsubscribe(*channels)
+
+    async def _read_redis(self) -> None:
+        prefix = len(self._redis_prefix)
+        async for message in self._pubsub.listen():
+            channel = message["channel"].decode()
+            if message["type"] == "subscribe":
+                event = self._subscribed.get(channel)
+                if event is not None:
+                    event.set()
+            elif message["type"] == "message":
+                self._resolve(
+                    channel[prefix:], read_redis_result(message["data"], self.content_type)
+                )

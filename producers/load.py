@@ -1,0 +1,185 @@
+"""A load generator: publish pre-encoded requests at a fixed rate (open loop) or all at once,
+and time each result by request id. Used by `surge demo` and the benchmarks."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import time
+import uuid
+from collections import Counter
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass, field
+from typing import Any, Literal
+
+import numpy as np
+from aiokafka import AIOKafkaConsumer, AIOKafkaProducer, TopicPartition
+from aiokafka.admin import AIOKafkaAdminClient, NewTopic
+from redis.asyncio import Redis
+
+from surge.producers.requests import Prediction, read_redis_result, request_body, request_headers
+from surge.schemas import MSGPACK, headers
+
+_TICK_S = 0.002  # open-loop send granularity
+
+
+@dataclass
+class LoadReport:
+    offered_rate: float | None  # requests/s, None for a burst
+    sent: int
+    elapsed_s: float  # first send to last result
+    latencies_ms: np.ndarray  # one per result received
+    statuses: Counter[str] = field(default_factory=Counter)
+
+    @property
+    def received(self) -> int:
+        return len(self.latencies_ms)
+
+    @property
+    def throughput(self) -> float:
+        return self.received / self.elapsed_s if self.elapsed_s else 0.0
+
+    def percentile(self, q: float) -> float:
+        return float(np.percentile(self.latencies_ms, q)) if self.received else float("nan")
+
+
+async def run_load(
+    bootstrap_servers: str,
+    model: str,
+    make_inputs: Callable[[int], Mapping[str, np.ndarray]],
+    *,
+    count: int,
+    rate: float | None = None,
+    content_type: str = MSGPACK,
+    via: Literal["kafka", "redis"] = "kafka",
+    redis_url: str | None = None,
+    topic: str | None = None,
+    timeout_s: float = 120.0,
+    kafka_options: Mapping[str, Any] | None = None,
+) -> LoadReport:
+    """Send `count` requests (at `rate` per second, or as fast as possible) and collect results."""
+    kafka = {"bootstrap_servers": bootstrap_servers, **(kafka_options or {})}
+    run_id = uuid.uuid4().hex[:12]
+    ids = [f"{run_id}-{i}" for i in range(count)]
+    bodies = [request_body(make_inputs(i), ids[i], content_type) for i in range(count)]
+    sent_at = np.zeros(count)
+    got_at = np.full(count, np.nan)
+    statuses: Counter[str] = Counter()
+    done = asyncio.Event()
+
+    def record(request_id: str, status: str) -> None:
+        index = int(request_id.rpartition("-")[2])
+        if np.isnan(got_at[index]):  # duplicates count once
+            got_at[index] = time.perf_counter()
+            statuses[status] += 1
+            if sum(statuses.values()) == count:
+                done.set()
+
+    if via == "redis":
+        collector, reply_to = (
+            await _redis_collector(redis_url, run_id, content_type, record),
+            headers.REPLY_TO_REDIS,
+        )
+    else:
+        reply_to = f"surge.load.{run_id}"
+        collector = await _kafka_collector(kafka, reply_to, run_id, record)
+
+    producer = AIOKafkaProducer(
+        **kafka, acks="all", enable_idempotence=True, linger_ms=5, max_batch_size=256 * 1024
+    )
+    await producer.start()
+    request_topic = topic or f"surge.requests.{model}"
+    route = request_headers(model=model, content_type=content_type, reply_to=reply_to)
+    try:
+        started = time.perf_counter()
+        deliveries = []
+        for i in range(count):
+            if rate is not None:
+                due = started + i / rate
+                lag = due - time.perf_counter()
+                if lag > _TICK_S:
+                    await asyncio.sleep(lag)
+            sent_at[i] = time.perf_counter()
+            deliveries.append(
+                await producer.send(request_topic, bodies[i], key=ids[i].encode(), headers=route)
+            )
+        await asyncio.gather(*deliveries)
+        with contextlib.suppress(TimeoutError):
+            await asyncio.wait_for(done.wait(), timeout_s)
+        received = ~np.isnan(got_at)
+        last = np.nanmax(got_at) if received.any() else time.perf_counter()
+        return LoadReport(
+            offered_rate=rate,
+            sent=count,
+            elapsed_s=float(last - started),
+            latencies_ms=(got_at[received] - sent_at[received]) * 1000,
+            statuses=statuses,
+        )
+    finally:
+        await producer.stop()
+        await collector()
+
+
+async def _kafka_collector(
+    kafka: Mapping[str, Any], topic: str, run_id: str, record: Callable[[str, str], None]
+) -> Callable[[], Any]:
+    admin = AIOKafkaAdminClient(**kafka)
+    await admin.start()
+    await admin.create_topics([NewTopic(topic, 1, 1)])
+    await admin.close()
+    consumer = AIOKafkaConsumer(**kafka, isolation_level="read_committed", enable_auto_commit=False)
+    await consumer.start()
+    while not consumer.partitions_for_topic(topic):
+        await consumer._client.force_metadata_update()
+    tp = TopicPartition(topic, 0)
+    consumer.assign([tp])
+    await consumer.seek_to_beginning(tp)
+
+    async def read() -> None:
+        while True:
+            for records in (await consumer.getmany(timeout_ms=100, max_records=4096)).values():
+                for r in records:
+                    fields = dict(r.headers)
+                    record(fields[headers.REQUEST_ID].decode(), fields[headers.STATUS].decode())
+
+    task = asyncio.create_task(read())
+
+    async def stop() -> None:
+        task.cancel()
+        await asyncio.gather(task, return_exceptions=True)
+        await consumer.stop()
+        admin = AIOKafkaAdminClient(**kafka)
+        await admin.start()
+        await admin.delete_topics([topic])
+        await admin.close()
+
+    return stop
+
+
+async def _redis_collector(
+    url: str | None, run_id: str, content_type: str, record: Callable[[str, str], None]
+) -> Callable[[], Any]:
+    if not url:
+        raise ValueError("Redis replies need a Redis URL")
+    redis = Redis.from_url(url)
+    pubsub = redis.pubsub()
+    prefix = b"surge:result:"
+    await pubsub.psubscribe(prefix + run_id.encode() + b"-*")
+    await pubsub.get_message(timeout=5)  # the psubscribe confirmation
+
+    async def read() -> None:
+        async for message in pubsub.listen():
+            if message["type"] == "pmessage":
+                result = read_redis_result(message["data"], content_type)
+                status = "ok" if isinstance(result, Prediction) else "error"
+                record(message["channel"][len(prefix) :].decode(), status)
+
+    task = asyncio.create_task(read())
+
+    async def stop() -> None:
+        task.cancel()
+        await asyncio.gather(task, return_exceptions=True)
+        await pubsub.aclose()
+        await redis.aclose()
+
+    return stop

@@ -1,0 +1,93 @@
+"""Building request records: body bytes and routing headers, in either encoding."""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from dataclasses import dataclass
+
+import numpy as np
+
+from surge.schemas import (
+    MSGPACK,
+    ErrorCode,
+    InferenceRequest,
+    InferenceResponse,
+    Status,
+    decode_error,
+    decode_response,
+    encode,
+    from_array,
+    headers,
+    to_array,
+)
+
+
+@dataclass(frozen=True, slots=True)
+class Prediction:
+    id: str
+    model_name: str
+    model_version: str | None
+    outputs: dict[str, np.ndarray]
+
+
+class PredictionError(Exception):
+    """A result with `surge-status` error or expired."""
+
+    def __init__(self, code: ErrorCode | str, message: str, request_id: str | None) -> None:
+        super().__init__(f"[{code}] {message}")
+        self.code = code
+        self.message = message
+        self.request_id = request_id
+
+
+def request_body(inputs: Mapping[str, np.ndarray], request_id: str, content_type: str) -> bytes:
+    binary = content_type == MSGPACK
+    request = InferenceRequest(
+        id=request_id,
+        inputs=[from_array(name, np.asarray(a), binary=binary) for name, a in inputs.items()],
+    )
+    return encode(request, content_type)
+
+
+def request_headers(
+    *,
+    model: str,
+    content_type: str,
+    reply_to: str | None,
+    version: str | None = None,
+    deadline_ms: int | None = None,
+) -> list[tuple[str, bytes]]:
+    fields = [(headers.MODEL, model), (headers.CONTENT_TYPE, content_type)]
+    if reply_to:
+        fields.append((headers.REPLY_TO, reply_to))
+    if version is not None:
+        fields.append((headers.VERSION, str(version)))
+    if deadline_ms is not None:
+        fields.append((headers.DEADLINE_MS, str(deadline_ms)))
+    return [(name, value.encode()) for name, value in fields]
+
+
+def read_result(body: bytes, content_type: str, status: str) -> Prediction | PredictionError:
+    """Turn a result body (and its `surge-status`) into a Prediction or a PredictionError."""
+    if status == Status.OK:
+        return _prediction(decode_response(body, content_type))
+    error = decode_error(body, content_type)
+    return PredictionError(error.code, error.error, error.id)
+
+
+def read_redis_result(body: bytes, content_type: str) -> Prediction | PredictionError:
+    """Redis values carry no headers: an error body is told apart by its `code` field."""
+    try:
+        return _prediction(decode_response(body, content_type))
+    except Exception:
+        error = decode_error(body, content_type)
+        return PredictionError(error.code, error.error, error.id)
+
+
+def _prediction(response: InferenceResponse) -> Prediction:
+    return Prediction(
+        id=response.id,
+        model_name=response.model_name,
+        model_version=response.model_version,
+        outputs={t.name: to_array(t) for t in response.outputs},
+    )

@@ -1,0 +1,58 @@
+"""A blocking wrapper for callers without an event loop: the client runs on a private thread."""
+
+from __future__ import annotations
+
+import asyncio
+import threading
+from collections.abc import Coroutine, Iterable, Mapping
+from typing import Any, TypeVar
+
+import numpy as np
+
+from surge.producers.client import Result, SurgeClient
+from surge.producers.requests import Prediction
+
+T = TypeVar("T")
+
+
+class SyncClient:
+    """`SurgeClient` with blocking methods. Use as a context manager, or call `close()`."""
+
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        self._loop = asyncio.new_event_loop()
+        self._thread = threading.Thread(
+            target=self._loop.run_forever, name="surge-client", daemon=True
+        )
+        self._thread.start()
+        self._client = self._call(self._make(*args, **kwargs))
+
+    async def _make(self, *args: Any, **kwargs: Any) -> SurgeClient:
+        client = SurgeClient(*args, **kwargs)
+        await client.start()
+        return client
+
+    def _call(self, coroutine: Coroutine[Any, Any, T]) -> T:
+        return asyncio.run_coroutine_threadsafe(coroutine, self._loop).result()
+
+    def submit(self, model: str, inputs: Mapping[str, np.ndarray], **kwargs: Any) -> str:
+        return self._call(self._client.submit(model, inputs, **kwargs))
+
+    def predict(self, model: str, inputs: Mapping[str, np.ndarray], **kwargs: Any) -> Prediction:
+        return self._call(self._client.predict(model, inputs, **kwargs))
+
+    def predict_many(
+        self, model: str, batch: Iterable[Mapping[str, np.ndarray]], **kwargs: Any
+    ) -> list[Result]:
+        return self._call(self._client.predict_many(model, batch, **kwargs))
+
+    def close(self) -> None:
+        self._call(self._client.close())
+        self._loop.call_soon_threadsafe(self._loop.stop)
+        self._thread.join()
+        self._loop.close()
+
+    def __enter__(self) -> SyncClient:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()

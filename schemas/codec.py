@@ -1,0 +1,61 @@
+"""Encoders and decoders for both wire encodings, built once at import."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import msgspec
+
+from surge.schemas.headers import JSON, MSGPACK
+from surge.schemas.inference import ErrorResponse, InferenceRequest, InferenceResponse
+
+_request_decoders = {
+    JSON: msgspec.json.Decoder(InferenceRequest),
+    MSGPACK: msgspec.msgpack.Decoder(InferenceRequest),
+}
+_response_decoders = {
+    JSON: msgspec.json.Decoder(InferenceResponse),
+    MSGPACK: msgspec.msgpack.Decoder(InferenceResponse),
+}
+_error_decoders = {
+    JSON: msgspec.json.Decoder(ErrorResponse),
+    MSGPACK: msgspec.msgpack.Decoder(ErrorResponse),
+}
+_encoders: dict[str, msgspec.json.Encoder | msgspec.msgpack.Encoder] = {
+    JSON: msgspec.json.Encoder(),
+    MSGPACK: msgspec.msgpack.Encoder(),
+}
+
+DecodeError = msgspec.DecodeError
+ValidationError = msgspec.ValidationError
+
+
+def decode_request(body: bytes, content_type: str) -> InferenceRequest:
+    """Decode a request body; raises `DecodeError` (or its subclass `ValidationError`)."""
+    return _request_decoders[content_type].decode(body)
+
+
+def decode_response(body: bytes, content_type: str) -> InferenceResponse:
+    return _response_decoders[content_type].decode(body)
+
+
+def decode_error(body: bytes, content_type: str) -> ErrorResponse:
+    return _error_decoders[content_type].decode(body)
+
+
+def encode(message: Any, content_type: str) -> bytes:
+    """Encode any contract Struct in the given content type."""
+    return _encoders[content_type].encode(message)
+
+
+def json_schema() -> dict[str, Any]:
+    """JSON Schema for the request, response and error bodies."""
+    _, components = msgspec.json.schema_components(
+        [InferenceRequest, InferenceResponse, ErrorResponse],
+        ref_template="#/$defs/{name}",
+    )
+    return {
+        "$schema": "https://json-schema.org/draft/2020-12/schema",
+        "title": "Surge wire contract (Open Inference Protocol v2 bodies)",
+        "$defs": components,
+    }

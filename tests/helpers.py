@@ -1,0 +1,138 @@
+"""Plain-Kafka helpers for tests: publish records and read results without Surge's client."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import time
+from collections import defaultdict
+from collections.abc import Iterable, Sequence
+from dataclasses import dataclass
+
+import numpy as np
+import onnxruntime as ort
+from aiokafka import AIOKafkaConsumer, AIOKafkaProducer, TopicPartition
+from aiokafka.admin import AIOKafkaAdminClient, NewTopic
+from aiokafka.errors import TopicAlreadyExistsError
+from redis.asyncio import Redis
+
+Headers = list[tuple[str, bytes]]
+
+
+@dataclass
+class Reply:
+    key: bytes | None
+    value: bytes
+    headers: dict[str, bytes]
+
+
+async def create_topics(bootstrap: str, *names: str, partitions: int = 4) -> None:
+    admin = AIOKafkaAdminClient(bootstrap_servers=bootstrap)
+    await admin.start()
+    try:
+        existing = set(await admin.list_topics())
+        new = [NewTopic(n, partitions, 1) for n in names if n not in existing]
+        if new:
+            with contextlib.suppress(TopicAlreadyExistsError):
+                await admin.create_topics(new)
+    finally:
+        await admin.close()
+
+
+async def publish(
+    bootstrap: str, records: Iterable[tuple[str, bytes | None, bytes, Headers]]
+) -> None:
+    """Publish (topic, key, value, headers) records with a plain aiokafka producer."""
+    producer = AIOKafkaProducer(bootstrap_servers=bootstrap, acks="all", linger_ms=5)
+    await producer.start()
+    try:
+        deliveries = [
+            await producer.send(topic, value, key=key, headers=headers)
+            for topic, key, value, headers in records
+        ]
+        await asyncio.gather(*deliveries)
+    finally:
+        await producer.stop()
+
+
+async def read_topic(
+    bootstrap: str,
+    topic: str,
+    *,
+    until: int,
+    timeout: float = 60,
+    key_of: str = "surge-request-id",
+) -> dict[str, list[Reply]]:
+    """Read `topic` from the beginning until `until` distinct keys (header `key_of`) are seen."""
+    consumer = AIOKafkaConsumer(
+        bootstrap_servers=bootstrap, isolation_level="read_committed", enable_auto_commit=False
+    )
+    await consumer.start()
+    seen: dict[str, list[Reply]] = defaultdict(list)
+    try:
+        deadline = time.monotonic() + timeout
+        partitions = None
+        while not partitions:
+            partitions = consumer.partitions_for_topic(topic)
+            if not partitions:
+                await consumer._client.force_metadata_update()
+                await asyncio.sleep(0.1)
+        assigned = [TopicPartition(topic, p) for p in partitions]
+        consumer.assign(assigned)
+        await consumer.seek_to_beginning(*assigned)
+        while len(seen) < until and time.monotonic() < deadline:
+            batches = await consumer.getmany(timeout_ms=200, max_records=5000)
+            for records in batches.values():
+                for r in records:
+                    fields = dict(r.headers)
+                    reply = Reply(r.key, r.value, fields)
+                    seen[fields.get(key_of, b"").decode()].append(reply)
+        # Give stragglers (duplicates) a moment to show up too.
+        batches = await consumer.getmany(timeout_ms=300, max_records=5000)
+        for records in batches.values():
+            for r in records:
+                fields = dict(r.headers)
+                seen[fields.get(key_of, b"").decode()].append(Reply(r.key, r.value, fields))
+        return dict(seen)
+    finally:
+        await consumer.stop()
+
+
+async def read_redis(
+    url: str, ids: Sequence[str], *, prefix: str = "surge:result:", timeout: float = 60
+) -> dict[str, bytes]:
+    redis = Redis.from_url(url)
+    try:
+        deadline = time.monotonic() + timeout
+        found: dict[str, bytes] = {}
+        while len(found) < len(ids) and time.monotonic() < deadline:
+            missing = [i for i in ids if i not in found]
+            values = await redis.mget([prefix + i for i in missing])
+            found |= {i: v for i, v in zip(missing, values, strict=True) if v is not None}
+            if len(found) < len(ids):
+                await asyncio.sleep(0.1)
+        return found
+    finally:
+        await redis.aclose()
+
+
+async def committed_lag(bootstrap: str, group: str, topic: str) -> int:
+    """End offsets minus the group's committed offsets, summed over the topic's partitions."""
+    admin = AIOKafkaAdminClient(bootstrap_servers=bootstrap)
+    consumer = AIOKafkaConsumer(bootstrap_servers=bootstrap)
+    await admin.start()
+    await consumer.start()
+    try:
+        committed = await admin.list_consumer_group_offsets(group)
+        partitions = [TopicPartition(topic, p) for p in consumer.partitions_for_topic(topic) or []]
+        ends = await consumer.end_offsets(partitions)
+        return sum(ends[tp] - (committed[tp].offset if tp in committed else 0) for tp in partitions)
+    finally:
+        await consumer.stop()
+        await admin.close()
+
+
+def reference(model_path: str, x: np.ndarray) -> np.ndarray:
+    """The model's output for `x`, from ONNX Runtime directly."""
+    session = ort.InferenceSession(model_path, providers=["CPUExecutionProvider"])
+    return session.run(None, {"x": x})[0]

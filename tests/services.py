@@ -1,0 +1,303 @@
+"""Real services for tests and benchmarks, each on a free loopback port.
+
+- Apache Kafka (KRaft, one combined broker+controller node): its jars come from Maven Central
+  once, into a cache (`SURGE_KAFKA_CACHE`, default ~/.cache/surge/kafka-<version>).
+- redis-server (the Debian package).
+- noida-db (PyPI), the embedded broker `surge demo` uses.
+
+Run `python -m tests.services kafka` to fetch the jars and start a broker in the foreground.
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import tempfile
+import time
+import uuid
+from pathlib import Path
+
+KAFKA_VERSION = "4.4.0"
+LOG4J_VERSION = "2.25.5"
+CACHE = Path(
+    os.environ.get("SURGE_KAFKA_CACHE", Path.home() / ".cache" / "surge" / f"kafka-{KAFKA_VERSION}")
+)
+
+_POM = f"""<project xmlns="http://maven.apache.org/POM/4.0.0">
+  <modelVersion>4.0.0</modelVersion>
+  <groupId>surge.test</groupId><artifactId>kafka-broker</artifactId><version>1</version>
+  <dependencies>
+    <dependency><groupId>org.apache.kafka</groupId><artifactId>kafka_2.13</artifactId>
+      <version>{KAFKA_VERSION}</version></dependency>
+    <dependency><groupId>org.apache.logging.log4j</groupId><artifactId>log4j-slf4j-impl</artifactId>
+      <version>{LOG4J_VERSION}</version></dependency>
+  </dependencies>
+</project>
+"""
+
+_LOG4J = """status = warn
+appender.out.type = Console
+appender.out.name = out
+appender.out.layout.type = PatternLayout
+appender.out.layout.pattern = [%d] %p %m (%c)%n
+rootLogger.level = warn
+rootLogger.appenderRef.out.ref = out
+logger.server.name = kafka.server.KafkaRaftServer
+logger.server.level = info
+"""
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def kafka_classpath() -> str:
+    """The broker's classpath, fetching the jars with Maven on first use."""
+    libs = CACHE / "libs"
+    marker = CACHE / "complete"
+    if not marker.exists():
+        if shutil.which("mvn") is None:
+            raise RuntimeError("Maven (mvn) is needed once to fetch the Kafka broker's jars")
+        CACHE.mkdir(parents=True, exist_ok=True)
+        (CACHE / "pom.xml").write_text(_POM)
+        subprocess.run(
+            [
+                "mvn",
+                "-q",
+                "-B",
+                "-f",
+                str(CACHE / "pom.xml"),
+                "dependency:copy-dependencies",
+                f"-DoutputDirectory={libs}",
+                "-DincludeScope=runtime",
+            ],
+            check=True,
+        )
+        (CACHE / "log4j2.properties").write_text(_LOG4J)
+        marker.touch()
+    return f"{libs}/*"
+
+
+def _wait_port(port: int, process: subprocess.Popen[bytes], log: Path, timeout: float) -> None:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if process.poll() is not None:
+            raise RuntimeError(
+                f"service exited with {process.returncode}:\n{log.read_text()[-4000:]}"
+            )
+        try:
+            socket.create_connection(("127.0.0.1", port), timeout=0.2).close()
+            return
+        except OSError:
+            time.sleep(0.1)
+    raise RuntimeError(
+        f"service did not open port {port} in {timeout}s:\n{log.read_text()[-4000:]}"
+    )
+
+
+class KafkaBroker:
+    """A single-node KRaft broker. `kill()` and `start()` again reuse the same log directory."""
+
+    def __init__(self, workdir: Path | None = None, *, heap: str = "512m") -> None:
+        self.workdir = Path(workdir or tempfile.mkdtemp(prefix="surge-kafka-"))
+        self.port = free_port()
+        self.controller_port = free_port()
+        self.heap = heap
+        self.process: subprocess.Popen[bytes] | None = None
+        self._classpath = kafka_classpath()
+        self._config = self.workdir / "server.properties"
+        self._config.write_text(
+            "\n".join(
+                [
+                    "process.roles=broker,controller",
+                    "node.id=1",
+                    f"controller.quorum.voters=1@127.0.0.1:{self.controller_port}",
+                    f"listeners=PLAINTEXT://127.0.0.1:{self.port},CONTROLLER://127.0.0.1:{self.controller_port}",
+                    f"advertised.listeners=PLAINTEXT://127.0.0.1:{self.port}",
+                    "controller.listener.names=CONTROLLER",
+                    "inter.broker.listener.name=PLAINTEXT",
+                    "listener.security.protocol.map=PLAINTEXT:PLAINTEXT,CONTROLLER:PLAINTEXT",
+                    f"log.dirs={self.workdir / 'data'}",
+                    "num.partitions=4",
+                    "auto.create.topics.enable=true",
+                    "offsets.topic.replication.factor=1",
+                    "offsets.topic.num.partitions=4",
+                    "transaction.state.log.replication.factor=1",
+                    "transaction.state.log.min.isr=1",
+                    "transaction.state.log.num.partitions=4",
+                    "group.initial.rebalance.delay.ms=0",
+                    "num.network.threads=2",
+                    "num.io.threads=2",
+                ]
+            )
+            + "\n"
+        )
+        self._java(
+            [
+                "kafka.tools.StorageTool",
+                "format",
+                "-t",
+                uuid.uuid4().hex[:22],
+                "-c",
+                str(self._config),
+            ],
+            check=True,
+        )
+
+    @property
+    def bootstrap(self) -> str:
+        return f"127.0.0.1:{self.port}"
+
+    def _java(self, args: list[str], check: bool = False) -> subprocess.CompletedProcess[bytes]:
+        return subprocess.run(
+            [
+                "java",
+                "-Xmx256m",
+                f"-Dlog4j2.configurationFile={CACHE / 'log4j2.properties'}",
+                "-cp",
+                self._classpath,
+                *args,
+            ],
+            check=check,
+            capture_output=True,
+        )
+
+    def start(self, timeout: float = 90) -> KafkaBroker:
+        log = self.workdir / "broker.log"
+        self.process = subprocess.Popen(
+            [
+                "java",
+                f"-Xmx{self.heap}",
+                f"-Xms{self.heap}",
+                "-XX:+UseSerialGC",
+                f"-Dlog4j2.configurationFile={CACHE / 'log4j2.properties'}",
+                "-cp",
+                self._classpath,
+                "kafka.Kafka",
+                str(self._config),
+            ],
+            stdout=log.open("ab"),
+            stderr=subprocess.STDOUT,
+            start_new_session=True,
+        )
+        _wait_port(self.port, self.process, log, timeout)
+        deadline = time.monotonic() + timeout
+        while "Kafka Server started" not in log.read_text(errors="replace"):
+            if time.monotonic() > deadline or self.process.poll() is not None:
+                raise RuntimeError(f"Kafka did not start:\n{log.read_text()[-4000:]}")
+            time.sleep(0.1)
+        return self
+
+    def stop(self, timeout: float = 30) -> None:
+        """A clean shutdown (SIGTERM)."""
+        if self.process and self.process.poll() is None:
+            self.process.terminate()
+            try:
+                self.process.wait(timeout)
+            except subprocess.TimeoutExpired:
+                self.kill()
+
+    def kill(self) -> None:
+        """A hard crash (SIGKILL)."""
+        if self.process and self.process.poll() is None:
+            os.killpg(self.process.pid, signal.SIGKILL)
+            self.process.wait()
+
+    def close(self) -> None:
+        self.stop()
+        shutil.rmtree(self.workdir, ignore_errors=True)
+
+
+class RedisServer:
+    def __init__(self, *, password: str | None = None) -> None:
+        self.port = free_port()
+        self.password = password
+        self.workdir = Path(tempfile.mkdtemp(prefix="surge-redis-"))
+        self.process: subprocess.Popen[bytes] | None = None
+
+    @property
+    def url(self) -> str:
+        auth = f":{self.password}@" if self.password else ""
+        return f"redis://{auth}127.0.0.1:{self.port}/0"
+
+    def start(self, timeout: float = 20) -> RedisServer:
+        if shutil.which("redis-server") is None:
+            raise RuntimeError("redis-server is not installed (Debian package redis-server)")
+        args = [
+            "redis-server",
+            "--port",
+            str(self.port),
+            "--bind",
+            "127.0.0.1",
+            "--save",
+            "",
+            "--appendonly",
+            "no",
+            "--dir",
+            str(self.workdir),
+        ]
+        if self.password:
+            args += ["--requirepass", self.password]
+        log = self.workdir / "redis.log"
+        self.process = subprocess.Popen(args, stdout=log.open("ab"), stderr=subprocess.STDOUT)
+        _wait_port(self.port, self.process, log, timeout)
+        return self
+
+    def stop(self) -> None:
+        if self.process and self.process.poll() is None:
+            self.process.terminate()
+            self.process.wait(10)
+
+    def close(self) -> None:
+        self.stop()
+        shutil.rmtree(self.workdir, ignore_errors=True)
+
+
+class NoidaBroker:
+    """noida-db's Kafka endpoint: the zero-set-up broker of `surge demo`."""
+
+    def __init__(self) -> None:
+        self.port = free_port()
+        self.workdir = Path(tempfile.mkdtemp(prefix="surge-noida-"))
+        self.process: subprocess.Popen[bytes] | None = None
+
+    @property
+    def bootstrap(self) -> str:
+        return f"127.0.0.1:{self.port}"
+
+    def start(self, timeout: float = 30) -> NoidaBroker:
+        from surge.broker import start_noida
+
+        self.process = start_noida(self.workdir, self.port, timeout=timeout)
+        return self
+
+    def close(self) -> None:
+        from surge.broker import stop_noida
+
+        if self.process:
+            stop_noida(self.process)
+        shutil.rmtree(self.workdir, ignore_errors=True)
+
+
+if __name__ == "__main__":
+    if sys.argv[1:2] == ["fetch"]:
+        print(kafka_classpath())
+    elif sys.argv[1:2] == ["kafka"]:
+        broker = KafkaBroker().start()
+        print(
+            f"Kafka {KAFKA_VERSION} on {broker.bootstrap} (log dir {broker.workdir}); "
+            "Ctrl-C stops it",
+            flush=True,
+        )
+        try:
+            broker.process.wait()  # type: ignore[union-attr]
+        except KeyboardInterrupt:
+            broker.close()
+    else:
+        sys.exit("usage: python -m tests.services fetch|kafka")

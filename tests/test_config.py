@@ -1,0 +1,78 @@
+"""Settings validate at start-up and report every bad field."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+
+from surge.config import CONFIG_DIR, ConfigError, ModelConfig, convert, load_settings
+
+
+def test_shipped_configs_validate() -> None:
+    files = sorted(CONFIG_DIR.glob("*.toml"))
+    assert files
+    for path in files:
+        load_settings(path, env={})
+
+
+def test_every_bad_field_is_reported_at_once(tmp_path: Path) -> None:
+    path = tmp_path / "bad.toml"
+    path.write_text(
+        '[worker]\nmax_in_flight = "lots"\nbogus = 1\nauto_offset_reset = "middle"\n'
+        '[kafka]\nsecurity_protocol = "SSX"\n'
+    )
+    with pytest.raises(ConfigError) as caught:
+        load_settings(path, env={})
+    problems = "\n".join(caught.value.problems)
+    assert "worker.max_in_flight" in problems
+    assert "worker.bogus: unknown field" in problems
+    assert "worker.auto_offset_reset" in problems
+    assert "kafka.security_protocol" in problems
+    assert str(path) in str(caught.value)
+
+
+def test_environment_overrides_the_file(tmp_path: Path) -> None:
+    path = tmp_path / "w.toml"
+    path.write_text('[kafka]\nbootstrap_servers = "a:1"\n[worker]\nmax_in_flight = 10\n')
+    settings = load_settings(
+        path,
+        env={
+            "SURGE_KAFKA__BOOTSTRAP_SERVERS": "b:2",
+            "SURGE_WORKER__MODELS": '["mlp"]',
+            "SURGE_WORKER__CREATE_TOPICS": "false",
+        },
+    )
+    assert settings.kafka.bootstrap_servers == "b:2"
+    assert settings.worker.max_in_flight == 10
+    assert settings.worker.models == ["mlp"]
+    assert settings.worker.create_topics is False
+
+
+def test_cross_field_checks() -> None:
+    with pytest.raises(ConfigError, match="sasl_mechanism"):
+        load_settings(env={"SURGE_KAFKA__SECURITY_PROTOCOL": "SASL_SSL"})
+    with pytest.raises(ConfigError, match="regular expression"):
+        load_settings(env={"SURGE_WORKER__REPLY_TOPIC_PATTERN": "("})
+    with pytest.raises(ConfigError, match="preferred_batch_sizes"):
+        convert({"max_batch_size": 8, "preferred_batch_sizes": [16]}, ModelConfig, "m")
+    with pytest.raises(ConfigError, match="device"):
+        convert({"device": "tpu"}, ModelConfig, "m")
+
+
+def test_sasl_and_tls_pass_through() -> None:
+    settings = load_settings(
+        env={
+            "SURGE_KAFKA__SECURITY_PROTOCOL": "SASL_PLAINTEXT",
+            "SURGE_KAFKA__SASL_MECHANISM": "SCRAM-SHA-512",
+            "SURGE_KAFKA__SASL_USERNAME": "u",
+            "SURGE_KAFKA__SASL_PASSWORD": "p",
+            "SURGE_REDIS__URL": "rediss://h:6380/0",
+            "SURGE_REDIS__PASSWORD": "secret",
+            "SURGE_REDIS__SSL_CA_CERTS": "/ca.pem",
+        }
+    )
+    options = settings.kafka.client_options()
+    assert options["sasl_mechanism"] == "SCRAM-SHA-512"
+    assert options["sasl_plain_username"] == "u"
+    assert settings.redis.client_options() == {"password": "secret", "ssl_ca_certs": "/ca.pem"}

@@ -1,0 +1,89 @@
+"""The offset tracker, checked exhaustively against a model of what may be committed."""
+
+from __future__ import annotations
+
+import itertools
+import random
+
+import pytest
+
+from surge.workers import OffsetTracker
+
+
+def _safe_position(offsets: list[int], finished: set[int]) -> int:
+    """The model: the first unfinished offset, else one past the last."""
+    for offset in offsets:
+        if offset not in finished:
+            return offset
+    return offsets[-1] + 1
+
+
+@pytest.mark.parametrize("order", list(itertools.permutations(range(6))))
+def test_every_completion_order_commits_only_a_finished_prefix(order: tuple[int, ...]) -> None:
+    offsets = [3, 4, 7, 8, 9, 12]  # gaps, as compaction and transaction markers leave
+    tracker: OffsetTracker[str] = OffsetTracker()
+    for offset in offsets:
+        tracker.track("p", offset)
+    finished: set[int] = set()
+    for index in order:
+        tracker.finish("p", offsets[index])
+        finished.add(offsets[index])
+        expected = _safe_position(offsets, finished)
+        assert tracker.committable().get("p", offsets[0]) == expected
+        assert tracker.pending() == len(offsets) - len(finished)
+    assert tracker.committable() == {"p": 13}
+
+
+def test_random_interleavings_over_partitions() -> None:
+    rng = random.Random(7)
+    for _ in range(200):
+        tracker: OffsetTracker[int] = OffsetTracker()
+        tracked: dict[int, list[int]] = {0: [], 1: [], 2: []}
+        open_: list[tuple[int, int]] = []
+        finished: dict[int, set[int]] = {p: set() for p in tracked}
+        next_offset = dict.fromkeys(tracked, 0)
+        for _ in range(60):
+            if open_ and rng.random() < 0.5:
+                p, o = open_.pop(rng.randrange(len(open_)))
+                tracker.finish(p, o)
+                finished[p].add(o)
+            else:
+                p = rng.choice(list(tracked))
+                o = next_offset[p]
+                next_offset[p] += rng.randint(1, 3)
+                tracker.track(p, o)
+                tracked[p].append(o)
+                open_.append((p, o))
+            positions = tracker.committable()
+            for p, offsets in tracked.items():
+                if offsets:
+                    assert positions.get(p) == _safe_position(offsets, finished[p])
+
+
+def test_committed_positions_are_not_offered_again() -> None:
+    tracker: OffsetTracker[str] = OffsetTracker()
+    tracker.track("p", 0)
+    tracker.finish("p", 0)
+    assert tracker.committable() == {"p": 1}
+    tracker.committed({"p": 1})
+    assert tracker.committable() == {}
+    tracker.track("p", 1)
+    assert tracker.committable() == {}
+    tracker.finish("p", 1)
+    assert tracker.committable() == {"p": 2}
+
+
+def test_forgotten_partitions_ignore_late_outcomes() -> None:
+    tracker: OffsetTracker[str] = OffsetTracker()
+    tracker.track("p", 5)
+    tracker.forget(["p"])
+    tracker.finish("p", 5)
+    assert tracker.committable() == {}
+    assert tracker.pending() == 0
+
+
+def test_offsets_must_ascend() -> None:
+    tracker: OffsetTracker[str] = OffsetTracker()
+    tracker.track("p", 5)
+    with pytest.raises(ValueError, match="tracked after"):
+        tracker.track("p", 5)

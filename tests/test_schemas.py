@@ -1,0 +1,123 @@
+"""The wire contract: both encodings, tensors, and the published JSON Schema."""
+
+from __future__ import annotations
+
+import json
+
+import msgspec
+import numpy as np
+import pytest
+
+from surge.schemas import (
+    JSON,
+    MSGPACK,
+    ErrorCode,
+    ErrorResponse,
+    InferenceRequest,
+    TensorError,
+    TensorTooLarge,
+    decode_error,
+    decode_request,
+    encode,
+    from_array,
+    json_schema,
+    to_array,
+)
+
+
+@pytest.mark.parametrize(
+    "dtype", ["float32", "float64", "float16", "int64", "int32", "uint8", "bool"]
+)
+@pytest.mark.parametrize("content_type", [JSON, MSGPACK])
+def test_tensors_round_trip(dtype: str, content_type: str) -> None:
+    array = (np.arange(12).reshape(3, 4) % 3).astype(dtype)
+    request = InferenceRequest(
+        id="r1", inputs=[from_array("x", array, binary=content_type == MSGPACK)]
+    )
+    decoded = decode_request(encode(request, content_type), content_type)
+    assert decoded.id == "r1"
+    back = to_array(decoded.inputs[0])
+    assert back.dtype == array.dtype
+    np.testing.assert_array_equal(back, array)
+
+
+def test_msgpack_raw_bytes_decode_without_copy() -> None:
+    array = np.arange(6, dtype=np.float32)
+    body = encode(InferenceRequest(inputs=[from_array("x", array, binary=True)]), MSGPACK)
+    tensor = decode_request(body, MSGPACK).inputs[0]
+    assert isinstance(tensor.data, memoryview)
+    assert np.shares_memory(to_array(tensor), np.frombuffer(body, dtype=np.uint8))
+
+
+def test_v2_json_from_other_clients_decodes() -> None:
+    """A body as Triton's / KServe's HTTP clients write it: nested lists, parameters, outputs."""
+    body = json.dumps(
+        {
+            "id": "42",
+            "inputs": [
+                {"name": "x", "shape": [2, 2], "datatype": "FP32", "data": [[1, 2], [3, 4]]}
+            ],
+            "outputs": [{"name": "probs", "parameters": {"binary_data": False}}],
+            "parameters": {"priority": 1},
+        }
+    ).encode()
+    request = decode_request(body, JSON)
+    assert request.outputs is not None
+    assert request.outputs[0].name == "probs"
+    np.testing.assert_array_equal(to_array(request.inputs[0]), [[1, 2], [3, 4]])
+
+
+@pytest.mark.parametrize(
+    ("tensor", "error"),
+    [
+        ({"name": "x", "shape": [3], "datatype": "FP32", "data": [1, 2]}, "do not fill"),
+        ({"name": "x", "shape": [2], "datatype": "FP99", "data": [1, 2]}, "unknown datatype"),
+        ({"name": "x", "shape": [2], "datatype": "FP32", "data": ["a", "b"]}, "not FP32"),
+        ({"name": "x", "shape": [2], "datatype": "UINT8", "data": [1, 300]}, "not UINT8"),
+        ({"name": "x", "shape": [2, 2], "datatype": "FP32", "data": [[1], [2, 3]]}, "not FP32"),
+    ],
+)
+def test_bad_tensors_raise_tensor_errors(tensor: dict[str, object], error: str) -> None:
+    request = decode_request(json.dumps({"inputs": [tensor]}).encode(), JSON)
+    with pytest.raises(TensorError, match=error):
+        to_array(request.inputs[0])
+
+
+def test_raw_bytes_must_match_the_shape() -> None:
+    body = msgspec.msgpack.encode(
+        {"inputs": [{"name": "x", "shape": [4], "datatype": "FP32", "data": b"\0" * 12}]}
+    )
+    with pytest.raises(TensorError, match="12 bytes"):
+        to_array(decode_request(body, MSGPACK).inputs[0])
+
+
+def test_element_limit() -> None:
+    body = json.dumps(
+        {"inputs": [{"name": "x", "shape": [10, 10], "datatype": "FP32", "data": []}]}
+    )
+    with pytest.raises(TensorTooLarge):
+        to_array(decode_request(body.encode(), JSON).inputs[0], max_elements=99)
+
+
+@pytest.mark.parametrize(
+    "body",
+    [b'{"inputs": "nope"}', b'{"id": 5, "inputs": []}', b'{"inputs": [{"name": "x"}]}'],
+)
+def test_schema_violations_are_validation_errors(body: bytes) -> None:
+    with pytest.raises(msgspec.ValidationError):
+        decode_request(body, JSON)
+
+
+def test_error_body_is_v2_error_plus_code_and_id() -> None:
+    body = encode(ErrorResponse(error="boom", code=ErrorCode.MODEL_ERROR, id="7"), JSON)
+    assert json.loads(body) == {"error": "boom", "code": "model_error", "id": "7"}
+    assert decode_error(body, JSON).code is ErrorCode.MODEL_ERROR
+
+
+def test_json_schema_covers_the_contract() -> None:
+    schema = json_schema()
+    assert {"InferenceRequest", "InferenceResponse", "ErrorResponse", "Tensor"} <= set(
+        schema["$defs"]
+    )
+    codes = schema["$defs"]["ErrorCode"]["enum"]
+    assert set(codes) == {code.value for code in ErrorCode}

@@ -1,0 +1,192 @@
+"""Dynamic batching for one served model version.
+
+A batch closes when it reaches max_batch_size rows, when a preferred size is ready, or when
+its oldest request has waited max_batch_delay. The model runs in an executor so the event
+loop keeps consuming, decoding and publishing while a batch computes.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import time
+from collections import deque
+from concurrent.futures import Executor
+
+import structlog
+
+from surge.config import ModelConfig
+from surge.schemas import MSGPACK, ErrorCode, InferenceResponse, from_array
+from surge.workers import metrics
+from surge.workers.batching import group_by_shape, split, stack
+from surge.workers.intake import Job
+from surge.workers.replies import Replies
+from surge.workers.runtimes import Runtime
+from surge.workers.tickets import Rejection
+
+log = structlog.get_logger("surge.batcher")
+
+
+class Batcher:
+    def __init__(
+        self,
+        *,
+        model: str,
+        version: str,
+        runtime: Runtime,
+        config: ModelConfig,
+        executor: Executor,
+        replies: Replies,
+        time_budget_s: float,
+    ) -> None:
+        self.model = model
+        self.version = version
+        self._runtime = runtime
+        self._executor = executor
+        self._replies = replies
+        self._budget = time_budget_s
+        self._max_rows = config.max_batch_size
+        self._delay = config.max_batch_delay_ms / 1000
+        self._preferred = sorted(config.preferred_batch_sizes, reverse=True)
+        # Rows at which a waiting loop should look again: the smallest size it would take.
+        self._wake_rows = min(config.preferred_batch_sizes, default=config.max_batch_size)
+        self._instances = config.instances
+        self._queue: deque[Job] = deque()
+        self._rows = 0
+        self._wake = asyncio.Event()
+        self._closing = False
+        self._tasks: list[asyncio.Task[None]] = []
+        self._batch_rows = metrics.BATCH_ROWS.labels(model)
+        self._batch_seconds = metrics.BATCH_SECONDS.labels(model)
+        self._queue_seconds = metrics.QUEUE_SECONDS.labels(model)
+        self._ok = metrics.RESULTS.labels(model, "ok")
+
+    @property
+    def queued(self) -> int:
+        return len(self._queue)
+
+    def start(self) -> None:
+        self._tasks = [
+            asyncio.create_task(self._loop(), name=f"batcher-{self.model}-{self.version}-{i}")
+            for i in range(self._instances)
+        ]
+
+    def put(self, job: Job) -> None:
+        self._queue.append(job)
+        self._rows += job.rows
+        if len(self._queue) == 1 or self._rows >= self._wake_rows:
+            self._wake.set()
+
+    async def close(self) -> None:
+        """Run what is queued at once, then stop."""
+        self._closing = True
+        self._wake.set()
+        await asyncio.gather(*self._tasks)
+
+    async def _loop(self) -> None:
+        while True:
+            jobs = await self._next_batch()
+            if jobs is None:
+                return
+            try:
+                await self._execute(jobs)
+            except Exception as exc:  # a bug here must not strand the batch or kill the loop
+                log.exception("batch_failed", model=self.model, version=self.version)
+                for job in jobs:
+                    self._replies.error(job.ticket, Rejection(ErrorCode.INTERNAL, repr(exc)))
+
+    async def _next_batch(self) -> list[Job] | None:
+        while True:
+            timeout = None
+            if self._queue:
+                waited = time.monotonic() - self._queue[0].ticket.received
+                limit = self._ready_rows(waited)
+                if limit:
+                    return self._take(limit)
+                timeout = self._delay - waited
+            elif self._closing:
+                return None
+            self._wake.clear()
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(self._wake.wait(), timeout)
+
+    def _ready_rows(self, waited: float) -> int:
+        """How many rows to take now, or 0 to keep waiting."""
+        if self._rows >= self._max_rows:
+            return self._max_rows
+        if self._closing or waited >= self._delay:
+            return self._rows
+        for size in self._preferred:
+            if self._rows >= size:
+                return size
+        return 0
+
+    def _take(self, limit: int) -> list[Job]:
+        jobs: list[Job] = []
+        rows = 0
+        now_ms = int(time.time() * 1000)
+        queue = self._queue
+        while queue and (not jobs or rows + queue[0].rows <= limit):
+            job = queue.popleft()
+            self._rows -= job.rows
+            if job.ticket.expired(now_ms):
+                self._replies.error(
+                    job.ticket, Rejection(ErrorCode.EXPIRED, "deadline passed in queue")
+                )
+                continue
+            jobs.append(job)
+            rows += job.rows
+        return jobs
+
+    async def _execute(self, jobs: list[Job]) -> None:
+        if not jobs:
+            return
+        self._queue_seconds.observe(time.monotonic() - jobs[0].ticket.received)
+        for group in group_by_shape(jobs, self._runtime.inputs):
+            await self._run(group)
+
+    async def _run(self, jobs: list[Job]) -> None:
+        """Run one model call; on failure split the batch in halves to isolate the culprit."""
+        inputs = stack(jobs, self._runtime.inputs)
+        loop = asyncio.get_running_loop()
+        started = time.perf_counter()
+        try:
+            outputs = await asyncio.wait_for(
+                loop.run_in_executor(self._executor, self._runtime.run, inputs), self._budget
+            )
+            parts = split(outputs, jobs)
+        except TimeoutError:
+            message = f"batch of {len(jobs)} requests outlived its {self._budget:g}s budget"
+            log.error("batch_timeout", model=self.model, version=self.version, requests=len(jobs))
+            for job in jobs:
+                self._replies.error(job.ticket, Rejection(ErrorCode.TIMEOUT, message))
+            return
+        except Exception as exc:
+            if len(jobs) > 1:
+                middle = len(jobs) // 2
+                await self._run(jobs[:middle])
+                await self._run(jobs[middle:])
+                return
+            log.warning(
+                "model_error",
+                model=self.model,
+                request_id=jobs[0].ticket.request_id,
+                error=repr(exc),
+            )
+            self._replies.error(
+                jobs[0].ticket, Rejection(ErrorCode.MODEL_ERROR, f"model raised {exc!r}")
+            )
+            return
+        self._batch_seconds.observe(time.perf_counter() - started)
+        self._batch_rows.observe(sum(job.rows for job in jobs))
+        self._ok.inc(len(jobs))
+        for job, part in zip(jobs, parts, strict=True):
+            binary = job.ticket.content_type == MSGPACK
+            names = job.outputs or part.keys()
+            response = InferenceResponse(
+                model_name=self.model,
+                model_version=self.version,
+                id=job.ticket.request_id,
+                outputs=[from_array(name, part[name], binary=binary) for name in names],
+            )
+            self._replies.ok(job.ticket, response)

@@ -1,0 +1,61 @@
+"""Pure batch arithmetic: group requests by shape, stack them into one batch, split outputs back."""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import numpy as np
+
+from surge.workers.intake import Job
+from surge.workers.runtimes import TensorSpec
+
+
+def group_by_shape(jobs: Sequence[Job], specs: Sequence[TensorSpec]) -> list[list[Job]]:
+    """Jobs whose unpadded inputs agree in shape can share a model call; others go apart."""
+    groups: dict[tuple[object, ...], list[Job]] = {}
+    for job in jobs:
+        key = tuple(
+            job.inputs[spec.name].shape[1:] if spec.pad_value is None else None for spec in specs
+        )
+        groups.setdefault(key, []).append(job)
+    return list(groups.values())
+
+
+def stack(jobs: Sequence[Job], specs: Sequence[TensorSpec]) -> dict[str, np.ndarray]:
+    """One array per input along the batch dimension, padding variable dims where configured."""
+    batch: dict[str, np.ndarray] = {}
+    for spec in specs:
+        arrays = [job.inputs[spec.name] for job in jobs]
+        if len(arrays) == 1:
+            batch[spec.name] = arrays[0]
+        elif spec.pad_value is None or all(a.shape == arrays[0].shape for a in arrays):
+            batch[spec.name] = np.concatenate(arrays)
+        else:
+            batch[spec.name] = _pad_concatenate(arrays, spec.pad_value)
+    return batch
+
+
+def _pad_concatenate(arrays: Sequence[np.ndarray], pad_value: float) -> np.ndarray:
+    rows = sum(a.shape[0] for a in arrays)
+    dims = tuple(max(sizes) for sizes in zip(*(a.shape[1:] for a in arrays), strict=True))
+    out = np.full((rows, *dims), pad_value, dtype=arrays[0].dtype)
+    start = 0
+    for a in arrays:
+        out[(slice(start, start + a.shape[0]), *(slice(0, d) for d in a.shape[1:]))] = a
+        start += a.shape[0]
+    return out
+
+
+def split(outputs: dict[str, np.ndarray], jobs: Sequence[Job]) -> list[dict[str, np.ndarray]]:
+    """Each job's rows of every output, in job order. Raises ValueError on a row-count mismatch."""
+    rows = sum(job.rows for job in jobs)
+    for name, array in outputs.items():
+        if array.ndim == 0 or array.shape[0] != rows:
+            raise ValueError(f"output {name!r} has {array.shape[:1]} rows for a batch of {rows}")
+    parts = []
+    start = 0
+    for job in jobs:
+        end = start + job.rows
+        parts.append({name: array[start:end] for name, array in outputs.items()})
+        start = end
+    return parts

@@ -1,0 +1,121 @@
+"""Intake: decode a ticket's body and check it against the model's inputs, yielding a Job."""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+import numpy as np
+
+from surge.schemas import (
+    DecodeError,
+    ErrorCode,
+    TensorError,
+    TensorTooLarge,
+    ValidationError,
+    decode_request,
+    to_array,
+)
+from surge.workers.runtimes import TensorSpec
+from surge.workers.tickets import Rejection, Ticket
+
+
+@dataclass(slots=True, eq=False)
+class Job:
+    """A decoded, validated request waiting in a batch queue."""
+
+    ticket: Ticket
+    inputs: dict[str, np.ndarray]  # each with the request's rows as its first dimension
+    rows: int
+    outputs: tuple[str, ...] | None  # requested output names; None: all
+
+
+class _Reject(Exception):
+    def __init__(self, code: ErrorCode, message: str) -> None:
+        self.rejection = Rejection(code, message)
+
+
+def admit(
+    ticket: Ticket,
+    inputs: Sequence[TensorSpec],
+    outputs: Sequence[TensorSpec],
+    *,
+    max_rows: int,
+    max_elements: int,
+) -> Job | Rejection:
+    """Decode and validate; every failure comes back as a Rejection, never as an exception."""
+    try:
+        return _admit(ticket, inputs, outputs, max_rows, max_elements)
+    except _Reject as reject:
+        return reject.rejection
+
+
+def _admit(
+    ticket: Ticket,
+    specs: Sequence[TensorSpec],
+    output_specs: Sequence[TensorSpec],
+    max_rows: int,
+    max_elements: int,
+) -> Job:
+    try:
+        request = decode_request(ticket.value, ticket.content_type)
+    except ValidationError as exc:
+        raise _Reject(ErrorCode.INVALID_REQUEST, f"not a v2 inference request: {exc}") from None
+    except DecodeError as exc:
+        raise _Reject(ErrorCode.BAD_ENCODING, f"body is not {ticket.content_type}: {exc}") from None
+    if request.id is not None:
+        ticket.request_id = request.id
+
+    provided = {tensor.name: tensor for tensor in request.inputs}
+    expected = [spec.name for spec in specs]
+    if sorted(provided) != sorted(expected) or len(provided) != len(request.inputs):
+        raise _Reject(
+            ErrorCode.INVALID_INPUT,
+            f"inputs {sorted(t.name for t in request.inputs)} do not match the model's {expected}",
+        )
+    arrays: dict[str, np.ndarray] = {}
+    rows = -1
+    for spec in specs:
+        tensor = provided[spec.name]
+        if tensor.datatype != spec.datatype:
+            raise _Reject(
+                ErrorCode.INVALID_INPUT,
+                f"input {spec.name!r} is {tensor.datatype}, the model takes {spec.datatype}",
+            )
+        try:
+            array = to_array(tensor, max_elements)
+        except TensorTooLarge as exc:
+            raise _Reject(ErrorCode.TOO_LARGE, str(exc)) from None
+        except TensorError as exc:
+            raise _Reject(ErrorCode.INVALID_INPUT, str(exc)) from None
+        _check_shape(spec, array.shape)
+        if rows not in (-1, array.shape[0]):
+            raise _Reject(ErrorCode.INVALID_INPUT, "inputs disagree on the batch dimension")
+        rows = array.shape[0]
+        arrays[spec.name] = array
+    if rows > max_rows:
+        raise _Reject(
+            ErrorCode.INVALID_INPUT, f"request of {rows} rows exceeds max_batch_size {max_rows}"
+        )
+
+    wanted = None
+    if request.outputs:
+        wanted = tuple(o.name for o in request.outputs)
+        unknown = set(wanted) - {spec.name for spec in output_specs}
+        if unknown:
+            raise _Reject(ErrorCode.INVALID_INPUT, f"unknown outputs requested: {sorted(unknown)}")
+    return Job(ticket=ticket, inputs=arrays, rows=rows, outputs=wanted)
+
+
+def _check_shape(spec: TensorSpec, shape: tuple[int, ...]) -> None:
+    fits = (
+        len(shape) == len(spec.shape) + 1
+        and shape[0] >= 1
+        and all(want in (-1, got) for want, got in zip(spec.shape, shape[1:], strict=True))
+    )
+    if not fits:
+        expected = ["batch", *(d if d >= 0 else "any" for d in spec.shape)]
+        raise _Reject(
+            ErrorCode.INVALID_INPUT,
+            f"input {spec.name!r} has shape {list(shape)}, the model takes {expected}",
+        )

@@ -1,0 +1,67 @@
+"""The ledger: every consumed record from admission until its outcome is durable.
+
+It joins the offset tracker with the in-flight bounds that drive backpressure, and lets
+tasks wait for progress without polling.
+"""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import Iterable
+
+from aiokafka import TopicPartition
+
+from surge.workers.offsets import OffsetTracker
+from surge.workers.tickets import Ticket
+
+
+class Ledger:
+    def __init__(self, max_records: int, max_bytes: int) -> None:
+        self.offsets: OffsetTracker[TopicPartition] = OffsetTracker()
+        self._max_records = max_records
+        self._max_bytes = max_bytes
+        self.records = 0
+        self.bytes = 0
+        self._waiters: list[asyncio.Future[None]] = []
+
+    @property
+    def full(self) -> bool:
+        return self.records >= self._max_records or self.bytes >= self._max_bytes
+
+    @property
+    def has_room(self) -> bool:
+        """Below the low-water mark (half of each bound): hysteresis against pause flapping."""
+        return self.records <= self._max_records // 2 and self.bytes <= self._max_bytes // 2
+
+    def admit(self, ticket: Ticket) -> None:
+        self.offsets.track(ticket.tp, ticket.offset)
+        self.records += 1
+        self.bytes += len(ticket.value)
+
+    def settle(self, ticket: Ticket) -> None:
+        """The ticket's result or dead letter is durable."""
+        self.offsets.finish(ticket.tp, ticket.offset)
+        self.records -= 1
+        self.bytes -= len(ticket.value)
+        if self._waiters:
+            for waiter in self._waiters:
+                if not waiter.done():
+                    waiter.set_result(None)
+            self._waiters.clear()
+
+    async def progress(self) -> None:
+        """Return after the next settlement."""
+        waiter = asyncio.get_running_loop().create_future()
+        self._waiters.append(waiter)
+        await waiter
+
+    async def room(self) -> None:
+        """Return once the in-flight load is back under the low-water mark."""
+        while not self.has_room:
+            await self.progress()
+
+    async def drained(self, partitions: Iterable[TopicPartition] | None = None) -> None:
+        """Return once no record of these partitions (or of any) is in flight."""
+        keys = None if partitions is None else list(partitions)
+        while self.offsets.pending(keys):
+            await self.progress()

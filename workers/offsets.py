@@ -1,0 +1,87 @@
+"""Offset tracking: what makes at-least-once true.
+
+Requests of one partition finish out of order (other models, split batches, retries). A
+partition's committable position is the offset of its oldest unfinished record, or one past
+the newest record when all are finished: never beyond a request without a durable result.
+"""
+
+from __future__ import annotations
+
+from collections import deque
+from collections.abc import Iterable
+from typing import Generic, TypeVar
+
+P = TypeVar("P")  # a partition key (aiokafka's TopicPartition in the worker)
+
+
+class _Partition:
+    __slots__ = ("finished", "next_position", "pending")
+
+    def __init__(self) -> None:
+        self.pending: deque[int] = deque()  # tracked offsets, ascending, oldest first
+        self.finished: set[int] = set()  # finished offsets not yet at the head of `pending`
+        self.next_position = -1  # one past the newest tracked offset
+
+    def position(self) -> int:
+        return self.pending[0] if self.pending else self.next_position
+
+
+class OffsetTracker(Generic[P]):
+    def __init__(self) -> None:
+        self._partitions: dict[P, _Partition] = {}
+        self._committed: dict[P, int] = {}
+
+    def track(self, partition: P, offset: int) -> None:
+        """Record a consumed offset. Offsets of a partition must arrive in ascending order."""
+        state = self._partitions.get(partition)
+        if state is None:
+            state = self._partitions[partition] = _Partition()
+        if offset < state.next_position:
+            raise ValueError(
+                f"offset {offset} tracked after {state.next_position - 1} on {partition}"
+            )
+        state.pending.append(offset)
+        state.next_position = offset + 1
+
+    def finish(self, partition: P, offset: int) -> None:
+        """Mark an offset's outcome durable. Unknown partitions (revoked since) are ignored."""
+        state = self._partitions.get(partition)
+        if state is None or not state.pending:
+            return
+        if offset == state.pending[0]:
+            state.pending.popleft()
+            pending, finished = state.pending, state.finished
+            while pending and pending[0] in finished:
+                finished.discard(pending.popleft())
+        elif state.pending[0] < offset < state.next_position:
+            state.finished.add(offset)
+
+    def pending(self, partitions: Iterable[P] | None = None) -> int:
+        """Records tracked and not yet finished, over some partitions or all."""
+        keys = self._partitions if partitions is None else partitions
+        return sum(
+            len(s.pending) - len(s.finished)
+            for s in (self._partitions.get(p) for p in keys)
+            if s is not None
+        )
+
+    def committable(self) -> dict[P, int]:
+        """Positions that moved since `committed()` was last told about them."""
+        moves = {}
+        for partition, state in self._partitions.items():
+            position = state.position()
+            if position > self._committed.get(partition, -1) and position >= 0:
+                moves[partition] = position
+        return moves
+
+    def committed(self, positions: dict[P, int]) -> None:
+        """Record positions the broker has accepted."""
+        for partition, position in positions.items():
+            if position > self._committed.get(partition, -1):
+                self._committed[partition] = position
+
+    def forget(self, partitions: Iterable[P]) -> None:
+        """Drop revoked partitions: their later outcomes no longer move any position."""
+        for partition in partitions:
+            self._partitions.pop(partition, None)
+            self._committed.pop(partition, None)

@@ -1,0 +1,253 @@
+"""The model repository: `MODEL_ROOT/<name>/<version>/model.{onnx,pt2,pt}` plus an optional
+`MODEL_ROOT/<name>/config.toml`.
+
+A scan yields the desired set of versions; `reconcile()` loads what is new (warmed up before it
+takes traffic) and drains what is gone. Hot reload is scanning again, nothing more.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from collections.abc import Collection
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
+from pathlib import Path
+
+import structlog
+
+from surge.config import ConfigError, ModelConfig, convert, read_toml
+from surge.schemas import ErrorCode
+from surge.workers import runtimes
+from surge.workers.batcher import Batcher
+from surge.workers.replies import Replies
+from surge.workers.tickets import Rejection
+
+log = structlog.get_logger("surge.repository")
+
+# A model file younger than this may still be being copied in: wait for the next scan.
+SETTLE_S = 1.0
+
+
+@dataclass(frozen=True, slots=True)
+class VersionSource:
+    name: str
+    version: int
+    artifact: Path
+    stamp: tuple[int, int]  # (size, mtime_ns): a changed file is a new load
+    config: ModelConfig
+
+
+@dataclass(slots=True, eq=False)
+class ServedVersion:
+    source: VersionSource
+    runtime: runtimes.Runtime
+    batcher: Batcher
+    executor: ThreadPoolExecutor
+
+    @property
+    def config(self) -> ModelConfig:
+        return self.source.config
+
+
+def scan(
+    root: Path, names: Collection[str] = (), settle_s: float = SETTLE_S
+) -> tuple[dict[tuple[str, int], VersionSource], list[str]]:
+    """The versions the version policies ask for, and a line for each model that can't be read."""
+    wanted: dict[tuple[str, int], VersionSource] = {}
+    problems: list[str] = []
+    if not root.is_dir():
+        return wanted, [f"model root {root} is not a directory"]
+    now_ns = time.time_ns()
+    for model_dir in sorted(p for p in root.iterdir() if p.is_dir()):
+        name = model_dir.name
+        if names and name not in names:
+            continue
+        config_path = model_dir / "config.toml"
+        try:
+            config = (
+                convert(read_toml(config_path), ModelConfig, str(config_path))
+                if config_path.is_file()
+                else ModelConfig()
+            )
+        except ConfigError as exc:
+            problems.append(str(exc))
+            continue
+        found: dict[int, VersionSource] = {}
+        for version_dir in model_dir.iterdir():
+            if not version_dir.name.isdigit():
+                continue
+            artifact = runtimes.find_artifact(version_dir)
+            if artifact is None:
+                continue
+            stat = artifact.stat()
+            if now_ns - stat.st_mtime_ns < settle_s * 1e9:
+                continue
+            version = int(version_dir.name)
+            found[version] = VersionSource(
+                name, version, artifact, (stat.st_size, stat.st_mtime_ns), config
+            )
+        for version in _apply_policy(config, sorted(found)):
+            wanted[(name, version)] = found[version]
+    return wanted, problems
+
+
+def _apply_policy(config: ModelConfig, versions: list[int]) -> list[int]:
+    if config.version_policy == "all":
+        return versions
+    if config.version_policy == "specific":
+        return [v for v in versions if v in config.versions]
+    return versions[-config.latest_versions :]
+
+
+class ModelRepository:
+    def __init__(
+        self,
+        root: Path,
+        names: Collection[str],
+        replies: Replies,
+        *,
+        time_budget_s: float,
+    ) -> None:
+        self.root = root
+        self._names = frozenset(names)
+        self._replies = replies
+        self._budget = time_budget_s
+        self._served: dict[tuple[str, int], ServedVersion] = {}
+        self._latest: dict[str, ServedVersion] = {}
+        self._failed: dict[
+            tuple[str, int], tuple[int, int]
+        ] = {}  # don't retry an unchanged bad file
+        self._draining: set[asyncio.Task[None]] = set()
+        self._problems: set[str] = set()
+
+    # -- the hot path ---------------------------------------------------------------------
+
+    def resolve(self, model: str, version: str | None) -> ServedVersion | Rejection:
+        if version is None:
+            served = self._latest.get(model)
+            if served is None:
+                return Rejection(ErrorCode.UNKNOWN_MODEL, f"model {model!r} is not served here")
+            return served
+        try:
+            served = self._served.get((model, int(version)))
+        except ValueError:
+            served = None
+        if served is None:
+            if model not in self._latest:
+                return Rejection(ErrorCode.UNKNOWN_MODEL, f"model {model!r} is not served here")
+            return Rejection(
+                ErrorCode.UNKNOWN_VERSION, f"model {model!r} has no version {version!r}"
+            )
+        return served
+
+    # -- reconciliation -------------------------------------------------------------------
+
+    def model_names(self) -> list[str]:
+        """Models this worker should consume for: those configured, else those in the root."""
+        if self._names:
+            return sorted(self._names)
+        if not self.root.is_dir():
+            return []
+        return sorted(p.name for p in self.root.iterdir() if p.is_dir())
+
+    @property
+    def served(self) -> dict[tuple[str, int], ServedVersion]:
+        return dict(self._served)
+
+    async def reconcile(self, *, settle_s: float = SETTLE_S) -> None:
+        """Load new versions, retire removed ones. At start-up pass settle_s=0: files present
+        before the worker started are complete."""
+        wanted, problems = await asyncio.to_thread(scan, self.root, self._names, settle_s)
+        for problem in set(problems) - self._problems:  # say it once, not every scan
+            log.error("model_config_invalid", problem=problem)
+        self._problems = set(problems)
+        for key, source in wanted.items():
+            current = self._served.get(key)
+            if current is not None and current.source.stamp == source.stamp:
+                continue
+            if self._failed.get(key) == source.stamp:
+                continue
+            served = await self._load(source)
+            if served is None:
+                self._failed[key] = source.stamp
+                continue
+            self._served[key] = served
+            self._update_routes()
+            if current is not None:
+                self._retire(current)
+        gone = [key for key in self._served if key not in wanted]
+        retired = [self._served.pop(key) for key in gone]
+        self._update_routes()
+        for served in retired:
+            self._retire(served)
+
+    def _update_routes(self) -> None:
+        """Point each model at its highest served version. Called before any retirement, so
+        a retiring batcher never receives another request."""
+        latest: dict[str, ServedVersion] = {}
+        for (name, _), served in sorted(self._served.items()):
+            latest[name] = served
+        self._latest = latest
+
+    async def _load(self, source: VersionSource) -> ServedVersion | None:
+        log.info(
+            "model_loading", model=source.name, version=source.version, path=str(source.artifact)
+        )
+        started = time.perf_counter()
+        try:
+            runtime = await asyncio.to_thread(runtimes.load, source.artifact, source.config)
+            if source.config.warmup:
+                sizes = sorted(
+                    {1, *source.config.preferred_batch_sizes, source.config.max_batch_size}
+                )
+                await asyncio.to_thread(runtimes.warm_up, runtime, sizes)
+        except Exception as exc:  # a bad model file must not take the worker down
+            log.error(
+                "model_load_failed", model=source.name, version=source.version, error=repr(exc)
+            )
+            return None
+        executor = ThreadPoolExecutor(
+            max_workers=source.config.instances,
+            thread_name_prefix=f"{source.name}-{source.version}",
+        )
+        batcher = Batcher(
+            model=source.name,
+            version=str(source.version),
+            runtime=runtime,
+            config=source.config,
+            executor=executor,
+            replies=self._replies,
+            time_budget_s=self._budget,
+        )
+        batcher.start()
+        log.info(
+            "model_ready",
+            model=source.name,
+            version=source.version,
+            runtime=runtime.kind,
+            device=runtime.device,
+            seconds=round(time.perf_counter() - started, 3),
+        )
+        return ServedVersion(source, runtime, batcher, executor)
+
+    def _retire(self, served: ServedVersion) -> None:
+        """Stop routing to it now; unload once its queued and running batches finish."""
+        task = asyncio.create_task(self._drain(served))
+        self._draining.add(task)
+        task.add_done_callback(self._draining.discard)
+
+    async def _drain(self, served: ServedVersion) -> None:
+        await served.batcher.close()
+        served.executor.shutdown(wait=False)
+        await asyncio.to_thread(served.runtime.close)
+        log.info("model_unloaded", model=served.source.name, version=served.source.version)
+
+    async def close(self) -> None:
+        """Drain every served version (on shutdown)."""
+        retired = list(self._served.values())
+        self._served.clear()
+        self._update_routes()
+        for served in retired:
+            self._retire(served)
+        await asyncio.gather(*self._draining)

@@ -1,0 +1,57 @@
+"""The one contract every model runtime implements, and what the batcher knows of a model."""
+
+from __future__ import annotations
+
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
+from typing import Any, Protocol
+
+import numpy as np
+
+from surge.config import TensorConfig
+from surge.schemas import DATATYPES
+
+
+@dataclass(frozen=True, slots=True)
+class TensorSpec:
+    """A model input or output. `shape` excludes the batch dimension; -1 is variable."""
+
+    name: str
+    datatype: str
+    shape: tuple[int, ...]
+    pad_value: float | None = None
+
+    @property
+    def dtype(self) -> np.dtype[Any]:
+        return DATATYPES[self.datatype]
+
+    @classmethod
+    def from_config(cls, config: TensorConfig) -> TensorSpec:
+        if config.datatype not in DATATYPES:
+            raise ValueError(f"tensor {config.name!r}: unknown datatype {config.datatype!r}")
+        return cls(config.name, config.datatype, tuple(config.shape), config.pad_value)
+
+
+class Runtime(Protocol):
+    """A loaded model. `run` is called from an executor thread, one batch at a time per instance."""
+
+    kind: str
+    device: str
+    inputs: tuple[TensorSpec, ...]
+    outputs: tuple[TensorSpec, ...]
+
+    def run(self, inputs: Mapping[str, np.ndarray]) -> dict[str, np.ndarray]: ...
+
+    def close(self) -> None: ...
+
+
+def warm_up(runtime: Runtime, batch_sizes: Sequence[int]) -> None:
+    """Run zero-filled batches so first requests don't pay for lazy allocation and kernel choice."""
+    for rows in batch_sizes:
+        inputs = {}
+        for spec in runtime.inputs:
+            if spec.datatype == "BYTES":
+                return  # no meaningful zero value: skip warm-up rather than guess
+            dims = tuple(1 if d < 0 else d for d in spec.shape)
+            inputs[spec.name] = np.zeros((rows, *dims), dtype=spec.dtype)
+        runtime.run(inputs)

@@ -1,0 +1,58 @@
+"""PyTorch: TorchScript (`model.pt`) or `torch.export` archives (`model.pt2`), CPU or CUDA.
+
+Neither format unpickles arbitrary Python objects, so loading a model runs no untrusted code.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from surge.config import ModelConfig
+from surge.workers.runtimes.base import TensorSpec
+from surge.workers.runtimes.devices import resolve_device
+
+
+class TorchRuntime:
+    kind = "torch"
+
+    def __init__(self, path: Path, config: ModelConfig) -> None:
+        if not config.inputs or not config.outputs:
+            raise ValueError("a PyTorch model needs [[inputs]] and [[outputs]] in its config.toml")
+        self.inputs = tuple(TensorSpec.from_config(c) for c in config.inputs)
+        self.outputs = tuple(TensorSpec.from_config(c) for c in config.outputs)
+        self.device = resolve_device(config.device)
+        if config.intra_op_threads:
+            torch.set_num_threads(config.intra_op_threads)
+        if path.suffix == ".pt2":
+            self._module = torch.export.load(str(path)).module().to(self.device)
+        else:
+            self._module = torch.jit.load(str(path), map_location=self.device).eval()
+
+    def run(self, inputs: Mapping[str, np.ndarray]) -> dict[str, np.ndarray]:
+        with torch.inference_mode():
+            args = [
+                torch.from_numpy(np.ascontiguousarray(inputs[spec.name])).to(self.device)
+                for spec in self.inputs
+            ]
+            result = self._module(*args)
+        if isinstance(result, torch.Tensor):
+            result = (result,)
+        elif isinstance(result, Mapping):
+            result = tuple(result[spec.name] for spec in self.outputs)
+        if len(result) != len(self.outputs):
+            raise ValueError(
+                f"model returned {len(result)} outputs, config declares {len(self.outputs)}"
+            )
+        return {
+            spec.name: t.detach().cpu().numpy()
+            for spec, t in zip(self.outputs, result, strict=True)
+        }
+
+    def close(self) -> None:
+        del self._module
+        if self.device.startswith("cuda"):
+            torch.cuda.empty_cache()

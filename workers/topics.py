@@ -1,0 +1,33 @@
+"""Creating the topics a worker needs, when the deployment lets it."""
+
+from __future__ import annotations
+
+import contextlib
+from collections.abc import Iterable
+
+import structlog
+from aiokafka.admin import AIOKafkaAdminClient, NewTopic
+from aiokafka.errors import TopicAlreadyExistsError
+
+from surge.config import KafkaSettings
+
+log = structlog.get_logger("surge.topics")
+
+
+async def ensure_topics(
+    kafka: KafkaSettings, names: Iterable[str], partitions: int, replication_factor: int
+) -> None:
+    """Create the missing topics among `names`."""
+    admin = AIOKafkaAdminClient(**kafka.client_options())
+    await admin.start()
+    try:
+        existing = set(await admin.list_topics())
+        missing = sorted(set(names) - existing)
+        if not missing:
+            return
+        topics = [NewTopic(n, partitions, replication_factor) for n in missing]
+        with contextlib.suppress(TopicAlreadyExistsError):  # another worker won the race
+            await admin.create_topics(topics)
+        log.info("topics_created", topics=missing, partitions=partitions)
+    finally:
+        await admin.close()

@@ -1,0 +1,321 @@
+"""A worker process: one consumer-group member serving the models of its repository.
+
+The hot path, top to bottom:
+
+    getmany ─► Router.ticket (headers only) ─► Ledger.admit ─► repository.resolve
+            ─► intake.admit (decode + validate) ─► Batcher.put
+    Batcher ─► runtime.run in an executor ─► Replies (encode, write, await ack) ─► Ledger.settle
+    commit loop ─► commit each partition's settled prefix
+
+Bad input becomes an error result or a dead letter at the step that finds it; nothing
+raises into the consume loop.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import signal
+import time
+from pathlib import Path
+
+import structlog
+from aiokafka import AIOKafkaConsumer, AIOKafkaProducer, ConsumerRebalanceListener, TopicPartition
+from aiokafka.errors import KafkaError
+from redis.asyncio import Redis
+
+from surge.config import Settings
+from surge.schemas import ErrorCode
+from surge.workers import metrics
+from surge.workers.intake import Job, admit
+from surge.workers.ledger import Ledger
+from surge.workers.replies import Replies
+from surge.workers.repository import ModelRepository
+from surge.workers.tickets import Record, Rejection, Router
+from surge.workers.topics import ensure_topics
+
+log = structlog.get_logger("surge.worker")
+
+_GETMANY_TIMEOUT_MS = 100  # how soon a stop request is noticed while the topics are idle
+_PAUSED_KEEPALIVE_S = 1.0  # while paused, getmany still runs this often (max.poll.interval)
+
+
+class Worker:
+    def __init__(self, settings: Settings) -> None:
+        self.settings = settings
+        self._stopping = asyncio.Event()
+        self.ready = asyncio.Event()
+        self._tasks: list[asyncio.Task[None]] = []
+
+    def stop(self) -> None:
+        """Begin a graceful shutdown (safe to call from a signal handler)."""
+        self._stopping.set()
+
+    async def run(self) -> None:
+        await self._start()
+        try:
+            self.ready.set()
+            await self._consume()
+        finally:
+            await self._shutdown()
+
+    # -- start-up ---------------------------------------------------------------------------
+
+    async def _start(self) -> None:
+        kafka, worker = self.settings.kafka, self.settings.worker
+        metrics.serve(self.settings.metrics.port)
+        self._redis = (
+            Redis.from_url(self.settings.redis.url, **self.settings.redis.client_options())
+            if self.settings.redis.url
+            else None
+        )
+        self._producer = AIOKafkaProducer(
+            **kafka.client_options(),
+            acks="all",
+            enable_idempotence=True,
+            linger_ms=1,
+            max_batch_size=256 * 1024,
+            max_request_size=kafka.max_request_size,
+        )
+        await self._producer.start()
+        self._ledger = Ledger(worker.max_in_flight, worker.max_in_flight_bytes)
+        self._replies = Replies(
+            self._producer,
+            self._redis,
+            self._ledger,
+            dead_letter_topic=worker.dead_letter_topic,
+            redis_ttl_s=self.settings.redis.result_ttl_s,
+            redis_prefix=self.settings.redis.key_prefix,
+        )
+        self._replies.start()
+        self._repository = ModelRepository(
+            Path(worker.model_root),
+            worker.models,
+            self._replies,
+            time_budget_s=worker.batch_time_budget_s,
+        )
+        await self._repository.reconcile(settle_s=0)
+        self._topics = self._topic_models()
+        if worker.create_topics:
+            await ensure_topics(
+                kafka,
+                [*self._topics, worker.dead_letter_topic],
+                worker.topic_partitions,
+                worker.topic_replication_factor,
+            )
+        self._router = self._make_router()
+        self._consumer = AIOKafkaConsumer(
+            **kafka.client_options(),
+            group_id=worker.group_id,
+            enable_auto_commit=False,
+            auto_offset_reset=worker.auto_offset_reset,
+            isolation_level="read_committed",
+            max_poll_interval_ms=worker.max_poll_interval_ms,
+            session_timeout_ms=worker.session_timeout_ms,
+            heartbeat_interval_ms=max(worker.session_timeout_ms // 3, 100),
+            rebalance_timeout_ms=worker.max_poll_interval_ms,
+            fetch_max_wait_ms=worker.fetch_max_wait_ms,
+            max_partition_fetch_bytes=max(worker.max_message_bytes, 1_048_576),
+        )
+        self._consumer.subscribe(list(self._topics), listener=_Rebalance(self))
+        await self._consumer.start()
+        self._tasks = [
+            asyncio.create_task(self._commit_loop(), name="commit"),
+            asyncio.create_task(self._reload_loop(), name="reload"),
+        ]
+        log.info(
+            "worker_started",
+            group=worker.group_id,
+            topics=sorted(self._topics),
+            models=[f"{n}:{v}" for n, v in sorted(self._repository.served)],
+        )
+
+    def _topic_models(self) -> dict[str, str | None]:
+        """Request topic -> model it carries (None for shared topics, routed by header)."""
+        worker = self.settings.worker
+        topics: dict[str, str | None] = {
+            worker.topics.get(name, worker.topic_prefix + name): name
+            for name in self._repository.model_names()
+        }
+        topics.update(dict.fromkeys(worker.shared_topics))
+        return topics
+
+    def _make_router(self) -> Router:
+        worker = self.settings.worker
+        return Router(
+            self._topics,
+            reply_topic_pattern=worker.reply_topic_pattern,
+            default_reply_to=worker.default_reply_to,
+            max_message_bytes=worker.max_message_bytes,
+            redis_enabled=self._redis is not None,
+            forbidden_reply_topics=[*self._topics, worker.dead_letter_topic],
+        )
+
+    # -- the consume loop -------------------------------------------------------------------
+
+    async def _consume(self) -> None:
+        consumer = self._consumer
+        max_records = self.settings.worker.max_poll_records
+        paused = False
+        while not self._stopping.is_set():
+            if self._ledger.full:
+                consumer.pause(*consumer.assignment())  # again after a rebalance, too
+                if not paused:
+                    paused = True
+                    metrics.PAUSED.set(1)
+                    log.info("paused", in_flight=self._ledger.records, bytes=self._ledger.bytes)
+            if paused:
+                with contextlib.suppress(TimeoutError):
+                    await asyncio.wait_for(self._ledger.room(), _PAUSED_KEEPALIVE_S)
+                if self._ledger.has_room:
+                    consumer.resume(*consumer.paused())
+                    paused = False
+                    metrics.PAUSED.set(0)
+                    log.info("resumed", in_flight=self._ledger.records)
+            batches = await consumer.getmany(
+                timeout_ms=0 if paused else _GETMANY_TIMEOUT_MS, max_records=max_records
+            )
+            now_ms = int(time.time() * 1000)
+            for records in batches.values():
+                for record in records:
+                    self._accept(record, now_ms)
+            metrics.IN_FLIGHT.set(self._ledger.records)
+
+    def _accept(self, record: Record, now_ms: int) -> None:
+        ticket, rejection = self._router.ticket(record)
+        self._ledger.admit(ticket)
+        try:
+            if rejection is None and ticket.expired(now_ms):
+                rejection = Rejection(
+                    ErrorCode.EXPIRED, "deadline passed before the request was read"
+                )
+            if rejection is None:
+                assert ticket.model is not None
+                served = self._repository.resolve(ticket.model, ticket.version)
+                if isinstance(served, Rejection):
+                    rejection = served
+                else:
+                    job = admit(
+                        ticket,
+                        served.runtime.inputs,
+                        served.runtime.outputs,
+                        max_rows=served.config.max_batch_size,
+                        max_elements=self.settings.worker.max_tensor_elements,
+                    )
+                    if isinstance(job, Job):
+                        served.batcher.put(job)
+                        return
+                    rejection = job
+        except Exception as exc:  # a bug must cost one request, not the worker
+            log.exception("accept_failed", request_id=ticket.request_id)
+            rejection = Rejection(ErrorCode.INTERNAL, f"internal error: {exc!r}")
+        self._replies.error(ticket, rejection)
+
+    # -- offsets ----------------------------------------------------------------------------
+
+    async def _commit_loop(self) -> None:
+        interval = self.settings.worker.commit_interval_ms / 1000
+        while True:
+            await self._ledger.progress()
+            await asyncio.sleep(interval)  # coalesce many settlements into one commit
+            await self.commit()
+
+    async def commit(self) -> None:
+        """Commit each assigned partition's settled prefix."""
+        assigned = self._consumer.assignment()
+        positions = {
+            tp: p for tp, p in self._ledger.offsets.committable().items() if tp in assigned
+        }
+        if not positions:
+            return
+        try:
+            await self._consumer.commit(positions)
+        except KafkaError as exc:  # e.g. a rebalance under way: the next commit carries it
+            log.warning("commit_failed", error=repr(exc))
+            return
+        self._ledger.offsets.committed(positions)
+
+    # -- hot reload -------------------------------------------------------------------------
+
+    async def _reload_loop(self) -> None:
+        interval = self.settings.worker.reload_interval_s
+        while True:
+            await asyncio.sleep(interval)
+            try:
+                await self._repository.reconcile()
+                topics = self._topic_models()
+                if topics != self._topics:
+                    if self.settings.worker.create_topics:
+                        worker = self.settings.worker
+                        await ensure_topics(
+                            self.settings.kafka,
+                            topics,
+                            worker.topic_partitions,
+                            worker.topic_replication_factor,
+                        )
+                    self._topics = topics
+                    self._router = self._make_router()
+                    self._consumer.subscribe(list(topics), listener=_Rebalance(self))
+                    log.info("subscription_changed", topics=sorted(topics))
+            except Exception:
+                log.exception("reload_failed")
+
+    # -- shutdown ---------------------------------------------------------------------------
+
+    async def _shutdown(self) -> None:
+        """Stop fetching, finish in-flight batches, publish, commit, leave the group."""
+        timeout = self.settings.worker.shutdown_timeout_s
+        log.info("worker_stopping", in_flight=self._ledger.records)
+        self._consumer.pause(*self._consumer.assignment())
+        for task in self._tasks:
+            task.cancel()
+        await asyncio.gather(*self._tasks, return_exceptions=True)
+        try:
+            await asyncio.wait_for(self._repository.close(), timeout)
+            await asyncio.wait_for(self._ledger.drained(), timeout)
+        except TimeoutError:
+            log.error("shutdown_timeout", unfinished=self._ledger.records)
+        await self.commit()
+        await self._consumer.stop()  # leaves the group: partitions move at once
+        await self._replies.close()
+        await self._producer.stop()
+        if self._redis is not None:
+            await self._redis.aclose()
+        log.info("worker_stopped")
+
+
+class _Rebalance(ConsumerRebalanceListener):  # type: ignore[misc]
+    """Finish and commit what was taken from a partition before giving it away."""
+
+    def __init__(self, worker: Worker) -> None:
+        self._worker = worker
+
+    async def on_partitions_revoked(self, revoked: set[TopicPartition]) -> None:
+        if not revoked:
+            return
+        worker = self._worker
+        limit = min(
+            worker.settings.worker.shutdown_timeout_s,
+            worker.settings.worker.max_poll_interval_ms / 2000,
+        )
+        try:
+            await asyncio.wait_for(worker._ledger.drained(revoked), limit)
+        except TimeoutError:
+            log.warning("revoke_drain_timeout", partitions=len(revoked))
+        await worker.commit()
+        worker._ledger.offsets.forget(revoked)
+
+    async def on_partitions_assigned(self, assigned: set[TopicPartition]) -> None:
+        log.info(
+            "partitions_assigned",
+            partitions=sorted(f"{tp.topic}:{tp.partition}" for tp in assigned),
+        )
+
+
+async def serve(settings: Settings) -> None:
+    """Run a worker until SIGTERM or SIGINT, then shut it down gracefully."""
+    worker = Worker(settings)
+    loop = asyncio.get_running_loop()
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        loop.add_signal_handler(sig, worker.stop)
+    await worker.run()
