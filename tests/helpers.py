@@ -40,16 +40,22 @@ async def create_topics(bootstrap: str, *names: str, partitions: int = 4) -> Non
 
 
 async def publish(
-    bootstrap: str, records: Iterable[tuple[str, bytes | None, bytes, Headers]]
+    bootstrap: str,
+    records: Iterable[tuple[str, bytes | None, bytes, Headers]],
+    *,
+    rate: float | None = None,
 ) -> None:
-    """Publish (topic, key, value, headers) records with a plain aiokafka producer."""
+    """Publish (topic, key, value, headers) records with a plain aiokafka producer, all at
+    once or at `rate` records per second."""
     producer = AIOKafkaProducer(bootstrap_servers=bootstrap, acks="all", linger_ms=5)
     await producer.start()
     try:
-        deliveries = [
-            await producer.send(topic, value, key=key, headers=headers)
-            for topic, key, value, headers in records
-        ]
+        started = time.monotonic()
+        deliveries = []
+        for i, (topic, key, value, headers) in enumerate(records):
+            if rate and (ahead := started + i / rate - time.monotonic()) > 0.002:
+                await asyncio.sleep(ahead)
+            deliveries.append(await producer.send(topic, value, key=key, headers=headers))
         await asyncio.gather(*deliveries)
     finally:
         await producer.stop()

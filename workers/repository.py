@@ -51,9 +51,16 @@ class ServedVersion:
 
 
 def scan(
-    root: Path, names: Collection[str] = (), settle_s: float = SETTLE_S
+    root: Path,
+    names: Collection[str] = (),
+    settle_s: float = SETTLE_S,
+    serving: Collection[tuple[str, int]] = (),
 ) -> tuple[dict[tuple[str, int], VersionSource], list[str]]:
-    """The versions the version policies ask for, and a line for each model that can't be read."""
+    """The versions the version policies ask for, and a line for each model that can't be read.
+
+    A model file modified in the last `settle_s` may still be being copied: it is skipped,
+    unless its version is already `serving` (a skipped file must not retire a live version).
+    """
     wanted: dict[tuple[str, int], VersionSource] = {}
     problems: list[str] = []
     if not root.is_dir():
@@ -81,9 +88,9 @@ def scan(
             if artifact is None:
                 continue
             stat = artifact.stat()
-            if now_ns - stat.st_mtime_ns < settle_s * 1e9:
-                continue
             version = int(version_dir.name)
+            if now_ns - stat.st_mtime_ns < settle_s * 1e9 and (name, version) not in serving:
+                continue
             found[version] = VersionSource(
                 name, version, artifact, (stat.st_size, stat.st_mtime_ns), config
             )
@@ -158,7 +165,9 @@ class ModelRepository:
     async def reconcile(self, *, settle_s: float = SETTLE_S) -> None:
         """Load new versions, retire removed ones. At start-up pass settle_s=0: files present
         before the worker started are complete."""
-        wanted, problems = await asyncio.to_thread(scan, self.root, self._names, settle_s)
+        wanted, problems = await asyncio.to_thread(
+            scan, self.root, self._names, settle_s, set(self._served)
+        )
         for problem in set(problems) - self._problems:  # say it once, not every scan
             log.error("model_config_invalid", problem=problem)
         self._problems = set(problems)

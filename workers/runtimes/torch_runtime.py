@@ -35,7 +35,7 @@ class TorchRuntime:
     def run(self, inputs: Mapping[str, np.ndarray]) -> dict[str, np.ndarray]:
         with torch.inference_mode():
             args = [
-                torch.from_numpy(np.ascontiguousarray(inputs[spec.name])).to(self.device)
+                torch.from_numpy(_writable(inputs[spec.name])).to(self.device)
                 for spec in self.inputs
             ]
             result = self._module(*args)
@@ -56,3 +56,8 @@ class TorchRuntime:
         del self._module
         if self.device.startswith("cuda"):
             torch.cuda.empty_cache()
+
+
+def _writable(array: np.ndarray) -> np.ndarray:
+    """torch tensors need writable memory; zero-copy request arrays are read-only views."""
+    return array if array.flags.writeable and array.flags.c_contiguous else array.copy()

@@ -1,0 +1,208 @@
+"""Bad input never crashes the worker nor stalls its partition: each gets a clear error result,
+or a dead letter carrying the original bytes when there is nowhere to reply."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import time
+import uuid
+from collections.abc import Callable
+from pathlib import Path
+
+import msgspec
+import numpy as np
+import pytest
+
+from surge.config import Settings
+from surge.producers import read_result
+from surge.producers.requests import Prediction, PredictionError
+from surge.schemas import JSON, MSGPACK, ErrorCode, headers
+from surge.workers import Worker
+from tests.conftest import make_settings
+from tests.helpers import committed_lag, create_topics, publish, read_topic
+from tests.models import write_picky
+
+pytestmark = pytest.mark.integration
+
+TOPIC = "surge.requests.mlp"
+
+
+def _json(request_id: str, x: object, *, datatype: str = "FP32", name: str = "x") -> bytes:
+    shape = list(np.shape(x))
+    tensor = {"name": name, "shape": shape, "datatype": datatype, "data": np.ravel(x).tolist()}
+    return json.dumps({"id": request_id, "inputs": [tensor]}).encode()
+
+
+def _route(reply_to: str | None, content_type: str = JSON, **extra: str) -> list[tuple[str, bytes]]:
+    fields = {headers.CONTENT_TYPE: content_type, **extra}
+    if reply_to:
+        fields[headers.REPLY_TO] = reply_to
+    return [(k, v.encode()) for k, v in fields.items()]
+
+
+@pytest.fixture
+async def served(
+    kafka: str, redis_url: str, model_root: Path, run_worker: Callable[[Settings], Worker]
+) -> tuple[Worker, str]:
+    write_picky(model_root)
+    settings = make_settings(
+        kafka,
+        model_root,
+        redis_url,
+        SURGE_WORKER__MAX_MESSAGE_BYTES="65536",
+        SURGE_WORKER__MAX_TENSOR_ELEMENTS="4096",
+        SURGE_WORKER__DEAD_LETTER_TOPIC=f"test.dlq.{uuid.uuid4().hex[:6]}",
+    )
+    await create_topics(kafka, TOPIC, "surge.requests.picky", settings.worker.dead_letter_topic)
+    worker = await run_worker(settings)
+    return worker, settings.worker.dead_letter_topic
+
+
+async def test_every_bad_input_gets_a_clear_error(kafka: str, served: tuple[Worker, str]) -> None:
+    worker, _ = served
+    run = uuid.uuid4().hex[:8]
+    replies = f"test.replies.{run}"
+    await create_topics(kafka, replies)
+    good = np.ones((1, 32), np.float32)
+    past = str(int(time.time() * 1000) - 1000)
+    # (id, value, headers, expected code); the id is also the Kafka key.
+    cases: list[tuple[str, bytes, list[tuple[str, bytes]], ErrorCode | None]] = [
+        ("garbage-json", b"\x00\xffnot json", _route(replies), ErrorCode.BAD_ENCODING),
+        ("garbage-msgpack", b"\xc1\xc1", _route(replies, MSGPACK), ErrorCode.BAD_ENCODING),
+        ("schema", b'{"inputs": 5}', _route(replies), ErrorCode.INVALID_REQUEST),
+        ("no-inputs-field", b'{"id": "x"}', _route(replies), ErrorCode.INVALID_REQUEST),
+        (
+            "model",
+            _json("model", good),
+            _route(replies, **{headers.MODEL: "nope"}),
+            ErrorCode.UNKNOWN_MODEL,
+        ),
+        (
+            "version",
+            _json("version", good),
+            _route(replies, **{headers.VERSION: "99"}),
+            ErrorCode.UNKNOWN_VERSION,
+        ),
+        (
+            "datatype",
+            _json("datatype", good, datatype="FP64"),
+            _route(replies),
+            ErrorCode.INVALID_INPUT,
+        ),
+        ("shape", _json("shape", np.ones((1, 31))), _route(replies), ErrorCode.INVALID_INPUT),
+        ("name", _json("name", good, name="y"), _route(replies), ErrorCode.INVALID_INPUT),
+        (
+            "values",
+            b'{"inputs": [{"name": "x", "shape": [1, 32], "datatype": "FP32", "data": ["a"]}]}',
+            _route(replies),
+            ErrorCode.INVALID_INPUT,
+        ),
+        ("oversized", b" " * 70_000, _route(replies), ErrorCode.TOO_LARGE),
+        ("elements", _json("elements", np.ones((200, 32))), _route(replies), ErrorCode.TOO_LARGE),
+        ("content-type", b"1,2,3", _route(replies, "text/csv"), ErrorCode.UNSUPPORTED_CONTENT_TYPE),
+        (
+            "deadline",
+            _json("deadline", good),
+            _route(replies, **{headers.DEADLINE_MS: past}),
+            ErrorCode.EXPIRED,
+        ),
+        (
+            "deadline-junk",
+            _json("deadline-junk", good),
+            _route(replies, **{headers.DEADLINE_MS: "soon"}),
+            ErrorCode.INVALID_REQUEST,
+        ),
+    ]
+    valid = [(f"ok-{i}", _json(f"ok-{i}", good * i), _route(replies), None) for i in range(50)]
+    interleaved = [c for pair in zip(cases, valid, strict=False) for c in pair] + valid[
+        len(cases) :
+    ]
+    await publish(kafka, [(TOPIC, i.encode(), v, h) for i, v, h, _ in interleaved])
+
+    results = await read_topic(kafka, replies, until=len(interleaved), timeout=60)
+    for request_id, _, _, code in interleaved:
+        (reply,) = results[request_id]
+        assert reply.key == request_id.encode()
+        content_type = reply.headers[headers.CONTENT_TYPE].decode()
+        result = read_result(reply.value, content_type, reply.headers[headers.STATUS].decode())
+        if code is None:
+            assert isinstance(result, Prediction)
+            continue
+        assert isinstance(result, PredictionError), request_id
+        assert result.code == code, (request_id, result)
+        assert result.message
+        expected_status = "expired" if code is ErrorCode.EXPIRED else "error"
+        assert reply.headers[headers.STATUS] == expected_status.encode()
+        assert reply.headers[headers.ERROR_CODE] == code.encode()
+    await _assert_fully_committed(kafka, worker, TOPIC)
+
+
+async def test_no_reply_target_goes_to_dead_letters(kafka: str, served: tuple[Worker, str]) -> None:
+    worker, dead_letters = served
+    original = _json("lost", np.ones((1, 32), np.float32))
+    cases = {
+        "no-reply-to": _route(None),
+        "reply-to-request-topic": _route(TOPIC),
+        "reply-to-bad-name": _route("not a topic!"),
+    }
+    await publish(kafka, [(TOPIC, key.encode(), original, h) for key, h in cases.items()])
+    letters = await read_topic(kafka, dead_letters, until=len(cases), key_of="surge-source-offset")
+    by_key = {reply.key.decode(): reply for replies in letters.values() for reply in replies}
+    assert set(by_key) == set(cases)
+    for key, sent_headers in cases.items():
+        letter = by_key[key]
+        assert letter.value == original  # the original bytes, untouched
+        for name, value in sent_headers:
+            assert letter.headers[name] == value  # and the original headers
+        assert letter.headers[headers.ERROR_CODE] == ErrorCode.INVALID_REPLY_TO.encode()
+        assert letter.headers[headers.SOURCE_TOPIC] == TOPIC.encode()
+        assert int(letter.headers[headers.SOURCE_OFFSET]) >= 0
+        assert letter.headers[headers.ERROR_MESSAGE]
+    await _assert_fully_committed(kafka, worker, TOPIC)
+
+
+async def test_a_failing_request_is_isolated_from_its_batch(
+    kafka: str, served: tuple[Worker, str]
+) -> None:
+    replies = f"test.replies.{uuid.uuid4().hex[:8]}"
+    await create_topics(kafka, replies)
+    values = [np.full((1, 4), i, np.float32) for i in range(20)]
+    values[7] = -values[7] - 1  # this one makes the model raise
+    records = [
+        (
+            "surge.requests.picky",
+            f"p{i}".encode(),
+            msgspec.msgpack.encode(
+                {
+                    "id": f"p{i}",
+                    "inputs": [
+                        {"name": "x", "shape": [1, 4], "datatype": "FP32", "data": v.tobytes()}
+                    ],
+                }
+            ),
+            _route(replies, MSGPACK),
+        )
+        for i, v in enumerate(values)
+    ]
+    await publish(kafka, records)  # inside one 30 ms batch window
+    results = await read_topic(kafka, replies, until=len(values))
+    for i, v in enumerate(values):
+        (reply,) = results[f"p{i}"]
+        result = read_result(reply.value, MSGPACK, reply.headers[headers.STATUS].decode())
+        if i == 7:
+            assert isinstance(result, PredictionError)
+            assert result.code == ErrorCode.MODEL_ERROR
+            assert "negative input" in result.message
+        else:
+            assert isinstance(result, Prediction)
+            np.testing.assert_array_equal(result.outputs["y"], v * 2)
+
+
+async def _assert_fully_committed(kafka: str, worker: Worker, topic: str) -> None:
+    """Every record of the topic has a durable outcome and its offset is committed."""
+    group = worker.settings.worker.group_id
+    deadline = time.monotonic() + 10
+    while (lag := await committed_lag(kafka, group, topic)) and time.monotonic() < deadline:
+        await asyncio.sleep(0.1)
+    assert lag == 0

@@ -1,0 +1,68 @@
+"""Hot reload under live traffic: a new version is loaded, warmed up and served without a
+restart; the old one is drained and unloaded; no request fails during the switch."""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import shutil
+from collections import Counter
+from collections.abc import Callable
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from surge.config import Settings
+from surge.examples import write_mlp
+from surge.producers import SurgeClient
+from surge.workers import Worker
+from tests.conftest import make_settings
+
+pytestmark = pytest.mark.integration
+
+
+def _publish_version(model_root: Path, version: int, seed: int, staging: Path) -> None:
+    """Deploy as operators should: write elsewhere, then rename into place atomically."""
+    write_mlp(staging, version, seed=seed)
+    os.rename(staging / "mlp" / str(version), model_root / "mlp" / str(version))
+
+
+async def test_new_and_removed_versions_switch_without_failures(
+    kafka: str, model_root: Path, tmp_path: Path, run_worker: Callable[[Settings], Worker]
+) -> None:
+    worker = await run_worker(make_settings(kafka, model_root, None))
+    versions: Counter[str] = Counter()
+    order: list[str] = []
+    stop = asyncio.Event()
+    x = np.random.default_rng(0).standard_normal((1, 32)).astype(np.float32)
+
+    async def traffic() -> None:
+        async with SurgeClient(kafka) as client:
+            while not stop.is_set():
+                results = await client.predict_many("mlp", [{"x": x}] * 20, timeout=30)
+                for result in results:
+                    versions[result.model_version] += 1  # type: ignore[union-attr]
+                    order.append(result.model_version)  # type: ignore[union-attr, arg-type]
+
+    async def served_version(version: str, timeout: float = 30) -> None:
+        async with asyncio.timeout(timeout):
+            while not order or order[-1] != version:
+                await asyncio.sleep(0.05)
+
+    load = asyncio.create_task(traffic())
+    await served_version("1")
+    _publish_version(model_root, 2, seed=1, staging=tmp_path / "staging")
+    await served_version("2")
+    assert sorted(worker._repository.served) == [("mlp", 2)]  # v1 retired under latest policy
+
+    shutil.rmtree(model_root / "mlp" / "2")  # roll back: v1 is the latest again
+    await served_version("1")
+    await asyncio.sleep(0.5)
+    stop.set()
+    await load  # raises if any request failed or timed out
+
+    assert versions["1"]
+    assert versions["2"]
+    switches = [v for i, v in enumerate(order) if i == 0 or order[i - 1] != v]
+    assert switches == ["1", "2", "1"], "each switch happens once, with no flapping"
