@@ -1,0 +1,53 @@
+"""The `surge` command as users run it."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from tests.conftest import WorkerProcess, worker_env
+
+pytestmark = pytest.mark.integration
+
+
+def surge(*args: str, timeout: float = 60) -> subprocess.CompletedProcess[str]:
+    return subprocess.run(
+        [sys.executable, "-m", "surge", *args], capture_output=True, text=True, timeout=timeout
+    )
+
+
+def test_worker_refuses_a_bad_config_with_one_line_per_field(tmp_path: Path) -> None:
+    path = tmp_path / "bad.toml"
+    path.write_text('[worker]\nmax_in_flight = -1\ncolour = "blue"\n')
+    out = surge("worker", "--config", str(path))
+    assert out.returncode == 2
+    assert "worker.max_in_flight" in out.stderr
+    assert "worker.colour: unknown field" in out.stderr
+
+
+def test_predict_prints_the_result(
+    kafka: str, model_root: Path, worker_processes: type[WorkerProcess]
+) -> None:
+    worker = worker_processes(worker_env(kafka, model_root, None))  # type: ignore[call-arg]
+    worker.wait_for("worker_started")
+    row = json.dumps([[0.1] * 32])
+    out = surge("predict", "mlp", "--input", f"x={row}", "--bootstrap", kafka)
+    assert out.returncode == 0, out.stderr
+    result = json.loads(out.stdout)
+    assert result["model_name"] == "mlp"
+    assert len(result["outputs"]["probs"][0]) == 10
+
+    bad = surge("predict", "mlp", "--input", "x=[[1, 2]]", "--bootstrap", kafka)
+    assert bad.returncode == 1
+    assert json.loads(bad.stdout)["code"] == "invalid_input"
+
+
+def test_demo_runs_end_to_end_on_the_embedded_broker() -> None:
+    out = surge("demo", "--requests", "2000", "--rate", "200", timeout=180)
+    assert out.returncode == 0, out.stdout + out.stderr
+    assert "2,000 │   2,000" in out.stdout  # every request of the burst got its result
+    assert "rows per model call" in out.stdout

@@ -1,0 +1,97 @@
+"""Runtimes behind one contract, and the batch arithmetic around them."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+from surge.config import ModelConfig, TensorConfig
+from surge.examples import write_mlp
+from surge.workers import runtimes
+from surge.workers.batching import group_by_shape, split, stack
+from surge.workers.intake import Job
+from surge.workers.runtimes import TensorSpec
+from surge.workers.runtimes.devices import resolve_device
+
+
+class Affine(torch.nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.linear = torch.nn.Linear(8, 3)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return torch.tanh(self.linear(x))
+
+
+def test_onnx_runtime_reads_its_signature(tmp_path: Path) -> None:
+    path = write_mlp(tmp_path)
+    runtime = runtimes.load(path, ModelConfig(device="cpu"))
+    assert runtime.inputs == (TensorSpec("x", "FP32", (32,)),)
+    assert runtime.outputs == (TensorSpec("probs", "FP32", (10,)),)
+    out = runtime.run({"x": np.zeros((5, 32), np.float32)})["probs"]
+    assert out.shape == (5, 10)
+    np.testing.assert_allclose(out.sum(axis=1), 1, rtol=1e-5)
+
+
+def test_torch_export_archive_matches_eager(tmp_path: Path) -> None:
+    torch.manual_seed(0)
+    module = Affine().eval()
+    batch = torch.export.Dim("batch", min=1, max=1024)
+    example = (torch.randn(2, 8),)
+    program = torch.export.export(module, example, dynamic_shapes=({0: batch},))
+    path = tmp_path / "model.pt2"
+    torch.export.save(program, str(path))
+    config = ModelConfig(
+        device="cpu",
+        inputs=[TensorConfig(name="x", datatype="FP32", shape=[8])],
+        outputs=[TensorConfig(name="y", datatype="FP32", shape=[3])],
+    )
+    runtime = runtimes.load(path, config)
+    x = np.random.default_rng(0).standard_normal((7, 8)).astype(np.float32)
+    with torch.inference_mode():
+        expected = module(torch.from_numpy(x)).numpy()
+    np.testing.assert_allclose(runtime.run({"x": x})["y"], expected, rtol=1e-5, atol=1e-6)
+    runtimes.warm_up(runtime, [1, 16])
+
+
+def test_torch_models_need_a_declared_signature(tmp_path: Path) -> None:
+    with pytest.raises(ValueError, match=r"\[\[inputs\]\]"):
+        runtimes.load(tmp_path / "model.pt2", ModelConfig())
+
+
+def test_cuda_falls_back_to_cpu_without_a_gpu() -> None:
+    assert resolve_device("cpu") == "cpu"
+    if not torch.cuda.is_available():
+        assert resolve_device("cuda") == "cpu"
+        assert resolve_device("auto") == "cpu"
+
+
+def _job(**arrays: np.ndarray) -> Job:
+    rows = next(iter(arrays.values())).shape[0]
+    return Job(ticket=None, inputs=arrays, rows=rows, outputs=None)  # type: ignore[arg-type]
+
+
+def test_stack_and_split_round_trip_rows() -> None:
+    specs = [TensorSpec("x", "FP32", (4,))]
+    jobs = [_job(x=np.full((r, 4), r, np.float32)) for r in (1, 3, 2)]
+    batch = stack(jobs, specs)["x"]
+    assert batch.shape == (6, 4)
+    parts = split({"y": batch * 10}, jobs)
+    for job, part in zip(jobs, parts, strict=True):
+        np.testing.assert_array_equal(part["y"], job.inputs["x"] * 10)
+    with pytest.raises(ValueError, match="rows"):
+        split({"y": batch[:5]}, jobs)
+
+
+def test_variable_length_inputs_pad_or_bucket() -> None:
+    padded = [TensorSpec("ids", "INT64", (-1,), pad_value=0)]
+    bucketed = [TensorSpec("ids", "INT64", (-1,))]
+    jobs = [_job(ids=np.ones((1, n), np.int64)) for n in (3, 5, 3)]
+    assert len(group_by_shape(jobs, padded)) == 1
+    assert [len(g) for g in group_by_shape(jobs, bucketed)] == [2, 1]
+    batch = stack(jobs, padded)["ids"]
+    assert batch.shape == (3, 5)
+    np.testing.assert_array_equal(batch.sum(axis=1), [3, 5, 3])
