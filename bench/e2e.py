@@ -136,8 +136,10 @@ def _report(phases: list, direct: dict[str, float], burst_batch: int) -> None:
     console.print(table)
     burst = phases[0][1].throughput
     console.print(
-        f"ONNX Runtime alone (1 thread): {direct['at_burst_batch']:,.0f} rows/s at batch {burst_batch} "
-        f"(the burst's mean), {direct['at_max_batch']:,.0f} rows/s at batch 256"
+        "ONNX Runtime alone (1 thread): "
+        f"{direct['at_burst_batch']:,.0f} rows/s "
+        f"at batch {burst_batch} (the burst's mean), "
+        f"{direct['at_max_batch']:,.0f} rows/s at batch 256"
     )
     console.print(
         f"Surge burst throughput / direct ONNX Runtime at the same batch size: "

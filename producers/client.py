@@ -176,19 +176,17 @@ class SurgeClient:
         if via == "redis":
             await self._subscribe(ids)
         try:
-            deliveries = [
-                (
-                    await self._send(
-                        model, inputs, version, request_id, reply_to, deadline_ms, topic
-                    )
-                )[1]
-                for request_id, inputs in zip(ids, batch, strict=True)
-            ]
+            deliveries = []
+            for request_id, inputs in zip(ids, batch, strict=True):
+                sent = await self._send(
+                    model, inputs, version, request_id, reply_to, deadline_ms, topic
+                )
+                deliveries.append(sent[1])
             await asyncio.gather(*deliveries)
-            async with asyncio.timeout(timeout):
-                results = await asyncio.gather(*futures)
-        except TimeoutError:
-            results = await self._late_results(ids, futures, via)
+            _, late = await asyncio.wait(futures, timeout=timeout)  # wait() cancels nothing
+            if late:
+                await self._late_results(ids, futures, via)
+            results = [future.result() for future in futures]
         finally:
             for request_id in ids:
                 self._waiting.pop(request_id, None)
@@ -202,7 +200,7 @@ class SurgeClient:
 
     async def _late_results(
         self, ids: list[str], futures: list[asyncio.Future[Result]], via: str
-    ) -> list[Result]:
+    ) -> None:
         """On timeout, Redis may still hold results whose notification was missed."""
         if via == "redis" and self._redis is not None:
             values = await self._redis.mget([self._redis_prefix + i for i in ids])
@@ -212,7 +210,6 @@ class SurgeClient:
         missing = sum(not f.done() for f in futures)
         if missing:
             raise TimeoutError(f"{missing} of {len(ids)} results did not arrive in time")
-        return [f.result() for f in futures]
 
     def _resolve(self, request_id: str, result: Result) -> None:
         future = self._waiting.get(request_id)

@@ -6,6 +6,7 @@ from __future__ import annotations
 import asyncio
 import functools
 from collections import deque
+from dataclasses import dataclass
 from typing import Any
 
 import structlog
@@ -27,22 +28,19 @@ _RETRY_MAX_S = 2.0
 _REDIS_PIPELINE = 512
 
 
+@dataclass(slots=True)
 class _Write:
-    __slots__ = ("dead_letter", "headers", "ticket", "topic", "value")
+    """One record to produce, and the ticket it settles once acknowledged."""
 
-    def __init__(
-        self,
-        ticket: Ticket,
-        topic: str,
-        value: bytes,
-        headers: list[tuple[str, bytes]],
-        dead_letter: bool,
-    ) -> None:
-        self.ticket = ticket
-        self.topic = topic
-        self.value = value
-        self.headers = headers
-        self.dead_letter = dead_letter
+    ticket: Ticket
+    topic: str
+    value: bytes
+    headers: list[tuple[str, bytes]]
+    dead_letter: bool
+    key: bytes = b""
+
+    def __post_init__(self) -> None:
+        self.key = self.ticket.key or self.ticket.request_id.encode()  # results join by key
 
 
 class Replies:
@@ -146,44 +144,86 @@ class Replies:
         self._kafka_wake.set()
 
     async def _kafka_loop(self) -> None:
+        """Drain the outbox into one record batch per (topic, partition): per-message
+        `send()` costs several times more than the model does for a small request."""
         cluster = self._producer.client.cluster
+        partitioner = self._producer._partitioner
         while True:
             if not self._kafka_box:
                 self._kafka_wake.clear()
                 await self._kafka_wake.wait()
                 continue
-            write = self._kafka_box.popleft()
-            if cluster.partitions_for_topic(write.topic) is None:
-                # Waiting for an unknown topic's metadata can take request_timeout_ms: do it
-                # aside, so one bad reply topic never holds up everyone else's results.
-                task = asyncio.create_task(self._send(write))
-                self._pending_sends.add(task)
-                task.add_done_callback(self._pending_sends.discard)
-            else:
-                await self._send(write)
+            writes = list(self._kafka_box)
+            self._kafka_box.clear()
+            partitions_of: dict[str, list[int] | None] = {}
+            groups: dict[tuple[str, int], list[_Write]] = {}
+            for write in writes:
+                if write.topic not in partitions_of:
+                    known = cluster.partitions_for_topic(write.topic)
+                    partitions_of[write.topic] = sorted(known) if known else None
+                partitions = partitions_of[write.topic]
+                if partitions is None:
+                    # Waiting for an unknown topic's metadata can take request_timeout_ms: do
+                    # it aside, so one bad reply topic never holds up everyone else's results.
+                    task = asyncio.create_task(self._send(write))
+                    self._pending_sends.add(task)
+                    task.add_done_callback(self._pending_sends.discard)
+                    continue
+                partition = partitioner(write.key, partitions, partitions)
+                groups.setdefault((write.topic, partition), []).append(write)
+            for (topic, partition), group in groups.items():
+                await self._send_batches(topic, partition, group)
+
+    async def _send_batches(self, topic: str, partition: int, writes: list[_Write]) -> None:
+        batch, members = self._producer.create_batch(), []
+        for write in writes:
+            if batch.append(
+                key=write.key, value=write.value, timestamp=None, headers=write.headers
+            ):
+                members.append(write)
+                continue
+            if members:  # full: ship it and start the next
+                await self._send_batch(batch, topic, partition, members)
+                batch, members = self._producer.create_batch(), []
+                if batch.append(
+                    key=write.key, value=write.value, timestamp=None, headers=write.headers
+                ):
+                    members.append(write)
+                    continue
+            await self._send(write)  # larger than a batch on its own: the broker decides
+        if members:
+            await self._send_batch(batch, topic, partition, members)
+
+    async def _send_batch(
+        self, batch: Any, topic: str, partition: int, writes: list[_Write]
+    ) -> None:
+        try:
+            delivery = await self._producer.send_batch(batch, topic, partition=partition)
+        except KafkaError as exc:
+            for write in writes:
+                self._failed(write, exc)
+            return
+        delivery.add_done_callback(functools.partial(self._delivered, writes))
 
     async def _send(self, write: _Write) -> None:
         try:
             delivery = await self._producer.send(
-                write.topic,
-                write.value,
-                key=write.ticket.key or write.ticket.request_id.encode(),
-                headers=write.headers,
+                write.topic, write.value, key=write.key, headers=write.headers
             )
         except KafkaError as exc:
             self._failed(write, exc)
             return
-        delivery.add_done_callback(functools.partial(self._delivered, write))
+        delivery.add_done_callback(functools.partial(self._delivered, [write]))
 
-    def _delivered(self, write: _Write, delivery: asyncio.Future[Any]) -> None:
-        if delivery.cancelled():
-            self._enqueue(write)
+    def _delivered(self, writes: list[_Write], delivery: asyncio.Future[Any]) -> None:
+        exc = None if delivery.cancelled() else delivery.exception()
+        if delivery.cancelled() or exc is not None:
+            for write in writes:
+                self._failed(write, exc or TimeoutError("delivery cancelled"))
             return
-        exc = delivery.exception()
-        if exc is None:
-            self._ledger.settle(write.ticket)
-        else:
-            self._failed(write, exc)
+        settle = self._ledger.settle
+        for write in writes:
+            settle(write.ticket)
 
     def _failed(self, write: _Write, exc: BaseException) -> None:
         retriable = (isinstance(exc, KafkaError) and exc.retriable) or isinstance(exc, TimeoutError)

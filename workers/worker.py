@@ -27,11 +27,11 @@ from redis.asyncio import Redis
 from surge.config import Settings
 from surge.schemas import ErrorCode
 from surge.workers import metrics
-from surge.workers.intake import Job, admit
+from surge.workers.intake import admit
 from surge.workers.ledger import Ledger
 from surge.workers.replies import Replies
 from surge.workers.repository import ModelRepository
-from surge.workers.tickets import Record, Rejection, Router
+from surge.workers.tickets import Record, Rejection, Router, Ticket
 from surge.workers.topics import ensure_topics
 
 log = structlog.get_logger("surge.worker")
@@ -185,31 +185,32 @@ class Worker:
         ticket, rejection = self._router.ticket(record)
         self._ledger.admit(ticket)
         try:
-            if rejection is None and ticket.expired(now_ms):
-                rejection = Rejection(
-                    ErrorCode.EXPIRED, "deadline passed before the request was read"
-                )
             if rejection is None:
-                assert ticket.model is not None
-                served = self._repository.resolve(ticket.model, ticket.version)
-                if isinstance(served, Rejection):
-                    rejection = served
-                else:
-                    job = admit(
-                        ticket,
-                        served.runtime.inputs,
-                        served.runtime.outputs,
-                        max_rows=served.config.max_batch_size,
-                        max_elements=self.settings.worker.max_tensor_elements,
-                    )
-                    if isinstance(job, Job):
-                        served.batcher.put(job)
-                        return
-                    rejection = job
-        except Exception as exc:  # a bug must cost one request, not the worker
+                rejection = self._dispatch(ticket, now_ms)
+            if rejection is not None:
+                self._replies.error(ticket, rejection)
+        except Exception:  # a bug costs one request (left uncommitted), never the worker
             log.exception("accept_failed", request_id=ticket.request_id)
-            rejection = Rejection(ErrorCode.INTERNAL, f"internal error: {exc!r}")
-        self._replies.error(ticket, rejection)
+
+    def _dispatch(self, ticket: Ticket, now_ms: int) -> Rejection | None:
+        """Queue the ticket on its model's batcher, or say why not."""
+        if ticket.expired(now_ms):
+            return Rejection(ErrorCode.EXPIRED, "deadline passed before the request was read")
+        assert ticket.model is not None
+        served = self._repository.resolve(ticket.model, ticket.version)
+        if isinstance(served, Rejection):
+            return served
+        job = admit(
+            ticket,
+            served.runtime.inputs,
+            served.runtime.outputs,
+            max_rows=served.config.max_batch_size,
+            max_elements=self.settings.worker.max_tensor_elements,
+        )
+        if isinstance(job, Rejection):
+            return job
+        served.batcher.put(job)
+        return None
 
     # -- offsets ----------------------------------------------------------------------------
 
