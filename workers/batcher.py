@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import itertools
 import time
 from collections import deque
 from concurrent.futures import Executor
@@ -56,6 +57,7 @@ class Batcher:
         self._wake = asyncio.Event()
         self._closing = False
         self._tasks: list[asyncio.Task[None]] = []
+        self._batch_ids = itertools.count(1)
         self._batch_rows = metrics.BATCH_ROWS.labels(model)
         self._batch_seconds = metrics.BATCH_SECONDS.labels(model)
         self._queue_seconds = metrics.QUEUE_SECONDS.labels(model)
@@ -142,8 +144,13 @@ class Batcher:
         if not jobs:
             return
         self._queue_seconds.observe(time.monotonic() - jobs[0].ticket.received)
-        for group in group_by_shape(jobs, self._runtime.inputs):
-            await self._run(group)
+        batch_id = f"{self.model}:{self.version}:{next(self._batch_ids)}"
+        with structlog.contextvars.bound_contextvars(batch_id=batch_id):
+            for group in group_by_shape(jobs, self._runtime.inputs):
+                await self._run(group)
+            log.debug(
+                "batch_done", requests=len(jobs), request_ids=[j.ticket.request_id for j in jobs]
+            )
 
     async def _run(self, jobs: list[Job]) -> None:
         """Run one model call; on failure split the batch in halves to isolate the culprit."""

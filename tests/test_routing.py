@@ -1,0 +1,126 @@
+"""Routing: requests queued before any worker exists are served when one starts, a shared
+topic carries several models, and the unit rules of header routing."""
+
+from __future__ import annotations
+
+import asyncio
+import uuid
+from collections.abc import Callable
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from surge.config import Settings
+from surge.producers import SyncClient, read_result, request_body, request_headers
+from surge.producers.requests import Prediction
+from surge.schemas import JSON, MSGPACK, ErrorCode, headers
+from surge.workers import Router, Worker
+from tests.conftest import make_settings
+from tests.helpers import create_topics, publish, read_topic
+from tests.models import write_picky
+
+
+class _Record:
+    def __init__(self, topic: str, headers_: dict[str, str], key: bytes | None = b"k") -> None:
+        self.topic, self.partition, self.offset = topic, 0, 7
+        self.key, self.value = key, b"{}"
+        self.headers = [(k, v.encode()) for k, v in headers_.items()]
+
+
+def _router(redis: bool = True) -> Router:
+    return Router(
+        {"surge.requests.mlp": "mlp", "shared": None},
+        reply_topic_pattern=r"[a-z.]+",
+        default_reply_to="",
+        max_message_bytes=100,
+        redis_enabled=redis,
+        forbidden_reply_topics=["surge.requests.mlp", "shared", "dlq"],
+    )
+
+
+@pytest.mark.parametrize(
+    ("topic", "fields", "code"),
+    [
+        ("surge.requests.mlp", {"surge-reply-to": "out"}, None),
+        ("surge.requests.mlp", {"surge-reply-to": "redis"}, None),
+        ("shared", {"surge-reply-to": "out", "surge-model": "mlp"}, None),
+        ("shared", {"surge-reply-to": "out"}, ErrorCode.MISSING_ROUTE),
+        ("surge.requests.mlp", {}, ErrorCode.INVALID_REPLY_TO),
+        ("surge.requests.mlp", {"surge-reply-to": "dlq"}, ErrorCode.INVALID_REPLY_TO),
+        ("surge.requests.mlp", {"surge-reply-to": "Bad!"}, ErrorCode.INVALID_REPLY_TO),
+        (
+            "surge.requests.mlp",
+            {"surge-reply-to": "out", "content-type": "x/y"},
+            ErrorCode.UNSUPPORTED_CONTENT_TYPE,
+        ),
+        (
+            "surge.requests.mlp",
+            {"surge-reply-to": "out", "surge-deadline-ms": "x"},
+            ErrorCode.INVALID_REQUEST,
+        ),
+    ],
+)
+def test_header_routing(topic: str, fields: dict[str, str], code: ErrorCode | None) -> None:
+    ticket, rejection = _router().ticket(_Record(topic, fields))  # type: ignore[arg-type]
+    assert (rejection.code if rejection else None) == code
+    assert ticket.request_id == "k"
+    assert ticket.content_type in (JSON, MSGPACK)
+
+
+def test_redis_replies_need_redis() -> None:
+    _, rejection = _router(redis=False).ticket(_Record("shared", {"surge-reply-to": "redis"}))  # type: ignore[arg-type]
+    assert rejection is not None
+    assert rejection.code is ErrorCode.INVALID_REPLY_TO
+
+
+def test_ids_fall_back_to_the_record_position() -> None:
+    ticket, _ = _router().ticket(_Record("shared", {}, key=None))  # type: ignore[arg-type]
+    assert ticket.request_id == "shared-0-7"
+
+
+@pytest.mark.integration
+async def test_queued_before_start_and_shared_topic(
+    kafka: str, model_root: Path, run_worker: Callable[[Settings], Worker]
+) -> None:
+    write_picky(model_root)
+    run = uuid.uuid4().hex[:8]
+    shared, replies = f"test.shared.{run}", f"test.replies.{run}"
+    await create_topics(kafka, shared, replies)
+    records = []
+    for i in range(200):
+        model, x = ("mlp", np.ones((1, 32), np.float32)) if i % 2 else ("picky", np.ones((1, 4)))
+        body = request_body({"x": x.astype(np.float32)}, f"{run}-{i}", MSGPACK)
+        route = request_headers(model=model, content_type=MSGPACK, reply_to=replies)
+        records.append((shared, f"{run}-{i}".encode(), body, route))
+    await publish(kafka, records)  # before any worker exists
+
+    settings = make_settings(kafka, model_root, None, SURGE_WORKER__SHARED_TOPICS=f'["{shared}"]')
+    await run_worker(settings)
+    results = await read_topic(kafka, replies, until=200)
+    assert len(results) == 200
+    for i in range(200):
+        (reply,) = results[f"{run}-{i}"]
+        result = read_result(reply.value, MSGPACK, reply.headers[headers.STATUS].decode())
+        assert isinstance(result, Prediction)
+        assert result.model_name == ("mlp" if i % 2 else "picky")
+
+
+@pytest.mark.integration
+async def test_sync_client(
+    kafka: str, model_root: Path, run_worker: Callable[[Settings], Worker]
+) -> None:
+    await run_worker(make_settings(kafka, model_root, None))
+
+    def blocking_caller() -> list[object]:
+        with SyncClient(kafka, content_type=JSON) as client:
+            one = client.predict("mlp", {"x": np.zeros((2, 32), np.float32)}, timeout=30)
+            many = client.predict_many(
+                "mlp", [{"x": np.zeros((1, 31), np.float32)}], return_exceptions=True
+            )
+            return [one, *many]
+
+    one, failed = await asyncio.to_thread(blocking_caller)
+    assert isinstance(one, Prediction)
+    assert one.outputs["probs"].shape == (2, 10)
+    assert getattr(failed, "code", None) == ErrorCode.INVALID_INPUT
