@@ -62,6 +62,7 @@ class RedisSettings(msgspec.Struct, kw_only=True, forbid_unknown_fields=True):
     ssl_keyfile: str | None = None
     result_ttl_s: Positive = 3600
     key_prefix: str = "surge:result:"
+    socket_timeout_s: Annotated[float, msgspec.Meta(gt=0)] = 5.0  # a hung connection is retried
 
     def __post_init__(self) -> None:
         if self.url and not self.url.startswith(("redis://", "rediss://", "unix://")):
@@ -70,7 +71,12 @@ class RedisSettings(msgspec.Struct, kw_only=True, forbid_unknown_fields=True):
             )
 
     def client_options(self) -> dict[str, Any]:
-        options: dict[str, Any] = {"username": self.username, "password": self.password}
+        options: dict[str, Any] = {
+            "username": self.username,
+            "password": self.password,
+            "socket_timeout": self.socket_timeout_s,
+            "socket_connect_timeout": self.socket_timeout_s,
+        }
         if self.url.startswith("rediss://"):
             options |= {
                 "ssl_ca_certs": self.ssl_ca_certs,
@@ -100,9 +106,11 @@ class WorkerSettings(msgspec.Struct, kw_only=True, forbid_unknown_fields=True):
     max_message_bytes: Positive = 1_048_576
     max_tensor_elements: Positive = 1 << 22
     batch_time_budget_s: Annotated[float, msgspec.Meta(gt=0)] = 60.0
+    # A result its reply topic keeps refusing this long becomes a dead letter (reply_failed).
+    reply_retry_s: Annotated[float, msgspec.Meta(gt=0)] = 60.0
     max_poll_interval_ms: Positive = 300_000
     session_timeout_ms: Positive = 10_000
-    max_poll_records: Positive = 2048
+    max_poll_records: Positive = 1024
     fetch_max_wait_ms: Positive = 20
     commit_interval_ms: Positive = 200
     reload_interval_s: Annotated[float, msgspec.Meta(gt=0)] = 2.0

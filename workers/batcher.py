@@ -14,6 +14,7 @@ import time
 from collections import deque
 from concurrent.futures import Executor
 
+import numpy as np
 import structlog
 
 from surge.config import ModelConfig
@@ -140,6 +141,34 @@ class Batcher:
             rows += job.rows
         return jobs
 
+    async def _call(self, jobs: list[Job]) -> tuple[dict[str, np.ndarray], float]:
+        """Stack and run in the executor. The budget counts from when the call starts, but
+        waiting for a thread still held by a call that blew its budget counts too."""
+        loop = asyncio.get_running_loop()
+        started = asyncio.Event()
+        clock: list[float] = []
+
+        def call() -> dict[str, np.ndarray]:
+            clock.append(time.perf_counter())
+            loop.call_soon_threadsafe(started.set)
+            return self._runtime.run(stack(jobs, self._runtime.inputs))
+
+        future = loop.run_in_executor(self._executor, call)
+        try:
+            await asyncio.wait_for(started.wait(), self._budget)
+        except TimeoutError:
+            future.cancel()  # still queued: it never runs
+            raise TimeoutError(
+                f"model busy for over {self._budget:g}s with an earlier batch"
+            ) from None
+        try:
+            outputs = await asyncio.wait_for(asyncio.shield(future), self._budget)
+        except TimeoutError:
+            raise TimeoutError(
+                f"batch of {len(jobs)} requests outlived its {self._budget:g}s budget"
+            ) from None
+        return outputs, time.perf_counter() - clock[0]
+
     async def _execute(self, jobs: list[Job]) -> None:
         if not jobs:
             return
@@ -148,25 +177,17 @@ class Batcher:
         with structlog.contextvars.bound_contextvars(batch_id=batch_id):
             for group in group_by_shape(jobs, self._runtime.inputs):
                 await self._run(group)
-            log.debug(
-                "batch_done", requests=len(jobs), request_ids=[j.ticket.request_id for j in jobs]
-            )
+            log.debug("batch_done", requests=len(jobs))
 
     async def _run(self, jobs: list[Job]) -> None:
         """Run one model call; on failure split the batch in halves to isolate the culprit."""
-        inputs = stack(jobs, self._runtime.inputs)
-        loop = asyncio.get_running_loop()
-        started = time.perf_counter()
         try:
-            outputs = await asyncio.wait_for(
-                loop.run_in_executor(self._executor, self._runtime.run, inputs), self._budget
-            )
+            outputs, seconds = await self._call(jobs)
             parts = split(outputs, jobs)
-        except TimeoutError:
-            message = f"batch of {len(jobs)} requests outlived its {self._budget:g}s budget"
+        except TimeoutError as exc:
             log.error("batch_timeout", model=self.model, version=self.version, requests=len(jobs))
             for job in jobs:
-                self._replies.error(job.ticket, Rejection(ErrorCode.TIMEOUT, message))
+                self._replies.error(job.ticket, Rejection(ErrorCode.TIMEOUT, str(exc)))
             return
         except Exception as exc:
             if len(jobs) > 1:
@@ -174,17 +195,13 @@ class Batcher:
                 await self._run(jobs[:middle])
                 await self._run(jobs[middle:])
                 return
+            ticket = jobs[0].ticket
             log.warning(
-                "model_error",
-                model=self.model,
-                request_id=jobs[0].ticket.request_id,
-                error=repr(exc),
+                "model_error", model=self.model, request_id=ticket.request_id, error=repr(exc)
             )
-            self._replies.error(
-                jobs[0].ticket, Rejection(ErrorCode.MODEL_ERROR, f"model raised {exc!r}")
-            )
+            self._replies.error(ticket, Rejection(ErrorCode.MODEL_ERROR, f"model raised {exc!r}"))
             return
-        self._batch_seconds.observe(time.perf_counter() - started)
+        self._batch_seconds.observe(seconds)
         self._batch_rows.observe(sum(job.rows for job in jobs))
         self._ok.inc(len(jobs))
         for job, part in zip(jobs, parts, strict=True):

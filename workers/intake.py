@@ -108,8 +108,8 @@ def _admit(
 
 
 def _check_shape(spec: TensorSpec, shape: tuple[int, ...]) -> None:
-    if shape[1:] == spec.shape and shape[0] >= 1:  # the common case, without a loop
-        return
+    if len(shape) == len(spec.shape) + 1 and shape[1:] == spec.shape and shape[0] >= 1:
+        return  # the common case, without a loop
     fits = (
         len(shape) == len(spec.shape) + 1
         and shape[0] >= 1

@@ -39,7 +39,10 @@ class Ledger:
         self.bytes += len(ticket.value)
 
     def settle(self, ticket: Ticket) -> None:
-        """The ticket's result or dead letter is durable."""
+        """The ticket's result or dead letter is durable. Settling twice changes nothing."""
+        if ticket.settled:
+            return
+        ticket.settled = True
         self.offsets.finish(ticket.tp, ticket.offset)
         self.records -= 1
         self.bytes -= len(ticket.value)
@@ -53,7 +56,11 @@ class Ledger:
         """Return after the next settlement."""
         waiter = asyncio.get_running_loop().create_future()
         self._waiters.append(waiter)
-        await waiter
+        try:
+            await waiter
+        finally:  # a caller that gave up (timeout) leaves nothing behind
+            if not waiter.done():
+                self._waiters.remove(waiter)
 
     async def room(self) -> None:
         """Return once the in-flight load is back under the low-water mark."""

@@ -1,17 +1,24 @@
 """The last stage: encode outcomes, write them to Kafka, Redis or the dead-letter topic, and
-settle each record in the ledger only once its write is acknowledged."""
+settle each record in the ledger only once its write is acknowledged.
+
+Every ticket gets exactly one outcome here. A write that keeps failing is retried with
+back-off; a result its reply topic refuses (or keeps refusing past `retry_s`) becomes a dead
+letter; a dead letter is retried until the dead-letter topic takes it, since dropping it would
+lose the request.
+"""
 
 from __future__ import annotations
 
 import asyncio
-import functools
+import time
 from collections import deque
-from dataclasses import dataclass
+from collections.abc import Callable
+from dataclasses import dataclass, field
 from typing import Any
 
 import structlog
 from aiokafka import AIOKafkaProducer
-from aiokafka.errors import KafkaError
+from aiokafka.errors import KafkaError, KafkaTimeoutError, MessageSizeTooLargeError
 from redis.asyncio import Redis
 from redis.exceptions import RedisError
 
@@ -26,6 +33,13 @@ log = structlog.get_logger("surge.replies")
 _RETRY_FIRST_S = 0.05
 _RETRY_MAX_S = 2.0
 _REDIS_PIPELINE = 512
+_DEAD_LETTER_HEADERS = (
+    headers.ERROR_CODE,
+    headers.ERROR_MESSAGE,
+    headers.SOURCE_TOPIC,
+    headers.SOURCE_PARTITION,
+    headers.SOURCE_OFFSET,
+)
 
 
 @dataclass(slots=True)
@@ -35,12 +49,31 @@ class _Write:
     ticket: Ticket
     topic: str
     value: bytes
-    headers: list[tuple[str, bytes]]
+    headers: list[tuple[str, bytes | None]]
     dead_letter: bool
     key: bytes = b""
+    first_failure: float | None = None  # monotonic time of the first failed attempt
+    retry_in: float = _RETRY_FIRST_S
 
     def __post_init__(self) -> None:
         self.key = self.ticket.key or self.ticket.request_id.encode()  # results join by key
+
+
+@dataclass(slots=True)
+class _Outbox:
+    items: deque[Any] = field(default_factory=deque)
+    wake: asyncio.Event = field(default_factory=asyncio.Event)
+
+    def put(self, item: Any) -> None:
+        self.items.append(item)
+        self.wake.set()
+
+    async def take(self, limit: int | None = None) -> list[Any]:
+        while not self.items:
+            self.wake.clear()
+            await self.wake.wait()
+        count = len(self.items) if limit is None else min(limit, len(self.items))
+        return [self.items.popleft() for _ in range(count)]
 
 
 class Replies:
@@ -53,6 +86,8 @@ class Replies:
         dead_letter_topic: str,
         redis_ttl_s: int,
         redis_prefix: str,
+        retry_s: float,
+        on_crash: Callable[[BaseException], None],
     ) -> None:
         self._producer = producer
         self._redis = redis
@@ -60,30 +95,40 @@ class Replies:
         self._dead_letter_topic = dead_letter_topic
         self._ttl = redis_ttl_s
         self._prefix = redis_prefix
-        self._kafka_box: deque[_Write] = deque()
-        self._redis_box: deque[tuple[Ticket, bytes]] = deque()
-        self._kafka_wake = asyncio.Event()
-        self._redis_wake = asyncio.Event()
+        self._retry_s = retry_s
+        self._on_crash = on_crash
+        self._kafka = _Outbox()
+        self._redis_box = _Outbox()
         self._tasks: list[asyncio.Task[None]] = []
-        self._pending_sends: set[asyncio.Task[None]] = set()
+        self._side_sends: set[asyncio.Task[None]] = set()
 
     def start(self) -> None:
         self._tasks = [asyncio.create_task(self._kafka_loop(), name="replies-kafka")]
         if self._redis is not None:
             self._tasks.append(asyncio.create_task(self._redis_loop(), name="replies-redis"))
+        for task in self._tasks:
+            task.add_done_callback(self._supervise)
+
+    def _supervise(self, task: asyncio.Task[None]) -> None:
+        if not task.cancelled() and task.exception() is not None:
+            log.error("replies_crashed", task=task.get_name(), error=repr(task.exception()))
+            self._on_crash(task.exception())  # type: ignore[arg-type]
 
     async def close(self) -> None:
         for task in self._tasks:
             task.cancel()
-        await asyncio.gather(*self._tasks, *self._pending_sends, return_exceptions=True)
+        await asyncio.gather(*self._tasks, *self._side_sends, return_exceptions=True)
 
     # -- outcomes -------------------------------------------------------------------------
 
     def ok(self, ticket: Ticket, response: InferenceResponse) -> None:
-        self._deliver(ticket, Status.OK, encode(response, ticket.content_type), None)
+        if self._first_outcome(ticket):
+            self._deliver(ticket, Status.OK, encode(response, ticket.content_type), None)
 
     def error(self, ticket: Ticket, rejection: Rejection) -> None:
         """An error result to the reply target, or a dead letter when there is none."""
+        if not self._first_outcome(ticket):
+            return
         if ticket.reply_to is None:
             self._dead_letter(ticket, rejection)
             return
@@ -91,12 +136,18 @@ class Replies:
         body = ErrorResponse(error=rejection.message, code=rejection.code, id=ticket.request_id)
         self._deliver(ticket, status, encode(body, ticket.content_type), rejection.code)
 
+    def _first_outcome(self, ticket: Ticket) -> bool:
+        if ticket.answered:
+            log.error("second_outcome_dropped", request_id=ticket.request_id)
+            return False
+        ticket.answered = True
+        return True
+
     def _deliver(self, ticket: Ticket, status: Status, body: bytes, code: ErrorCode | None) -> None:
         if ticket.reply_to == REPLY_TO_REDIS:
-            self._redis_box.append((ticket, body))
-            self._redis_wake.set()
+            self._redis_box.put((ticket, body))
             return
-        result_headers = [
+        result_headers: list[tuple[str, bytes | None]] = [
             (headers.REQUEST_ID, ticket.request_id.encode()),
             (headers.STATUS, status.encode()),
             (headers.CONTENT_TYPE, ticket.content_type.encode()),
@@ -106,7 +157,7 @@ class Replies:
         if code is not None:
             result_headers.append((headers.ERROR_CODE, code.encode()))
         assert ticket.reply_to is not None
-        self._enqueue(_Write(ticket, ticket.reply_to, body, result_headers, dead_letter=False))
+        self._kafka.put(_Write(ticket, ticket.reply_to, body, result_headers, dead_letter=False))
 
     def _dead_letter(self, ticket: Ticket, rejection: Rejection) -> None:
         """The original bytes and headers, plus why and where they came from."""
@@ -120,28 +171,19 @@ class Replies:
             partition=ticket.tp.partition,
             offset=ticket.offset,
         )
-        extra = (
-            headers.ERROR_CODE,
-            headers.ERROR_MESSAGE,
-            headers.SOURCE_TOPIC,
-            headers.SOURCE_PARTITION,
-            headers.SOURCE_OFFSET,
-        )
-        dl_headers = [(k, v) for k, v in ticket.headers if k not in extra]
-        dl_headers += [
+        letter_headers = [(k, v) for k, v in ticket.headers if k not in _DEAD_LETTER_HEADERS]
+        letter_headers += [
             (headers.ERROR_CODE, rejection.code.encode()),
             (headers.ERROR_MESSAGE, rejection.message.encode()[:1024]),
             (headers.SOURCE_TOPIC, ticket.tp.topic.encode()),
             (headers.SOURCE_PARTITION, str(ticket.tp.partition).encode()),
             (headers.SOURCE_OFFSET, str(ticket.offset).encode()),
         ]
-        self._enqueue(_Write(ticket, self._dead_letter_topic, ticket.value, dl_headers, True))
+        self._kafka.put(
+            _Write(ticket, self._dead_letter_topic, ticket.value, letter_headers, dead_letter=True)
+        )
 
     # -- Kafka ----------------------------------------------------------------------------
-
-    def _enqueue(self, write: _Write) -> None:
-        self._kafka_box.append(write)
-        self._kafka_wake.set()
 
     async def _kafka_loop(self) -> None:
         """Drain the outbox into one record batch per (topic, partition): per-message
@@ -149,12 +191,7 @@ class Replies:
         cluster = self._producer.client.cluster
         partitioner = self._producer._partitioner
         while True:
-            if not self._kafka_box:
-                self._kafka_wake.clear()
-                await self._kafka_wake.wait()
-                continue
-            writes = list(self._kafka_box)
-            self._kafka_box.clear()
+            writes: list[_Write] = await self._kafka.take()
             partitions_of: dict[str, list[int] | None] = {}
             groups: dict[tuple[str, int], list[_Write]] = {}
             for write in writes:
@@ -165,20 +202,26 @@ class Replies:
                 if partitions is None:
                     # Waiting for an unknown topic's metadata can take request_timeout_ms: do
                     # it aside, so one bad reply topic never holds up everyone else's results.
-                    task = asyncio.create_task(self._send(write))
-                    self._pending_sends.add(task)
-                    task.add_done_callback(self._pending_sends.discard)
+                    self._aside(self._send(write))
                     continue
                 partition = partitioner(write.key, partitions, partitions)
                 groups.setdefault((write.topic, partition), []).append(write)
-            for (topic, partition), group in groups.items():
-                await self._send_batches(topic, partition, group)
+            # Partitions go out concurrently: one whose leader is moving must not stall the rest.
+            await asyncio.gather(
+                *(self._send_batches(*key, group) for key, group in groups.items())
+            )
+
+    def _aside(self, coroutine: Any) -> None:
+        task = asyncio.create_task(coroutine)
+        self._side_sends.add(task)
+        task.add_done_callback(self._side_sends.discard)
 
     async def _send_batches(self, topic: str, partition: int, writes: list[_Write]) -> None:
+        now_ms = int(time.time() * 1000)
         batch, members = self._producer.create_batch(), []
         for write in writes:
             if batch.append(
-                key=write.key, value=write.value, timestamp=None, headers=write.headers
+                key=write.key, value=write.value, timestamp=now_ms, headers=write.headers
             ):
                 members.append(write)
                 continue
@@ -186,7 +229,7 @@ class Replies:
                 await self._send_batch(batch, topic, partition, members)
                 batch, members = self._producer.create_batch(), []
                 if batch.append(
-                    key=write.key, value=write.value, timestamp=None, headers=write.headers
+                    key=write.key, value=write.value, timestamp=now_ms, headers=write.headers
                 ):
                     members.append(write)
                     continue
@@ -203,7 +246,7 @@ class Replies:
             for write in writes:
                 self._failed(write, exc)
             return
-        delivery.add_done_callback(functools.partial(self._delivered, writes))
+        delivery.add_done_callback(lambda done: self._delivered(writes, done))
 
     async def _send(self, write: _Write) -> None:
         try:
@@ -213,41 +256,56 @@ class Replies:
         except KafkaError as exc:
             self._failed(write, exc)
             return
-        delivery.add_done_callback(functools.partial(self._delivered, [write]))
+        delivery.add_done_callback(lambda done: self._delivered([write], done))
 
     def _delivered(self, writes: list[_Write], delivery: asyncio.Future[Any]) -> None:
         exc = None if delivery.cancelled() else delivery.exception()
         if delivery.cancelled() or exc is not None:
             for write in writes:
-                self._failed(write, exc or TimeoutError("delivery cancelled"))
+                self._failed(write, exc or KafkaTimeoutError("delivery cancelled"))
             return
         settle = self._ledger.settle
         for write in writes:
             settle(write.ticket)
 
     def _failed(self, write: _Write, exc: BaseException) -> None:
-        retriable = (isinstance(exc, KafkaError) and exc.retriable) or isinstance(exc, TimeoutError)
-        if not retriable and not write.dead_letter:
-            # The reply target refuses this result (too large, not authorised, bad topic).
+        now = time.monotonic()
+        if write.first_failure is None:
+            write.first_failure = now
+        transient = isinstance(exc, KafkaTimeoutError) or (
+            isinstance(exc, KafkaError) and exc.retriable
+        )
+        if not write.dead_letter and (not transient or now - write.first_failure > self._retry_s):
+            # The reply target refuses this result (too large, not authorised, no such topic).
             reason = f"result could not be written to {write.topic!r}: {exc!r}"
             self._dead_letter(write.ticket, Rejection(ErrorCode.REPLY_FAILED, reason))
             return
+        if write.dead_letter and isinstance(exc, MessageSizeTooLargeError):
+            # Original bytes plus our headers overflow the limit: keep the evidence, not the body.
+            write.headers.append(
+                (
+                    headers.ERROR_MESSAGE,
+                    f"original value of {len(write.value)} bytes dropped: "
+                    "too large for the dead-letter topic".encode(),
+                )
+            )
+            write.value = b""
         metrics.REPLY_RETRIES.labels("kafka").inc()
-        log.warning("kafka_write_retry", topic=write.topic, error=repr(exc))
-        loop = asyncio.get_running_loop()
-        loop.call_later(_RETRY_FIRST_S, self._enqueue, write)
+        log.warning(
+            "kafka_write_retry",
+            topic=write.topic,
+            error=repr(exc),
+            dead_letter=write.dead_letter,
+            retry_in=write.retry_in,
+        )
+        asyncio.get_running_loop().call_later(write.retry_in, self._kafka.put, write)
+        write.retry_in = min(write.retry_in * 2, _RETRY_MAX_S)
 
     # -- Redis ----------------------------------------------------------------------------
 
     async def _redis_loop(self) -> None:
-        assert self._redis is not None
         while True:
-            if not self._redis_box:
-                self._redis_wake.clear()
-                await self._redis_wake.wait()
-                continue
-            take = min(len(self._redis_box), _REDIS_PIPELINE)
-            items = [self._redis_box.popleft() for _ in range(take)]
+            items: list[tuple[Ticket, bytes]] = await self._redis_box.take(_REDIS_PIPELINE)
             await self._write_redis(items)
             for ticket, _ in items:
                 self._ledger.settle(ticket)

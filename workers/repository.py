@@ -11,7 +11,7 @@ import asyncio
 import time
 from collections.abc import Collection
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import structlog
@@ -34,7 +34,7 @@ class VersionSource:
     name: str
     version: int
     artifact: Path
-    stamp: tuple[int, int]  # (size, mtime_ns): a changed file is a new load
+    stamp: tuple[int, int, int]  # model size, model mtime, config mtime: a change reloads
     config: ModelConfig
 
 
@@ -50,53 +50,52 @@ class ServedVersion:
         return self.source.config
 
 
-def scan(
-    root: Path,
-    names: Collection[str] = (),
-    settle_s: float = SETTLE_S,
-    serving: Collection[tuple[str, int]] = (),
-) -> tuple[dict[tuple[str, int], VersionSource], list[str]]:
-    """The versions the version policies ask for, and a line for each model that can't be read.
+@dataclass(slots=True)
+class Scan:
+    wanted: dict[tuple[str, int], VersionSource] = field(default_factory=dict)
+    problems: list[str] = field(default_factory=list)
+    unreadable: set[str] = field(default_factory=set)  # models whose config.toml is invalid
+    settling: set[tuple[str, int]] = field(default_factory=set)  # files still being written
 
-    A model file modified in the last `settle_s` may still be being copied: it is skipped,
-    unless its version is already `serving` (a skipped file must not retire a live version).
-    """
-    wanted: dict[tuple[str, int], VersionSource] = {}
-    problems: list[str] = []
+
+def scan(root: Path, names: Collection[str] = (), settle_s: float = SETTLE_S) -> Scan:
+    """The versions the version policies ask for, among files older than `settle_s` (a
+    younger one may still be being copied in)."""
+    result = Scan()
     if not root.is_dir():
-        return wanted, [f"model root {root} is not a directory"]
+        result.problems.append(f"model root {root} is not a directory")
+        return result
     now_ns = time.time_ns()
     for model_dir in sorted(p for p in root.iterdir() if p.is_dir()):
         name = model_dir.name
         if names and name not in names:
             continue
         config_path = model_dir / "config.toml"
+        config_stamp = 0
         try:
-            config = (
-                convert(read_toml(config_path), ModelConfig, str(config_path))
-                if config_path.is_file()
-                else ModelConfig()
-            )
+            config = ModelConfig()
+            if config_path.is_file():
+                config_stamp = config_path.stat().st_mtime_ns
+                config = convert(read_toml(config_path), ModelConfig, str(config_path))
         except ConfigError as exc:
-            problems.append(str(exc))
+            result.problems.append(str(exc))
+            result.unreadable.add(name)
             continue
         found: dict[int, VersionSource] = {}
         for version_dir in model_dir.iterdir():
-            if not version_dir.name.isdigit():
-                continue
-            artifact = runtimes.find_artifact(version_dir)
+            artifact = runtimes.find_artifact(version_dir) if version_dir.name.isdigit() else None
             if artifact is None:
                 continue
             stat = artifact.stat()
             version = int(version_dir.name)
-            if now_ns - stat.st_mtime_ns < settle_s * 1e9 and (name, version) not in serving:
+            if now_ns - stat.st_mtime_ns < settle_s * 1e9:
+                result.settling.add((name, version))
                 continue
-            found[version] = VersionSource(
-                name, version, artifact, (stat.st_size, stat.st_mtime_ns), config
-            )
+            stamp = (stat.st_size, stat.st_mtime_ns, config_stamp)
+            found[version] = VersionSource(name, version, artifact, stamp, config)
         for version in _apply_policy(config, sorted(found)):
-            wanted[(name, version)] = found[version]
-    return wanted, problems
+            result.wanted[(name, version)] = found[version]
+    return result
 
 
 def _apply_policy(config: ModelConfig, versions: list[int]) -> list[int]:
@@ -151,12 +150,8 @@ class ModelRepository:
     # -- reconciliation -------------------------------------------------------------------
 
     def model_names(self) -> list[str]:
-        """Models this worker should consume for: those configured, else those in the root."""
-        if self._names:
-            return sorted(self._names)
-        if not self.root.is_dir():
-            return []
-        return sorted(p.name for p in self.root.iterdir() if p.is_dir())
+        """The models with a version serving: the worker consumes their topics only."""
+        return sorted(self._latest)
 
     @property
     def served(self) -> dict[tuple[str, int], ServedVersion]:
@@ -164,14 +159,16 @@ class ModelRepository:
 
     async def reconcile(self, *, settle_s: float = SETTLE_S) -> None:
         """Load new versions, retire removed ones. At start-up pass settle_s=0: files present
-        before the worker started are complete."""
-        wanted, problems = await asyncio.to_thread(
-            scan, self.root, self._names, settle_s, set(self._served)
-        )
-        for problem in set(problems) - self._problems:  # say it once, not every scan
+        before the worker started are complete.
+
+        A version keeps serving while its files are being edited (config being rewritten,
+        model file being copied over), and while the version meant to replace it fails to load.
+        """
+        found = await asyncio.to_thread(scan, self.root, self._names, settle_s)
+        for problem in set(found.problems) - self._problems:  # say it once, not every scan
             log.error("model_config_invalid", problem=problem)
-        self._problems = set(problems)
-        for key, source in wanted.items():
+        self._problems = set(found.problems)
+        for key, source in found.wanted.items():
             current = self._served.get(key)
             if current is not None and current.source.stamp == source.stamp:
                 continue
@@ -185,7 +182,17 @@ class ModelRepository:
             self._update_routes()
             if current is not None:
                 self._retire(current)
-        gone = [key for key in self._served if key not in wanted]
+        serving = {name for name, version in found.wanted if (name, version) in self._served}
+        listed = {name for name, _ in found.wanted}
+        gone = [
+            (name, version)
+            for name, version in self._served
+            if (name, version) not in found.wanted
+            and name not in found.unreadable
+            and (name, version) not in found.settling
+            # an old version goes once a wanted one serves, or when the model is gone
+            and (name in serving or name not in listed)
+        ]
         retired = [self._served.pop(key) for key in gone]
         self._update_routes()
         for served in retired:

@@ -26,7 +26,7 @@ class Record(Protocol):
     offset: int
     key: bytes | None
     value: bytes | None
-    headers: Sequence[tuple[str, bytes]]
+    headers: Sequence[tuple[str, bytes | None]]
 
 
 @dataclass(frozen=True, slots=True)
@@ -37,11 +37,13 @@ class Rejection:
 
 @dataclass(slots=True, eq=False)
 class Ticket:
+    """One consumed record: where it came from, where its outcome goes, and its progress."""
+
     tp: TopicPartition
     offset: int
     key: bytes | None
     value: bytes
-    headers: Sequence[tuple[str, bytes]]
+    headers: Sequence[tuple[str, bytes | None]]
     request_id: str
     model: str | None
     version: str | None
@@ -49,6 +51,8 @@ class Ticket:
     content_type: str
     deadline_ms: int | None
     received: float  # time.monotonic() when consumed
+    answered: bool = False  # an outcome was handed to Replies: never a second one
+    settled: bool = False  # that outcome is durable
 
     def expired(self, now_ms: int) -> bool:
         return self.deadline_ms is not None and now_ms >= self.deadline_ms
@@ -78,6 +82,8 @@ class Router:
         fields: dict[str, str] = {}
         undecodable = None
         for name, raw in record.headers:
+            if raw is None:  # Kafka allows null header values: the same as absent here
+                continue
             try:
                 fields[name] = raw.decode()
             except UnicodeDecodeError:
@@ -145,6 +151,24 @@ class Router:
                 ErrorCode.INVALID_REPLY_TO, f"reply topic {target!r} is not allowed"
             )
         return target, None
+
+
+def unroutable(record: Record) -> Ticket:
+    """A ticket for a record that routing itself failed on: its outcome is a dead letter."""
+    return Ticket(
+        tp=TopicPartition(record.topic, record.partition),
+        offset=record.offset,
+        key=record.key,
+        value=record.value or b"",
+        headers=[(k, v) for k, v in record.headers if isinstance(k, str)],
+        request_id=_fallback_id(record),
+        model=None,
+        version=None,
+        reply_to=None,
+        content_type=JSON,
+        deadline_ms=None,
+        received=time.monotonic(),
+    )
 
 
 def _fallback_id(record: Record) -> str:

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import contextlib
 from collections.abc import Iterable
 
 import structlog
@@ -26,8 +25,10 @@ async def ensure_topics(
         if not missing:
             return
         topics = [NewTopic(n, partitions, replication_factor) for n in missing]
-        with contextlib.suppress(TopicAlreadyExistsError):  # another worker won the race
-            await admin.create_topics(topics)
+        response = await admin.create_topics(topics)
+        for topic, code, message in response.topic_errors:
+            if code not in (0, TopicAlreadyExistsError.errno):  # another worker may win a race
+                raise RuntimeError(f"cannot create topic {topic!r}: error {code} {message}")
         log.info("topics_created", topics=missing, partitions=partitions)
     finally:
         await admin.close()

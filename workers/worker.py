@@ -16,6 +16,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import signal
+import sys
 import time
 from pathlib import Path
 
@@ -31,13 +32,15 @@ from surge.workers.intake import admit
 from surge.workers.ledger import Ledger
 from surge.workers.replies import Replies
 from surge.workers.repository import ModelRepository
-from surge.workers.tickets import Record, Rejection, Router, Ticket
+from surge.workers.tickets import Record, Rejection, Router, Ticket, unroutable
 from surge.workers.topics import ensure_topics
 
 log = structlog.get_logger("surge.worker")
 
 _GETMANY_TIMEOUT_MS = 100  # how soon a stop request is noticed while the topics are idle
 _PAUSED_KEEPALIVE_S = 1.0  # while paused, getmany still runs this often (max.poll.interval)
+_FETCH_RETRY_S = 1.0
+_COMMIT_RETRY_S = 5.0
 
 
 class Worker:
@@ -45,6 +48,7 @@ class Worker:
         self.settings = settings
         self._stopping = asyncio.Event()
         self.ready = asyncio.Event()
+        self.failed = False  # set when a background task crashed: exit non-zero
         self._tasks: list[asyncio.Task[None]] = []
 
     def stop(self) -> None:
@@ -86,6 +90,8 @@ class Worker:
             dead_letter_topic=worker.dead_letter_topic,
             redis_ttl_s=self.settings.redis.result_ttl_s,
             redis_prefix=self.settings.redis.key_prefix,
+            retry_s=worker.reply_retry_s,
+            on_crash=self._crashed,
         )
         self._replies.start()
         self._repository = ModelRepository(
@@ -117,12 +123,14 @@ class Worker:
             fetch_max_wait_ms=worker.fetch_max_wait_ms,
             max_partition_fetch_bytes=max(worker.max_message_bytes, 1_048_576),
         )
-        self._consumer.subscribe(list(self._topics), listener=_Rebalance(self))
         await self._consumer.start()
+        self._subscribe(self._topics)
         self._tasks = [
             asyncio.create_task(self._commit_loop(), name="commit"),
             asyncio.create_task(self._reload_loop(), name="reload"),
         ]
+        for task in self._tasks:
+            task.add_done_callback(self._supervise)
         log.info(
             "worker_started",
             group=worker.group_id,
@@ -139,6 +147,23 @@ class Worker:
         }
         topics.update(dict.fromkeys(worker.shared_topics))
         return topics
+
+    def _subscribe(self, topics: dict[str, str | None]) -> None:
+        if topics:
+            self._consumer.subscribe(list(topics), listener=_Rebalance(self))
+        else:  # nothing to serve yet: wait for models to appear
+            self._consumer.unsubscribe()
+            log.warning("no_models", model_root=self.settings.worker.model_root)
+
+    def _supervise(self, task: asyncio.Task[None]) -> None:
+        if not task.cancelled() and (exc := task.exception()) is not None:
+            self._crashed(exc)
+
+    def _crashed(self, exc: BaseException) -> None:
+        """A background task died: stop cleanly; what it left unsettled is redelivered."""
+        log.error("background_task_failed", error=repr(exc))
+        self.failed = True
+        self.stop()
 
     def _make_router(self) -> Router:
         worker = self.settings.worker
@@ -158,6 +183,9 @@ class Worker:
         max_records = self.settings.worker.max_poll_records
         paused = False
         while not self._stopping.is_set():
+            if not self._topics:
+                await asyncio.sleep(self.settings.worker.reload_interval_s)
+                continue
             if self._ledger.full:
                 consumer.pause(*consumer.assignment())  # again after a rebalance, too
                 if not paused:
@@ -172,25 +200,41 @@ class Worker:
                     paused = False
                     metrics.PAUSED.set(0)
                     log.info("resumed", in_flight=self._ledger.records)
-            batches = await consumer.getmany(
-                timeout_ms=0 if paused else _GETMANY_TIMEOUT_MS, max_records=max_records
-            )
+            try:
+                batches = await consumer.getmany(
+                    timeout_ms=0 if paused else _GETMANY_TIMEOUT_MS, max_records=max_records
+                )
+            except KafkaError as exc:  # e.g. a codec or a broker error: log, back off, go on
+                log.error("fetch_failed", error=repr(exc))
+                await asyncio.sleep(_FETCH_RETRY_S)
+                continue
             now_ms = int(time.time() * 1000)
             for records in batches.values():
                 for record in records:
                     self._accept(record, now_ms)
+                await asyncio.sleep(0)  # let replies and batches move between partitions
             metrics.IN_FLIGHT.set(self._ledger.records)
 
     def _accept(self, record: Record, now_ms: int) -> None:
-        ticket, rejection = self._router.ticket(record)
+        """Every record leaves here with an outcome queued (or, on a bug, unsettled and so
+        redelivered after a restart): never with an exception."""
+        try:
+            ticket, rejection = self._router.ticket(record)
+        except Exception as exc:
+            log.exception("routing_failed", topic=record.topic, offset=record.offset)
+            ticket, rejection = unroutable(record), Rejection(ErrorCode.INTERNAL, repr(exc))
         self._ledger.admit(ticket)
         try:
             if rejection is None:
                 rejection = self._dispatch(ticket, now_ms)
-            if rejection is not None:
-                self._replies.error(ticket, rejection)
-        except Exception:  # a bug costs one request (left uncommitted), never the worker
+        except Exception as exc:
             log.exception("accept_failed", request_id=ticket.request_id)
+            rejection = Rejection(ErrorCode.INTERNAL, f"internal error: {exc!r}")
+        if rejection is not None:
+            try:
+                self._replies.error(ticket, rejection)
+            except Exception:
+                log.exception("reply_failed", request_id=ticket.request_id)
 
     def _dispatch(self, ticket: Ticket, now_ms: int) -> Rejection | None:
         """Queue the ticket on its model's batcher, or say why not."""
@@ -217,7 +261,9 @@ class Worker:
     async def _commit_loop(self) -> None:
         interval = self.settings.worker.commit_interval_ms / 1000
         while True:
-            await self._ledger.progress()
+            # Wake on progress, or now and then anyway: a failed commit is retried when idle.
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(self._ledger.progress(), _COMMIT_RETRY_S)
             await asyncio.sleep(interval)  # coalesce many settlements into one commit
             await self.commit()
 
@@ -240,49 +286,54 @@ class Worker:
 
     async def _reload_loop(self) -> None:
         interval = self.settings.worker.reload_interval_s
+        worker = self.settings.worker
         while True:
             await asyncio.sleep(interval)
             try:
                 await self._repository.reconcile()
                 topics = self._topic_models()
-                if topics != self._topics:
-                    if self.settings.worker.create_topics:
-                        worker = self.settings.worker
-                        await ensure_topics(
-                            self.settings.kafka,
-                            topics,
-                            worker.topic_partitions,
-                            worker.topic_replication_factor,
-                        )
-                    self._topics = topics
-                    self._router = self._make_router()
-                    self._consumer.subscribe(list(topics), listener=_Rebalance(self))
-                    log.info("subscription_changed", topics=sorted(topics))
+                if topics == self._topics:
+                    continue
+                if worker.create_topics:
+                    await ensure_topics(
+                        self.settings.kafka,
+                        topics,
+                        worker.topic_partitions,
+                        worker.topic_replication_factor,
+                    )
+                self._subscribe(topics)
+                self._topics = topics
+                self._router = self._make_router()
+                log.info("subscription_changed", topics=sorted(topics))
             except Exception:
                 log.exception("reload_failed")
 
     # -- shutdown ---------------------------------------------------------------------------
 
     async def _shutdown(self) -> None:
-        """Stop fetching, finish in-flight batches, publish, commit, leave the group."""
-        timeout = self.settings.worker.shutdown_timeout_s
+        """Stop fetching, finish in-flight batches, publish, commit, leave the group. Each
+        step runs even if one before it failed, all within shutdown_timeout_s."""
         log.info("worker_stopping", in_flight=self._ledger.records)
         self._consumer.pause(*self._consumer.assignment())
         for task in self._tasks:
             task.cancel()
         await asyncio.gather(*self._tasks, return_exceptions=True)
         try:
-            await asyncio.wait_for(self._repository.close(), timeout)
-            await asyncio.wait_for(self._ledger.drained(), timeout)
+            async with asyncio.timeout(self.settings.worker.shutdown_timeout_s):
+                await self._repository.close()
+                await self._ledger.drained()
         except TimeoutError:
             log.error("shutdown_timeout", unfinished=self._ledger.records)
-        await self.commit()
-        await self._consumer.stop()  # leaves the group: partitions move at once
-        await self._replies.close()
-        await self._producer.stop()
+        except Exception:
+            log.exception("shutdown_drain_failed", unfinished=self._ledger.records)
+        for step in (self.commit, self._consumer.stop, self._replies.close, self._producer.stop):
+            try:
+                await step()  # commit, then leave the group: partitions move at once
+            except Exception:
+                log.exception("shutdown_step_failed", step=step.__name__)
         if self._redis is not None:
             await self._redis.aclose()
-        log.info("worker_stopped")
+        log.info("worker_stopped", unfinished=self._ledger.records)
 
 
 class _Rebalance(ConsumerRebalanceListener):  # type: ignore[misc]
@@ -320,3 +371,5 @@ async def serve(settings: Settings) -> None:
     for sig in (signal.SIGTERM, signal.SIGINT):
         loop.add_signal_handler(sig, worker.stop)
     await worker.run()
+    if worker.failed:
+        sys.exit(1)
