@@ -3,16 +3,19 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import time
 import uuid
 from collections.abc import Iterable, Mapping
 from typing import Any, Literal
 
 import numpy as np
+import structlog
 from aiokafka import AIOKafkaConsumer, AIOKafkaProducer, TopicPartition
 from aiokafka.admin import AIOKafkaAdminClient, NewTopic
-from aiokafka.errors import TopicAlreadyExistsError
+from aiokafka.errors import KafkaError, TopicAlreadyExistsError
 from redis.asyncio import Redis
+from redis.exceptions import RedisError
 
 from surge.producers.requests import (
     Prediction,
@@ -25,6 +28,7 @@ from surge.producers.requests import (
 from surge.schemas import MSGPACK, headers
 
 Result = Prediction | PredictionError
+log = structlog.get_logger("surge.client")
 
 
 class SurgeClient:
@@ -50,6 +54,9 @@ class SurgeClient:
         self.content_type = content_type
         self._topic_prefix = topic_prefix
         self.reply_topic = reply_topic or f"surge.replies.{uuid.uuid4().hex[:16]}"
+        # A topic named for this client alone goes when it closes; a named one stays.
+        self._delete_reply_topic = reply_topic is None
+        self._created_reply_topic = False
         self._reply_replication = reply_topic_replication
         self._redis_url = redis_url
         self._redis_options = dict(redis_options or {})
@@ -82,12 +89,24 @@ class SurgeClient:
         await asyncio.gather(*self._readers, return_exceptions=True)
         if self._replies is not None:
             await self._replies.stop()
+            if self._created_reply_topic and self._delete_reply_topic:
+                await self._remove_reply_topic()
         if self._pubsub is not None:
             await self._pubsub.aclose()
         if self._redis is not None:
             await self._redis.aclose()
         if self._producer is not None:
             await self._producer.stop()
+
+    async def _remove_reply_topic(self) -> None:
+        admin = AIOKafkaAdminClient(**self._kafka)
+        await admin.start()
+        try:
+            await admin.delete_topics([self.reply_topic])
+        except KafkaError as exc:
+            log.warning("reply_topic_not_deleted", topic=self.reply_topic, error=repr(exc))
+        finally:
+            await admin.close()
 
     # -- sending ----------------------------------------------------------------------------
 
@@ -165,51 +184,55 @@ class SurgeClient:
         topic: str | None = None,
         return_exceptions: bool = False,
     ) -> list[Result]:
-        """Send many requests and await all results, in order. With `return_exceptions`, a
-        failed request yields its PredictionError in place instead of raising."""
-        reply_to = await self._reply_channel(via)
-        deadline_ms = int((time.time() + timeout) * 1000)  # nobody waits longer: don't compute it
+        """Send many requests and await all results, in order, all within `timeout`. With
+        `return_exceptions`, a failed or timed-out request yields its PredictionError or
+        TimeoutError in place instead of raising."""
         loop = asyncio.get_running_loop()
+        deadline = loop.time() + timeout
+        deadline_ms = int((time.time() + timeout) * 1000)  # nobody waits longer: don't compute it
         batch = list(batch)
         ids = [uuid.uuid4().hex for _ in batch]
         futures = [self._waiting.setdefault(i, loop.create_future()) for i in ids]
-        if via == "redis":
-            await self._subscribe(ids)
+        subscribed = False
         try:
-            deliveries = []
-            for request_id, inputs in zip(ids, batch, strict=True):
-                sent = await self._send(
-                    model, inputs, version, request_id, reply_to, deadline_ms, topic
-                )
-                deliveries.append(sent[1])
-            await asyncio.gather(*deliveries)
-            _, late = await asyncio.wait(futures, timeout=timeout)  # wait() cancels nothing
-            if late:
-                await self._late_results(ids, futures, via)
-            results = [future.result() for future in futures]
+            async with asyncio.timeout_at(deadline):
+                reply_to = await self._reply_channel(via)
+                if via == "redis":
+                    subscribed = True
+                    await self._subscribe(ids)
+                deliveries = []
+                for request_id, inputs in zip(ids, batch, strict=True):
+                    sent = await self._send(
+                        model, inputs, version, request_id, reply_to, deadline_ms, topic
+                    )
+                    deliveries.append(sent[1])
+                await asyncio.gather(*deliveries)
+            _, late = await asyncio.wait(futures, timeout=max(0.0, deadline - loop.time()))
+            if late and via == "redis":
+                await self._fetch_missed(ids, futures)
         finally:
             for request_id in ids:
                 self._waiting.pop(request_id, None)
-            if via == "redis":
+            if subscribed:
                 await self._unsubscribe(ids)
+        results: list[Result | TimeoutError] = [
+            f.result() if f.done() else TimeoutError(f"no result for {i} within {timeout:g}s")
+            for i, f in zip(ids, futures, strict=True)
+        ]
         if not return_exceptions:
             for result in results:
-                if isinstance(result, PredictionError):
+                if isinstance(result, Exception):
                     raise result
-        return list(results)
+        return results  # type: ignore[return-value]
 
-    async def _late_results(
-        self, ids: list[str], futures: list[asyncio.Future[Result]], via: str
-    ) -> None:
-        """On timeout, Redis may still hold results whose notification was missed."""
-        if via == "redis" and self._redis is not None:
+    async def _fetch_missed(self, ids: list[str], futures: list[asyncio.Future[Result]]) -> None:
+        """Redis may hold results whose notification was missed (e.g. across a reconnect)."""
+        assert self._redis is not None
+        with contextlib.suppress(RedisError):
             values = await self._redis.mget([self._redis_prefix + i for i in ids])
             for future, value in zip(futures, values, strict=True):
                 if value is not None and not future.done():
                     future.set_result(read_redis_result(value, self.content_type))
-        missing = sum(not f.done() for f in futures)
-        if missing:
-            raise TimeoutError(f"{missing} of {len(ids)} results did not arrive in time")
 
     def _resolve(self, request_id: str, result: Result) -> None:
         future = self._waiting.get(request_id)
@@ -231,44 +254,62 @@ class SurgeClient:
         await admin.start()
         try:
             if self.reply_topic not in await admin.list_topics():
-                await admin.create_topics([NewTopic(self.reply_topic, 1, self._reply_replication)])
-        except TopicAlreadyExistsError:
-            pass
+                topic = NewTopic(self.reply_topic, 1, self._reply_replication)
+                response = await admin.create_topics([topic])
+                for name, code, message in response.topic_errors:
+                    if code not in (0, TopicAlreadyExistsError.errno):
+                        raise RuntimeError(f"cannot create reply topic {name}: {code} {message}")
+                self._created_reply_topic = True
         finally:
             await admin.close()
         consumer = AIOKafkaConsumer(
             **self._kafka, isolation_level="read_committed", enable_auto_commit=False
         )
         await consumer.start()
-        partitions = None
-        while not partitions:  # metadata of a topic just created shows up within moments
-            partitions = consumer.partitions_for_topic(self.reply_topic)
-            if not partitions:
+        try:
+            delay = 0.01
+            while not (partitions := consumer.partitions_for_topic(self.reply_topic)):
+                await asyncio.sleep(delay)  # a new topic's metadata shows up within moments
+                delay = min(delay * 2, 1.0)
                 await consumer._client.force_metadata_update()
-        assigned = [TopicPartition(self.reply_topic, p) for p in partitions]
-        consumer.assign(assigned)
-        await consumer.seek_to_end(*assigned)
-        for tp in assigned:
-            await consumer.position(tp)  # pin the start before the first request goes out
+            assigned = [TopicPartition(self.reply_topic, p) for p in partitions]
+            consumer.assign(assigned)
+            await consumer.seek_to_end(*assigned)
+            for tp in assigned:
+                await consumer.position(tp)  # pin the start before the first request goes out
+        except BaseException:
+            await consumer.stop()
+            raise
         self._replies = consumer
         self._readers.append(asyncio.create_task(self._read_reply_topic(consumer)))
 
     async def _read_reply_topic(self, consumer: AIOKafkaConsumer) -> None:
         async for record in consumer:
-            fields = dict(record.headers)
-            request_id = fields.get(headers.REQUEST_ID, b"").decode()
-            status = fields.get(headers.STATUS, b"error").decode()
-            content_type = fields.get(headers.CONTENT_TYPE, self.content_type.encode()).decode()
-            if request_id in self._waiting:
-                self._resolve(request_id, read_result(record.value, content_type, status))
+            try:
+                fields = {k: v or b"" for k, v in record.headers}
+                request_id = fields.get(headers.REQUEST_ID, b"").decode()
+                if request_id in self._waiting:
+                    status = fields.get(headers.STATUS, b"error").decode()
+                    content_type = (
+                        fields.get(headers.CONTENT_TYPE, b"").decode() or self.content_type
+                    )
+                    self._resolve(request_id, read_result(record.value, content_type, status))
+            except Exception:  # one unreadable record must not stop the reader
+                log.exception("unreadable_result", topic=record.topic, offset=record.offset)
 
     async def _start_redis(self) -> None:
         if not self._redis_url:
             raise ValueError("Redis replies need redis_url")
-        self._redis = Redis.from_url(self._redis_url, **self._redis_options)
-        self._pubsub = self._redis.pubsub()
-        # A standing subscription keeps the reader alive between requests.
-        await self._pubsub.subscribe(f"surge:client:{uuid.uuid4().hex}")
+        redis = Redis.from_url(self._redis_url, **self._redis_options)
+        pubsub = redis.pubsub()
+        try:
+            # A standing subscription keeps the reader alive between requests.
+            await pubsub.subscribe(f"surge:client:{uuid.uuid4().hex}")
+        except BaseException:
+            await pubsub.aclose()
+            await redis.aclose()
+            raise
+        self._redis, self._pubsub = redis, pubsub
         self._readers.append(asyncio.create_task(self._read_redis()))
 
     async def _subscribe(self, ids: list[str]) -> None:
@@ -282,17 +323,20 @@ class SurgeClient:
         channels = [self._redis_prefix + i for i in ids]
         for channel in channels:
             self._subscribed.pop(channel, None)
-        await self._pubsub.unsubscribe(*channels)
+        with contextlib.suppress(RedisError, OSError):  # a broken connection has none left
+            await self._pubsub.unsubscribe(*channels)
 
     async def _read_redis(self) -> None:
         prefix = len(self._redis_prefix)
         async for message in self._pubsub.listen():
-            channel = message["channel"].decode()
-            if message["type"] == "subscribe":
-                event = self._subscribed.get(channel)
-                if event is not None:
-                    event.set()
-            elif message["type"] == "message":
-                self._resolve(
-                    channel[prefix:], read_redis_result(message["data"], self.content_type)
-                )
+            try:
+                channel = (message.get("channel") or b"").decode()
+                if message["type"] == "subscribe":
+                    event = self._subscribed.get(channel)
+                    if event is not None:
+                        event.set()
+                elif message["type"] == "message" and channel[prefix:] in self._waiting:
+                    result = read_redis_result(message["data"], self.content_type)
+                    self._resolve(channel[prefix:], result)
+            except Exception:  # one unreadable result must not stop the reader
+                log.exception("unreadable_result", channel=message.get("channel"))
