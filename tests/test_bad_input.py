@@ -206,3 +206,29 @@ async def _assert_fully_committed(kafka: str, worker: Worker, topic: str) -> Non
     while (lag := await committed_lag(kafka, group, topic)) and time.monotonic() < deadline:
         await asyncio.sleep(0.1)
     assert lag == 0
+
+
+async def test_a_refused_reply_becomes_a_dead_letter(
+    kafka: str, model_root: Path, run_worker: Callable[[Settings], Worker]
+) -> None:
+    """The broker refuses the reply topic: after retries, the request is dead-lettered with
+    reply_failed and its partition moves on."""
+    dead_letters = f"test.dlq.{uuid.uuid4().hex[:6]}"
+    settings = make_settings(
+        kafka,
+        model_root,
+        None,
+        SURGE_WORKER__DEAD_LETTER_TOPIC=dead_letters,
+        SURGE_WORKER__REPLY_RETRY_S="1",
+        SURGE_KAFKA__REQUEST_TIMEOUT_MS="2000",
+    )
+    await create_topics(kafka, TOPIC, dead_letters)
+    worker = await run_worker(settings)
+    body = _json("refused", np.ones((1, 32), np.float32))
+    await publish(kafka, [(TOPIC, b"refused", body, _route(".."))])  # not a legal topic name
+    letters = await read_topic(kafka, dead_letters, until=1, key_of="surge-source-offset")
+    (letter,) = [r for replies in letters.values() for r in replies]
+    assert letter.key == b"refused"
+    assert letter.value == body
+    assert letter.headers[headers.ERROR_CODE] == ErrorCode.REPLY_FAILED.encode()
+    await _assert_fully_committed(kafka, worker, TOPIC)

@@ -74,6 +74,14 @@ def test_redis_replies_need_redis() -> None:
     assert rejection.code is ErrorCode.INVALID_REPLY_TO
 
 
+def test_null_header_values_count_as_absent() -> None:
+    record = _Record("surge.requests.mlp", {"surge-reply-to": "out"})
+    record.headers.append(("surge-version", None))  # type: ignore[arg-type]
+    ticket, rejection = _router().ticket(record)  # type: ignore[arg-type]
+    assert rejection is None
+    assert ticket.version is None
+
+
 def test_ids_fall_back_to_the_record_position() -> None:
     ticket, _ = _router().ticket(_Record("shared", {}, key=None))  # type: ignore[arg-type]
     assert ticket.request_id == "shared-0-7"

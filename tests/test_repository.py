@@ -1,0 +1,113 @@
+"""The model repository keeps serving through bad deploys and half-written files."""
+
+from __future__ import annotations
+
+import time
+from pathlib import Path
+
+import numpy as np
+
+from surge.examples import write_mlp
+from surge.schemas import ErrorCode
+from surge.workers import ModelRepository, Rejection, scan
+from surge.workers.intake import Job, admit
+from surge.workers.tickets import Ticket
+
+
+def _repository(root: Path) -> ModelRepository:
+    return ModelRepository(root, [], replies=None, time_budget_s=5)  # type: ignore[arg-type]
+
+
+def _served(repository: ModelRepository) -> list[tuple[str, int]]:
+    return sorted(repository.served)
+
+
+async def test_a_broken_new_version_leaves_the_old_one_serving(tmp_path: Path) -> None:
+    write_mlp(tmp_path)
+    repository = _repository(tmp_path)
+    await repository.reconcile(settle_s=0)
+    assert _served(repository) == [("mlp", 1)]
+
+    (tmp_path / "mlp" / "2").mkdir()
+    (tmp_path / "mlp" / "2" / "model.onnx").write_bytes(b"not a model")
+    await repository.reconcile(settle_s=0)
+    assert _served(repository) == [("mlp", 1)]
+    assert not isinstance(repository.resolve("mlp", None), Rejection)
+
+    write_mlp(tmp_path, 2, seed=3)  # fixed: now v2 replaces v1
+    await repository.reconcile(settle_s=0)
+    assert _served(repository) == [("mlp", 2)]
+    await repository.close()
+
+
+async def test_an_invalid_config_edit_keeps_the_model_serving(tmp_path: Path) -> None:
+    write_mlp(tmp_path)
+    repository = _repository(tmp_path)
+    await repository.reconcile(settle_s=0)
+    (tmp_path / "mlp" / "config.toml").write_text("max_batch_size = 'lots'\n")
+    await repository.reconcile(settle_s=0)
+    assert _served(repository) == [("mlp", 1)]
+
+    (tmp_path / "mlp" / "config.toml").write_text("max_batch_size = 8\n")
+    await repository.reconcile(settle_s=0)  # a config change reloads the version
+    assert repository.served[("mlp", 1)].config.max_batch_size == 8
+    await repository.close()
+
+
+async def test_files_still_being_written_wait_for_the_next_scan(tmp_path: Path) -> None:
+    write_mlp(tmp_path)
+    found = scan(tmp_path, settle_s=60)
+    assert found.wanted == {}
+    assert found.settling == {("mlp", 1)}
+    repository = _repository(tmp_path)
+    await repository.reconcile(settle_s=60)
+    assert _served(repository) == []
+    await repository.reconcile(settle_s=0)
+    assert _served(repository) == [("mlp", 1)]
+    await repository.close()
+
+
+async def test_removing_a_model_unloads_it(tmp_path: Path) -> None:
+    write_mlp(tmp_path)
+    repository = _repository(tmp_path)
+    await repository.reconcile(settle_s=0)
+    for path in sorted((tmp_path / "mlp").rglob("*"), reverse=True):
+        path.unlink() if path.is_file() else path.rmdir()
+    (tmp_path / "mlp").rmdir()
+    await repository.reconcile(settle_s=0)
+    assert _served(repository) == []
+    assert repository.resolve("mlp", None) == Rejection(
+        ErrorCode.UNKNOWN_MODEL, "model 'mlp' is not served here"
+    )
+    await repository.close()
+
+
+def test_scalar_and_mis_ranked_tensors_are_invalid_input(tmp_path: Path) -> None:
+    from aiokafka import TopicPartition
+
+    from surge.workers.runtimes import TensorSpec
+
+    body = b'{"inputs": [{"name": "x", "shape": [], "datatype": "FP32", "data": [1]}]}'
+    ticket = Ticket(
+        tp=TopicPartition("t", 0),
+        offset=0,
+        key=None,
+        value=body,
+        headers=[],
+        request_id="r",
+        model="m",
+        version=None,
+        reply_to="out",
+        content_type="application/json",
+        deadline_ms=None,
+        received=time.monotonic(),
+    )
+    for shape in ((), (4,)):
+        result = admit(ticket, [TensorSpec("x", "FP32", shape)], [], max_rows=8, max_elements=99)
+        assert isinstance(result, Rejection), shape
+        assert result.code is ErrorCode.INVALID_INPUT
+    good = b'{"inputs": [{"name": "x", "shape": [2], "datatype": "FP32", "data": [1, 2]}]}'
+    ticket.value = good
+    job = admit(ticket, [TensorSpec("x", "FP32", ())], [], max_rows=8, max_elements=99)
+    assert isinstance(job, Job)
+    np.testing.assert_array_equal(job.inputs["x"], [1, 2])
