@@ -34,6 +34,7 @@ def main(argv: list[str] | None = None) -> None:
     )
     predict.add_argument("--datatype", default="float32", help="numpy dtype of the inputs")
     predict.add_argument("--version")
+    predict.add_argument("--topic", help="request topic (default: surge.requests.<model>)")
     predict.add_argument("--bootstrap", default="127.0.0.1:9092")
     predict.add_argument("--via", choices=["kafka", "redis"], default="kafka")
     predict.add_argument("--redis-url")
@@ -91,7 +92,12 @@ def _predict(args: argparse.Namespace) -> int:
         async with SurgeClient(args.bootstrap, redis_url=args.redis_url) as client:
             try:
                 result = await client.predict(
-                    args.model, inputs, version=args.version, timeout=args.timeout, via=args.via
+                    args.model,
+                    inputs,
+                    version=args.version,
+                    timeout=args.timeout,
+                    via=args.via,
+                    topic=args.topic,
                 )
             except PredictionError as exc:
                 print(

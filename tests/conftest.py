@@ -71,8 +71,11 @@ def model_root(tmp_path: Path) -> Path:
 def worker_env(
     bootstrap: str, model_root: Path, redis_url: str | None, **extra: str
 ) -> dict[str, str]:
-    """Settings for a worker, as the environment overrides `surge worker` reads."""
+    """Settings for a worker, as the environment overrides `surge worker` reads. Each call
+    gets request topics of its own (`topic_of(env, model)`), so tests never see each
+    other's records."""
     env = {
+        "SURGE_WORKER__TOPIC_PREFIX": f"test.{uuid.uuid4().hex[:8]}.requests.",
         "SURGE_KAFKA__BOOTSTRAP_SERVERS": bootstrap,
         "SURGE_WORKER__MODEL_ROOT": str(model_root),
         "SURGE_WORKER__GROUP_ID": f"test-{uuid.uuid4().hex[:8]}",
@@ -85,6 +88,10 @@ def worker_env(
         env["SURGE_REDIS__URL"] = redis_url
     env.update(extra)
     return env
+
+
+def topic_of(env: dict[str, str], model: str) -> str:
+    return env["SURGE_WORKER__TOPIC_PREFIX"] + model
 
 
 def make_settings(

@@ -8,6 +8,7 @@ import json
 import time
 import uuid
 from collections.abc import Callable
+from dataclasses import dataclass
 from pathlib import Path
 
 import msgspec
@@ -25,8 +26,6 @@ from tests.models import write_picky
 
 pytestmark = pytest.mark.integration
 
-TOPIC = "surge.requests.mlp"
-
 
 def _json(request_id: str, x: object, *, datatype: str = "FP32", name: str = "x") -> bytes:
     shape = list(np.shape(x))
@@ -41,10 +40,18 @@ def _route(reply_to: str | None, content_type: str = JSON, **extra: str) -> list
     return [(k, v.encode()) for k, v in fields.items()]
 
 
+@dataclass
+class Served:
+    worker: Worker
+    dead_letters: str
+    mlp: str  # request topics
+    picky: str
+
+
 @pytest.fixture
 async def served(
     kafka: str, redis_url: str, model_root: Path, run_worker: Callable[[Settings], Worker]
-) -> tuple[Worker, str]:
+) -> Served:
     write_picky(model_root)
     settings = make_settings(
         kafka,
@@ -54,13 +61,19 @@ async def served(
         SURGE_WORKER__MAX_TENSOR_ELEMENTS="4096",
         SURGE_WORKER__DEAD_LETTER_TOPIC=f"test.dlq.{uuid.uuid4().hex[:6]}",
     )
-    await create_topics(kafka, TOPIC, "surge.requests.picky", settings.worker.dead_letter_topic)
-    worker = await run_worker(settings)
-    return worker, settings.worker.dead_letter_topic
+    prefix = settings.worker.topic_prefix
+    result = Served(
+        worker=None,  # type: ignore[arg-type]
+        dead_letters=settings.worker.dead_letter_topic,
+        mlp=prefix + "mlp",
+        picky=prefix + "picky",
+    )
+    await create_topics(kafka, result.mlp, result.picky, result.dead_letters)
+    result.worker = await run_worker(settings)
+    return result
 
 
-async def test_every_bad_input_gets_a_clear_error(kafka: str, served: tuple[Worker, str]) -> None:
-    worker, _ = served
+async def test_every_bad_input_gets_a_clear_error(kafka: str, served: Served) -> None:
     run = uuid.uuid4().hex[:8]
     replies = f"test.replies.{run}"
     await create_topics(kafka, replies)
@@ -118,7 +131,7 @@ async def test_every_bad_input_gets_a_clear_error(kafka: str, served: tuple[Work
     interleaved = [c for pair in zip(cases, valid, strict=False) for c in pair] + valid[
         len(cases) :
     ]
-    await publish(kafka, [(TOPIC, i.encode(), v, h) for i, v, h, _ in interleaved])
+    await publish(kafka, [(served.mlp, i.encode(), v, h) for i, v, h, _ in interleaved])
 
     results = await read_topic(kafka, replies, until=len(interleaved), timeout=60)
     for request_id, _, _, code in interleaved:
@@ -135,19 +148,20 @@ async def test_every_bad_input_gets_a_clear_error(kafka: str, served: tuple[Work
         expected_status = "expired" if code is ErrorCode.EXPIRED else "error"
         assert reply.headers[headers.STATUS] == expected_status.encode()
         assert reply.headers[headers.ERROR_CODE] == code.encode()
-    await _assert_fully_committed(kafka, worker, TOPIC)
+    await _assert_fully_committed(kafka, served.worker, served.mlp)
 
 
-async def test_no_reply_target_goes_to_dead_letters(kafka: str, served: tuple[Worker, str]) -> None:
-    worker, dead_letters = served
+async def test_no_reply_target_goes_to_dead_letters(kafka: str, served: Served) -> None:
     original = _json("lost", np.ones((1, 32), np.float32))
     cases = {
         "no-reply-to": _route(None),
-        "reply-to-request-topic": _route(TOPIC),
+        "reply-to-request-topic": _route(served.mlp),
         "reply-to-bad-name": _route("not a topic!"),
     }
-    await publish(kafka, [(TOPIC, key.encode(), original, h) for key, h in cases.items()])
-    letters = await read_topic(kafka, dead_letters, until=len(cases), key_of="surge-source-offset")
+    await publish(kafka, [(served.mlp, key.encode(), original, h) for key, h in cases.items()])
+    letters = await read_topic(
+        kafka, served.dead_letters, until=len(cases), key_of="surge-source-offset"
+    )
     by_key = {reply.key.decode(): reply for replies in letters.values() for reply in replies}
     assert set(by_key) == set(cases)
     for key, sent_headers in cases.items():
@@ -156,22 +170,20 @@ async def test_no_reply_target_goes_to_dead_letters(kafka: str, served: tuple[Wo
         for name, value in sent_headers:
             assert letter.headers[name] == value  # and the original headers
         assert letter.headers[headers.ERROR_CODE] == ErrorCode.INVALID_REPLY_TO.encode()
-        assert letter.headers[headers.SOURCE_TOPIC] == TOPIC.encode()
+        assert letter.headers[headers.SOURCE_TOPIC] == served.mlp.encode()
         assert int(letter.headers[headers.SOURCE_OFFSET]) >= 0
         assert letter.headers[headers.ERROR_MESSAGE]
-    await _assert_fully_committed(kafka, worker, TOPIC)
+    await _assert_fully_committed(kafka, served.worker, served.mlp)
 
 
-async def test_a_failing_request_is_isolated_from_its_batch(
-    kafka: str, served: tuple[Worker, str]
-) -> None:
+async def test_a_failing_request_is_isolated_from_its_batch(kafka: str, served: Served) -> None:
     replies = f"test.replies.{uuid.uuid4().hex[:8]}"
     await create_topics(kafka, replies)
     values = [np.full((1, 4), i, np.float32) for i in range(20)]
     values[7] = -values[7] - 1  # this one makes the model raise
     records = [
         (
-            "surge.requests.picky",
+            served.picky,
             f"p{i}".encode(),
             msgspec.msgpack.encode(
                 {
@@ -222,13 +234,14 @@ async def test_a_refused_reply_becomes_a_dead_letter(
         SURGE_WORKER__REPLY_RETRY_S="1",
         SURGE_KAFKA__REQUEST_TIMEOUT_MS="2000",
     )
-    await create_topics(kafka, TOPIC, dead_letters)
+    topic = settings.worker.topic_prefix + "mlp"
+    await create_topics(kafka, topic, dead_letters)
     worker = await run_worker(settings)
     body = _json("refused", np.ones((1, 32), np.float32))
-    await publish(kafka, [(TOPIC, b"refused", body, _route(".."))])  # not a legal topic name
+    await publish(kafka, [(topic, b"refused", body, _route(".."))])  # not a legal topic name
     letters = await read_topic(kafka, dead_letters, until=1, key_of="surge-source-offset")
     (letter,) = [r for replies in letters.values() for r in replies]
     assert letter.key == b"refused"
     assert letter.value == body
     assert letter.headers[headers.ERROR_CODE] == ErrorCode.REPLY_FAILED.encode()
-    await _assert_fully_committed(kafka, worker, TOPIC)
+    await _assert_fully_committed(kafka, worker, topic)

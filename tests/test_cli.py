@@ -9,7 +9,7 @@ from pathlib import Path
 
 import pytest
 
-from tests.conftest import WorkerProcess, worker_env
+from tests.conftest import WorkerProcess, topic_of, worker_env
 
 pytestmark = pytest.mark.integration
 
@@ -32,16 +32,18 @@ def test_worker_refuses_a_bad_config_with_one_line_per_field(tmp_path: Path) -> 
 def test_predict_prints_the_result(
     kafka: str, model_root: Path, worker_processes: type[WorkerProcess]
 ) -> None:
-    worker = worker_processes(worker_env(kafka, model_root, None))  # type: ignore[call-arg]
+    env = worker_env(kafka, model_root, None)
+    worker = worker_processes(env)  # type: ignore[call-arg]
     worker.wait_for("worker_started")
     row = json.dumps([[0.1] * 32])
-    out = surge("predict", "mlp", "--input", f"x={row}", "--bootstrap", kafka)
+    route = ("--bootstrap", kafka, "--topic", topic_of(env, "mlp"))
+    out = surge("predict", "mlp", "--input", f"x={row}", *route)
     assert out.returncode == 0, out.stderr
     result = json.loads(out.stdout)
     assert result["model_name"] == "mlp"
     assert len(result["outputs"]["probs"][0]) == 10
 
-    bad = surge("predict", "mlp", "--input", "x=[[1, 2]]", "--bootstrap", kafka)
+    bad = surge("predict", "mlp", "--input", "x=[[1, 2]]", *route)
     assert bad.returncode == 1
     assert json.loads(bad.stdout)["code"] == "invalid_input"
 

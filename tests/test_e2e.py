@@ -15,7 +15,7 @@ import pytest
 from surge.producers import read_redis_result, read_result
 from surge.producers.requests import Prediction
 from surge.schemas import JSON, MSGPACK, headers
-from tests.conftest import WorkerProcess, worker_env
+from tests.conftest import WorkerProcess, topic_of, worker_env
 from tests.helpers import create_topics, publish, read_redis, read_topic, reference
 
 pytestmark = pytest.mark.integration
@@ -45,8 +45,9 @@ async def test_plain_clients_two_workers_both_reply_targets(
 ) -> None:
     run = uuid.uuid4().hex[:8]
     reply_topic = f"test.replies.{run}"
-    await create_topics(broker, "surge.requests.mlp", reply_topic)
     env = worker_env(broker, model_root, redis_url)
+    topic = topic_of(env, "mlp")
+    await create_topics(broker, topic, reply_topic)
     workers = [worker_processes(env), worker_processes(env)]
     for worker in workers:
         worker.wait_for("partitions_assigned")
@@ -66,7 +67,7 @@ async def test_plain_clients_two_workers_both_reply_targets(
         ]
         plan.append((request_id, content_type, reply_to))
         body = _body(request_id, x, content_type)
-        records.append(("surge.requests.mlp", request_id.encode(), body, route))
+        records.append((topic, request_id.encode(), body, route))
     await publish(broker, records)
 
     kafka_ids = [request_id for request_id, _, target in plan if target == reply_topic]

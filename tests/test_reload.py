@@ -32,13 +32,14 @@ async def test_new_and_removed_versions_switch_without_failures(
     kafka: str, model_root: Path, tmp_path: Path, run_worker: Callable[[Settings], Worker]
 ) -> None:
     worker = await run_worker(make_settings(kafka, model_root, None))
+    prefix = worker.settings.worker.topic_prefix
     versions: Counter[str] = Counter()
     order: list[str] = []
     stop = asyncio.Event()
     x = np.random.default_rng(0).standard_normal((1, 32)).astype(np.float32)
 
     async def traffic() -> None:
-        async with SurgeClient(kafka) as client:
+        async with SurgeClient(kafka, topic_prefix=prefix) as client:
             while not stop.is_set():
                 results = await client.predict_many("mlp", [{"x": x}] * 20, timeout=30)
                 for result in results:

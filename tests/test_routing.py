@@ -118,10 +118,11 @@ async def test_queued_before_start_and_shared_topic(
 async def test_sync_client(
     kafka: str, model_root: Path, run_worker: Callable[[Settings], Worker]
 ) -> None:
-    await run_worker(make_settings(kafka, model_root, None))
+    worker = await run_worker(make_settings(kafka, model_root, None))
+    prefix = worker.settings.worker.topic_prefix
 
     def blocking_caller() -> list[object]:
-        with SyncClient(kafka, content_type=JSON) as client:
+        with SyncClient(kafka, content_type=JSON, topic_prefix=prefix) as client:
             one = client.predict("mlp", {"x": np.zeros((2, 32), np.float32)}, timeout=30)
             many = client.predict_many(
                 "mlp", [{"x": np.zeros((1, 31), np.float32)}], return_exceptions=True

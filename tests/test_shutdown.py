@@ -13,7 +13,7 @@ import pytest
 
 from surge.producers import request_body, request_headers
 from surge.schemas import MSGPACK, headers
-from tests.conftest import WorkerProcess, worker_env
+from tests.conftest import WorkerProcess, topic_of, worker_env
 from tests.helpers import committed_lag, create_topics, publish, read_topic
 
 pytestmark = pytest.mark.integration
@@ -26,7 +26,8 @@ async def test_sigterm_mid_load_loses_and_repeats_nothing(
 ) -> None:
     env = worker_env(kafka, model_root, None)
     group = env["SURGE_WORKER__GROUP_ID"]
-    await create_topics(kafka, "surge.requests.mlp")
+    topic = topic_of(env, "mlp")
+    await create_topics(kafka, topic)
     reply_topic = f"test.replies.{uuid.uuid4().hex[:8]}"
     await create_topics(kafka, reply_topic, partitions=1)
     first = worker_processes(env)
@@ -35,8 +36,7 @@ async def test_sigterm_mid_load_loses_and_repeats_nothing(
     x = {"x": np.ones((1, 32), np.float32)}
     route = request_headers(model="mlp", content_type=MSGPACK, reply_to=reply_topic)
     records = [
-        ("surge.requests.mlp", str(i).encode(), request_body(x, str(i), MSGPACK), route)
-        for i in range(COUNT)
+        (topic, str(i).encode(), request_body(x, str(i), MSGPACK), route) for i in range(COUNT)
     ]
     publishing = asyncio.create_task(publish(kafka, records, rate=4000))
     await asyncio.sleep(0.8)  # mid-stream: some served, some queued, some in flight
@@ -50,5 +50,5 @@ async def test_sigterm_mid_load_loses_and_repeats_nothing(
     duplicates = {k: len(v) for k, v in results.items() if len(v) > 1}
     assert not duplicates, f"{len(duplicates)} requests answered twice"
     assert all(r.headers[headers.STATUS] == b"ok" for v in results.values() for r in v)
-    assert await committed_lag(kafka, group, "surge.requests.mlp") == 0
+    assert await committed_lag(kafka, group, topic) == 0
     assert second.terminate() == 0
