@@ -67,9 +67,10 @@ async def read_topic(
     *,
     until: int,
     timeout: float = 60,
-    key_of: str = "surge-request-id",
+    key_of: str | None = "surge-request-id",
 ) -> dict[str, list[Reply]]:
-    """Read `topic` from the beginning until `until` distinct keys (header `key_of`) are seen."""
+    """Read `topic` from the beginning until `until` distinct keys are seen: the values of
+    header `key_of`, or the records' Kafka keys when it is None."""
     consumer = AIOKafkaConsumer(
         bootstrap_servers=bootstrap, isolation_level="read_committed", enable_auto_commit=False
     )
@@ -90,18 +91,22 @@ async def read_topic(
             batches = await consumer.getmany(timeout_ms=200, max_records=5000)
             for records in batches.values():
                 for r in records:
-                    fields = dict(r.headers)
-                    reply = Reply(r.key, r.value, fields)
-                    seen[fields.get(key_of, b"").decode()].append(reply)
+                    reply = Reply(r.key, r.value, dict(r.headers))
+                    seen[_key(reply, key_of)].append(reply)
         # Give stragglers (duplicates) a moment to show up too.
         batches = await consumer.getmany(timeout_ms=300, max_records=5000)
         for records in batches.values():
             for r in records:
-                fields = dict(r.headers)
-                seen[fields.get(key_of, b"").decode()].append(Reply(r.key, r.value, fields))
+                reply = Reply(r.key, r.value, dict(r.headers))
+                seen[_key(reply, key_of)].append(reply)
         return dict(seen)
     finally:
         await consumer.stop()
+
+
+def _key(reply: Reply, key_of: str | None) -> str:
+    raw = reply.key if key_of is None else reply.headers.get(key_of)
+    return (raw or b"").decode()
 
 
 async def read_redis(
