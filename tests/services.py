@@ -170,6 +170,7 @@ class KafkaBroker:
 
     def start(self, timeout: float = 90) -> KafkaBroker:
         log = self.workdir / "broker.log"
+        seen = log.stat().st_size if log.exists() else 0  # a restart appends to the same log
         self.process = subprocess.Popen(
             [
                 "java",
@@ -188,7 +189,7 @@ class KafkaBroker:
         )
         _wait_port(self.port, self.process, log, timeout)
         deadline = time.monotonic() + timeout
-        while "Kafka Server started" not in log.read_text(errors="replace"):
+        while "Kafka Server started" not in log.read_text(errors="replace")[seen:]:
             if time.monotonic() > deadline or self.process.poll() is not None:
                 raise RuntimeError(f"Kafka did not start:\n{log.read_text()[-4000:]}")
             time.sleep(0.1)
