@@ -135,9 +135,15 @@ async def committed_lag(bootstrap: str, group: str, topic: str) -> int:
     await consumer.start()
     try:
         committed = await admin.list_consumer_group_offsets(group)
-        partitions = [TopicPartition(topic, p) for p in consumer.partitions_for_topic(topic) or []]
+        while not consumer.partitions_for_topic(topic):  # metadata for this topic, for sure
+            await consumer._client.force_metadata_update()
+            consumer._client.add_topic(topic)
+            await asyncio.sleep(0.05)
+        partitions = [TopicPartition(topic, p) for p in consumer.partitions_for_topic(topic)]
         ends = await consumer.end_offsets(partitions)
-        return sum(ends[tp] - (committed[tp].offset if tp in committed else 0) for tp in partitions)
+        return sum(
+            ends[tp] - max(committed[tp].offset if tp in committed else 0, 0) for tp in partitions
+        )
     finally:
         await consumer.stop()
         await admin.close()

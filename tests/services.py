@@ -216,9 +216,10 @@ class KafkaBroker:
 
 
 class RedisServer:
-    def __init__(self, *, password: str | None = None) -> None:
+    def __init__(self, *, password: str | None = None, persistent: bool = False) -> None:
         self.port = free_port()
         self.password = password
+        self.persistent = persistent  # an append-only file: a restart keeps the data
         self.workdir = Path(tempfile.mkdtemp(prefix="surge-redis-"))
         self.process: subprocess.Popen[bytes] | None = None
 
@@ -239,7 +240,9 @@ class RedisServer:
             "--save",
             "",
             "--appendonly",
-            "no",
+            "yes" if self.persistent else "no",
+            "--appendfsync",
+            "always",
             "--dir",
             str(self.workdir),
         ]
