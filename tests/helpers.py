@@ -149,6 +149,15 @@ async def committed_lag(bootstrap: str, group: str, topic: str) -> int:
         await admin.close()
 
 
+async def wait_committed(bootstrap: str, group: str, topic: str, timeout: float = 30) -> None:
+    """Wait until the group has committed every record of the topic; fail if it never does
+    (a stuck partition)."""
+    deadline = time.monotonic() + timeout
+    while (lag := await committed_lag(bootstrap, group, topic)) > 0:
+        assert time.monotonic() < deadline, f"{lag} records never committed: a partition is stuck"
+        await asyncio.sleep(0.1)
+
+
 def reference(model_path: str, x: np.ndarray) -> np.ndarray:
     """The model's output for `x`, from ONNX Runtime directly."""
     session = ort.InferenceSession(model_path, providers=["CPUExecutionProvider"])

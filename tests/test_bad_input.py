@@ -3,7 +3,6 @@ or a dead letter carrying the original bytes when there is nowhere to reply."""
 
 from __future__ import annotations
 
-import asyncio
 import json
 import time
 import uuid
@@ -21,7 +20,7 @@ from surge.producers.requests import Prediction, PredictionError
 from surge.schemas import JSON, MSGPACK, ErrorCode, headers
 from surge.workers import Worker
 from tests.conftest import make_settings
-from tests.helpers import committed_lag, create_topics, publish, read_topic
+from tests.helpers import create_topics, publish, read_topic, wait_committed
 from tests.models import write_picky
 
 pytestmark = pytest.mark.integration
@@ -211,35 +210,4 @@ async def test_a_failing_request_is_isolated_from_its_batch(kafka: str, served: 
 
 async def _assert_fully_committed(kafka: str, worker: Worker, topic: str) -> None:
     """Every record of the topic has a durable outcome and its offset is committed."""
-    group = worker.settings.worker.group_id
-    deadline = time.monotonic() + 10
-    while (lag := await committed_lag(kafka, group, topic)) and time.monotonic() < deadline:
-        await asyncio.sleep(0.1)
-    assert lag == 0
-
-
-async def test_a_refused_reply_becomes_a_dead_letter(
-    kafka: str, model_root: Path, run_worker: Callable[[Settings], Worker]
-) -> None:
-    """The broker refuses the reply topic: after retries, the request is dead-lettered with
-    reply_failed and its partition moves on."""
-    dead_letters = f"test.dlq.{uuid.uuid4().hex[:6]}"
-    settings = make_settings(
-        kafka,
-        model_root,
-        None,
-        SURGE_WORKER__DEAD_LETTER_TOPIC=dead_letters,
-        SURGE_WORKER__REPLY_RETRY_S="1",
-        SURGE_KAFKA__REQUEST_TIMEOUT_MS="2000",
-    )
-    topic = settings.worker.topic_prefix + "mlp"
-    await create_topics(kafka, topic, dead_letters)
-    worker = await run_worker(settings)
-    body = _json("refused", np.ones((1, 32), np.float32))
-    await publish(kafka, [(topic, b"refused", body, _route(".."))])  # not a legal topic name
-    letters = await read_topic(kafka, dead_letters, until=1, key_of=None)
-    (letter,) = [r for replies in letters.values() for r in replies]
-    assert letter.key == b"refused"
-    assert letter.value == body
-    assert letter.headers[headers.ERROR_CODE] == ErrorCode.REPLY_FAILED.encode()
-    await _assert_fully_committed(kafka, worker, topic)
+    await wait_committed(kafka, worker.settings.worker.group_id, topic, timeout=10)

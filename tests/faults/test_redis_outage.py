@@ -13,7 +13,7 @@ import pytest
 from surge.schemas.headers import REPLY_TO_REDIS
 from tests.conftest import WorkerProcess, topic_of, worker_env
 from tests.faults.harness import FaultReport, Stopwatch, requests, scaled
-from tests.helpers import committed_lag, create_topics, publish, read_redis
+from tests.helpers import committed_lag, create_topics, publish, read_redis, wait_committed
 from tests.services import RedisServer
 
 pytestmark = pytest.mark.integration
@@ -64,8 +64,5 @@ async def test_redis_outage_loses_nothing(
     ).save()
     assert lost == 0
     assert held_back > 0, "offsets were committed past results Redis had not taken"
-    deadline = asyncio.get_running_loop().time() + 30
-    while await committed_lag(kafka, group, topic):
-        assert asyncio.get_running_loop().time() < deadline
-        await asyncio.sleep(0.2)
+    await wait_committed(kafka, group, topic)
     assert worker.process.poll() is None

@@ -12,7 +12,7 @@ import pytest
 
 from tests.conftest import WorkerProcess, topic_of, worker_env
 from tests.faults.harness import FaultReport, Stopwatch, requests, scaled, tally
-from tests.helpers import committed_lag, create_topics, publish, read_topic
+from tests.helpers import create_topics, publish, read_topic, wait_committed
 
 pytestmark = pytest.mark.integration
 
@@ -59,7 +59,4 @@ async def test_repeated_sigkill_loses_nothing(
         "at-least-once: duplicates are the uncommitted tail of each killed worker",
     ).save()
     assert lost == 0
-    deadline = asyncio.get_running_loop().time() + 60
-    while await committed_lag(kafka, env["SURGE_WORKER__GROUP_ID"], topic):
-        assert asyncio.get_running_loop().time() < deadline, "a partition is stuck"
-        await asyncio.sleep(0.5)
+    await wait_committed(kafka, env["SURGE_WORKER__GROUP_ID"], topic, timeout=60)
