@@ -32,7 +32,12 @@ ValidationError = msgspec.ValidationError
 
 def decode_request(body: bytes, content_type: str) -> InferenceRequest:
     """Decode a request body; raises `DecodeError` (or its subclass `ValidationError`)."""
-    return _request_decoders[content_type].decode(body)
+    try:
+        return _request_decoders[content_type].decode(body)
+    except RecursionError:  # hostile nesting: a validation error like any other
+        raise ValidationError("structure nested too deeply") from None
+    except UnicodeDecodeError as exc:  # msgpack strings that are not UTF-8
+        raise DecodeError(f"invalid UTF-8 in a string: {exc.reason}") from None
 
 
 def decode_response(body: bytes, content_type: str) -> InferenceResponse:

@@ -67,8 +67,9 @@ def to_array(tensor: Tensor, max_elements: int | None = None) -> np.ndarray:
             )
         return np.frombuffer(data, dtype=dtype).reshape(tensor.shape)
     try:
-        array = np.array(data, dtype=dtype)
-    except (ValueError, TypeError, OverflowError) as exc:
+        with np.errstate(over="raise", invalid="raise"):  # 1e308 as FP32 is an error, not inf
+            array = np.array(data, dtype=dtype)
+    except (ValueError, TypeError, OverflowError, FloatingPointError) as exc:
         raise TensorError(f"input {tensor.name!r}: data is not {tensor.datatype}: {exc}") from None
     if array.size != count:
         raise TensorError(

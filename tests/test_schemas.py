@@ -75,6 +75,7 @@ def test_v2_json_from_other_clients_decodes() -> None:
         ({"name": "x", "shape": [2], "datatype": "FP32", "data": ["a", "b"]}, "not FP32"),
         ({"name": "x", "shape": [2], "datatype": "UINT8", "data": [1, 300]}, "not UINT8"),
         ({"name": "x", "shape": [2, 2], "datatype": "FP32", "data": [[1], [2, 3]]}, "not FP32"),
+        ({"name": "x", "shape": [1], "datatype": "FP32", "data": [1e308]}, "not FP32"),
     ],
 )
 def test_bad_tensors_raise_tensor_errors(tensor: dict[str, object], error: str) -> None:

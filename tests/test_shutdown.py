@@ -14,7 +14,7 @@ import pytest
 from surge.producers import request_body, request_headers
 from surge.schemas import MSGPACK, headers
 from tests.conftest import WorkerProcess, topic_of, worker_env
-from tests.helpers import committed_lag, create_topics, publish, read_topic
+from tests.helpers import create_topics, publish, read_topic, wait_committed
 
 pytestmark = pytest.mark.integration
 
@@ -50,5 +50,5 @@ async def test_sigterm_mid_load_loses_and_repeats_nothing(
     duplicates = {k: len(v) for k, v in results.items() if len(v) > 1}
     assert not duplicates, f"{len(duplicates)} requests answered twice"
     assert all(r.headers[headers.STATUS] == b"ok" for v in results.values() for r in v)
-    assert await committed_lag(kafka, group, topic) == 0
+    await wait_committed(kafka, group, topic)
     assert second.terminate() == 0
