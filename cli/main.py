@@ -1,4 +1,4 @@
-"""The `surge` command: broker, worker, predict, demo, schema."""
+"""The `surge` command: broker, worker, predict, demo, dlq, schema."""
 
 from __future__ import annotations
 
@@ -6,6 +6,7 @@ import argparse
 import asyncio
 import json
 import sys
+from datetime import UTC, datetime
 from pathlib import Path
 
 import numpy as np
@@ -43,6 +44,21 @@ def main(argv: list[str] | None = None) -> None:
     demo = commands.add_parser("demo", help="broker + worker + example model + a burst, in one go")
     demo.add_argument("--requests", type=int, default=20_000)
     demo.add_argument("--rate", type=float, default=2_000.0, help="steady-load phase, requests/s")
+
+    dlq = commands.add_parser("dlq", help="inspect or replay a dead-letter topic")
+    dlq_commands = dlq.add_subparsers(dest="action", required=True)
+    for action, text in (("inspect", "summarise by reason"), ("replay", "re-publish to source")):
+        sub = dlq_commands.add_parser(action, help=text)
+        sub.add_argument("--topic", default="surge.dead-letters")
+        sub.add_argument("--bootstrap", default="127.0.0.1:9092")
+    replay = dlq_commands.choices["replay"]
+    replay.add_argument("--reason", action="append", default=[], help="error code; repeatable")
+    replay.add_argument("--id", action="append", default=[], help="request id; repeatable")
+    replay.add_argument("--since", type=datetime.fromisoformat, help="ISO time, inclusive")
+    replay.add_argument("--until", type=datetime.fromisoformat, help="ISO time, inclusive")
+    replay.add_argument("--reply-to", help="replace each request's surge-reply-to")
+    replay.add_argument("--redis-url", help="to find results already written to Redis")
+    replay.add_argument("--dry-run", action="store_true")
 
     commands.add_parser("schema", help="print JSON Schema of the wire contract")
 
@@ -126,6 +142,56 @@ def _demo(args: argparse.Namespace) -> int:
     return run_demo(requests=args.requests, rate=args.rate)
 
 
+def _dlq(args: argparse.Namespace) -> int:
+    from rich.console import Console
+    from rich.table import Table
+
+    from surge.producers import dead_letters
+
+    letters = asyncio.run(dead_letters.load(args.bootstrap, args.topic))
+    console = Console(width=None if sys.stdout.isatty() else 200)  # piped: don't squeeze it
+    if args.action == "inspect":
+        table = Table(title=f"{args.topic}: {len(letters):,} dead letters")
+        for column in ("reason", "count", "source topics", "first", "last"):
+            table.add_column(column, no_wrap=True)
+        table.add_column("example")
+        for code, entry in sorted(dead_letters.summarise(letters).items()):
+            sources = ", ".join(f"{t} ({n})" for t, n in entry["sources"].most_common(3))
+            table.add_row(
+                code,
+                f"{entry['count']:,}",
+                sources,
+                _iso(entry["first_ms"]),
+                _iso(entry["last_ms"]),
+                entry["example"] or "",
+            )
+        console.print(table)
+        return 0
+    chosen = dead_letters.select(
+        letters, reasons=args.reason, since=args.since, until=args.until, ids=args.id
+    )
+    report = asyncio.run(
+        dead_letters.replay(
+            args.bootstrap,
+            chosen,
+            reply_to=args.reply_to,
+            redis_url=args.redis_url,
+            dry_run=args.dry_run,
+        )
+    )
+    verb = "would replay" if args.dry_run else "replayed"
+    console.print(
+        f"selected {report.selected:,}: {verb} {report.replayed:,}, skipped "
+        f"{report.already_answered:,} already answered, {report.repeated:,} repeated, "
+        f"{report.unroutable:,} without a source topic"
+    )
+    return 0
+
+
+def _iso(ms: int) -> str:
+    return datetime.fromtimestamp(ms / 1000, tz=UTC).isoformat(timespec="seconds")
+
+
 def _schema(args: argparse.Namespace) -> int:
     from surge.schemas import json_schema
 
@@ -138,5 +204,6 @@ _COMMANDS = {
     "worker": _worker,
     "predict": _predict,
     "demo": _demo,
+    "dlq": _dlq,
     "schema": _schema,
 }

@@ -1,0 +1,244 @@
+"""Dead-letter tooling: summarise a dead-letter topic, and replay selected records to their
+source topic once the cause is fixed, skipping requests that already have a result."""
+
+from __future__ import annotations
+
+import contextlib
+from collections import Counter
+from collections.abc import Iterable, Mapping
+from dataclasses import dataclass, field
+from datetime import datetime
+from typing import Any
+
+from aiokafka import AIOKafkaConsumer, AIOKafkaProducer, TopicPartition
+from redis.asyncio import Redis
+
+from surge.schemas import DecodeError, decode_request, headers
+
+# Headers the worker adds to a dead letter: stripped again on replay.
+_ADDED = {
+    headers.ERROR_CODE,
+    headers.ERROR_MESSAGE,
+    headers.SOURCE_TOPIC,
+    headers.SOURCE_PARTITION,
+    headers.SOURCE_OFFSET,
+}
+
+
+@dataclass
+class DeadLetter:
+    key: bytes | None
+    value: bytes
+    headers: list[tuple[str, bytes]]
+    timestamp_ms: int
+    fields: dict[str, str] = field(default_factory=dict)
+
+    def __post_init__(self) -> None:
+        self.fields = {k: (v or b"").decode(errors="replace") for k, v in self.headers}
+
+    @property
+    def code(self) -> str:
+        return self.fields.get(headers.ERROR_CODE, "unknown")
+
+    @property
+    def source_topic(self) -> str | None:
+        return self.fields.get(headers.SOURCE_TOPIC)
+
+    @property
+    def reply_to(self) -> str | None:
+        return self.fields.get(headers.REPLY_TO)
+
+    @property
+    def request_id(self) -> str:
+        """As the worker names it: the body's id, else the key, else the source position."""
+        content_type = self.fields.get(headers.CONTENT_TYPE, "application/json")
+        with contextlib.suppress(DecodeError, KeyError):
+            request_id = decode_request(self.value, content_type).id
+            if request_id:
+                return request_id
+        if self.key:
+            with contextlib.suppress(UnicodeDecodeError):
+                return self.key.decode()
+        return "-".join(
+            self.fields.get(h, "?")
+            for h in (headers.SOURCE_TOPIC, headers.SOURCE_PARTITION, headers.SOURCE_OFFSET)
+        )
+
+
+async def read_all(
+    bootstrap: str,
+    topic: str,
+    kafka_options: Mapping[str, Any] | None = None,
+) -> list[tuple[dict[str, str], bytes | None, bytes, int]]:
+    """Every record of a topic up to its current end: (headers, key, value, timestamp)."""
+    consumer = AIOKafkaConsumer(
+        bootstrap_servers=bootstrap, enable_auto_commit=False, **(kafka_options or {})
+    )
+    await consumer.start()
+    try:
+        consumer._client.add_topic(topic)  # a consumer without a group knows no topics yet
+        await consumer._client.force_metadata_update()
+        partitions = [TopicPartition(topic, p) for p in consumer.partitions_for_topic(topic) or []]
+        if not partitions:
+            return []
+        consumer.assign(partitions)
+        ends = await consumer.end_offsets(partitions)
+        for tp, start in (await consumer.beginning_offsets(partitions)).items():
+            consumer.seek(tp, start)  # explicit: seek_to_beginning resolves lazily
+        records = []
+        remaining = {tp for tp in partitions if ends[tp] > 0}
+        while remaining:
+            for batch in (await consumer.getmany(*remaining, timeout_ms=500)).values():
+                records.extend((r.headers, r.key, r.value, r.timestamp) for r in batch)
+            for tp in list(remaining):
+                if await consumer.position(tp) >= ends[tp]:
+                    remaining.discard(tp)
+        return records
+    finally:
+        await consumer.stop()
+
+
+async def load(bootstrap: str, topic: str, **options: Any) -> list[DeadLetter]:
+    return [
+        DeadLetter(key, value or b"", list(hdrs), ts)
+        for hdrs, key, value, ts in await read_all(bootstrap, topic, options)
+    ]
+
+
+def summarise(letters: Iterable[DeadLetter]) -> dict[str, dict[str, Any]]:
+    """Per reason code: count, source topics, first and last time, one example message."""
+    summary: dict[str, dict[str, Any]] = {}
+    for letter in letters:
+        entry = summary.setdefault(
+            letter.code,
+            {
+                "count": 0,
+                "sources": Counter(),
+                "first_ms": letter.timestamp_ms,
+                "last_ms": letter.timestamp_ms,
+                "example": letter.fields.get(headers.ERROR_MESSAGE),
+            },
+        )
+        entry["count"] += 1
+        entry["sources"][letter.source_topic or "?"] += 1
+        entry["first_ms"] = min(entry["first_ms"], letter.timestamp_ms)
+        entry["last_ms"] = max(entry["last_ms"], letter.timestamp_ms)
+    return summary
+
+
+def select(
+    letters: Iterable[DeadLetter],
+    *,
+    reasons: Iterable[str] = (),
+    since: datetime | None = None,
+    until: datetime | None = None,
+    ids: Iterable[str] = (),
+) -> list[DeadLetter]:
+    reasons, ids = set(reasons), set(ids)
+    chosen = []
+    for letter in letters:
+        if reasons and letter.code not in reasons:
+            continue
+        if since and letter.timestamp_ms < since.timestamp() * 1000:
+            continue
+        if until and letter.timestamp_ms > until.timestamp() * 1000:
+            continue
+        if ids and letter.request_id not in ids:
+            continue
+        chosen.append(letter)
+    return chosen
+
+
+@dataclass
+class ReplayReport:
+    selected: int
+    replayed: int
+    already_answered: int
+    repeated: int  # the same request more than once in the selection
+    unroutable: int  # no source topic recorded
+
+
+async def replay(
+    bootstrap: str,
+    letters: list[DeadLetter],
+    *,
+    reply_to: str | None = None,
+    redis_url: str | None = None,
+    redis_prefix: str = "surge:result:",
+    dry_run: bool = False,
+    kafka_options: Mapping[str, Any] | None = None,
+) -> ReplayReport:
+    """Re-publish letters to their source topics; skip requests that have a result already
+    (in their reply topic, or in Redis) and repeats of one request within the selection."""
+    answered = await _answered(
+        bootstrap, letters, reply_to, redis_url, redis_prefix, kafka_options or {}
+    )
+    report = ReplayReport(len(letters), 0, 0, 0, 0)
+    seen: set[str] = set()
+    producer = AIOKafkaProducer(
+        bootstrap_servers=bootstrap, acks="all", enable_idempotence=True, **(kafka_options or {})
+    )
+    await producer.start()
+    try:
+        deliveries = []
+        for letter in letters:
+            request_id = letter.request_id
+            if request_id in answered:
+                report.already_answered += 1
+                continue
+            if request_id in seen:
+                report.repeated += 1
+                continue
+            if not letter.source_topic:
+                report.unroutable += 1
+                continue
+            seen.add(request_id)
+            record_headers = [(k, v) for k, v in letter.headers if k not in _ADDED]
+            if reply_to:
+                record_headers = [(k, v) for k, v in record_headers if k != headers.REPLY_TO]
+                record_headers.append((headers.REPLY_TO, reply_to.encode()))
+            report.replayed += 1
+            if not dry_run:
+                deliveries.append(
+                    await producer.send(
+                        letter.source_topic, letter.value, key=letter.key, headers=record_headers
+                    )
+                )
+        for delivery in deliveries:
+            await delivery
+    finally:
+        await producer.stop()
+    return report
+
+
+async def _answered(
+    bootstrap: str,
+    letters: list[DeadLetter],
+    reply_to: str | None,
+    redis_url: str | None,
+    redis_prefix: str,
+    kafka_options: Mapping[str, Any],
+) -> set[str]:
+    """Request ids among `letters` that already have a result where they would reply."""
+    targets: dict[str, set[str]] = {}
+    for letter in letters:
+        target = reply_to or letter.reply_to
+        if target:
+            targets.setdefault(target, set()).add(letter.request_id)
+    answered: set[str] = set()
+    for target, ids in targets.items():
+        if target == headers.REPLY_TO_REDIS:
+            if redis_url:
+                redis = Redis.from_url(redis_url)
+                try:
+                    ordered = sorted(ids)
+                    values = await redis.mget([redis_prefix + i for i in ordered])
+                    answered |= {i for i, v in zip(ordered, values, strict=True) if v is not None}
+                finally:
+                    await redis.aclose()
+            continue
+        for record_headers, *_ in await read_all(bootstrap, target, kafka_options):
+            request_id = dict(record_headers).get(headers.REQUEST_ID, b"").decode()
+            if request_id in ids:
+                answered.add(request_id)
+    return answered
