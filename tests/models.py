@@ -36,3 +36,35 @@ def write_picky(model_root: Path, version: int = 1) -> Path:
     path = version_dir / "model.pt"
     torch.jit.script(Picky()).save(str(path))
     return path
+
+
+OOM_CONFIG = """\
+max_batch_size = 64
+max_batch_delay_ms = 50
+[[inputs]]
+name = "x"
+datatype = "FP32"
+shape = [4]
+[[outputs]]
+name = "y"
+datatype = "FP32"
+shape = [4]
+"""
+
+
+class Cramped(torch.nn.Module):
+    """Runs out of memory on batches of more than 4 rows, as a small GPU would."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if x.shape[0] > 4:
+            raise RuntimeError("CUDA out of memory. Tried to allocate 2.00 GiB")
+        return x + 1
+
+
+def write_cramped(model_root: Path, version: int = 1) -> Path:
+    version_dir = model_root / "cramped" / str(version)
+    version_dir.mkdir(parents=True, exist_ok=True)
+    (model_root / "cramped" / "config.toml").write_text(OOM_CONFIG)
+    path = version_dir / "model.pt"
+    torch.jit.script(Cramped()).save(str(path))
+    return path

@@ -214,10 +214,7 @@ class ModelRepository:
         try:
             runtime = await asyncio.to_thread(runtimes.load, source.artifact, source.config)
             if source.config.warmup:
-                sizes = sorted(
-                    {1, *source.config.preferred_batch_sizes, source.config.max_batch_size}
-                )
-                await asyncio.to_thread(runtimes.warm_up, runtime, sizes)
+                await self._warm_up(source, runtime)
         except Exception as exc:  # a bad model file must not take the worker down
             log.error(
                 "model_load_failed", model=source.name, version=source.version, error=repr(exc)
@@ -246,6 +243,20 @@ class ModelRepository:
             seconds=round(time.perf_counter() - started, 3),
         )
         return ServedVersion(source, runtime, batcher, executor)
+
+    async def _warm_up(self, source: VersionSource, runtime: runtimes.Runtime) -> None:
+        """Warm the batch sizes it will see. Failing at one row means a broken model; failing
+        larger (out of memory, say) only means those batches will be split when they come."""
+        config = source.config
+        sizes = sorted({1, *config.preferred_batch_sizes, config.max_batch_size})
+        for size in sizes:
+            try:
+                await asyncio.to_thread(runtimes.warm_up, runtime, [size])
+            except Exception as exc:
+                if size == sizes[0]:
+                    raise
+                log.warning("warmup_failed", model=source.name, rows=size, error=repr(exc)[:300])
+                return
 
     def _retire(self, served: ServedVersion) -> None:
         """Stop routing to it now; unload once its queued and running batches finish."""
