@@ -104,40 +104,58 @@ def _wait_port(port: int, process: subprocess.Popen[bytes], log: Path, timeout: 
 class KafkaBroker:
     """A single-node KRaft broker. `kill()` and `start()` again reuse the same log directory."""
 
-    def __init__(self, workdir: Path | None = None, *, heap: str = "512m") -> None:
+    def __init__(
+        self,
+        workdir: Path | None = None,
+        *,
+        heap: str = "512m",
+        sasl_users: dict[str, str] | None = None,
+    ) -> None:
+        """`sasl_users` adds a SASL_PLAINTEXT listener (mechanism PLAIN) with these users."""
         self.workdir = Path(workdir or tempfile.mkdtemp(prefix="surge-kafka-"))
         self.port = free_port()
         self.controller_port = free_port()
+        self.sasl_port = free_port() if sasl_users else None
         self.heap = heap
         self.process: subprocess.Popen[bytes] | None = None
         self._classpath = kafka_classpath()
         self._config = self.workdir / "server.properties"
-        self._config.write_text(
-            "\n".join(
-                [
-                    "process.roles=broker,controller",
-                    "node.id=1",
-                    f"controller.quorum.voters=1@127.0.0.1:{self.controller_port}",
-                    f"listeners=PLAINTEXT://127.0.0.1:{self.port},CONTROLLER://127.0.0.1:{self.controller_port}",
-                    f"advertised.listeners=PLAINTEXT://127.0.0.1:{self.port}",
-                    "controller.listener.names=CONTROLLER",
-                    "inter.broker.listener.name=PLAINTEXT",
-                    "listener.security.protocol.map=PLAINTEXT:PLAINTEXT,CONTROLLER:PLAINTEXT",
-                    f"log.dirs={self.workdir / 'data'}",
-                    "num.partitions=4",
-                    "auto.create.topics.enable=true",
-                    "offsets.topic.replication.factor=1",
-                    "offsets.topic.num.partitions=4",
-                    "transaction.state.log.replication.factor=1",
-                    "transaction.state.log.min.isr=1",
-                    "transaction.state.log.num.partitions=4",
-                    "group.initial.rebalance.delay.ms=0",
-                    "num.network.threads=2",
-                    "num.io.threads=2",
-                ]
-            )
-            + "\n"
-        )
+        listeners = [f"PLAINTEXT://127.0.0.1:{self.port}"]
+        protocols = ["PLAINTEXT:PLAINTEXT", "CONTROLLER:PLAINTEXT"]
+        sasl: list[str] = []
+        if sasl_users:
+            listeners.append(f"SASL_PLAINTEXT://127.0.0.1:{self.sasl_port}")
+            protocols.append("SASL_PLAINTEXT:SASL_PLAINTEXT")
+            users = " ".join(f'user_{u}="{p}"' for u, p in sasl_users.items())
+            sasl = [
+                "sasl.enabled.mechanisms=PLAIN",
+                "listener.name.sasl_plaintext.plain.sasl.jaas.config="
+                "org.apache.kafka.common.security.plain.PlainLoginModule required "
+                f'username="admin" password="{sasl_users.get("admin", "")}" {users};',
+            ]
+        settings = [
+            "process.roles=broker,controller",
+            "node.id=1",
+            f"controller.quorum.voters=1@127.0.0.1:{self.controller_port}",
+            f"listeners={','.join(listeners)},CONTROLLER://127.0.0.1:{self.controller_port}",
+            f"advertised.listeners={','.join(listeners)}",
+            "controller.listener.names=CONTROLLER",
+            "inter.broker.listener.name=PLAINTEXT",
+            f"listener.security.protocol.map={','.join(protocols)}",
+            f"log.dirs={self.workdir / 'data'}",
+            "num.partitions=4",
+            "auto.create.topics.enable=true",
+            "offsets.topic.replication.factor=1",
+            "offsets.topic.num.partitions=4",
+            "transaction.state.log.replication.factor=1",
+            "transaction.state.log.min.isr=1",
+            "transaction.state.log.num.partitions=4",
+            "group.initial.rebalance.delay.ms=0",
+            "num.network.threads=2",
+            "num.io.threads=2",
+            *sasl,
+        ]
+        self._config.write_text("\n".join(settings) + "\n")
         self._java(
             [
                 "kafka.tools.StorageTool",
@@ -153,6 +171,10 @@ class KafkaBroker:
     @property
     def bootstrap(self) -> str:
         return f"127.0.0.1:{self.port}"
+
+    @property
+    def sasl_bootstrap(self) -> str:
+        return f"127.0.0.1:{self.sasl_port}"
 
     def _java(self, args: list[str], check: bool = False) -> subprocess.CompletedProcess[bytes]:
         return subprocess.run(
