@@ -41,6 +41,7 @@ _GETMANY_TIMEOUT_MS = 100  # how soon a stop request is noticed while the topics
 _PAUSED_KEEPALIVE_S = 1.0  # while paused, getmany still runs this often (max.poll.interval)
 _FETCH_RETRY_S = 1.0
 _COMMIT_RETRY_S = 5.0
+_SHUTDOWN_STEP_S = 10.0
 
 
 class Worker:
@@ -327,9 +328,9 @@ class Worker:
         except Exception:
             log.exception("shutdown_drain_failed", unfinished=self._ledger.records)
         for step in (self.commit, self._consumer.stop, self._replies.close, self._producer.stop):
-            try:
-                await step()  # commit, then leave the group: partitions move at once
-            except Exception:
+            try:  # commit, then leave the group: partitions move at once
+                await asyncio.wait_for(step(), _SHUTDOWN_STEP_S)
+            except Exception:  # a commit caught in a rebalance must not keep the process up
                 log.exception("shutdown_step_failed", step=step.__name__)
         if self._redis is not None:
             await self._redis.aclose()
@@ -352,9 +353,9 @@ class _Rebalance(ConsumerRebalanceListener):  # type: ignore[misc]
         )
         try:
             await asyncio.wait_for(worker._ledger.drained(revoked), limit)
+            await asyncio.wait_for(worker.commit(), _SHUTDOWN_STEP_S)
         except TimeoutError:
             log.warning("revoke_drain_timeout", partitions=len(revoked))
-        await worker.commit()
         worker._ledger.offsets.forget(revoked)
 
     async def on_partitions_assigned(self, assigned: set[TopicPartition]) -> None:
