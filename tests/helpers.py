@@ -16,6 +16,8 @@ from aiokafka.admin import AIOKafkaAdminClient, NewTopic
 from aiokafka.errors import TopicAlreadyExistsError
 from redis.asyncio import Redis
 
+from surge.workers.tickets import Ticket
+
 Headers = list[tuple[str, bytes]]
 
 
@@ -156,6 +158,24 @@ async def wait_committed(bootstrap: str, group: str, topic: str, timeout: float 
     while (lag := await committed_lag(bootstrap, group, topic)) > 0:
         assert time.monotonic() < deadline, f"{lag} records never committed: a partition is stuck"
         await asyncio.sleep(0.1)
+
+
+def make_ticket(body: bytes, content_type: str = "application/json") -> Ticket:
+    """A ticket as the router would make it for a record with this body."""
+    return Ticket(
+        tp=TopicPartition("t", 0),
+        offset=0,
+        key=b"k",
+        value=body,
+        headers=[],
+        request_id="k",
+        model="m",
+        version=None,
+        reply_to="out",
+        content_type=content_type,
+        deadline_ms=None,
+        received=time.monotonic(),
+    )
 
 
 def reference(model_path: str, x: np.ndarray) -> np.ndarray:

@@ -1,4 +1,4 @@
-"""Test models built in code: a TorchScript model that refuses some inputs."""
+"""Test models built in code: TorchScript models that refuse some inputs."""
 
 from __future__ import annotations
 
@@ -6,9 +6,9 @@ from pathlib import Path
 
 import torch
 
-PICKY_CONFIG = """\
+CONFIG = """\
 max_batch_size = 64
-max_batch_delay_ms = 30
+max_batch_delay_ms = {delay}
 [[inputs]]
 name = "x"
 datatype = "FP32"
@@ -29,31 +29,8 @@ class Picky(torch.nn.Module):
         return x * 2
 
 
-def write_picky(model_root: Path, version: int = 1) -> Path:
-    version_dir = model_root / "picky" / str(version)
-    version_dir.mkdir(parents=True, exist_ok=True)
-    (model_root / "picky" / "config.toml").write_text(PICKY_CONFIG)
-    path = version_dir / "model.pt"
-    torch.jit.script(Picky()).save(str(path))
-    return path
-
-
-OOM_CONFIG = """\
-max_batch_size = 64
-max_batch_delay_ms = 50
-[[inputs]]
-name = "x"
-datatype = "FP32"
-shape = [4]
-[[outputs]]
-name = "y"
-datatype = "FP32"
-shape = [4]
-"""
-
-
 class Cramped(torch.nn.Module):
-    """Runs out of memory on batches of more than 4 rows, as a small GPU would."""
+    """Adds one; runs out of memory on batches of more than 4 rows, as a small GPU would."""
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if x.shape[0] > 4:
@@ -61,10 +38,18 @@ class Cramped(torch.nn.Module):
         return x + 1
 
 
-def write_cramped(model_root: Path, version: int = 1) -> Path:
-    version_dir = model_root / "cramped" / str(version)
+def _write(model_root: Path, name: str, module: torch.nn.Module, delay_ms: int) -> Path:
+    version_dir = model_root / name / "1"
     version_dir.mkdir(parents=True, exist_ok=True)
-    (model_root / "cramped" / "config.toml").write_text(OOM_CONFIG)
+    (model_root / name / "config.toml").write_text(CONFIG.format(delay=delay_ms))
     path = version_dir / "model.pt"
-    torch.jit.script(Cramped()).save(str(path))
+    torch.jit.script(module).save(str(path))
     return path
+
+
+def write_picky(model_root: Path) -> Path:
+    return _write(model_root, "picky", Picky(), delay_ms=30)
+
+
+def write_cramped(model_root: Path) -> Path:
+    return _write(model_root, "cramped", Cramped(), delay_ms=50)

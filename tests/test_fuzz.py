@@ -6,7 +6,6 @@ from __future__ import annotations
 
 import json
 import random
-import time
 import uuid
 from collections.abc import Callable
 from pathlib import Path
@@ -23,10 +22,16 @@ from surge.schemas import JSON, MSGPACK, ErrorCode, headers
 from surge.workers import Rejection, Router, Worker
 from surge.workers.intake import Job, admit
 from surge.workers.runtimes import TensorSpec
-from surge.workers.tickets import Ticket
 from tests.conftest import make_settings
 from tests.faults.harness import FaultReport, scaled
-from tests.helpers import create_topics, publish, read_topic, reference, wait_committed
+from tests.helpers import (
+    create_topics,
+    make_ticket,
+    publish,
+    read_topic,
+    reference,
+    wait_committed,
+)
 
 SPECS = [TensorSpec("x", "FP32", (32,))]
 VALID = {
@@ -47,27 +52,8 @@ json_values = st.recursive(
 )
 
 
-def _ticket(body: bytes, content_type: str) -> Ticket:
-    from aiokafka import TopicPartition
-
-    return Ticket(
-        tp=TopicPartition("t", 0),
-        offset=0,
-        key=b"k",
-        value=body,
-        headers=[],
-        request_id="k",
-        model="m",
-        version=None,
-        reply_to="out",
-        content_type=content_type,
-        deadline_ms=None,
-        received=time.monotonic(),
-    )
-
-
 def _admit(body: bytes, content_type: str) -> Job | Rejection:
-    return admit(_ticket(body, content_type), SPECS, [], max_rows=64, max_elements=1 << 16)
+    return admit(make_ticket(body, content_type), SPECS, [], max_rows=64, max_elements=1 << 16)
 
 
 @settings(max_examples=300, suppress_health_check=[HealthCheck.too_slow])

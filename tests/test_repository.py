@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import time
 from pathlib import Path
 
 import numpy as np
@@ -11,7 +10,7 @@ from surge.examples import write_mlp
 from surge.schemas import ErrorCode
 from surge.workers import ModelRepository, Rejection, scan
 from surge.workers.intake import Job, admit
-from surge.workers.tickets import Ticket
+from tests.helpers import make_ticket
 
 
 def _repository(root: Path) -> ModelRepository:
@@ -83,25 +82,10 @@ async def test_removing_a_model_unloads_it(tmp_path: Path) -> None:
 
 
 def test_scalar_and_mis_ranked_tensors_are_invalid_input(tmp_path: Path) -> None:
-    from aiokafka import TopicPartition
-
     from surge.workers.runtimes import TensorSpec
 
     body = b'{"inputs": [{"name": "x", "shape": [], "datatype": "FP32", "data": [1]}]}'
-    ticket = Ticket(
-        tp=TopicPartition("t", 0),
-        offset=0,
-        key=None,
-        value=body,
-        headers=[],
-        request_id="r",
-        model="m",
-        version=None,
-        reply_to="out",
-        content_type="application/json",
-        deadline_ms=None,
-        received=time.monotonic(),
-    )
+    ticket = make_ticket(body)
     for shape in ((), (4,)):
         result = admit(ticket, [TensorSpec("x", "FP32", shape)], [], max_rows=8, max_elements=99)
         assert isinstance(result, Rejection), shape
