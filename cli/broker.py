@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import logging
 import os
 import shutil
 import signal
@@ -63,6 +64,9 @@ def stop_noida(process: subprocess.Popen[bytes]) -> None:
 async def _serves_metadata(bootstrap: str) -> bool:
     """The port opens before data is loaded: only a real metadata answer counts as ready."""
     admin = AIOKafkaAdminClient(bootstrap_servers=bootstrap, request_timeout_ms=2000)
+    quiet = logging.getLogger("aiokafka")
+    level = quiet.level
+    quiet.setLevel(logging.CRITICAL)  # "connection refused" is the expected answer for a while
     try:
         await admin.start()
         await admin.list_topics()
@@ -71,3 +75,4 @@ async def _serves_metadata(bootstrap: str) -> bool:
         return False
     finally:
         await admin.close()
+        quiet.setLevel(level)
