@@ -53,3 +53,18 @@ def write_picky(model_root: Path) -> Path:
 
 def write_cramped(model_root: Path) -> Path:
     return _write(model_root, "cramped", Cramped(), delay_ms=50)
+
+
+class Slow(torch.nn.Module):
+    """Burns one to two seconds of CPU per call, whatever the batch size."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        w = torch.ones(256, 256) / 256
+        acc = torch.ones(64, 256)
+        for _ in range(20000):
+            acc = torch.tanh(acc @ w)
+        return x + acc.sum() * 0
+
+
+def write_slow(model_root: Path) -> Path:
+    return _write(model_root, "slow", Slow(), delay_ms=5)

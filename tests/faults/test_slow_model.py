@@ -1,0 +1,66 @@
+"""A model slower than the consumer's poll interval: model calls run in executor threads, so
+the worker keeps polling, stays in the group (no rebalance storm) and results arrive."""
+
+from __future__ import annotations
+
+import uuid
+from collections.abc import Callable
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from surge.producers import request_body, request_headers
+from surge.schemas import MSGPACK, headers
+from tests.conftest import WorkerProcess, topic_of, worker_env
+from tests.faults.harness import FaultReport, Stopwatch, tally
+from tests.helpers import create_topics, publish, read_topic
+from tests.models import write_slow
+
+pytestmark = pytest.mark.integration
+
+
+async def test_model_slower_than_max_poll_interval(
+    kafka: str, model_root: Path, worker_processes: Callable[[dict[str, str]], WorkerProcess]
+) -> None:
+    write_slow(model_root)
+    env = worker_env(
+        kafka,
+        model_root,
+        None,
+        SURGE_WORKER__MAX_POLL_INTERVAL_MS="1000",
+        SURGE_WORKER__SESSION_TIMEOUT_MS="6000",
+    )
+    topic, run = topic_of(env, "slow"), uuid.uuid4().hex[:8]
+    replies = f"test.replies.{run}"
+    await create_topics(kafka, topic, replies)
+    worker = worker_processes(env)
+    worker.wait_for("partitions_assigned", timeout=120)
+    assignments = sum(e.get("event") == "partitions_assigned" for e in worker.events())
+
+    count = 6  # several model calls of 1-2 s each, every one longer than the poll interval
+    records = []
+    for i in range(count):
+        request_id = f"{run}-{i}"
+        body = request_body({"x": np.full((1, 4), i, np.float32)}, request_id, MSGPACK)
+        route = request_headers(model="slow", content_type=MSGPACK, reply_to=replies)
+        records.append((topic, request_id.encode(), body, route))
+    clock = Stopwatch()
+    for start in range(0, count, 3):  # spread out: one batch after another
+        await publish(kafka, records[start : start + 3])
+        await read_topic(kafka, replies, until=start + 3, timeout=60)
+    results = await read_topic(kafka, replies, until=count, timeout=60)
+    lost, duplicated = tally(results, run, count)
+    rebalances = sum(e.get("event") == "partitions_assigned" for e in worker.events()) - assignments
+    FaultReport(
+        "slow model",
+        "1-2 s per model call, max.poll.interval 1 s",
+        count,
+        lost,
+        duplicated,
+        clock(),
+        f"{rebalances} rebalances while serving",
+    ).save()
+    assert lost == 0
+    assert rebalances == 0
+    assert all(r.headers[headers.STATUS] == b"ok" for v in results.values() for r in v)
