@@ -10,6 +10,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+from aiokafka import AIOKafkaProducer
 
 from surge.config import Settings
 from surge.producers import SyncClient, read_result, request_body, request_headers
@@ -133,3 +134,27 @@ async def test_sync_client(
     assert isinstance(one, Prediction)
     assert one.outputs["probs"].shape == (2, 10)
     assert getattr(failed, "code", None) == ErrorCode.INVALID_INPUT
+
+
+@pytest.mark.integration
+@pytest.mark.parametrize("codec", ["gzip", "snappy", "lz4", "zstd"])
+async def test_compressed_requests(
+    codec: str, kafka: str, model_root: Path, run_worker: Callable[[Settings], Worker]
+) -> None:
+    worker = await run_worker(make_settings(kafka, model_root, None))
+    topic = worker.settings.worker.topic_prefix + "mlp"
+    replies = f"test.replies.{uuid.uuid4().hex[:8]}"
+    await create_topics(kafka, topic, replies)
+    producer = AIOKafkaProducer(bootstrap_servers=kafka, compression_type=codec)
+    await producer.start()
+    try:
+        route = request_headers(model="mlp", content_type=MSGPACK, reply_to=replies)
+        for i in range(5):
+            body = request_body({"x": np.ones((1, 32), np.float32)}, f"{codec}-{i}", MSGPACK)
+            await producer.send(topic, body, key=f"{codec}-{i}".encode(), headers=route)
+        await producer.flush()
+    finally:
+        await producer.stop()
+    results = await read_topic(kafka, replies, until=5)
+    assert all(r.headers[headers.STATUS] == b"ok" for v in results.values() for r in v)
+    assert len(results) == 5
