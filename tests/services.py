@@ -237,18 +237,81 @@ class KafkaBroker:
         shutil.rmtree(self.workdir, ignore_errors=True)
 
 
+def make_certificates(directory: Path) -> Path:
+    """A CA and a server certificate for 127.0.0.1 (openssl): ca.pem, server.pem, server.key."""
+    directory.mkdir(parents=True, exist_ok=True)
+
+    def openssl(*args: str) -> None:
+        subprocess.run(["openssl", *args], cwd=directory, check=True, capture_output=True)
+
+    openssl(
+        "req",
+        "-x509",
+        "-newkey",
+        "rsa:2048",
+        "-nodes",
+        "-days",
+        "2",
+        "-subj",
+        "/CN=surge-ca",
+        "-keyout",
+        "ca.key",
+        "-out",
+        "ca.pem",
+    )
+    openssl(
+        "req",
+        "-newkey",
+        "rsa:2048",
+        "-nodes",
+        "-subj",
+        "/CN=127.0.0.1",
+        "-keyout",
+        "server.key",
+        "-out",
+        "server.csr",
+    )
+    (directory / "san.ext").write_text("subjectAltName=IP:127.0.0.1,DNS:localhost\n")
+    openssl(
+        "x509",
+        "-req",
+        "-in",
+        "server.csr",
+        "-CA",
+        "ca.pem",
+        "-CAkey",
+        "ca.key",
+        "-CAcreateserial",
+        "-days",
+        "2",
+        "-extfile",
+        "san.ext",
+        "-out",
+        "server.pem",
+    )
+    return directory
+
+
 class RedisServer:
-    def __init__(self, *, password: str | None = None, persistent: bool = False) -> None:
+    def __init__(
+        self, *, password: str | None = None, persistent: bool = False, tls: bool = False
+    ) -> None:
         self.port = free_port()
         self.password = password
         self.persistent = persistent  # an append-only file: a restart keeps the data
+        self.tls = tls  # TLS only, certificates in workdir/tls (ca.pem signs server.pem)
         self.workdir = Path(tempfile.mkdtemp(prefix="surge-redis-"))
         self.process: subprocess.Popen[bytes] | None = None
 
     @property
     def url(self) -> str:
         auth = f":{self.password}@" if self.password else ""
-        return f"redis://{auth}127.0.0.1:{self.port}/0"
+        scheme = "rediss" if self.tls else "redis"
+        return f"{scheme}://{auth}127.0.0.1:{self.port}/0"
+
+    @property
+    def ca_file(self) -> Path:
+        return self.workdir / "tls" / "ca.pem"
 
     def start(self, timeout: float = 20) -> RedisServer:
         if shutil.which("redis-server") is None:
@@ -270,6 +333,21 @@ class RedisServer:
         ]
         if self.password:
             args += ["--requirepass", self.password]
+        if self.tls:
+            certs = make_certificates(self.workdir / "tls")
+            args[args.index("--port") + 1] = "0"
+            args += [
+                "--tls-port",
+                str(self.port),
+                "--tls-cert-file",
+                str(certs / "server.pem"),
+                "--tls-key-file",
+                str(certs / "server.key"),
+                "--tls-ca-cert-file",
+                str(certs / "ca.pem"),
+                "--tls-auth-clients",
+                "no",
+            ]
         log = self.workdir / "redis.log"
         self.process = subprocess.Popen(args, stdout=log.open("ab"), stderr=subprocess.STDOUT)
         _wait_port(self.port, self.process, log, timeout)
