@@ -110,28 +110,43 @@ class KafkaBroker:
         *,
         heap: str = "512m",
         sasl_users: dict[str, str] | None = None,
+        tls: bool = False,
     ) -> None:
-        """`sasl_users` adds a SASL_PLAINTEXT listener (mechanism PLAIN) with these users."""
+        """`sasl_users` adds a SASL_PLAINTEXT listener (mechanism PLAIN) with these users;
+        `tls` an SSL listener whose certificate `ca_file` signs."""
         self.workdir = Path(workdir or tempfile.mkdtemp(prefix="surge-kafka-"))
         self.port = free_port()
         self.controller_port = free_port()
         self.sasl_port = free_port() if sasl_users else None
+        self.ssl_port = free_port() if tls else None
         self.heap = heap
         self.process: subprocess.Popen[bytes] | None = None
         self._classpath = kafka_classpath()
         self._config = self.workdir / "server.properties"
         listeners = [f"PLAINTEXT://127.0.0.1:{self.port}"]
         protocols = ["PLAINTEXT:PLAINTEXT", "CONTROLLER:PLAINTEXT"]
-        sasl: list[str] = []
+        extra: list[str] = []  # security settings of the extra listeners
         if sasl_users:
             listeners.append(f"SASL_PLAINTEXT://127.0.0.1:{self.sasl_port}")
             protocols.append("SASL_PLAINTEXT:SASL_PLAINTEXT")
             users = " ".join(f'user_{u}="{p}"' for u, p in sasl_users.items())
-            sasl = [
+            extra = [
                 "sasl.enabled.mechanisms=PLAIN",
                 "listener.name.sasl_plaintext.plain.sasl.jaas.config="
                 "org.apache.kafka.common.security.plain.PlainLoginModule required "
                 f'username="admin" password="{sasl_users.get("admin", "")}" {users};',
+            ]
+        if tls:
+            certs = make_certificates(self.workdir / "tls")
+            keystore = certs / "keystore.pem"  # key then certificate, as Kafka's PEM type wants
+            keystore.write_text(
+                (certs / "server.key").read_text() + (certs / "server.pem").read_text()
+            )
+            listeners.append(f"SSL://127.0.0.1:{self.ssl_port}")
+            protocols.append("SSL:SSL")
+            extra += [
+                "listener.name.ssl.ssl.keystore.type=PEM",
+                f"listener.name.ssl.ssl.keystore.location={keystore}",
             ]
         settings = [
             "process.roles=broker,controller",
@@ -153,7 +168,7 @@ class KafkaBroker:
             "group.initial.rebalance.delay.ms=0",
             "num.network.threads=2",
             "num.io.threads=2",
-            *sasl,
+            *extra,
         ]
         self._config.write_text("\n".join(settings) + "\n")
         self._java(
@@ -175,6 +190,14 @@ class KafkaBroker:
     @property
     def sasl_bootstrap(self) -> str:
         return f"127.0.0.1:{self.sasl_port}"
+
+    @property
+    def ssl_bootstrap(self) -> str:
+        return f"127.0.0.1:{self.ssl_port}"
+
+    @property
+    def ca_file(self) -> Path:
+        return self.workdir / "tls" / "ca.pem"
 
     def _java(self, args: list[str], check: bool = False) -> subprocess.CompletedProcess[bytes]:
         return subprocess.run(

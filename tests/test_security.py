@@ -31,7 +31,7 @@ def locked_redis() -> Iterator[RedisServer]:
 
 @pytest.fixture(scope="module")
 def sasl_kafka() -> Iterator[KafkaBroker]:
-    broker = KafkaBroker(sasl_users=USERS).start()
+    broker = KafkaBroker(sasl_users=USERS, tls=True).start()
     yield broker
     broker.close()
 
@@ -107,3 +107,26 @@ async def test_redis_replies_over_tls(
         assert result.outputs["probs"].shape == (1, 10)
     finally:
         server.close()
+
+
+async def test_kafka_over_tls(
+    sasl_kafka: KafkaBroker, model_root: Path, run_worker: Callable[[Settings], Worker]
+) -> None:
+    ca = str(sasl_kafka.ca_file)
+    env = worker_env(
+        sasl_kafka.ssl_bootstrap,
+        model_root,
+        None,
+        SURGE_KAFKA__SECURITY_PROTOCOL="SSL",
+        SURGE_KAFKA__SSL_CAFILE=ca,
+    )
+    settings = load_settings(env=env)
+    worker = await run_worker(settings)
+    async with SurgeClient(
+        sasl_kafka.ssl_bootstrap,
+        topic_prefix=worker.settings.worker.topic_prefix,
+        reply_topic=f"test.replies.{uuid.uuid4().hex[:8]}",
+        kafka_options=settings.kafka.client_options() | {"client_id": "test-client"},
+    ) as client:
+        result = await client.predict("mlp", {"x": np.ones((1, 32), np.float32)}, timeout=30)
+    assert result.model_name == "mlp"
