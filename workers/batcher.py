@@ -12,6 +12,7 @@ import contextlib
 import itertools
 import time
 from collections import deque
+from collections.abc import Callable
 from concurrent.futures import Executor
 
 import numpy as np
@@ -68,11 +69,20 @@ class Batcher:
     def queued(self) -> int:
         return len(self._queue)
 
-    def start(self) -> None:
+    def start(self, on_crash: Callable[[BaseException], None]) -> None:
+        """Start the batch loops; a loop that dies (a bug) calls `on_crash`."""
+
+        def supervise(task: asyncio.Task[None]) -> None:
+            if not task.cancelled() and (exc := task.exception()) is not None:
+                log.error("batcher_crashed", model=self.model, version=self.version)
+                on_crash(exc)
+
         self._tasks = [
             asyncio.create_task(self._loop(), name=f"batcher-{self.model}-{self.version}-{i}")
             for i in range(self._instances)
         ]
+        for task in self._tasks:
+            task.add_done_callback(supervise)
 
     def put(self, job: Job) -> None:
         self._queue.append(job)
@@ -84,7 +94,7 @@ class Batcher:
         """Run what is queued at once, then stop."""
         self._closing = True
         self._wake.set()
-        await asyncio.gather(*self._tasks)
+        await asyncio.gather(*self._tasks, return_exceptions=True)  # crashes are supervised
 
     async def _loop(self) -> None:
         while True:

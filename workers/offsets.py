@@ -32,14 +32,16 @@ class OffsetTracker(Generic[P]):
         self._committed: dict[P, int] = {}
 
     def track(self, partition: P, offset: int) -> None:
-        """Record a consumed offset. Offsets of a partition must arrive in ascending order."""
+        """Record a consumed offset. Offsets of a partition arrive in ascending order; one
+        that does not restarts the partition's tracking."""
         state = self._partitions.get(partition)
         if state is None:
             state = self._partitions[partition] = _Partition()
         if offset < state.next_position:
-            raise ValueError(
-                f"offset {offset} tracked after {state.next_position - 1} on {partition}"
-            )
+            # The log went backwards (topic recreated, offsets reset): start this partition
+            # afresh rather than fail; outcomes of the old records no longer move it.
+            state = self._partitions[partition] = _Partition()
+            self._committed.pop(partition, None)
         state.pending.append(offset)
         state.next_position = offset + 1
 

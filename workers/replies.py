@@ -23,7 +23,7 @@ from redis.asyncio import Redis
 from redis.exceptions import RedisError
 
 from surge.schemas import ErrorCode, ErrorResponse, InferenceResponse, Status, encode, headers
-from surge.schemas.headers import REPLY_TO_REDIS
+from surge.schemas.headers import CONTENT_TYPES, JSON, REPLY_TO_REDIS
 from surge.workers import metrics
 from surge.workers.ledger import Ledger
 from surge.workers.tickets import Rejection, Ticket
@@ -132,6 +132,8 @@ class Replies:
         if ticket.reply_to is None:
             self._dead_letter(ticket, rejection)
             return
+        if ticket.content_type not in CONTENT_TYPES:  # never let an error fail to encode
+            ticket.content_type = JSON
         status = Status.EXPIRED if rejection.code is ErrorCode.EXPIRED else Status.ERROR
         body = ErrorResponse(error=rejection.message, code=rejection.code, id=ticket.request_id)
         self._deliver(ticket, status, encode(body, ticket.content_type), rejection.code)

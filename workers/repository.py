@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import asyncio
 import time
-from collections.abc import Collection
+from collections.abc import Callable, Collection
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -114,8 +114,10 @@ class ModelRepository:
         replies: Replies,
         *,
         time_budget_s: float,
+        on_crash: Callable[[BaseException], None] = lambda exc: None,
     ) -> None:
         self.root = root
+        self._on_crash = on_crash
         self._names = frozenset(names)
         self._replies = replies
         self._budget = time_budget_s
@@ -233,7 +235,7 @@ class ModelRepository:
             replies=self._replies,
             time_budget_s=self._budget,
         )
-        batcher.start()
+        batcher.start(self._on_crash)
         log.info(
             "model_ready",
             model=source.name,

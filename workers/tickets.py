@@ -100,10 +100,13 @@ class Router:
             model=fields.get(headers.MODEL) or self._topic_models.get(record.topic),
             version=fields.get(headers.VERSION) or None,
             reply_to=None,
-            content_type=fields.get(headers.CONTENT_TYPE, JSON),
+            content_type=JSON,  # until the header proves to name a supported one
             deadline_ms=None,
             received=time.monotonic(),
         )
+        content_type = fields.get(headers.CONTENT_TYPE, JSON)
+        if content_type in CONTENT_TYPES:
+            ticket.content_type = content_type
         reply_to, rejection = self._reply_target(fields.get(headers.REPLY_TO))
         ticket.reply_to = reply_to
         if rejection:
@@ -112,12 +115,10 @@ class Router:
             return ticket, Rejection(
                 ErrorCode.INVALID_REQUEST, f"header {undecodable!r} is not UTF-8"
             )
-        if ticket.content_type not in CONTENT_TYPES:
-            bad = ticket.content_type
-            ticket.content_type = JSON
+        if content_type not in CONTENT_TYPES:
             return ticket, Rejection(
                 ErrorCode.UNSUPPORTED_CONTENT_TYPE,
-                f"content-type {bad!r} is not one of {', '.join(CONTENT_TYPES)}",
+                f"content-type {content_type!r} is not one of {', '.join(CONTENT_TYPES)}",
             )
         if len(value) > self._max_bytes:
             return ticket, Rejection(

@@ -100,6 +100,7 @@ class Worker:
             worker.models,
             self._replies,
             time_budget_s=worker.batch_time_budget_s,
+            on_crash=self._crashed,
         )
         await self._repository.reconcile(settle_s=0)
         self._topics = self._topic_models()
@@ -148,6 +149,18 @@ class Worker:
         }
         topics.update(dict.fromkeys(worker.shared_topics))
         return topics
+
+    async def _release_partitions(self) -> None:
+        """Before a new subscription: finish and commit what was taken, since aiokafka drops
+        the old assignment (and with it the right to commit it) as soon as we resubscribe."""
+        assigned = self._consumer.assignment()
+        self._consumer.pause(*assigned)
+        limit = self.settings.worker.shutdown_timeout_s
+        with contextlib.suppress(TimeoutError):
+            await asyncio.wait_for(self._ledger.drained(assigned), limit)
+        with contextlib.suppress(TimeoutError):
+            await asyncio.wait_for(self.commit(), _SHUTDOWN_STEP_S)
+        self._ledger.offsets.forget(assigned)
 
     def _subscribe(self, topics: dict[str, str | None]) -> None:
         if topics:
@@ -202,10 +215,20 @@ class Worker:
                     metrics.PAUSED.set(0)
                     log.info("resumed", in_flight=self._ledger.records)
             try:
-                batches = await consumer.getmany(
-                    timeout_ms=0 if paused else _GETMANY_TIMEOUT_MS, max_records=max_records
+                # Bounded: during a rebalance getmany waits for the assignment, and a stop
+                # request must still be noticed.
+                batches = await asyncio.wait_for(
+                    consumer.getmany(
+                        timeout_ms=0 if paused else _GETMANY_TIMEOUT_MS, max_records=max_records
+                    ),
+                    _FETCH_RETRY_S,
                 )
-            except KafkaError as exc:  # e.g. a codec or a broker error: log, back off, go on
+            except TimeoutError:
+                continue
+            except KafkaError as exc:
+                if not exc.retriable:  # authorisation, a dead coordinator: restart, don't idle
+                    self._crashed(exc)
+                    return
                 log.error("fetch_failed", error=repr(exc))
                 await asyncio.sleep(_FETCH_RETRY_S)
                 continue
@@ -302,6 +325,7 @@ class Worker:
                         worker.topic_partitions,
                         worker.topic_replication_factor,
                     )
+                await self._release_partitions()
                 self._subscribe(topics)
                 self._topics = topics
                 self._router = self._make_router()
@@ -353,9 +377,10 @@ class _Rebalance(ConsumerRebalanceListener):  # type: ignore[misc]
         )
         try:
             await asyncio.wait_for(worker._ledger.drained(revoked), limit)
-            await asyncio.wait_for(worker.commit(), _SHUTDOWN_STEP_S)
         except TimeoutError:
             log.warning("revoke_drain_timeout", partitions=len(revoked))
+        with contextlib.suppress(TimeoutError):  # commit what did settle, in any case
+            await asyncio.wait_for(worker.commit(), _SHUTDOWN_STEP_S)
         worker._ledger.offsets.forget(revoked)
 
     async def on_partitions_assigned(self, assigned: set[TopicPartition]) -> None:
