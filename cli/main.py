@@ -185,6 +185,11 @@ def _dlq(args: argparse.Namespace) -> int:
         f"{report.already_answered:,} already answered, {report.repeated:,} repeated, "
         f"{report.unroutable:,} without a source topic"
     )
+    if report.unverified:
+        console.print(
+            f"[yellow]{report.unverified:,} reply to Redis: pass --redis-url to skip those "
+            "already answered[/yellow]"
+        )
     return 0
 
 

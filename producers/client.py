@@ -65,6 +65,7 @@ class SurgeClient:
         self._replies: AIOKafkaConsumer | None = None
         self._redis: Redis | None = None
         self._pubsub: Any = None
+        self._redis_reader: asyncio.Task[None] | None = None
         self._waiting: dict[str, asyncio.Future[Result]] = {}
         self._subscribed: dict[str, asyncio.Event] = {}
         self._readers: list[asyncio.Task[None]] = []
@@ -242,6 +243,8 @@ class SurgeClient:
     async def _reply_channel(self, via: str) -> str:
         async with self._lock:
             if via == "redis":
+                if self._redis is not None and self._redis_reader_dead():
+                    await self._stop_redis()  # its reader died with the connection: rebuild
                 if self._redis is None:
                     await self._start_redis()
                 return headers.REPLY_TO_REDIS
@@ -310,7 +313,18 @@ class SurgeClient:
             await redis.aclose()
             raise
         self._redis, self._pubsub = redis, pubsub
-        self._readers.append(asyncio.create_task(self._read_redis()))
+        self._redis_reader = asyncio.create_task(self._read_redis())
+        self._readers.append(self._redis_reader)
+
+    def _redis_reader_dead(self) -> bool:
+        return self._redis_reader is not None and self._redis_reader.done()
+
+    async def _stop_redis(self) -> None:
+        with contextlib.suppress(RedisError, OSError):
+            await self._pubsub.aclose()
+            await self._redis.aclose()  # type: ignore[union-attr]
+        self._redis = self._pubsub = self._redis_reader = None
+        self._subscribed.clear()
 
     async def _subscribe(self, ids: list[str]) -> None:
         channels = [self._redis_prefix + i for i in ids]
@@ -327,16 +341,23 @@ class SurgeClient:
             await self._pubsub.unsubscribe(*channels)
 
     async def _read_redis(self) -> None:
+        """Until the connection is lost: then the next Redis call rebuilds the client."""
+        try:
+            async for message in self._pubsub.listen():
+                self._on_redis_message(message)
+        except (RedisError, OSError) as exc:
+            log.warning("redis_reader_lost", error=repr(exc))
+
+    def _on_redis_message(self, message: dict[str, Any]) -> None:
         prefix = len(self._redis_prefix)
-        async for message in self._pubsub.listen():
-            try:
-                channel = (message.get("channel") or b"").decode()
-                if message["type"] == "subscribe":
-                    event = self._subscribed.get(channel)
-                    if event is not None:
-                        event.set()
-                elif message["type"] == "message" and channel[prefix:] in self._waiting:
-                    result = read_redis_result(message["data"], self.content_type)
-                    self._resolve(channel[prefix:], result)
-            except Exception:  # one unreadable result must not stop the reader
-                log.exception("unreadable_result", channel=message.get("channel"))
+        try:
+            channel = (message.get("channel") or b"").decode()
+            if message["type"] == "subscribe":
+                event = self._subscribed.get(channel)
+                if event is not None:
+                    event.set()
+            elif message["type"] == "message" and channel[prefix:] in self._waiting:
+                result = read_redis_result(message["data"], self.content_type)
+                self._resolve(channel[prefix:], result)
+        except Exception:  # one unreadable result must not stop the reader
+            log.exception("unreadable_result", channel=message.get("channel"))

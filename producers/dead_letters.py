@@ -72,7 +72,11 @@ async def read_all(
 ) -> list[tuple[dict[str, str], bytes | None, bytes, int]]:
     """Every record of a topic up to its current end: (headers, key, value, timestamp)."""
     consumer = AIOKafkaConsumer(
-        bootstrap_servers=bootstrap, enable_auto_commit=False, **(kafka_options or {})
+        bootstrap_servers=bootstrap,
+        enable_auto_commit=False,
+        auto_offset_reset="earliest",  # retention moving the log start must not skip records
+        isolation_level="read_committed",
+        **(kafka_options or {}),
     )
     await consumer.start()
     try:
@@ -156,6 +160,7 @@ class ReplayReport:
     already_answered: int
     repeated: int  # the same request more than once in the selection
     unroutable: int  # no source topic recorded
+    unverified: int = 0  # replying to Redis, but no Redis URL to check for results
 
 
 async def replay(
@@ -169,11 +174,15 @@ async def replay(
     kafka_options: Mapping[str, Any] | None = None,
 ) -> ReplayReport:
     """Re-publish letters to their source topics; skip requests that have a result already
-    (in their reply topic, or in Redis) and repeats of one request within the selection."""
+    (`surge-status: ok` in their reply topic, or any value in Redis) and repeats of one request
+    within the selection. The original `surge-deadline-ms` is dropped."""
     answered = await _answered(
         bootstrap, letters, reply_to, redis_url, redis_prefix, kafka_options or {}
     )
     report = ReplayReport(len(letters), 0, 0, 0, 0)
+    if not redis_url:
+        targets = [reply_to or letter.reply_to for letter in letters]
+        report.unverified = targets.count(headers.REPLY_TO_REDIS)
     seen: set[str] = set()
     producer = AIOKafkaProducer(
         bootstrap_servers=bootstrap, acks="all", enable_idempotence=True, **(kafka_options or {})
@@ -193,7 +202,10 @@ async def replay(
                 report.unroutable += 1
                 continue
             seen.add(request_id)
-            record_headers = [(k, v) for k, v in letter.headers if k not in _ADDED]
+            # The original deadline has long passed: replayed, the request runs again.
+            record_headers = [
+                (k, v) for k, v in letter.headers if k not in _ADDED and k != headers.DEADLINE_MS
+            ]
             if reply_to:
                 record_headers = [(k, v) for k, v in record_headers if k != headers.REPLY_TO]
                 record_headers.append((headers.REPLY_TO, reply_to.encode()))
@@ -238,7 +250,9 @@ async def _answered(
                     await redis.aclose()
             continue
         for record_headers, *_ in await read_all(bootstrap, target, kafka_options):
-            request_id = dict(record_headers).get(headers.REQUEST_ID, b"").decode()
-            if request_id in ids:
+            fields = dict(record_headers)
+            request_id = (fields.get(headers.REQUEST_ID) or b"").decode()
+            # Only a served result counts: an error or expiry is what a replay is for.
+            if request_id in ids and fields.get(headers.STATUS) == b"ok":
                 answered.add(request_id)
     return answered

@@ -83,6 +83,16 @@ def test_null_header_values_count_as_absent() -> None:
     assert ticket.version is None
 
 
+def test_an_unsupported_content_type_never_reaches_the_encoder() -> None:
+    """Rejected for another reason first, the ticket still answers in a supported encoding."""
+    record = _Record("surge.requests.mlp", {"surge-reply-to": "out", "content-type": "text/x"})
+    record.headers.append(("junk", b"\xff\xfe"))
+    ticket, rejection = _router().ticket(record)  # type: ignore[arg-type]
+    assert rejection is not None
+    assert rejection.code is ErrorCode.INVALID_REQUEST
+    assert ticket.content_type == JSON
+
+
 def test_ids_fall_back_to_the_record_position() -> None:
     ticket, _ = _router().ticket(_Record("shared", {}, key=None))  # type: ignore[arg-type]
     assert ticket.request_id == "shared-0-7"

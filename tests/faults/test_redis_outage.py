@@ -8,10 +8,14 @@ import uuid
 from collections.abc import Callable, Iterator
 from pathlib import Path
 
+import numpy as np
 import pytest
 
+from surge.config import Settings
+from surge.producers import SurgeClient
 from surge.schemas.headers import REPLY_TO_REDIS
-from tests.conftest import WorkerProcess, topic_of, worker_env
+from surge.workers import Worker
+from tests.conftest import WorkerProcess, make_settings, topic_of, worker_env
 from tests.faults.harness import FaultReport, Stopwatch, requests, scaled
 from tests.helpers import committed_lag, create_topics, publish, read_redis, wait_committed
 from tests.services import RedisServer
@@ -66,3 +70,23 @@ async def test_redis_outage_loses_nothing(
     assert held_back > 0, "offsets were committed past results Redis had not taken"
     await wait_committed(kafka, group, topic)
     assert worker.process.poll() is None
+
+
+async def test_client_recovers_after_a_redis_outage(
+    kafka: str,
+    redis: RedisServer,
+    model_root: Path,
+    run_worker: Callable[[Settings], Worker],
+) -> None:
+    worker = await run_worker(make_settings(kafka, model_root, redis.url))
+    x = {"x": np.ones((1, 32), np.float32)}
+    async with SurgeClient(
+        kafka, topic_prefix=worker.settings.worker.topic_prefix, redis_url=redis.url
+    ) as client:
+        await client.predict("mlp", x, via="redis", timeout=20)
+        await asyncio.to_thread(redis.stop)
+        await asyncio.sleep(2)
+        await asyncio.to_thread(redis.start)
+        await asyncio.sleep(1)
+        result = await client.predict("mlp", x, via="redis", timeout=20)
+    assert result.outputs["probs"].shape == (1, 10)
