@@ -183,7 +183,7 @@ def _dlq(args: argparse.Namespace) -> int:
     console.print(
         f"selected {report.selected:,}: {verb} {report.replayed:,}, skipped "
         f"{report.already_answered:,} already answered, {report.repeated:,} repeated, "
-        f"{report.unroutable:,} without a source topic"
+        f"{report.unroutable:,} without a source topic, {report.without_body:,} without a body"
     )
     if report.unverified:
         console.print(

@@ -85,19 +85,26 @@ class SurgeClient:
         await self._producer.start()
 
     async def close(self) -> None:
+        """Release everything; a failure closing one resource does not leak the others."""
         for task in self._readers:
             task.cancel()
         await asyncio.gather(*self._readers, return_exceptions=True)
+        steps = []
         if self._replies is not None:
-            await self._replies.stop()
-            if self._created_reply_topic and self._delete_reply_topic:
-                await self._remove_reply_topic()
+            steps.append(self._replies.stop())
+        if self._created_reply_topic and self._delete_reply_topic:
+            steps.append(self._remove_reply_topic())
         if self._pubsub is not None:
-            await self._pubsub.aclose()
+            steps.append(self._pubsub.aclose())
         if self._redis is not None:
-            await self._redis.aclose()
+            steps.append(self._redis.aclose())
         if self._producer is not None:
-            await self._producer.stop()
+            steps.append(self._producer.stop())
+        for step in steps:
+            try:
+                await step
+            except Exception as exc:
+                log.warning("client_close_step_failed", error=repr(exc))
 
     async def _remove_reply_topic(self) -> None:
         admin = AIOKafkaAdminClient(**self._kafka)

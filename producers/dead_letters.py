@@ -161,6 +161,7 @@ class ReplayReport:
     repeated: int  # the same request more than once in the selection
     unroutable: int  # no source topic recorded
     unverified: int = 0  # replying to Redis, but no Redis URL to check for results
+    without_body: int = 0  # too large for the dead-letter topic: only the evidence was kept
 
 
 async def replay(
@@ -200,6 +201,9 @@ async def replay(
                 continue
             if not letter.source_topic:
                 report.unroutable += 1
+                continue
+            if not letter.value:  # replayed, an empty body would only earn a bad_encoding
+                report.without_body += 1
                 continue
             seen.add(request_id)
             # The original deadline has long passed: replayed, the request runs again.

@@ -33,6 +33,7 @@ log = structlog.get_logger("surge.replies")
 _RETRY_FIRST_S = 0.05
 _RETRY_MAX_S = 2.0
 _REDIS_PIPELINE = 512
+_GIVE_UP_FACTOR = 5  # dead letters retry this many reply_retry_s before the worker restarts
 _DEAD_LETTER_HEADERS = (
     headers.ERROR_CODE,
     headers.ERROR_MESSAGE,
@@ -282,6 +283,10 @@ class Replies:
             reason = f"result could not be written to {write.topic!r}: {exc!r}"
             self._dead_letter(write.ticket, Rejection(ErrorCode.REPLY_FAILED, reason))
             return
+        if write.dead_letter and now - write.first_failure > self._retry_s * _GIVE_UP_FACTOR:
+            # The dead-letter topic itself has refused this for minutes: a restart (and a
+            # redelivery of the request) beats a worker that only retries.
+            self._on_crash(exc)
         if write.dead_letter and isinstance(exc, MessageSizeTooLargeError):
             # Original bytes plus our headers overflow the limit: keep the evidence, not the body.
             write.headers.append(
