@@ -357,7 +357,8 @@ class Worker:
             except Exception:  # a commit caught in a rebalance must not keep the process up
                 log.exception("shutdown_step_failed", step=step.__name__)
         if self._redis is not None:
-            await self._redis.aclose()
+            with contextlib.suppress(Exception):  # a TLS close to a dead server can hang
+                await asyncio.wait_for(self._redis.aclose(), _SHUTDOWN_STEP_S)
         log.info("worker_stopped", unfinished=self._ledger.records)
 
 
