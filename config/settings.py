@@ -94,6 +94,9 @@ class WorkerSettings(msgspec.Struct, kw_only=True, forbid_unknown_fields=True):
     topics: dict[str, str] = {}  # model -> request topic, overriding topic_prefix + model
     shared_topics: list[str] = []  # topics carrying several models, routed by `surge-model`
     auto_offset_reset: Literal["earliest", "latest"] = "earliest"
+    # exactly_once: reply-topic results and consumed offsets commit in one transaction per
+    # input partition (readers use read_committed); results become visible at each commit.
+    delivery: Literal["at_least_once", "exactly_once"] = "at_least_once"
     create_topics: bool = True
     topic_partitions: Positive = 8
     topic_replication_factor: Positive = 1

@@ -106,6 +106,38 @@ async def read_topic(
         await consumer.stop()
 
 
+async def read_to_end(
+    bootstrap: str, topic: str, *, key_of: str | None = "surge-request-id", timeout: float = 60
+) -> dict[str, list[Reply]]:
+    """Every committed record of `topic`, up to its last stable offset, by key (as in
+    `read_topic`): for counting results exactly, once all writers are done."""
+    consumer = AIOKafkaConsumer(
+        bootstrap_servers=bootstrap, isolation_level="read_committed", enable_auto_commit=False
+    )
+    await consumer.start()
+    seen: dict[str, list[Reply]] = defaultdict(list)
+    try:
+        deadline = time.monotonic() + timeout
+        while not consumer.partitions_for_topic(topic):
+            await consumer._client.force_metadata_update()
+            consumer._client.add_topic(topic)
+            await asyncio.sleep(0.05)
+        assigned = [TopicPartition(topic, p) for p in consumer.partitions_for_topic(topic)]
+        consumer.assign(assigned)
+        await consumer.seek_to_beginning(*assigned)
+        ends = await consumer.end_offsets(assigned)  # read_committed: the last stable offsets
+        while [tp for tp in assigned if await consumer.position(tp) < ends[tp]]:
+            assert time.monotonic() < deadline, f"{topic} not read to its end in {timeout} s"
+            batches = await consumer.getmany(timeout_ms=200, max_records=5000)
+            for records in batches.values():
+                for r in records:
+                    reply = Reply(r.key, r.value, dict(r.headers))
+                    seen[_key(reply, key_of)].append(reply)
+        return dict(seen)
+    finally:
+        await consumer.stop()
+
+
 def _key(reply: Reply, key_of: str | None) -> str:
     raw = reply.key if key_of is None else reply.headers.get(key_of)
     return (raw or b"").decode()

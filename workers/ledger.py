@@ -40,12 +40,26 @@ class Ledger:
 
     def settle(self, ticket: Ticket) -> None:
         """The ticket's result or dead letter is durable. Settling twice changes nothing."""
+        if not ticket.settled:
+            self.finish(ticket)
+            self.release(ticket)
+
+    def finish(self, ticket: Ticket) -> None:
+        """The ticket's outcome is decided: its offset may be committed with that outcome (in
+        exactly-once mode, in the same transaction). It still counts as in flight."""
         if ticket.settled:
             return
         ticket.settled = True
         self.offsets.finish(ticket.tp, ticket.offset)
+        self._wake()
+
+    def release(self, ticket: Ticket) -> None:
+        """Stop counting the ticket as in flight (once, after `finish`)."""
         self.records -= 1
         self.bytes -= len(ticket.value)
+        self._wake()
+
+    def _wake(self) -> None:
         if self._waiters:
             for waiter in self._waiters:
                 if not waiter.done():

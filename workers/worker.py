@@ -34,6 +34,8 @@ from surge.workers.replies import Replies
 from surge.workers.repository import ModelRepository
 from surge.workers.tickets import Record, Rejection, Router, Ticket, unroutable
 from surge.workers.topics import ensure_topics
+from surge.workers.transactions import Transactions
+from surge.workers.writes import RetryPolicy
 
 log = structlog.get_logger("surge.worker")
 
@@ -74,25 +76,35 @@ class Worker:
             if self.settings.redis.url
             else None
         )
-        self._producer = AIOKafkaProducer(
-            **kafka.client_options(),
-            acks="all",
-            enable_idempotence=True,
-            linger_ms=1,
-            max_batch_size=256 * 1024,
-            max_request_size=kafka.max_request_size,
-        )
-        await self._producer.start()
         self._ledger = Ledger(worker.max_in_flight, worker.max_in_flight_bytes)
+        retry = RetryPolicy(worker.dead_letter_topic, worker.reply_retry_s, self._crashed)
+        producer_options = {
+            **kafka.client_options(),
+            "acks": "all",
+            "enable_idempotence": True,
+            "linger_ms": 1,
+            "max_batch_size": 256 * 1024,
+            "max_request_size": kafka.max_request_size,
+        }
+        self._producer: AIOKafkaProducer | None = None
+        self._transactions: Transactions | None = None
+        if worker.delivery == "exactly_once":
+            self._transactions = Transactions(
+                worker.group_id, self._ledger, retry, producer_options
+            )
+        else:
+            self._producer = AIOKafkaProducer(**producer_options)
+            await self._producer.start()
         self._replies = Replies(
             self._producer,
             self._redis,
             self._ledger,
+            retry=retry,
             dead_letter_topic=worker.dead_letter_topic,
             redis_ttl_s=self.settings.redis.result_ttl_s,
             redis_prefix=self.settings.redis.key_prefix,
-            retry_s=worker.reply_retry_s,
             on_crash=self._crashed,
+            transactional_sink=self._transactions.buffer if self._transactions else None,
         )
         self._replies.start()
         self._repository = ModelRepository(
@@ -160,7 +172,13 @@ class Worker:
             await asyncio.wait_for(self._ledger.drained(assigned), limit)
         with contextlib.suppress(TimeoutError):
             await asyncio.wait_for(self.commit(), _SHUTDOWN_STEP_S)
-        self._ledger.offsets.forget(assigned)
+        await self._forget(assigned)
+
+    async def _forget(self, partitions: set[TopicPartition]) -> None:
+        """Partitions given away: their later outcomes move no offset and commit nothing."""
+        self._ledger.offsets.forget(partitions)
+        if self._transactions is not None:
+            await self._transactions.revoke(partitions)
 
     def _subscribe(self, topics: dict[str, str | None]) -> None:
         if topics:
@@ -299,6 +317,9 @@ class Worker:
         }
         if not positions:
             return
+        if self._transactions is not None:  # with their results, partition by partition
+            self._ledger.offsets.committed(await self._transactions.commit(positions))
+            return
         try:
             await self._consumer.commit(positions)
         except KafkaError as exc:  # e.g. a rebalance under way: the next commit carries it
@@ -351,7 +372,9 @@ class Worker:
             log.error("shutdown_timeout", unfinished=self._ledger.records)
         except Exception:
             log.exception("shutdown_drain_failed", unfinished=self._ledger.records)
-        for step in (self.commit, self._consumer.stop, self._replies.close, self._producer.stop):
+        steps = [self.commit, self._consumer.stop, self._replies.close]
+        steps.append(self._transactions.close if self._transactions else self._producer.stop)
+        for step in steps:
             try:  # commit, then leave the group: partitions move at once
                 await asyncio.wait_for(step(), _SHUTDOWN_STEP_S)
             except Exception:  # a commit caught in a rebalance must not keep the process up
@@ -382,9 +405,12 @@ class _Rebalance(ConsumerRebalanceListener):  # type: ignore[misc]
             log.warning("revoke_drain_timeout", partitions=len(revoked))
         with contextlib.suppress(TimeoutError):  # commit what did settle, in any case
             await asyncio.wait_for(worker.commit(), _SHUTDOWN_STEP_S)
-        worker._ledger.offsets.forget(revoked)
+        await worker._forget(revoked)
 
     async def on_partitions_assigned(self, assigned: set[TopicPartition]) -> None:
+        if worker_transactions := self._worker._transactions:
+            with contextlib.suppress(TimeoutError):  # failures retry at the first commit
+                await asyncio.wait_for(worker_transactions.assign(assigned), _SHUTDOWN_STEP_S)
         log.info(
             "partitions_assigned",
             partitions=sorted(f"{tp.topic}:{tp.partition}" for tp in assigned),

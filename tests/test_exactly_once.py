@@ -1,0 +1,151 @@
+"""The exactly-once mode on real Kafka: every request has exactly one committed outcome, and a
+worker that lost its partitions (a zombie) can commit nothing."""
+
+from __future__ import annotations
+
+import time
+import uuid
+from collections.abc import Callable
+from pathlib import Path
+
+import numpy as np
+import pytest
+from aiokafka import TopicPartition
+
+from surge.config import Settings
+from surge.producers import request_body, request_headers
+from surge.schemas import MSGPACK, headers
+from surge.workers import Ledger, Ticket, Worker
+from surge.workers.transactions import Transactions
+from surge.workers.writes import RetryPolicy, Write
+from tests.conftest import make_settings
+from tests.helpers import create_topics, publish, read_redis, read_to_end, wait_committed
+
+pytestmark = pytest.mark.integration
+
+
+async def test_each_request_has_exactly_one_outcome(
+    kafka: str, redis_url: str, model_root: Path, run_worker: Callable[[Settings], Worker]
+) -> None:
+    run = uuid.uuid4().hex[:8]
+    replies, dead_letters = f"test.replies.{run}", f"test.dead.{run}"
+    settings = make_settings(
+        kafka,
+        model_root,
+        redis_url,
+        SURGE_WORKER__DELIVERY="exactly_once",
+        SURGE_WORKER__DEAD_LETTER_TOPIC=dead_letters,
+    )
+    topic = settings.worker.topic_prefix + "mlp"
+    await create_topics(kafka, topic, replies, dead_letters)
+    await run_worker(settings)
+
+    x = {"x": np.ones((1, 32), np.float32)}
+    records, to_kafka, to_redis, unanswerable = [], [], [], []
+    for i in range(2_000):
+        request_id = f"{run}-{i}"
+        reply_to = "redis" if i % 10 == 0 else replies
+        route = request_headers(model="mlp", content_type=MSGPACK, reply_to=reply_to)
+        body = request_body(x, request_id, MSGPACK)
+        if i % 50 == 1:
+            body = b"\xc1 not msgpack"  # an error result, in the same transaction
+        if i % 100 == 3:
+            route = [(k, v) for k, v in route if k != headers.REPLY_TO]  # a dead letter
+            unanswerable.append(request_id)
+        elif reply_to == "redis":
+            to_redis.append(request_id)
+        else:
+            to_kafka.append(request_id)
+        records.append((topic, request_id.encode(), body, route))
+    await publish(kafka, records)
+
+    await wait_committed(kafka, settings.worker.group_id, topic, timeout=60)
+    results = await read_to_end(kafka, replies)
+    letters = await read_to_end(kafka, dead_letters, key_of=None)
+    assert sorted(results) == sorted(to_kafka)
+    assert all(len(v) == 1 for v in results.values()), "a result committed twice"
+    errors = [k for k, v in results.items() if v[0].headers[headers.STATUS] == b"error"]
+    assert len(errors) == sum(1 for i in range(2_000) if i % 50 == 1 and i % 100 != 3)
+    assert sorted(letters) == sorted(unanswerable)
+    assert all(len(v) == 1 for v in letters.values())
+    assert len(await read_redis(redis_url, to_redis)) == len(to_redis)
+
+
+def _ticket(tp: TopicPartition, offset: int, request_id: str) -> Ticket:
+    return Ticket(
+        tp=tp,
+        offset=offset,
+        key=request_id.encode(),
+        value=b"{}",
+        headers=[],
+        request_id=request_id,
+        model="mlp",
+        version=None,
+        reply_to=None,
+        content_type="application/json",
+        deadline_ms=None,
+        received=time.monotonic(),
+    )
+
+
+async def test_a_zombie_commits_nothing_once_its_partition_has_a_new_owner(kafka: str) -> None:
+    run = uuid.uuid4().hex[:8]
+    source, out, group = f"test.source.{run}", f"test.out.{run}", f"test-{run}"
+    await create_topics(kafka, source, out, partitions=1)
+    tp = TopicPartition(source, 0)
+
+    def owner() -> tuple[Transactions, Ledger]:
+        ledger = Ledger(1000, 1 << 20)
+        retry = RetryPolicy(out, 60, lambda exc: pytest.fail(repr(exc)))
+        options = {"bootstrap_servers": kafka, "acks": "all", "enable_idempotence": True}
+        return Transactions(group, ledger, retry, options), ledger
+
+    def answer(transactions: Transactions, ledger: Ledger, offset: int, request_id: str) -> None:
+        ticket = _ticket(tp, offset, request_id)
+        ledger.admit(ticket)
+        transactions.buffer(Write(ticket, out, b"result", [], dead_letter=False))
+
+    zombie, zombie_ledger = owner()
+    await zombie.assign([tp])
+    answer(zombie, zombie_ledger, 0, "from-zombie")
+
+    heir, heir_ledger = owner()
+    await heir.assign([tp])  # initialises the same transactional id: the zombie is fenced
+    assert await zombie.commit({tp: 1}) == {}
+    assert zombie_ledger.records == 0  # what it held is dropped, not leaked
+
+    answer(heir, heir_ledger, 0, "from-heir")
+    assert await heir.commit({tp: 1}) == {tp: 1}
+    assert heir_ledger.records == 0
+    await zombie.close()
+    await heir.close()
+
+    assert sorted(await read_to_end(kafka, out, key_of=None)) == ["from-heir"]
+
+
+async def test_results_are_invisible_until_their_offsets_commit(kafka: str) -> None:
+    """Outcomes finished out of order wait for the settled prefix: a transaction never holds a
+    result whose offset it does not commit."""
+    run = uuid.uuid4().hex[:8]
+    source, out, group = f"test.source.{run}", f"test.out.{run}", f"test-{run}"
+    await create_topics(kafka, source, out, partitions=1)
+    tp = TopicPartition(source, 0)
+    ledger = Ledger(1000, 1 << 20)
+    retry = RetryPolicy(out, 60, lambda exc: pytest.fail(repr(exc)))
+    options = {"bootstrap_servers": kafka, "acks": "all", "enable_idempotence": True}
+    transactions = Transactions(group, ledger, retry, options)
+    await transactions.assign([tp])
+    tickets = [_ticket(tp, offset, f"r{offset}") for offset in range(3)]
+    for ticket in tickets:
+        ledger.admit(ticket)
+    for ticket in (tickets[2], tickets[0]):  # offset 1 still running
+        transactions.buffer(Write(ticket, out, b"result", [], dead_letter=False))
+    positions = ledger.offsets.committable()
+    assert positions == {tp: 1}
+    assert await transactions.commit(positions) == {tp: 1}
+    assert sorted(await read_to_end(kafka, out, key_of=None)) == ["r0"]
+    transactions.buffer(Write(tickets[1], out, b"result", [], dead_letter=False))
+    assert await transactions.commit(ledger.offsets.committable()) == {tp: 3}
+    assert sorted(await read_to_end(kafka, out, key_of=None)) == ["r0", "r1", "r2"]
+    assert ledger.records == 0
+    await transactions.close()

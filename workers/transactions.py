@@ -1,0 +1,214 @@
+"""Exactly-once: each input partition's results and consumed offset committed in one Kafka
+transaction.
+
+Every assigned input partition gets its own transactional producer, with the id
+`<group>.<topic>.<partition>`. Whoever owns the partition next initialises the same id, which
+aborts what the previous owner left open and fences it: a worker that lost the partition
+without noticing (a zombie) can commit nothing more. aiokafka's `send_offsets_to_transaction`
+carries no group generation (KIP-447), so this per-partition id is what fences.
+
+A transaction carries exactly the outcomes of the offsets it commits, those below the
+partition's settled prefix. Outcomes finished out of order wait for a later transaction, so a
+record redelivered after a crash never meets a committed result of itself.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+from collections.abc import Iterable
+from typing import Any
+
+import structlog
+from aiokafka import AIOKafkaProducer, TopicPartition
+from aiokafka.errors import KafkaError, KafkaTimeoutError, ProducerFenced
+
+from surge.workers.ledger import Ledger
+from surge.workers.writes import RetryPolicy, Sent, Write, by_partition, send_batches
+
+log = structlog.get_logger("surge.transactions")
+
+_METADATA_WAIT_S = 2.0  # a reply topic without metadata by then fails this round, not the loop
+_CLOSE_S = 10.0
+
+
+class _Partition:
+    """One input partition: its producer and the outcomes waiting for a transaction."""
+
+    __slots__ = ("fenced", "lock", "producer", "writes")
+
+    def __init__(self) -> None:
+        self.lock = asyncio.Lock()  # one transaction at a time; revocation waits for it
+        self.producer: AIOKafkaProducer | None = None
+        self.writes: list[Write] = []
+        self.fenced = False  # another owner took the transactional id: commit nothing more
+
+
+class Transactions:
+    def __init__(
+        self,
+        group_id: str,
+        ledger: Ledger,
+        retry: RetryPolicy,
+        producer_options: dict[str, Any],
+    ) -> None:
+        self._group_id = group_id
+        self._ledger = ledger
+        self._retry = retry
+        self._options = producer_options
+        self._partitions: dict[TopicPartition, _Partition] = {}
+
+    def buffer(self, write: Write) -> None:
+        """Hold an outcome for its partition's next transaction; its offset may now commit."""
+        state = self._partitions.get(write.ticket.tp)
+        if state is None or state.fenced:  # revoked: the new owner processes it again
+            self._ledger.settle(write.ticket)
+            return
+        state.writes.append(write)
+        self._ledger.finish(write.ticket)
+
+    async def assign(self, partitions: Iterable[TopicPartition]) -> None:
+        """Take over partitions: initialising their transactional ids now aborts what a dead
+        previous owner left open, which unblocks `read_committed` readers at once."""
+        new = []
+        for tp in partitions:
+            if tp not in self._partitions or self._partitions[tp].fenced:
+                self._partitions[tp] = _Partition()
+                new.append(tp)
+        results = await asyncio.gather(
+            *(self._start(tp, self._partitions[tp]) for tp in new), return_exceptions=True
+        )
+        for tp, result in zip(new, results, strict=True):
+            if isinstance(result, BaseException):  # retried by the first commit
+                log.warning("transactional_producer_failed", partition=str(tp), error=repr(result))
+
+    async def commit(self, positions: dict[TopicPartition, int]) -> dict[TopicPartition, int]:
+        """One transaction per partition, concurrently; returns the positions committed."""
+        done = await asyncio.gather(*(self._commit(tp, p) for tp, p in positions.items()))
+        return {tp: p for (tp, p), ok in zip(positions.items(), done, strict=True) if ok}
+
+    async def revoke(self, partitions: Iterable[TopicPartition]) -> None:
+        """Give partitions up: drop what was not committed (the next owner redoes it)."""
+        await asyncio.gather(*(self._drop(tp) for tp in list(partitions)))
+
+    async def close(self) -> None:
+        await self.revoke(list(self._partitions))
+
+    # -- one partition --------------------------------------------------------------------
+
+    async def _commit(self, tp: TopicPartition, position: int) -> bool:
+        state = self._partitions.get(tp)
+        if state is None:
+            return False
+        async with state.lock:
+            if self._partitions.get(tp) is not state or state.fenced:
+                return False
+            writes = [w for w in state.writes if w.ticket.offset < position]
+            try:
+                producer = await self._producer(tp, state)
+                await producer.begin_transaction()
+                failures = await self._produce(producer, writes)
+                if failures:
+                    for _, exc in failures:
+                        if isinstance(exc, ProducerFenced):
+                            raise exc
+                    self._retry_failed(state, failures)
+                    await producer.abort_transaction()
+                    return False
+                await producer.send_offsets_to_transaction({tp: position}, self._group_id)
+                await producer.commit_transaction()
+            except ProducerFenced:
+                log.warning("partition_fenced", partition=str(tp))
+                state.fenced = True
+                self._release(state.writes)
+                state.writes = []
+                await self._stop(state)
+                return False
+            except Exception as exc:  # aiokafka's state machine raises AssertionError too
+                # Broker gone, coordinator moving: start this partition's producer afresh
+                # (initialising it again aborts the open transaction) and retry next round.
+                log.warning("transaction_failed", partition=str(tp), error=repr(exc))
+                await self._stop(state)
+                return False
+            committed = set(map(id, writes))
+            state.writes = [w for w in state.writes if id(w) not in committed]
+            self._release(writes)
+            return True
+
+    async def _produce(
+        self, producer: AIOKafkaProducer, writes: list[Write]
+    ) -> list[tuple[Write, BaseException]]:
+        """Send the writes inside the open transaction; the ones that failed, and why."""
+        failures: list[tuple[Write, BaseException]] = []
+        for topic in {w.topic for w in writes}:
+            try:
+                await asyncio.wait_for(producer.partitions_for(topic), _METADATA_WAIT_S)
+            except (TimeoutError, KafkaError) as exc:
+                error = exc if isinstance(exc, KafkaError) else KafkaTimeoutError(topic)
+                failures += [(w, error) for w in writes if w.topic == topic]
+        if failures:
+            return failures
+        groups, _ = by_partition(producer, writes)
+        sent: list[Sent] = []
+        for batches in await asyncio.gather(
+            *(send_batches(producer, *key, group) for key, group in groups.items())
+        ):
+            sent += batches
+        for members, delivery in sent:
+            if not isinstance(delivery, BaseException):
+                try:
+                    await delivery
+                    continue
+                except KafkaError as exc:
+                    delivery = exc
+            failures += [(w, delivery) for w in members]
+        return failures
+
+    def _retry_failed(self, state: _Partition, failures: list[tuple[Write, BaseException]]) -> None:
+        """Put each failed write's next attempt (itself, or its dead letter) in its place."""
+        replacing = {id(write): self._retry.after(write, exc) for write, exc in failures}
+        state.writes = [replacing.get(id(w), w) for w in state.writes]
+
+    async def _start(self, tp: TopicPartition, state: _Partition) -> None:
+        async with state.lock:
+            await self._producer(tp, state)
+
+    async def _producer(self, tp: TopicPartition, state: _Partition) -> AIOKafkaProducer:
+        """The partition's producer, started and fenced in (call holding the lock)."""
+        if state.producer is None:
+            producer = AIOKafkaProducer(
+                **self._options, transactional_id=f"{self._group_id}.{tp.topic}.{tp.partition}"
+            )
+            await producer.start()
+            try:
+                # An empty transaction waits for the producer id: the broker fences the
+                # previous owner of this id and aborts its open transaction.
+                await producer.begin_transaction()
+                await producer.abort_transaction()
+            except BaseException:
+                with contextlib.suppress(Exception):
+                    await asyncio.wait_for(producer.stop(), _CLOSE_S)
+                raise
+            state.producer = producer
+        return state.producer
+
+    async def _drop(self, tp: TopicPartition) -> None:
+        state = self._partitions.get(tp)
+        if state is None:
+            return
+        async with state.lock:
+            if self._partitions.get(tp) is state:
+                del self._partitions[tp]
+            self._release(state.writes)
+            state.writes = []
+            await self._stop(state)
+
+    async def _stop(self, state: _Partition) -> None:
+        producer, state.producer = state.producer, None
+        if producer is not None:
+            with contextlib.suppress(Exception):
+                await asyncio.wait_for(producer.stop(), _CLOSE_S)
+
+    def _release(self, writes: list[Write]) -> None:
+        for write in writes:
+            self._ledger.release(write.ticket)

@@ -1,0 +1,194 @@
+"""Kafka writes: one record to produce and the ticket it settles, and the way many of them
+go out as record batches.
+
+Per-message `send()` costs several times more than the model does for a small request, so
+writes are grouped by target (topic, partition) and enqueued as whole record batches. Both
+delivery modes use this: at-least-once from its outbox, exactly-once inside a transaction.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Any
+
+import structlog
+from aiokafka import AIOKafkaProducer
+from aiokafka.errors import KafkaError, KafkaTimeoutError, MessageSizeTooLargeError
+
+from surge.schemas import ErrorCode, headers
+from surge.workers import metrics
+from surge.workers.tickets import Rejection, Ticket
+
+log = structlog.get_logger("surge.replies")
+
+RETRY_FIRST_S = 0.05
+RETRY_MAX_S = 2.0
+_GIVE_UP_FACTOR = 5  # dead letters retry this many retry_s before the worker restarts
+_DEAD_LETTER_HEADERS = (
+    headers.ERROR_CODE,
+    headers.ERROR_MESSAGE,
+    headers.SOURCE_TOPIC,
+    headers.SOURCE_PARTITION,
+    headers.SOURCE_OFFSET,
+)
+
+# The writes of one enqueued record batch, and its delivery future or the error that refused it.
+Sent = tuple[list["Write"], "asyncio.Future[Any] | BaseException"]
+
+
+@dataclass(slots=True)
+class Write:
+    """One record to produce, and the ticket it settles once acknowledged."""
+
+    ticket: Ticket
+    topic: str
+    value: bytes
+    headers: list[tuple[str, bytes | None]]
+    dead_letter: bool
+    key: bytes = b""
+    first_failure: float | None = None  # monotonic time of the first failed attempt
+    retry_in: float = RETRY_FIRST_S
+
+    def __post_init__(self) -> None:
+        self.key = self.ticket.key or self.ticket.request_id.encode()  # results join by key
+
+
+def by_partition(
+    producer: AIOKafkaProducer, writes: list[Write]
+) -> tuple[dict[tuple[str, int], list[Write]], list[Write]]:
+    """Writes by the (topic, partition) the default partitioner gives their keys; writes to
+    topics whose metadata this producer does not hold yet come back apart."""
+    cluster = producer.client.cluster
+    partitioner = producer._partitioner
+    partitions_of: dict[str, list[int] | None] = {}
+    groups: dict[tuple[str, int], list[Write]] = {}
+    unknown: list[Write] = []
+    for write in writes:
+        if write.topic not in partitions_of:
+            known = cluster.partitions_for_topic(write.topic)
+            partitions_of[write.topic] = sorted(known) if known else None
+        partitions = partitions_of[write.topic]
+        if partitions is None:
+            unknown.append(write)
+            continue
+        partition = partitioner(write.key, partitions, partitions)
+        groups.setdefault((write.topic, partition), []).append(write)
+    return groups, unknown
+
+
+async def send_batches(
+    producer: AIOKafkaProducer, topic: str, partition: int, writes: list[Write]
+) -> list[Sent]:
+    """Enqueue the writes of one partition as few record batches as fit."""
+    now_ms = int(time.time() * 1000)
+    sent: list[Sent] = []
+    batch, members = producer.create_batch(), []
+    for write in writes:
+        if batch.append(key=write.key, value=write.value, timestamp=now_ms, headers=write.headers):
+            members.append(write)
+            continue
+        if members:  # full: ship it and start the next
+            sent.append(await _send_batch(producer, batch, topic, partition, members))
+            batch, members = producer.create_batch(), []
+            if batch.append(
+                key=write.key, value=write.value, timestamp=now_ms, headers=write.headers
+            ):
+                members.append(write)
+                continue
+        sent.append(await send_one(producer, write))  # larger than a batch: the broker decides
+    if members:
+        sent.append(await _send_batch(producer, batch, topic, partition, members))
+    return sent
+
+
+async def _send_batch(
+    producer: AIOKafkaProducer, batch: Any, topic: str, partition: int, writes: list[Write]
+) -> Sent:
+    try:
+        return writes, await producer.send_batch(batch, topic, partition=partition)
+    except KafkaError as exc:
+        return writes, exc
+
+
+async def send_one(producer: AIOKafkaProducer, write: Write) -> Sent:
+    try:
+        delivery = await producer.send(
+            write.topic, write.value, key=write.key, headers=write.headers
+        )
+    except KafkaError as exc:
+        return [write], exc
+    return [write], delivery
+
+
+def dead_letter(ticket: Ticket, rejection: Rejection, topic: str) -> Write:
+    """The original bytes and headers, plus why and where they came from."""
+    metrics.DEAD_LETTERS.labels(rejection.code).inc()
+    log.info(
+        "dead_letter",
+        request_id=ticket.request_id,
+        code=rejection.code,
+        reason=rejection.message,
+        topic=ticket.tp.topic,
+        partition=ticket.tp.partition,
+        offset=ticket.offset,
+    )
+    letter_headers = [(k, v) for k, v in ticket.headers if k not in _DEAD_LETTER_HEADERS]
+    letter_headers += [
+        (headers.ERROR_CODE, rejection.code.encode()),
+        (headers.ERROR_MESSAGE, rejection.message.encode()[:1024]),
+        (headers.SOURCE_TOPIC, ticket.tp.topic.encode()),
+        (headers.SOURCE_PARTITION, str(ticket.tp.partition).encode()),
+        (headers.SOURCE_OFFSET, str(ticket.offset).encode()),
+    ]
+    return Write(ticket, topic, ticket.value, letter_headers, dead_letter=True)
+
+
+class RetryPolicy:
+    """What a refused write becomes: the same write again later, or a dead letter.
+
+    A result its reply topic refuses (or keeps refusing past `retry_s`) becomes a dead
+    letter; a dead letter is retried until the dead-letter topic takes it, since dropping it
+    would lose the request, and after `_GIVE_UP_FACTOR × retry_s` the worker restarts.
+    """
+
+    def __init__(
+        self, dead_letter_topic: str, retry_s: float, on_crash: Callable[[BaseException], None]
+    ) -> None:
+        self._dead_letter_topic = dead_letter_topic
+        self._retry_s = retry_s
+        self._on_crash = on_crash
+
+    def after(self, write: Write, exc: BaseException) -> Write:
+        now = time.monotonic()
+        if write.first_failure is None:
+            write.first_failure = now
+        transient = isinstance(exc, KafkaTimeoutError) or (
+            isinstance(exc, KafkaError) and exc.retriable
+        )
+        waited = now - write.first_failure
+        if not write.dead_letter and (not transient or waited > self._retry_s):
+            # The reply target refuses this result (too large, not authorised, no such topic).
+            reason = f"result could not be written to {write.topic!r}: {exc!r}"
+            rejection = Rejection(ErrorCode.REPLY_FAILED, reason)
+            return dead_letter(write.ticket, rejection, self._dead_letter_topic)
+        if write.dead_letter and waited > self._retry_s * _GIVE_UP_FACTOR:
+            # The dead-letter topic itself has refused this for minutes: a restart (and a
+            # redelivery of the request) beats a worker that only retries.
+            self._on_crash(exc)
+        if write.dead_letter and isinstance(exc, MessageSizeTooLargeError) and write.value:
+            # Original bytes plus our headers overflow the limit: keep the evidence, not the body.
+            note = f"original value of {len(write.value)} bytes dropped: too large for the topic"
+            write.headers.append((headers.ERROR_MESSAGE, note.encode()))
+            write.value = b""
+        metrics.REPLY_RETRIES.labels("kafka").inc()
+        log.warning(
+            "kafka_write_retry",
+            topic=write.topic,
+            error=repr(exc),
+            dead_letter=write.dead_letter,
+            retry_in=write.retry_in,
+        )
+        return write
