@@ -28,6 +28,7 @@ from surge.schemas.tensors import (
     TensorTooLarge,
     datatype_of,
     from_array,
+    row_tensors,
     to_array,
 )
 
@@ -58,5 +59,6 @@ __all__ = [
     "TensorTooLarge",
     "datatype_of",
     "from_array",
+    "row_tensors",
     "to_array",
 ]

@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import itertools
 import math
+from collections.abc import Sequence
 from typing import Any
 
 import numpy as np
@@ -88,6 +90,29 @@ def from_array(name: str, array: np.ndarray, *, binary: bool) -> Tensor:
     else:
         data = array.ravel().tolist()
     return Tensor(name=name, shape=list(array.shape), datatype=datatype, data=data)  # type: ignore[arg-type]
+
+
+def row_tensors(name: str, array: np.ndarray, rows: Sequence[int], *, binary: bool) -> list[Tensor]:
+    """Wire tensors for consecutive row ranges of one batch output, e.g. one per request of a
+    batch. Raw bytes are converted once for the whole batch and sliced (zero-copy) per range."""
+    datatype = datatype_of(array.dtype)
+    if not binary or datatype == "BYTES":
+        starts = itertools.accumulate(rows, initial=0)
+        return [
+            from_array(name, array[start : start + count], binary=binary)
+            for start, count in zip(starts, rows, strict=False)
+        ]
+    raw = memoryview(np.ascontiguousarray(array, dtype=DATATYPES[datatype])).cast("B")
+    row_bytes = raw.nbytes // array.shape[0] if array.shape[0] else 0
+    tail = list(array.shape[1:])
+    tensors, offset = [], 0
+    for count in rows:
+        end = offset + count * row_bytes
+        tensors.append(
+            Tensor(name=name, shape=[count, *tail], datatype=datatype, data=raw[offset:end])
+        )
+        offset = end
+    return tensors
 
 
 def _text(value: object) -> object:

@@ -10,8 +10,9 @@ import torch
 
 from surge.config import ModelConfig, TensorConfig
 from surge.examples import write_mlp
+from surge.schemas import row_tensors, to_array
 from surge.workers import runtimes
-from surge.workers.batching import group_by_shape, split, stack
+from surge.workers.batching import check_rows, group_by_shape, stack
 from surge.workers.intake import Job
 from surge.workers.runtimes import TensorSpec
 from surge.workers.runtimes.devices import resolve_device
@@ -79,11 +80,14 @@ def test_stack_and_split_round_trip_rows() -> None:
     jobs = [_job(x=np.full((r, 4), r, np.float32)) for r in (1, 3, 2)]
     batch = stack(jobs, specs)["x"]
     assert batch.shape == (6, 4)
-    parts = split({"y": batch * 10}, jobs)
-    for job, part in zip(jobs, parts, strict=True):
-        np.testing.assert_array_equal(part["y"], job.inputs["x"] * 10)
+    rows = [job.rows for job in jobs]
+    check_rows({"y": batch}, sum(rows))
+    for binary in (True, False):
+        parts = row_tensors("y", batch * 10, rows, binary=binary)
+        for job, part in zip(jobs, parts, strict=True):
+            np.testing.assert_array_equal(to_array(part), job.inputs["x"] * 10)
     with pytest.raises(ValueError, match="rows"):
-        split({"y": batch[:5]}, jobs)
+        check_rows({"y": batch[:5]}, sum(rows))
 
 
 def test_variable_length_inputs_pad_or_bucket() -> None:

@@ -19,9 +19,9 @@ import numpy as np
 import structlog
 
 from surge.config import ModelConfig
-from surge.schemas import MSGPACK, ErrorCode, InferenceResponse, from_array
+from surge.schemas import MSGPACK, ErrorCode, InferenceResponse, Tensor, row_tensors
 from surge.workers import metrics
-from surge.workers.batching import group_by_shape, split, stack
+from surge.workers.batching import check_rows, group_by_shape, stack
 from surge.workers.intake import Job
 from surge.workers.replies import Replies
 from surge.workers.runtimes import Runtime
@@ -193,7 +193,7 @@ class Batcher:
         """Run one model call; on failure split the batch in halves to isolate the culprit."""
         try:
             outputs, seconds = await self._call(jobs)
-            parts = split(outputs, jobs)
+            check_rows(outputs, sum(job.rows for job in jobs))
         except TimeoutError as exc:
             log.error("batch_timeout", model=self.model, version=self.version, requests=len(jobs))
             for job in jobs:
@@ -214,13 +214,24 @@ class Batcher:
         self._batch_seconds.observe(seconds)
         self._batch_rows.observe(sum(job.rows for job in jobs))
         self._ok.inc(len(jobs))
-        for job, part in zip(jobs, parts, strict=True):
+        self._answer(jobs, outputs)
+
+    def _answer(self, jobs: list[Job], outputs: dict[str, np.ndarray]) -> None:
+        """One response per job; each output is converted once for the whole batch."""
+        rows = [job.rows for job in jobs]
+        converted: dict[tuple[str, bool], list[Tensor]] = {}
+
+        def tensor(name: str, binary: bool, index: int) -> Tensor:
+            if (name, binary) not in converted:
+                converted[name, binary] = row_tensors(name, outputs[name], rows, binary=binary)
+            return converted[name, binary][index]
+
+        for index, job in enumerate(jobs):
             binary = job.ticket.content_type == MSGPACK
-            names = job.outputs or part.keys()
             response = InferenceResponse(
                 model_name=self.model,
                 model_version=self.version,
                 id=job.ticket.request_id,
-                outputs=[from_array(name, part[name], binary=binary) for name in names],
+                outputs=[tensor(name, binary, index) for name in job.outputs or outputs],
             )
             self._replies.ok(job.ticket, response)

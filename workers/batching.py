@@ -46,16 +46,8 @@ def _pad_concatenate(arrays: Sequence[np.ndarray], pad_value: float) -> np.ndarr
     return out
 
 
-def split(outputs: dict[str, np.ndarray], jobs: Sequence[Job]) -> list[dict[str, np.ndarray]]:
-    """Each job's rows of every output, in job order. Raises ValueError on a row-count mismatch."""
-    rows = sum(job.rows for job in jobs)
+def check_rows(outputs: dict[str, np.ndarray], rows: int) -> None:
+    """Every output must have one row per input row; raises ValueError otherwise."""
     for name, array in outputs.items():
         if array.ndim == 0 or array.shape[0] != rows:
             raise ValueError(f"output {name!r} has {array.shape[:1]} rows for a batch of {rows}")
-    parts = []
-    start = 0
-    for job in jobs:
-        end = start + job.rows
-        parts.append({name: array[start:end] for name, array in outputs.items()})
-        start = end
-    return parts

@@ -1,0 +1,341 @@
+"""Surge against hand-written peers: same broker, same model, same machine, one run.
+
+    python -m bench.compare [--bootstrap HOST:PORT] [--requests 50000] [--faust-requests 10000]
+
+Every contender drains its own copy of the same burst of msgpack MLP requests (queued before
+it starts, 8 partitions) and writes one reply per request to its own reply topic. Throughput
+is distinct requests answered over the span of their reply timestamps, so process start-up
+and model loading are left out for everyone. Also measured, as the limits: ONNX Runtime alone
+at its best batch size, and the broker alone moving the same records (produce and consume at
+once). Prints a table, writes bench/out/compare.json and bench/out/compare.png.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import os
+import signal
+import subprocess
+import sys
+import tempfile
+import time
+from collections.abc import Callable
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+import numpy as np
+from aiokafka import AIOKafkaConsumer, AIOKafkaProducer, TopicPartition
+from aiokafka.admin import AIOKafkaAdminClient, NewTopic
+from rich.console import Console
+from rich.table import Table
+
+from bench.common import OUT, WorkerProcess, direct_throughput, kafka_broker
+from surge.examples import MLP_FEATURES, write_mlp
+from surge.producers import request_body, request_headers
+from surge.schemas import MSGPACK
+
+console = Console()
+PARTITIONS = 8
+
+
+@dataclass(frozen=True)
+class Contender:
+    name: str
+    kind: str
+    guarantees: str
+
+
+CONTENDERS = [
+    Contender("faust agent, one event at a time", "faust", "at-least-once"),
+    Contender("getmany loop, model per request", "per-request", "auto-commit"),
+    Contender("getmany loop, batched, send() per reply", "batch-send", "auto-commit"),
+    Contender("getmany loop, batched, await acks then commit", "alo", "at-least-once"),
+    Contender("getmany loop, batched, send_batch, no commits", "fast", "none"),
+    Contender("Surge", "surge", "at-least-once"),
+    Contender("Surge, exactly-once", "surge-eos", "exactly-once"),
+]
+
+
+@dataclass
+class Result:
+    name: str
+    kind: str
+    guarantees: str
+    requests: int
+    answered: int
+    duplicated: int
+    seconds: float
+    throughput: float
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawTextHelpFormatter
+    )
+    parser.add_argument("--bootstrap", help="use this Kafka cluster instead of starting one")
+    parser.add_argument("--requests", type=int, default=50_000)
+    parser.add_argument("--faust-requests", type=int, default=10_000)
+    parser.add_argument("--only", help="comma-separated kinds, e.g. fast,surge")
+    args = parser.parse_args()
+    chosen = [c for c in CONTENDERS if not args.only or c.kind in args.only.split(",")]
+
+    model_root = Path(tempfile.mkdtemp(prefix="surge-bench-models-"))
+    model_path = write_mlp(model_root)
+    results: list[Result] = []
+    with kafka_broker(args.bootstrap) as bootstrap:
+        broker_rate = asyncio.run(_broker_alone(bootstrap, args.requests))
+        console.print(f"broker alone (produce and consume at once): {broker_rate:,.0f} msg/s")
+        for contender in chosen:
+            count = args.faust_requests if contender.kind == "faust" else args.requests
+            result = _run(contender, bootstrap, model_root, model_path, count)
+            console.print(
+                f"  {contender.name}: {result.throughput:,.0f} req/s "
+                f"({result.answered:,}/{count:,} answered, {result.duplicated} duplicated)"
+            )
+            results.append(result)
+    direct = max(direct_throughput(model_path, b, threads=1) for b in (64, 128, 256, 512))
+    _report(results, broker_rate, direct)
+
+
+def _run(
+    contender: Contender, bootstrap: str, model_root: Path, model_path: Path, count: int
+) -> Result:
+    run = f"{contender.kind}.{time.time_ns()}"
+    topic, replies = f"bench.{run}.requests", f"bench.{run}.replies"
+    asyncio.run(_preload(bootstrap, topic, replies, count))
+    stop = _start(contender, bootstrap, topic, replies, model_root, model_path)
+    try:
+        asyncio.run(_wait_for(bootstrap, replies, count, timeout=max(120.0, count / 200)))
+    finally:
+        stop()
+    stamps, answered, duplicated = asyncio.run(_reply_stamps(bootstrap, replies))
+    seconds = (max(stamps) - min(stamps)) / 1000 if stamps else float("nan")
+    return Result(
+        contender.name,
+        contender.kind,
+        contender.guarantees,
+        count,
+        answered,
+        duplicated,
+        seconds,
+        (answered - 1) / seconds if answered > 1 and seconds > 0 else 0.0,
+    )
+
+
+def _start(
+    contender: Contender,
+    bootstrap: str,
+    topic: str,
+    replies: str,
+    model_root: Path,
+    model_path: Path,
+) -> Callable[[], None]:
+    if contender.kind.startswith("surge"):
+        delivery = "exactly_once" if contender.kind == "surge-eos" else "at_least_once"
+        worker = WorkerProcess(
+            bootstrap,
+            model_root,
+            SURGE_WORKER__TOPICS=json.dumps({"mlp": topic}),
+            SURGE_WORKER__DELIVERY=delivery,
+            SURGE_WORKER__CREATE_TOPICS="false",
+        )
+        return worker.stop
+    module = "bench.peers.agent" if contender.kind == "faust" else "bench.peers.loops"
+    argv = [bootstrap, topic, replies, str(model_path)]
+    if contender.kind != "faust":
+        argv.insert(0, contender.kind)
+    log = Path(tempfile.mkstemp(prefix=f"surge-bench-{contender.kind}-", suffix=".log")[1])
+    process = subprocess.Popen(
+        [sys.executable, "-m", module, *argv],
+        stdout=log.open("wb"),
+        stderr=subprocess.STDOUT,
+        env=os.environ | {"PYTHONUNBUFFERED": "1"},
+        start_new_session=True,
+    )
+
+    def stop() -> None:
+        os.killpg(process.pid, signal.SIGKILL)
+        process.wait(30)
+
+    return stop
+
+
+async def _preload(
+    bootstrap: str, topic: str, replies: str, count: int, *, create: bool = True
+) -> None:
+    """The same burst for every contender: `count` msgpack requests over 8 partitions."""
+    if create:
+        admin = AIOKafkaAdminClient(bootstrap_servers=bootstrap)
+        await admin.start()
+        try:
+            await admin.create_topics([NewTopic(t, PARTITIONS, 1) for t in (topic, replies)])
+        finally:
+            await admin.close()
+    if not count:
+        return
+    rows = np.random.default_rng(0).standard_normal((1024, 1, MLP_FEATURES)).astype(np.float32)
+    route = request_headers(model="mlp", content_type=MSGPACK, reply_to=replies)
+    producer = AIOKafkaProducer(bootstrap_servers=bootstrap, acks="all", linger_ms=5)
+    await producer.start()
+    try:
+        batches = [producer.create_batch() for _ in range(PARTITIONS)]
+        deliveries = []
+        for i in range(count):
+            request_id = f"r{i}"
+            value = request_body({"x": rows[i % len(rows)]}, request_id, MSGPACK)
+            partition = i % PARTITIONS
+            if not batches[partition].append(
+                key=request_id.encode(), value=value, timestamp=None, headers=route
+            ):
+                deliveries.append(
+                    await producer.send_batch(batches[partition], topic, partition=partition)
+                )
+                batches[partition] = producer.create_batch()
+                batches[partition].append(
+                    key=request_id.encode(), value=value, timestamp=None, headers=route
+                )
+        for partition, batch in enumerate(batches):
+            deliveries.append(await producer.send_batch(batch, topic, partition=partition))
+        await asyncio.gather(*deliveries)
+    finally:
+        await producer.stop()
+
+
+async def _wait_for(
+    bootstrap: str, topic: str, count: int, timeout: float, settle: float = 0.5
+) -> None:
+    """Until the reply topic holds `count` records (or the contender gave up)."""
+    consumer = AIOKafkaConsumer(bootstrap_servers=bootstrap)
+    await consumer.start()
+    try:
+        partitions = [TopicPartition(topic, p) for p in range(PARTITIONS)]
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            if sum((await consumer.end_offsets(partitions)).values()) >= count:
+                await asyncio.sleep(settle)  # exactly-once: let the last transaction commit
+                return
+            await asyncio.sleep(0.2)
+        console.print(f"[red]{topic}: timed out after {timeout:.0f} s")
+    finally:
+        await consumer.stop()
+
+
+async def _reply_stamps(bootstrap: str, topic: str) -> tuple[list[int], int, int]:
+    """(reply timestamps, distinct request ids answered, duplicate replies), read_committed."""
+    consumer = AIOKafkaConsumer(
+        bootstrap_servers=bootstrap, isolation_level="read_committed", enable_auto_commit=False
+    )
+    await consumer.start()
+    try:
+        partitions = [TopicPartition(topic, p) for p in range(PARTITIONS)]
+        consumer.assign(partitions)
+        await consumer.seek_to_beginning(*partitions)
+        ends = await consumer.end_offsets(partitions)
+        stamps, keys = [], set()
+        while [tp for tp in partitions if await consumer.position(tp) < ends[tp]]:
+            for records in (await consumer.getmany(timeout_ms=500, max_records=10_000)).values():
+                for record in records:
+                    stamps.append(record.timestamp)
+                    keys.add(record.key)
+        return stamps, len(keys), len(stamps) - len(keys)
+    finally:
+        await consumer.stop()
+
+
+async def _broker_alone(bootstrap: str, count: int) -> float:
+    """The broker's own rate for these records: one producer (record batches) and one
+    consumer (getmany) at once, as a worker's two sides run; messages per second."""
+    topic = f"bench.broker.{time.time_ns()}"
+    admin = AIOKafkaAdminClient(bootstrap_servers=bootstrap)
+    await admin.start()
+    try:
+        await admin.create_topics([NewTopic(topic, PARTITIONS, 1)])
+    finally:
+        await admin.close()
+    value = request_body({"x": np.ones((1, MLP_FEATURES), np.float32)}, "r0000000", MSGPACK)
+    route = request_headers(model="mlp", content_type=MSGPACK, reply_to="bench.replies")
+    consumer = AIOKafkaConsumer(
+        topic, bootstrap_servers=bootstrap, auto_offset_reset="earliest", group_id=topic
+    )
+    producer = AIOKafkaProducer(
+        bootstrap_servers=bootstrap, acks="all", linger_ms=1, max_batch_size=256 * 1024
+    )
+    await consumer.start()
+    await producer.start()
+    try:
+        while not consumer.assignment():
+            await consumer.getmany(timeout_ms=100)
+
+        async def produce() -> None:
+            sent = 0
+            while sent < count:
+                for partition in range(PARTITIONS):
+                    batch = producer.create_batch()
+                    while sent < count and batch.append(
+                        key=b"r0000000", value=value, timestamp=None, headers=route
+                    ):
+                        sent += 1
+                    await producer.send_batch(batch, topic, partition=partition)
+
+        started = time.perf_counter()
+        producing = asyncio.create_task(produce())
+        received = 0
+        while received < count:
+            fetched = await consumer.getmany(timeout_ms=200, max_records=1024)
+            received += sum(len(r) for r in fetched.values())
+        await producing
+        return count / (time.perf_counter() - started)
+    finally:
+        await producer.stop()
+        await consumer.stop()
+
+
+def _report(results: list[Result], broker_rate: float, direct: float) -> None:
+    by_kind = {r.kind: r for r in results}
+    surge = by_kind.get("surge")
+    table = Table(title="MLP, msgpack, Apache Kafka, one process each, same machine and run")
+    for column in ("worker", "guarantees", "requests", "throughput", "Surge ÷ this"):
+        table.add_column(column, justify="right")
+    for r in results:
+        ratio = f"{surge.throughput / r.throughput:.2f}×" if surge and r.throughput else "—"
+        table.add_row(r.name, r.guarantees, f"{r.requests:,}", f"{r.throughput:,.0f}/s", ratio)
+    console.print(table)
+    console.print(
+        f"limits: broker alone {broker_rate:,.0f} msg/s (produce + consume at once); "
+        f"ONNX Runtime alone {direct:,.0f} rows/s (1 thread, best of batch 64–512)"
+    )
+    OUT.mkdir(exist_ok=True)
+    (OUT / "compare.json").write_text(
+        json.dumps(
+            {
+                "results": [asdict(r) for r in results],
+                "broker_msgs_per_s": broker_rate,
+                "direct_rows_per_s": direct,
+            },
+            indent=2,
+        )
+    )
+    _plot(results)
+
+
+def _plot(results: list[Result]) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, axis = plt.subplots(figsize=(9, 4))
+    names = [r.name for r in results]
+    colours = ["tab:orange" if r.kind.startswith("surge") else "tab:grey" for r in results]
+    axis.barh(names, [r.throughput for r in results], color=colours)
+    axis.set(xlabel="requests/s (log)", xscale="log", title="Draining the same burst")
+    axis.invert_yaxis()
+    fig.tight_layout()
+    fig.savefig(OUT / "compare.png", dpi=120)
+    console.print(f"wrote {OUT / 'compare.json'} and {OUT / 'compare.png'}")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,108 @@
+"""Hand-written aiokafka workers, as a team would write them without Surge.
+
+    python -m bench.peers.loops KIND BOOTSTRAP TOPIC REPLY_TOPIC MODEL_PATH
+
+KIND:
+  per-request   getmany(256); the model runs once per request; send() per reply; auto-commit
+  batch-send    getmany(256); one model call per fetch; send() per reply; auto-commit
+  alo           as batch-send, then await every reply's ack and commit (at-least-once, serial)
+  fast          getmany(256); one model call per fetch; replies as one record batch per
+                partition (create_batch/send_batch); no commits, no acks awaited (no guarantees)
+"""
+
+from __future__ import annotations
+
+import asyncio
+import sys
+import time
+
+import numpy as np
+import onnxruntime as ort
+from aiokafka import AIOKafkaConsumer, AIOKafkaProducer, ConsumerRecord, TopicPartition
+
+from bench.peers.wire import REPLY_HEADERS, Request, decode, reply
+
+FETCH = 256
+
+
+def session(path: str) -> ort.InferenceSession:
+    options = ort.SessionOptions()
+    options.intra_op_num_threads = 1
+    return ort.InferenceSession(path, options, providers=["CPUExecutionProvider"])
+
+
+async def main(kind: str, bootstrap: str, topic: str, reply_topic: str, model: str) -> None:
+    model_session = session(model)
+    consumer = AIOKafkaConsumer(
+        topic,
+        bootstrap_servers=bootstrap,
+        group_id=f"peer-{kind}-{time.time_ns()}",
+        auto_offset_reset="earliest",
+        enable_auto_commit=kind in ("per-request", "batch-send"),
+    )
+    guarantees = kind == "alo"
+    producer = AIOKafkaProducer(
+        bootstrap_servers=bootstrap,
+        acks="all" if guarantees else 1,
+        enable_idempotence=guarantees,
+        linger_ms=1,
+        max_batch_size=256 * 1024,
+    )
+    await consumer.start()
+    await producer.start()
+    print("ready", flush=True)
+    while True:
+        fetched = await consumer.getmany(timeout_ms=100, max_records=FETCH)
+        if not fetched:
+            continue
+        if kind == "per-request":
+            for records in fetched.values():
+                for record in records:
+                    request = decode(record.value)
+                    x = np.frombuffer(request.inputs[0].data, np.float32).reshape(1, -1)
+                    y = model_session.run(None, {"x": x})[0]
+                    await producer.send(
+                        reply_topic, reply(request.id, y[0]), key=record.key, headers=REPLY_HEADERS
+                    )
+            continue
+        records = [r for rs in fetched.values() for r in rs]
+        requests = [decode(r.value) for r in records]
+        x = np.frombuffer(b"".join(q.inputs[0].data for q in requests), np.float32)
+        y = model_session.run(None, {"x": x.reshape(len(requests), -1)})[0]
+        if kind == "fast":
+            await _send_batches(producer, reply_topic, fetched, requests, y)
+            continue
+        deliveries = [
+            await producer.send(reply_topic, reply(q.id, row), key=r.key, headers=REPLY_HEADERS)
+            for r, q, row in zip(records, requests, y, strict=True)
+        ]
+        if guarantees:
+            await asyncio.gather(*deliveries)
+            await consumer.commit()
+
+
+async def _send_batches(
+    producer: AIOKafkaProducer,
+    reply_topic: str,
+    fetched: dict[TopicPartition, list[ConsumerRecord]],
+    requests: list[Request],
+    y: np.ndarray,
+) -> None:
+    """One record batch per input partition, sent to the reply partition of the same number."""
+    now_ms = int(time.time() * 1000)
+    i = 0
+    for tp, records in fetched.items():
+        batch = producer.create_batch()
+        for record in records:
+            value = reply(requests[i].id, y[i])
+            i += 1
+            if batch.append(key=record.key, value=value, timestamp=now_ms, headers=REPLY_HEADERS):
+                continue
+            await producer.send_batch(batch, reply_topic, partition=tp.partition)
+            batch = producer.create_batch()
+            batch.append(key=record.key, value=value, timestamp=now_ms, headers=REPLY_HEADERS)
+        await producer.send_batch(batch, reply_topic, partition=tp.partition)
+
+
+if __name__ == "__main__":
+    asyncio.run(main(*sys.argv[1:6]))
