@@ -53,23 +53,20 @@ class WorkerProcess:
             stderr=self.log.open("wb"),
         )
 
-    def batch_histogram(self) -> tuple[np.ndarray, np.ndarray, float, float]:
-        """(bucket upper bounds, cumulative counts, sum of rows, number of batches)."""
+    def batch_totals(self) -> dict[str, float]:
+        """Model calls so far: their number, rows and seconds (from the worker's metrics)."""
         url = f"http://127.0.0.1:{self.metrics_port}/metrics"
         text = urllib.request.urlopen(url, timeout=5).read().decode()
-        bounds, counts, total, batches = [], [], 0.0, 0.0
+        totals = {"batches": 0.0, "rows": 0.0, "seconds": 0.0}
         for family in text_string_to_metric_families(text):
-            if family.name != "surge_batch_rows":
-                continue
             for sample in family.samples:
-                if sample.name.endswith("_bucket"):
-                    bounds.append(float(sample.labels["le"]))
-                    counts.append(sample.value)
-                elif sample.name.endswith("_sum"):
-                    total += sample.value
-                elif sample.name.endswith("_count"):
-                    batches += sample.value
-        return np.array(bounds), np.array(counts), total, batches
+                if sample.name == "surge_batch_rows_count":
+                    totals["batches"] += sample.value
+                elif sample.name == "surge_batch_rows_sum":
+                    totals["rows"] += sample.value
+                elif sample.name == "surge_batch_seconds_sum":
+                    totals["seconds"] += sample.value
+        return totals
 
     def stop(self) -> None:
         self.process.send_signal(signal.SIGTERM)

@@ -1,11 +1,13 @@
-"""End-to-end throughput and latency of the example MLP through Kafka and a Surge worker.
+"""End-to-end throughput and latency through Kafka and one Surge worker, for the MLP and for
+MiniLM (a real transformer), with results to a Kafka reply topic or to Redis.
 
-    python -m bench.e2e [--bootstrap HOST:PORT] [--burst 50000] [--rates 1000,2000,5000,10000]
+    python -m bench.e2e [--model mlp|minilm] [--via kafka|redis] [--burst N] [--rates R,R,..]
 
-Starts Apache Kafka (unless --bootstrap), one `surge worker` process and a load generator on
-this machine; measures a burst drain, then an open-loop sweep of offered loads; compares with
-ONNX Runtime alone at the batch size the worker actually ran. Prints a table, writes
-bench/out/e2e.json and bench/out/e2e.png.
+Starts Apache Kafka (unless --bootstrap) and Redis (for --via redis), one `surge worker`
+process and a load generator on this machine; drains a burst, then sweeps offered loads
+(open loop), and compares with ONNX Runtime alone at the batch size the worker actually ran
+(for MiniLM: the same sentences, padded per batch as the worker pads them). Prints a table,
+writes bench/out/e2e-<model>-<via>.json and .png.
 """
 
 from __future__ import annotations
@@ -14,6 +16,10 @@ import argparse
 import asyncio
 import json
 import tempfile
+import time
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
@@ -24,8 +30,122 @@ from bench.common import OUT, WorkerProcess, direct_throughput, kafka_broker
 from surge.examples import MLP_FEATURES, MLP_NAME, write_mlp
 from surge.producers import SurgeClient
 from surge.producers.load import LoadReport, run_load
+from tests.services import RedisServer
 
 console = Console()
+
+
+@dataclass
+class Workload:
+    name: str
+    write: Callable[[Path], Path]
+    inputs: Callable[[int], dict[str, np.ndarray]]
+    direct: Callable[[Path, int], float]  # rows/s of the runtime alone at a batch size
+    burst: int
+    rates: str
+
+
+def mlp() -> Workload:
+    rows = np.random.default_rng(0).standard_normal((4096, 1, MLP_FEATURES)).astype(np.float32)
+    return Workload(
+        MLP_NAME,
+        write_mlp,
+        lambda i: {"x": rows[i % len(rows)]},
+        lambda path, batch: direct_throughput(path, batch, threads=1),
+        50_000,
+        "1000,2000,5000,10000,20000",
+    )
+
+
+def minilm() -> Workload:
+    from surge.minilm import MINILM_NAME, Tokenizer, write_minilm
+
+    tokenize = Tokenizer()
+    requests = [tokenize(text) for text in _sentences(512)]
+
+    def direct(path: Path, batch: int) -> float:
+        return _direct_padded(path, requests, batch)
+
+    return Workload(
+        MINILM_NAME,
+        write_minilm,
+        lambda i: requests[i % len(requests)],
+        direct,
+        2_000,
+        "25,50,100,150,200",
+    )
+
+
+def _sentences(count: int) -> list[str]:
+    """Sentences of 4 to 40 words drawn from a fixed vocabulary: variable lengths, no data."""
+    words = [
+        "the",
+        "model",
+        "serves",
+        "requests",
+        "from",
+        "kafka",
+        "topics",
+        "with",
+        "batches",
+        "of",
+        "rows",
+        "padded",
+        "to",
+        "the",
+        "longest",
+        "sentence",
+        "while",
+        "workers",
+        "commit",
+        "offsets",
+        "and",
+        "publish",
+        "results",
+        "to",
+        "reply",
+        "topics",
+        "or",
+        "redis",
+        "under",
+        "load",
+        "bursts",
+        "and",
+        "failures",
+    ]
+    rng = np.random.default_rng(0)
+    return [" ".join(rng.choice(words, int(rng.integers(4, 41)))) for _ in range(count)]
+
+
+def _direct_padded(path: Path, requests: list[dict[str, np.ndarray]], batch: int) -> float:
+    """ONNX Runtime alone on the same requests, `batch` at a time, padded to each batch's
+    longest row as the worker pads them; rows per second (median of 5 passes)."""
+    import onnxruntime as ort
+
+    session = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
+    batches = []
+    for start in range(0, len(requests) - batch + 1, batch):
+        group = requests[start : start + batch]
+        width = max(r["input_ids"].shape[1] for r in group)
+        batches.append(
+            {
+                name: np.concatenate(
+                    [np.pad(r[name], ((0, 0), (0, width - r[name].shape[1]))) for r in group]
+                )
+                for name in group[0]
+            }
+        )
+    session.run(None, batches[0])
+    rates = []
+    for _ in range(5):
+        started = time.perf_counter()
+        for inputs in batches[: max(1, 64 // batch)]:
+            session.run(None, inputs)
+        rates.append(max(1, 64 // batch) * batch / (time.perf_counter() - started))
+    return float(np.median(rates))
+
+
+WORKLOADS = {"mlp": mlp, "minilm": minilm}
 
 
 def main() -> None:
@@ -33,41 +153,42 @@ def main() -> None:
         description=__doc__, formatter_class=argparse.RawTextHelpFormatter
     )
     parser.add_argument("--bootstrap", help="use this Kafka cluster instead of starting one")
-    parser.add_argument("--burst", type=int, default=50_000)
-    parser.add_argument("--rates", default="1000,2000,5000,10000,20000")
+    parser.add_argument("--model", choices=sorted(WORKLOADS), default="mlp")
+    parser.add_argument("--via", choices=["kafka", "redis"], default="kafka")
+    parser.add_argument("--burst", type=int, help="requests queued at once (model default)")
+    parser.add_argument("--rates", help="offered loads, req/s (model default)")
     parser.add_argument("--seconds", type=float, default=5.0, help="per offered load")
     parser.add_argument("--content-type", default="application/msgpack")
     args = parser.parse_args()
-    rates = [float(r) for r in args.rates.split(",")]
+    workload = WORKLOADS[args.model]()
+    rates = [float(r) for r in (args.rates or workload.rates).split(",")]
+    burst = args.burst or workload.burst
 
     model_root = Path(tempfile.mkdtemp(prefix="surge-bench-models-"))
-    model_path = write_mlp(model_root)
-    rng = np.random.default_rng(0)
-    rows = rng.standard_normal((4096, 1, MLP_FEATURES)).astype(np.float32)
-
-    def inputs(i: int) -> dict[str, np.ndarray]:
-        return {"x": rows[i % len(rows)]}
-
-    with kafka_broker(args.bootstrap) as bootstrap:
-        worker = WorkerProcess(bootstrap, model_root)
+    model_path = workload.write(model_root)
+    with kafka_broker(args.bootstrap) as bootstrap, _redis(args.via) as redis_url:
+        extra = {"SURGE_REDIS__URL": redis_url} if redis_url else {}
+        worker = WorkerProcess(bootstrap, model_root, **extra)
         try:
-            asyncio.run(_first_result(bootstrap, inputs(0)))
+            asyncio.run(_first_result(bootstrap, workload.name, workload.inputs(0)))
             phases: list[tuple[str, LoadReport, dict[str, float]]] = []
-            for name, count, rate in [("burst", args.burst, None)] + [
+            for name, count, rate in [("burst", burst, None)] + [
                 (f"{r:,.0f}/s", int(r * args.seconds), r) for r in rates
             ]:
-                before = worker.batch_histogram()
+                before = worker.batch_totals()
                 report = asyncio.run(
                     run_load(
                         bootstrap,
-                        MLP_NAME,
-                        inputs,
+                        workload.name,
+                        workload.inputs,
                         count=count,
                         rate=rate,
                         content_type=args.content_type,
+                        via=args.via,
+                        redis_url=redis_url,
                     )
                 )
-                phases.append((name, report, _batch_stats(before, worker.batch_histogram())))
+                phases.append((name, report, _batch_stats(before, worker.batch_totals())))
                 console.print(
                     f"  {name}: {report.throughput:,.0f} req/s, p99 {report.percentile(99):.1f} ms"
                 )
@@ -75,51 +196,60 @@ def main() -> None:
             worker.stop()
 
     burst_batch = max(1, round(phases[0][2]["mean_rows"]))
-    direct = {
-        "at_burst_batch": direct_throughput(model_path, burst_batch, threads=1),
-        "at_max_batch": direct_throughput(model_path, 256, threads=1),
-    }
-    _report(phases, direct, burst_batch)
+    direct = {"at_burst_batch": workload.direct(model_path, burst_batch)}
+    _report(f"{workload.name}-{args.via}", phases, direct, burst_batch)
 
 
-async def _first_result(bootstrap: str, inputs: dict[str, np.ndarray]) -> None:
+@contextmanager
+def _redis(via: str) -> Iterator[str | None]:
+    if via != "redis":
+        yield None
+        return
+    server = RedisServer().start()
+    try:
+        yield server.url
+    finally:
+        server.close()
+
+
+async def _first_result(bootstrap: str, model: str, inputs: dict[str, np.ndarray]) -> None:
     async with SurgeClient(bootstrap) as client:
-        await client.predict(MLP_NAME, inputs, timeout=120)
+        await client.predict(model, inputs, timeout=120)
 
 
-def _batch_stats(before: tuple, after: tuple) -> dict[str, float]:
-    bounds, counts_after, sum_after, n_after = after
-    _, counts_before, sum_before, n_before = before
-    batches = n_after - n_before
-    per_bucket = np.diff(np.concatenate([[0], counts_after - counts_before]))
-    stats = {"batches": batches, "mean_rows": (sum_after - sum_before) / batches if batches else 0}
-    for bound, count in zip(bounds, per_bucket, strict=True):
-        stats[f"le_{bound:g}"] = count / batches if batches else 0.0
-    return stats
+def _batch_stats(before: dict[str, float], after: dict[str, float]) -> dict[str, float]:
+    batches = after["batches"] - before["batches"]
+    if not batches:
+        return {"batches": 0, "mean_rows": 0.0, "mean_call_ms": 0.0}
+    return {
+        "batches": batches,
+        "mean_rows": (after["rows"] - before["rows"]) / batches,
+        "mean_call_ms": (after["seconds"] - before["seconds"]) / batches * 1000,
+    }
 
 
-def _report(phases: list, direct: dict[str, float], burst_batch: int) -> None:
-    table = Table(title="Surge end to end: MLP on Apache Kafka, one worker process, 2-core machine")
+def _report(label: str, phases: list, direct: dict[str, float], burst_batch: int) -> None:
+    table = Table(title=f"Surge end to end ({label}): Apache Kafka, one worker process")
     for column in (
         "offered",
         "throughput",
         "p50 ms",
         "p99 ms",
+        "p999 ms",
         "mean batch",
-        "batches ≤8 / ≤64 / >64",
+        "mean model call ms",
     ):
         table.add_column(column, justify="right")
     rows = []
     for name, report, stats in phases:
-        small = stats.get("le_8", 0)
-        mid = sum(v for k, v in stats.items() if k in ("le_16", "le_32", "le_64"))
         table.add_row(
             name,
             f"{report.throughput:,.0f}/s",
             f"{report.percentile(50):.1f}",
             f"{report.percentile(99):.1f}",
+            f"{report.percentile(99.9):.1f}",
             f"{stats['mean_rows']:.1f}",
-            f"{small:.0%} / {mid:.0%} / {max(0.0, 1 - small - mid):.0%}",
+            f"{stats['mean_call_ms']:.2f}",
         )
         rows.append(
             {
@@ -130,29 +260,26 @@ def _report(phases: list, direct: dict[str, float], burst_batch: int) -> None:
                 "throughput": report.throughput,
                 "p50_ms": report.percentile(50),
                 "p99_ms": report.percentile(99),
+                "p999_ms": report.percentile(99.9),
                 **stats,
             }
         )
     console.print(table)
     burst = phases[0][1].throughput
     console.print(
-        "ONNX Runtime alone (1 thread): "
-        f"{direct['at_burst_batch']:,.0f} rows/s "
-        f"at batch {burst_batch} (the burst's mean), "
-        f"{direct['at_max_batch']:,.0f} rows/s at batch 256"
-    )
-    console.print(
-        f"Surge burst throughput / direct ONNX Runtime at the same batch size: "
+        f"ONNX Runtime alone: {direct['at_burst_batch']:,.0f} rows/s at batch {burst_batch} "
+        f"(the burst's mean); Surge burst / runtime alone: "
         f"{burst / direct['at_burst_batch']:.2f}"
     )
     OUT.mkdir(exist_ok=True)
-    (OUT / "e2e.json").write_text(
+    out = OUT / f"e2e-{label}"
+    out.with_suffix(".json").write_text(
         json.dumps({"phases": rows, "direct": direct, "burst_batch": burst_batch}, indent=2)
     )
-    _plot(phases)
+    _plot(phases, out.with_suffix(".png"), label)
 
 
-def _plot(phases: list) -> None:
+def _plot(phases: list, path: Path, label: str) -> None:
     import matplotlib
 
     matplotlib.use("Agg")
@@ -163,10 +290,10 @@ def _plot(phases: list) -> None:
     offered = [o for o, _ in sweep]
     left.plot(offered, [r.throughput for _, r in sweep], "o-", label="achieved")
     left.plot(offered, offered, "--", color="grey", label="offered")
-    left.set(xlabel="offered load (req/s)", ylabel="throughput (req/s)", title="Throughput")
+    left.set(xlabel="offered load (req/s)", ylabel="throughput (req/s)", title=label)
     left.legend()
-    right.plot(offered, [r.percentile(50) for _, r in sweep], "o-", label="p50")
-    right.plot(offered, [r.percentile(99) for _, r in sweep], "o-", label="p99")
+    for q in (50, 99, 99.9):
+        right.plot(offered, [r.percentile(q) for _, r in sweep], "o-", label=f"p{q:g}")
     right.set(
         xlabel="offered load (req/s)",
         ylabel="latency (ms)",
@@ -175,8 +302,8 @@ def _plot(phases: list) -> None:
     )
     right.legend()
     fig.tight_layout()
-    fig.savefig(OUT / "e2e.png", dpi=120)
-    console.print(f"wrote {OUT / 'e2e.json'} and {OUT / 'e2e.png'}")
+    fig.savefig(path, dpi=120)
+    console.print(f"wrote {path.with_suffix('.json')} and {path}")
 
 
 if __name__ == "__main__":

