@@ -309,9 +309,10 @@ class Worker:
     async def _commit_loop(self) -> None:
         interval = self.settings.worker.commit_interval_ms / 1000
         while True:
-            # Wake on progress, or now and then anyway: a failed commit is retried when idle.
-            with contextlib.suppress(TimeoutError):
-                await asyncio.wait_for(self._ledger.progress(), _COMMIT_RETRY_S)
+            if not self._ledger.offsets.committable():
+                # Nothing to commit: wake on progress, or now and then anyway.
+                with contextlib.suppress(TimeoutError):
+                    await asyncio.wait_for(self._ledger.progress(), _COMMIT_RETRY_S)
             await asyncio.sleep(interval)  # coalesce many settlements into one commit
             await self.commit()
 
@@ -324,7 +325,15 @@ class Worker:
         if not positions:
             return
         if self._transactions is not None:  # with their results, partition by partition
-            self._ledger.offsets.committed(await self._transactions.commit(positions))
+            started = time.perf_counter()
+            committed = await self._transactions.commit(positions)
+            self._ledger.offsets.committed(committed)
+            log.debug(
+                "transactions_committed",
+                partitions=len(committed),
+                failed=len(positions) - len(committed),
+                seconds=round(time.perf_counter() - started, 4),
+            )
             return
         try:
             await self._consumer.commit(positions)
