@@ -86,11 +86,19 @@ def test_null_header_values_count_as_absent() -> None:
 def test_an_unsupported_content_type_never_reaches_the_encoder() -> None:
     """Rejected for another reason first, the ticket still answers in a supported encoding."""
     record = _Record("surge.requests.mlp", {"surge-reply-to": "out", "content-type": "text/x"})
-    record.headers.append(("junk", b"\xff\xfe"))
+    record.headers.append(("surge-version", b"\xff\xfe"))
     ticket, rejection = _router().ticket(record)  # type: ignore[arg-type]
     assert rejection is not None
     assert rejection.code is ErrorCode.INVALID_REQUEST
     assert ticket.content_type == JSON
+
+
+def test_headers_routing_does_not_read_need_not_be_utf8() -> None:
+    record = _Record("surge.requests.mlp", {"surge-reply-to": "out"})
+    record.headers.append(("traceparent", b"\xff\xfe"))
+    ticket, rejection = _router().ticket(record)  # type: ignore[arg-type]
+    assert rejection is None
+    assert ticket.headers[-1] == ("traceparent", b"\xff\xfe")  # kept for the dead letter
 
 
 def test_ids_fall_back_to_the_record_position() -> None:

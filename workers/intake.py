@@ -66,17 +66,21 @@ def _admit(
     if request.id is not None:
         ticket.request_id = request.id
 
-    provided = {tensor.name: tensor for tensor in request.inputs}
-    expected = [spec.name for spec in specs]
-    if sorted(provided) != sorted(expected) or len(provided) != len(request.inputs):
-        raise _Reject(
-            ErrorCode.INVALID_INPUT,
-            f"inputs {sorted(t.name for t in request.inputs)} do not match the model's {expected}",
-        )
+    tensors = request.inputs
+    if len(specs) == 1 and len(tensors) == 1 and tensors[0].name == specs[0].name:
+        pairs = [(specs[0], tensors[0])]  # the common case, without name bookkeeping
+    else:
+        provided = {tensor.name: tensor for tensor in tensors}
+        expected = [spec.name for spec in specs]
+        if sorted(provided) != sorted(expected) or len(provided) != len(tensors):
+            raise _Reject(
+                ErrorCode.INVALID_INPUT,
+                f"inputs {sorted(t.name for t in tensors)} do not match the model's {expected}",
+            )
+        pairs = [(spec, provided[spec.name]) for spec in specs]
     arrays: dict[str, np.ndarray] = {}
     rows = -1
-    for spec in specs:
-        tensor = provided[spec.name]
+    for spec, tensor in pairs:
         if tensor.datatype != spec.datatype:
             raise _Reject(
                 ErrorCode.INVALID_INPUT,

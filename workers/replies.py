@@ -95,6 +95,8 @@ class Replies:
         assert (producer is None) == (transactional_sink is not None)
         self._redis_box = _Outbox()
         self._set_and_publish = redis.register_script(_SET_AND_PUBLISH) if redis else None
+        # Result headers but the request id, by (status, content type, model, error code).
+        self._common_headers: dict[tuple[Any, ...], list[tuple[str, bytes | None]]] = {}
         self._tasks: list[asyncio.Task[None]] = []
         self._side_sends: set[asyncio.Task[None]] = set()
 
@@ -144,15 +146,15 @@ class Replies:
         if ticket.reply_to == REPLY_TO_REDIS:
             self._redis_box.put((ticket, body))
             return
-        result_headers: list[tuple[str, bytes | None]] = [
-            (headers.REQUEST_ID, ticket.request_id.encode()),
-            (headers.STATUS, status.encode()),
-            (headers.CONTENT_TYPE, ticket.content_type.encode()),
-        ]
-        if ticket.model:
-            result_headers.append((headers.MODEL, ticket.model.encode()))
-        if code is not None:
-            result_headers.append((headers.ERROR_CODE, code.encode()))
+        common = self._common_headers.get((status, ticket.content_type, ticket.model, code))
+        if common is None:
+            common = self._common_headers[status, ticket.content_type, ticket.model, code] = [
+                (headers.STATUS, status.encode()),
+                (headers.CONTENT_TYPE, ticket.content_type.encode()),
+                *([(headers.MODEL, ticket.model.encode())] if ticket.model else []),
+                *([(headers.ERROR_CODE, code.encode())] if code is not None else []),
+            ]
+        result_headers = [(headers.REQUEST_ID, ticket.request_id.encode()), *common]
         assert ticket.reply_to is not None
         self._put(Write(ticket, ticket.reply_to, body, result_headers, dead_letter=False))
 

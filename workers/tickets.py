@@ -58,6 +58,13 @@ class Ticket:
         return self.deadline_ms is not None and now_ms >= self.deadline_ms
 
 
+# The headers routing reads; others pass through untouched (and need not be UTF-8).
+_ROUTING = frozenset(
+    (headers.MODEL, headers.VERSION, headers.REPLY_TO, headers.DEADLINE_MS, headers.CONTENT_TYPE)
+)
+_TARGET_CACHE = 1024
+
+
 class Router:
     """Turns records into tickets. Built once; `ticket()` does no configuration look-ups."""
 
@@ -77,38 +84,46 @@ class Router:
         self._max_bytes = max_message_bytes
         self._redis = redis_enabled
         self._forbidden = frozenset(forbidden_reply_topics)
+        # Reply targets repeat (a service's reply topic): check each distinct one once.
+        self._targets: dict[str | None, tuple[str | None, Rejection | None]] = {}
 
     def ticket(self, record: Record) -> tuple[Ticket, Rejection | None]:
+        raw_fields = {  # a null value is the same as absent
+            name: raw for name, raw in record.headers if name in _ROUTING and raw is not None
+        }
         fields: dict[str, str] = {}
         undecodable = None
-        for name, raw in record.headers:
-            if raw is None:  # Kafka allows null header values: the same as absent here
-                continue
+        for name, raw in raw_fields.items():
             try:
                 fields[name] = raw.decode()
             except UnicodeDecodeError:
                 undecodable = name
         value = record.value or b""
-        key = record.key
         ticket = Ticket(
-            tp=TopicPartition(record.topic, record.partition),
-            offset=record.offset,
-            key=key,
-            value=value,
-            headers=record.headers,
-            request_id=_fallback_id(record),
-            model=fields.get(headers.MODEL) or self._topic_models.get(record.topic),
-            version=fields.get(headers.VERSION) or None,
-            reply_to=None,
-            content_type=JSON,  # until the header proves to name a supported one
-            deadline_ms=None,
-            received=time.monotonic(),
+            TopicPartition(record.topic, record.partition),
+            record.offset,
+            record.key,
+            value,
+            record.headers,
+            _fallback_id(record),
+            fields.get(headers.MODEL) or self._topic_models.get(record.topic),
+            fields.get(headers.VERSION) or None,
+            None,
+            JSON,  # until the header proves to name a supported one
+            None,
+            time.monotonic(),
         )
         content_type = fields.get(headers.CONTENT_TYPE, JSON)
         if content_type in CONTENT_TYPES:
             ticket.content_type = content_type
-        reply_to, rejection = self._reply_target(fields.get(headers.REPLY_TO))
-        ticket.reply_to = reply_to
+        requested = fields.get(headers.REPLY_TO)
+        target = self._targets.get(requested)
+        if target is None:
+            target = self._reply_target(requested)
+            if len(self._targets) >= _TARGET_CACHE:
+                self._targets.clear()
+            self._targets[requested] = target
+        ticket.reply_to, rejection = target
         if rejection:
             return ticket, rejection
         if undecodable:
