@@ -20,6 +20,7 @@ from aiokafka.errors import KafkaError, KafkaTimeoutError, MessageSizeTooLargeEr
 
 from surge.schemas import ErrorCode, headers
 from surge.workers import metrics
+from surge.workers.partitioning import key_partitions
 from surge.workers.tickets import Rejection, Ticket
 
 log = structlog.get_logger("surge.replies")
@@ -59,23 +60,22 @@ class Write:
 def by_partition(
     producer: AIOKafkaProducer, writes: list[Write]
 ) -> tuple[dict[tuple[str, int], list[Write]], list[Write]]:
-    """Writes by the (topic, partition) the default partitioner gives their keys; writes to
+    """Writes by the (topic, partition) Kafka's default partitioner gives their keys; writes to
     topics whose metadata this producer does not hold yet come back apart."""
     cluster = producer.client.cluster
-    partitioner = producer._partitioner
-    partitions_of: dict[str, list[int] | None] = {}
+    by_topic: dict[str, list[Write]] = {}
+    for write in writes:
+        by_topic.setdefault(write.topic, []).append(write)
     groups: dict[tuple[str, int], list[Write]] = {}
     unknown: list[Write] = []
-    for write in writes:
-        if write.topic not in partitions_of:
-            known = cluster.partitions_for_topic(write.topic)
-            partitions_of[write.topic] = sorted(known) if known else None
-        partitions = partitions_of[write.topic]
-        if partitions is None:
-            unknown.append(write)
+    for topic, members in by_topic.items():
+        known = cluster.partitions_for_topic(topic)
+        if not known:
+            unknown += members
             continue
-        partition = partitioner(write.key, partitions, partitions)
-        groups.setdefault((write.topic, partition), []).append(write)
+        chosen = key_partitions([w.key for w in members], sorted(known))
+        for write, partition in zip(members, chosen, strict=True):
+            groups.setdefault((topic, partition), []).append(write)
     return groups, unknown
 
 
