@@ -119,7 +119,12 @@ async def run_worker() -> AsyncIterator[Callable[[Settings], asyncio.Task[None]]
     yield start  # type: ignore[misc]
     for worker, _ in started:
         worker.stop()
-    await asyncio.gather(*(task for _, task in started), return_exceptions=True)
+    tasks = [task for _, task in started]
+    # A worker stuck before its consume loop never sees stop(): cancel it rather than hang.
+    _, stuck = await asyncio.wait(tasks, timeout=90) if tasks else (set(), set())
+    for task in stuck:
+        task.cancel()
+    await asyncio.gather(*tasks, return_exceptions=True)
 
 
 class WorkerProcess:

@@ -89,6 +89,30 @@ async def test_kafka_sasl_plain(
     assert result.model_name == "mlp"
 
 
+@pytest.fixture
+def tls_redis() -> Iterator[RedisServer]:
+    server = RedisServer(tls=True).start()
+    yield server  # requested before run_worker: the worker stops before the server does
+    server.close()
+
+
+async def test_redis_replies_over_tls(
+    kafka: str, tls_redis: RedisServer, model_root: Path, run_worker: Callable[[Settings], Worker]
+) -> None:
+    ca = str(tls_redis.ca_file)
+    env = worker_env(kafka, model_root, tls_redis.url, SURGE_REDIS__SSL_CA_CERTS=ca)
+    worker = await run_worker(load_settings(env=env))
+    async with SurgeClient(
+        kafka,
+        topic_prefix=worker.settings.worker.topic_prefix,
+        redis_url=tls_redis.url,
+        # Bounded like the worker's: a stalled TLS connection fails the test, never hangs it.
+        redis_options={"ssl_ca_certs": ca, "socket_timeout": 5, "socket_connect_timeout": 5},
+    ) as client:
+        result = await client.predict("mlp", {"x": np.ones((1, 32), np.float32)}, via="redis")
+    assert result.outputs["probs"].shape == (1, 10)
+
+
 async def test_kafka_over_tls(
     sasl_kafka: KafkaBroker, model_root: Path, run_worker: Callable[[Settings], Worker]
 ) -> None:

@@ -29,6 +29,8 @@ from surge.workers.tickets import Rejection
 
 log = structlog.get_logger("surge.batcher")
 
+_BUCKET_WINDOW = 4  # batches' worth of queued jobs that length bucketing may reorder
+
 
 class Batcher:
     def __init__(
@@ -54,6 +56,7 @@ class Batcher:
         # Rows at which a waiting loop should look again: the smallest size it would take.
         self._wake_rows = min(config.preferred_batch_sizes, default=config.max_batch_size)
         self._instances = config.instances
+        self._padded = [spec.name for spec in runtime.inputs if spec.pad_value is not None]
         self._queue: deque[Job] = deque()
         self._rows = 0
         self._wake = asyncio.Event()
@@ -135,6 +138,8 @@ class Batcher:
         return 0
 
     def _take(self, limit: int) -> list[Job]:
+        if self._padded and self._rows > limit:
+            self._bucket(limit)
         jobs: list[Job] = []
         rows = 0
         now_ms = int(time.time() * 1000)
@@ -150,6 +155,19 @@ class Batcher:
             jobs.append(job)
             rows += job.rows
         return jobs
+
+    def _bucket(self, limit: int) -> None:
+        """With a backlog of padded inputs, bring the queued jobs closest in length to the
+        oldest one to the front, so the next batch pads little. The oldest still goes first;
+        only jobs within the next few batches' worth are reordered."""
+        queue = self._queue
+        window = [queue.popleft() for _ in range(min(len(queue), _BUCKET_WINDOW * limit))]
+        target = self._length(window[0])
+        rest = sorted(window[1:], key=lambda job: abs(self._length(job) - target))
+        queue.extendleft(reversed([window[0], *rest]))
+
+    def _length(self, job: Job) -> int:
+        return sum(job.inputs[name].size // job.rows for name in self._padded)
 
     async def _call(self, jobs: list[Job]) -> tuple[dict[str, np.ndarray], float]:
         """Stack and run in the executor. The budget counts from when the call starts, but

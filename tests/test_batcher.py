@@ -1,0 +1,72 @@
+"""The batcher's choices, on plain objects: which requests share a model call."""
+
+from __future__ import annotations
+
+import asyncio
+from concurrent.futures import ThreadPoolExecutor
+from typing import Any
+
+import numpy as np
+
+from surge.config import ModelConfig
+from surge.workers.batcher import Batcher
+from surge.workers.intake import Job
+from surge.workers.runtimes import TensorSpec
+from tests.helpers import make_ticket
+
+
+class _Embedder:
+    """Records every batch it runs, padded as the batcher padded it."""
+
+    inputs = (TensorSpec("ids", "INT64", (-1,), pad_value=0),)
+    outputs = (TensorSpec("embedding", "FP32", (2,)),)
+
+    def __init__(self) -> None:
+        self.batches: list[np.ndarray] = []
+
+    def run(self, batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+        ids = batch["ids"]
+        self.batches.append(ids)
+        return {"embedding": np.zeros((ids.shape[0], 2), np.float32)}
+
+
+class _Answers:
+    def __init__(self) -> None:
+        self.answered: list[Any] = []
+        self.failed: list[Any] = []
+
+    def ok(self, ticket: Any, response: Any) -> None:
+        self.answered.append(ticket)
+
+    def error(self, ticket: Any, rejection: Any) -> None:
+        self.failed.append(rejection)
+
+
+async def test_a_backlog_of_padded_inputs_is_batched_by_length() -> None:
+    model, answers = _Embedder(), _Answers()
+    batcher = Batcher(
+        model="embedder",
+        version="1",
+        runtime=model,  # type: ignore[arg-type]
+        config=ModelConfig(max_batch_size=8, max_batch_delay_ms=1),
+        executor=ThreadPoolExecutor(1),
+        replies=answers,  # type: ignore[arg-type]
+        time_budget_s=10,
+    )
+    lengths = [3, 30] * 32  # a backlog alternating short and long rows
+    for i, length in enumerate(lengths):
+        ticket = make_ticket(b"{}")
+        ticket.offset = i
+        batcher.put(Job(ticket, {"ids": np.full((1, length), i + 1, np.int64)}, 1, None))
+    crashes: list[BaseException] = []
+    batcher.start(on_crash=crashes.append)
+    async with asyncio.timeout(30):
+        while len(answers.answered) + len(answers.failed) < len(lengths) and not crashes:
+            await asyncio.sleep(0.01)
+    await batcher.close()
+    assert not crashes
+    assert not answers.failed
+
+    assert model.batches[0][0, 0] == 1  # the oldest request still goes first
+    padded = sum(batch.size for batch in model.batches)
+    assert padded < 1.2 * sum(lengths)  # first come, first served would pad to 30 every time
