@@ -64,7 +64,11 @@ def minilm() -> Workload:
     requests = [tokenize(text) for text in _sentences(512)]
 
     def direct(path: Path, batch: int) -> float:
-        return _direct_padded(path, requests, batch)
+        # The runtime's best case: batches of rows sorted by length, padded least.
+        by_length = sorted(requests, key=lambda r: r["input_ids"].shape[1])
+        unsorted = _direct_padded(path, requests, batch)
+        console.print(f"ONNX Runtime alone, batches in arrival order: {unsorted:,.0f} rows/s")
+        return _direct_padded(path, by_length, batch)
 
     return Workload(
         MINILM_NAME,
@@ -118,8 +122,8 @@ def _sentences(count: int) -> list[str]:
 
 
 def _direct_padded(path: Path, requests: list[dict[str, np.ndarray]], batch: int) -> float:
-    """ONNX Runtime alone on the same requests, `batch` at a time, padded to each batch's
-    longest row as the worker pads them; rows per second (median of 5 passes)."""
+    """ONNX Runtime alone on these requests, `batch` at a time, each batch padded to its
+    longest row as the worker pads; rows per second (median of 5 passes over all batches)."""
     import onnxruntime as ort
 
     session = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
@@ -139,9 +143,9 @@ def _direct_padded(path: Path, requests: list[dict[str, np.ndarray]], batch: int
     rates = []
     for _ in range(5):
         started = time.perf_counter()
-        for inputs in batches[: max(1, 64 // batch)]:
+        for inputs in batches:
             session.run(None, inputs)
-        rates.append(max(1, 64 // batch) * batch / (time.perf_counter() - started))
+        rates.append(len(batches) * batch / (time.perf_counter() - started))
     return float(np.median(rates))
 
 

@@ -85,7 +85,7 @@ async def run_load(
         collector = await _kafka_collector(kafka, reply_to, run_id, record)
 
     producer = AIOKafkaProducer(
-        **kafka, acks="all", enable_idempotence=True, linger_ms=5, max_batch_size=256 * 1024
+        **kafka, acks="all", enable_idempotence=True, linger_ms=1, max_batch_size=256 * 1024
     )
     await producer.start()
     request_topic = topic or f"surge.requests.{model}"
