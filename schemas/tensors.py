@@ -102,7 +102,8 @@ def row_tensors(name: str, array: np.ndarray, rows: Sequence[int], *, binary: bo
             from_array(name, array[start : start + count], binary=binary)
             for start, count in zip(starts, rows, strict=False)
         ]
-    raw = memoryview(np.ascontiguousarray(array, dtype=DATATYPES[datatype])).cast("B")
+    contiguous = np.ascontiguousarray(array, dtype=DATATYPES[datatype])
+    raw = memoryview(contiguous.reshape(-1).view(np.uint8))  # also for zero-sized outputs
     row_bytes = raw.nbytes // array.shape[0] if array.shape[0] else 0
     tail = list(array.shape[1:])
     tensors, offset = [], 0

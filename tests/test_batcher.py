@@ -70,3 +70,27 @@ async def test_a_backlog_of_padded_inputs_is_batched_by_length() -> None:
     assert model.batches[0][0, 0] == 1  # the oldest request still goes first
     padded = sum(batch.size for batch in model.batches)
     assert padded < 1.2 * sum(lengths)  # first come, first served would pad to 30 every time
+
+
+async def test_an_odd_length_request_is_not_starved_by_bucketing() -> None:
+    model, answers = _Embedder(), _Answers()
+    batcher = Batcher(
+        model="embedder",
+        version="1",
+        runtime=model,  # type: ignore[arg-type]
+        config=ModelConfig(max_batch_size=8, max_batch_delay_ms=1),
+        executor=ThreadPoolExecutor(1),
+        replies=answers,  # type: ignore[arg-type]
+        time_budget_s=10,
+    )
+    lengths = [3] * 5 + [30] + [3] * 200  # one long request amid a stream of short ones
+    for i, length in enumerate(lengths):
+        ticket = make_ticket(b"{}")
+        batcher.put(Job(ticket, {"ids": np.full((1, length), i + 1, np.int64)}, 1, None))
+    batches = []
+    while batcher.queued:
+        batches.append(batcher._take(8))
+    long_batch = next(
+        i for i, jobs in enumerate(batches) if any(job.inputs["ids"].shape[1] == 30 for job in jobs)
+    )
+    assert long_batch <= 1  # served within a batch of when first come, first served would

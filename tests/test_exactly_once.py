@@ -94,11 +94,13 @@ async def test_a_zombie_commits_nothing_once_its_partition_has_a_new_owner(kafka
     await create_topics(kafka, source, out, partitions=1)
     tp = TopicPartition(source, 0)
 
+    crashes: list[BaseException] = []
+
     def owner() -> tuple[Transactions, Ledger]:
         ledger = Ledger(1000, 1 << 20)
         retry = RetryPolicy(out, 60, lambda exc: pytest.fail(repr(exc)))
         options = {"bootstrap_servers": kafka, "acks": "all", "enable_idempotence": True}
-        return Transactions(group, ledger, retry, options), ledger
+        return Transactions(group, ledger, retry, options, crashes.append), ledger
 
     def answer(transactions: Transactions, ledger: Ledger, offset: int, request_id: str) -> None:
         ticket = _ticket(tp, offset, request_id)
@@ -113,6 +115,7 @@ async def test_a_zombie_commits_nothing_once_its_partition_has_a_new_owner(kafka
     await heir.assign([tp])  # initialises the same transactional id: the zombie is fenced
     assert await zombie.commit({tp: 1}) == {}
     assert zombie_ledger.records == 0  # what it held is dropped, not leaked
+    assert len(crashes) == 1  # and the zombie restarts
 
     answer(heir, heir_ledger, 0, "from-heir")
     assert await heir.commit({tp: 1}) == {tp: 1}
@@ -133,7 +136,7 @@ async def test_results_are_invisible_until_their_offsets_commit(kafka: str) -> N
     ledger = Ledger(1000, 1 << 20)
     retry = RetryPolicy(out, 60, lambda exc: pytest.fail(repr(exc)))
     options = {"bootstrap_servers": kafka, "acks": "all", "enable_idempotence": True}
-    transactions = Transactions(group, ledger, retry, options)
+    transactions = Transactions(group, ledger, retry, options, lambda exc: pytest.fail(repr(exc)))
     await transactions.assign([tp])
     tickets = [_ticket(tp, offset, f"r{offset}") for offset in range(3)]
     for ticket in tickets:

@@ -89,3 +89,18 @@ def test_an_offset_going_backwards_restarts_the_partition() -> None:
     assert tracker.committable() == {"p": 2}
     tracker.finish("p", 2)
     assert tracker.committable() == {"p": 3}
+
+
+def test_outcomes_from_before_a_reassignment_move_nothing() -> None:
+    """Revoked with work in flight, then assigned again: the old outcome of offset 2 must
+    not commit past the new, still running, read of offset 2."""
+    tracker: OffsetTracker[str] = OffsetTracker()
+    old = [tracker.track("p", offset) for offset in (2, 3, 4)]
+    tracker.forget(["p"])
+    new = tracker.track("p", 2)
+    tracker.finish("p", 2, old[0])
+    assert tracker.committable() == {"p": 2}  # not past the new read of 2
+    assert not tracker.current("p", old[0])
+    assert tracker.current("p", new)
+    tracker.finish("p", 2, new)
+    assert tracker.committable() == {"p": 3}

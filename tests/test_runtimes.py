@@ -88,6 +88,8 @@ def test_stack_and_split_round_trip_rows() -> None:
             np.testing.assert_array_equal(to_array(part), job.inputs["x"] * 10)
     with pytest.raises(ValueError, match="rows"):
         check_rows({"y": batch[:5]}, sum(rows))
+    empty = row_tensors("e", np.zeros((6, 0), np.float32), rows, binary=True)
+    assert [to_array(t).shape for t in empty] == [(1, 0), (3, 0), (2, 0)]
 
 
 def test_variable_length_inputs_pad_or_bucket() -> None:

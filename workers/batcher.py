@@ -158,13 +158,21 @@ class Batcher:
 
     def _bucket(self, limit: int) -> None:
         """With a backlog of padded inputs, bring the queued jobs closest in length to the
-        oldest one to the front, so the next batch pads little. The oldest still goes first;
-        only jobs within the next few batches' worth are reordered."""
+        oldest one to the front, so the next batch pads little. The oldest goes first and
+        the jobs left behind keep their arrival order, so none waits more than a few batches
+        longer than it would have."""
         queue = self._queue
         window = [queue.popleft() for _ in range(min(len(queue), _BUCKET_WINDOW * limit))]
-        target = self._length(window[0])
-        rest = sorted(window[1:], key=lambda job: abs(self._length(job) - target))
-        queue.extendleft(reversed([window[0], *rest]))
+        oldest = window[0]
+        target = self._length(oldest)
+        chosen, rows = {id(oldest)}, oldest.rows
+        for job in sorted(window[1:], key=lambda job: abs(self._length(job) - target)):
+            if rows + job.rows <= limit:
+                chosen.add(id(job))
+                rows += job.rows
+        batch = [job for job in window if id(job) in chosen]
+        rest = [job for job in window if id(job) not in chosen]
+        queue.extendleft(reversed(batch + rest))
 
     def _length(self, job: Job) -> int:
         return sum(job.inputs[name].size // job.rows for name in self._padded)

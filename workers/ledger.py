@@ -34,7 +34,7 @@ class Ledger:
         return self.records <= self._max_records // 2 and self.bytes <= self._max_bytes // 2
 
     def admit(self, ticket: Ticket) -> None:
-        self.offsets.track(ticket.tp, ticket.offset)
+        ticket.tracking = self.offsets.track(ticket.tp, ticket.offset)
         self.records += 1
         self.bytes += len(ticket.value)
 
@@ -50,8 +50,13 @@ class Ledger:
         if ticket.settled:
             return
         ticket.settled = True
-        self.offsets.finish(ticket.tp, ticket.offset)
+        self.offsets.finish(ticket.tp, ticket.offset, ticket.tracking)
         self._wake()
+
+    def current(self, ticket: Ticket) -> bool:
+        """Whether the ticket's partition is still tracked as when it was admitted (not
+        revoked since, even if assigned again)."""
+        return self.offsets.current(ticket.tp, ticket.tracking)
 
     def release(self, ticket: Ticket) -> None:
         """Stop counting the ticket as in flight (once, after `finish`)."""

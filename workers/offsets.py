@@ -31,9 +31,10 @@ class OffsetTracker(Generic[P]):
         self._partitions: dict[P, _Partition] = {}
         self._committed: dict[P, int] = {}
 
-    def track(self, partition: P, offset: int) -> None:
+    def track(self, partition: P, offset: int) -> object:
         """Record a consumed offset. Offsets of a partition arrive in ascending order; one
-        that does not restarts the partition's tracking."""
+        that does not restarts the partition's tracking. Returns a token for `finish`: the
+        partition's tracking as it is now (revoking or restarting it makes a new one)."""
         state = self._partitions.get(partition)
         if state is None:
             state = self._partitions[partition] = _Partition()
@@ -44,11 +45,14 @@ class OffsetTracker(Generic[P]):
             self._committed.pop(partition, None)
         state.pending.append(offset)
         state.next_position = offset + 1
+        return state
 
-    def finish(self, partition: P, offset: int) -> None:
-        """Mark an offset's outcome durable. Unknown partitions (revoked since) are ignored."""
+    def finish(self, partition: P, offset: int, token: object = None) -> None:
+        """Mark an offset's outcome durable. Outcomes of partitions revoked since, or of
+        records tracked before the partition was (token given and no longer current), are
+        ignored: the same offset may be in flight again, read anew after a reassignment."""
         state = self._partitions.get(partition)
-        if state is None or not state.pending:
+        if state is None or not state.pending or (token is not None and token is not state):
             return
         if offset == state.pending[0]:
             state.pending.popleft()
@@ -57,6 +61,10 @@ class OffsetTracker(Generic[P]):
                 finished.discard(pending.popleft())
         elif state.pending[0] < offset < state.next_position:
             state.finished.add(offset)
+
+    def current(self, partition: P, token: object) -> bool:
+        """Whether a token from `track` still belongs to the partition's tracking."""
+        return self._partitions.get(partition) is token
 
     def pending(self, partitions: Iterable[P] | None = None) -> int:
         """Records tracked and not yet finished, over some partitions or all."""

@@ -53,6 +53,7 @@ class Ticket:
     received: float  # time.monotonic() when consumed
     answered: bool = False  # an outcome was handed to Replies: never a second one
     settled: bool = False  # that outcome is durable
+    tracking: object = None  # the offset tracker's token for this record's partition
 
     def expired(self, now_ms: int) -> bool:
         return self.deadline_ms is not None and now_ms >= self.deadline_ms

@@ -16,12 +16,21 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 from typing import Any
 
 import structlog
 from aiokafka import AIOKafkaProducer, TopicPartition
-from aiokafka.errors import KafkaError, KafkaTimeoutError, ProducerFenced
+from aiokafka.errors import (
+    InvalidTopicError,
+    KafkaError,
+    KafkaTimeoutError,
+    MessageSizeTooLargeError,
+    ProducerFenced,
+    RecordListTooLargeError,
+    TopicAuthorizationFailedError,
+    UnknownTopicOrPartitionError,
+)
 
 from surge.workers.ledger import Ledger
 from surge.workers.writes import RetryPolicy, Sent, Write, by_partition, send_batches
@@ -30,6 +39,15 @@ log = structlog.get_logger("surge.transactions")
 
 _METADATA_WAIT_S = 2.0  # a reply topic without metadata by then fails this round, not the loop
 _CLOSE_S = 10.0
+# Refusals of a record by its target (retried, then dead-lettered by the retry policy).
+_RECORD_ERRORS = (
+    KafkaTimeoutError,
+    MessageSizeTooLargeError,
+    RecordListTooLargeError,
+    InvalidTopicError,
+    TopicAuthorizationFailedError,
+    UnknownTopicOrPartitionError,
+)
 
 
 class _Partition:
@@ -51,8 +69,10 @@ class Transactions:
         ledger: Ledger,
         retry: RetryPolicy,
         producer_options: dict[str, Any],
+        on_crash: Callable[[BaseException], None],
     ) -> None:
         self._group_id = group_id
+        self._on_crash = on_crash
         self._ledger = ledger
         self._retry = retry
         self._options = producer_options
@@ -61,7 +81,9 @@ class Transactions:
     def buffer(self, write: Write) -> None:
         """Hold an outcome for its partition's next transaction; its offset may now commit."""
         state = self._partitions.get(write.ticket.tp)
-        if state is None or state.fenced:  # revoked: the new owner processes it again
+        if state is None or state.fenced or not self._ledger.current(write.ticket):
+            # Revoked since it was read (perhaps assigned again): whoever owns the partition
+            # now reads the record again. Committing this outcome would answer it twice.
             self._ledger.settle(write.ticket)
             return
         state.writes.append(write)
@@ -100,6 +122,11 @@ class Transactions:
         state = self._partitions.get(tp)
         if state is None:
             return False
+        # Never cancelled half-way (a shutdown cancelling the commit loop): a transaction
+        # whose commit went out but whose writes were kept would send them again.
+        return await asyncio.shield(self._transaction(tp, state, position))
+
+    async def _transaction(self, tp: TopicPartition, state: _Partition, position: int) -> bool:
         async with state.lock:
             if self._partitions.get(tp) is not state or state.fenced:
                 return False
@@ -109,20 +136,21 @@ class Transactions:
                 await producer.begin_transaction()
                 failures = await self._produce(producer, writes)
                 if failures:
-                    for _, exc in failures:
-                        if isinstance(exc, ProducerFenced):
-                            raise exc
-                    self._retry_failed(state, failures)
+                    self._refused(state, failures)
                     await producer.abort_transaction()
                     return False
                 await producer.send_offsets_to_transaction({tp: position}, self._group_id)
                 await producer.commit_transaction()
-            except ProducerFenced:
-                log.warning("partition_fenced", partition=str(tp))
+            except ProducerFenced as exc:
+                # Another owner initialised this id (we are a zombie), or the transaction
+                # outlived transaction_timeout_ms: commit nothing more, and restart so the
+                # group settles who owns the partition.
+                log.error("partition_fenced", partition=str(tp))
                 state.fenced = True
                 self._release(state.writes)
                 state.writes = []
                 await self._stop(state)
+                self._on_crash(exc)
                 return False
             except Exception as exc:  # aiokafka's state machine raises AssertionError too
                 # Broker gone, coordinator moving: start this partition's producer afresh
@@ -148,7 +176,9 @@ class Transactions:
                 failures += [(w, error) for w in writes if w.topic == topic]
         if failures:
             return failures
-        groups, _ = by_partition(producer, writes)
+        groups, unknown = by_partition(producer, writes)
+        if unknown:  # metadata lost since the wait above: this round fails, none are dropped
+            return [(w, KafkaTimeoutError(w.topic)) for w in unknown]
         sent: list[Sent] = []
         for batches in await asyncio.gather(
             *(send_batches(producer, *key, group) for key, group in groups.items())
@@ -164,8 +194,13 @@ class Transactions:
             failures += [(w, delivery) for w in members]
         return failures
 
-    def _retry_failed(self, state: _Partition, failures: list[tuple[Write, BaseException]]) -> None:
-        """Put each failed write's next attempt (itself, or its dead letter) in its place."""
+    def _refused(self, state: _Partition, failures: list[tuple[Write, BaseException]]) -> None:
+        """Put each refused write's next attempt (itself, or its dead letter) in its place.
+        Errors of the producer or the transaction, not of a record, raise instead: the
+        producer is started afresh and the same writes are tried again."""
+        for _, exc in failures:
+            if not isinstance(exc, _RECORD_ERRORS):
+                raise exc
         replacing = {id(write): self._retry.after(write, exc) for write, exc in failures}
         state.writes = [replacing.get(id(w), w) for w in state.writes]
 
@@ -179,8 +214,8 @@ class Transactions:
             producer = AIOKafkaProducer(
                 **self._options, transactional_id=f"{self._group_id}.{tp.topic}.{tp.partition}"
             )
-            await producer.start()
             try:
+                await producer.start()
                 # An empty transaction waits for the producer id: the broker fences the
                 # previous owner of this id and aborts its open transaction.
                 await producer.begin_transaction()

@@ -45,6 +45,7 @@ _GETMANY_TIMEOUT_MS = 100  # how soon a stop request is noticed while the topics
 _PAUSED_KEEPALIVE_S = 1.0  # while paused, getmany still runs this often (max.poll.interval)
 _FETCH_RETRY_S = 1.0
 _COMMIT_RETRY_S = 5.0
+_COMMIT_BACKOFF_S = 1.0
 _SHUTDOWN_STEP_S = 10.0
 _GC_YOUNG_THRESHOLD = 20_000  # Python's default is 700 (2000 from 3.13)
 
@@ -96,7 +97,7 @@ class Worker:
         self._transactions: Transactions | None = None
         if worker.delivery == "exactly_once":
             self._transactions = Transactions(
-                worker.group_id, self._ledger, retry, producer_options
+                worker.group_id, self._ledger, retry, producer_options, self._crashed
             )
         else:
             self._producer = AIOKafkaProducer(**producer_options)
@@ -314,16 +315,17 @@ class Worker:
                 with contextlib.suppress(TimeoutError):
                     await asyncio.wait_for(self._ledger.progress(), _COMMIT_RETRY_S)
             await asyncio.sleep(interval)  # coalesce many settlements into one commit
-            await self.commit()
+            if not await self.commit():
+                await asyncio.sleep(_COMMIT_BACKOFF_S)  # a broker or group in trouble
 
-    async def commit(self) -> None:
-        """Commit each assigned partition's settled prefix."""
+    async def commit(self) -> bool:
+        """Commit each assigned partition's settled prefix; False if some of it failed."""
         assigned = self._consumer.assignment()
         positions = {
             tp: p for tp, p in self._ledger.offsets.committable().items() if tp in assigned
         }
         if not positions:
-            return
+            return True
         if self._transactions is not None:  # with their results, partition by partition
             started = time.perf_counter()
             committed = await self._transactions.commit(positions)
@@ -334,13 +336,14 @@ class Worker:
                 failed=len(positions) - len(committed),
                 seconds=round(time.perf_counter() - started, 4),
             )
-            return
+            return len(committed) == len(positions)
         try:
             await self._consumer.commit(positions)
         except KafkaError as exc:  # e.g. a rebalance under way: the next commit carries it
             log.warning("commit_failed", error=repr(exc))
-            return
+            return False
         self._ledger.offsets.committed(positions)
+        return True
 
     # -- hot reload -------------------------------------------------------------------------
 

@@ -87,18 +87,14 @@ async def send_batches(
     sent: list[Sent] = []
     batch, members = producer.create_batch(), []
     for write in writes:
-        if batch.append(key=write.key, value=write.value, timestamp=now_ms, headers=write.headers):
-            members.append(write)
-            continue
-        if members:  # full: ship it and start the next
+        if not batch.append(
+            key=write.key, value=write.value, timestamp=now_ms, headers=write.headers
+        ):  # full: ship it and start the next
             sent.append(await _send_batch(producer, batch, topic, partition, members))
             batch, members = producer.create_batch(), []
-            if batch.append(
-                key=write.key, value=write.value, timestamp=now_ms, headers=write.headers
-            ):
-                members.append(write)
-                continue
-        sent.append(await send_one(producer, write))  # larger than a batch: the broker decides
+            # An empty batch takes any record; one over the broker's limit is refused there.
+            batch.append(key=write.key, value=write.value, timestamp=now_ms, headers=write.headers)
+        members.append(write)
     if members:
         sent.append(await _send_batch(producer, batch, topic, partition, members))
     return sent
