@@ -15,9 +15,10 @@ P = TypeVar("P")  # a partition key (aiokafka's TopicPartition in the worker)
 
 
 class _Partition:
-    __slots__ = ("finished", "next_position", "pending")
+    __slots__ = ("finished", "first", "next_position", "pending")
 
-    def __init__(self) -> None:
+    def __init__(self, first: int) -> None:
+        self.first = first  # the first offset tracked
         self.pending: deque[int] = deque()  # tracked offsets, ascending, oldest first
         self.finished: set[int] = set()  # finished offsets not yet at the head of `pending`
         self.next_position = -1  # one past the newest tracked offset
@@ -37,11 +38,11 @@ class OffsetTracker(Generic[P]):
         partition's tracking as it is now (revoking or restarting it makes a new one)."""
         state = self._partitions.get(partition)
         if state is None:
-            state = self._partitions[partition] = _Partition()
+            state = self._partitions[partition] = _Partition(offset)
         if offset < state.next_position:
             # The log went backwards (topic recreated, offsets reset): start this partition
             # afresh rather than fail; outcomes of the old records no longer move it.
-            state = self._partitions[partition] = _Partition()
+            state = self._partitions[partition] = _Partition(offset)
             self._committed.pop(partition, None)
         state.pending.append(offset)
         state.next_position = offset + 1
@@ -61,6 +62,11 @@ class OffsetTracker(Generic[P]):
                 finished.discard(pending.popleft())
         elif state.pending[0] < offset < state.next_position:
             state.finished.add(offset)
+
+    def first(self, partition: P) -> int | None:
+        """The first offset tracked for a partition (since it was last forgotten)."""
+        state = self._partitions.get(partition)
+        return None if state is None else state.first
 
     def current(self, partition: P, token: object) -> bool:
         """Whether a token from `track` still belongs to the partition's tracking."""

@@ -39,8 +39,15 @@ log = structlog.get_logger("surge.transactions")
 
 _METADATA_WAIT_S = 2.0  # a reply topic without metadata by then fails this round, not the loop
 _CLOSE_S = 10.0
+
+
+class _NoSuchTopic(KafkaError):
+    retriable = False
+
+
 # Refusals of a record by its target (retried, then dead-lettered by the retry policy).
 _RECORD_ERRORS = (
+    _NoSuchTopic,
     KafkaTimeoutError,
     MessageSizeTooLargeError,
     RecordListTooLargeError,
@@ -76,6 +83,7 @@ class Transactions:
         self._ledger = ledger
         self._retry = retry
         self._options = producer_options
+        self._send_limit_s = producer_options.get("request_timeout_ms", 30_000) / 1000 + 5
         self._partitions: dict[TopicPartition, _Partition] = {}
 
     def buffer(self, write: Write) -> None:
@@ -134,12 +142,15 @@ class Transactions:
             try:
                 producer = await self._producer(tp, state)
                 await producer.begin_transaction()
-                failures = await self._produce(producer, writes)
-                if failures:
-                    self._refused(state, failures)
-                    await producer.abort_transaction()
-                    return False
-                await producer.send_offsets_to_transaction({tp: position}, self._group_id)
+                # Bounded: with idempotence aiokafka retries a stuck batch forever. Until the
+                # commit is sent, giving up is safe (the next producer aborts the rest).
+                async with asyncio.timeout(self._send_limit_s):
+                    failures = await self._produce(producer, writes)
+                    if failures:
+                        self._refused(state, failures)
+                        await producer.abort_transaction()
+                        return False
+                    await producer.send_offsets_to_transaction({tp: position}, self._group_id)
                 await producer.commit_transaction()
             except ProducerFenced as exc:
                 # Another owner initialised this id (we are a zombie), or the transaction
@@ -171,8 +182,10 @@ class Transactions:
         for topic in {w.topic for w in writes}:
             try:
                 await asyncio.wait_for(producer.partitions_for(topic), _METADATA_WAIT_S)
-            except (TimeoutError, KafkaError) as exc:
-                error = exc if isinstance(exc, KafkaError) else KafkaTimeoutError(topic)
+            except (TimeoutError, KafkaError):
+                # Not there after the wait: dead-letter these results now rather than hold
+                # every other result of this partition back for reply_retry_s.
+                error = _NoSuchTopic(f"no metadata for reply topic {topic!r}")
                 failures += [(w, error) for w in writes if w.topic == topic]
         if failures:
             return failures

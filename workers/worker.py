@@ -426,13 +426,35 @@ class _Rebalance(ConsumerRebalanceListener):  # type: ignore[misc]
         await worker._forget(revoked)
 
     async def on_partitions_assigned(self, assigned: set[TopicPartition]) -> None:
-        if worker_transactions := self._worker._transactions:
-            with contextlib.suppress(TimeoutError):  # failures retry at the first commit
-                await asyncio.wait_for(worker_transactions.assign(assigned), _SHUTDOWN_STEP_S)
+        if self._worker._transactions is not None and assigned:
+            await self._fence(assigned)
         log.info(
             "partitions_assigned",
             partitions=sorted(f"{tp.topic}:{tp.partition}" for tp in assigned),
         )
+
+    async def _fence(self, assigned: set[TopicPartition]) -> None:
+        """Exactly-once: take the partitions' transactional ids first (which waits for the
+        previous owner's last transaction to finish, or aborts it), then start from the
+        offsets committed by then. The consumer read its positions before that, possibly
+        under a transaction still committing: what was read from them is read again."""
+        worker = self._worker
+        consumer, transactions = worker._consumer, worker._transactions
+        assert transactions is not None
+        consumer.pause(*assigned)
+        try:
+            await asyncio.wait_for(transactions.assign(assigned), _SHUTDOWN_STEP_S)
+            for tp in assigned:
+                committed = await consumer.committed(tp)
+                restart = committed if committed is not None else worker._ledger.offsets.first(tp)
+                if restart is not None:  # None: nothing committed nor read yet
+                    consumer.seek(tp, restart)
+            worker._ledger.offsets.forget(assigned)
+        except (TimeoutError, KafkaError) as exc:
+            # Unfenced partitions would risk answering twice: restart and join again.
+            worker._crashed(exc)
+        finally:
+            consumer.resume(*assigned)
 
 
 async def serve(settings: Settings) -> None:
