@@ -10,7 +10,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-from aiokafka import TopicPartition
+from aiokafka import AIOKafkaConsumer, TopicPartition
 
 from surge.config import Settings
 from surge.producers import request_body, request_headers
@@ -71,6 +71,10 @@ async def test_each_request_has_exactly_one_outcome(
     assert len(await read_redis(redis_url, to_redis)) == len(to_redis)
 
 
+async def _never_asked(tp: TopicPartition) -> int | None:
+    raise AssertionError("no commit was uncertain")
+
+
 def _ticket(tp: TopicPartition, offset: int, request_id: str) -> Ticket:
     return Ticket(
         tp=tp,
@@ -100,7 +104,10 @@ async def test_a_zombie_commits_nothing_once_its_partition_has_a_new_owner(kafka
         ledger = Ledger(1000, 1 << 20)
         retry = RetryPolicy(out, 60, lambda exc: pytest.fail(repr(exc)))
         options = {"bootstrap_servers": kafka, "acks": "all", "enable_idempotence": True}
-        return Transactions(group, ledger, retry, options, crashes.append), ledger
+        transactions = Transactions(
+            group, ledger, retry, options, crashes.append, committed=_never_asked
+        )
+        return transactions, ledger
 
     def answer(transactions: Transactions, ledger: Ledger, offset: int, request_id: str) -> None:
         ticket = _ticket(tp, offset, request_id)
@@ -136,7 +143,9 @@ async def test_results_are_invisible_until_their_offsets_commit(kafka: str) -> N
     ledger = Ledger(1000, 1 << 20)
     retry = RetryPolicy(out, 60, lambda exc: pytest.fail(repr(exc)))
     options = {"bootstrap_servers": kafka, "acks": "all", "enable_idempotence": True}
-    transactions = Transactions(group, ledger, retry, options, lambda exc: pytest.fail(repr(exc)))
+    transactions = Transactions(
+        group, ledger, retry, options, lambda exc: pytest.fail(repr(exc)), committed=_never_asked
+    )
     await transactions.assign([tp])
     tickets = [_ticket(tp, offset, f"r{offset}") for offset in range(3)]
     for ticket in tickets:
@@ -152,3 +161,35 @@ async def test_results_are_invisible_until_their_offsets_commit(kafka: str) -> N
     assert sorted(await read_to_end(kafka, out, key_of=None)) == ["r0", "r1", "r2"]
     assert ledger.records == 0
     await transactions.close()
+
+
+async def test_a_commit_whose_answer_was_lost_is_not_sent_again(kafka: str) -> None:
+    run = uuid.uuid4().hex[:8]
+    source, out, group = f"test.source.{run}", f"test.out.{run}", f"test-{run}"
+    await create_topics(kafka, source, out, partitions=1)
+    tp = TopicPartition(source, 0)
+    consumer = AIOKafkaConsumer(bootstrap_servers=kafka, group_id=group, enable_auto_commit=False)
+    await consumer.start()
+    ledger = Ledger(1000, 1 << 20)
+    retry = RetryPolicy(out, 60, lambda exc: pytest.fail(repr(exc)))
+    options = {"bootstrap_servers": kafka, "acks": "all", "enable_idempotence": True}
+    transactions = Transactions(
+        group, ledger, retry, options, lambda exc: pytest.fail(repr(exc)), consumer.committed
+    )
+    await transactions.assign([tp])
+    ticket = _ticket(tp, 0, "r0")
+    ledger.admit(ticket)
+    transactions.buffer(Write(ticket, out, b"result", [], dead_letter=False))
+    assert await transactions.commit({tp: 1}) == {tp: 1}
+
+    # As if the commit's answer had been lost: the results still held, the producer reset.
+    state = transactions._partitions[tp]
+    state.writes.append(Write(ticket, out, b"result", [], dead_letter=False))
+    state.uncertain = 1
+    ledger.records += 1  # held again, so counted in flight again
+    await transactions._stop(state)
+    assert await transactions.commit({tp: 1}) == {tp: 1}
+    assert len((await read_to_end(kafka, out, key_of=None))["r0"]) == 1
+    assert ledger.records == 0
+    await transactions.close()
+    await consumer.stop()

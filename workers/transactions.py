@@ -16,7 +16,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-from collections.abc import Callable, Iterable
+from collections.abc import Awaitable, Callable, Iterable
 from typing import Any
 
 import structlog
@@ -60,13 +60,16 @@ _RECORD_ERRORS = (
 class _Partition:
     """One input partition: its producer and the outcomes waiting for a transaction."""
 
-    __slots__ = ("fenced", "lock", "producer", "writes")
+    __slots__ = ("fenced", "lock", "producer", "uncertain", "writes")
 
     def __init__(self) -> None:
         self.lock = asyncio.Lock()  # one transaction at a time; revocation waits for it
         self.producer: AIOKafkaProducer | None = None
         self.writes: list[Write] = []
         self.fenced = False  # another owner took the transactional id: commit nothing more
+        # The position of a commit sent without an answer: whether it took is read back
+        # once the producer is fenced in again (which lets that commit finish or abort it).
+        self.uncertain: int | None = None
 
 
 class Transactions:
@@ -77,9 +80,11 @@ class Transactions:
         retry: RetryPolicy,
         producer_options: dict[str, Any],
         on_crash: Callable[[BaseException], None],
+        committed: Callable[[TopicPartition], Awaitable[int | None]],
     ) -> None:
         self._group_id = group_id
         self._on_crash = on_crash
+        self._committed = committed  # the group's committed offset of a partition
         self._ledger = ledger
         self._retry = retry
         self._options = producer_options
@@ -138,9 +143,11 @@ class Transactions:
         async with state.lock:
             if self._partitions.get(tp) is not state or state.fenced:
                 return False
-            writes = [w for w in state.writes if w.ticket.offset < position]
             try:
                 producer = await self._producer(tp, state)
+                if state.uncertain is not None:
+                    await self._read_back(tp, state)
+                writes = [w for w in state.writes if w.ticket.offset < position]
                 await producer.begin_transaction()
                 # Bounded: with idempotence aiokafka retries a stuck batch forever. Until the
                 # commit is sent, giving up is safe (the next producer aborts the rest).
@@ -151,7 +158,9 @@ class Transactions:
                         await producer.abort_transaction()
                         return False
                     await producer.send_offsets_to_transaction({tp: position}, self._group_id)
+                state.uncertain = position
                 await producer.commit_transaction()
+                state.uncertain = None
             except ProducerFenced as exc:
                 # Another owner initialised this id (we are a zombie), or the transaction
                 # outlived transaction_timeout_ms: commit nothing more, and restart so the
@@ -173,6 +182,18 @@ class Transactions:
             state.writes = [w for w in state.writes if id(w) not in committed]
             self._release(writes)
             return True
+
+    async def _read_back(self, tp: TopicPartition, state: _Partition) -> None:
+        """Did the commit whose answer was lost take? The group's offset says: if it did,
+        its results are out, and sending them again would show them twice."""
+        assert state.uncertain is not None
+        committed = await self._committed(tp)
+        if committed is not None and committed >= state.uncertain:
+            took = [w for w in state.writes if w.ticket.offset < state.uncertain]
+            state.writes = [w for w in state.writes if w.ticket.offset >= state.uncertain]
+            self._release(took)
+            log.info("lost_commit_answer_took", partition=str(tp), results=len(took))
+        state.uncertain = None
 
     async def _produce(
         self, producer: AIOKafkaProducer, writes: list[Write]

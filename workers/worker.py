@@ -97,7 +97,12 @@ class Worker:
         self._transactions: Transactions | None = None
         if worker.delivery == "exactly_once":
             self._transactions = Transactions(
-                worker.group_id, self._ledger, retry, producer_options, self._crashed
+                worker.group_id,
+                self._ledger,
+                retry,
+                producer_options,
+                self._crashed,
+                committed=lambda tp: self._consumer.committed(tp),
             )
         else:
             self._producer = AIOKafkaProducer(**producer_options)
