@@ -6,7 +6,7 @@ import asyncio
 import contextlib
 import time
 from collections import defaultdict
-from collections.abc import Iterable, Sequence
+from collections.abc import AsyncIterator, Iterable, Sequence
 from dataclasses import dataclass
 
 import numpy as np
@@ -63,6 +63,35 @@ async def publish(
         await producer.stop()
 
 
+@contextlib.asynccontextmanager
+async def _from_beginning(bootstrap: str, topic: str) -> AsyncIterator[AIOKafkaConsumer]:
+    """A read_committed consumer assigned every partition of `topic`, at its beginning."""
+    consumer = AIOKafkaConsumer(
+        bootstrap_servers=bootstrap, isolation_level="read_committed", enable_auto_commit=False
+    )
+    await consumer.start()
+    try:
+        while not consumer.partitions_for_topic(topic):
+            await consumer._client.force_metadata_update()
+            consumer._client.add_topic(topic)
+            await asyncio.sleep(0.05)
+        assigned = [TopicPartition(topic, p) for p in consumer.partitions_for_topic(topic)]
+        consumer.assign(assigned)
+        await consumer.seek_to_beginning(*assigned)
+        yield consumer
+    finally:
+        await consumer.stop()
+
+
+async def _read_into(
+    consumer: AIOKafkaConsumer, seen: dict[str, list[Reply]], key_of: str | None, wait_ms: int
+) -> None:
+    for records in (await consumer.getmany(timeout_ms=wait_ms, max_records=5000)).values():
+        for r in records:
+            reply = Reply(r.key, r.value, dict(r.headers))
+            seen[_key(reply, key_of)].append(reply)
+
+
 async def read_topic(
     bootstrap: str,
     topic: str,
@@ -73,37 +102,13 @@ async def read_topic(
 ) -> dict[str, list[Reply]]:
     """Read `topic` from the beginning until `until` distinct keys are seen: the values of
     header `key_of`, or the records' Kafka keys when it is None."""
-    consumer = AIOKafkaConsumer(
-        bootstrap_servers=bootstrap, isolation_level="read_committed", enable_auto_commit=False
-    )
-    await consumer.start()
     seen: dict[str, list[Reply]] = defaultdict(list)
-    try:
+    async with _from_beginning(bootstrap, topic) as consumer:
         deadline = time.monotonic() + timeout
-        partitions = None
-        while not partitions:
-            partitions = consumer.partitions_for_topic(topic)
-            if not partitions:
-                await consumer._client.force_metadata_update()
-                await asyncio.sleep(0.1)
-        assigned = [TopicPartition(topic, p) for p in partitions]
-        consumer.assign(assigned)
-        await consumer.seek_to_beginning(*assigned)
         while len(seen) < until and time.monotonic() < deadline:
-            batches = await consumer.getmany(timeout_ms=200, max_records=5000)
-            for records in batches.values():
-                for r in records:
-                    reply = Reply(r.key, r.value, dict(r.headers))
-                    seen[_key(reply, key_of)].append(reply)
-        # Give stragglers (duplicates) a moment to show up too.
-        batches = await consumer.getmany(timeout_ms=300, max_records=5000)
-        for records in batches.values():
-            for r in records:
-                reply = Reply(r.key, r.value, dict(r.headers))
-                seen[_key(reply, key_of)].append(reply)
-        return dict(seen)
-    finally:
-        await consumer.stop()
+            await _read_into(consumer, seen, key_of, 200)
+        await _read_into(consumer, seen, key_of, 300)  # stragglers (duplicates) too
+    return dict(seen)
 
 
 async def read_to_end(
@@ -111,31 +116,15 @@ async def read_to_end(
 ) -> dict[str, list[Reply]]:
     """Every committed record of `topic`, up to its last stable offset, by key (as in
     `read_topic`): for counting results exactly, once all writers are done."""
-    consumer = AIOKafkaConsumer(
-        bootstrap_servers=bootstrap, isolation_level="read_committed", enable_auto_commit=False
-    )
-    await consumer.start()
     seen: dict[str, list[Reply]] = defaultdict(list)
-    try:
+    async with _from_beginning(bootstrap, topic) as consumer:
         deadline = time.monotonic() + timeout
-        while not consumer.partitions_for_topic(topic):
-            await consumer._client.force_metadata_update()
-            consumer._client.add_topic(topic)
-            await asyncio.sleep(0.05)
-        assigned = [TopicPartition(topic, p) for p in consumer.partitions_for_topic(topic)]
-        consumer.assign(assigned)
-        await consumer.seek_to_beginning(*assigned)
+        assigned = list(consumer.assignment())
         ends = await consumer.end_offsets(assigned)  # read_committed: the last stable offsets
         while [tp for tp in assigned if await consumer.position(tp) < ends[tp]]:
             assert time.monotonic() < deadline, f"{topic} not read to its end in {timeout} s"
-            batches = await consumer.getmany(timeout_ms=200, max_records=5000)
-            for records in batches.values():
-                for r in records:
-                    reply = Reply(r.key, r.value, dict(r.headers))
-                    seen[_key(reply, key_of)].append(reply)
-        return dict(seen)
-    finally:
-        await consumer.stop()
+            await _read_into(consumer, seen, key_of, 200)
+    return dict(seen)
 
 
 def _key(reply: Reply, key_of: str | None) -> str:

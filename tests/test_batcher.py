@@ -42,9 +42,8 @@ class _Answers:
         self.failed.append(rejection)
 
 
-async def test_a_backlog_of_padded_inputs_is_batched_by_length() -> None:
-    model, answers = _Embedder(), _Answers()
-    batcher = Batcher(
+def _batcher(model: _Embedder, answers: _Answers) -> Batcher:
+    return Batcher(
         model="embedder",
         version="1",
         runtime=model,  # type: ignore[arg-type]
@@ -53,11 +52,19 @@ async def test_a_backlog_of_padded_inputs_is_batched_by_length() -> None:
         replies=answers,  # type: ignore[arg-type]
         time_budget_s=10,
     )
-    lengths = [3, 30] * 32  # a backlog alternating short and long rows
+
+
+def _queue(batcher: Batcher, lengths: list[int]) -> None:
+    """One single-row request per length, ids numbered from 1 in arrival order."""
     for i, length in enumerate(lengths):
-        ticket = make_ticket(b"{}")
-        ticket.offset = i
-        batcher.put(Job(ticket, {"ids": np.full((1, length), i + 1, np.int64)}, 1, None))
+        batcher.put(Job(make_ticket(b"{}"), {"ids": np.full((1, length), i + 1)}, 1, None))
+
+
+async def test_a_backlog_of_padded_inputs_is_batched_by_length() -> None:
+    model, answers = _Embedder(), _Answers()
+    batcher = _batcher(model, answers)
+    lengths = [3, 30] * 32  # a backlog alternating short and long rows
+    _queue(batcher, lengths)
     crashes: list[BaseException] = []
     batcher.start(on_crash=crashes.append)
     async with asyncio.timeout(30):
@@ -74,19 +81,9 @@ async def test_a_backlog_of_padded_inputs_is_batched_by_length() -> None:
 
 async def test_an_odd_length_request_is_not_starved_by_bucketing() -> None:
     model, answers = _Embedder(), _Answers()
-    batcher = Batcher(
-        model="embedder",
-        version="1",
-        runtime=model,  # type: ignore[arg-type]
-        config=ModelConfig(max_batch_size=8, max_batch_delay_ms=1),
-        executor=ThreadPoolExecutor(1),
-        replies=answers,  # type: ignore[arg-type]
-        time_budget_s=10,
-    )
+    batcher = _batcher(model, answers)
     lengths = [3] * 5 + [30] + [3] * 200  # one long request amid a stream of short ones
-    for i, length in enumerate(lengths):
-        ticket = make_ticket(b"{}")
-        batcher.put(Job(ticket, {"ids": np.full((1, length), i + 1, np.int64)}, 1, None))
+    _queue(batcher, lengths)
     batches = []
     while batcher.queued:
         batches.append(batcher._take(8))
