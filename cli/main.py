@@ -22,6 +22,12 @@ def main(argv: list[str] | None = None) -> None:
 
     worker = commands.add_parser("worker", help="run a worker pool member")
     worker.add_argument("-c", "--config", type=Path, help="TOML settings (see config/worker.toml)")
+    worker.add_argument(
+        "--processes",
+        default="1",
+        type=_processes,
+        help="pool size on this machine: a number, or 'gpus' for one process per visible GPU",
+    )
 
     predict = commands.add_parser("predict", help="send one request and print its result")
     predict.add_argument("model")
@@ -92,8 +98,18 @@ def _worker(args: argparse.Namespace) -> int:
         print(exc, file=sys.stderr)
         return 2
     configure(settings.log.level, settings.log.format)
+    if args.processes != "1":
+        from surge.pool import run_pool
+
+        return run_pool(settings, args.processes, args.config)
     asyncio.run(serve(settings))
     return 0
+
+
+def _processes(value: str) -> str:
+    if value == "gpus" or (value.isdigit() and int(value) >= 1):
+        return value
+    raise argparse.ArgumentTypeError(f"{value!r} is neither a positive number nor 'gpus'")
 
 
 def _predict(args: argparse.Namespace) -> int:

@@ -1,0 +1,110 @@
+"""A pool of worker processes on one machine: one per GPU, or N on CPU cores.
+
+Each member is a plain `surge worker` process in the same consumer group, so Kafka spreads
+the partitions over them; with `gpus`, member i sees only the i-th visible GPU
+(`CUDA_VISIBLE_DEVICES`), so "cuda:0" in every model config means its own device. The pool
+restarts a member that dies (with back-off), forwards SIGTERM/SIGINT so every member drains
+and commits, and exits once all have stopped.
+"""
+
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import structlog
+
+from surge.config import Settings
+
+log = structlog.get_logger("surge.pool")
+
+_POLL_S = 0.2
+_RESTART_FIRST_S = 1.0
+_RESTART_MAX_S = 30.0
+_STABLE_S = 60.0  # a member up this long restarts after a crash without back-off
+
+
+class _Member:
+    def __init__(self, index: int, argv: list[str], env: dict[str, str]) -> None:
+        self.index, self._argv, self._env = index, argv, env
+        self.process: subprocess.Popen[bytes] | None = None
+        self.started = 0.0
+        self.backoff = _RESTART_FIRST_S
+        self.restart_at = 0.0
+
+    def start(self) -> None:
+        self.process = subprocess.Popen(self._argv, env=os.environ | self._env)
+        self.started = time.monotonic()
+        log.info("pool_member_started", member=self.index, pid=self.process.pid, **self._env)
+
+
+def member_envs(settings: Settings, processes: str) -> list[dict[str, str]]:
+    """The environment of each member: its GPU, and its own metrics port."""
+    if processes == "gpus":
+        from surge.workers.runtimes.devices import cuda_device_count
+
+        visible = os.environ.get("CUDA_VISIBLE_DEVICES")
+        devices = visible.split(",") if visible else [str(i) for i in range(cuda_device_count())]
+        if not devices:
+            log.warning("pool_no_gpu", note="no GPU visible: one member, on the CPU")
+            envs = [{}]
+        else:
+            envs = [{"CUDA_VISIBLE_DEVICES": device} for device in devices]
+    else:
+        envs = [{} for _ in range(int(processes))]
+    port = settings.metrics.port
+    for index, env in enumerate(envs):
+        env["SURGE_POOL_MEMBER"] = str(index)
+        if port:
+            env["SURGE_METRICS__PORT"] = str(port + index)
+    return envs
+
+
+def run_pool(settings: Settings, processes: str, config: Path | None) -> int:
+    argv = [sys.executable, "-m", "surge", "worker"]
+    if config is not None:
+        argv += ["--config", str(config)]
+    members = [_Member(i, argv, env) for i, env in enumerate(member_envs(settings, processes))]
+    stopping = False
+
+    def stop(signum: int, _frame: object) -> None:
+        nonlocal stopping
+        stopping = True
+        for member in members:
+            if member.process is not None and member.process.poll() is None:
+                member.process.send_signal(signal.SIGTERM)
+
+    signal.signal(signal.SIGTERM, stop)
+    signal.signal(signal.SIGINT, stop)
+    for member in members:
+        member.start()
+    while not stopping:
+        time.sleep(_POLL_S)
+        for member in members:
+            _supervise(member)
+    codes = [member.process.wait() for member in members if member.process is not None]
+    log.info("pool_stopped", exit_codes=codes)
+    return 0 if all(code == 0 for code in codes) else 1
+
+
+def _supervise(member: _Member) -> None:
+    """Restart a member that stopped on its own, backing off while it keeps failing."""
+    assert member.process is not None
+    now = time.monotonic()
+    if member.restart_at:
+        if now >= member.restart_at:
+            member.restart_at = 0.0
+            member.start()
+        return
+    code = member.process.poll()
+    if code is None:
+        return
+    if now - member.started > _STABLE_S:
+        member.backoff = _RESTART_FIRST_S
+    log.error("pool_member_exited", member=member.index, code=code, restart_in=member.backoff)
+    member.restart_at = now + member.backoff
+    member.backoff = min(member.backoff * 2, _RESTART_MAX_S)

@@ -1,0 +1,98 @@
+"""`surge worker --processes N`: a pool of worker processes in one consumer group, restarted
+when one dies, drained together on SIGTERM."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+import uuid
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from surge.config import load_settings
+from surge.pool import member_envs
+from surge.producers import request_body, request_headers
+from surge.schemas import MSGPACK
+from surge.workers.runtimes.devices import cuda_device_count
+from tests.conftest import ROOT, topic_of, worker_env
+from tests.helpers import create_topics, publish, read_topic
+
+pytestmark = pytest.mark.integration
+
+
+def _events(log: Path, name: str) -> list[dict[str, object]]:
+    lines = log.read_text(errors="replace").splitlines()
+    events = [json.loads(line) for line in lines if line.startswith("{")]
+    return [e for e in events if e.get("event") == name]
+
+
+def _wait(log: Path, name: str, count: int, timeout: float = 60) -> list[dict[str, object]]:
+    deadline = time.monotonic() + timeout
+    while len(found := _events(log, name)) < count:
+        assert time.monotonic() < deadline, f"{name} ×{count} never logged:\n{log.read_text()}"
+        time.sleep(0.1)
+    return found
+
+
+def _start_pool(env: dict[str, str], log: Path, processes: str) -> subprocess.Popen[bytes]:
+    return subprocess.Popen(
+        [sys.executable, "-m", "surge", "worker", "--processes", processes],
+        env=os.environ | env,
+        stdout=subprocess.DEVNULL,
+        stderr=log.open("ab"),
+        cwd=ROOT,
+    )
+
+
+async def test_a_pool_serves_restarts_and_drains(
+    kafka: str, model_root: Path, tmp_path: Path
+) -> None:
+    env = worker_env(kafka, model_root, None)
+    topic, run = topic_of(env, "mlp"), uuid.uuid4().hex[:8]
+    replies = f"test.replies.{run}"
+    await create_topics(kafka, topic, replies)
+    log = tmp_path / "pool.log"
+    pool = _start_pool(env, log, "2")
+    try:
+        started = _wait(log, "pool_member_started", 2)
+        _wait(log, "worker_started", 2)
+        x = {"x": np.ones((1, 32), np.float32)}
+        route = request_headers(model="mlp", content_type=MSGPACK, reply_to=replies)
+        records = [
+            (topic, f"{run}-{i}".encode(), request_body(x, f"{run}-{i}", MSGPACK), route)
+            for i in range(400)
+        ]
+        await publish(kafka, records)
+        assert len(await read_topic(kafka, replies, until=400)) == 400
+
+        os.kill(int(started[0]["pid"]), signal.SIGKILL)  # type: ignore[call-overload]
+        _wait(log, "pool_member_exited", 1)
+        _wait(log, "pool_member_started", 3)  # member 0 again
+        _wait(log, "worker_started", 3)
+    finally:
+        pool.send_signal(signal.SIGTERM)
+        code = pool.wait(60)
+    assert code == 0  # every member drained and exited cleanly
+    assert len(_wait(log, "worker_stopped", 2)) >= 2
+
+
+def test_one_member_per_visible_gpu_each_with_its_own_metrics_port(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    settings = load_settings(env={"SURGE_METRICS__PORT": "9400"})
+    monkeypatch.setenv("CUDA_VISIBLE_DEVICES", "2,5")
+    envs = member_envs(settings, "gpus")
+    assert [e["CUDA_VISIBLE_DEVICES"] for e in envs] == ["2", "5"]
+    assert [e["SURGE_METRICS__PORT"] for e in envs] == ["9400", "9401"]
+    monkeypatch.setenv("CUDA_VISIBLE_DEVICES", "")
+    if cuda_device_count() == 0:  # no GPU: one member, on the CPU
+        assert member_envs(settings, "gpus") == [
+            {"SURGE_POOL_MEMBER": "0", "SURGE_METRICS__PORT": "9400"}
+        ]
+    assert len(member_envs(settings, "3")) == 3
