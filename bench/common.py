@@ -36,11 +36,11 @@ def kafka_broker(bootstrap: str | None) -> Iterator[str]:
 
 
 class WorkerProcess:
-    def __init__(self, bootstrap: str, model_root: Path, **env: str) -> None:
+    def __init__(self, bootstrap: str, model_root: Path, *, processes: int = 1, **env: str) -> None:
         self.metrics_port = free_port()
         self.log = Path(tempfile.mkstemp(prefix="surge-bench-worker-", suffix=".log")[1])
         self.process = subprocess.Popen(
-            [sys.executable, "-m", "surge", "worker"],
+            [sys.executable, "-m", "surge", "worker", "--processes", str(processes)],
             env=os.environ
             | {
                 "SURGE_KAFKA__BOOTSTRAP_SERVERS": bootstrap,

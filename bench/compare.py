@@ -45,6 +45,7 @@ class Contender:
     name: str
     kind: str
     guarantees: str
+    default: bool = True  # in a run without --only
 
 
 CONTENDERS = [
@@ -55,6 +56,8 @@ CONTENDERS = [
     Contender("getmany loop, batched, send_batch, no commits", "fast", "none"),
     Contender("Surge", "surge", "at-least-once"),
     Contender("Surge, exactly-once", "surge-eos", "exactly-once"),
+    # On a 2-core machine shared with the broker a second process does not help: opt in.
+    Contender("Surge, pool of 2 processes", "surge-pool", "at-least-once", default=False),
 ]
 
 
@@ -77,9 +80,12 @@ def main() -> None:
     parser.add_argument("--bootstrap", help="use this Kafka cluster instead of starting one")
     parser.add_argument("--requests", type=int, default=50_000)
     parser.add_argument("--faust-requests", type=int, default=10_000)
-    parser.add_argument("--only", help="comma-separated kinds, e.g. fast,surge")
+    parser.add_argument(
+        "--only", help="comma-separated kinds, e.g. fast,surge,surge-pool (surge-pool: opt-in)"
+    )
     args = parser.parse_args()
-    chosen = [c for c in CONTENDERS if not args.only or c.kind in args.only.split(",")]
+    kinds = args.only.split(",") if args.only else [c.kind for c in CONTENDERS if c.default]
+    chosen = [c for c in CONTENDERS if c.kind in kinds]
 
     model_root = Path(tempfile.mkdtemp(prefix="surge-bench-models-"))
     model_path = write_mlp(model_root)
@@ -137,6 +143,7 @@ def _start(
         worker = WorkerProcess(
             bootstrap,
             model_root,
+            processes=2 if contender.kind == "surge-pool" else 1,
             SURGE_WORKER__TOPICS=json.dumps({"mlp": topic}),
             SURGE_WORKER__DELIVERY=delivery,
             SURGE_WORKER__CREATE_TOPICS="false",
