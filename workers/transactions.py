@@ -114,8 +114,9 @@ class Transactions:
             *(self._start(tp, self._partitions[tp]) for tp in new), return_exceptions=True
         )
         for tp, result in zip(new, results, strict=True):
-            if isinstance(result, BaseException):  # retried by the first commit
-                log.warning("transactional_producer_failed", partition=str(tp), error=repr(result))
+            if isinstance(result, BaseException):  # not fenced: the caller must not consume
+                log.error("transactional_producer_failed", partition=str(tp), error=repr(result))
+                raise result
 
     async def commit(self, positions: dict[TopicPartition, int]) -> dict[TopicPartition, int]:
         """One transaction per partition, concurrently; returns the positions committed."""

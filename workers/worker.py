@@ -455,7 +455,7 @@ class _Rebalance(ConsumerRebalanceListener):  # type: ignore[misc]
                 if restart is not None:  # None: nothing committed nor read yet
                     consumer.seek(tp, restart)
             worker._ledger.offsets.forget(assigned)
-        except (TimeoutError, KafkaError) as exc:
+        except Exception as exc:
             # Unfenced partitions would risk answering twice: restart and join again.
             worker._crashed(exc)
         finally:
