@@ -26,6 +26,9 @@ class TensorConfig(msgspec.Struct, kw_only=True, forbid_unknown_fields=True):
 class ModelConfig(msgspec.Struct, kw_only=True, forbid_unknown_fields=True):
     runtime: Literal["auto", "onnx", "torch"] = "auto"  # auto: from the model file's name
     device: str = "auto"  # auto | cpu | cuda | cuda:<n>
+    # PyTorch models: weights and floating-point inputs in this type; outputs come back as
+    # declared. ONNX models carry their precision in the file.
+    precision: Literal["fp32", "fp16", "bf16"] = "fp32"
     max_batch_size: Positive = 64
     max_batch_delay_ms: Annotated[float, msgspec.Meta(ge=0)] = 2.0
     preferred_batch_sizes: list[Positive] = []

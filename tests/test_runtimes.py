@@ -37,6 +37,33 @@ def test_onnx_runtime_reads_its_signature(tmp_path: Path) -> None:
     np.testing.assert_allclose(out.sum(axis=1), 1, rtol=1e-5)
 
 
+@pytest.mark.parametrize("precision", ["fp16", "bf16"])
+def test_torch_models_run_in_reduced_precision(tmp_path: Path, precision: str) -> None:
+    torch.manual_seed(0)
+    module = Affine().eval()
+    path = tmp_path / "model.pt"
+    torch.jit.script(module).save(str(path))
+    config = ModelConfig(
+        device="cpu",
+        precision=precision,  # type: ignore[arg-type]
+        inputs=[TensorConfig(name="x", datatype="FP32", shape=[8])],
+        outputs=[TensorConfig(name="y", datatype="FP32", shape=[3])],
+    )
+    runtime = runtimes.load(path, config)
+    x = np.random.default_rng(0).standard_normal((7, 8)).astype(np.float32)
+    with torch.inference_mode():
+        expected = module(torch.from_numpy(x)).numpy()
+    y = runtime.run({"x": x})["y"]
+    assert y.dtype == np.float32  # as declared, whatever the model computed in
+    np.testing.assert_allclose(y, expected, atol=0.05)
+    assert not np.array_equal(y, expected)  # it really ran in the reduced precision
+
+
+def test_onnx_models_refuse_a_precision_setting(tmp_path: Path) -> None:
+    with pytest.raises(ValueError, match="PyTorch"):
+        runtimes.load(write_mlp(tmp_path), ModelConfig(precision="fp16"))
+
+
 def test_torch_export_archive_matches_eager(tmp_path: Path) -> None:
     torch.manual_seed(0)
     module = Affine().eval()

@@ -33,6 +33,11 @@ class OnnxRuntime:
     kind = "onnx"
 
     def __init__(self, path: Path, config: ModelConfig) -> None:
+        if config.precision != "fp32":
+            raise ValueError(
+                f"precision {config.precision!r} applies to PyTorch models: an ONNX model's "
+                "precision is in the file (export it in fp16 instead)"
+            )
         options = ort.SessionOptions()
         options.log_severity_level = 3
         if config.intra_op_threads:

@@ -28,14 +28,17 @@ class TorchRuntime:
         if config.intra_op_threads:
             torch.set_num_threads(config.intra_op_threads)
         if path.suffix == ".pt2":
-            self._module = torch.export.load(str(path)).module().to(self.device)
+            module = torch.export.load(str(path)).module().to(self.device)
         else:
-            self._module = torch.jit.load(str(path), map_location=self.device).eval()
+            module = torch.jit.load(str(path), map_location=self.device).eval()
+        self._dtype = _PRECISIONS[config.precision]
+        self._module = module.to(self._dtype) if self._dtype != torch.float32 else module
+        self._output_dtypes = [_torch_dtype(spec) for spec in self.outputs]
 
     def run(self, inputs: Mapping[str, np.ndarray]) -> dict[str, np.ndarray]:
         with torch.inference_mode():
             args = [
-                torch.from_numpy(_writable(inputs[spec.name])).to(self.device)
+                _cast(torch.from_numpy(_writable(inputs[spec.name])).to(self.device), self._dtype)
                 for spec in self.inputs
             ]
             result = self._module(*args)
@@ -48,14 +51,30 @@ class TorchRuntime:
                 f"model returned {len(result)} outputs, config declares {len(self.outputs)}"
             )
         return {
-            spec.name: t.detach().cpu().numpy()
-            for spec, t in zip(self.outputs, result, strict=True)
+            spec.name: (t.detach() if dtype is None else t.detach().to(dtype)).cpu().numpy()
+            for spec, t, dtype in zip(self.outputs, result, self._output_dtypes, strict=True)
         }
 
     def close(self) -> None:
         del self._module
         if self.device.startswith("cuda"):
             torch.cuda.empty_cache()
+
+
+_PRECISIONS = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
+
+
+def _torch_dtype(spec: TensorSpec) -> torch.dtype | None:
+    """The torch type an output is declared as (None: one torch has no type for)."""
+    try:
+        return torch.from_numpy(np.empty(0, spec.dtype.newbyteorder("="))).dtype
+    except TypeError:
+        return None
+
+
+def _cast(tensor: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    """Floating-point inputs in the model's precision; integers (token ids) as they are."""
+    return tensor.to(dtype) if tensor.is_floating_point() and tensor.dtype != dtype else tensor
 
 
 def _writable(array: np.ndarray) -> np.ndarray:
