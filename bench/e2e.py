@@ -209,11 +209,8 @@ def _redis(via: str) -> Iterator[str | None]:
     if via != "redis":
         yield None
         return
-    server = RedisServer().start()
-    try:
+    with RedisServer() as server:
         yield server.url
-    finally:
-        server.close()
 
 
 async def _first_result(bootstrap: str, model: str, inputs: dict[str, np.ndarray]) -> None:

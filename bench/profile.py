@@ -38,7 +38,10 @@ STAGES: list[tuple[str, tuple[str, ...]]] = [
     ("decode + validate", ("workers/intake.py", "schemas/codec.py", "schemas/tensors.py")),
     ("route (headers)", ("workers/tickets.py",)),
     ("batch: stack, split", ("workers/batching.py",)),
-    ("record batches, produce", ("workers/writes.py", "aiokafka/producer", "aiokafka/record")),
+    (
+        "record batches, produce",
+        ("workers/writes.py", "workers/acked.py", "aiokafka/producer", "aiokafka/record"),
+    ),
     ("fetch + parse records", ("aiokafka/consumer", "aiokafka/protocol")),
     ("batcher, ledger, offsets", ("workers/batcher.py", "workers/ledger.py", "workers/offsets")),
     ("consume loop", ("workers/worker.py",)),

@@ -54,11 +54,8 @@ def redis_url() -> Iterator[str]:
     if external:
         yield external
         return
-    server = RedisServer().start()
-    try:
+    with RedisServer() as server:
         yield server.url
-    finally:
-        server.close()
 
 
 @pytest.fixture

@@ -385,6 +385,12 @@ class RedisServer:
         self.stop()
         shutil.rmtree(self.workdir, ignore_errors=True)
 
+    def __enter__(self) -> RedisServer:
+        return self.start()
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
 
 class NoidaBroker:
     """noida-db's Kafka endpoint: the zero-set-up broker of `surge demo`."""

@@ -37,22 +37,30 @@ def test_onnx_runtime_reads_its_signature(tmp_path: Path) -> None:
     np.testing.assert_allclose(out.sum(axis=1), 1, rtol=1e-5)
 
 
+def _affine_config(precision: str = "fp32") -> ModelConfig:
+    return ModelConfig(
+        device="cpu",
+        precision=precision,  # type: ignore[arg-type]
+        inputs=[TensorConfig(name="x", datatype="FP32", shape=[8])],
+        outputs=[TensorConfig(name="y", datatype="FP32", shape=[3])],
+    )
+
+
+def _affine_reference(module: Affine) -> tuple[np.ndarray, np.ndarray]:
+    """Inputs, and what the eager module in fp32 makes of them."""
+    x = np.random.default_rng(0).standard_normal((7, 8)).astype(np.float32)
+    with torch.inference_mode():
+        return x, module(torch.from_numpy(x)).numpy()
+
+
 @pytest.mark.parametrize("precision", ["fp16", "bf16"])
 def test_torch_models_run_in_reduced_precision(tmp_path: Path, precision: str) -> None:
     torch.manual_seed(0)
     module = Affine().eval()
     path = tmp_path / "model.pt"
     torch.jit.script(module).save(str(path))
-    config = ModelConfig(
-        device="cpu",
-        precision=precision,  # type: ignore[arg-type]
-        inputs=[TensorConfig(name="x", datatype="FP32", shape=[8])],
-        outputs=[TensorConfig(name="y", datatype="FP32", shape=[3])],
-    )
-    runtime = runtimes.load(path, config)
-    x = np.random.default_rng(0).standard_normal((7, 8)).astype(np.float32)
-    with torch.inference_mode():
-        expected = module(torch.from_numpy(x)).numpy()
+    runtime = runtimes.load(path, _affine_config(precision=precision))
+    x, expected = _affine_reference(module)
     y = runtime.run({"x": x})["y"]
     assert y.dtype == np.float32  # as declared, whatever the model computed in
     np.testing.assert_allclose(y, expected, atol=0.05)
@@ -72,15 +80,8 @@ def test_torch_export_archive_matches_eager(tmp_path: Path) -> None:
     program = torch.export.export(module, example, dynamic_shapes=({0: batch},))
     path = tmp_path / "model.pt2"
     torch.export.save(program, str(path))
-    config = ModelConfig(
-        device="cpu",
-        inputs=[TensorConfig(name="x", datatype="FP32", shape=[8])],
-        outputs=[TensorConfig(name="y", datatype="FP32", shape=[3])],
-    )
-    runtime = runtimes.load(path, config)
-    x = np.random.default_rng(0).standard_normal((7, 8)).astype(np.float32)
-    with torch.inference_mode():
-        expected = module(torch.from_numpy(x)).numpy()
+    runtime = runtimes.load(path, _affine_config())
+    x, expected = _affine_reference(module)
     np.testing.assert_allclose(runtime.run({"x": x})["y"], expected, rtol=1e-5, atol=1e-6)
     runtimes.warm_up(runtime, [1, 16])
 

@@ -25,6 +25,7 @@ from surge.workers.batching import check_rows, group_by_shape, stack
 from surge.workers.intake import Job
 from surge.workers.replies import Replies
 from surge.workers.runtimes import Runtime
+from surge.workers.tasks import supervised
 from surge.workers.tickets import Rejection
 
 log = structlog.get_logger("surge.batcher")
@@ -74,18 +75,10 @@ class Batcher:
 
     def start(self, on_crash: Callable[[BaseException], None]) -> None:
         """Start the batch loops; a loop that dies (a bug) calls `on_crash`."""
-
-        def supervise(task: asyncio.Task[None]) -> None:
-            if not task.cancelled() and (exc := task.exception()) is not None:
-                log.error("batcher_crashed", model=self.model, version=self.version)
-                on_crash(exc)
-
         self._tasks = [
-            asyncio.create_task(self._loop(), name=f"batcher-{self.model}-{self.version}-{i}")
+            supervised(self._loop(), f"batcher-{self.model}-{self.version}-{i}", on_crash)
             for i in range(self._instances)
         ]
-        for task in self._tasks:
-            task.add_done_callback(supervise)
 
     def put(self, job: Job) -> None:
         self._queue.append(job)
@@ -221,9 +214,10 @@ class Batcher:
 
     async def _run(self, jobs: list[Job]) -> None:
         """Run one model call; on failure split the batch in halves to isolate the culprit."""
+        rows = [job.rows for job in jobs]
         try:
             outputs, seconds = await self._call(jobs)
-            check_rows(outputs, sum(job.rows for job in jobs))
+            check_rows(outputs, sum(rows))
         except TimeoutError as exc:
             log.error("batch_timeout", model=self.model, version=self.version, requests=len(jobs))
             for job in jobs:
@@ -242,13 +236,12 @@ class Batcher:
             self._replies.error(ticket, Rejection(ErrorCode.MODEL_ERROR, f"model raised {exc!r}"))
             return
         self._batch_seconds.observe(seconds)
-        self._batch_rows.observe(sum(job.rows for job in jobs))
+        self._batch_rows.observe(sum(rows))
         self._ok.inc(len(jobs))
-        self._answer(jobs, outputs)
+        self._answer(jobs, rows, outputs)
 
-    def _answer(self, jobs: list[Job], outputs: dict[str, np.ndarray]) -> None:
+    def _answer(self, jobs: list[Job], rows: list[int], outputs: dict[str, np.ndarray]) -> None:
         """One response per job; each output is converted once for the whole batch."""
-        rows = [job.rows for job in jobs]
         converted: dict[tuple[str, bool], list[Tensor]] = {}
 
         def tensor(name: str, binary: bool, index: int) -> Tensor:

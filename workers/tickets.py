@@ -89,30 +89,29 @@ class Router:
         self._targets: dict[str | None, tuple[str | None, Rejection | None]] = {}
 
     def ticket(self, record: Record) -> tuple[Ticket, Rejection | None]:
-        raw_fields = {  # a null value is the same as absent
-            name: raw for name, raw in record.headers if name in _ROUTING and raw is not None
-        }
         fields: dict[str, str] = {}
         undecodable = None
-        for name, raw in raw_fields.items():
+        for name, raw in record.headers:
+            if name not in _ROUTING or raw is None:  # a null value is the same as absent
+                continue
             try:
                 fields[name] = raw.decode()
             except UnicodeDecodeError:
                 undecodable = name
         value = record.value or b""
         ticket = Ticket(
-            TopicPartition(record.topic, record.partition),
-            record.offset,
-            record.key,
-            value,
-            record.headers,
-            _fallback_id(record),
-            fields.get(headers.MODEL) or self._topic_models.get(record.topic),
-            fields.get(headers.VERSION) or None,
-            None,
-            JSON,  # until the header proves to name a supported one
-            None,
-            time.monotonic(),
+            tp=TopicPartition(record.topic, record.partition),
+            offset=record.offset,
+            key=record.key,
+            value=value,
+            headers=record.headers,
+            request_id=_fallback_id(record),
+            model=fields.get(headers.MODEL) or self._topic_models.get(record.topic),
+            version=fields.get(headers.VERSION) or None,
+            reply_to=None,
+            content_type=JSON,  # until the header proves to name a supported one
+            deadline_ms=None,
+            received=time.monotonic(),
         )
         content_type = fields.get(headers.CONTENT_TYPE, JSON)
         if content_type in CONTENT_TYPES:

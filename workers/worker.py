@@ -30,10 +30,12 @@ from redis.asyncio import Redis
 from surge.config import Settings
 from surge.schemas import ErrorCode
 from surge.workers import metrics
+from surge.workers.acked import AckedWrites
 from surge.workers.intake import admit
 from surge.workers.ledger import Ledger
 from surge.workers.replies import Replies
 from surge.workers.repository import ModelRepository
+from surge.workers.tasks import supervised
 from surge.workers.tickets import Record, Rejection, Router, Ticket, unroutable
 from surge.workers.topics import ensure_topics
 from surge.workers.transactions import Transactions
@@ -93,8 +95,8 @@ class Worker:
             "max_batch_size": 256 * 1024,
             "max_request_size": kafka.max_request_size,
         }
-        self._producer: AIOKafkaProducer | None = None
         self._transactions: Transactions | None = None
+        self._acked: AckedWrites | None = None
         if worker.delivery == "exactly_once":
             self._transactions = Transactions(
                 worker.group_id,
@@ -104,19 +106,21 @@ class Worker:
                 self._crashed,
                 committed=lambda tp: self._consumer.committed(tp),
             )
+            kafka_sink = self._transactions.buffer
         else:
-            self._producer = AIOKafkaProducer(**producer_options)
-            await self._producer.start()
+            producer = AIOKafkaProducer(**producer_options)
+            await producer.start()
+            self._acked = AckedWrites(producer, self._ledger, retry, self._crashed)
+            self._acked.start()
+            kafka_sink = self._acked.put
         self._replies = Replies(
-            self._producer,
+            kafka_sink,
             self._redis,
             self._ledger,
-            retry=retry,
             dead_letter_topic=worker.dead_letter_topic,
             redis_ttl_s=self.settings.redis.result_ttl_s,
             redis_prefix=self.settings.redis.key_prefix,
             on_crash=self._crashed,
-            transactional_sink=self._transactions.buffer if self._transactions else None,
         )
         self._replies.start()
         self._repository = ModelRepository(
@@ -152,11 +156,9 @@ class Worker:
         await self._consumer.start()
         self._subscribe(self._topics)
         self._tasks = [
-            asyncio.create_task(self._commit_loop(), name="commit"),
-            asyncio.create_task(self._reload_loop(), name="reload"),
+            supervised(self._commit_loop(), "commit", self._crashed),
+            supervised(self._reload_loop(), "reload", self._crashed),
         ]
-        for task in self._tasks:
-            task.add_done_callback(self._supervise)
         log.info(
             "worker_started",
             group=worker.group_id,
@@ -198,10 +200,6 @@ class Worker:
         else:  # nothing to serve yet: wait for models to appear
             self._consumer.unsubscribe()
             log.warning("no_models", model_root=self.settings.worker.model_root)
-
-    def _supervise(self, task: asyncio.Task[None]) -> None:
-        if not task.cancelled() and (exc := task.exception()) is not None:
-            self._crashed(exc)
 
     def _crashed(self, exc: BaseException) -> None:
         """A background task died: stop cleanly; what it left unsettled is redelivered."""
@@ -396,7 +394,11 @@ class Worker:
         except Exception:
             log.exception("shutdown_drain_failed", unfinished=self._ledger.records)
         steps = [self.commit, self._consumer.stop, self._replies.close]
-        steps.append(self._transactions.close if self._transactions else self._producer.stop)
+        if self._transactions is not None:
+            steps.append(self._transactions.close)
+        else:
+            assert self._acked is not None
+            steps += [self._acked.close, self._acked.producer.stop]
         for step in steps:
             try:  # commit, then leave the group: partitions move at once
                 await asyncio.wait_for(step(), _SHUTDOWN_STEP_S)

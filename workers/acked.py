@@ -1,0 +1,100 @@
+"""At-least-once Kafka writes: drained from an outbox into one record batch per target
+partition, each ticket settled once its batch is acknowledged. A refused write is retried
+with back-off or becomes a dead letter (`RetryPolicy`). The exactly-once counterpart is
+`Transactions`."""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import Callable
+from typing import Any
+
+from aiokafka import AIOKafkaProducer
+from aiokafka.errors import KafkaTimeoutError
+
+from surge.workers.ledger import Ledger
+from surge.workers.tasks import Outbox, supervised
+from surge.workers.writes import (
+    RETRY_MAX_S,
+    RetryPolicy,
+    Sent,
+    Write,
+    by_partition,
+    send_batches,
+    send_one,
+)
+
+
+class AckedWrites:
+    def __init__(
+        self,
+        producer: AIOKafkaProducer,
+        ledger: Ledger,
+        retry: RetryPolicy,
+        on_crash: Callable[[BaseException], None],
+    ) -> None:
+        self.producer = producer  # started by the caller, stopped after close()
+        self._ledger = ledger
+        self._retry = retry
+        self._on_crash = on_crash
+        self._outbox = Outbox()
+        self.put: Callable[[Write], None] = self._outbox.put
+        self._task: asyncio.Task[None] | None = None
+        self._side_sends: set[asyncio.Task[None]] = set()
+
+    def start(self) -> None:
+        self._task = supervised(self._loop(), "acked-writes", self._on_crash)
+
+    async def close(self) -> None:
+        if self._task is not None:
+            self._task.cancel()
+        await asyncio.gather(*filter(None, [self._task]), *self._side_sends, return_exceptions=True)
+
+    async def _loop(self) -> None:
+        while True:
+            writes: list[Write] = await self._outbox.take()
+            groups, unknown = by_partition(self.producer, writes)
+            for write in unknown:
+                # Waiting for an unknown topic's metadata can take request_timeout_ms: do it
+                # aside, so one bad reply topic never holds up everyone else's results.
+                self._aside(self._send_one(write))
+            # Partitions go out concurrently: one whose leader is moving must not stall the rest.
+            await asyncio.gather(*(self._send(*key, group) for key, group in groups.items()))
+
+    def _aside(self, coroutine: Any) -> None:
+        task = asyncio.create_task(coroutine)
+        self._side_sends.add(task)
+        task.add_done_callback(self._side_sends.discard)
+
+    async def _send(self, topic: str, partition: int, writes: list[Write]) -> None:
+        for sent in await send_batches(self.producer, topic, partition, writes):
+            self._watch(sent)
+
+    async def _send_one(self, write: Write) -> None:
+        self._watch(await send_one(self.producer, write))
+
+    def _watch(self, sent: Sent) -> None:
+        writes, delivery = sent
+        if isinstance(delivery, BaseException):
+            for write in writes:
+                self._failed(write, delivery)
+            return
+        delivery.add_done_callback(lambda done: self._delivered(writes, done))
+
+    def _delivered(self, writes: list[Write], delivery: asyncio.Future[Any]) -> None:
+        exc = None if delivery.cancelled() else delivery.exception()
+        if delivery.cancelled() or exc is not None:
+            for write in writes:
+                self._failed(write, exc or KafkaTimeoutError("delivery cancelled"))
+            return
+        settle = self._ledger.settle
+        for write in writes:
+            settle(write.ticket)
+
+    def _failed(self, write: Write, exc: BaseException) -> None:
+        retry = self._retry.after(write, exc)
+        if retry is not write:  # a dead letter instead: no reason to wait
+            self.put(retry)
+            return
+        asyncio.get_running_loop().call_later(write.retry_in, self.put, write)
+        write.retry_in = min(write.retry_in * 2, RETRY_MAX_S)

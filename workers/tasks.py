@@ -1,0 +1,47 @@
+"""Background-task plumbing: a queue that a loop drains, and tasks whose crash stops the
+worker instead of leaving it to limp on."""
+
+from __future__ import annotations
+
+import asyncio
+from collections import deque
+from collections.abc import Callable, Coroutine
+from dataclasses import dataclass, field
+from typing import Any
+
+import structlog
+
+log = structlog.get_logger("surge.tasks")
+
+
+@dataclass(slots=True)
+class Outbox:
+    items: deque[Any] = field(default_factory=deque)
+    wake: asyncio.Event = field(default_factory=asyncio.Event)
+
+    def put(self, item: Any) -> None:
+        self.items.append(item)
+        self.wake.set()
+
+    async def take(self, limit: int | None = None) -> list[Any]:
+        """Wait for items, then take them all (or `limit` of them)."""
+        while not self.items:
+            self.wake.clear()
+            await self.wake.wait()
+        count = len(self.items) if limit is None else min(limit, len(self.items))
+        return [self.items.popleft() for _ in range(count)]
+
+
+def supervised(
+    loop: Coroutine[Any, Any, None], name: str, on_crash: Callable[[BaseException], None]
+) -> asyncio.Task[None]:
+    """Run a background loop; if it ever raises, `on_crash` hears of it."""
+
+    def check(task: asyncio.Task[None]) -> None:
+        if not task.cancelled() and (exc := task.exception()) is not None:
+            log.error("background_loop_crashed", task=name, error=repr(exc))
+            on_crash(exc)
+
+    task = asyncio.create_task(loop, name=name)
+    task.add_done_callback(check)
+    return task
