@@ -1,13 +1,16 @@
 """Surge against hand-written peers: same broker, same model, same machine, one run.
 
     python -m bench.compare [--bootstrap HOST:PORT] [--requests 50000] [--faust-requests 10000]
+                            [--rounds 3] [--only KIND,...]
 
 Every contender drains its own copy of the same burst of msgpack MLP requests (queued before
 it starts, 8 partitions) and writes one reply per request to its own reply topic. Throughput
 is distinct requests answered over the span of their reply timestamps, so process start-up
 and model loading are left out for everyone. Also measured, as the limits: ONNX Runtime alone
 at its best batch size, and the broker alone moving the same records (produce and consume at
-once). Prints a table, writes bench/out/compare.json and bench/out/compare.png.
+once). Contenders run in turn, `--rounds` times over, and each reports its median round;
+CPU per request is the contender's own processes' CPU time over the drain. Prints a table,
+writes bench/out/compare.json and bench/out/compare.png.
 """
 
 from __future__ import annotations
@@ -22,10 +25,11 @@ import sys
 import tempfile
 import time
 from collections.abc import Callable
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 
 import numpy as np
+import psutil
 from aiokafka import AIOKafkaConsumer, AIOKafkaProducer, TopicPartition
 from aiokafka.admin import AIOKafkaAdminClient, NewTopic
 from rich.console import Console
@@ -71,6 +75,7 @@ class Result:
     duplicated: int
     seconds: float
     throughput: float
+    cpu_us_per_request: float  # the contender's processes, user + system, while draining
 
 
 def main() -> None:
@@ -81,6 +86,9 @@ def main() -> None:
     parser.add_argument("--requests", type=int, default=50_000)
     parser.add_argument("--faust-requests", type=int, default=10_000)
     parser.add_argument(
+        "--rounds", type=int, default=3, help="runs per contender, interleaved; medians reported"
+    )
+    parser.add_argument(
         "--only", help="comma-separated kinds, e.g. fast,surge,surge-pool (surge-pool: opt-in)"
     )
     args = parser.parse_args()
@@ -89,20 +97,30 @@ def main() -> None:
 
     model_root = Path(tempfile.mkdtemp(prefix="surge-bench-models-"))
     model_path = write_mlp(model_root)
-    results: list[Result] = []
+    rounds: dict[str, list[Result]] = {c.kind: [] for c in chosen}
     with kafka_broker(args.bootstrap) as bootstrap:
         broker_rate = asyncio.run(_broker_alone(bootstrap, args.requests))
         console.print(f"broker alone (produce and consume at once): {broker_rate:,.0f} msg/s")
-        for contender in chosen:
-            count = args.faust_requests if contender.kind == "faust" else args.requests
-            result = _run(contender, bootstrap, model_root, model_path, count)
-            console.print(
-                f"  {contender.name}: {result.throughput:,.0f} req/s "
-                f"({result.answered:,}/{count:,} answered, {result.duplicated} duplicated)"
-            )
-            results.append(result)
+        for round_ in range(args.rounds):  # contenders interleaved, so drift hits all alike
+            for contender in chosen:
+                count = args.faust_requests if contender.kind == "faust" else args.requests
+                result = _run(contender, bootstrap, model_root, model_path, count)
+                console.print(
+                    f"  round {round_ + 1}, {contender.name}: {result.throughput:,.0f} req/s, "
+                    f"{result.cpu_us_per_request:.1f} µs CPU/req "
+                    f"({result.answered:,}/{count:,} answered, {result.duplicated} duplicated)"
+                )
+                rounds[contender.kind].append(result)
+    results = [_median(runs) for runs in rounds.values()]
     direct = max(direct_throughput(model_path, b, threads=1) for b in (64, 128, 256, 512))
     _report(results, broker_rate, direct)
+
+
+def _median(runs: list[Result]) -> Result:
+    """The round of median throughput, carrying the median CPU cost over all rounds."""
+    ranked = sorted(runs, key=lambda r: r.throughput)
+    cpu = float(np.nanmedian([r.cpu_us_per_request for r in runs]))
+    return replace(ranked[len(ranked) // 2], cpu_us_per_request=cpu)
 
 
 def _run(
@@ -111,9 +129,12 @@ def _run(
     run = f"{contender.kind}.{time.time_ns()}"
     topic, replies = f"bench.{run}.requests", f"bench.{run}.replies"
     asyncio.run(_preload(bootstrap, topic, replies, count))
-    stop = _start(contender, bootstrap, topic, replies, model_root, model_path)
+    stop, pid = _start(contender, bootstrap, topic, replies, model_root, model_path)
+    meter = CpuMeter(pid)
     try:
-        asyncio.run(_wait_for(bootstrap, replies, count, timeout=max(120.0, count / 200)))
+        asyncio.run(
+            _wait_for(bootstrap, replies, count, timeout=max(120.0, count / 200), meter=meter)
+        )
     finally:
         stop()
     stamps, answered, duplicated = asyncio.run(_reply_stamps(bootstrap, replies))
@@ -127,7 +148,35 @@ def _run(
         duplicated,
         seconds,
         (answered - 1) / seconds if answered > 1 and seconds > 0 else 0.0,
+        meter.us_per_request(),
     )
+
+
+class CpuMeter:
+    """CPU time of a process and its children per reply written, counted from the first
+    reply seen, so that start-up and model loading are left out."""
+
+    def __init__(self, pid: int) -> None:
+        self._process = psutil.Process(pid)
+        self._first: tuple[int, float] | None = None
+        self._last: tuple[int, float] | None = None
+
+    def sample(self, replies: int) -> None:
+        if replies == 0:
+            return
+        try:
+            processes = [self._process, *self._process.children(recursive=True)]
+            cpu = sum(sum(p.cpu_times()[:2]) for p in processes)
+        except psutil.Error:
+            return
+        if self._first is None:
+            self._first = (replies, cpu)
+        self._last = (replies, cpu)
+
+    def us_per_request(self) -> float:
+        if self._first is None or self._last is None or self._last[0] <= self._first[0]:
+            return float("nan")
+        return (self._last[1] - self._first[1]) / (self._last[0] - self._first[0]) * 1e6
 
 
 def _start(
@@ -137,7 +186,8 @@ def _start(
     replies: str,
     model_root: Path,
     model_path: Path,
-) -> Callable[[], None]:
+) -> tuple[Callable[[], None], int]:
+    """Start a contender; returns how to stop it and its process id."""
     if contender.kind.startswith("surge"):
         delivery = "exactly_once" if contender.kind == "surge-eos" else "at_least_once"
         worker = WorkerProcess(
@@ -148,7 +198,7 @@ def _start(
             SURGE_WORKER__DELIVERY=delivery,
             SURGE_WORKER__CREATE_TOPICS="false",
         )
-        return worker.stop
+        return worker.stop, worker.process.pid
     module = "bench.peers.agent" if contender.kind == "faust" else "bench.peers.loops"
     argv = [bootstrap, topic, replies, str(model_path)]
     if contender.kind != "faust":
@@ -166,7 +216,7 @@ def _start(
         os.killpg(process.pid, signal.SIGKILL)
         process.wait(30)
 
-    return stop
+    return stop, process.pid
 
 
 async def _preload(
@@ -211,7 +261,12 @@ async def _preload(
 
 
 async def _wait_for(
-    bootstrap: str, topic: str, count: int, timeout: float, settle: float = 0.5
+    bootstrap: str,
+    topic: str,
+    count: int,
+    timeout: float,
+    settle: float = 0.5,
+    meter: CpuMeter | None = None,
 ) -> None:
     """Until the reply topic holds `count` records (or the contender gave up)."""
     consumer = AIOKafkaConsumer(bootstrap_servers=bootstrap)
@@ -220,10 +275,13 @@ async def _wait_for(
         partitions = [TopicPartition(topic, p) for p in range(PARTITIONS)]
         deadline = time.monotonic() + timeout
         while time.monotonic() < deadline:
-            if sum((await consumer.end_offsets(partitions)).values()) >= count:
+            written = sum((await consumer.end_offsets(partitions)).values())
+            if meter is not None:
+                meter.sample(written)
+            if written >= count:
                 await asyncio.sleep(settle)  # exactly-once: let the last transaction commit
                 return
-            await asyncio.sleep(0.2)
+            await asyncio.sleep(0.1)
         console.print(f"[red]{topic}: timed out after {timeout:.0f} s")
     finally:
         await consumer.stop()
@@ -303,11 +361,19 @@ def _report(results: list[Result], broker_rate: float, direct: float) -> None:
     by_kind = {r.kind: r for r in results}
     surge = by_kind.get("surge")
     table = Table(title="MLP, msgpack, Apache Kafka, one process each, same machine and run")
-    for column in ("worker", "guarantees", "requests", "throughput", "Surge ÷ this"):
+    columns = ("worker", "guarantees", "requests", "throughput", "Surge ÷ this", "CPU µs/req")
+    for column in columns:
         table.add_column(column, justify="right")
     for r in results:
         ratio = f"{surge.throughput / r.throughput:.2f}×" if surge and r.throughput else "—"
-        table.add_row(r.name, r.guarantees, f"{r.requests:,}", f"{r.throughput:,.0f}/s", ratio)
+        table.add_row(
+            r.name,
+            r.guarantees,
+            f"{r.requests:,}",
+            f"{r.throughput:,.0f}/s",
+            ratio,
+            f"{r.cpu_us_per_request:.1f}",
+        )
     console.print(table)
     console.print(
         f"limits: broker alone {broker_rate:,.0f} msg/s (produce + consume at once); "

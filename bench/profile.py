@@ -5,8 +5,9 @@
 Starts Apache Kafka (unless --bootstrap) and one `surge worker`, publishes a burst of msgpack
 MLP requests once the worker has joined, and samples the worker with py-spy until every reply
 is written. The worker's CPU time (user + system) over the drain, divided by the requests,
-is the cost per request; py-spy's samples split it into stages. Prints a table, writes
-bench/out/profile.json and the raw samples to bench/out/profile.txt.
+is the cost per request; py-spy's samples of threads holding the GIL split it into stages
+(waits are left out; so is the model's own time, spent outside the GIL). Prints a table,
+writes bench/out/profile.json and the raw samples to bench/out/profile.txt.
 """
 
 from __future__ import annotations
@@ -78,8 +79,9 @@ def main() -> None:
             _wait_for_log(worker.log, "partitions_assigned")
             process = psutil.Process(worker.process.pid)
             command = ["py-spy", "record", "-p", str(worker.process.pid), "-r", str(args.rate)]
+            command += ["--threads", "--nonblocking", "--gil"]  # GIL holders: CPU, not waits
             spy = subprocess.Popen(
-                [*command, "-f", "raw", "-o", str(samples_file), "--threads", "--nonblocking"],
+                [*command, "-f", "raw", "-o", str(samples_file)],
                 stdout=subprocess.DEVNULL,
                 stderr=subprocess.DEVNULL,
             )

@@ -33,6 +33,9 @@ class ModelConfig(msgspec.Struct, kw_only=True, forbid_unknown_fields=True):
     max_batch_delay_ms: Annotated[float, msgspec.Meta(ge=0)] = 2.0
     preferred_batch_sizes: list[Positive] = []
     instances: Positive = 1  # batches of this model run concurrently
+    # A model whose recent batches all ran faster than this runs on the event loop itself:
+    # handing a sub-millisecond call to a thread costs more than the call. 0: always a thread.
+    inline_below_ms: Annotated[float, msgspec.Meta(ge=0, le=10)] = 1.0
     intra_op_threads: Annotated[int, msgspec.Meta(ge=0)] = 0  # 0: the runtime's default
     version_policy: Literal["latest", "all", "specific"] = "latest"
     latest_versions: Positive = 1

@@ -108,8 +108,8 @@ class WorkerSettings(msgspec.Struct, kw_only=True, forbid_unknown_fields=True):
     max_in_flight_bytes: Positive = 256 * 1024 * 1024
     max_message_bytes: Positive = 1_048_576
     max_tensor_elements: Positive = 1 << 22
-    # Model calls never delay polling (they run in executor threads), so this bounds a hung
-    # model, not the consumer's max.poll.interval.
+    # Bounds a hung model call in an executor thread (where every model runs until it has
+    # proved faster than its inline_below_ms), not the consumer's max.poll.interval.
     batch_time_budget_s: Annotated[float, msgspec.Meta(gt=0)] = 60.0
     # A result its reply topic keeps refusing this long becomes a dead letter (reply_failed).
     reply_retry_s: Annotated[float, msgspec.Meta(gt=0)] = 60.0

@@ -87,9 +87,7 @@ class AckedWrites:
             for write in writes:
                 self._failed(write, exc or KafkaTimeoutError("delivery cancelled"))
             return
-        settle = self._ledger.settle
-        for write in writes:
-            settle(write.ticket)
+        self._ledger.settle_all([write.ticket for write in writes])
 
     def _failed(self, write: Write, exc: BaseException) -> None:
         retry = self._retry.after(write, exc)

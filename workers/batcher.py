@@ -31,6 +31,7 @@ from surge.workers.tickets import Rejection
 log = structlog.get_logger("surge.batcher")
 
 _BUCKET_WINDOW = 4  # batches' worth of queued jobs that length bucketing may reorder
+_INLINE_AFTER = 16  # consecutive fast batches on a thread before a model may run inline
 
 
 class Batcher:
@@ -57,6 +58,8 @@ class Batcher:
         # Rows at which a waiting loop should look again: the smallest size it would take.
         self._wake_rows = min(config.preferred_batch_sizes, default=config.max_batch_size)
         self._instances = config.instances
+        self._inline_below = config.inline_below_ms / 1000
+        self._fast_streak = 0  # consecutive batches that ran faster than inline_below_ms
         self._padded = [spec.name for spec in runtime.inputs if spec.pad_value is not None]
         self._queue: deque[Job] = deque()
         self._rows = 0
@@ -103,6 +106,7 @@ class Batcher:
                 log.exception("batch_failed", model=self.model, version=self.version)
                 for job in jobs:
                     self._replies.error(job.ticket, Rejection(ErrorCode.INTERNAL, repr(exc)))
+            await asyncio.sleep(0)  # an inline batch awaited nothing: let the others move
 
     async def _next_batch(self) -> list[Job] | None:
         while True:
@@ -171,15 +175,29 @@ class Batcher:
         return sum(job.inputs[name].size // job.rows for name in self._padded)
 
     async def _call(self, jobs: list[Job]) -> tuple[dict[str, np.ndarray], float]:
-        """Stack and run in the executor. The budget counts from when the call starts, but
-        waiting for a thread still held by a call that blew its budget counts too."""
-        loop = asyncio.get_running_loop()
-        started = asyncio.Event()
-        clock: list[float] = []
-
+        """Stack and run: inline once the model has proved fast, else in the executor."""
         # Stacked here: the executor thread should hold the GIL as little as possible, or the
         # event loop waits for it (up to the 5 ms switch interval) at every hand-over.
         batch = stack(jobs, self._runtime.inputs)
+        if self._fast_streak >= _INLINE_AFTER:
+            # A call this short costs less than the thread hand-off and the GIL convoy that
+            # follows it; the streak ends at the first batch slower than inline_below_ms.
+            started = time.perf_counter()
+            outputs = self._runtime.run(batch)
+            seconds = time.perf_counter() - started
+        else:
+            outputs, seconds = await self._in_thread(batch, len(jobs))
+        self._fast_streak = self._fast_streak + 1 if seconds < self._inline_below else 0
+        return outputs, seconds
+
+    async def _in_thread(
+        self, batch: dict[str, np.ndarray], requests: int
+    ) -> tuple[dict[str, np.ndarray], float]:
+        """Run in the executor under the time budget. The budget counts from when the call
+        starts, but waiting for a thread still held by a call that blew its budget counts too."""
+        loop = asyncio.get_running_loop()
+        started = asyncio.Event()
+        clock: list[float] = []
 
         def call() -> dict[str, np.ndarray]:
             clock.append(time.perf_counter())
@@ -198,7 +216,7 @@ class Batcher:
             outputs = await asyncio.wait_for(asyncio.shield(future), self._budget)
         except TimeoutError:
             raise TimeoutError(
-                f"batch of {len(jobs)} requests outlived its {self._budget:g}s budget"
+                f"batch of {requests} requests outlived its {self._budget:g}s budget"
             ) from None
         return outputs, time.perf_counter() - clock[0]
 

@@ -10,6 +10,7 @@ import numpy as np
 from surge.schemas import (
     DecodeError,
     ErrorCode,
+    Tensor,
     TensorError,
     TensorTooLarge,
     ValidationError,
@@ -25,7 +26,10 @@ class Job:
     """A decoded, validated request waiting in a batch queue."""
 
     ticket: Ticket
-    inputs: dict[str, np.ndarray]  # each with the request's rows as its first dimension
+    # Each with the request's rows as its first dimension. Raw bytes of a fixed-shape input
+    # stay a memoryview over the message, already checked to hold exactly `rows` rows: the
+    # batch joins them once (`batching.stack`) instead of making an array per request.
+    inputs: dict[str, np.ndarray | memoryview]
     rows: int
     outputs: tuple[str, ...] | None  # requested output names; None: all
 
@@ -78,7 +82,7 @@ def _admit(
                 f"inputs {sorted(t.name for t in tensors)} do not match the model's {expected}",
             )
         pairs = [(spec, provided[spec.name]) for spec in specs]
-    arrays: dict[str, np.ndarray] = {}
+    arrays: dict[str, np.ndarray | memoryview] = {}
     rows = -1
     for spec, tensor in pairs:
         if tensor.datatype != spec.datatype:
@@ -86,17 +90,21 @@ def _admit(
                 ErrorCode.INVALID_INPUT,
                 f"input {spec.name!r} is {tensor.datatype}, the model takes {spec.datatype}",
             )
-        try:
-            array = to_array(tensor, max_elements)
-        except TensorTooLarge as exc:
-            raise _Reject(ErrorCode.TOO_LARGE, str(exc)) from None
-        except TensorError as exc:
-            raise _Reject(ErrorCode.INVALID_INPUT, str(exc)) from None
-        _check_shape(spec, array.shape)
-        if rows not in (-1, array.shape[0]):
+        raw = _raw_rows(spec, tensor, max_elements)
+        if raw is not None:
+            count, arrays[spec.name] = raw
+        else:
+            try:
+                array = to_array(tensor, max_elements)
+            except TensorTooLarge as exc:
+                raise _Reject(ErrorCode.TOO_LARGE, str(exc)) from None
+            except TensorError as exc:
+                raise _Reject(ErrorCode.INVALID_INPUT, str(exc)) from None
+            _check_shape(spec, array.shape)
+            count, arrays[spec.name] = array.shape[0], array
+        if rows not in (-1, count):
             raise _Reject(ErrorCode.INVALID_INPUT, "inputs disagree on the batch dimension")
-        rows = array.shape[0]
-        arrays[spec.name] = array
+        rows = count
     if rows > max_rows:
         raise _Reject(
             ErrorCode.INVALID_INPUT, f"request of {rows} rows exceeds max_batch_size {max_rows}"
@@ -109,6 +117,28 @@ def _admit(
         if unknown:
             raise _Reject(ErrorCode.INVALID_INPUT, f"unknown outputs requested: {sorted(unknown)}")
     return Job(ticket=ticket, inputs=arrays, rows=rows, outputs=wanted)
+
+
+def _raw_rows(spec: TensorSpec, tensor: Tensor, max_elements: int) -> tuple[int, memoryview] | None:
+    """(rows, bytes) when the tensor is raw bytes of exactly the spec's fixed row shape;
+    None for anything else, which `to_array` then converts or explains."""
+    data, shape = tensor.data, tensor.shape
+    if (
+        not spec.row_bytes
+        or spec.pad_value is not None
+        or type(data) is not memoryview
+        or len(shape) != len(spec.shape) + 1
+    ):
+        return None
+    rows = shape[0]
+    if (
+        rows < 1
+        or tuple(shape[1:]) != spec.shape
+        or data.nbytes != rows * spec.row_bytes
+        or rows * (spec.row_bytes // spec.dtype.itemsize) > max_elements
+    ):
+        return None
+    return rows, data
 
 
 def _check_shape(spec: TensorSpec, shape: tuple[int, ...]) -> None:

@@ -44,6 +44,18 @@ class Ledger:
             self.finish(ticket)
             self.release(ticket)
 
+    def settle_all(self, tickets: Iterable[Ticket]) -> None:
+        """`settle` for a whole acknowledged record batch, waking waiters once."""
+        finish, records, size = self.offsets.finish, self.records, self.bytes
+        for ticket in tickets:
+            if not ticket.settled:
+                ticket.settled = True
+                finish(ticket.tp, ticket.offset, ticket.tracking)
+                records -= 1
+                size -= len(ticket.value)
+        self.records, self.bytes = records, size
+        self._wake()
+
     def finish(self, ticket: Ticket) -> None:
         """The ticket's outcome is decided: its offset may be committed with that outcome (in
         exactly-once mode, in the same transaction). It still counts as in flight."""

@@ -118,8 +118,7 @@ class Replies:
         while True:
             items: list[tuple[Ticket, bytes]] = await self._redis_box.take(_REDIS_PIPELINE)
             await self._write_redis(items)
-            for ticket, _ in items:
-                self._ledger.settle(ticket)
+            self._ledger.settle_all([ticket for ticket, _ in items])
 
     async def _write_redis(self, items: list[tuple[Ticket, bytes]]) -> None:
         """SET NX, then PUBLISH if that set it, so a waiting client wakes at once. Retried

@@ -10,7 +10,7 @@ import re
 import time
 from collections.abc import Collection, Mapping, Sequence
 from dataclasses import dataclass
-from typing import Protocol
+from typing import Any, Protocol
 
 from aiokafka import TopicPartition
 
@@ -63,7 +63,20 @@ class Ticket:
 _ROUTING = frozenset(
     (headers.MODEL, headers.VERSION, headers.REPLY_TO, headers.DEADLINE_MS, headers.CONTENT_TYPE)
 )
-_TARGET_CACHE = 1024
+_ROUTE_CACHE = 1024
+
+
+@dataclass(frozen=True, slots=True)
+class Route:
+    """What a topic and a set of headers decide, whatever the body."""
+
+    model: str | None
+    version: str | None
+    reply_to: str | None
+    content_type: str
+    deadline_ms: int | None
+    rejection: Rejection | None  # found before the size check
+    late_rejection: Rejection | None = None  # found after it
 
 
 class Router:
@@ -85,74 +98,117 @@ class Router:
         self._max_bytes = max_message_bytes
         self._redis = redis_enabled
         self._forbidden = frozenset(forbidden_reply_topics)
-        # Reply targets repeat (a service's reply topic): check each distinct one once.
-        self._targets: dict[str | None, tuple[str | None, Rejection | None]] = {}
+        # A producer sends the same routing headers again and again: decide each distinct
+        # (topic, headers) once. Headers that differ per record (a deadline) just miss.
+        self._routes: dict[tuple[str, tuple[Any, ...]], Route] = {}
+        self._partitions: dict[tuple[str, int], TopicPartition] = {}
 
     def ticket(self, record: Record) -> tuple[Ticket, Rejection | None]:
+        topic, record_headers = record.topic, record.headers
+        try:
+            key: tuple[str, tuple[Any, ...]] | None = (topic, tuple(record_headers))
+            route = self._routes.get(key)  # type: ignore[arg-type]
+        except TypeError:  # an unhashable header value: decide without the cache
+            key, route = None, None
+        if route is None:
+            route = self._route(topic, record_headers)
+            if key is not None:
+                if len(self._routes) >= _ROUTE_CACHE:
+                    self._routes.clear()
+                self._routes[key] = route
+        tp = self._partitions.get((topic, record.partition))
+        if tp is None:
+            tp = self._partitions[topic, record.partition] = TopicPartition(topic, record.partition)
+        value = record.value or b""
+        ticket = Ticket(
+            tp,
+            record.offset,
+            record.key,
+            value,
+            record_headers,
+            _fallback_id(record),
+            route.model,
+            route.version,
+            route.reply_to,
+            route.content_type,
+            route.deadline_ms,
+            time.monotonic(),
+        )
+        rejection = route.rejection
+        if rejection is None:
+            if len(value) > self._max_bytes:
+                rejection = Rejection(
+                    ErrorCode.TOO_LARGE, f"message of {len(value)} bytes exceeds {self._max_bytes}"
+                )
+            else:
+                rejection = route.late_rejection
+        return ticket, rejection
+
+    def _route(self, topic: str, record_headers: Sequence[tuple[str, bytes | None]]) -> Route:
         fields: dict[str, str] = {}
         undecodable = None
-        for name, raw in record.headers:
+        for name, raw in record_headers:
             if name not in _ROUTING or raw is None:  # a null value is the same as absent
                 continue
             try:
                 fields[name] = raw.decode()
             except UnicodeDecodeError:
                 undecodable = name
-        value = record.value or b""
-        ticket = Ticket(
-            tp=TopicPartition(record.topic, record.partition),
-            offset=record.offset,
-            key=record.key,
-            value=value,
-            headers=record.headers,
-            request_id=_fallback_id(record),
-            model=fields.get(headers.MODEL) or self._topic_models.get(record.topic),
-            version=fields.get(headers.VERSION) or None,
-            reply_to=None,
-            content_type=JSON,  # until the header proves to name a supported one
-            deadline_ms=None,
-            received=time.monotonic(),
-        )
+        model = fields.get(headers.MODEL) or self._topic_models.get(topic)
+        version = fields.get(headers.VERSION) or None
         content_type = fields.get(headers.CONTENT_TYPE, JSON)
-        if content_type in CONTENT_TYPES:
-            ticket.content_type = content_type
-        requested = fields.get(headers.REPLY_TO)
-        target = self._targets.get(requested)
-        if target is None:
-            target = self._reply_target(requested)
-            if len(self._targets) >= _TARGET_CACHE:
-                self._targets.clear()
-            self._targets[requested] = target
-        ticket.reply_to, rejection = target
+        supported = content_type in CONTENT_TYPES
+        reply_to, rejection = self._reply_target(fields.get(headers.REPLY_TO))
+
+        def route(
+            rejection: Rejection | None = None,
+            late: Rejection | None = None,
+            deadline_ms: int | None = None,
+        ) -> Route:
+            # An unsupported content type still answers, in JSON.
+            return Route(
+                model,
+                version,
+                reply_to,
+                content_type if supported else JSON,
+                deadline_ms,
+                rejection,
+                late,
+            )
+
         if rejection:
-            return ticket, rejection
+            return route(rejection)
         if undecodable:
-            return ticket, Rejection(
-                ErrorCode.INVALID_REQUEST, f"header {undecodable!r} is not UTF-8"
+            return route(
+                Rejection(ErrorCode.INVALID_REQUEST, f"header {undecodable!r} is not UTF-8")
             )
-        if content_type not in CONTENT_TYPES:
-            return ticket, Rejection(
-                ErrorCode.UNSUPPORTED_CONTENT_TYPE,
-                f"content-type {content_type!r} is not one of {', '.join(CONTENT_TYPES)}",
-            )
-        if len(value) > self._max_bytes:
-            return ticket, Rejection(
-                ErrorCode.TOO_LARGE, f"message of {len(value)} bytes exceeds {self._max_bytes}"
+        if not supported:
+            return route(
+                Rejection(
+                    ErrorCode.UNSUPPORTED_CONTENT_TYPE,
+                    f"content-type {content_type!r} is not one of {', '.join(CONTENT_TYPES)}",
+                )
             )
         deadline = fields.get(headers.DEADLINE_MS)
+        deadline_ms = None
         if deadline is not None:
             try:
-                ticket.deadline_ms = int(deadline)
+                deadline_ms = int(deadline)
             except ValueError:
-                return ticket, Rejection(
-                    ErrorCode.INVALID_REQUEST,
-                    f"{headers.DEADLINE_MS} {deadline!r} is not an integer",
+                return route(
+                    late=Rejection(
+                        ErrorCode.INVALID_REQUEST,
+                        f"{headers.DEADLINE_MS} {deadline!r} is not an integer",
+                    )
                 )
-        if ticket.model is None:
-            return ticket, Rejection(
-                ErrorCode.MISSING_ROUTE, f"topic {record.topic!r} is shared: set {headers.MODEL}"
+        if model is None:
+            return route(
+                late=Rejection(
+                    ErrorCode.MISSING_ROUTE, f"topic {topic!r} is shared: set {headers.MODEL}"
+                ),
+                deadline_ms=deadline_ms,
             )
-        return ticket, None
+        return route(deadline_ms=deadline_ms)
 
     def _reply_target(self, requested: str | None) -> tuple[str | None, Rejection | None]:
         target = requested or self._default_reply_to

@@ -19,7 +19,7 @@ import gc
 import signal
 import sys
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterable, Sequence
 from pathlib import Path
 
 import structlog
@@ -260,12 +260,16 @@ class Worker:
                 log.error("fetch_failed", error=repr(exc))
                 await asyncio.sleep(_FETCH_RETRY_S)
                 continue
-            now_ms = int(time.time() * 1000)
-            for records in batches.values():
-                for record in records:
-                    self._accept(record, now_ms)
-                await asyncio.sleep(0)  # let replies and batches move between partitions
+            await self.intake(batches.values())
             metrics.IN_FLIGHT.set(self._ledger.records)
+
+    async def intake(self, fetched: Iterable[Sequence[Record]]) -> None:
+        """Take in one fetch: each partition's records, in order."""
+        now_ms = int(time.time() * 1000)
+        for records in fetched:
+            for record in records:
+                self._accept(record, now_ms)
+            await asyncio.sleep(0)  # let replies and batches move between partitions
 
     def _accept(self, record: Record, now_ms: int) -> None:
         """Every record leaves here with an outcome queued (or, on a bug, unsettled and so

@@ -2,8 +2,9 @@
 
 from __future__ import annotations
 
+import math
 from collections.abc import Mapping, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any, Protocol
 
 import numpy as np
@@ -20,6 +21,14 @@ class TensorSpec:
     datatype: str
     shape: tuple[int, ...]
     pad_value: float | None = None
+    # Bytes per row of a fixed-shape numeric tensor (0 otherwise): such rows travel as raw
+    # bytes from the request to the batch, joined once per batch.
+    row_bytes: int = field(init=False, compare=False)
+
+    def __post_init__(self) -> None:
+        fixed = self.datatype != "BYTES" and all(d >= 0 for d in self.shape)
+        row_bytes = math.prod(self.shape) * self.dtype.itemsize if fixed else 0
+        object.__setattr__(self, "row_bytes", row_bytes)
 
     @property
     def dtype(self) -> np.dtype[Any]:

@@ -1,0 +1,209 @@
+"""The Surge path alone, in one process, without a broker: where its µs per request go.
+
+    python -m bench.hotpath [--requests 100000] [--rounds 5] [--profile]
+
+Feeds aiokafka ConsumerRecords of msgpack MLP requests (8 partitions, fetches of 1,024)
+through the worker's own intake: route, admit, decode and validate, batch, run the model,
+split, encode, and build the reply record batches with aiokafka's batch builder. Each
+record batch counts as acknowledged once built, which settles its requests and moves the
+offsets. Fetching from and writing to Kafka are left out: `bench.compare` and
+`bench.profile` measure those. Reports the median wall time per request (on one thread, the CPU
+cost) and that minus the model's own; `--profile` adds a cProfile table of the top functions.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import cProfile
+import pstats
+import tempfile
+import time
+from pathlib import Path
+
+import numpy as np
+from aiokafka.producer.message_accumulator import BatchBuilder
+from aiokafka.structs import ConsumerRecord
+from rich.console import Console
+
+from surge.config import load_settings
+from surge.examples import MLP_FEATURES, write_mlp
+from surge.producers import request_body, request_headers
+from surge.schemas import MSGPACK
+from surge.workers.ledger import Ledger
+from surge.workers.logs import configure
+from surge.workers.partitioning import key_partitions
+from surge.workers.replies import Replies
+from surge.workers.repository import ModelRepository
+from surge.workers.tasks import Outbox
+from surge.workers.worker import Worker
+from surge.workers.writes import Write
+
+console = Console()
+PARTITIONS = 8
+FETCH = 1024
+TOPIC = "requests"
+
+
+class RecordBatches:
+    """The at-least-once sink without the network: writes grouped by the partition of their
+    key, built into record batches, then settled as if acknowledged."""
+
+    def __init__(self, ledger: Ledger) -> None:
+        self._ledger = ledger
+        self.outbox = Outbox()
+        self.bytes = 0
+
+    async def run(self) -> None:
+        while True:
+            writes: list[Write] = await self.outbox.take()
+            partitions = key_partitions([w.key for w in writes], list(range(PARTITIONS)))
+            groups: dict[int, list[Write]] = {}
+            for write, partition in zip(writes, partitions, strict=True):
+                groups.setdefault(partition, []).append(write)
+            now_ms = int(time.time() * 1000)
+            for group in groups.values():
+                batch = BatchBuilder(256 * 1024, 0)
+                for write in group:
+                    batch.append(
+                        key=write.key, value=write.value, timestamp=now_ms, headers=write.headers
+                    )
+                self.bytes += batch.size()
+            self._ledger.settle_all([write.ticket for write in writes])
+
+
+async def _assemble(model_root: Path) -> tuple[Worker, RecordBatches]:
+    """A worker's serving parts, put together as `Worker._start` does, minus Kafka."""
+    settings = load_settings(
+        env={
+            "SURGE_WORKER__MODEL_ROOT": str(model_root),
+            "SURGE_WORKER__TOPICS": f'{{"mlp": "{TOPIC}"}}',
+        }
+    )
+    worker = Worker(settings)
+    ledger = Ledger(settings.worker.max_in_flight, settings.worker.max_in_flight_bytes)
+    sink = RecordBatches(ledger)
+    replies = Replies(
+        sink.outbox.put,
+        None,
+        ledger,
+        dead_letter_topic=settings.worker.dead_letter_topic,
+        redis_ttl_s=60,
+        redis_prefix="",
+        on_crash=_raise,
+    )
+    repository = ModelRepository(
+        model_root, settings.worker.models, replies, time_budget_s=60, on_crash=_raise
+    )
+    await repository.reconcile(settle_s=0)
+    worker._redis, worker._ledger, worker._replies = None, ledger, replies
+    worker._repository = repository
+    worker._topics = worker._topic_models()
+    worker._router = worker._make_router()
+    return worker, sink
+
+
+def _raise(exc: BaseException) -> None:
+    raise exc
+
+
+def _records(count: int) -> list[list[ConsumerRecord[bytes, bytes]]]:
+    """Fetches of FETCH records spread over the partitions, as getmany returns them."""
+    rows = np.random.default_rng(0).standard_normal((1024, 1, MLP_FEATURES)).astype(np.float32)
+    route = request_headers(model="mlp", content_type=MSGPACK, reply_to="replies")
+    per_partition = FETCH // PARTITIONS
+    fetches = []
+    for start in range(0, count, FETCH):
+        fetch = []
+        for partition in range(PARTITIONS):
+            records = []
+            for j in range(per_partition):
+                i = start + partition * per_partition + j
+                value = request_body({"x": rows[i % len(rows)]}, f"r{i}", MSGPACK)
+                records.append(
+                    ConsumerRecord(
+                        TOPIC,
+                        partition,
+                        i,
+                        0,
+                        0,
+                        f"r{i}".encode(),
+                        value,
+                        None,
+                        4,
+                        len(value),
+                        tuple(route),
+                    )
+                )
+            fetch.append(records)
+        fetches.append(fetch)
+    return fetches
+
+
+async def _drive(worker: Worker, sink: RecordBatches, fetches: list) -> float:
+    """Feed every fetch as the consume loop does (pausing on a full ledger); seconds taken."""
+    ledger = worker._ledger
+    draining = asyncio.create_task(sink.run())
+    started = time.perf_counter()
+    for fetch in fetches:
+        if ledger.full:
+            await ledger.room()
+        await worker.intake(fetch)
+    await ledger.drained()
+    elapsed = time.perf_counter() - started
+    draining.cancel()
+    return elapsed
+
+
+async def _main(requests: int, rounds: int, profile: bool) -> None:
+    configure("warning")
+    model_root = Path(tempfile.mkdtemp(prefix="surge-hotpath-"))
+    write_mlp(model_root)
+    worker, sink = await _assemble(model_root)
+    await _drive(worker, sink, _records(20_000))  # warm: the model streak, caches, the allocator
+    fetches = _records(requests)
+    profiler = cProfile.Profile() if profile else None
+    if profiler:
+        profiler.enable()
+    elapsed = float(np.median([await _drive(worker, sink, fetches) for _ in range(rounds)]))
+    if profiler:
+        profiler.disable()
+    served = next(iter(worker._repository.served.values()))
+    model_s = _model_seconds(served.runtime, served.config.max_batch_size, requests)
+    per_request = elapsed / requests * 1e6
+    console.print(
+        f"{requests:,} requests in {elapsed:.2f} s: {per_request:.1f} µs per request, of which "
+        f"the model ≈ {model_s / requests * 1e6:.1f} µs; Surge path "
+        f"{(elapsed - model_s) / requests * 1e6:.1f} µs ({sink.bytes / requests:.0f} B/reply)"
+    )
+    await worker._repository.close()
+    if profiler:
+        pstats.Stats(profiler).sort_stats("tottime").print_stats(25)
+
+
+def _model_seconds(runtime: object, batch: int, requests: int) -> float:
+    """The model's time for these requests at full batches, run directly."""
+    x = np.zeros((batch, MLP_FEATURES), np.float32)
+    run = runtime.run  # type: ignore[attr-defined]
+    for _ in range(10):
+        run({"x": x})
+    started = time.perf_counter()
+    calls = max(1, requests // batch)
+    for _ in range(calls):
+        run({"x": x})
+    return time.perf_counter() - started
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawTextHelpFormatter
+    )
+    parser.add_argument("--requests", type=int, default=100_000)
+    parser.add_argument("--rounds", type=int, default=5, help="median of this many runs")
+    parser.add_argument("--profile", action="store_true")
+    args = parser.parse_args()
+    asyncio.run(_main(args.requests, args.rounds, args.profile))
+
+
+if __name__ == "__main__":
+    main()
