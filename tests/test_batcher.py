@@ -1,15 +1,20 @@
-"""The batcher's choices, on plain objects: which requests share a model call."""
+"""The batcher's choices, on plain objects: which requests share a model call, and where
+the model runs."""
 
 from __future__ import annotations
 
 import asyncio
+import threading
+import time
 from concurrent.futures import ThreadPoolExecutor
 from typing import Any
 
 import numpy as np
+import pytest
 
 from surge.config import ModelConfig
-from surge.workers.batcher import Batcher
+from surge.workers.batcher import _INLINE_AFTER, Batcher
+from surge.workers.batching import group_by_shape, stack
 from surge.workers.intake import Job
 from surge.workers.runtimes import TensorSpec
 from tests.helpers import make_ticket
@@ -91,3 +96,95 @@ async def test_an_odd_length_request_is_not_starved_by_bucketing() -> None:
         i for i, jobs in enumerate(batches) if any(job.inputs["ids"].shape[1] == 30 for job in jobs)
     )
     assert long_batch <= 1  # served within a batch of when first come, first served would
+
+
+class _Timed:
+    """A fixed-shape model that takes `delay` seconds and notes the thread it ran on."""
+
+    inputs = (TensorSpec("x", "FP32", (4,)),)
+    outputs = (TensorSpec("y", "FP32", (4,)),)
+
+    def __init__(self) -> None:
+        self.delay = 0.0
+        self.threads: list[str] = []
+
+    def run(self, batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+        self.threads.append(threading.current_thread().name)
+        time.sleep(self.delay)
+        return {"y": batch["x"] * 2}
+
+
+async def _serve(batcher: Batcher, answers: _Answers, requests: int) -> None:
+    """One request at a time, each answered before the next: one batch per request."""
+    for _ in range(requests):
+        expected = len(answers.answered) + 1
+        batcher.put(Job(make_ticket(b"{}"), {"x": np.ones((1, 4), np.float32)}, 1, None))
+        async with asyncio.timeout(10):
+            while len(answers.answered) < expected:
+                await asyncio.sleep(0)
+
+
+async def test_a_model_proven_fast_runs_inline_until_a_batch_is_slow() -> None:
+    model, answers = _Timed(), _Answers()
+    batcher = Batcher(
+        model="timed",
+        version="1",
+        runtime=model,  # type: ignore[arg-type]
+        config=ModelConfig(max_batch_size=8, max_batch_delay_ms=0, inline_below_ms=5),
+        executor=ThreadPoolExecutor(1, thread_name_prefix="model"),
+        replies=answers,  # type: ignore[arg-type]
+        time_budget_s=10,
+    )
+    batcher.start(on_crash=pytest.fail)
+    main = threading.current_thread().name
+
+    await _serve(batcher, answers, _INLINE_AFTER)  # proving itself, on the thread
+    assert model.threads == ["model_0"] * _INLINE_AFTER
+    await _serve(batcher, answers, 3)
+    assert model.threads[-3:] == [main] * 3
+
+    model.delay = 0.02  # slower than inline_below_ms: back to the thread after one batch
+    await _serve(batcher, answers, 3)
+    assert model.threads[-3:] == [main, "model_0", "model_0"]
+    await batcher.close()
+    assert not answers.failed
+
+
+async def test_inline_below_zero_always_uses_the_thread() -> None:
+    model, answers = _Timed(), _Answers()
+    batcher = Batcher(
+        model="timed",
+        version="1",
+        runtime=model,  # type: ignore[arg-type]
+        config=ModelConfig(max_batch_size=8, max_batch_delay_ms=0, inline_below_ms=0),
+        executor=ThreadPoolExecutor(1, thread_name_prefix="model"),
+        replies=answers,  # type: ignore[arg-type]
+        time_budget_s=10,
+    )
+    batcher.start(on_crash=pytest.fail)
+    await _serve(batcher, answers, _INLINE_AFTER + 4)
+    await batcher.close()
+    assert set(model.threads) == {"model_0"}
+
+
+def test_raw_rows_stack_like_arrays() -> None:
+    """Requests whose rows stay raw bytes batch exactly as decoded arrays do, mixed or not."""
+    spec = TensorSpec("x", "FP32", (2, 3))
+    arrays = [
+        np.arange(k * 6, (k + rows) * 6, dtype=np.float32).reshape(rows, 2, 3)
+        for k, rows in ((0, 1), (1, 2), (3, 1))
+    ]
+    raw = [memoryview(a.tobytes()) for a in arrays]
+
+    def jobs(parts: list[np.ndarray | memoryview]) -> list[Job]:
+        return [
+            Job(make_ticket(b"{}"), {"x": part}, a.shape[0], None)
+            for part, a in zip(parts, arrays, strict=True)
+        ]
+
+    expected = np.concatenate(arrays)
+    for parts in (raw, [raw[0], arrays[1], raw[2]], arrays):
+        batch = stack(jobs(parts), [spec])["x"]
+        np.testing.assert_array_equal(batch, expected)
+        assert batch.dtype == np.float32
+    assert len(group_by_shape(jobs(raw), [spec])) == 1
