@@ -20,7 +20,8 @@ from redis.asyncio import Redis
 from surge.producers.requests import Prediction, read_redis_result, request_body, request_headers
 from surge.schemas import MSGPACK, headers
 
-_TICK_S = 0.002  # open-loop send granularity
+_TICK_S = 0.001  # open-loop send granularity
+_BURST_CHUNK = 1024  # a burst goes out this many requests at a time
 
 
 @dataclass
@@ -30,6 +31,9 @@ class LoadReport:
     elapsed_s: float  # first send to last result
     latencies_ms: np.ndarray  # one per result received
     statuses: Counter[str] = field(default_factory=Counter)
+    # Kafka results only: from the result record's timestamp (set by the worker as it writes
+    # the record batch) to its receipt here, i.e. the broker's share of the latency.
+    delivery_ms: np.ndarray = field(default_factory=lambda: np.empty(0))
 
     @property
     def received(self) -> int:
@@ -41,6 +45,9 @@ class LoadReport:
 
     def percentile(self, q: float) -> float:
         return float(np.percentile(self.latencies_ms, q)) if self.received else float("nan")
+
+    def delivery_percentile(self, q: float) -> float:
+        return float(np.percentile(self.delivery_ms, q)) if len(self.delivery_ms) else float("nan")
 
 
 async def run_load(
@@ -62,15 +69,19 @@ async def run_load(
     run_id = uuid.uuid4().hex[:12]
     ids = [f"{run_id}-{i}" for i in range(count)]
     bodies = [request_body(make_inputs(i), ids[i], content_type) for i in range(count)]
+    keys = [request_id.encode() for request_id in ids]
     sent_at = np.zeros(count)
     got_at = np.full(count, np.nan)
+    delivered_in = np.full(count, np.nan)
     statuses: Counter[str] = Counter()
     done = asyncio.Event()
 
-    def record(request_id: str, status: str) -> None:
+    def record(request_id: str, status: str, written_ms: int | None = None) -> None:
         index = int(request_id.rpartition("-")[2])
         if np.isnan(got_at[index]):  # duplicates count once
             got_at[index] = time.perf_counter()
+            if written_ms is not None:
+                delivered_in[index] = time.time() * 1000 - written_ms
             statuses[status] += 1
             if sum(statuses.values()) == count:
                 done.set()
@@ -85,24 +96,45 @@ async def run_load(
         collector = await _kafka_collector(kafka, reply_to, run_id, record)
 
     producer = AIOKafkaProducer(
-        **kafka, acks="all", enable_idempotence=True, linger_ms=1, max_batch_size=256 * 1024
+        **kafka, acks="all", enable_idempotence=True, linger_ms=0, max_batch_size=256 * 1024
     )
     await producer.start()
     request_topic = topic or f"surge.requests.{model}"
     route = request_headers(model=model, content_type=content_type, reply_to=reply_to)
     try:
+        partitions = sorted(await producer.partitions_for(request_topic))
         started = time.perf_counter()
         deliveries = []
-        for i in range(count):
-            if rate is not None:
-                due = started + i / rate
-                lag = due - time.perf_counter()
-                if lag > _TICK_S:
-                    await asyncio.sleep(lag)
-            sent_at[i] = time.perf_counter()
-            deliveries.append(
-                await producer.send(request_topic, bodies[i], key=ids[i].encode(), headers=route)
-            )
+        sent = 0
+        while sent < count:
+            if rate is None:
+                due = min(count, sent + _BURST_CHUNK)
+            else:
+                due = min(count, int((time.perf_counter() - started) * rate) + 1)
+                if due <= sent:
+                    await asyncio.sleep(_TICK_S)
+                    continue
+            # What is due goes out now as one record batch per partition: per-message sends
+            # would cost the generator more CPU than the worker spends on a request.
+            batches: dict[int, Any] = {}
+            for i in range(sent, due):
+                partition = partitions[i % len(partitions)]
+                batch = batches.get(partition)
+                if batch is None:
+                    batch = batches[partition] = producer.create_batch()
+                if not batch.append(key=keys[i], value=bodies[i], timestamp=None, headers=route):
+                    deliveries.append(
+                        await producer.send_batch(batch, request_topic, partition=partition)
+                    )
+                    batch = batches[partition] = producer.create_batch()
+                    batch.append(key=keys[i], value=bodies[i], timestamp=None, headers=route)
+            sent_at[sent:due] = time.perf_counter()
+            for partition, batch in batches.items():
+                deliveries.append(
+                    await producer.send_batch(batch, request_topic, partition=partition)
+                )
+            sent = due
+            await asyncio.sleep(0)  # let the collector read
         await asyncio.gather(*deliveries)
         with contextlib.suppress(TimeoutError):
             await asyncio.wait_for(done.wait(), timeout_s)
@@ -114,6 +146,7 @@ async def run_load(
             elapsed_s=float(last - started),
             latencies_ms=(got_at[received] - sent_at[received]) * 1000,
             statuses=statuses,
+            delivery_ms=delivered_in[~np.isnan(delivered_in)],
         )
     finally:
         await producer.stop()
@@ -121,7 +154,7 @@ async def run_load(
 
 
 async def _kafka_collector(
-    kafka: Mapping[str, Any], topic: str, run_id: str, record: Callable[[str, str], None]
+    kafka: Mapping[str, Any], topic: str, run_id: str, record: Callable[[str, str, int], None]
 ) -> Callable[[], Any]:
     admin = AIOKafkaAdminClient(**kafka)
     await admin.start()
@@ -140,7 +173,8 @@ async def _kafka_collector(
             for records in (await consumer.getmany(timeout_ms=100, max_records=4096)).values():
                 for r in records:
                     fields = dict(r.headers)
-                    record(fields[headers.REQUEST_ID].decode(), fields[headers.STATUS].decode())
+                    request_id, status = fields[headers.REQUEST_ID], fields[headers.STATUS]
+                    record(request_id.decode(), status.decode(), r.timestamp)
 
     task = asyncio.create_task(read())
 

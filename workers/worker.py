@@ -91,7 +91,7 @@ class Worker:
             **kafka.client_options(),
             "acks": "all",
             "enable_idempotence": True,
-            "linger_ms": 1,
+            "linger_ms": 0,  # replies leave as whole record batches: waiting adds nothing
             "max_batch_size": 256 * 1024,
             "max_request_size": kafka.max_request_size,
         }
