@@ -35,8 +35,15 @@ def kafka_broker(bootstrap: str | None) -> Iterator[str]:
         broker.close()
 
 
+def providers(gpu: bool) -> list[str]:
+    """ONNX Runtime providers for the model alone: CUDA first when asked for."""
+    return ["CUDAExecutionProvider", "CPUExecutionProvider"] if gpu else ["CPUExecutionProvider"]
+
+
 class WorkerProcess:
-    def __init__(self, bootstrap: str, model_root: Path, *, processes: int = 1, **env: str) -> None:
+    def __init__(
+        self, bootstrap: str, model_root: Path, *, processes: int | str = 1, **env: str
+    ) -> None:
         self.metrics_port = free_port()
         self.log = Path(tempfile.mkstemp(prefix="surge-bench-worker-", suffix=".log")[1])
         self.process = subprocess.Popen(
@@ -73,11 +80,13 @@ class WorkerProcess:
         self.process.wait(60)
 
 
-def direct_throughput(model_path: Path, batch: int, threads: int, seconds: float = 2.0) -> float:
+def direct_throughput(
+    model_path: Path, batch: int, threads: int, seconds: float = 2.0, *, gpu: bool = False
+) -> float:
     """ONNX Runtime alone, no Kafka: rows per second at a given batch size (median of runs)."""
     options = ort.SessionOptions()
     options.intra_op_num_threads = threads
-    session = ort.InferenceSession(str(model_path), options, providers=["CPUExecutionProvider"])
+    session = ort.InferenceSession(str(model_path), options, providers=providers(gpu))
     x = np.random.default_rng(0).standard_normal((batch, 32)).astype(np.float32)
     for _ in range(20):
         session.run(None, {"x": x})

@@ -28,7 +28,7 @@ import numpy as np
 from rich.console import Console
 from rich.table import Table
 
-from bench.common import OUT, WorkerProcess, direct_throughput, kafka_broker
+from bench.common import OUT, WorkerProcess, direct_throughput, kafka_broker, providers
 from surge.config import ModelConfig, convert, read_toml
 from surge.examples import MLP_FEATURES, MLP_NAME, write_mlp
 from surge.producers import SurgeClient
@@ -43,7 +43,7 @@ class Workload:
     name: str
     write: Callable[[Path], Path]
     inputs: Callable[[int], dict[str, np.ndarray]]
-    direct: Callable[[Path, int], float]  # rows/s of the runtime alone at a batch size
+    direct: Callable[[Path, int, bool], float]  # rows/s of the runtime alone (batch, gpu)
     burst: int
     rates: str
 
@@ -54,7 +54,7 @@ def mlp() -> Workload:
         MLP_NAME,
         write_mlp,
         lambda i: {"x": rows[i % len(rows)]},
-        lambda path, batch: direct_throughput(path, batch, threads=1),
+        lambda path, batch, gpu: direct_throughput(path, batch, threads=1, gpu=gpu),
         50_000,
         "1000,2000,5000,10000,20000",
     )
@@ -66,12 +66,12 @@ def minilm() -> Workload:
     tokenize = Tokenizer()
     requests = [tokenize(text) for text in _sentences(512)]
 
-    def direct(path: Path, batch: int) -> float:
+    def direct(path: Path, batch: int, gpu: bool) -> float:
         # The runtime's best case: batches of rows sorted by length, padded least.
         by_length = sorted(requests, key=lambda r: r["input_ids"].shape[1])
-        unsorted = _direct_padded(path, requests, batch)
+        unsorted = _direct_padded(path, requests, batch, gpu)
         console.print(f"ONNX Runtime alone, batches in arrival order: {unsorted:,.0f} rows/s")
-        return _direct_padded(path, by_length, batch)
+        return _direct_padded(path, by_length, batch, gpu)
 
     return Workload(
         MINILM_NAME,
@@ -124,12 +124,14 @@ def _sentences(count: int) -> list[str]:
     return [" ".join(rng.choice(words, int(rng.integers(4, 41)))) for _ in range(count)]
 
 
-def _direct_padded(path: Path, requests: list[dict[str, np.ndarray]], batch: int) -> float:
+def _direct_padded(
+    path: Path, requests: list[dict[str, np.ndarray]], batch: int, gpu: bool = False
+) -> float:
     """ONNX Runtime alone on these requests, `batch` at a time, each batch padded to its
     longest row as the worker pads; rows per second (median of 5 passes over all batches)."""
     import onnxruntime as ort
 
-    session = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
+    session = ort.InferenceSession(str(path), providers=providers(gpu))
     batches = []
     for start in range(0, len(requests) - batch + 1, batch):
         group = requests[start : start + batch]
@@ -207,7 +209,7 @@ def main() -> None:
             worker.stop()
 
     burst_batch = max(1, round(phases[0][2]["mean_rows"]))
-    direct = {"at_burst_batch": workload.direct(model_path, burst_batch)}
+    direct = {"at_burst_batch": workload.direct(model_path, burst_batch, False)}
     config_path = model_root / workload.name / "config.toml"
     config = convert(read_toml(config_path), ModelConfig, str(config_path))
     _report(f"{workload.name}-{args.via}", phases, direct, burst_batch, config.max_batch_delay_ms)

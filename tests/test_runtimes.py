@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import numpy as np
@@ -16,6 +17,7 @@ from surge.workers.batching import check_rows, group_by_shape, stack
 from surge.workers.intake import Job
 from surge.workers.runtimes import TensorSpec
 from surge.workers.runtimes.devices import resolve_device
+from surge.workers.runtimes.onnx_runtime import IoBinding
 
 
 class Affine(torch.nn.Module):
@@ -35,6 +37,27 @@ def test_onnx_runtime_reads_its_signature(tmp_path: Path) -> None:
     out = runtime.run({"x": np.zeros((5, 32), np.float32)})["probs"]
     assert out.shape == (5, 10)
     np.testing.assert_allclose(out.sum(axis=1), 1, rtol=1e-5)
+
+
+def test_io_binding_matches_a_plain_run(tmp_path: Path) -> None:
+    """The GPU path's binding (pinned staging, outputs on the device), run here with host
+    memory in both roles: batches of changing size, several threads at once."""
+    import onnxruntime as ort
+
+    session = ort.InferenceSession(str(write_mlp(tmp_path)), providers=["CPUExecutionProvider"])
+    binding = IoBinding(session, "cpu", 0, staging="cpu")
+    rng = np.random.default_rng(0)
+    batches = [rng.standard_normal((rows, 32)).astype(np.float32) for rows in (3, 64, 1, 256, 7)]
+
+    def check(batch: np.ndarray) -> None:
+        bound = binding.run({"x": batch}, ["probs"])["probs"]
+        np.testing.assert_array_equal(bound, session.run(["probs"], {"x": batch})[0])
+
+    for batch in batches:
+        check(batch)
+    check(batches[3][:, :][::2])  # a strided view is made contiguous first
+    with ThreadPoolExecutor(4) as pool:
+        list(pool.map(check, batches * 8))
 
 
 def _affine_config(precision: str = "fp32") -> ModelConfig:

@@ -1,10 +1,14 @@
 """PyTorch: TorchScript (`model.pt`) or `torch.export` archives (`model.pt2`), CPU or CUDA.
 
 Neither format unpickles arbitrary Python objects, so loading a model runs no untrusted code.
+On a GPU each executor thread (one per model instance) runs on a CUDA stream of its own, with
+inputs copied from pinned host memory and outputs into it, so that one instance's copies
+overlap another's compute.
 """
 
 from __future__ import annotations
 
+import threading
 from collections.abc import Mapping
 from pathlib import Path
 
@@ -34,14 +38,32 @@ class TorchRuntime:
         self._dtype = _PRECISIONS[config.precision]
         self._module = module.to(self._dtype) if self._dtype != torch.float32 else module
         self._output_dtypes = [_torch_dtype(spec) for spec in self.outputs]
+        self._cuda = self.device.startswith("cuda")
+        self._streams = threading.local()  # a CUDA stream per executor thread
 
     def run(self, inputs: Mapping[str, np.ndarray]) -> dict[str, np.ndarray]:
-        with torch.inference_mode():
-            args = [
-                _cast(torch.from_numpy(_writable(inputs[spec.name])).to(self.device), self._dtype)
-                for spec in self.inputs
-            ]
-            result = self._module(*args)
+        if self._cuda:
+            stream = self._stream()
+            with torch.inference_mode(), torch.cuda.stream(stream):
+                outputs = self._outputs(self._forward(inputs, pinned=True), pinned=True)
+            stream.synchronize()  # the copies back to pinned memory were asynchronous
+        else:
+            with torch.inference_mode():
+                outputs = self._outputs(self._forward(inputs, pinned=False), pinned=False)
+        return {
+            spec.name: tensor.numpy() for spec, tensor in zip(self.outputs, outputs, strict=True)
+        }
+
+    def _forward(
+        self, inputs: Mapping[str, np.ndarray], *, pinned: bool
+    ) -> tuple[torch.Tensor, ...]:
+        args = []
+        for spec in self.inputs:
+            tensor = torch.from_numpy(_writable(inputs[spec.name]))
+            if pinned:
+                tensor = tensor.pin_memory()
+            args.append(_cast(tensor.to(self.device, non_blocking=pinned), self._dtype))
+        result = self._module(*args)
         if isinstance(result, torch.Tensor):
             result = (result,)
         elif isinstance(result, Mapping):
@@ -50,10 +72,25 @@ class TorchRuntime:
             raise ValueError(
                 f"model returned {len(result)} outputs, config declares {len(self.outputs)}"
             )
-        return {
-            spec.name: (t.detach() if dtype is None else t.detach().to(dtype)).cpu().numpy()
-            for spec, t, dtype in zip(self.outputs, result, self._output_dtypes, strict=True)
-        }
+        return tuple(result)
+
+    def _outputs(self, result: tuple[torch.Tensor, ...], *, pinned: bool) -> list[torch.Tensor]:
+        """Host tensors in the declared types; from a GPU, copied into pinned memory."""
+        host = []
+        for tensor, dtype in zip(result, self._output_dtypes, strict=True):
+            tensor = tensor.detach() if dtype is None else tensor.detach().to(dtype)
+            if pinned:
+                target = torch.empty(tensor.shape, dtype=tensor.dtype, pin_memory=True)
+                host.append(target.copy_(tensor, non_blocking=True))
+            else:
+                host.append(tensor.cpu())
+        return host
+
+    def _stream(self) -> torch.cuda.Stream:
+        stream = getattr(self._streams, "stream", None)
+        if stream is None:
+            stream = self._streams.stream = torch.cuda.Stream(device=self.device)
+        return stream
 
     def close(self) -> None:
         del self._module
