@@ -4,13 +4,14 @@
                             [--rounds 3] [--only KIND,...]
 
 Every contender drains its own copy of the same burst of msgpack MLP requests (queued before
-it starts, 8 partitions) and writes one reply per request to its own reply topic. Throughput
-is distinct requests answered over the span of their reply timestamps, so process start-up
-and model loading are left out for everyone. Also measured, as the limits: ONNX Runtime alone
-at its best batch size, and the broker alone moving the same records (produce and consume at
-once). Contenders run in turn, `--rounds` times over, and each reports its median round;
-CPU per request is the contender's own processes' CPU time over the drain. Prints a table,
-writes bench/out/compare.json and bench/out/compare.png.
+it starts, keyed by request id and spread over 8 partitions by Kafka's default partitioner,
+as a client's send() would) and writes one reply per request to its own reply topic.
+Throughput is distinct requests answered over the span of their reply timestamps, so process
+start-up and model loading are left out for everyone. Also measured, as the limits: ONNX
+Runtime alone at its best batch size, and the broker alone moving the same records (produce
+and consume at once). Contenders run in turn, `--rounds` times over, and each reports its
+median round; CPU per request is the contender's own processes' CPU time over the drain.
+Prints a table, writes bench/out/compare.json and bench/out/compare.png.
 """
 
 from __future__ import annotations
@@ -32,6 +33,7 @@ import numpy as np
 import psutil
 from aiokafka import AIOKafkaConsumer, AIOKafkaProducer, TopicPartition
 from aiokafka.admin import AIOKafkaAdminClient, NewTopic
+from aiokafka.partitioner import DefaultPartitioner
 from rich.console import Console
 from rich.table import Table
 
@@ -236,13 +238,15 @@ async def _preload(
     route = request_headers(model="mlp", content_type=MSGPACK, reply_to=replies)
     producer = AIOKafkaProducer(bootstrap_servers=bootstrap, acks="all", linger_ms=5)
     await producer.start()
+    choose, partitions = DefaultPartitioner(), list(range(PARTITIONS))
     try:
         batches = [producer.create_batch() for _ in range(PARTITIONS)]
         deliveries = []
         for i in range(count):
             request_id = f"r{i}"
             value = request_body({"x": rows[i % len(rows)]}, request_id, MSGPACK)
-            partition = i % PARTITIONS
+            # Where a client's send() would put it: Kafka's default partitioner, by key.
+            partition = choose(request_id.encode(), partitions, partitions)
             if not batches[partition].append(
                 key=request_id.encode(), value=value, timestamp=None, headers=route
             ):

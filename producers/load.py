@@ -15,6 +15,7 @@ from typing import Any, Literal
 import numpy as np
 from aiokafka import AIOKafkaConsumer, AIOKafkaProducer, TopicPartition
 from aiokafka.admin import AIOKafkaAdminClient, NewTopic
+from aiokafka.partitioner import DefaultPartitioner
 from redis.asyncio import Redis
 
 from surge.producers.requests import Prediction, read_redis_result, request_body, request_headers
@@ -31,8 +32,9 @@ class LoadReport:
     elapsed_s: float  # first send to last result
     latencies_ms: np.ndarray  # one per result received
     statuses: Counter[str] = field(default_factory=Counter)
-    # Kafka results only: from the result record's timestamp (set by the worker as it writes
-    # the record batch) to its receipt here, i.e. the broker's share of the latency.
+    # Kafka results only: from the result record's timestamp (the worker stamps a record batch
+    # as it builds it) to its receipt here: the worker's producer queue and the broker's hop.
+    # Meaningful with both on one host, or with synchronised clocks.
     delivery_ms: np.ndarray = field(default_factory=lambda: np.empty(0))
 
     @property
@@ -103,6 +105,9 @@ async def run_load(
     route = request_headers(model=model, content_type=content_type, reply_to=reply_to)
     try:
         partitions = sorted(await producer.partitions_for(request_topic))
+        # Where `send()` would put each request: Kafka's default partitioner, by key.
+        choose = DefaultPartitioner()
+        targets = [choose(key, partitions, partitions) for key in keys]
         started = time.perf_counter()
         deliveries = []
         sent = 0
@@ -114,11 +119,17 @@ async def run_load(
                 if due <= sent:
                     await asyncio.sleep(_TICK_S)
                     continue
+            # Latency counts from when a request was due (open loop: a generator that falls
+            # behind does not hide its delay), or, in a burst, from this round's start.
+            if rate is None:
+                sent_at[sent:due] = time.perf_counter()
+            else:
+                sent_at[sent:due] = started + np.arange(sent, due) / rate
             # What is due goes out now as one record batch per partition: per-message sends
             # would cost the generator more CPU than the worker spends on a request.
             batches: dict[int, Any] = {}
             for i in range(sent, due):
-                partition = partitions[i % len(partitions)]
+                partition = targets[i]
                 batch = batches.get(partition)
                 if batch is None:
                     batch = batches[partition] = producer.create_batch()
@@ -128,7 +139,6 @@ async def run_load(
                     )
                     batch = batches[partition] = producer.create_batch()
                     batch.append(key=keys[i], value=bodies[i], timestamp=None, headers=route)
-            sent_at[sent:due] = time.perf_counter()
             for partition, batch in batches.items():
                 deliveries.append(
                     await producer.send_batch(batch, request_topic, partition=partition)

@@ -114,11 +114,11 @@ class _Timed:
         return {"y": batch["x"] * 2}
 
 
-async def _serve(batcher: Batcher, answers: _Answers, requests: int) -> None:
+async def _serve(batcher: Batcher, answers: _Answers, requests: int, rows: int = 1) -> None:
     """One request at a time, each answered before the next: one batch per request."""
     for _ in range(requests):
         expected = len(answers.answered) + 1
-        batcher.put(Job(make_ticket(b"{}"), {"x": np.ones((1, 4), np.float32)}, 1, None))
+        batcher.put(Job(make_ticket(b"{}"), {"x": np.ones((rows, 4), np.float32)}, rows, None))
         async with asyncio.timeout(10):
             while len(answers.answered) < expected:
                 await asyncio.sleep(0)
@@ -142,6 +142,8 @@ async def test_a_model_proven_fast_runs_inline_until_a_batch_is_slow() -> None:
     assert model.threads == ["model_0"] * _INLINE_AFTER
     await _serve(batcher, answers, 3)
     assert model.threads[-3:] == [main] * 3
+    await _serve(batcher, answers, 2, rows=4)  # bigger than proven: the thread, then inline
+    assert model.threads[-2:] == ["model_0", main]
 
     model.delay = 0.02  # slower than inline_below_ms: back to the thread after one batch
     await _serve(batcher, answers, 3)

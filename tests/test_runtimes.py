@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import ctypes
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
@@ -17,7 +18,7 @@ from surge.workers.batching import check_rows, group_by_shape, stack
 from surge.workers.intake import Job
 from surge.workers.runtimes import TensorSpec
 from surge.workers.runtimes.devices import resolve_device
-from surge.workers.runtimes.onnx_runtime import IoBinding
+from surge.workers.runtimes.onnx_runtime import IoBinding, host_buffer
 
 
 class Affine(torch.nn.Module):
@@ -45,7 +46,7 @@ def test_io_binding_matches_a_plain_run(tmp_path: Path) -> None:
     import onnxruntime as ort
 
     session = ort.InferenceSession(str(write_mlp(tmp_path)), providers=["CPUExecutionProvider"])
-    binding = IoBinding(session, "cpu", 0, staging="cpu")
+    binding = IoBinding(session, "cpu", 0, pinned=False)
     rng = np.random.default_rng(0)
     batches = [rng.standard_normal((rows, 32)).astype(np.float32) for rows in (3, 64, 1, 256, 7)]
 
@@ -58,6 +59,27 @@ def test_io_binding_matches_a_plain_run(tmp_path: Path) -> None:
     check(batches[3][:, :][::2])  # a strided view is made contiguous first
     with ThreadPoolExecutor(4) as pool:
         list(pool.map(check, batches * 8))
+
+
+@pytest.mark.skipif(resolve_device("auto") == "cpu", reason="needs a GPU")
+def test_onnx_on_a_gpu_matches_the_cpu(tmp_path: Path) -> None:
+    path = write_mlp(tmp_path)
+    gpu = runtimes.load(path, ModelConfig(device="cuda"))
+    cpu = runtimes.load(path, ModelConfig(device="cpu"))
+    assert gpu.device == "cuda:0"
+    x = np.random.default_rng(0).standard_normal((64, 32)).astype(np.float32)
+    for rows in (64, 3, 64):
+        np.testing.assert_allclose(
+            gpu.run({"x": x[:rows]})["probs"], cpu.run({"x": x[:rows]})["probs"], atol=1e-5
+        )
+
+
+def test_pinned_host_buffers_fall_back_to_ordinary_memory() -> None:
+    """Without a GPU, asking for page-locked memory still gives a usable buffer."""
+    owner, pointer = host_buffer(64, pinned=True)
+    assert pointer
+    ctypes.memmove(pointer, b"x" * 64, 64)
+    assert bytes(memoryview(owner.numpy() if hasattr(owner, "numpy") else owner)) == b"x" * 64
 
 
 def _affine_config(precision: str = "fp32") -> ModelConfig:

@@ -60,6 +60,7 @@ class Batcher:
         self._instances = config.instances
         self._inline_below = config.inline_below_ms / 1000
         self._fast_streak = 0  # consecutive batches that ran faster than inline_below_ms
+        self._proven_elements = 0  # the largest batch (input elements) of the streak
         self._padded = [spec.name for spec in runtime.inputs if spec.pad_value is not None]
         self._queue: deque[Job] = deque()
         self._rows = 0
@@ -175,23 +176,30 @@ class Batcher:
         return sum(job.inputs[name].size // job.rows for name in self._padded)
 
     async def _call(self, jobs: list[Job]) -> tuple[dict[str, np.ndarray], float]:
-        """Stack and run: inline once the model has proved fast, else in the executor."""
+        """Stack and run: inline once the model has proved fast at this size, else in the
+        executor."""
         # Stacked here: the executor thread should hold the GIL as little as possible, or the
         # event loop waits for it (up to the 5 ms switch interval) at every hand-over.
         batch = stack(jobs, self._runtime.inputs)
-        if self._fast_streak >= _INLINE_AFTER:
+        elements = sum(array.size for array in batch.values())
+        proven = self._fast_streak >= _INLINE_AFTER
+        if proven and elements <= self._proven_elements:
             # A call this short costs less than the thread hand-off and the GIL convoy that
-            # follows it; the streak ends at the first batch slower than inline_below_ms.
+            # follows it. Only sizes the streak has covered run here: a bigger batch proves
+            # itself on the thread first.
             started = time.perf_counter()
             outputs = self._runtime.run(batch)
             seconds = time.perf_counter() - started
         else:
             outputs, seconds = await self._in_thread(batch, len(jobs))
-        inline = self._fast_streak >= _INLINE_AFTER
-        self._fast_streak = self._fast_streak + 1 if seconds < self._inline_below else 0
-        if inline != (self._fast_streak >= _INLINE_AFTER):
+        if seconds < self._inline_below:
+            self._fast_streak += 1
+            self._proven_elements = max(self._proven_elements, elements)
+        else:  # one slow batch ends the streak
+            self._fast_streak = self._proven_elements = 0
+        if proven != (self._fast_streak >= _INLINE_AFTER):
             log.info(
-                "model_inline" if not inline else "model_in_thread",
+                "model_in_thread" if proven else "model_inline",
                 model=self.model,
                 version=self.version,
                 batch_ms=round(seconds * 1000, 3),

@@ -99,17 +99,19 @@ class Router:
         self._redis = redis_enabled
         self._forbidden = frozenset(forbidden_reply_topics)
         # A producer sends the same routing headers again and again: decide each distinct
-        # (topic, headers) once. Headers that differ per record (a deadline) just miss.
+        # (topic, routing headers) once. A deadline differs per record, and just misses.
         self._routes: dict[tuple[str, tuple[Any, ...]], Route] = {}
         self._partitions: dict[tuple[str, int], TopicPartition] = {}
 
     def ticket(self, record: Record) -> tuple[Ticket, Rejection | None]:
         topic, record_headers = record.topic, record.headers
+        # Keyed on the routing headers alone: others (trace ids) differ per record, and may
+        # be large.
+        key = (topic, tuple(pair for pair in record_headers if pair[0] in _ROUTING))
         try:
-            key: tuple[str, tuple[Any, ...]] | None = (topic, tuple(record_headers))
-            route = self._routes.get(key)  # type: ignore[arg-type]
+            route = self._routes.get(key)
         except TypeError:  # an unhashable header value: decide without the cache
-            key, route = None, None
+            key, route = None, None  # type: ignore[assignment]
         if route is None:
             route = self._route(topic, record_headers)
             if key is not None:

@@ -2,7 +2,7 @@
 
 On a GPU, batches go through I/O binding: inputs are copied into page-locked (pinned) host
 buffers, from which the device reads them by DMA, and outputs are allocated on the device by
-ONNX Runtime and copied back once, instead of through pageable memory at every run.
+ONNX Runtime and copied back once, instead of staged through pageable memory at every run.
 """
 
 from __future__ import annotations
@@ -56,12 +56,14 @@ class OnnxRuntime:
             providers.insert(0, ("CUDAExecutionProvider", {"device_id": device_id}))
         self._session = ort.InferenceSession(str(path), options, providers=providers)
         self._binding: IoBinding | None = None
-        strings = any(arg.type == "tensor(string)" for arg in self._session.get_inputs())
-        if "CUDAExecutionProvider" in self._session.get_providers() and not strings:
-            device_id = int(self.device.partition(":")[2] or 0)
-            self._binding = IoBinding(self._session, "cuda", device_id, staging="cuda_pinned")
-        else:
+        if "CUDAExecutionProvider" not in self._session.get_providers():
             self.device = "cpu"
+        elif not any(
+            arg.type == "tensor(string)"
+            for arg in [*self._session.get_inputs(), *self._session.get_outputs()]
+        ):  # strings have no device memory to bind: those models run as on the CPU
+            device_id = int(self.device.partition(":")[2] or 0)
+            self._binding = IoBinding(self._session, "cuda", device_id, pinned=True)
         self.inputs = _specs(config.inputs, self._session.get_inputs())
         self.outputs = _specs(config.outputs, self._session.get_outputs())
         self._output_names = [spec.name for spec in self.outputs]
@@ -77,17 +79,18 @@ class OnnxRuntime:
 
 
 class IoBinding:
-    """Runs a session with inputs staged in host buffers of `staging` memory ("cuda_pinned"
-    on a GPU) and outputs allocated on `device_type`. Staging buffers grow to the largest
-    batch seen and are reused; each thread has its own, as model instances run concurrently."""
+    """Runs a session with inputs staged in host buffers (page-locked when `pinned`) and
+    outputs allocated on `device_type`. Staging buffers grow to the largest batch seen and are
+    reused; each thread has its own, as model instances run concurrently. A run ends with the
+    device synchronised, so a buffer is free again when `run` returns."""
 
     def __init__(
-        self, session: ort.InferenceSession, device_type: str, device_id: int, *, staging: str
+        self, session: ort.InferenceSession, device_type: str, device_id: int, *, pinned: bool
     ) -> None:
         self._session = session
         self._device_type = device_type
         self._device_id = device_id
-        self._staging = staging
+        self._pinned = pinned
         self._local = threading.local()
 
     def run(
@@ -105,18 +108,31 @@ class IoBinding:
 
     def _stage(self, name: str, array: np.ndarray) -> int:
         """Copy the array into this thread's staging buffer for the input; its address."""
-        buffers: dict[str, ort.OrtValue] = self._local.__dict__.setdefault("buffers", {})
-        buffer = buffers.get(name)
-        if buffer is None or buffer.shape()[0] < array.nbytes:
+        buffers: dict[str, tuple[object, int, int]] = self._local.__dict__.setdefault("buffers", {})
+        staged = buffers.get(name)
+        if staged is None or staged[2] < array.nbytes:
             capacity = max(array.nbytes, 1) * 2  # room for longer batches before growing again
-            buffer = ort.OrtValue.ortvalue_from_shape_and_type(
-                (capacity,), np.uint8, self._staging, self._device_id
-            )
-            buffers[name] = buffer
-        pointer = buffer.data_ptr()
+            staged = buffers[name] = (*host_buffer(capacity, self._pinned), capacity)
+        pointer = staged[1]
         if array.nbytes:
             ctypes.memmove(pointer, array.ctypes.data, array.nbytes)
         return pointer
+
+
+def host_buffer(nbytes: int, pinned: bool) -> tuple[object, int]:
+    """A host buffer (kept alive by the first item) and its address. Page-locked memory comes
+    from PyTorch's allocator where it is installed with CUDA (ONNX Runtime's Python API cannot
+    allocate it); without it, ordinary memory, which still works, through one more copy."""
+    if pinned:
+        try:
+            import torch
+
+            buffer = torch.empty(nbytes, dtype=torch.uint8, pin_memory=True)
+            return buffer, buffer.data_ptr()
+        except (ImportError, RuntimeError):
+            pass
+    array = np.empty(nbytes, np.uint8)
+    return array, array.ctypes.data
 
 
 def _specs(configured: list, declared: list[ort.NodeArg]) -> tuple[TensorSpec, ...]:

@@ -40,6 +40,8 @@ class TorchRuntime:
         self._output_dtypes = [_torch_dtype(spec) for spec in self.outputs]
         self._cuda = self.device.startswith("cuda")
         self._streams = threading.local()  # a CUDA stream per executor thread
+        if self._cuda:  # the weights' copies ran on the default stream: done before any other
+            torch.cuda.synchronize(self.device)
 
     def run(self, inputs: Mapping[str, np.ndarray]) -> dict[str, np.ndarray]:
         if self._cuda:
