@@ -49,6 +49,9 @@ class OnnxRuntime:
         options.log_severity_level = 3
         if config.intra_op_threads:
             options.intra_op_num_threads = config.intra_op_threads
+        # Idle pool threads sleep instead of spinning: a worker shares its cores with the
+        # event loop (and often a sidecar), which spinning threads would starve.
+        options.add_session_config_entry("session.intra_op.allow_spinning", "0")
         self.device = resolve_device(config.device)
         providers: list[str | tuple[str, dict[str, str]]] = ["CPUExecutionProvider"]
         if self.device.startswith("cuda"):
