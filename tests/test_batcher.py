@@ -47,13 +47,13 @@ class _Answers:
         self.failed.append(rejection)
 
 
-def _batcher(model: _Embedder, answers: _Answers) -> Batcher:
+def _batcher(model: Any, answers: _Answers, config: ModelConfig | None = None) -> Batcher:
     return Batcher(
         model="embedder",
         version="1",
-        runtime=model,  # type: ignore[arg-type]
-        config=ModelConfig(max_batch_size=8, max_batch_delay_ms=1),
-        executor=ThreadPoolExecutor(1),
+        runtime=model,
+        config=config or ModelConfig(max_batch_size=8, max_batch_delay_ms=1),
+        executor=ThreadPoolExecutor(1, thread_name_prefix="model"),
         replies=answers,  # type: ignore[arg-type]
         time_budget_s=10,
     )
@@ -126,15 +126,8 @@ async def _serve(batcher: Batcher, answers: _Answers, requests: int, rows: int =
 
 async def test_a_model_proven_fast_runs_inline_until_a_batch_is_slow() -> None:
     model, answers = _Timed(), _Answers()
-    batcher = Batcher(
-        model="timed",
-        version="1",
-        runtime=model,  # type: ignore[arg-type]
-        config=ModelConfig(max_batch_size=8, max_batch_delay_ms=0, inline_below_ms=5),
-        executor=ThreadPoolExecutor(1, thread_name_prefix="model"),
-        replies=answers,  # type: ignore[arg-type]
-        time_budget_s=10,
-    )
+    config = ModelConfig(max_batch_size=8, max_batch_delay_ms=0, inline_below_ms=5)
+    batcher = _batcher(model, answers, config)
     batcher.start(on_crash=pytest.fail)
     main = threading.current_thread().name
 
@@ -154,15 +147,8 @@ async def test_a_model_proven_fast_runs_inline_until_a_batch_is_slow() -> None:
 
 async def test_inline_below_zero_always_uses_the_thread() -> None:
     model, answers = _Timed(), _Answers()
-    batcher = Batcher(
-        model="timed",
-        version="1",
-        runtime=model,  # type: ignore[arg-type]
-        config=ModelConfig(max_batch_size=8, max_batch_delay_ms=0, inline_below_ms=0),
-        executor=ThreadPoolExecutor(1, thread_name_prefix="model"),
-        replies=answers,  # type: ignore[arg-type]
-        time_budget_s=10,
-    )
+    config = ModelConfig(max_batch_size=8, max_batch_delay_ms=0, inline_below_ms=0)
+    batcher = _batcher(model, answers, config)
     batcher.start(on_crash=pytest.fail)
     await _serve(batcher, answers, _INLINE_AFTER + 4)
     await batcher.close()

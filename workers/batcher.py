@@ -277,20 +277,23 @@ class Batcher:
         self._answer(jobs, rows, outputs)
 
     def _answer(self, jobs: list[Job], rows: list[int], outputs: dict[str, np.ndarray]) -> None:
-        """One response per job; each output is converted once for the whole batch."""
-        converted: dict[tuple[str, bool], list[Tensor]] = {}
-
-        def tensor(name: str, binary: bool, index: int) -> Tensor:
-            if (name, binary) not in converted:
-                converted[name, binary] = row_tensors(name, outputs[name], rows, binary=binary)
-            return converted[name, binary][index]
-
+        """One response per job; each output is converted once for the whole batch (per
+        encoding: raw bytes for msgpack, lists for JSON)."""
+        names = list(outputs)
+        converted: dict[bool, dict[str, list[Tensor]]] = {}
+        ok, model, version = self._replies.ok, self.model, self.version
         for index, job in enumerate(jobs):
-            binary = job.ticket.content_type == MSGPACK
+            ticket = job.ticket
+            binary = ticket.content_type == MSGPACK
+            tensors = converted.get(binary)
+            if tensors is None:
+                tensors = converted[binary] = {
+                    name: row_tensors(name, outputs[name], rows, binary=binary) for name in names
+                }
             response = InferenceResponse(
-                model_name=self.model,
-                model_version=self.version,
-                id=job.ticket.request_id,
-                outputs=[tensor(name, binary, index) for name in job.outputs or outputs],
+                model_name=model,
+                model_version=version,
+                id=ticket.request_id,
+                outputs=[tensors[name][index] for name in job.outputs or names],
             )
-            self._replies.ok(job.ticket, response)
+            ok(ticket, response)

@@ -100,9 +100,10 @@ class Replies:
         if ticket.reply_to == REPLY_TO_REDIS:
             self._redis_box.put((ticket, body))
             return
-        common = self._common_headers.get((status, ticket.content_type, ticket.model, code))
+        key = (status, ticket.content_type, ticket.model, code)
+        common = self._common_headers.get(key)
         if common is None:
-            common = self._common_headers[status, ticket.content_type, ticket.model, code] = [
+            common = self._common_headers[key] = [
                 (headers.STATUS, status.encode()),
                 (headers.CONTENT_TYPE, ticket.content_type.encode()),
                 *([(headers.MODEL, ticket.model.encode())] if ticket.model else []),
@@ -110,7 +111,7 @@ class Replies:
             ]
         result_headers = [(headers.REQUEST_ID, ticket.request_id.encode()), *common]
         assert ticket.reply_to is not None
-        self._put(Write(ticket, ticket.reply_to, body, result_headers, dead_letter=False))
+        self._put(Write(ticket, ticket.reply_to, body, result_headers, False))
 
     # -- Redis ----------------------------------------------------------------------------
 
