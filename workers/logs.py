@@ -24,7 +24,9 @@ def configure(level: str = "info", fmt: str = "auto") -> None:
             renderer,
         ],
         wrapper_class=structlog.make_filtering_bound_logger(numeric),
-        logger_factory=structlog.PrintLoggerFactory(sys.stderr),
+        # One write per line, newline included: pool members share their supervisor's
+        # stderr, and a line split over two writes can interleave with another member's.
+        logger_factory=structlog.WriteLoggerFactory(sys.stderr),
         cache_logger_on_first_use=True,
     )
     # aiokafka logs through the standard library: keep its warnings, in the same stream.
