@@ -111,9 +111,11 @@ class KafkaBroker:
         heap: str = "512m",
         sasl_users: dict[str, str] | None = None,
         tls: bool = False,
+        auto_create_topics: bool = True,
     ) -> None:
         """`sasl_users` adds a SASL_PLAINTEXT listener (mechanism PLAIN) with these users;
-        `tls` an SSL listener whose certificate `ca_file` signs."""
+        `tls` an SSL listener whose certificate `ca_file` signs; `auto_create_topics=False`
+        makes topics exist only once created, as on most production clusters."""
         self.workdir = Path(workdir or tempfile.mkdtemp(prefix="surge-kafka-"))
         self.port = free_port()
         self.controller_port = free_port()
@@ -159,7 +161,7 @@ class KafkaBroker:
             f"listener.security.protocol.map={','.join(protocols)}",
             f"log.dirs={self.workdir / 'data'}",
             "num.partitions=4",
-            "auto.create.topics.enable=true",
+            f"auto.create.topics.enable={str(auto_create_topics).lower()}",
             "offsets.topic.replication.factor=1",
             "offsets.topic.num.partitions=4",
             "transaction.state.log.replication.factor=1",

@@ -1,0 +1,74 @@
+"""On a cluster that creates topics only on request (most production ones), a result bound
+for a reply topic that does not exist becomes a `reply_failed` dead letter, and the results of
+every other request of the same partitions are written and committed, in both delivery modes."""
+
+from __future__ import annotations
+
+import uuid
+from collections.abc import Callable, Iterator
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from surge.config import Settings
+from surge.producers import request_body, request_headers
+from surge.schemas import MSGPACK, ErrorCode, headers
+from surge.workers import Worker
+from tests.conftest import make_settings
+from tests.helpers import create_topics, publish, read_to_end, wait_committed
+from tests.services import KafkaBroker
+
+pytestmark = pytest.mark.integration
+
+
+@pytest.fixture(scope="module")
+def strict_kafka() -> Iterator[str]:
+    broker = KafkaBroker(auto_create_topics=False).start()
+    try:
+        yield broker.bootstrap
+    finally:
+        broker.close()
+
+
+@pytest.mark.parametrize("delivery", ["at_least_once", "exactly_once"])
+async def test_results_for_a_missing_reply_topic_are_dead_lettered(
+    strict_kafka: str,
+    model_root: Path,
+    run_worker: Callable[[Settings], Worker],
+    delivery: str,
+) -> None:
+    run = uuid.uuid4().hex[:8]
+    replies, missing, dead_letters = f"test.replies.{run}", f"test.missing.{run}", f"dlq.{run}"
+    settings = make_settings(
+        strict_kafka,
+        model_root,
+        None,
+        SURGE_WORKER__DELIVERY=delivery,
+        SURGE_WORKER__DEAD_LETTER_TOPIC=dead_letters,
+        SURGE_WORKER__REPLY_RETRY_S="10",  # past a new topic's first leader election
+        SURGE_WORKER__GROUP_ID=f"strict-{run}",
+    )
+    topic = settings.worker.topic_prefix + "mlp"
+    await create_topics(strict_kafka, topic, replies, dead_letters)
+    await run_worker(settings)
+
+    body = {"x": np.ones((1, 32), np.float32)}
+    answerable, lost = [], []
+    records = []
+    for i in range(400):
+        request_id = f"{run}-{i}"
+        reply_to = missing if i % 40 == 7 else replies
+        (lost if reply_to == missing else answerable).append(request_id)
+        route = request_headers(model="mlp", content_type=MSGPACK, reply_to=reply_to)
+        records.append((topic, request_id.encode(), request_body(body, request_id, MSGPACK), route))
+    await publish(strict_kafka, records)
+
+    await wait_committed(strict_kafka, settings.worker.group_id, topic, timeout=90)
+    results = await read_to_end(strict_kafka, replies)
+    letters = await read_to_end(strict_kafka, dead_letters, key_of=None)
+    assert sorted(results) == sorted(answerable)
+    assert all(len(v) == 1 for v in results.values())
+    assert sorted(letters) == sorted(lost)
+    codes = {v[0].headers[headers.ERROR_CODE] for v in letters.values()}
+    assert codes == {ErrorCode.REPLY_FAILED.encode()}
