@@ -16,8 +16,10 @@ from surge.workers.ledger import Ledger
 from surge.workers.tasks import Outbox, supervised
 from surge.workers.writes import (
     RETRY_MAX_S,
+    NoSuchTopic,
     RetryPolicy,
     Sent,
+    TopicLookup,
     Write,
     by_partition,
     send_batches,
@@ -32,8 +34,10 @@ class AckedWrites:
         ledger: Ledger,
         retry: RetryPolicy,
         on_crash: Callable[[BaseException], None],
+        lookup: TopicLookup,
     ) -> None:
         self.producer = producer  # started by the caller, stopped after close()
+        self._lookup = lookup  # for topics the producer holds no metadata for
         self._ledger = ledger
         self._retry = retry
         self._on_crash = on_crash
@@ -49,6 +53,7 @@ class AckedWrites:
         if self._task is not None:
             self._task.cancel()
         await asyncio.gather(*filter(None, [self._task]), *self._side_sends, return_exceptions=True)
+        await self._lookup.close()
 
     async def _loop(self) -> None:
         while True:
@@ -71,6 +76,9 @@ class AckedWrites:
             self._watch(sent)
 
     async def _send_one(self, write: Write) -> None:
+        if not await self._lookup.exists(write.topic):
+            self._failed(write, NoSuchTopic(f"topic {write.topic!r} does not exist"))
+            return
         self._watch(await send_one(self.producer, write))
 
     def _watch(self, sent: Sent) -> None:

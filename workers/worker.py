@@ -39,7 +39,7 @@ from surge.workers.tasks import supervised
 from surge.workers.tickets import Record, Rejection, Router, Ticket, unroutable
 from surge.workers.topics import ensure_topics
 from surge.workers.transactions import Transactions
-from surge.workers.writes import RetryPolicy
+from surge.workers.writes import RetryPolicy, TopicLookup
 
 log = structlog.get_logger("surge.worker")
 
@@ -49,6 +49,7 @@ _FETCH_RETRY_S = 1.0
 _COMMIT_RETRY_S = 5.0
 _COMMIT_BACKOFF_S = 1.0
 _SHUTDOWN_STEP_S = 10.0
+_TOPIC_LOOKUP_S = 5.0  # a reply topic not found by then dead-letters its result at once
 _GC_YOUNG_THRESHOLD = 20_000  # Python's default is 700 (2000 from 3.13)
 
 
@@ -110,7 +111,8 @@ class Worker:
         else:
             producer = AIOKafkaProducer(**producer_options)
             await producer.start()
-            self._acked = AckedWrites(producer, self._ledger, retry, self._crashed)
+            lookup = TopicLookup(kafka.client_options(), _TOPIC_LOOKUP_S)
+            self._acked = AckedWrites(producer, self._ledger, retry, self._crashed, lookup)
             self._acked.start()
             kafka_sink = self._acked.put
         self._replies = Replies(

@@ -109,6 +109,39 @@ async def _send_batch(
         return writes, exc
 
 
+class NoSuchTopic(KafkaError):
+    retriable = False
+
+
+class TopicLookup:
+    """Whether a topic exists, asked of a client of its own. A producer asked about a missing
+    topic keeps asking, and while it does aiokafka can drop the leaders of its other topics
+    from its metadata: every other result would stall behind one bad reply topic."""
+
+    def __init__(self, client_options: dict[str, Any], wait_s: float) -> None:
+        self._options = client_options
+        self._wait_s = wait_s
+        self._client: AIOKafkaProducer | None = None
+        self._found: set[str] = set()
+
+    async def exists(self, topic: str) -> bool:
+        if topic in self._found:
+            return True
+        if self._client is None:
+            self._client = AIOKafkaProducer(**self._options)
+            await self._client.start()
+        try:  # on a cluster that auto-creates topics, this creates it
+            await asyncio.wait_for(self._client.partitions_for(topic), self._wait_s)
+        except (TimeoutError, KafkaError):
+            return False
+        self._found.add(topic)
+        return True
+
+    async def close(self) -> None:
+        if self._client is not None:
+            await self._client.stop()
+
+
 async def send_one(producer: AIOKafkaProducer, write: Write) -> Sent:
     try:
         delivery = await producer.send(
