@@ -33,7 +33,15 @@ from aiokafka.errors import (
 )
 
 from surge.workers.ledger import Ledger
-from surge.workers.writes import RetryPolicy, Sent, Write, by_partition, send_batches
+from surge.workers.writes import (
+    NoSuchTopic,
+    RetryPolicy,
+    Sent,
+    TopicLookup,
+    Write,
+    by_partition,
+    send_batches,
+)
 
 log = structlog.get_logger("surge.transactions")
 
@@ -41,13 +49,9 @@ _METADATA_WAIT_S = 2.0  # a reply topic without metadata by then fails this roun
 _CLOSE_S = 10.0
 
 
-class _NoSuchTopic(KafkaError):
-    retriable = False
-
-
 # Refusals of a record by its target (retried, then dead-lettered by the retry policy).
 _RECORD_ERRORS = (
-    _NoSuchTopic,
+    NoSuchTopic,
     KafkaTimeoutError,
     MessageSizeTooLargeError,
     RecordListTooLargeError,
@@ -90,6 +94,7 @@ class Transactions:
         self._options = producer_options
         self._send_limit_s = producer_options.get("request_timeout_ms", 30_000) / 1000 + 5
         self._partitions: dict[TopicPartition, _Partition] = {}
+        self._lookup = TopicLookup(producer_options, _METADATA_WAIT_S)
 
     def buffer(self, write: Write) -> None:
         """Hold an outcome for its partition's next transaction; its offset may now commit."""
@@ -129,6 +134,7 @@ class Transactions:
 
     async def close(self) -> None:
         await self.revoke(list(self._partitions))
+        await self._lookup.close()
 
     # -- one partition --------------------------------------------------------------------
 
@@ -203,11 +209,17 @@ class Transactions:
         failures: list[tuple[Write, BaseException]] = []
         for topic in {w.topic for w in writes}:
             try:
+                # A topic this producer has not seen is looked up aside first: asked about a
+                # missing topic, it would lose its other topics' leaders (see TopicLookup).
+                if not producer.client.cluster.partitions_for_topic(
+                    topic
+                ) and not await self._lookup.exists(topic):
+                    raise NoSuchTopic(topic)
                 await asyncio.wait_for(producer.partitions_for(topic), _METADATA_WAIT_S)
             except (TimeoutError, KafkaError):
                 # Not there after the wait: dead-letter these results now rather than hold
                 # every other result of this partition back for reply_retry_s.
-                error = _NoSuchTopic(f"no metadata for reply topic {topic!r}")
+                error = NoSuchTopic(f"no metadata for reply topic {topic!r}")
                 failures += [(w, error) for w in writes if w.topic == topic]
         if failures:
             return failures
