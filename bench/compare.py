@@ -33,7 +33,6 @@ import numpy as np
 import psutil
 from aiokafka import AIOKafkaConsumer, AIOKafkaProducer, TopicPartition
 from aiokafka.admin import AIOKafkaAdminClient, NewTopic
-from aiokafka.partitioner import DefaultPartitioner
 from rich.console import Console
 from rich.table import Table
 
@@ -41,6 +40,7 @@ from bench.common import OUT, WorkerProcess, direct_throughput, kafka_broker
 from surge.examples import MLP_FEATURES, write_mlp
 from surge.producers import request_body, request_headers
 from surge.schemas import MSGPACK
+from surge.workers.partitioning import key_partitions
 
 console = Console()
 PARTITIONS = 8
@@ -238,15 +238,15 @@ async def _preload(
     route = request_headers(model="mlp", content_type=MSGPACK, reply_to=replies)
     producer = AIOKafkaProducer(bootstrap_servers=bootstrap, acks="all", linger_ms=5)
     await producer.start()
-    choose, partitions = DefaultPartitioner(), list(range(PARTITIONS))
+    # Where a client's send() would put each: Kafka's default partitioner, by key.
+    targets = key_partitions([f"r{i}".encode() for i in range(count)], list(range(PARTITIONS)))
     try:
         batches = [producer.create_batch() for _ in range(PARTITIONS)]
         deliveries = []
         for i in range(count):
             request_id = f"r{i}"
             value = request_body({"x": rows[i % len(rows)]}, request_id, MSGPACK)
-            # Where a client's send() would put it: Kafka's default partitioner, by key.
-            partition = choose(request_id.encode(), partitions, partitions)
+            partition = targets[i]
             if not batches[partition].append(
                 key=request_id.encode(), value=value, timestamp=None, headers=route
             ):

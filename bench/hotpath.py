@@ -34,8 +34,6 @@ from surge.schemas import MSGPACK
 from surge.workers.ledger import Ledger
 from surge.workers.logs import configure
 from surge.workers.partitioning import key_partitions
-from surge.workers.replies import Replies
-from surge.workers.repository import ModelRepository
 from surge.workers.tasks import Outbox
 from surge.workers.worker import Worker, collect_young_less_often
 from surge.workers.writes import Write
@@ -76,7 +74,7 @@ class RecordBatches:
 
 
 async def _assemble(model_root: Path) -> tuple[Worker, RecordBatches]:
-    """A worker's serving parts, put together as `Worker._start` does, minus Kafka."""
+    """A worker's serving parts, as `Worker._start` builds them, with this sink for Kafka."""
     settings = load_settings(
         env={
             "SURGE_WORKER__MODEL_ROOT": str(model_root),
@@ -84,30 +82,11 @@ async def _assemble(model_root: Path) -> tuple[Worker, RecordBatches]:
         }
     )
     worker = Worker(settings)
-    ledger = Ledger(settings.worker.max_in_flight, settings.worker.max_in_flight_bytes)
-    sink = RecordBatches(ledger)
-    replies = Replies(
-        sink.outbox.put,
-        None,
-        ledger,
-        dead_letter_topic=settings.worker.dead_letter_topic,
-        redis_ttl_s=60,
-        redis_prefix="",
-        on_crash=_raise,
-    )
-    repository = ModelRepository(
-        model_root, settings.worker.models, replies, time_budget_s=60, on_crash=_raise
-    )
-    await repository.reconcile(settle_s=0)
-    worker._redis, worker._ledger, worker._replies = None, ledger, replies
-    worker._repository = repository
-    worker._topics = worker._topic_models()
-    worker._router = worker._make_router()
+    worker._redis = None
+    worker._ledger = Ledger(settings.worker.max_in_flight, settings.worker.max_in_flight_bytes)
+    sink = RecordBatches(worker._ledger)
+    await worker.serve_models(sink.outbox.put)
     return worker, sink
-
-
-def _raise(exc: BaseException) -> None:
-    raise exc
 
 
 def _records(count: int) -> list[list[ConsumerRecord[bytes, bytes]]]:

@@ -12,14 +12,13 @@ from surge.workers.runtimes import TensorSpec
 
 def group_by_shape(jobs: Sequence[Job], specs: Sequence[TensorSpec]) -> list[list[Job]]:
     """Jobs whose unpadded inputs agree in shape can share a model call; others go apart."""
-    if all(spec.pad_value is not None or -1 not in spec.shape for spec in specs):
-        return [list(jobs)]  # admitted jobs all fit the fixed shapes: one call
+    # Admitted jobs already fit every fixed shape: only unpadded variable dims can differ.
+    varying = [spec.name for spec in specs if spec.pad_value is None and -1 in spec.shape]
+    if not varying:
+        return [list(jobs)]
     groups: dict[tuple[object, ...], list[Job]] = {}
     for job in jobs:
-        key = tuple(
-            _array(job.inputs[spec.name], spec).shape[1:] if spec.pad_value is None else None
-            for spec in specs
-        )
+        key = tuple(job.inputs[name].shape[1:] for name in varying)  # type: ignore[union-attr]
         groups.setdefault(key, []).append(job)
     return list(groups.values())
 
@@ -29,11 +28,11 @@ def stack(jobs: Sequence[Job], specs: Sequence[TensorSpec]) -> dict[str, np.ndar
     batch: dict[str, np.ndarray] = {}
     for spec in specs:
         parts = [job.inputs[spec.name] for job in jobs]
-        if all(type(part) is memoryview for part in parts):  # raw rows: one join, one array
-            joined = parts[0] if len(parts) == 1 else b"".join(parts)
-            batch[spec.name] = np.frombuffer(joined, spec.dtype).reshape(-1, *spec.shape)
+        if all(type(part) is memoryview for part in parts):
+            # Raw rows: one join, one array (writable, so no runtime needs to copy it).
+            batch[spec.name] = _rows(bytearray().join(parts), spec)
             continue
-        arrays = [_array(part, spec) for part in parts]
+        arrays = [_rows(part, spec) if type(part) is memoryview else part for part in parts]
         if len(arrays) == 1:
             batch[spec.name] = arrays[0]
         elif spec.pad_value is None or all(a.shape == arrays[0].shape for a in arrays):
@@ -43,10 +42,9 @@ def stack(jobs: Sequence[Job], specs: Sequence[TensorSpec]) -> dict[str, np.ndar
     return batch
 
 
-def _array(part: np.ndarray | memoryview, spec: TensorSpec) -> np.ndarray:
-    if type(part) is memoryview:
-        return np.frombuffer(part, spec.dtype).reshape(-1, *spec.shape)
-    return part  # type: ignore[return-value]
+def _rows(raw: memoryview | bytearray, spec: TensorSpec) -> np.ndarray:
+    """Raw little-endian rows of a fixed-shape input as an array."""
+    return np.frombuffer(raw, spec.dtype).reshape(-1, *spec.shape)
 
 
 def _pad_concatenate(arrays: Sequence[np.ndarray], pad_value: float) -> np.ndarray:

@@ -135,7 +135,7 @@ def _raw_rows(spec: TensorSpec, tensor: Tensor, max_elements: int) -> tuple[int,
         rows < 1
         or tuple(shape[1:]) != spec.shape
         or data.nbytes != rows * spec.row_bytes
-        or rows * (spec.row_bytes // spec.dtype.itemsize) > max_elements
+        or rows * spec.row_elements > max_elements
     ):
         return None
     return rows, data

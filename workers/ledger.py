@@ -40,30 +40,26 @@ class Ledger:
 
     def settle(self, ticket: Ticket) -> None:
         """The ticket's result or dead letter is durable. Settling twice changes nothing."""
-        if not ticket.settled:
-            self.finish(ticket)
-            self.release(ticket)
+        self.settle_all((ticket,))
 
     def settle_all(self, tickets: Iterable[Ticket]) -> None:
         """`settle` for a whole acknowledged record batch, waking waiters once."""
-        finish, records, size = self.offsets.finish, self.records, self.bytes
         for ticket in tickets:
             if not ticket.settled:
-                ticket.settled = True
-                finish(ticket.tp, ticket.offset, ticket.tracking)
-                records -= 1
-                size -= len(ticket.value)
-        self.records, self.bytes = records, size
+                self._finish(ticket)
+                self._release(ticket)
         self._wake()
 
     def finish(self, ticket: Ticket) -> None:
         """The ticket's outcome is decided: its offset may be committed with that outcome (in
         exactly-once mode, in the same transaction). It still counts as in flight."""
-        if ticket.settled:
-            return
+        if not ticket.settled:
+            self._finish(ticket)
+            self._wake()
+
+    def _finish(self, ticket: Ticket) -> None:
         ticket.settled = True
         self.offsets.finish(ticket.tp, ticket.offset, ticket.tracking)
-        self._wake()
 
     def current(self, ticket: Ticket) -> bool:
         """Whether the ticket's partition is still tracked as when it was admitted (not
@@ -72,9 +68,12 @@ class Ledger:
 
     def release(self, ticket: Ticket) -> None:
         """Stop counting the ticket as in flight (once, after `finish`)."""
+        self._release(ticket)
+        self._wake()
+
+    def _release(self, ticket: Ticket) -> None:
         self.records -= 1
         self.bytes -= len(ticket.value)
-        self._wake()
 
     def _wake(self) -> None:
         if self._waiters:

@@ -59,7 +59,8 @@ class Ticket:
         return self.deadline_ms is not None and now_ms >= self.deadline_ms
 
 
-# The headers routing reads; others pass through untouched (and need not be UTF-8).
+# The headers routing reads; others pass through untouched (and need not be UTF-8). The
+# deadline is read per record; the others decide a route, cached.
 _ROUTING = frozenset(
     (headers.MODEL, headers.VERSION, headers.REPLY_TO, headers.DEADLINE_MS, headers.CONTENT_TYPE)
 )
@@ -68,15 +69,14 @@ _ROUTE_CACHE = 1024
 
 @dataclass(frozen=True, slots=True)
 class Route:
-    """What a topic and a set of headers decide, whatever the body."""
+    """What a topic and its routing headers (but the deadline) decide, whatever the body."""
 
     model: str | None
     version: str | None
     reply_to: str | None
     content_type: str
-    deadline_ms: int | None
     rejection: Rejection | None  # found before the size check
-    late_rejection: Rejection | None = None  # found after it
+    late_rejection: Rejection | None = None  # found after it (and after the deadline's)
 
 
 class Router:
@@ -99,58 +99,65 @@ class Router:
         self._redis = redis_enabled
         self._forbidden = frozenset(forbidden_reply_topics)
         # A producer sends the same routing headers again and again: decide each distinct
-        # (topic, routing headers) once. A deadline differs per record, and just misses.
+        # (topic, routing headers) once.
         self._routes: dict[tuple[str, tuple[Any, ...]], Route] = {}
         self._partitions: dict[tuple[str, int], TopicPartition] = {}
 
     def ticket(self, record: Record) -> tuple[Ticket, Rejection | None]:
-        topic, record_headers = record.topic, record.headers
-        # Keyed on the routing headers alone: others (trace ids) differ per record, and may
-        # be large.
-        key = (topic, tuple(pair for pair in record_headers if pair[0] in _ROUTING))
-        try:
-            route = self._routes.get(key)
-        except TypeError:  # an unhashable header value: decide without the cache
-            key, route = None, None  # type: ignore[assignment]
-        if route is None:
-            route = self._route(topic, record_headers)
-            if key is not None:
-                if len(self._routes) >= _ROUTE_CACHE:
-                    self._routes.clear()
-                self._routes[key] = route
+        topic = record.topic
+        routing, deadline = [], None
+        for pair in record.headers:
+            if pair[0] in _ROUTING:
+                if pair[0] == headers.DEADLINE_MS:
+                    deadline = pair[1]
+                else:
+                    routing.append(pair)
+        route = self._cached_route(topic, routing)
         tp = self._partitions.get((topic, record.partition))
         if tp is None:
             tp = self._partitions[topic, record.partition] = TopicPartition(topic, record.partition)
         value = record.value or b""
+        deadline_ms, bad_deadline = _deadline(deadline)
         ticket = Ticket(
             tp,
             record.offset,
             record.key,
             value,
-            record_headers,
+            record.headers,
             _fallback_id(record),
             route.model,
             route.version,
             route.reply_to,
             route.content_type,
-            route.deadline_ms,
+            deadline_ms,
             time.monotonic(),
         )
-        rejection = route.rejection
-        if rejection is None:
-            if len(value) > self._max_bytes:
-                rejection = Rejection(
-                    ErrorCode.TOO_LARGE, f"message of {len(value)} bytes exceeds {self._max_bytes}"
-                )
-            else:
-                rejection = route.late_rejection
-        return ticket, rejection
+        if route.rejection:
+            return ticket, route.rejection
+        if len(value) > self._max_bytes:
+            return ticket, Rejection(
+                ErrorCode.TOO_LARGE, f"message of {len(value)} bytes exceeds {self._max_bytes}"
+            )
+        return ticket, bad_deadline or route.late_rejection
 
-    def _route(self, topic: str, record_headers: Sequence[tuple[str, bytes | None]]) -> Route:
+    def _cached_route(self, topic: str, routing: list[tuple[str, bytes | None]]) -> Route:
+        key = (topic, tuple(routing))
+        try:
+            route = self._routes.get(key)
+        except TypeError:  # an unhashable header value: decide without the cache
+            return self._route(topic, routing)
+        if route is None:
+            route = self._route(topic, routing)
+            if len(self._routes) >= _ROUTE_CACHE:
+                self._routes.clear()
+            self._routes[key] = route
+        return route
+
+    def _route(self, topic: str, routing: list[tuple[str, bytes | None]]) -> Route:
         fields: dict[str, str] = {}
         undecodable = None
-        for name, raw in record_headers:
-            if name not in _ROUTING or raw is None:  # a null value is the same as absent
+        for name, raw in routing:
+            if raw is None:  # a null value is the same as absent
                 continue
             try:
                 fields[name] = raw.decode()
@@ -161,56 +168,20 @@ class Router:
         content_type = fields.get(headers.CONTENT_TYPE, JSON)
         supported = content_type in CONTENT_TYPES
         reply_to, rejection = self._reply_target(fields.get(headers.REPLY_TO))
-
-        def route(
-            rejection: Rejection | None = None,
-            late: Rejection | None = None,
-            deadline_ms: int | None = None,
-        ) -> Route:
-            # An unsupported content type still answers, in JSON.
-            return Route(
-                model,
-                version,
-                reply_to,
-                content_type if supported else JSON,
-                deadline_ms,
-                rejection,
-                late,
+        if not rejection and undecodable:
+            rejection = Rejection(ErrorCode.INVALID_REQUEST, f"header {undecodable!r} is not UTF-8")
+        if not rejection and not supported:
+            rejection = Rejection(
+                ErrorCode.UNSUPPORTED_CONTENT_TYPE,
+                f"content-type {content_type!r} is not one of {', '.join(CONTENT_TYPES)}",
             )
-
-        if rejection:
-            return route(rejection)
-        if undecodable:
-            return route(
-                Rejection(ErrorCode.INVALID_REQUEST, f"header {undecodable!r} is not UTF-8")
-            )
-        if not supported:
-            return route(
-                Rejection(
-                    ErrorCode.UNSUPPORTED_CONTENT_TYPE,
-                    f"content-type {content_type!r} is not one of {', '.join(CONTENT_TYPES)}",
-                )
-            )
-        deadline = fields.get(headers.DEADLINE_MS)
-        deadline_ms = None
-        if deadline is not None:
-            try:
-                deadline_ms = int(deadline)
-            except ValueError:
-                return route(
-                    late=Rejection(
-                        ErrorCode.INVALID_REQUEST,
-                        f"{headers.DEADLINE_MS} {deadline!r} is not an integer",
-                    )
-                )
+        late = None
         if model is None:
-            return route(
-                late=Rejection(
-                    ErrorCode.MISSING_ROUTE, f"topic {topic!r} is shared: set {headers.MODEL}"
-                ),
-                deadline_ms=deadline_ms,
+            late = Rejection(
+                ErrorCode.MISSING_ROUTE, f"topic {topic!r} is shared: set {headers.MODEL}"
             )
-        return route(deadline_ms=deadline_ms)
+        # An unsupported content type still answers, in JSON.
+        return Route(model, version, reply_to, content_type if supported else JSON, rejection, late)
 
     def _reply_target(self, requested: str | None) -> tuple[str | None, Rejection | None]:
         target = requested or self._default_reply_to
@@ -225,6 +196,23 @@ class Router:
                 ErrorCode.INVALID_REPLY_TO, f"reply topic {target!r} is not allowed"
             )
         return target, None
+
+
+def _deadline(raw: bytes | None) -> tuple[int | None, Rejection | None]:
+    """The deadline header's value (epoch ms), or why it is unusable."""
+    if raw is None:  # absent, or null: no deadline
+        return None, None
+    try:
+        return int(raw.decode()), None
+    except UnicodeDecodeError:
+        return None, Rejection(
+            ErrorCode.INVALID_REQUEST, f"header {headers.DEADLINE_MS!r} is not UTF-8"
+        )
+    except ValueError:
+        text = raw.decode()
+        return None, Rejection(
+            ErrorCode.INVALID_REQUEST, f"{headers.DEADLINE_MS} {text!r} is not an integer"
+        )
 
 
 def unroutable(record: Record) -> Ticket:

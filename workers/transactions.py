@@ -207,24 +207,18 @@ class Transactions:
     ) -> list[tuple[Write, BaseException]]:
         """Send the writes inside the open transaction; the ones that failed, and why."""
         failures: list[tuple[Write, BaseException]] = []
-        for topic in {w.topic for w in writes}:
-            try:
-                # A topic this producer has not seen is looked up aside first: asked about a
-                # missing topic, it would lose its other topics' leaders (see TopicLookup).
-                if not producer.client.cluster.partitions_for_topic(
-                    topic
-                ) and not await self._lookup.exists(topic):
-                    raise NoSuchTopic(topic)
-                await asyncio.wait_for(producer.partitions_for(topic), _METADATA_WAIT_S)
-            except (TimeoutError, KafkaError):
-                # Not there after the wait: dead-letter these results now rather than hold
-                # every other result of this partition back for reply_retry_s.
+        groups, unknown = by_partition(producer, writes)
+        for topic in {w.topic for w in unknown}:
+            if not await self._has_topic(producer, topic):
+                # Dead-letter these results now rather than hold every other result of this
+                # partition back for reply_retry_s.
                 error = NoSuchTopic(f"no metadata for reply topic {topic!r}")
-                failures += [(w, error) for w in writes if w.topic == topic]
+                failures += [(w, error) for w in unknown if w.topic == topic]
         if failures:
             return failures
-        groups, unknown = by_partition(producer, writes)
-        if unknown:  # metadata lost since the wait above: this round fails, none are dropped
+        if unknown:  # their topics' metadata has arrived: group everything again
+            groups, unknown = by_partition(producer, writes)
+        if unknown:  # metadata lost meanwhile: this round fails, none are dropped
             return [(w, KafkaTimeoutError(w.topic)) for w in unknown]
         sent: list[Sent] = []
         for batches in await asyncio.gather(
@@ -240,6 +234,17 @@ class Transactions:
                     delivery = exc
             failures += [(w, delivery) for w in members]
         return failures
+
+    async def _has_topic(self, producer: AIOKafkaProducer, topic: str) -> bool:
+        """Whether a topic this producer holds no metadata for exists, looked up aside first:
+        asked about a missing topic, the producer would lose its other topics' leaders."""
+        if not await self._lookup.exists(topic):
+            return False
+        try:
+            await asyncio.wait_for(producer.partitions_for(topic), _METADATA_WAIT_S)
+        except (TimeoutError, KafkaError):
+            return False
+        return True
 
     def _refused(self, state: _Partition, failures: list[tuple[Write, BaseException]]) -> None:
         """Put each refused write's next attempt (itself, or its dead letter) in its place.

@@ -39,7 +39,7 @@ from surge.workers.tasks import supervised
 from surge.workers.tickets import Record, Rejection, Router, Ticket, unroutable
 from surge.workers.topics import ensure_topics
 from surge.workers.transactions import Transactions
-from surge.workers.writes import RetryPolicy, TopicLookup
+from surge.workers.writes import RetryPolicy, TopicLookup, Write
 
 log = structlog.get_logger("surge.worker")
 
@@ -115,25 +115,7 @@ class Worker:
             self._acked = AckedWrites(producer, self._ledger, retry, self._crashed, lookup)
             self._acked.start()
             kafka_sink = self._acked.put
-        self._replies = Replies(
-            kafka_sink,
-            self._redis,
-            self._ledger,
-            dead_letter_topic=worker.dead_letter_topic,
-            redis_ttl_s=self.settings.redis.result_ttl_s,
-            redis_prefix=self.settings.redis.key_prefix,
-            on_crash=self._crashed,
-        )
-        self._replies.start()
-        self._repository = ModelRepository(
-            Path(worker.model_root),
-            worker.models,
-            self._replies,
-            time_budget_s=worker.batch_time_budget_s,
-            on_crash=self._crashed,
-        )
-        await self._repository.reconcile(settle_s=0)
-        self._topics = self._topic_models()
+        await self.serve_models(kafka_sink)
         if worker.create_topics:
             await ensure_topics(
                 kafka,
@@ -141,7 +123,6 @@ class Worker:
                 worker.topic_partitions,
                 worker.topic_replication_factor,
             )
-        self._router = self._make_router()
         self._consumer = AIOKafkaConsumer(
             **kafka.client_options(),
             group_id=worker.group_id,
@@ -167,6 +148,31 @@ class Worker:
             topics=sorted(self._topics),
             models=[f"{n}:{v}" for n, v in sorted(self._repository.served)],
         )
+
+    async def serve_models(self, kafka_sink: Callable[[Write], None]) -> None:
+        """Load the models and build the path from records to outcomes, whose Kafka writes go
+        to `kafka_sink`. Needs the ledger and the Redis client in place."""
+        worker, redis = self.settings.worker, self.settings.redis
+        self._replies = Replies(
+            kafka_sink,
+            self._redis,
+            self._ledger,
+            dead_letter_topic=worker.dead_letter_topic,
+            redis_ttl_s=redis.result_ttl_s,
+            redis_prefix=redis.key_prefix,
+            on_crash=self._crashed,
+        )
+        self._replies.start()
+        self._repository = ModelRepository(
+            Path(worker.model_root),
+            worker.models,
+            self._replies,
+            time_budget_s=worker.batch_time_budget_s,
+            on_crash=self._crashed,
+        )
+        await self._repository.reconcile(settle_s=0)
+        self._topics = self._topic_models()
+        self._router = self._make_router()
 
     def _topic_models(self) -> dict[str, str | None]:
         """Request topic -> model it carries (None for shared topics, routed by header)."""

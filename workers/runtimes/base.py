@@ -21,14 +21,16 @@ class TensorSpec:
     datatype: str
     shape: tuple[int, ...]
     pad_value: float | None = None
-    # Bytes per row of a fixed-shape numeric tensor (0 otherwise): such rows travel as raw
-    # bytes from the request to the batch, joined once per batch.
+    # Elements and bytes per row of a fixed-shape numeric tensor (0 otherwise): such rows
+    # travel as raw bytes from the request to the batch, joined once per batch.
+    row_elements: int = field(init=False, compare=False)
     row_bytes: int = field(init=False, compare=False)
 
     def __post_init__(self) -> None:
         fixed = self.datatype != "BYTES" and all(d >= 0 for d in self.shape)
-        row_bytes = math.prod(self.shape) * self.dtype.itemsize if fixed else 0
-        object.__setattr__(self, "row_bytes", row_bytes)
+        elements = math.prod(self.shape) if fixed else 0
+        object.__setattr__(self, "row_elements", elements)
+        object.__setattr__(self, "row_bytes", elements * self.dtype.itemsize)
 
     @property
     def dtype(self) -> np.dtype[Any]:

@@ -53,10 +53,10 @@ class OnnxRuntime:
         # event loop (and often a sidecar), which spinning threads would starve.
         options.add_session_config_entry("session.intra_op.allow_spinning", "0")
         self.device = resolve_device(config.device)
+        device_id = int(self.device.partition(":")[2] or 0)
         providers: list[str | tuple[str, dict[str, str]]] = ["CPUExecutionProvider"]
         if self.device.startswith("cuda"):
-            device_id = self.device.partition(":")[2] or "0"
-            providers.insert(0, ("CUDAExecutionProvider", {"device_id": device_id}))
+            providers.insert(0, ("CUDAExecutionProvider", {"device_id": str(device_id)}))
         self._session = ort.InferenceSession(str(path), options, providers=providers)
         self._binding: IoBinding | None = None
         if "CUDAExecutionProvider" not in self._session.get_providers():
@@ -65,7 +65,6 @@ class OnnxRuntime:
             arg.type == "tensor(string)"
             for arg in [*self._session.get_inputs(), *self._session.get_outputs()]
         ):  # strings have no device memory to bind: those models run as on the CPU
-            device_id = int(self.device.partition(":")[2] or 0)
             self._binding = IoBinding(self._session, "cuda", device_id, pinned=True)
         self.inputs = _specs(config.inputs, self._session.get_inputs())
         self.outputs = _specs(config.outputs, self._session.get_outputs())

@@ -47,24 +47,23 @@ class TorchRuntime:
         if self._cuda:
             stream = self._stream()
             with torch.inference_mode(), torch.cuda.stream(stream):
-                outputs = self._outputs(self._forward(inputs, pinned=True), pinned=True)
+                outputs = self._outputs(self._forward(inputs))
             stream.synchronize()  # the copies back to pinned memory were asynchronous
         else:
             with torch.inference_mode():
-                outputs = self._outputs(self._forward(inputs, pinned=False), pinned=False)
+                outputs = self._outputs(self._forward(inputs))
         return {
             spec.name: tensor.numpy() for spec, tensor in zip(self.outputs, outputs, strict=True)
         }
 
-    def _forward(
-        self, inputs: Mapping[str, np.ndarray], *, pinned: bool
-    ) -> tuple[torch.Tensor, ...]:
+    def _forward(self, inputs: Mapping[str, np.ndarray]) -> tuple[torch.Tensor, ...]:
+        """Run the module; on a GPU the inputs go through pinned memory, asynchronously."""
         args = []
         for spec in self.inputs:
             tensor = torch.from_numpy(_writable(inputs[spec.name]))
-            if pinned:
+            if self._cuda:
                 tensor = tensor.pin_memory()
-            args.append(_cast(tensor.to(self.device, non_blocking=pinned), self._dtype))
+            args.append(_cast(tensor.to(self.device, non_blocking=self._cuda), self._dtype))
         result = self._module(*args)
         if isinstance(result, torch.Tensor):
             result = (result,)
@@ -76,12 +75,12 @@ class TorchRuntime:
             )
         return tuple(result)
 
-    def _outputs(self, result: tuple[torch.Tensor, ...], *, pinned: bool) -> list[torch.Tensor]:
+    def _outputs(self, result: tuple[torch.Tensor, ...]) -> list[torch.Tensor]:
         """Host tensors in the declared types; from a GPU, copied into pinned memory."""
         host = []
         for tensor, dtype in zip(result, self._output_dtypes, strict=True):
             tensor = tensor.detach() if dtype is None else tensor.detach().to(dtype)
-            if pinned:
+            if self._cuda:
                 target = torch.empty(tensor.shape, dtype=tensor.dtype, pin_memory=True)
                 host.append(target.copy_(tensor, non_blocking=True))
             else:
@@ -96,7 +95,7 @@ class TorchRuntime:
 
     def close(self) -> None:
         del self._module
-        if self.device.startswith("cuda"):
+        if self._cuda:
             torch.cuda.empty_cache()
 
 
