@@ -24,7 +24,7 @@ from pathlib import Path
 
 import numpy as np
 from aiokafka.producer.message_accumulator import BatchBuilder
-from aiokafka.structs import ConsumerRecord
+from aiokafka.structs import ConsumerRecord, TopicPartition
 from rich.console import Console
 
 from surge.config import load_settings
@@ -89,14 +89,14 @@ async def _assemble(model_root: Path) -> tuple[Worker, RecordBatches]:
     return worker, sink
 
 
-def _records(count: int) -> list[list[ConsumerRecord[bytes, bytes]]]:
+def _records(count: int) -> list[dict[TopicPartition, list[ConsumerRecord[bytes, bytes]]]]:
     """Fetches of FETCH records spread over the partitions, as getmany returns them."""
     rows = np.random.default_rng(0).standard_normal((1024, 1, MLP_FEATURES)).astype(np.float32)
     route = request_headers(model="mlp", content_type=MSGPACK, reply_to="replies")
     per_partition = FETCH // PARTITIONS
     fetches = []
     for start in range(0, count, FETCH):
-        fetch = []
+        fetch = {}
         for partition in range(PARTITIONS):
             records = []
             for j in range(per_partition):
@@ -117,7 +117,7 @@ def _records(count: int) -> list[list[ConsumerRecord[bytes, bytes]]]:
                         tuple(route),
                     )
                 )
-            fetch.append(records)
+            fetch[TopicPartition(TOPIC, partition)] = records
         fetches.append(fetch)
     return fetches
 

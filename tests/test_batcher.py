@@ -126,7 +126,9 @@ async def _serve(batcher: Batcher, answers: _Answers, requests: int, rows: int =
 
 async def test_a_model_proven_fast_runs_inline_until_a_batch_is_slow() -> None:
     model, answers = _Timed(), _Answers()
-    config = ModelConfig(max_batch_size=8, max_batch_delay_ms=0, inline_below_ms=5)
+    # Well above the 5 ms GIL switch interval: a fast call on the thread can wait that long
+    # for the GIL while this test's loop spins.
+    config = ModelConfig(max_batch_size=8, max_batch_delay_ms=0, inline_below_ms=50)
     batcher = _batcher(model, answers, config)
     batcher.start(on_crash=pytest.fail)
     main = threading.current_thread().name
@@ -138,7 +140,7 @@ async def test_a_model_proven_fast_runs_inline_until_a_batch_is_slow() -> None:
     await _serve(batcher, answers, 2, rows=4)  # bigger than proven: the thread, then inline
     assert model.threads[-2:] == ["model_0", main]
 
-    model.delay = 0.02  # slower than inline_below_ms: back to the thread after one batch
+    model.delay = 0.1  # slower than inline_below_ms: back to the thread after one batch
     await _serve(batcher, answers, 3)
     assert model.threads[-3:] == [main, "model_0", "model_0"]
     await batcher.close()

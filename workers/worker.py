@@ -19,7 +19,7 @@ import gc
 import signal
 import sys
 import time
-from collections.abc import Callable, Iterable, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
 
 import structlog
@@ -61,6 +61,9 @@ class Worker:
         self.ready_hooks: list[Callable[[], None]] = []  # run once started, before consuming
         self.failed = False  # set when a background task crashed: exit non-zero
         self._tasks: list[asyncio.Task[None]] = []
+        # Partitions being given away since the fetch in hand was returned: the rest of
+        # their records in it is left to the next owner, who reads it from the commit.
+        self._revoked: set[TopicPartition] = set()
 
     def stop(self) -> None:
         """Begin a graceful shutdown (safe to call from a signal handler)."""
@@ -188,6 +191,7 @@ class Worker:
         """Before a new subscription: finish and commit what was taken, since aiokafka drops
         the old assignment (and with it the right to commit it) as soon as we resubscribe."""
         assigned = self._consumer.assignment()
+        self._revoked |= assigned
         self._consumer.pause(*assigned)
         limit = self.settings.worker.shutdown_timeout_s
         with contextlib.suppress(TimeoutError):
@@ -252,13 +256,12 @@ class Worker:
                     log.info("resumed", in_flight=self._ledger.records)
             try:
                 # Bounded: during a rebalance getmany waits for the assignment, and a stop
-                # request must still be noticed.
-                batches = await asyncio.wait_for(
-                    consumer.getmany(
+                # request must still be noticed. A timeout scope, not a task: nothing else
+                # runs between getmany's assignment check and the intake below.
+                async with asyncio.timeout(_FETCH_RETRY_S):
+                    batches = await consumer.getmany(
                         timeout_ms=0 if paused else _GETMANY_TIMEOUT_MS, max_records=max_records
-                    ),
-                    _FETCH_RETRY_S,
-                )
+                    )
             except TimeoutError:
                 continue
             except KafkaError as exc:
@@ -268,13 +271,19 @@ class Worker:
                 log.error("fetch_failed", error=repr(exc))
                 await asyncio.sleep(_FETCH_RETRY_S)
                 continue
-            await self.intake(batches.values())
+            await self.intake(batches)
             metrics.IN_FLIGHT.set(self._ledger.records)
 
-    async def intake(self, fetched: Iterable[Sequence[Record]]) -> None:
-        """Take in one fetch: each partition's records, in order."""
+    async def intake(self, fetched: Mapping[TopicPartition, Sequence[Record]]) -> None:
+        """Take in one fetch: each partition's records, in order. A partition revoked while
+        this runs (it yields between partitions) keeps the rest of its records unread here:
+        its offsets are committed up to what was taken, and its next owner reads on."""
+        self._revoked.clear()
         now_ms = int(time.time() * 1000)
-        for records in fetched:
+        for tp, records in fetched.items():
+            if tp in self._revoked:
+                log.info("fetch_left_to_next_owner", partition=f"{tp.topic}:{tp.partition}")
+                continue
             for record in records:
                 self._accept(record, now_ms)
             await asyncio.sleep(0)  # let replies and batches move between partitions
@@ -432,6 +441,7 @@ class _Rebalance(ConsumerRebalanceListener):  # type: ignore[misc]
         if not revoked:
             return
         worker = self._worker
+        worker._revoked |= revoked  # first: no more of their records is taken in
         limit = min(
             worker.settings.worker.shutdown_timeout_s,
             worker.settings.worker.max_poll_interval_ms / 2000,

@@ -1,9 +1,11 @@
 """A 10x burst queued against one worker: memory stays bounded (partitions pause when the
-in-flight bound is reached) and the backlog drains."""
+in-flight bound is reached) and the backlog drains. The backlog is written before the worker
+starts: a worker that kept up with the writer would never reach the bound."""
 
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import uuid
 from collections.abc import Callable
 from pathlib import Path
@@ -29,21 +31,26 @@ async def test_burst_keeps_memory_bounded_and_drains(
     topic, run = topic_of(env, "mlp"), uuid.uuid4().hex[:8]
     replies = f"test.replies.{run}"
     await create_topics(kafka, topic, replies)
+    idle = worker_processes(env)  # the same worker idle, for the memory baseline
+    idle.wait_for("partitions_assigned")
+    await asyncio.sleep(1)
+    idle_mb = psutil.Process(idle.process.pid).memory_info().rss / 2**20
+    assert await asyncio.to_thread(idle.terminate) == 0
+
+    clock = Stopwatch()
+    await publish(kafka, requests(topic, count, reply_to=replies, run=run))
     worker = worker_processes(env)
-    worker.wait_for("partitions_assigned")
     process = psutil.Process(worker.process.pid)
-    idle_mb = process.memory_info().rss / 2**20
     peak_mb = idle_mb
 
     async def sample() -> None:
         nonlocal peak_mb
         while True:
-            peak_mb = max(peak_mb, process.memory_info().rss / 2**20)
+            with contextlib.suppress(psutil.NoSuchProcess):
+                peak_mb = max(peak_mb, process.memory_info().rss / 2**20)
             await asyncio.sleep(0.1)
 
     sampler = asyncio.create_task(sample())
-    clock = Stopwatch()
-    await publish(kafka, requests(topic, count, reply_to=replies, run=run))
     results = await read_topic(kafka, replies, until=count, timeout=300)
     drained = clock()
     sampler.cancel()
