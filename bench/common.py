@@ -1,4 +1,4 @@
-"""Shared benchmark plumbing: services, a worker process, its batch-size histogram."""
+"""Shared benchmark plumbing: services, a worker process, its batch and latency histograms."""
 
 from __future__ import annotations
 
@@ -62,10 +62,8 @@ class WorkerProcess:
 
     def batch_totals(self) -> dict[str, float]:
         """Model calls so far: their number, rows and seconds (from the worker's metrics)."""
-        url = f"http://127.0.0.1:{self.metrics_port}/metrics"
-        text = urllib.request.urlopen(url, timeout=5).read().decode()
         totals = {"batches": 0.0, "rows": 0.0, "seconds": 0.0}
-        for family in text_string_to_metric_families(text):
+        for family in text_string_to_metric_families(self._metrics()):
             for sample in family.samples:
                 if sample.name == "surge_batch_rows_count":
                     totals["batches"] += sample.value
@@ -74,6 +72,27 @@ class WorkerProcess:
                 elif sample.name == "surge_batch_seconds_sum":
                     totals["seconds"] += sample.value
         return totals
+
+    def latency_buckets(self) -> dict[str, dict[float, float]]:
+        """The worker's own latency histograms, cumulative counts by bucket bound (summed
+        over topics and targets): `age` (record age at intake) and `outcome` (intake to a
+        durable result)."""
+        names = {
+            "surge_record_age_seconds_bucket": "age",
+            "surge_outcome_seconds_bucket": "outcome",
+        }
+        buckets: dict[str, dict[float, float]] = {"age": {}, "outcome": {}}
+        for family in text_string_to_metric_families(self._metrics()):
+            for sample in family.samples:
+                if sample.name in names:
+                    counts = buckets[names[sample.name]]
+                    bound = float(sample.labels["le"])
+                    counts[bound] = counts.get(bound, 0.0) + sample.value
+        return buckets
+
+    def _metrics(self) -> str:
+        url = f"http://127.0.0.1:{self.metrics_port}/metrics"
+        return urllib.request.urlopen(url, timeout=5).read().decode()
 
     def stop(self) -> None:
         self.process.send_signal(signal.SIGTERM)

@@ -7,8 +7,10 @@ Starts Apache Kafka (unless --bootstrap) and Redis (for --via redis), one `surge
 process and a load generator on this machine; drains a burst, then sweeps offered loads
 (open loop), and compares with ONNX Runtime alone at the batch size the worker actually ran
 (for MiniLM: the same sentences, padded per batch as the worker pads them). After the sweep,
-one phase runs at half the burst's throughput, where the latency target is set; each phase also
-reports the results' own hop through the broker (record timestamp to receipt). Prints a table,
+one phase runs at half the burst's throughput, where the latency target is set. Each phase also
+reports where its latency went: the results' own hop through the broker (record timestamp to
+receipt), and from the worker's histograms how old requests were when it took them in and how
+long each took from there to a durable result (p99 as the bound of its bucket). Prints a table,
 writes bench/out/e2e-<model>-<via>.json and .png.
 """
 
@@ -188,7 +190,7 @@ def main() -> None:
             plan += [(f"{r:,.0f}/s", int(r * args.seconds), r) for r in rates]
             while plan:
                 name, count, rate = plan.pop(0)
-                before = worker.batch_totals()
+                before, latency = worker.batch_totals(), worker.latency_buckets()
                 report = asyncio.run(
                     run_load(
                         bootstrap,
@@ -201,7 +203,9 @@ def main() -> None:
                         redis_url=redis_url,
                     )
                 )
-                phases.append((name, report, _batch_stats(before, worker.batch_totals())))
+                stats = _batch_stats(before, worker.batch_totals())
+                stats |= _worker_latency(latency, worker.latency_buckets())
+                phases.append((name, report, stats))
                 if rate is None:  # the latency target is set at half of the burst's peak
                     half = report.throughput / 2
                     plan.append(("½ peak", int(half * args.seconds), half))
@@ -243,6 +247,20 @@ def _batch_stats(before: dict[str, float], after: dict[str, float]) -> dict[str,
     }
 
 
+def _worker_latency(
+    before: dict[str, dict[float, float]], after: dict[str, dict[float, float]]
+) -> dict[str, float]:
+    """p99 of the worker's own histograms over a phase, as the bound of the bucket it falls
+    in: how old records were when taken in, and intake to a durable result (ms)."""
+    found = {}
+    for name, key in (("age", "record_age_p99_ms"), ("outcome", "outcome_p99_ms")):
+        counts = {b: after[name][b] - before[name].get(b, 0.0) for b in sorted(after[name])}
+        total = counts.get(float("inf"), 0.0)
+        bound = next((b for b, c in counts.items() if total and c >= 0.99 * total), float("nan"))
+        found[key] = bound * 1000
+    return found
+
+
 def _report(
     label: str, phases: list, direct: dict[str, float], burst_batch: int, max_delay_ms: float
 ) -> None:
@@ -254,6 +272,8 @@ def _report(
         "p99 ms",
         "p999 ms",
         "result hop p99 ms",
+        "record age p99 ≤ ms",
+        "intake → durable p99 ≤ ms",
         "mean batch",
         "mean model call ms",
     ):
@@ -267,6 +287,8 @@ def _report(
             f"{report.percentile(99):.1f}",
             f"{report.percentile(99.9):.1f}",
             f"{report.delivery_percentile(99):.1f}",
+            f"{stats['record_age_p99_ms']:g}",
+            f"{stats['outcome_p99_ms']:g}",
             f"{stats['mean_rows']:.1f}",
             f"{stats['mean_call_ms']:.2f}",
         )

@@ -94,6 +94,7 @@ def _records(count: int) -> list[dict[TopicPartition, list[ConsumerRecord[bytes,
     rows = np.random.default_rng(0).standard_normal((1024, 1, MLP_FEATURES)).astype(np.float32)
     route = request_headers(model="mlp", content_type=MSGPACK, reply_to="replies")
     per_partition = FETCH // PARTITIONS
+    now_ms = int(time.time() * 1000)
     fetches = []
     for start in range(0, count, FETCH):
         fetch = {}
@@ -107,7 +108,7 @@ def _records(count: int) -> list[dict[TopicPartition, list[ConsumerRecord[bytes,
                         TOPIC,
                         partition,
                         i,
-                        0,
+                        now_ms,
                         0,
                         f"r{i}".encode(),
                         value,

@@ -4,6 +4,7 @@ fetch is left to the partition's next owner, and what was taken is still answere
 from __future__ import annotations
 
 import asyncio
+import time
 from pathlib import Path
 
 import numpy as np
@@ -24,7 +25,7 @@ TOPIC = "requests"
 def _fetch(partitions: int, per_partition: int) -> dict[TopicPartition, list[ConsumerRecord]]:
     route = tuple(request_headers(model="mlp", content_type=MSGPACK, reply_to="replies"))
     x = {"x": np.ones((1, MLP_FEATURES), np.float32)}
-    fetch = {}
+    fetch, now_ms = {}, int(time.time() * 1000)
     for partition in range(partitions):
         records = []
         for offset in range(per_partition):
@@ -32,7 +33,7 @@ def _fetch(partitions: int, per_partition: int) -> dict[TopicPartition, list[Con
             value = request_body(x, key, MSGPACK)
             records.append(
                 ConsumerRecord(
-                    TOPIC, partition, offset, 0, 0, key.encode(), value, None, 0, 0, route
+                    TOPIC, partition, offset, now_ms, 0, key.encode(), value, None, 0, 0, route
                 )
             )
         fetch[TopicPartition(TOPIC, partition)] = records

@@ -12,6 +12,7 @@ from typing import Any
 from aiokafka import AIOKafkaProducer
 from aiokafka.errors import KafkaTimeoutError
 
+from surge.workers import metrics
 from surge.workers.ledger import Ledger
 from surge.workers.tasks import Outbox, supervised
 from surge.workers.writes import (
@@ -96,6 +97,7 @@ class AckedWrites:
                 self._failed(write, exc or KafkaTimeoutError("delivery cancelled"))
             return
         self._ledger.settle_all([write.ticket for write in writes])
+        metrics.outcomes_durable("kafka", (write.ticket.received for write in writes))
 
     def _failed(self, write: Write, exc: BaseException) -> None:
         retry = self._retry.after(write, exc)

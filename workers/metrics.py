@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import time
+from collections.abc import Iterable
+
 from prometheus_client import Counter, Gauge, Histogram, start_http_server
 
 RESULTS = Counter(
@@ -28,9 +31,32 @@ QUEUE_SECONDS = Histogram(
     ["model"],
     buckets=(0.0005, 0.001, 0.002, 0.005, 0.01, 0.02, 0.05, 0.1, 0.2, 0.5, 1, 5),
 )
+RECORD_AGE = Histogram(
+    "surge_record_age_seconds",
+    "Age of records when taken in (now minus the record timestamp), first record of each "
+    "partition's share of a fetch: how far behind its topics the worker runs, in time",
+    ["topic"],
+    buckets=(0.001, 0.002, 0.005, 0.01, 0.02, 0.05, 0.1, 0.2, 0.5, 1, 2, 5, 10, 30, 60, 300, 900),
+)
+OUTCOME_SECONDS = Histogram(
+    "surge_outcome_seconds",
+    "Time from taking a record in to its result or dead letter being durable (acknowledged, "
+    "committed in its transaction, or stored in Redis), oldest record of each write",
+    ["target"],
+    buckets=(0.001, 0.002, 0.005, 0.01, 0.02, 0.05, 0.1, 0.2, 0.5, 1, 2, 5, 10, 30),
+)
+_OUTCOMES = {target: OUTCOME_SECONDS.labels(target) for target in ("kafka", "redis")}
 IN_FLIGHT = Gauge("surge_in_flight_requests", "Consumed records without a durable outcome")
 PAUSED = Gauge("surge_paused", "1 while partitions are paused for backpressure")
 REPLY_RETRIES = Counter("surge_reply_retries_total", "Result writes retried", ["target"])
+
+
+def outcomes_durable(target: str, received: Iterable[float]) -> None:
+    """One write became durable: observe its oldest record's time since it was taken in
+    (`received`: the records' `time.monotonic()` at intake)."""
+    oldest = min(received, default=None)
+    if oldest is not None:
+        _OUTCOMES[target].observe(time.monotonic() - oldest)
 
 
 def serve(port: int) -> None:

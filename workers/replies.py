@@ -120,6 +120,7 @@ class Replies:
             items: list[tuple[Ticket, bytes]] = await self._redis_box.take(_REDIS_PIPELINE)
             await self._write_redis(items)
             self._ledger.settle_all([ticket for ticket, _ in items])
+            metrics.outcomes_durable("redis", (ticket.received for ticket, _ in items))
 
     async def _write_redis(self, items: list[tuple[Ticket, bytes]]) -> None:
         """SET NX, then PUBLISH if that set it, so a waiting client wakes at once. Retried

@@ -24,6 +24,7 @@ class Record(Protocol):
     topic: str
     partition: int
     offset: int
+    timestamp: int  # ms since the epoch: the producer's (CreateTime) or the broker's
     key: bytes | None
     value: bytes | None
     headers: Sequence[tuple[str, bytes | None]]

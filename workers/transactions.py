@@ -32,6 +32,7 @@ from aiokafka.errors import (
     UnknownTopicOrPartitionError,
 )
 
+from surge.workers import metrics
 from surge.workers.ledger import Ledger
 from surge.workers.writes import (
     NoSuchTopic,
@@ -188,6 +189,7 @@ class Transactions:
             committed = set(map(id, writes))
             state.writes = [w for w in state.writes if id(w) not in committed]
             self._release(writes)
+            metrics.outcomes_durable("kafka", (write.ticket.received for write in writes))
             return True
 
     async def _read_back(self, tp: TopicPartition, state: _Partition) -> None:

@@ -284,6 +284,9 @@ class Worker:
             if tp in self._revoked:
                 log.info("fetch_left_to_next_owner", partition=f"{tp.topic}:{tp.partition}")
                 continue
+            if records:  # clocks differ: a record stamped in our future is not behind
+                age_s = max(0, now_ms - records[0].timestamp) / 1000
+                metrics.RECORD_AGE.labels(tp.topic).observe(age_s)
             for record in records:
                 self._accept(record, now_ms)
             await asyncio.sleep(0)  # let replies and batches move between partitions

@@ -1,0 +1,84 @@
+"""The worker's own latency metrics, on real Kafka and Redis: how old records are when taken
+in (from their timestamps), and how long each takes from intake to a durable outcome."""
+
+from __future__ import annotations
+
+import time
+import uuid
+from collections.abc import Callable
+from pathlib import Path
+
+import numpy as np
+import pytest
+from aiokafka import AIOKafkaProducer
+from prometheus_client import REGISTRY
+
+from surge.config import Settings
+from surge.producers import request_body, request_headers
+from surge.schemas import MSGPACK
+from surge.schemas.headers import REPLY_TO_REDIS
+from surge.workers import Worker
+from tests.conftest import make_settings
+from tests.helpers import create_topics, read_redis, read_topic
+
+pytestmark = pytest.mark.integration
+
+BEHIND_S = 120  # the requests' timestamps: as if the worker were two minutes behind
+
+
+def _sample(name: str, labels: dict[str, str]) -> float:
+    return REGISTRY.get_sample_value(name, labels) or 0.0
+
+
+async def test_record_age_and_outcome_time(
+    kafka: str, redis_url: str, model_root: Path, run_worker: Callable[[Settings], Worker]
+) -> None:
+    run = uuid.uuid4().hex[:8]
+    replies = f"test.replies.{run}"
+    settings = make_settings(kafka, model_root, redis_url)
+    topic = settings.worker.topic_prefix + "mlp"
+    await create_topics(kafka, topic, replies)
+    age = {"topic": topic}
+    outcome = {target: {"target": target} for target in ("kafka", "redis")}
+    before = {
+        (target, part): _sample(f"surge_outcome_seconds_{part}", labels)
+        for target, labels in outcome.items()
+        for part in ("count", "sum")
+    }
+    await run_worker(settings)
+
+    to_kafka, to_redis = [f"{run}-k{i}" for i in range(200)], [f"{run}-r{i}" for i in range(100)]
+    body = {"x": np.ones((1, 32), np.float32)}
+    stamped = int(time.time() * 1000) - BEHIND_S * 1000
+    producer = AIOKafkaProducer(bootstrap_servers=kafka)
+    await producer.start()
+    try:
+        for ids, reply_to in ((to_kafka, replies), (to_redis, REPLY_TO_REDIS)):
+            route = request_headers(model="mlp", content_type=MSGPACK, reply_to=reply_to)
+            for request_id in ids:
+                await producer.send(
+                    topic,
+                    request_body(body, request_id, MSGPACK),
+                    key=request_id.encode(),
+                    headers=route,
+                    timestamp_ms=stamped,
+                )
+        await producer.flush()
+    finally:
+        await producer.stop()
+    assert len(await read_topic(kafka, replies, until=len(to_kafka))) == len(to_kafka)
+    assert len(await read_redis(redis_url, to_redis)) == len(to_redis)
+
+    # Every fetch of this topic saw records two minutes old: all in the (60 s, 300 s] bucket.
+    fetches = _sample("surge_record_age_seconds_count", age)
+    assert fetches >= 1
+    assert _sample("surge_record_age_seconds_bucket", age | {"le": "60.0"}) == 0
+    assert _sample("surge_record_age_seconds_bucket", age | {"le": "300.0"}) == fetches
+    assert _sample("surge_record_age_seconds_sum", age) / fetches >= BEHIND_S
+
+    # From intake to durable, each write: quick here, and counted per target.
+    for target, labels in outcome.items():
+        writes = _sample("surge_outcome_seconds_count", labels) - before[target, "count"]
+        seconds = _sample("surge_outcome_seconds_sum", labels) - before[target, "sum"]
+        assert writes >= 1, target
+        assert 0 < seconds / writes < 30, target
