@@ -58,7 +58,7 @@ async def test_burst_keeps_memory_bounded_and_drains(
     paused = sum(e.get("event") == "paused" for e in worker.events())
     FaultReport(
         "overload",
-        f"{count:,} requests at once, max_in_flight {IN_FLIGHT:,}",
+        f"{count:,} requests queued before the worker starts, max_in_flight {IN_FLIGHT:,}",
         count,
         lost,
         duplicated,
