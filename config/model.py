@@ -33,6 +33,10 @@ class ModelConfig(msgspec.Struct, kw_only=True, forbid_unknown_fields=True):
     max_batch_delay_ms: Annotated[float, msgspec.Meta(ge=0)] = 2.0
     preferred_batch_sizes: list[Positive] = []
     instances: Positive = 1  # batches of this model run concurrently
+    # With a backlog of padded inputs, how many batches' worth of the queue length bucketing
+    # may reorder (the oldest request always goes first): more pads less, later requests of
+    # a fitting length overtake more. 1: arrival order.
+    bucket_window: Annotated[int, msgspec.Meta(ge=1, le=64)] = 16
     # A model whose recent batches all ran faster than this runs on the event loop itself:
     # handing a sub-millisecond call to a thread costs more than the call. 0: always a thread.
     inline_below_ms: Annotated[float, msgspec.Meta(ge=0, le=10)] = 1.0

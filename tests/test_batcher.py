@@ -84,6 +84,30 @@ async def test_a_backlog_of_padded_inputs_is_batched_by_length() -> None:
     assert padded < 1.2 * sum(lengths)  # first come, first served would pad to 30 every time
 
 
+def _padded_rows(window: int, lengths: list[int], batch: int = 8) -> tuple[int, list[int]]:
+    """Elements the batches would pad to, and the first request of each batch."""
+    config = ModelConfig(max_batch_size=batch, bucket_window=window)
+    batcher = _batcher(_Embedder(), _Answers(), config)
+    _queue(batcher, lengths)
+    padded, firsts = 0, []
+    while batcher.queued:
+        jobs = batcher._take(batch)
+        padded += len(jobs) * max(job.inputs["ids"].shape[1] for job in jobs)
+        firsts.append(int(jobs[0].inputs["ids"][0, 0]))
+    return padded, firsts
+
+
+def test_a_wider_bucket_window_pads_less_and_a_window_of_one_keeps_arrival_order() -> None:
+    lengths = [int(n) for n in np.random.default_rng(0).integers(4, 48, 400)]
+    padded = {window: _padded_rows(window, lengths)[0] for window in (1, 4, 16)}
+    fifo = sum(max(lengths[i : i + 8]) * len(lengths[i : i + 8]) for i in range(0, 400, 8))
+    assert padded[1] == fifo
+    assert padded[16] < padded[4] < padded[1]
+    assert padded[16] < 1.25 * sum(lengths)
+    _, firsts = _padded_rows(1, lengths)
+    assert firsts == list(range(1, 401, 8))  # ids are arrival numbers: untouched order
+
+
 async def test_an_odd_length_request_is_not_starved_by_bucketing() -> None:
     model, answers = _Embedder(), _Answers()
     batcher = _batcher(model, answers)

@@ -30,7 +30,6 @@ from surge.workers.tickets import Rejection
 
 log = structlog.get_logger("surge.batcher")
 
-_BUCKET_WINDOW = 4  # batches' worth of queued jobs that length bucketing may reorder
 _INLINE_AFTER = 16  # consecutive fast batches on a thread before a model may run inline
 
 
@@ -58,6 +57,7 @@ class Batcher:
         # Rows at which a waiting loop should look again: the smallest size it would take.
         self._wake_rows = min(config.preferred_batch_sizes, default=config.max_batch_size)
         self._instances = config.instances
+        self._bucket_window = config.bucket_window
         self._inline_below = config.inline_below_ms / 1000
         self._fast_streak = 0  # consecutive batches that ran faster than inline_below_ms
         self._proven_elements = 0  # the largest batch (input elements) of the streak
@@ -136,7 +136,7 @@ class Batcher:
         return 0
 
     def _take(self, limit: int) -> list[Job]:
-        if self._padded and self._rows > limit:
+        if self._padded and self._rows > limit and self._bucket_window > 1:
             self._bucket(limit)
         jobs: list[Job] = []
         rows = 0
@@ -155,12 +155,12 @@ class Batcher:
         return jobs
 
     def _bucket(self, limit: int) -> None:
-        """With a backlog of padded inputs, bring the queued jobs closest in length to the
-        oldest one to the front, so the next batch pads little. The oldest goes first and
-        the jobs left behind keep their arrival order, so none waits more than a few batches
-        longer than it would have."""
+        """With a backlog of padded inputs, bring the queued jobs (of the first
+        `bucket_window` batches' worth) closest in length to the oldest one to the front, so
+        the next batch pads little. The oldest goes first and the jobs left behind keep their
+        arrival order: a job is overtaken only by later ones that fit the batch better."""
         queue = self._queue
-        window = [queue.popleft() for _ in range(min(len(queue), _BUCKET_WINDOW * limit))]
+        window = [queue.popleft() for _ in range(min(len(queue), self._bucket_window * limit))]
         oldest = window[0]
         target = self._length(oldest)
         chosen, rows = {id(oldest)}, oldest.rows
