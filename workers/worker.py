@@ -64,6 +64,8 @@ class Worker:
         # Partitions being given away since the fetch in hand was returned: the rest of
         # their records in it is left to the next owner, who reads it from the commit.
         self._revoked: set[TopicPartition] = set()
+        # Paused while a model change gives them up: backpressure must not resume them.
+        self._held: set[TopicPartition] = set()
 
     def stop(self) -> None:
         """Begin a graceful shutdown (safe to call from a signal handler)."""
@@ -192,6 +194,7 @@ class Worker:
         the old assignment (and with it the right to commit it) as soon as we resubscribe."""
         assigned = self._consumer.assignment()
         self._revoked |= assigned
+        self._held = set(assigned)
         self._consumer.pause(*assigned)
         limit = self.settings.worker.shutdown_timeout_s
         with contextlib.suppress(TimeoutError):
@@ -250,7 +253,7 @@ class Worker:
                 with contextlib.suppress(TimeoutError):
                     await asyncio.wait_for(self._ledger.room(), _PAUSED_KEEPALIVE_S)
                 if self._ledger.has_room:
-                    consumer.resume(*consumer.paused())
+                    consumer.resume(*(consumer.paused() - self._held))
                     paused = False
                     metrics.PAUSED.set(0)
                     log.info("resumed", in_flight=self._ledger.records)
@@ -393,6 +396,7 @@ class Worker:
                     )
                 await self._release_partitions()
                 self._subscribe(topics)
+                self._held = set()  # went with the old assignment
                 self._topics = topics
                 self._router = self._make_router()
                 log.info("subscription_changed", topics=sorted(topics))
