@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import heapq
 import itertools
 import time
 from collections import deque
@@ -85,6 +86,8 @@ class Batcher:
         ]
 
     def put(self, job: Job) -> None:
+        if self._padded:
+            job.length = self._length(job)
         self._queue.append(job)
         self._rows += job.rows
         if len(self._queue) == 1 or self._rows >= self._wake_rows:
@@ -162,9 +165,10 @@ class Batcher:
         queue = self._queue
         window = [queue.popleft() for _ in range(min(len(queue), self._bucket_window * limit))]
         oldest = window[0]
-        target = self._length(oldest)
+        target = oldest.length
         chosen, rows = {id(oldest)}, oldest.rows
-        for job in sorted(window[1:], key=lambda job: abs(self._length(job) - target)):
+        # At most `limit` jobs fit: the closest that many, without sorting the whole window.
+        for job in heapq.nsmallest(limit, window[1:], key=lambda job: abs(job.length - target)):
             if rows + job.rows <= limit:
                 chosen.add(id(job))
                 rows += job.rows

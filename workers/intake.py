@@ -32,6 +32,7 @@ class Job:
     inputs: dict[str, np.ndarray | memoryview]
     rows: int
     outputs: tuple[str, ...] | None  # requested output names; None: all
+    length: int = 0  # elements per row of its padded inputs, set by a batcher that pads
 
 
 class _Reject(Exception):

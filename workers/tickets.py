@@ -24,7 +24,8 @@ class Record(Protocol):
     topic: str
     partition: int
     offset: int
-    timestamp: int  # ms since the epoch: the producer's (CreateTime) or the broker's
+    # ms since the epoch, the producer's (CreateTime) or the broker's; None or -1 when unset
+    timestamp: int | None
     key: bytes | None
     value: bytes | None
     headers: Sequence[tuple[str, bytes | None]]

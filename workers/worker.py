@@ -287,9 +287,10 @@ class Worker:
             if tp in self._revoked:
                 log.info("fetch_left_to_next_owner", partition=f"{tp.topic}:{tp.partition}")
                 continue
-            if records:  # clocks differ: a record stamped in our future is not behind
-                age_s = max(0, now_ms - records[0].timestamp) / 1000
-                metrics.RECORD_AGE.labels(tp.topic).observe(age_s)
+            stamped = records[0].timestamp if records else None
+            if stamped is not None and stamped > 0:  # v0 records carry none, some -1
+                # Clocks differ: a record stamped in our future is not behind.
+                metrics.RECORD_AGE.labels(tp.topic).observe(max(0, now_ms - stamped) / 1000)
             for record in records:
                 self._accept(record, now_ms)
             await asyncio.sleep(0)  # let replies and batches move between partitions
@@ -394,9 +395,11 @@ class Worker:
                         worker.topic_partitions,
                         worker.topic_replication_factor,
                     )
-                await self._release_partitions()
-                self._subscribe(topics)
-                self._held = set()  # went with the old assignment
+                try:
+                    await self._release_partitions()
+                finally:  # even after a failed release: a new assignment starts afresh
+                    self._subscribe(topics)  # from the committed offsets
+                    self._held = set()
                 self._topics = topics
                 self._router = self._make_router()
                 log.info("subscription_changed", topics=sorted(topics))
