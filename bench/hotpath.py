@@ -37,6 +37,7 @@ from surge.workers.partitioning import key_partitions
 from surge.workers.tasks import Outbox
 from surge.workers.worker import Worker, collect_young_less_often
 from surge.workers.writes import Write
+from tests.helpers import serving_worker
 
 console = Console()
 PARTITIONS = 8
@@ -75,18 +76,10 @@ class RecordBatches:
 
 async def _assemble(model_root: Path) -> tuple[Worker, RecordBatches]:
     """A worker's serving parts, as `Worker._start` builds them, with this sink for Kafka."""
-    settings = load_settings(
-        env={
-            "SURGE_WORKER__MODEL_ROOT": str(model_root),
-            "SURGE_WORKER__TOPICS": f'{{"mlp": "{TOPIC}"}}',
-        }
-    )
-    worker = Worker(settings)
-    worker._redis = None
-    worker._ledger = Ledger(settings.worker.max_in_flight, settings.worker.max_in_flight_bytes)
-    sink = RecordBatches(worker._ledger)
-    await worker.serve_models(sink.outbox.put)
-    return worker, sink
+    defaults = load_settings(env={}).worker
+    ledger = Ledger(defaults.max_in_flight, defaults.max_in_flight_bytes)
+    sink = RecordBatches(ledger)
+    return await serving_worker(model_root, TOPIC, ledger, sink.outbox.put), sink
 
 
 def _records(count: int) -> list[dict[TopicPartition, list[ConsumerRecord[bytes, bytes]]]]:

@@ -6,8 +6,9 @@ import asyncio
 import contextlib
 import time
 from collections import defaultdict
-from collections.abc import AsyncIterator, Iterable, Sequence
+from collections.abc import AsyncIterator, Callable, Iterable, Sequence
 from dataclasses import dataclass
+from pathlib import Path
 
 import numpy as np
 import onnxruntime as ort
@@ -16,7 +17,11 @@ from aiokafka.admin import AIOKafkaAdminClient, NewTopic
 from aiokafka.errors import TopicAlreadyExistsError
 from redis.asyncio import Redis
 
+from surge.config import load_settings
+from surge.workers.ledger import Ledger
 from surge.workers.tickets import Ticket
+from surge.workers.worker import Worker
+from surge.workers.writes import Write
 
 Headers = list[tuple[str, bytes]]
 
@@ -203,3 +208,22 @@ def reference(model_path: str, x: np.ndarray) -> np.ndarray:
     """The model's output for `x`, from ONNX Runtime directly."""
     session = ort.InferenceSession(model_path, providers=["CPUExecutionProvider"])
     return session.run(None, {"x": x})[0]
+
+
+async def serving_worker(
+    model_root: Path, topic: str, ledger: Ledger, kafka_sink: Callable[[Write], None]
+) -> Worker:
+    """A worker's serving path as `Worker._start` builds it, without Kafka or Redis: the
+    models in `model_root` (the MLP on `topic`), outcomes tracked in `ledger`, Kafka writes
+    handed to `kafka_sink`. Feed it with `Worker.intake`."""
+    settings = load_settings(
+        env={
+            "SURGE_WORKER__MODEL_ROOT": str(model_root),
+            "SURGE_WORKER__TOPICS": f'{{"mlp": "{topic}"}}',
+        }
+    )
+    worker = Worker(settings)
+    worker._redis = None
+    worker._ledger = ledger
+    await worker.serve_models(kafka_sink)
+    return worker

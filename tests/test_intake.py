@@ -6,29 +6,29 @@ from __future__ import annotations
 import asyncio
 import time
 from pathlib import Path
+from typing import Literal
 
 import numpy as np
 from aiokafka.structs import ConsumerRecord, TopicPartition
 
-from surge.config import load_settings
 from surge.examples import MLP_FEATURES, write_mlp
 from surge.producers import request_body, request_headers
 from surge.schemas import MSGPACK
 from surge.workers.ledger import Ledger
 from surge.workers.tasks import Outbox
-from surge.workers.worker import Worker
 from surge.workers.writes import Write
+from tests.helpers import serving_worker
 
 TOPIC = "requests"
 
 
 def _fetch(
-    partitions: int, per_partition: int, timestamp: int | None = -2
+    partitions: int, per_partition: int, timestamp: int | Literal["now"] | None = "now"
 ) -> dict[TopicPartition, list[ConsumerRecord]]:
-    """Records as getmany returns them, stamped now unless `timestamp` says otherwise."""
+    """Records as getmany returns them, with this timestamp (ms)."""
     route = tuple(request_headers(model="mlp", content_type=MSGPACK, reply_to="replies"))
     x = {"x": np.ones((1, MLP_FEATURES), np.float32)}
-    fetch, now_ms = {}, int(time.time() * 1000) if timestamp == -2 else timestamp
+    fetch, stamp = {}, int(time.time() * 1000) if timestamp == "now" else timestamp
     for partition in range(partitions):
         records = []
         for offset in range(per_partition):
@@ -36,7 +36,7 @@ def _fetch(
             value = request_body(x, key, MSGPACK)
             records.append(
                 ConsumerRecord(
-                    TOPIC, partition, offset, now_ms, 0, key.encode(), value, None, 0, 0, route
+                    TOPIC, partition, offset, stamp, 0, key.encode(), value, None, 0, 0, route
                 )
             )
         fetch[TopicPartition(TOPIC, partition)] = records
@@ -44,25 +44,17 @@ def _fetch(
 
 
 class _Serving:
-    """A worker's serving path (as `Worker._start` builds it) whose Kafka writes count as
-    durable once handed over."""
+    """A worker's serving path whose Kafka writes count as durable once handed over."""
 
     def __init__(self, model_root: Path) -> None:
         write_mlp(model_root)
-        settings = load_settings(
-            env={
-                "SURGE_WORKER__MODEL_ROOT": str(model_root),
-                "SURGE_WORKER__TOPICS": f'{{"mlp": "{TOPIC}"}}',
-            }
-        )
-        self.worker = Worker(settings)
-        self.worker._redis = None
-        self.ledger = self.worker._ledger = Ledger(settings.worker.max_in_flight, 1 << 30)
+        self.model_root = model_root
+        self.ledger = Ledger(max_records=10_000, max_bytes=1 << 30)
         self.outbox = Outbox()
         self.written: list[Write] = []
 
     async def __aenter__(self) -> _Serving:
-        await self.worker.serve_models(self.outbox.put)
+        self.worker = await serving_worker(self.model_root, TOPIC, self.ledger, self.outbox.put)
         self._acking = asyncio.create_task(self._acknowledge())
         return self
 

@@ -193,18 +193,21 @@ class Worker:
         """Before a new subscription: finish and commit what was taken, since aiokafka drops
         the old assignment (and with it the right to commit it) as soon as we resubscribe."""
         assigned = self._consumer.assignment()
-        self._revoked |= assigned
         self._held = set(assigned)
         self._consumer.pause(*assigned)
-        limit = self.settings.worker.shutdown_timeout_s
-        with contextlib.suppress(TimeoutError):
-            await asyncio.wait_for(self._ledger.drained(assigned), limit)
-        with contextlib.suppress(TimeoutError):
-            await asyncio.wait_for(self.commit(), _SHUTDOWN_STEP_S)
-        await self._forget(assigned)
+        await self._give_away(assigned, self.settings.worker.shutdown_timeout_s)
 
-    async def _forget(self, partitions: set[TopicPartition]) -> None:
-        """Partitions given away: their later outcomes move no offset and commit nothing."""
+    async def _give_away(self, partitions: set[TopicPartition], drain_s: float) -> None:
+        """Partitions leaving this worker: take in none of their records from now on, finish
+        and commit what was taken (waiting up to `drain_s`), then forget them: their later
+        outcomes move no offset and commit nothing."""
+        self._revoked |= partitions
+        try:
+            await asyncio.wait_for(self._ledger.drained(partitions), drain_s)
+        except TimeoutError:
+            log.warning("revoke_drain_timeout", partitions=len(partitions))
+        with contextlib.suppress(TimeoutError):  # commit what did settle, in any case
+            await asyncio.wait_for(self.commit(), _SHUTDOWN_STEP_S)
         self._ledger.offsets.forget(partitions)
         if self._transactions is not None:
             await self._transactions.revoke(partitions)
@@ -451,18 +454,11 @@ class _Rebalance(ConsumerRebalanceListener):  # type: ignore[misc]
         if not revoked:
             return
         worker = self._worker
-        worker._revoked |= revoked  # first: no more of their records is taken in
         limit = min(
             worker.settings.worker.shutdown_timeout_s,
             worker.settings.worker.max_poll_interval_ms / 2000,
         )
-        try:
-            await asyncio.wait_for(worker._ledger.drained(revoked), limit)
-        except TimeoutError:
-            log.warning("revoke_drain_timeout", partitions=len(revoked))
-        with contextlib.suppress(TimeoutError):  # commit what did settle, in any case
-            await asyncio.wait_for(worker.commit(), _SHUTDOWN_STEP_S)
-        await worker._forget(revoked)
+        await worker._give_away(revoked, limit)
 
     async def on_partitions_assigned(self, assigned: set[TopicPartition]) -> None:
         if self._worker._transactions is not None and assigned:
