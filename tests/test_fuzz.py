@@ -13,6 +13,7 @@ from pathlib import Path
 import msgspec
 import numpy as np
 import pytest
+from aiokafka import TopicPartition
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
@@ -97,7 +98,7 @@ def test_arbitrary_headers_never_raise(fields: list[tuple[str, bytes | None]]) -
         topic, partition, offset, key, value = "t", 0, 1, None, b""
         headers = fields
 
-    router.ticket(_R())  # type: ignore[arg-type]
+    router.ticket(_R(), TopicPartition("t", 0), received=0.0)  # type: ignore[arg-type]
 
 
 def test_deep_nesting_is_rejected_not_crashed() -> None:

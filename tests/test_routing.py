@@ -10,13 +10,14 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-from aiokafka import AIOKafkaProducer
+from aiokafka import AIOKafkaProducer, TopicPartition
 
 from surge.config import Settings
 from surge.producers import SyncClient, read_result, request_body, request_headers
 from surge.producers.requests import Prediction
 from surge.schemas import JSON, MSGPACK, ErrorCode, headers
 from surge.workers import Router, Worker
+from surge.workers.tickets import Rejection, Ticket
 from tests.conftest import make_settings
 from tests.helpers import create_topics, publish, read_topic
 from tests.models import write_picky
@@ -27,6 +28,11 @@ class _Record:
         self.topic, self.partition, self.offset = topic, 0, 7
         self.key, self.value = key, b"{}"
         self.headers = [(k, v.encode()) for k, v in headers_.items()]
+
+
+def _ticket(record: _Record, redis: bool = True) -> tuple[Ticket, Rejection | None]:
+    tp = TopicPartition(record.topic, record.partition)
+    return _router(redis).ticket(record, tp, received=0.0)  # type: ignore[arg-type]
 
 
 def _router(redis: bool = True) -> Router:
@@ -63,14 +69,14 @@ def _router(redis: bool = True) -> Router:
     ],
 )
 def test_header_routing(topic: str, fields: dict[str, str], code: ErrorCode | None) -> None:
-    ticket, rejection = _router().ticket(_Record(topic, fields))  # type: ignore[arg-type]
+    ticket, rejection = _ticket(_Record(topic, fields))
     assert (rejection.code if rejection else None) == code
     assert ticket.request_id == "k"
     assert ticket.content_type in (JSON, MSGPACK)
 
 
 def test_redis_replies_need_redis() -> None:
-    _, rejection = _router(redis=False).ticket(_Record("shared", {"surge-reply-to": "redis"}))  # type: ignore[arg-type]
+    _, rejection = _ticket(_Record("shared", {"surge-reply-to": "redis"}), redis=False)
     assert rejection is not None
     assert rejection.code is ErrorCode.INVALID_REPLY_TO
 
@@ -78,7 +84,7 @@ def test_redis_replies_need_redis() -> None:
 def test_null_header_values_count_as_absent() -> None:
     record = _Record("surge.requests.mlp", {"surge-reply-to": "out"})
     record.headers.append(("surge-version", None))  # type: ignore[arg-type]
-    ticket, rejection = _router().ticket(record)  # type: ignore[arg-type]
+    ticket, rejection = _ticket(record)
     assert rejection is None
     assert ticket.version is None
 
@@ -87,7 +93,7 @@ def test_an_unsupported_content_type_never_reaches_the_encoder() -> None:
     """Rejected for another reason first, the ticket still answers in a supported encoding."""
     record = _Record("surge.requests.mlp", {"surge-reply-to": "out", "content-type": "text/x"})
     record.headers.append(("surge-version", b"\xff\xfe"))
-    ticket, rejection = _router().ticket(record)  # type: ignore[arg-type]
+    ticket, rejection = _ticket(record)
     assert rejection is not None
     assert rejection.code is ErrorCode.INVALID_REQUEST
     assert ticket.content_type == JSON
@@ -96,14 +102,39 @@ def test_an_unsupported_content_type_never_reaches_the_encoder() -> None:
 def test_headers_routing_does_not_read_need_not_be_utf8() -> None:
     record = _Record("surge.requests.mlp", {"surge-reply-to": "out"})
     record.headers.append(("traceparent", b"\xff\xfe"))
-    ticket, rejection = _router().ticket(record)  # type: ignore[arg-type]
+    ticket, rejection = _ticket(record)
     assert rejection is None
     assert ticket.headers[-1] == ("traceparent", b"\xff\xfe")  # kept for the dead letter
 
 
 def test_ids_fall_back_to_the_record_position() -> None:
-    ticket, _ = _router().ticket(_Record("shared", {}, key=None))  # type: ignore[arg-type]
+    ticket, _ = _ticket(_Record("shared", {}, key=None))
     assert ticket.request_id == "shared-0-7"
+
+
+def test_consecutive_records_are_decided_by_their_own_headers() -> None:
+    """Headers equal to the previous record's reuse its decision; any difference, or another
+    topic, is decided anew."""
+    router = _router()
+
+    def ticket(topic: str, fields: dict[str, str]) -> tuple[Ticket, ErrorCode | None]:
+        record = _Record(topic, fields)
+        record.headers = tuple(record.headers)  # type: ignore[assignment]  # as aiokafka's
+        tp = TopicPartition(topic, 0)
+        made, rejection = router.ticket(record, tp, received=0.0)  # type: ignore[arg-type]
+        return made, rejection.code if rejection else None
+
+    fields = {"surge-reply-to": "out", "surge-deadline-ms": "5"}
+    assert ticket("surge.requests.mlp", fields)[0].deadline_ms == 5
+    assert ticket("surge.requests.mlp", fields)[0].deadline_ms == 5
+    assert ticket("surge.requests.mlp", {**fields, "surge-deadline-ms": "6"})[0].deadline_ms == 6
+    late = {**fields, "surge-deadline-ms": "x"}
+    assert ticket("surge.requests.mlp", late)[1] is ErrorCode.INVALID_REQUEST
+    assert ticket("shared", late)[1] is ErrorCode.INVALID_REQUEST
+    assert ticket("shared", fields)[1] is ErrorCode.MISSING_ROUTE
+    shared, code = ticket("shared", {**fields, "surge-model": "mlp"})
+    assert code is None
+    assert shared.model == "mlp"
 
 
 @pytest.mark.integration

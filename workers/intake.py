@@ -72,6 +72,14 @@ def _admit(
         ticket.request_id = request.id
 
     tensors = request.inputs
+    if len(specs) == 1 and len(tensors) == 1 and request.outputs is None:
+        # The common case, checked without building anything: one input of raw rows that
+        # fit the model as they are, every output wanted.
+        spec, tensor = specs[0], tensors[0]
+        if tensor.name == spec.name and tensor.datatype == spec.datatype:
+            raw = _raw_rows(spec, tensor, max_elements)
+            if raw is not None and raw[0] <= max_rows:
+                return Job(ticket, {spec.name: raw[1]}, raw[0], None)
     if len(specs) == 1 and len(tensors) == 1 and tensors[0].name == specs[0].name:
         pairs = [(specs[0], tensors[0])]  # the common case, without name bookkeeping
     else:

@@ -103,23 +103,22 @@ class Router:
         # A producer sends the same routing headers again and again: decide each distinct
         # (topic, routing headers) once.
         self._routes: dict[tuple[str, tuple[Any, ...]], Route] = {}
-        self._partitions: dict[tuple[str, int], TopicPartition] = {}
+        # Consecutive records of one producer usually carry the very same headers (deadline
+        # included): what the last record's headers decided, compared whole, in C.
+        self._last: tuple[str, tuple[Any, ...], Route, int | None, Rejection | None] | None = None
 
-    def ticket(self, record: Record) -> tuple[Ticket, Rejection | None]:
-        topic = record.topic
-        routing, deadline = [], None
-        for pair in record.headers:
-            if pair[0] in _ROUTING:
-                if pair[0] == headers.DEADLINE_MS:
-                    deadline = pair[1]
-                else:
-                    routing.append(pair)
-        route = self._cached_route(topic, routing)
-        tp = self._partitions.get((topic, record.partition))
-        if tp is None:
-            tp = self._partitions[topic, record.partition] = TopicPartition(topic, record.partition)
+    def ticket(
+        self, record: Record, tp: TopicPartition, received: float
+    ) -> tuple[Ticket, Rejection | None]:
+        """The record's ticket (`tp` its partition, `received` when its fetch came in), with
+        the reason it cannot be served, if any."""
+        last = self._last
+        if last is not None and last[1] == record.headers and last[0] == tp.topic:
+            _, _, route, deadline_ms, bad_deadline = last
+        else:
+            route, deadline_ms, bad_deadline = self._read_headers(tp.topic, record.headers)
+            self._last = (tp.topic, tuple(record.headers), route, deadline_ms, bad_deadline)
         value = record.value or b""
-        deadline_ms, bad_deadline = _deadline(deadline)
         ticket = Ticket(
             tp,
             record.offset,
@@ -132,7 +131,7 @@ class Router:
             route.reply_to,
             route.content_type,
             deadline_ms,
-            time.monotonic(),
+            received,
         )
         if route.rejection:
             return ticket, route.rejection
@@ -141,6 +140,20 @@ class Router:
                 ErrorCode.TOO_LARGE, f"message of {len(value)} bytes exceeds {self._max_bytes}"
             )
         return ticket, bad_deadline or route.late_rejection
+
+    def _read_headers(
+        self, topic: str, record_headers: Sequence[tuple[str, bytes | None]]
+    ) -> tuple[Route, int | None, Rejection | None]:
+        """The route, the deadline and why the deadline is unusable, if it is."""
+        routing, deadline = [], None
+        for pair in record_headers:
+            if pair[0] in _ROUTING:
+                if pair[0] == headers.DEADLINE_MS:
+                    deadline = pair[1]
+                else:
+                    routing.append(pair)
+        deadline_ms, bad_deadline = (None, None) if deadline is None else _deadline(deadline)
+        return self._cached_route(topic, routing), deadline_ms, bad_deadline
 
     def _cached_route(self, topic: str, routing: list[tuple[str, bytes | None]]) -> Route:
         key = (topic, tuple(routing))
@@ -200,10 +213,8 @@ class Router:
         return target, None
 
 
-def _deadline(raw: bytes | None) -> tuple[int | None, Rejection | None]:
+def _deadline(raw: bytes) -> tuple[int | None, Rejection | None]:
     """The deadline header's value (epoch ms), or why it is unusable."""
-    if raw is None:  # absent, or null: no deadline
-        return None, None
     try:
         return int(raw.decode()), None
     except UnicodeDecodeError:

@@ -294,15 +294,16 @@ class Worker:
             if stamped is not None and stamped > 0:  # v0 records carry none, some -1
                 # Clocks differ: a record stamped in our future is not behind.
                 metrics.RECORD_AGE.labels(tp.topic).observe(max(0, now_ms - stamped) / 1000)
+            received = time.monotonic()
             for record in records:
-                self._accept(record, now_ms)
+                self._accept(record, tp, received, now_ms)
             await asyncio.sleep(0)  # let replies and batches move between partitions
 
-    def _accept(self, record: Record, now_ms: int) -> None:
+    def _accept(self, record: Record, tp: TopicPartition, received: float, now_ms: int) -> None:
         """Every record leaves here with an outcome queued (or, on a bug, unsettled and so
         redelivered after a restart): never with an exception."""
         try:
-            ticket, rejection = self._router.ticket(record)
+            ticket, rejection = self._router.ticket(record, tp, received)
         except Exception as exc:
             log.exception("routing_failed", topic=record.topic, offset=record.offset)
             ticket, rejection = unroutable(record), Rejection(ErrorCode.INTERNAL, repr(exc))
