@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import asyncio
 import os
+import re
 import signal
 import subprocess
 import sys
@@ -15,24 +17,113 @@ from pathlib import Path
 
 import numpy as np
 import onnxruntime as ort
+from aiokafka import AIOKafkaConsumer, AIOKafkaProducer
+from aiokafka.admin import AIOKafkaAdminClient, NewTopic
 from prometheus_client.parser import text_string_to_metric_families
+from rich.console import Console
 
-from tests.services import KafkaBroker, free_port
+from tests.services import KAFKA_GC, KafkaBroker, free_port
 
 OUT = Path(__file__).parent / "out"
+console = Console()
 
 
 @contextmanager
 def kafka_broker(bootstrap: str | None) -> Iterator[str]:
-    """An existing cluster, or a fresh single-node Apache Kafka on loopback."""
+    """An existing cluster, or a fresh single-node Apache Kafka on loopback with the JVM
+    options of Kafka's own start script; its GC pauses are printed at the end, since they
+    show in every latency tail measured through it."""
     if bootstrap:
         yield bootstrap
         return
-    broker = KafkaBroker(heap="1g").start()
+    broker = KafkaBroker(heap="1g", gc=KAFKA_GC).start()
     try:
+        assert broker.process is not None
+        seconds = asyncio.run(_warm_up(broker.bootstrap, broker.process.pid))
+        console.print(f"broker warmed up in {seconds:.0f} s (its JIT compilers went quiet)")
         yield broker.bootstrap
     finally:
+        broker.stop()
+        pauses = gc_pauses_ms(broker.workdir / "gc.log")
+        if pauses:
+            console.print(
+                f"broker GC: {len(pauses)} pauses, longest {max(pauses):.1f} ms, "
+                f"{sum(pauses):.0f} ms in all"
+            )
         broker.close()
+
+
+async def _warm_up(bootstrap: str, pid: int, *, max_s: float = 180.0) -> float:
+    """Produce and consume (in a group, committing) until the broker's JIT compilers spend
+    under 5% of a core for 6 s: a fresh JVM compiles for a minute or more under load, on the
+    same cores as everything measured after it. Seconds taken."""
+    topic = f"bench.warm-up.{time.time_ns()}"
+    admin = AIOKafkaAdminClient(bootstrap_servers=bootstrap)
+    await admin.start()
+    await admin.create_topics([NewTopic(topic, 8, 1)])
+    producer = AIOKafkaProducer(bootstrap_servers=bootstrap, acks="all", enable_idempotence=True)
+    consumer = AIOKafkaConsumer(
+        topic, bootstrap_servers=bootstrap, group_id=topic, auto_offset_reset="earliest"
+    )
+    await producer.start()
+    await consumer.start()
+    started = time.monotonic()
+    try:
+        value, headers = bytes(200), [("content-type", b"application/msgpack")] * 3
+        quiet = 0  # consecutive windows
+        while quiet < 3 and time.monotonic() - started < max_s:
+            compiled, window = _jit_seconds(pid), time.monotonic()
+            while time.monotonic() - window < 2.0:
+                for partition in range(8):
+                    batch = producer.create_batch()
+                    for i in range(64):
+                        batch.append(key=b"%d" % i, value=value, timestamp=None, headers=headers)
+                    await producer.send_batch(batch, topic, partition=partition)
+                await consumer.getmany(timeout_ms=5)
+                await consumer.commit()
+            share = (_jit_seconds(pid) - compiled) / (time.monotonic() - window)
+            quiet = quiet + 1 if share < 0.05 else 0
+    finally:
+        await consumer.stop()
+        await producer.stop()
+        await admin.delete_topics([topic])
+        await admin.close()
+    return time.monotonic() - started
+
+
+def _jit_seconds(pid: int) -> float:
+    """CPU seconds of a JVM's compiler threads so far (Linux; 0 where /proc has none)."""
+    total = 0
+    for task in Path(f"/proc/{pid}/task").glob("*"):
+        try:
+            if (task / "comm").read_text().startswith(("C1 Compiler", "C2 Compiler")):
+                total += int((task / "schedstat").read_text().split()[0])
+        except OSError:  # the thread ended
+            continue
+    return total / 1e9
+
+
+def scheduling(pid: int) -> tuple[float, float]:
+    """Seconds a process's threads have run, and waited runnable for a CPU, so far (Linux
+    schedstat; zeros elsewhere). The wait is what a busy machine adds to every latency."""
+    ran = waited = 0
+    for task in Path(f"/proc/{pid}/task").glob("*"):
+        try:
+            fields = (task / "schedstat").read_text().split()
+        except OSError:  # the thread ended
+            continue
+        ran, waited = ran + int(fields[0]), waited + int(fields[1])
+    return ran / 1e9, waited / 1e9
+
+
+def gc_pauses_ms(log: Path) -> list[float]:
+    """Stop-the-world pauses in a JVM's `-Xlog:gc` log, in ms."""
+    if not log.exists():
+        return []
+    return [float(m[1]) for m in _GC_PAUSE.finditer(log.read_text(errors="replace"))]
+
+
+_GC_PAUSE = re.compile(r"\bPause\b.* (\d+(?:\.\d+)?)ms$", re.MULTILINE)
 
 
 def providers(gpu: bool) -> list[str]:

@@ -10,8 +10,11 @@ process and a load generator on this machine; drains a burst, then sweeps offere
 one phase runs at half the burst's throughput, where the latency target is set. Each phase also
 reports where its latency went: the results' own hop through the broker (record timestamp to
 receipt), and from the worker's histograms how old requests were when it took them in and how
-long each took from there to a durable result (p99 as the bound of its bucket). Prints a table,
-writes bench/out/e2e-<model>-<via>.json and .png.
+long each took from there to a durable result (p99 as the bound of its bucket), and how much
+CPU the worker had: its share of a core, how long its threads waited for one, and how busy the
+machine was (the broker and the load generator share it). Before all that, 15 s of load at
+the first rate warm up the broker's JIT. Prints a table, writes
+bench/out/e2e-<model>-<via>.json and .png.
 """
 
 from __future__ import annotations
@@ -27,10 +30,18 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
+import psutil
 from rich.console import Console
 from rich.table import Table
 
-from bench.common import OUT, WorkerProcess, direct_throughput, kafka_broker, providers
+from bench.common import (
+    OUT,
+    WorkerProcess,
+    direct_throughput,
+    kafka_broker,
+    providers,
+    scheduling,
+)
 from surge.config import ModelConfig, convert, read_toml
 from surge.examples import MLP_FEATURES, MLP_NAME, write_mlp
 from surge.producers import SurgeClient
@@ -38,6 +49,7 @@ from surge.producers.load import LoadReport, run_load
 from tests.services import RedisServer
 
 console = Console()
+_WARM_UP_S = 15.0  # at the sweep's first rate, before the burst
 
 
 @dataclass
@@ -185,12 +197,27 @@ def main() -> None:
         worker = WorkerProcess(bootstrap, model_root, **extra)
         try:
             asyncio.run(_first_result(bootstrap, workload.name, workload.inputs(0)))
+            # The broker's compilers are still busy with the paths this traffic takes (read
+            # committed fetches, results, commits): left running, they would be measured.
+            asyncio.run(
+                run_load(
+                    bootstrap,
+                    workload.name,
+                    workload.inputs,
+                    count=int(rates[0] * _WARM_UP_S),
+                    rate=rates[0],
+                    content_type=args.content_type,
+                    via=args.via,
+                    redis_url=redis_url,
+                )
+            )
             phases: list[tuple[str, LoadReport, dict[str, float]]] = []
             plan: list[tuple[str, int, float | None]] = [("burst", burst, None)]
             plan += [(f"{r:,.0f}/s", int(r * args.seconds), r) for r in rates]
             while plan:
                 name, count, rate = plan.pop(0)
                 before, latency = worker.batch_totals(), worker.latency_buckets()
+                cpu = CpuShare(worker.process.pid)  # started again at the first send
                 report = asyncio.run(
                     run_load(
                         bootstrap,
@@ -201,10 +228,12 @@ def main() -> None:
                         content_type=args.content_type,
                         via=args.via,
                         redis_url=redis_url,
+                        on_first_send=cpu.start,
                     )
                 )
                 stats = _batch_stats(before, worker.batch_totals())
                 stats |= _worker_latency(latency, worker.latency_buckets())
+                stats |= cpu.since()
                 phases.append((name, report, stats))
                 if rate is None:  # the latency target is set at half of the burst's peak
                     half = report.throughput / 2
@@ -234,6 +263,32 @@ def _redis(via: str) -> Iterator[str | None]:
 async def _first_result(bootstrap: str, model: str, inputs: dict[str, np.ndarray]) -> None:
     async with SurgeClient(bootstrap) as client:
         await client.predict(model, inputs, timeout=120)
+
+
+class CpuShare:
+    """Over a phase: the worker's CPU (share of one core), how long its threads waited for a
+    CPU (ms per second), and how busy the whole machine was."""
+
+    def __init__(self, pid: int) -> None:
+        self._pid = pid
+        self.start()
+
+    def start(self) -> None:
+        self._started = time.monotonic()
+        self._worker = scheduling(self._pid)
+        self._machine = psutil.cpu_times()
+
+    def since(self) -> dict[str, float]:
+        seconds = time.monotonic() - self._started
+        ran, waited = (b - a for a, b in zip(self._worker, scheduling(self._pid), strict=True))
+        machine = psutil.cpu_times()
+        total = sum(machine) - sum(self._machine)
+        idle = machine.idle - self._machine.idle
+        return {
+            "worker_cpu": ran / seconds,
+            "worker_cpu_wait_ms_per_s": waited / seconds * 1000,
+            "machine_busy": 1 - idle / total if total else float("nan"),
+        }
 
 
 def _batch_stats(before: dict[str, float], after: dict[str, float]) -> dict[str, float]:
@@ -276,6 +331,9 @@ def _report(
         "intake → durable p99 ≤ ms",
         "mean batch",
         "mean model call ms",
+        "worker CPU",
+        "worker waited for a CPU ms/s",
+        "machine busy",
     ):
         table.add_column(column, justify="right")
     rows = []
@@ -291,6 +349,9 @@ def _report(
             f"{stats['outcome_p99_ms']:g}",
             f"{stats['mean_rows']:.1f}",
             f"{stats['mean_call_ms']:.2f}",
+            f"{stats['worker_cpu']:.0%}",
+            f"{stats['worker_cpu_wait_ms_per_s']:.0f}",
+            f"{stats['machine_busy']:.0%}",
         )
         rows.append(
             {

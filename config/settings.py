@@ -116,6 +116,9 @@ class WorkerSettings(msgspec.Struct, kw_only=True, forbid_unknown_fields=True):
     max_poll_interval_ms: Positive = 300_000
     session_timeout_ms: Positive = 10_000
     max_poll_records: Positive = 1024
+    # A fetch returns once it holds fetch_min_bytes, or after fetch_max_wait_ms: under light
+    # load the broker then answers a few fetches per batch delay instead of one per record.
+    fetch_min_bytes: Positive = 1
     fetch_max_wait_ms: Positive = 20
     commit_interval_ms: Positive = 200
     reload_interval_s: Annotated[float, msgspec.Meta(gt=0)] = 2.0

@@ -65,8 +65,10 @@ async def run_load(
     topic: str | None = None,
     timeout_s: float = 120.0,
     kafka_options: Mapping[str, Any] | None = None,
+    on_first_send: Callable[[], None] | None = None,
 ) -> LoadReport:
-    """Send `count` requests (at `rate` per second, or as fast as possible) and collect results."""
+    """Send `count` requests (at `rate` per second, or as fast as possible) and collect results.
+    `on_first_send` runs once every request is encoded, just before the first goes out."""
     kafka = {"bootstrap_servers": bootstrap_servers, **(kafka_options or {})}
     run_id = uuid.uuid4().hex[:12]
     ids = [f"{run_id}-{i}" for i in range(count)]
@@ -108,6 +110,8 @@ async def run_load(
         # Where `send()` would put each request: Kafka's default partitioner, by key.
         choose = DefaultPartitioner()
         targets = [choose(key, partitions, partitions) for key in keys]
+        if on_first_send is not None:
+            on_first_send()
         started = time.perf_counter()
         deliveries = []
         sent = 0

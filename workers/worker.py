@@ -138,6 +138,7 @@ class Worker:
             session_timeout_ms=worker.session_timeout_ms,
             heartbeat_interval_ms=max(worker.session_timeout_ms // 3, 100),
             rebalance_timeout_ms=worker.max_poll_interval_ms,
+            fetch_min_bytes=worker.fetch_min_bytes,
             fetch_max_wait_ms=worker.fetch_max_wait_ms,
             max_partition_fetch_bytes=max(worker.max_message_bytes, 1_048_576),
         )
