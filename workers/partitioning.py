@@ -11,13 +11,19 @@ from __future__ import annotations
 from collections.abc import Sequence
 
 import numpy as np
+from aiokafka.partitioner import murmur2
 
+# Up to this many keys, aiokafka's own murmur2 costs less than the numpy calls' overhead (light
+# load: a few results per write).
+_FEW = 8
 _SEED = 0x9747B28C
 _M = np.uint32(0x5BD1E995)
 
 
 def key_partitions(keys: Sequence[bytes], partitions: Sequence[int]) -> list[int]:
     """The partition the default partitioner picks for each key, from `partitions` (sorted)."""
+    if len(keys) <= _FEW:
+        return [partitions[(murmur2(key) & 0x7FFFFFFF) % len(partitions)] for key in keys]
     chosen = np.empty(len(keys), np.int64)
     by_length: dict[int, list[int]] = {}
     for index, key in enumerate(keys):
