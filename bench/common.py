@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import os
 import re
 import signal
@@ -58,49 +59,53 @@ async def _warm_up(bootstrap: str, pid: int, *, max_s: float = 180.0) -> float:
     under 5% of a core for 6 s: a fresh JVM compiles for a minute or more under load, on the
     same cores as everything measured after it. Seconds taken."""
     topic = f"bench.warm-up.{time.time_ns()}"
-    admin = AIOKafkaAdminClient(bootstrap_servers=bootstrap)
-    await admin.start()
-    await admin.create_topics([NewTopic(topic, 8, 1)])
-    producer = AIOKafkaProducer(bootstrap_servers=bootstrap, acks="all", enable_idempotence=True)
-    consumer = AIOKafkaConsumer(
-        topic, bootstrap_servers=bootstrap, group_id=topic, auto_offset_reset="earliest"
-    )
-    await producer.start()
-    await consumer.start()
     started = time.monotonic()
-    try:
+    async with contextlib.AsyncExitStack() as stack:
+        admin = AIOKafkaAdminClient(bootstrap_servers=bootstrap)
+        await admin.start()
+        stack.push_async_callback(admin.close)
+        await admin.create_topics([NewTopic(topic, 8, 1)])
+        stack.push_async_callback(admin.delete_topics, [topic])
+        producer = AIOKafkaProducer(
+            bootstrap_servers=bootstrap, acks="all", enable_idempotence=True
+        )
+        await producer.start()
+        stack.push_async_callback(producer.stop)
+        consumer = AIOKafkaConsumer(
+            topic, bootstrap_servers=bootstrap, group_id=topic, auto_offset_reset="earliest"
+        )
+        await consumer.start()
+        stack.push_async_callback(consumer.stop)
         value, headers = bytes(200), [("content-type", b"application/msgpack")] * 3
         quiet = 0  # consecutive windows
         while quiet < 3 and time.monotonic() - started < max_s:
-            compiled, window = _jit_seconds(pid), time.monotonic()
+            compiled, window = _jit_threads(pid), time.monotonic()
             while time.monotonic() - window < 2.0:
                 for partition in range(8):
-                    batch = producer.create_batch()
-                    for i in range(64):
-                        batch.append(key=b"%d" % i, value=value, timestamp=None, headers=headers)
+                    batch, i = producer.create_batch(), 0
+                    while batch.append(key=b"%d" % i, value=value, timestamp=None, headers=headers):
+                        i += 1  # until the batch is full
                     await producer.send_batch(batch, topic, partition=partition)
                 await consumer.getmany(timeout_ms=5)
                 await consumer.commit()
-            share = (_jit_seconds(pid) - compiled) / (time.monotonic() - window)
-            quiet = quiet + 1 if share < 0.05 else 0
-    finally:
-        await consumer.stop()
-        await producer.stop()
-        await admin.delete_topics([topic])
-        await admin.close()
+            now = _jit_threads(pid)
+            # Per thread: a compiler thread the JVM retired takes its time with it.
+            spent = sum(max(0.0, cpu - compiled.get(tid, 0.0)) for tid, cpu in now.items())
+            quiet = quiet + 1 if spent / (time.monotonic() - window) < 0.05 else 0
     return time.monotonic() - started
 
 
-def _jit_seconds(pid: int) -> float:
-    """CPU seconds of a JVM's compiler threads so far (Linux; 0 where /proc has none)."""
-    total = 0
+def _jit_threads(pid: int) -> dict[str, float]:
+    """CPU seconds so far of each of a JVM's compiler threads (Linux; none where /proc has
+    none), by thread id."""
+    found = {}
     for task in Path(f"/proc/{pid}/task").glob("*"):
         try:
             if (task / "comm").read_text().startswith(("C1 Compiler", "C2 Compiler")):
-                total += int((task / "schedstat").read_text().split()[0])
+                found[task.name] = int((task / "schedstat").read_text().split()[0]) / 1e9
         except OSError:  # the thread ended
             continue
-    return total / 1e9
+    return found
 
 
 def scheduling(pid: int) -> tuple[float, float]:

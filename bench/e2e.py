@@ -204,7 +204,7 @@ def main() -> None:
                     bootstrap,
                     workload.name,
                     workload.inputs,
-                    count=int(rates[0] * _WARM_UP_S),
+                    count=max(1, int(rates[0] * _WARM_UP_S)),
                     rate=rates[0],
                     content_type=args.content_type,
                     via=args.via,
