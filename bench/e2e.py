@@ -28,6 +28,7 @@ from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import psutil
@@ -229,6 +230,7 @@ def main() -> None:
                         via=args.via,
                         redis_url=redis_url,
                         on_first_send=cpu.start,
+                        on_last_result=cpu.stop,
                     )
                 )
                 stats = _batch_stats(before, worker.batch_totals())
@@ -277,11 +279,20 @@ class CpuShare:
         self._started = time.monotonic()
         self._worker = scheduling(self._pid)
         self._machine = psutil.cpu_times()
+        self._end: tuple[float, tuple[float, float], Any] | None = None
+
+    def stop(self) -> None:
+        self._end = (time.monotonic(), scheduling(self._pid), psutil.cpu_times())
 
     def since(self) -> dict[str, float]:
-        seconds = time.monotonic() - self._started
-        ran, waited = (b - a for a, b in zip(self._worker, scheduling(self._pid), strict=True))
-        machine = psutil.cpu_times()
+        """From `start` to `stop` (the last result), or to now if it never came."""
+        ended, worker, machine = self._end or (
+            time.monotonic(),
+            scheduling(self._pid),
+            psutil.cpu_times(),
+        )
+        seconds = ended - self._started
+        ran, waited = (b - a for a, b in zip(self._worker, worker, strict=True))
         total = sum(machine) - sum(self._machine)
         idle = machine.idle - self._machine.idle
         return {

@@ -66,9 +66,11 @@ async def run_load(
     timeout_s: float = 120.0,
     kafka_options: Mapping[str, Any] | None = None,
     on_first_send: Callable[[], None] | None = None,
+    on_last_result: Callable[[], None] | None = None,
 ) -> LoadReport:
     """Send `count` requests (at `rate` per second, or as fast as possible) and collect results.
-    `on_first_send` runs once every request is encoded, just before the first goes out."""
+    `on_first_send` runs once every request is encoded, just before the first goes out;
+    `on_last_result` as the last result comes in (if it does)."""
     kafka = {"bootstrap_servers": bootstrap_servers, **(kafka_options or {})}
     run_id = uuid.uuid4().hex[:12]
     ids = [f"{run_id}-{i}" for i in range(count)]
@@ -89,6 +91,8 @@ async def run_load(
             statuses[status] += 1
             if sum(statuses.values()) == count:
                 done.set()
+                if on_last_result is not None:
+                    on_last_result()
 
     if via == "redis":
         collector, reply_to = (

@@ -1,0 +1,42 @@
+"""The benchmarks' own instruments: the broker's GC pauses and a process's CPU and CPU wait."""
+
+from __future__ import annotations
+
+import os
+import time
+from pathlib import Path
+
+import pytest
+
+from bench.common import gc_pauses_ms, scheduling
+
+# Lines of a real G1 log (`-Xlog:gc`): pauses, and concurrent phases that are not pauses.
+_G1_LOG = """\
+[0.852s][info][gc] GC(6) Concurrent Mark Cycle 20.364ms
+[0.923s][info][gc] GC(7) Pause Young (Prepare Mixed) (G1 Evacuation Pause) 19M->9M(256M) 2.295ms
+[1.187s][info][gc] GC(10) Concurrent Mark Cycle
+[1.206s][info][gc] GC(10) Pause Remark 13M->13M(256M) 3.153ms
+[1.216s][info][gc] GC(10) Pause Cleanup 14M->14M(256M) 0.070ms
+[1.218s][info][gc] GC(10) Concurrent Mark Cycle 30.707ms
+[1.794s][info][gc] GC(14) Pause Young (Concurrent Start) (G1 Humongous) 38M->29M(256M) 5.686ms
+[1.794s][info][gc] GC(15) Concurrent Undo Cycle 0.244ms
+[2.001s][info][gc] GC(16) Pause Full (Allocation Failure) 250M->40M(256M) 120ms
+"""
+
+
+def test_gc_pauses_are_the_stop_the_world_lines(tmp_path: Path) -> None:
+    log = tmp_path / "gc.log"
+    log.write_text(_G1_LOG)
+    assert gc_pauses_ms(log) == [2.295, 3.153, 0.070, 5.686, 120.0]
+    assert gc_pauses_ms(tmp_path / "absent.log") == []
+
+
+@pytest.mark.skipif(not Path("/proc/self/task").exists(), reason="Linux schedstat")
+def test_scheduling_counts_a_process_s_cpu() -> None:
+    ran, waited = scheduling(os.getpid())
+    deadline = time.thread_time() + 0.05
+    while time.thread_time() < deadline:  # 50 ms of CPU on this thread
+        pass
+    ran_after, waited_after = scheduling(os.getpid())
+    assert ran_after - ran >= 0.045
+    assert waited_after >= waited
