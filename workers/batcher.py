@@ -124,8 +124,10 @@ class Batcher:
             elif self._closing:
                 return None
             self._wake.clear()
+            # asyncio.timeout, not wait_for: no task per wait (once or twice per batch)
             with contextlib.suppress(TimeoutError):
-                await asyncio.wait_for(self._wake.wait(), timeout)
+                async with asyncio.timeout(timeout):
+                    await self._wake.wait()
 
     def _ready_rows(self, waited: float) -> int:
         """How many rows to take now, or 0 to keep waiting."""
@@ -228,14 +230,16 @@ class Batcher:
 
         future = loop.run_in_executor(self._executor, call)
         try:
-            await asyncio.wait_for(started.wait(), self._budget)
+            async with asyncio.timeout(self._budget):
+                await started.wait()
         except TimeoutError:
             future.cancel()  # still queued: it never runs
             raise TimeoutError(
                 f"model busy for over {self._budget:g}s with an earlier batch"
             ) from None
         try:
-            outputs = await asyncio.wait_for(asyncio.shield(future), self._budget)
+            async with asyncio.timeout(self._budget):
+                outputs = await asyncio.shield(future)
         except TimeoutError:
             raise TimeoutError(
                 f"batch of {requests} requests outlived its {self._budget:g}s budget"
