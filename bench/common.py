@@ -96,29 +96,33 @@ async def _warm_up(bootstrap: str, pid: int, *, max_s: float = 180.0) -> float:
 
 
 def _jit_threads(pid: int) -> dict[str, float]:
-    """CPU seconds so far of each of a JVM's compiler threads (Linux; none where /proc has
-    none), by thread id."""
-    found = {}
-    for task in Path(f"/proc/{pid}/task").glob("*"):
-        try:
-            if (task / "comm").read_text().startswith(("C1 Compiler", "C2 Compiler")):
-                found[task.name] = int((task / "schedstat").read_text().split()[0]) / 1e9
-        except OSError:  # the thread ended
-            continue
-    return found
+    """CPU seconds so far of each of a JVM's compiler threads, by thread id."""
+    return {
+        tid: ran
+        for tid, (name, ran, _) in _threads(pid).items()
+        if name.startswith(("C1 Compiler", "C2 Compiler"))
+    }
 
 
 def scheduling(pid: int) -> tuple[float, float]:
-    """Seconds a process's threads have run, and waited runnable for a CPU, so far (Linux
-    schedstat; zeros elsewhere). The wait is what a busy machine adds to every latency."""
-    ran = waited = 0
+    """Seconds a process's threads have run, and waited runnable for a CPU, so far. The wait
+    is what a busy machine adds to every latency."""
+    threads = _threads(pid).values()
+    return sum(ran for _, ran, _ in threads), sum(waited for _, _, waited in threads)
+
+
+def _threads(pid: int) -> dict[str, tuple[str, float, float]]:
+    """Per thread id of a process: its name, and the seconds it has run and waited runnable
+    for a CPU so far (Linux schedstat; no threads where /proc has none)."""
+    found = {}
     for task in Path(f"/proc/{pid}/task").glob("*"):
         try:
-            fields = (task / "schedstat").read_text().split()
+            name = (task / "comm").read_text().strip()
+            ran, waited = (task / "schedstat").read_text().split()[:2]
         except OSError:  # the thread ended
             continue
-        ran, waited = ran + int(fields[0]), waited + int(fields[1])
-    return ran / 1e9, waited / 1e9
+        found[task.name] = (name, int(ran) / 1e9, int(waited) / 1e9)
+    return found
 
 
 def gc_pauses_ms(log: Path) -> list[float]:

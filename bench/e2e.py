@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import functools
 import json
 import tempfile
 import time
@@ -198,20 +199,18 @@ def main() -> None:
         worker = WorkerProcess(bootstrap, model_root, **extra)
         try:
             asyncio.run(_first_result(bootstrap, workload.name, workload.inputs(0)))
+            load = functools.partial(
+                run_load,
+                bootstrap,
+                workload.name,
+                workload.inputs,
+                content_type=args.content_type,
+                via=args.via,
+                redis_url=redis_url,
+            )
             # The broker's compilers are still busy with the paths this traffic takes (read
             # committed fetches, results, commits): left running, they would be measured.
-            asyncio.run(
-                run_load(
-                    bootstrap,
-                    workload.name,
-                    workload.inputs,
-                    count=max(1, int(rates[0] * _WARM_UP_S)),
-                    rate=rates[0],
-                    content_type=args.content_type,
-                    via=args.via,
-                    redis_url=redis_url,
-                )
-            )
+            asyncio.run(load(count=max(1, int(rates[0] * _WARM_UP_S)), rate=rates[0]))
             phases: list[tuple[str, LoadReport, dict[str, float]]] = []
             plan: list[tuple[str, int, float | None]] = [("burst", burst, None)]
             plan += [(f"{r:,.0f}/s", int(r * args.seconds), r) for r in rates]
@@ -220,18 +219,7 @@ def main() -> None:
                 before, latency = worker.batch_totals(), worker.latency_buckets()
                 cpu = CpuShare(worker.process.pid)  # started again at the first send
                 report = asyncio.run(
-                    run_load(
-                        bootstrap,
-                        workload.name,
-                        workload.inputs,
-                        count=count,
-                        rate=rate,
-                        content_type=args.content_type,
-                        via=args.via,
-                        redis_url=redis_url,
-                        on_first_send=cpu.start,
-                        on_last_result=cpu.stop,
-                    )
+                    load(count=count, rate=rate, on_first_send=cpu.start, on_last_result=cpu.stop)
                 )
                 stats = _batch_stats(before, worker.batch_totals())
                 stats |= _worker_latency(latency, worker.latency_buckets())

@@ -29,15 +29,13 @@ from rich.console import Console
 
 from surge.config import load_settings
 from surge.examples import MLP_FEATURES, write_mlp
-from surge.producers import request_body, request_headers
-from surge.schemas import MSGPACK
 from surge.workers.ledger import Ledger
 from surge.workers.logs import configure
 from surge.workers.partitioning import key_partitions
 from surge.workers.tasks import Outbox
 from surge.workers.worker import Worker, collect_young_less_often
 from surge.workers.writes import Write
-from tests.helpers import serving_worker
+from tests.helpers import mlp_fetch, serving_worker
 
 console = Console()
 PARTITIONS = 8
@@ -85,35 +83,11 @@ async def _assemble(model_root: Path) -> tuple[Worker, RecordBatches]:
 def _records(count: int) -> list[dict[TopicPartition, list[ConsumerRecord[bytes, bytes]]]]:
     """Fetches of FETCH records spread over the partitions, as getmany returns them."""
     rows = np.random.default_rng(0).standard_normal((1024, 1, MLP_FEATURES)).astype(np.float32)
-    route = request_headers(model="mlp", content_type=MSGPACK, reply_to="replies")
     per_partition = FETCH // PARTITIONS
-    now_ms = int(time.time() * 1000)
-    fetches = []
-    for start in range(0, count, FETCH):
-        fetch = {}
-        for partition in range(PARTITIONS):
-            records = []
-            for j in range(per_partition):
-                i = start + partition * per_partition + j
-                value = request_body({"x": rows[i % len(rows)]}, f"r{i}", MSGPACK)
-                records.append(
-                    ConsumerRecord(
-                        TOPIC,
-                        partition,
-                        i,
-                        now_ms,
-                        0,
-                        f"r{i}".encode(),
-                        value,
-                        None,
-                        4,
-                        len(value),
-                        tuple(route),
-                    )
-                )
-            fetch[TopicPartition(TOPIC, partition)] = records
-        fetches.append(fetch)
-    return fetches
+    return [
+        mlp_fetch(TOPIC, PARTITIONS, per_partition, first_offset=offset, rows=rows)
+        for offset in range(0, count // PARTITIONS, per_partition)
+    ]
 
 
 async def _drive(worker: Worker, sink: RecordBatches, fetches: list) -> float:

@@ -9,15 +9,20 @@ from collections import defaultdict
 from collections.abc import AsyncIterator, Callable, Iterable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Literal
 
 import numpy as np
 import onnxruntime as ort
 from aiokafka import AIOKafkaConsumer, AIOKafkaProducer, TopicPartition
 from aiokafka.admin import AIOKafkaAdminClient, NewTopic
 from aiokafka.errors import TopicAlreadyExistsError
+from aiokafka.structs import ConsumerRecord
 from redis.asyncio import Redis
 
 from surge.config import load_settings
+from surge.examples import MLP_FEATURES
+from surge.producers import request_body, request_headers
+from surge.schemas import MSGPACK
 from surge.workers.ledger import Ledger
 from surge.workers.tickets import Ticket
 from surge.workers.worker import Worker
@@ -227,3 +232,36 @@ async def serving_worker(
     worker._ledger = ledger
     await worker.serve_models(kafka_sink)
     return worker
+
+
+def mlp_fetch(
+    topic: str,
+    partitions: int,
+    per_partition: int,
+    *,
+    first_offset: int = 0,
+    timestamp: int | Literal["now"] | None = "now",
+    rows: np.ndarray | None = None,
+) -> dict[TopicPartition, list[ConsumerRecord[bytes, bytes]]]:
+    """One fetch of msgpack MLP requests as getmany returns it: on each partition, offsets from
+    `first_offset`, keyed (and identified) `<partition>-<offset>`, stamped `timestamp` (ms;
+    None: unstamped, as old record formats are), each request one row of `rows` (by offset;
+    default ones)."""
+    route = tuple(request_headers(model="mlp", content_type=MSGPACK, reply_to="replies"))
+    if rows is None:
+        rows = np.ones((1, 1, MLP_FEATURES), np.float32)
+    stamp = int(time.time() * 1000) if timestamp == "now" else timestamp
+    fetch = {}
+    for partition in range(partitions):
+        records = []
+        for offset in range(first_offset, first_offset + per_partition):
+            key = f"{partition}-{offset}"
+            value = request_body({"x": rows[offset % len(rows)]}, key, MSGPACK)
+            size = len(value)
+            records.append(
+                ConsumerRecord(
+                    topic, partition, offset, stamp, 0, key.encode(), value, None, 4, size, route
+                )
+            )
+        fetch[TopicPartition(topic, partition)] = records
+    return fetch

@@ -4,43 +4,15 @@ fetch is left to the partition's next owner, and what was taken is still answere
 from __future__ import annotations
 
 import asyncio
-import time
 from pathlib import Path
-from typing import Literal
 
-import numpy as np
-from aiokafka.structs import ConsumerRecord, TopicPartition
-
-from surge.examples import MLP_FEATURES, write_mlp
-from surge.producers import request_body, request_headers
-from surge.schemas import MSGPACK
+from surge.examples import write_mlp
 from surge.workers.ledger import Ledger
 from surge.workers.tasks import Outbox
 from surge.workers.writes import Write
-from tests.helpers import serving_worker
+from tests.helpers import mlp_fetch, serving_worker
 
 TOPIC = "requests"
-
-
-def _fetch(
-    partitions: int, per_partition: int, timestamp: int | Literal["now"] | None = "now"
-) -> dict[TopicPartition, list[ConsumerRecord]]:
-    """Records as getmany returns them, with this timestamp (ms)."""
-    route = tuple(request_headers(model="mlp", content_type=MSGPACK, reply_to="replies"))
-    x = {"x": np.ones((1, MLP_FEATURES), np.float32)}
-    fetch, stamp = {}, int(time.time() * 1000) if timestamp == "now" else timestamp
-    for partition in range(partitions):
-        records = []
-        for offset in range(per_partition):
-            key = f"{partition}-{offset}"
-            value = request_body(x, key, MSGPACK)
-            records.append(
-                ConsumerRecord(
-                    TOPIC, partition, offset, stamp, 0, key.encode(), value, None, 0, 0, route
-                )
-            )
-        fetch[TopicPartition(TOPIC, partition)] = records
-    return fetch
 
 
 class _Serving:
@@ -72,7 +44,8 @@ class _Serving:
 async def test_records_without_a_timestamp_are_served(tmp_path: Path) -> None:
     async with _Serving(tmp_path) as serving:
         for stamp in (None, -1):  # old-format records carry none; some carry -1
-            await serving.worker.intake(_fetch(partitions=1, per_partition=5, timestamp=stamp))
+            fetch = mlp_fetch(TOPIC, partitions=1, per_partition=5, timestamp=stamp)
+            await serving.worker.intake(fetch)
             await asyncio.wait_for(serving.ledger.drained(), 10)
     assert len(serving.written) == 10
 
@@ -80,7 +53,7 @@ async def test_records_without_a_timestamp_are_served(tmp_path: Path) -> None:
 async def test_revoked_mid_fetch_leaves_the_rest_unread(tmp_path: Path) -> None:
     async with _Serving(tmp_path) as serving:
         worker, ledger, written = serving.worker, serving.ledger, serving.written
-        fetch = _fetch(partitions=3, per_partition=50)
+        fetch = mlp_fetch(TOPIC, partitions=3, per_partition=50)
         first, second, third = fetch
         # The loop yields after each partition; a rebalance marks the third revoked then.
         asyncio.get_running_loop().call_soon(worker._revoked.add, third)

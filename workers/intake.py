@@ -72,16 +72,15 @@ def _admit(
         ticket.request_id = request.id
 
     tensors = request.inputs
-    if len(specs) == 1 and len(tensors) == 1 and request.outputs is None:
-        # The common case, checked without building anything: one input of raw rows that
-        # fit the model as they are, every output wanted.
+    if len(specs) == 1 and len(tensors) == 1 and tensors[0].name == specs[0].name:
         spec, tensor = specs[0], tensors[0]
-        if tensor.name == spec.name and tensor.datatype == spec.datatype:
+        if request.outputs is None and tensor.datatype == spec.datatype:
+            # The most common case, without building anything: raw rows that fit the model
+            # as they are, every output wanted. Anything else goes the general way below.
             raw = _raw_rows(spec, tensor, max_elements)
             if raw is not None and raw[0] <= max_rows:
                 return Job(ticket, {spec.name: raw[1]}, raw[0], None)
-    if len(specs) == 1 and len(tensors) == 1 and tensors[0].name == specs[0].name:
-        pairs = [(specs[0], tensors[0])]  # the common case, without name bookkeeping
+        pairs = [(spec, tensor)]  # one input, without name bookkeeping
     else:
         provided = {tensor.name: tensor for tensor in tensors}
         expected = [spec.name for spec in specs]

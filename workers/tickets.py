@@ -10,7 +10,7 @@ import re
 import time
 from collections.abc import Collection, Mapping, Sequence
 from dataclasses import dataclass
-from typing import Any, Protocol
+from typing import Any, NamedTuple, Protocol
 
 from aiokafka import TopicPartition
 
@@ -81,6 +81,14 @@ class Route:
     late_rejection: Rejection | None = None  # found after it (and after the deadline's)
 
 
+class _Read(NamedTuple):
+    """What a record's headers decide: its route, its deadline, and why that is unusable."""
+
+    route: Route
+    deadline_ms: int | None
+    bad_deadline: Rejection | None
+
+
 class Router:
     """Turns records into tickets. Built once; `ticket()` does no configuration look-ups."""
 
@@ -104,8 +112,9 @@ class Router:
         # (topic, routing headers) once.
         self._routes: dict[tuple[str, tuple[Any, ...]], Route] = {}
         # Consecutive records of one producer usually carry the very same headers (deadline
-        # included): what the last record's headers decided, compared whole, in C.
-        self._last: tuple[str, tuple[Any, ...], Route, int | None, Rejection | None] | None = None
+        # included): the last record's topic and headers, compared whole in C, and what they
+        # decided.
+        self._last: tuple[str, tuple[Any, ...], _Read] | None = None
 
     def ticket(
         self, record: Record, tp: TopicPartition, received: float
@@ -114,10 +123,11 @@ class Router:
         the reason it cannot be served, if any."""
         last = self._last
         if last is not None and last[1] == record.headers and last[0] == tp.topic:
-            _, _, route, deadline_ms, bad_deadline = last
+            read = last[2]
         else:
-            route, deadline_ms, bad_deadline = self._read_headers(tp.topic, record.headers)
-            self._last = (tp.topic, tuple(record.headers), route, deadline_ms, bad_deadline)
+            read = self._read_headers(tp.topic, record.headers)
+            self._last = (tp.topic, tuple(record.headers), read)
+        route, deadline_ms, bad_deadline = read
         value = record.value or b""
         ticket = Ticket(
             tp,
@@ -143,8 +153,7 @@ class Router:
 
     def _read_headers(
         self, topic: str, record_headers: Sequence[tuple[str, bytes | None]]
-    ) -> tuple[Route, int | None, Rejection | None]:
-        """The route, the deadline and why the deadline is unusable, if it is."""
+    ) -> _Read:
         routing, deadline = [], None
         for pair in record_headers:
             if pair[0] in _ROUTING:
@@ -153,7 +162,7 @@ class Router:
                 else:
                     routing.append(pair)
         deadline_ms, bad_deadline = (None, None) if deadline is None else _deadline(deadline)
-        return self._cached_route(topic, routing), deadline_ms, bad_deadline
+        return _Read(self._cached_route(topic, routing), deadline_ms, bad_deadline)
 
     def _cached_route(self, topic: str, routing: list[tuple[str, bytes | None]]) -> Route:
         key = (topic, tuple(routing))
