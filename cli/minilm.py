@@ -24,7 +24,10 @@ MINILM_CONFIG = """\
 # all-MiniLM-L6-v2: token ids -> 384-d L2-normalised sentence embedding.
 max_batch_size = 32
 max_batch_delay_ms = 5.0
-intra_op_threads = 0
+# Two batches at once, the CPUs split between them: on CPU a transformer gains little from
+# bigger batches, and one call spread over every core stalls at each op whenever any of its
+# threads is descheduled.
+instances = 2
 {inputs}
 [[outputs]]
 name = "embedding"

@@ -40,6 +40,23 @@ def test_onnx_runtime_reads_its_signature(tmp_path: Path) -> None:
     np.testing.assert_allclose(out.sum(axis=1), 1, rtol=1e-5)
 
 
+@pytest.mark.parametrize(
+    ("configured", "instances", "expected"),
+    [(0, 1, 0), (0, 2, 4), (0, 3, 2), (0, 16, 1), (3, 2, 3)],
+)
+def test_instances_split_the_cpus_unless_threads_are_set(
+    tmp_path: Path,
+    monkeypatch: pytest.MonkeyPatch,
+    configured: int,
+    instances: int,
+    expected: int,
+) -> None:
+    monkeypatch.setattr("os.sched_getaffinity", lambda pid: set(range(8)))
+    config = ModelConfig(device="cpu", instances=instances, intra_op_threads=configured)
+    runtime = runtimes.load(write_mlp(tmp_path), config)
+    assert runtime._session.get_session_options().intra_op_num_threads == expected
+
+
 def test_io_binding_matches_a_plain_run(tmp_path: Path) -> None:
     """The GPU path's binding (pinned staging, outputs on the device), run here with host
     memory in both roles: batches of changing size, several threads at once."""

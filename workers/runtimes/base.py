@@ -3,13 +3,14 @@
 from __future__ import annotations
 
 import math
+import os
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any, Protocol
 
 import numpy as np
 
-from surge.config import TensorConfig
+from surge.config import ModelConfig, TensorConfig
 from surge.schemas import DATATYPES
 
 
@@ -66,3 +67,13 @@ def warm_up(runtime: Runtime, batch_sizes: Sequence[int]) -> None:
             dims = tuple(1 if d < 0 else d for d in spec.shape)
             inputs[spec.name] = np.zeros((rows, *dims), dtype=spec.dtype)
         runtime.run(inputs)
+
+
+def intra_op_threads(config: ModelConfig) -> int:
+    """Threads per model call: as configured; 0 (auto) leaves one instance the runtime's
+    default, and splits this process's CPUs between several. Concurrent calls share one pool,
+    and each of an op's threads waits for the slowest: instances that each want every core
+    stall one another at every op, where a core each runs them side by side."""
+    if config.intra_op_threads or config.instances == 1:
+        return config.intra_op_threads
+    return max(1, len(os.sched_getaffinity(0)) // config.instances)

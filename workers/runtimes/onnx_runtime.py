@@ -16,7 +16,7 @@ import numpy as np
 import onnxruntime as ort
 
 from surge.config import ModelConfig
-from surge.workers.runtimes.base import TensorSpec
+from surge.workers.runtimes.base import TensorSpec, intra_op_threads
 from surge.workers.runtimes.devices import resolve_device
 
 _DATATYPES = {
@@ -47,8 +47,7 @@ class OnnxRuntime:
             )
         options = ort.SessionOptions()
         options.log_severity_level = 3
-        if config.intra_op_threads:
-            options.intra_op_num_threads = config.intra_op_threads
+        options.intra_op_num_threads = intra_op_threads(config)  # 0: the runtime's default
         # Idle pool threads sleep instead of spinning: a worker shares its cores with the
         # event loop (and often a sidecar), which spinning threads would starve.
         options.add_session_config_entry("session.intra_op.allow_spinning", "0")

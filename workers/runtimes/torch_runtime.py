@@ -16,7 +16,7 @@ import numpy as np
 import torch
 
 from surge.config import ModelConfig
-from surge.workers.runtimes.base import TensorSpec
+from surge.workers.runtimes.base import TensorSpec, intra_op_threads
 from surge.workers.runtimes.devices import resolve_device
 
 
@@ -29,8 +29,8 @@ class TorchRuntime:
         self.inputs = tuple(TensorSpec.from_config(c) for c in config.inputs)
         self.outputs = tuple(TensorSpec.from_config(c) for c in config.outputs)
         self.device = resolve_device(config.device)
-        if config.intra_op_threads:
-            torch.set_num_threads(config.intra_op_threads)
+        if threads := intra_op_threads(config):
+            torch.set_num_threads(threads)
         if path.suffix == ".pt2":
             module = torch.export.load(str(path)).module().to(self.device)
         else:
