@@ -18,6 +18,7 @@ from pathlib import Path
 
 import numpy as np
 import onnxruntime as ort
+import psutil
 from aiokafka import AIOKafkaConsumer, AIOKafkaProducer
 from aiokafka.admin import AIOKafkaAdminClient, NewTopic
 from prometheus_client.parser import text_string_to_metric_families
@@ -102,6 +103,20 @@ def _jit_threads(pid: int) -> dict[str, float]:
         for tid, (name, ran, _) in _threads(pid).items()
         if name.startswith(("C1 Compiler", "C2 Compiler"))
     }
+
+
+def listener_pid(bootstrap: str) -> int | None:
+    """The process on this machine listening on the first bootstrap server's port, if any."""
+    host, _, port = bootstrap.split(",")[0].rpartition(":")
+    addresses = {"0.0.0.0", "::", *(("127.0.0.1", "::1") if host == "localhost" else (host,))}
+    for connection in psutil.net_connections(kind="tcp"):
+        if (
+            connection.status == psutil.CONN_LISTEN
+            and connection.laddr.port == int(port)
+            and connection.laddr.ip.removeprefix("::ffff:") in addresses  # a JVM's IPv4 too
+        ):
+            return connection.pid
+    return None
 
 
 def scheduling(pid: int) -> tuple[float, float]:

@@ -10,10 +10,10 @@ process and a load generator on this machine; drains a burst, then sweeps offere
 one phase runs at half the burst's throughput, where the latency target is set. Each phase also
 reports where its latency went: the results' own hop through the broker (record timestamp to
 receipt), and from the worker's histograms how old requests were when it took them in and how
-long each took from there to a durable result (p99 as the bound of its bucket), and how much
-CPU the worker had: its share of a core, how long its threads waited for one, and how busy the
-machine was (the broker and the load generator share it). Before all that, 15 s of load at
-the first rate warm up the broker's JIT. Prints a table, writes
+long each took from there to a durable result (p99 as the bound of its bucket), and where the
+CPU went: the worker's share of a core and how long its threads waited for one, the broker's
+and this load generator's shares (they run on the same machine), and how busy it was. Before
+all that, 15 s of load at the first rate warm up the broker's JIT. Prints a table, writes
 bench/out/e2e-<model>-<via>.json and .png.
 """
 
@@ -43,6 +43,7 @@ from bench.common import (
     WorkerProcess,
     direct_throughput,
     kafka_broker,
+    listener_pid,
     providers,
     scheduling,
 )
@@ -236,7 +237,8 @@ def main() -> None:
             while plan:
                 name, count, rate = plan.pop(0)
                 before, latency = worker.batch_totals(), worker.latency_buckets()
-                cpu = CpuShare(worker.process.pid)  # started again at the first send
+                # Started again at the first send.
+                cpu = CpuShare(worker.process.pid, listener_pid(bootstrap))
                 report = asyncio.run(
                     load(count=count, rate=rate, on_first_send=cpu.start, on_last_result=cpu.stop)
                 )
@@ -275,35 +277,39 @@ async def _first_result(bootstrap: str, model: str, inputs: dict[str, np.ndarray
 
 
 class CpuShare:
-    """Over a phase: the worker's CPU (share of one core), how long its threads waited for a
-    CPU (ms per second), and how busy the whole machine was."""
+    """Over a phase: the CPU of the worker, the broker (when it runs here) and this load
+    generator with its result reader (each a share of one core), how long the worker's
+    threads waited for a CPU (ms per second), and how busy the whole machine was."""
 
-    def __init__(self, pid: int) -> None:
-        self._pid = pid
+    def __init__(self, worker: int, broker: int | None) -> None:
+        self._pids = {"worker": worker, "broker": broker, "generator": os.getpid()}
         self.start()
 
     def start(self) -> None:
         self._started = time.monotonic()
-        self._worker = scheduling(self._pid)
+        self._ran = self._sample()
         self._machine = psutil.cpu_times()
-        self._end: tuple[float, tuple[float, float], Any] | None = None
+        self._end: tuple[float, dict[str, tuple[float, float]], Any] | None = None
 
     def stop(self) -> None:
-        self._end = (time.monotonic(), scheduling(self._pid), psutil.cpu_times())
+        self._end = (time.monotonic(), self._sample(), psutil.cpu_times())
+
+    def _sample(self) -> dict[str, tuple[float, float]]:
+        return {name: scheduling(pid) for name, pid in self._pids.items() if pid is not None}
 
     def since(self) -> dict[str, float]:
         """From `start` to `stop` (the last result), or to now if it never came."""
-        ended, worker, machine = self._end or (
-            time.monotonic(),
-            scheduling(self._pid),
-            psutil.cpu_times(),
-        )
+        ended, ran, machine = self._end or (time.monotonic(), self._sample(), psutil.cpu_times())
         seconds = ended - self._started
-        ran, waited = (b - a for a, b in zip(self._worker, worker, strict=True))
         total = sum(machine) - sum(self._machine)
         idle = machine.idle - self._machine.idle
-        return {
-            "worker_cpu": ran / seconds,
+        shares = {
+            f"{name}_cpu": (ran[name][0] - self._ran[name][0]) / seconds
+            for name in ("worker", "broker", "generator")
+            if name in ran
+        }
+        waited = ran["worker"][1] - self._ran["worker"][1]
+        return shares | {
             "worker_cpu_wait_ms_per_s": waited / seconds * 1000,
             "machine_busy": 1 - idle / total if total else float("nan"),
         }
@@ -351,6 +357,8 @@ def _report(
         "mean model call ms",
         "worker CPU",
         "worker waited for a CPU ms/s",
+        "broker CPU",
+        "generator CPU",
         "machine busy",
     ):
         table.add_column(column, justify="right")
@@ -369,6 +377,8 @@ def _report(
             f"{stats['mean_call_ms']:.2f}",
             f"{stats['worker_cpu']:.0%}",
             f"{stats['worker_cpu_wait_ms_per_s']:.0f}",
+            f"{stats['broker_cpu']:.0%}" if "broker_cpu" in stats else "-",
+            f"{stats['generator_cpu']:.0%}",
             f"{stats['machine_busy']:.0%}",
         )
         rows.append(

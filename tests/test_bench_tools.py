@@ -1,14 +1,16 @@
-"""The benchmarks' own instruments: the broker's GC pauses and a process's CPU and CPU wait."""
+"""The benchmarks' own instruments: the broker's GC pauses, a process's CPU and CPU wait, and
+which local process serves a bootstrap address."""
 
 from __future__ import annotations
 
 import os
+import socket
 import time
 from pathlib import Path
 
 import pytest
 
-from bench.common import gc_pauses_ms, scheduling
+from bench.common import gc_pauses_ms, listener_pid, scheduling
 
 # Lines of a real G1 log (`-Xlog:gc`): pauses, and concurrent phases that are not pauses.
 _G1_LOG = """\
@@ -40,3 +42,12 @@ def test_scheduling_counts_a_process_s_cpu() -> None:
     ran_after, waited_after = scheduling(os.getpid())
     assert ran_after - ran >= 0.045
     assert waited_after >= waited
+
+
+def test_listener_pid_finds_the_local_process_behind_a_bootstrap_address() -> None:
+    with socket.create_server(("127.0.0.1", 0)) as server:
+        port = server.getsockname()[1]
+        assert listener_pid(f"127.0.0.1:{port}") == os.getpid()
+        assert listener_pid(f"localhost:{port},127.0.0.1:{port + 1}") == os.getpid()
+        assert listener_pid(f"192.0.2.1:{port}") is None  # another host's port of that number
+    assert listener_pid(f"127.0.0.1:{port}") is None
