@@ -50,7 +50,7 @@ from bench.common import (
 from surge.config import ModelConfig, convert, read_toml
 from surge.examples import MLP_FEATURES, MLP_NAME, write_mlp
 from surge.producers import SurgeClient
-from surge.producers.load import LoadReport, run_load
+from surge.producers.load import LoadReport, run_load, shared_reply_topic
 from tests.services import RedisServer
 
 console = Console()
@@ -214,7 +214,11 @@ def main() -> None:
 
     model_root = Path(tempfile.mkdtemp(prefix="surge-bench-models-"))
     model_path = workload.write(model_root)
-    with kafka_broker(args.bootstrap) as bootstrap, _redis(args.via) as redis_url:
+    with (
+        kafka_broker(args.bootstrap) as bootstrap,
+        _redis(args.via) as redis_url,
+        shared_reply_topic(bootstrap) as replies,  # one for every phase, as a client keeps one
+    ):
         extra = {"SURGE_REDIS__URL": redis_url} if redis_url else {}
         worker = WorkerProcess(bootstrap, model_root, **extra)
         try:
@@ -227,6 +231,7 @@ def main() -> None:
                 content_type=args.content_type,
                 via=args.via,
                 redis_url=redis_url,
+                reply_topic=replies,
             )
             # The broker's compilers are still busy with the paths this traffic takes (read
             # committed fetches, results, commits): left running, they would be measured.

@@ -7,6 +7,7 @@ with a plain Kafka producer, then a steady load; prints throughput, latency and 
 from __future__ import annotations
 
 import asyncio
+import functools
 import os
 import signal
 import socket
@@ -25,7 +26,7 @@ from rich.table import Table
 from surge.broker import start_noida, stop_noida
 from surge.examples import MLP_FEATURES, MLP_NAME, write_mlp
 from surge.producers import SurgeClient
-from surge.producers.load import LoadReport, run_load
+from surge.producers.load import LoadReport, run_load, shared_reply_topic
 
 console = Console()
 
@@ -63,13 +64,12 @@ def run_demo(*, requests: int, rate: float) -> int:
             started = time.perf_counter()
             asyncio.run(_first_result(bootstrap, inputs(0)))
             ready_s = time.perf_counter() - started
-        with console.status(f"burst: {requests:,} requests published at once"):
-            burst = asyncio.run(run_load(bootstrap, MLP_NAME, inputs, count=requests))
-        steady_count = int(rate * 5)
-        with console.status(f"steady load: {rate:,.0f} requests/s for 5 s"):
-            steady = asyncio.run(
-                run_load(bootstrap, MLP_NAME, inputs, count=steady_count, rate=rate)
-            )
+        with shared_reply_topic(bootstrap) as replies:  # one for both phases, as a client keeps
+            load = functools.partial(run_load, bootstrap, MLP_NAME, inputs, reply_topic=replies)
+            with console.status(f"burst: {requests:,} requests published at once"):
+                burst = asyncio.run(load(count=requests))
+            with console.status(f"steady load: {rate:,.0f} requests/s for 5 s"):
+                steady = asyncio.run(load(count=int(rate * 5), rate=rate))
         batches = _batch_sizes(metrics_port)
     finally:
         worker.send_signal(signal.SIGTERM)

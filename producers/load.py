@@ -8,7 +8,7 @@ import contextlib
 import time
 import uuid
 from collections import Counter
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Iterator, Mapping
 from dataclasses import dataclass, field
 from typing import Any, Literal
 
@@ -23,6 +23,10 @@ from surge.schemas import MSGPACK, headers
 
 _TICK_S = 0.001  # open-loop send granularity
 _BURST_CHUNK = 1024  # a burst goes out this many requests at a time
+# The id suffix of the one untimed request a run sends first. The first result to a new reply
+# topic waits for the worker to look the topic up, and a new producer's first send for its
+# producer id: costs of a run's start that a long-lived client pays once, not steady state.
+_PRIMING = "priming"
 
 
 @dataclass
@@ -63,16 +67,21 @@ async def run_load(
     via: Literal["kafka", "redis"] = "kafka",
     redis_url: str | None = None,
     topic: str | None = None,
+    reply_topic: str | None = None,
     timeout_s: float = 120.0,
     kafka_options: Mapping[str, Any] | None = None,
     on_first_send: Callable[[], None] | None = None,
     on_last_result: Callable[[], None] | None = None,
 ) -> LoadReport:
     """Send `count` requests (at `rate` per second, or as fast as possible) and collect results.
-    `on_first_send` runs once every request is encoded, just before the first goes out;
-    `on_last_result` as the last result comes in (if it does)."""
+    Kafka results go to `reply_topic`, an existing topic that outlives the run (see
+    `shared_reply_topic()`), or to a topic of the run's own. One request first, untimed,
+    primes the path (see `_PRIMING`). `on_first_send` runs once every request is encoded, just
+    before the first timed one goes out; `on_last_result` as the last result comes in (if it
+    does)."""
     kafka = {"bootstrap_servers": bootstrap_servers, **(kafka_options or {})}
     run_id = uuid.uuid4().hex[:12]
+    primed = asyncio.Event()
     ids = [f"{run_id}-{i}" for i in range(count)]
     bodies = [request_body(make_inputs(i), ids[i], content_type) for i in range(count)]
     keys = [request_id.encode() for request_id in ids]
@@ -83,7 +92,13 @@ async def run_load(
     done = asyncio.Event()
 
     def record(request_id: str, status: str, written_ms: int | None = None) -> None:
-        index = int(request_id.rpartition("-")[2])
+        run, _, suffix = request_id.rpartition("-")
+        if run != run_id:  # an earlier run's result, on a reply topic that outlives runs
+            return
+        if suffix == _PRIMING:
+            primed.set()
+            return
+        index = int(suffix)
         if np.isnan(got_at[index]):  # duplicates count once
             got_at[index] = time.perf_counter()
             if written_ms is not None:
@@ -100,8 +115,8 @@ async def run_load(
             headers.REPLY_TO_REDIS,
         )
     else:
-        reply_to = f"surge.load.{run_id}"
-        collector = await _kafka_collector(kafka, reply_to, run_id, record)
+        reply_to = reply_topic or _topic_name()
+        collector = await _kafka_collector(kafka, reply_to, record, own=reply_topic is None)
 
     producer = AIOKafkaProducer(
         **kafka, acks="all", enable_idempotence=True, linger_ms=0, max_batch_size=256 * 1024
@@ -114,6 +129,11 @@ async def run_load(
         # Where `send()` would put each request: Kafka's default partitioner, by key.
         choose = DefaultPartitioner()
         targets = [choose(key, partitions, partitions) for key in keys]
+        priming = f"{run_id}-{_PRIMING}"
+        body = request_body(make_inputs(0), priming, content_type)
+        await producer.send_and_wait(request_topic, body, key=priming.encode(), headers=route)
+        with contextlib.suppress(TimeoutError):  # the timed requests will show what is wrong
+            await asyncio.wait_for(primed.wait(), timeout_s)
         if on_first_send is not None:
             on_first_send()
         started = time.perf_counter()
@@ -171,20 +191,64 @@ async def run_load(
         await collector()
 
 
-async def _kafka_collector(
-    kafka: Mapping[str, Any], topic: str, run_id: str, record: Callable[[str, str, int], None]
-) -> Callable[[], Any]:
+@contextlib.contextmanager
+def shared_reply_topic(
+    bootstrap_servers: str, kafka_options: Mapping[str, Any] | None = None
+) -> Iterator[str]:
+    """A reply topic for many runs, as a long-lived client keeps one; deleted on exit. A new
+    topic costs its first results more: the worker looks it up, and the broker stalls once
+    (40-50 ms here) as the partition's log reaches its first index entry (`index.interval.bytes`,
+    4 KiB by default). Runs that each made their own topic measured that every time."""
+    kafka = {"bootstrap_servers": bootstrap_servers, **(kafka_options or {})}
+    name = _topic_name()
+    asyncio.run(_create_topic(kafka, name))
+    try:
+        yield name
+    finally:
+        asyncio.run(_delete_topic(kafka, name))
+
+
+def _topic_name() -> str:
+    return f"surge.load.{uuid.uuid4().hex[:12]}"
+
+
+async def _create_topic(kafka: Mapping[str, Any], topic: str) -> None:
     admin = AIOKafkaAdminClient(**kafka)
     await admin.start()
-    await admin.create_topics([NewTopic(topic, 1, 1)])
-    await admin.close()
+    try:
+        await admin.create_topics([NewTopic(topic, 1, 1)])
+    finally:
+        await admin.close()
+
+
+async def _delete_topic(kafka: Mapping[str, Any], topic: str) -> None:
+    admin = AIOKafkaAdminClient(**kafka)
+    await admin.start()
+    try:
+        await admin.delete_topics([topic])
+    finally:
+        await admin.close()
+
+
+async def _kafka_collector(
+    kafka: Mapping[str, Any], topic: str, record: Callable[[str, str, int], None], *, own: bool
+) -> Callable[[], Any]:
+    """Read results from `topic`: one made for this run (`own`: created now, deleted after) or
+    an existing one, read from its end."""
+    if own:
+        await _create_topic(kafka, topic)
     consumer = AIOKafkaConsumer(**kafka, isolation_level="read_committed", enable_auto_commit=False)
     await consumer.start()
     while not consumer.partitions_for_topic(topic):
         await consumer._client.force_metadata_update()
-    tp = TopicPartition(topic, 0)
-    consumer.assign([tp])
-    await consumer.seek_to_beginning(tp)
+    partitions = [TopicPartition(topic, p) for p in sorted(consumer.partitions_for_topic(topic))]
+    consumer.assign(partitions)
+    for tp in partitions:
+        if own:
+            await consumer.seek_to_beginning(tp)
+        else:
+            await consumer.seek_to_end(tp)
+        await consumer.position(tp)  # resolved now: nothing sent later can be skipped
 
     async def read() -> None:
         while True:
@@ -200,10 +264,8 @@ async def _kafka_collector(
         task.cancel()
         await asyncio.gather(task, return_exceptions=True)
         await consumer.stop()
-        admin = AIOKafkaAdminClient(**kafka)
-        await admin.start()
-        await admin.delete_topics([topic])
-        await admin.close()
+        if own:
+            await _delete_topic(kafka, topic)
 
     return stop
 
