@@ -51,6 +51,7 @@ from surge.config import ModelConfig, convert, read_toml
 from surge.examples import MLP_FEATURES, MLP_NAME, write_mlp
 from surge.producers import SurgeClient
 from surge.producers.load import LoadReport, run_load, shared_reply_topic
+from surge.workers.runtimes.base import intra_op_threads
 from tests.services import RedisServer
 
 console = Console()
@@ -158,13 +159,14 @@ def _direct_padded(
 ) -> float:
     """ONNX Runtime alone on these requests, `batch` at a time, each batch padded to its
     longest row as the worker pads; rows per second (median of 5 passes over all batches).
-    With `concurrent` > 1, that many threads share the batches and the cores (one session,
-    its intra-op threads split between them, as a worker's model instances split them)."""
+    With `concurrent` > 1, that many threads share the batches and one session, its pool sized
+    as a worker sizes it for that many model instances."""
     import onnxruntime as ort
 
     options = ort.SessionOptions()
-    if concurrent > 1:
-        options.intra_op_num_threads = max(1, len(os.sched_getaffinity(0)) // concurrent)
+    options.intra_op_num_threads = intra_op_threads(
+        ModelConfig(instances=concurrent), shared_pool=True
+    )
     session = ort.InferenceSession(str(path), options, providers=providers(gpu))
     batches = []
     for start in range(0, len(requests) - batch + 1, batch):

@@ -40,7 +40,8 @@ class ModelConfig(msgspec.Struct, kw_only=True, forbid_unknown_fields=True):
     # A model whose recent batches all ran faster than this runs on the event loop itself:
     # handing a sub-millisecond call to a thread costs more than the call. 0: always a thread.
     inline_below_ms: Annotated[float, msgspec.Meta(ge=0, le=10)] = 1.0
-    # 0: the runtime's default for one instance; with several, the CPUs split between them
+    # 0: the runtime's default for one instance; with several, the CPUs split between them.
+    # PyTorch has one setting per process: the last model loaded that sets one decides.
     intra_op_threads: Annotated[int, msgspec.Meta(ge=0)] = 0
     version_policy: Literal["latest", "all", "specific"] = "latest"
     latest_versions: Positive = 1

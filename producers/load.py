@@ -15,6 +15,7 @@ from typing import Any, Literal
 import numpy as np
 from aiokafka import AIOKafkaConsumer, AIOKafkaProducer, TopicPartition
 from aiokafka.admin import AIOKafkaAdminClient, NewTopic
+from aiokafka.errors import KafkaError
 from aiokafka.partitioner import DefaultPartitioner
 from redis.asyncio import Redis
 
@@ -27,6 +28,8 @@ _BURST_CHUNK = 1024  # a burst goes out this many requests at a time
 # topic waits for the worker to look the topic up, and a new producer's first send for its
 # producer id: costs of a run's start that a long-lived client pays once, not steady state.
 _PRIMING = "priming"
+_PRIMING_WAIT_S = 30.0
+_METADATA_WAIT_S = 30.0  # for a reply topic to show up in the cluster's metadata
 
 
 @dataclass
@@ -121,7 +124,11 @@ async def run_load(
     producer = AIOKafkaProducer(
         **kafka, acks="all", enable_idempotence=True, linger_ms=0, max_batch_size=256 * 1024
     )
-    await producer.start()
+    try:
+        await producer.start()
+    except BaseException:
+        await collector()
+        raise
     request_topic = topic or f"surge.requests.{model}"
     route = request_headers(model=model, content_type=content_type, reply_to=reply_to)
     try:
@@ -133,7 +140,7 @@ async def run_load(
         body = request_body(make_inputs(0), priming, content_type)
         await producer.send_and_wait(request_topic, body, key=priming.encode(), headers=route)
         with contextlib.suppress(TimeoutError):  # the timed requests will show what is wrong
-            await asyncio.wait_for(primed.wait(), timeout_s)
+            await asyncio.wait_for(primed.wait(), min(timeout_s, _PRIMING_WAIT_S))
         if on_first_send is not None:
             on_first_send()
         started = time.perf_counter()
@@ -198,14 +205,17 @@ def shared_reply_topic(
     """A reply topic for many runs, as a long-lived client keeps one; deleted on exit. A new
     topic costs its first results more: the worker looks it up, and the broker stalls once
     (40-50 ms here) as the partition's log reaches its first index entry (`index.interval.bytes`,
-    4 KiB by default). Runs that each made their own topic measured that every time."""
+    4 KiB by default). Runs that each made their own topic measured that every time. For
+    callers outside an event loop (each run then has a loop of its own)."""
     kafka = {"bootstrap_servers": bootstrap_servers, **(kafka_options or {})}
     name = _topic_name()
     asyncio.run(_create_topic(kafka, name))
     try:
         yield name
     finally:
-        asyncio.run(_delete_topic(kafka, name))
+        # A broker gone by now must not hide what went wrong inside the block.
+        with contextlib.suppress(KafkaError, OSError):
+            asyncio.run(_delete_topic(kafka, name))
 
 
 def _topic_name() -> str:
@@ -239,8 +249,13 @@ async def _kafka_collector(
         await _create_topic(kafka, topic)
     consumer = AIOKafkaConsumer(**kafka, isolation_level="read_committed", enable_auto_commit=False)
     await consumer.start()
+    deadline = time.monotonic() + _METADATA_WAIT_S
     while not consumer.partitions_for_topic(topic):
+        if time.monotonic() > deadline:
+            await consumer.stop()
+            raise LookupError(f"reply topic {topic!r} does not exist")
         await consumer._client.force_metadata_update()
+        await asyncio.sleep(0.05)
     partitions = [TopicPartition(topic, p) for p in sorted(consumer.partitions_for_topic(topic))]
     consumer.assign(partitions)
     for tp in partitions:

@@ -217,7 +217,7 @@ class KafkaBroker:
         return self.workdir / "tls" / "ca.pem"
 
     def _java(self, args: list[str], check: bool = False) -> subprocess.CompletedProcess[bytes]:
-        return subprocess.run(
+        done = subprocess.run(
             [
                 "java",
                 "-Xmx256m",
@@ -226,9 +226,12 @@ class KafkaBroker:
                 self._classpath,
                 *args,
             ],
-            check=check,
             capture_output=True,
         )
+        if check and done.returncode != 0:  # say why: the exit status alone tells nothing
+            output = (done.stdout + done.stderr).decode(errors="replace")[-3000:]
+            raise RuntimeError(f"{args[0]} {args[1]} exited with {done.returncode}:\n{output}")
+        return done
 
     def start(self, timeout: float = 90) -> KafkaBroker:
         log = self.workdir / "broker.log"

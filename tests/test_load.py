@@ -67,3 +67,11 @@ def test_a_shared_reply_topic_lives_as_long_as_its_block(kafka: str) -> None:
     while name in asyncio.run(topics()):
         assert time.monotonic() < deadline, f"{name} outlived its block"
         time.sleep(0.1)
+
+
+async def test_a_reply_topic_that_does_not_exist_is_refused(
+    kafka: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setattr("surge.producers.load._METADATA_WAIT_S", 1.0)
+    with pytest.raises(LookupError, match="does not exist"):
+        await run_load(kafka, "mlp", _inputs, count=1, reply_topic=f"test.missing.{uuid.uuid4()}")

@@ -17,6 +17,7 @@ from surge.workers import runtimes
 from surge.workers.batching import check_rows, group_by_shape, stack
 from surge.workers.intake import Job
 from surge.workers.runtimes import TensorSpec
+from surge.workers.runtimes.base import intra_op_threads
 from surge.workers.runtimes.devices import resolve_device
 from surge.workers.runtimes.onnx_runtime import IoBinding, host_buffer
 
@@ -42,7 +43,8 @@ def test_onnx_runtime_reads_its_signature(tmp_path: Path) -> None:
 
 @pytest.mark.parametrize(
     ("configured", "instances", "expected"),
-    [(0, 1, 0), (0, 2, 4), (0, 3, 2), (0, 16, 1), (3, 2, 3)],
+    # One ONNX Runtime pool serves all instances: its threads plus each calling thread.
+    [(0, 1, 0), (0, 2, 7), (0, 3, 6), (0, 16, 1), (3, 2, 3)],
 )
 def test_instances_split_the_cpus_unless_threads_are_set(
     tmp_path: Path,
@@ -55,6 +57,13 @@ def test_instances_split_the_cpus_unless_threads_are_set(
     config = ModelConfig(device="cpu", instances=instances, intra_op_threads=configured)
     runtime = runtimes.load(write_mlp(tmp_path), config)
     assert runtime._session.get_session_options().intra_op_num_threads == expected
+
+
+def test_pytorch_instances_each_get_a_share_of_the_cpus(monkeypatch: pytest.MonkeyPatch) -> None:
+    """PyTorch's OpenMP gives each concurrent call a team of the configured size."""
+    monkeypatch.setattr("os.sched_getaffinity", lambda pid: set(range(8)))
+    split = [intra_op_threads(ModelConfig(instances=n), shared_pool=False) for n in (1, 2, 3, 16)]
+    assert split == [0, 4, 2, 1]
 
 
 def test_io_binding_matches_a_plain_run(tmp_path: Path) -> None:

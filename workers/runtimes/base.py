@@ -69,11 +69,16 @@ def warm_up(runtime: Runtime, batch_sizes: Sequence[int]) -> None:
         runtime.run(inputs)
 
 
-def intra_op_threads(config: ModelConfig) -> int:
-    """Threads per model call: as configured; 0 (auto) leaves one instance the runtime's
-    default, and splits this process's CPUs between several. Concurrent calls share one pool,
-    and each of an op's threads waits for the slowest: instances that each want every core
-    stall one another at every op, where a core each runs them side by side."""
+def intra_op_threads(config: ModelConfig, *, shared_pool: bool) -> int:
+    """Intra-op threads to configure: as set; 0 (auto) leaves one instance the runtime's
+    default, and splits this process's CPUs (those it may run on) between several. Each of an
+    op's threads waits for the slowest: instances that each want every core stall one another
+    at every op, where a share each runs them side by side. A `shared_pool` (ONNX Runtime's,
+    one per session) has the threads configured less one, and every calling thread joins in;
+    otherwise (PyTorch's OpenMP) each call gets a team of the configured size."""
     if config.intra_op_threads or config.instances == 1:
         return config.intra_op_threads
-    return max(1, len(os.sched_getaffinity(0)) // config.instances)
+    cpus = len(os.sched_getaffinity(0))
+    if shared_pool:
+        return max(1, cpus - config.instances + 1)
+    return max(1, cpus // config.instances)

@@ -47,7 +47,8 @@ class OnnxRuntime:
             )
         options = ort.SessionOptions()
         options.log_severity_level = 3
-        options.intra_op_num_threads = intra_op_threads(config)  # 0: the runtime's default
+        # 0: the runtime's default. One pool serves every instance's calls.
+        options.intra_op_num_threads = intra_op_threads(config, shared_pool=True)
         # Idle pool threads sleep instead of spinning: a worker shares its cores with the
         # event loop (and often a sidecar), which spinning threads would starve.
         options.add_session_config_entry("session.intra_op.allow_spinning", "0")

@@ -29,8 +29,8 @@ class TorchRuntime:
         self.inputs = tuple(TensorSpec.from_config(c) for c in config.inputs)
         self.outputs = tuple(TensorSpec.from_config(c) for c in config.outputs)
         self.device = resolve_device(config.device)
-        if threads := intra_op_threads(config):
-            torch.set_num_threads(threads)
+        if threads := intra_op_threads(config, shared_pool=False):
+            torch.set_num_threads(threads)  # for the whole process: the last model's wins
         if path.suffix == ".pt2":
             module = torch.export.load(str(path)).module().to(self.device)
         else:
