@@ -238,6 +238,7 @@ def main() -> None:
             # The broker's compilers are still busy with the paths this traffic takes (read
             # committed fetches, results, commits): left running, they would be measured.
             asyncio.run(load(count=max(1, int(rates[0] * _WARM_UP_S)), rate=rates[0]))
+            broker_pid = listener_pid(bootstrap)  # None: a broker on another machine
             phases: list[tuple[str, LoadReport, dict[str, float]]] = []
             plan: list[tuple[str, int, float | None]] = [("burst", burst, None)]
             plan += [(f"{r:,.0f}/s", int(r * args.seconds), r) for r in rates]
@@ -245,7 +246,7 @@ def main() -> None:
                 name, count, rate = plan.pop(0)
                 before, latency = worker.batch_totals(), worker.latency_buckets()
                 # Started again at the first send.
-                cpu = CpuShare(worker.process.pid, listener_pid(bootstrap))
+                cpu = CpuShare(worker.process.pid, broker_pid)
                 report = asyncio.run(
                     load(count=count, rate=rate, on_first_send=cpu.start, on_last_result=cpu.stop)
                 )

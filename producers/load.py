@@ -243,8 +243,8 @@ async def _delete_topic(kafka: Mapping[str, Any], topic: str) -> None:
 async def _kafka_collector(
     kafka: Mapping[str, Any], topic: str, record: Callable[[str, str, int], None], *, own: bool
 ) -> Callable[[], Any]:
-    """Read results from `topic`: one made for this run (`own`: created now, deleted after) or
-    an existing one, read from its end."""
+    """Read results from `topic`, from its end: one made for this run (`own`: created now,
+    deleted after) or an existing one."""
     if own:
         await _create_topic(kafka, topic)
     consumer = AIOKafkaConsumer(**kafka, isolation_level="read_committed", enable_auto_commit=False)
@@ -259,10 +259,7 @@ async def _kafka_collector(
     partitions = [TopicPartition(topic, p) for p in sorted(consumer.partitions_for_topic(topic))]
     consumer.assign(partitions)
     for tp in partitions:
-        if own:
-            await consumer.seek_to_beginning(tp)
-        else:
-            await consumer.seek_to_end(tp)
+        await consumer.seek_to_end(tp)
         await consumer.position(tp)  # resolved now: nothing sent later can be skipped
 
     async def read() -> None:
