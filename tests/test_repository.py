@@ -14,7 +14,13 @@ from tests.helpers import make_ticket
 
 
 def _repository(root: Path) -> ModelRepository:
-    return ModelRepository(root, [], replies=None, time_budget_s=5)  # type: ignore[arg-type]
+    return ModelRepository(
+        root,
+        [],
+        replies=None,  # type: ignore[arg-type]
+        time_budget_s=5,
+        max_tensor_elements=1 << 22,
+    )
 
 
 def _served(repository: ModelRepository) -> list[tuple[str, int]]:

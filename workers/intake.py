@@ -8,6 +8,7 @@ from dataclasses import dataclass
 import numpy as np
 
 from surge.schemas import (
+    MSGPACK,
     DecodeError,
     ErrorCode,
     Tensor,
@@ -17,6 +18,7 @@ from surge.schemas import (
     decode_request,
     to_array,
 )
+from surge.workers.layouts import Layout, learn
 from surge.workers.runtimes import TensorSpec
 from surge.workers.tickets import Rejection, Ticket
 
@@ -38,6 +40,67 @@ class Job:
 class _Reject(Exception):
     def __init__(self, code: ErrorCode, message: str) -> None:
         self.rejection = Rejection(code, message)
+
+
+_LAYOUTS = 64  # body lengths remembered per model version
+
+
+class Intake:
+    """Admission for one served model version. Requests of its one fixed-shape input in raw
+    msgpack bytes are read by their layout (`workers.layouts`) once one of the same length
+    has been decoded the full way; everything else is decoded and checked by `admit`."""
+
+    def __init__(
+        self,
+        inputs: Sequence[TensorSpec],
+        outputs: Sequence[TensorSpec],
+        *,
+        max_rows: int,
+        max_elements: int,
+    ) -> None:
+        self._inputs = inputs
+        self._outputs = outputs
+        self._max_rows = max_rows
+        self._max_elements = max_elements
+        spec = inputs[0] if len(inputs) == 1 else None
+        self._laid_out = spec.name if spec and spec.row_bytes and spec.pad_value is None else None
+        # By body length; None: a served body of that length could not be laid out.
+        self._layouts: dict[int, Layout | None] = {}
+
+    def admit(self, ticket: Ticket) -> Job | Rejection:
+        """As `admit`: a Job, or why not."""
+        if self._laid_out is not None and ticket.content_type == MSGPACK:
+            if len(ticket.value) not in self._layouts:
+                return self._admit_and_learn(ticket)
+            layout = self._layouts[len(ticket.value)]
+            if layout is not None and (read := layout.read(ticket.value)) is not None:
+                request_id, data = read
+                if request_id is not None:
+                    ticket.request_id = request_id
+                return Job(ticket, {self._laid_out: data}, layout.rows, None)
+        return self._admit(ticket)
+
+    def _admit(self, ticket: Ticket) -> Job | Rejection:
+        return admit(
+            ticket,
+            self._inputs,
+            self._outputs,
+            max_rows=self._max_rows,
+            max_elements=self._max_elements,
+        )
+
+    def _admit_and_learn(self, ticket: Ticket) -> Job | Rejection:
+        """The full way, learning the body's layout if it was served as raw rows. A rejected
+        body teaches nothing: the next of its length tries again."""
+        job = self._admit(ticket)
+        if isinstance(job, Job):
+            layout = None
+            if job.outputs is None and type(job.inputs[self._laid_out]) is memoryview:
+                layout = learn(ticket.value)
+            if len(self._layouts) >= _LAYOUTS:
+                self._layouts.clear()
+            self._layouts[len(ticket.value)] = layout
+        return job
 
 
 def admit(

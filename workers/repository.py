@@ -20,6 +20,7 @@ from surge.config import ConfigError, ModelConfig, convert, read_toml
 from surge.schemas import ErrorCode
 from surge.workers import runtimes
 from surge.workers.batcher import Batcher
+from surge.workers.intake import Intake
 from surge.workers.replies import Replies
 from surge.workers.tickets import Rejection
 
@@ -42,6 +43,7 @@ class VersionSource:
 class ServedVersion:
     source: VersionSource
     runtime: runtimes.Runtime
+    intake: Intake
     batcher: Batcher
     executor: ThreadPoolExecutor
 
@@ -114,9 +116,11 @@ class ModelRepository:
         replies: Replies,
         *,
         time_budget_s: float,
+        max_tensor_elements: int,
         on_crash: Callable[[BaseException], None] = lambda exc: None,
     ) -> None:
         self.root = root
+        self._max_elements = max_tensor_elements
         self._on_crash = on_crash
         self._names = frozenset(names)
         self._replies = replies
@@ -244,7 +248,13 @@ class ModelRepository:
             device=runtime.device,
             seconds=round(time.perf_counter() - started, 3),
         )
-        return ServedVersion(source, runtime, batcher, executor)
+        intake = Intake(
+            runtime.inputs,
+            runtime.outputs,
+            max_rows=source.config.max_batch_size,
+            max_elements=self._max_elements,
+        )
+        return ServedVersion(source, runtime, intake, batcher, executor)
 
     async def _warm_up(self, source: VersionSource, runtime: runtimes.Runtime) -> None:
         """Warm the batch sizes it will see. Failing at one row means a broken model; failing

@@ -31,7 +31,6 @@ from surge.config import Settings
 from surge.schemas import ErrorCode
 from surge.workers import metrics
 from surge.workers.acked import AckedWrites
-from surge.workers.intake import admit
 from surge.workers.ledger import Ledger
 from surge.workers.replies import Replies
 from surge.workers.repository import ModelRepository
@@ -174,6 +173,7 @@ class Worker:
             worker.models,
             self._replies,
             time_budget_s=worker.batch_time_budget_s,
+            max_tensor_elements=worker.max_tensor_elements,
             on_crash=self._crashed,
         )
         await self._repository.reconcile(settle_s=0)
@@ -329,13 +329,7 @@ class Worker:
         served = self._repository.resolve(ticket.model, ticket.version)
         if isinstance(served, Rejection):
             return served
-        job = admit(
-            ticket,
-            served.runtime.inputs,
-            served.runtime.outputs,
-            max_rows=served.config.max_batch_size,
-            max_elements=self.settings.worker.max_tensor_elements,
-        )
+        job = served.intake.admit(ticket)
         if isinstance(job, Rejection):
             return job
         served.batcher.put(job)

@@ -1,0 +1,141 @@
+"""Layout reads: a body read by its layout must give what the full decode gives, for every
+body of the learned length, valid or not."""
+
+from __future__ import annotations
+
+import msgspec
+import numpy as np
+import pytest
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+
+from surge.producers.requests import request_body
+from surge.schemas import MSGPACK, ErrorCode
+from surge.workers import intake as intake_module
+from surge.workers.intake import Intake, Job, admit
+from surge.workers.layouts import learn
+from surge.workers.runtimes import TensorSpec
+from surge.workers.tickets import Rejection
+from tests.helpers import make_ticket
+
+SPECS = [TensorSpec("x", "FP32", (4,))]
+LIMITS = {"max_rows": 8, "max_elements": 1 << 16}
+
+
+def _body(request_id: str = "req-0001", rows: int = 1, fill: float = 1.0) -> bytes:
+    return request_body({"x": np.full((rows, 4), fill, np.float32)}, request_id, MSGPACK)
+
+
+def _outcome(result: Job | Rejection) -> tuple[object, ...]:
+    """What a result says, comparable across the two ways of admitting."""
+    if isinstance(result, Rejection):
+        return ("rejected", result.code)
+    inputs = {name: bytes(data) for name, data in result.inputs.items()}
+    return ("job", result.ticket.request_id, result.rows, inputs, result.outputs)
+
+
+def _both(intake: Intake, body: bytes) -> tuple[tuple[object, ...], tuple[object, ...]]:
+    full = admit(make_ticket(body, MSGPACK), SPECS, [], **LIMITS)
+    return _outcome(intake.admit(make_ticket(body, MSGPACK))), _outcome(full)
+
+
+def test_a_learned_layout_reads_the_id_and_rows_of_later_bodies() -> None:
+    intake = Intake(SPECS, [], **LIMITS)
+    intake.admit(make_ticket(_body("req-0001", rows=2), MSGPACK))
+    later = _body("req-0002", rows=2, fill=3.0)
+    job = intake.admit(make_ticket(later, MSGPACK))
+    assert isinstance(job, Job)
+    assert job.ticket.request_id == "req-0002"
+    assert job.rows == 2
+    assert np.frombuffer(job.inputs["x"], np.float32).tolist() == [3.0] * 8
+    layout = learn(later)
+    assert layout is not None
+    assert layout.read(later) is not None
+
+
+def test_later_bodies_skip_the_full_decode(monkeypatch: pytest.MonkeyPatch) -> None:
+    intake = Intake(SPECS, [], **LIMITS)
+    intake.admit(make_ticket(_body("req-0001"), MSGPACK))
+    full_decodes = []
+    monkeypatch.setattr(intake_module, "admit", lambda *a, **k: full_decodes.append(a))
+    for n in range(2, 10):
+        assert isinstance(intake.admit(make_ticket(_body(f"req-000{n}"), MSGPACK)), Job)
+    assert full_decodes == []
+    intake.admit(make_ticket(_body("req-00010"), MSGPACK))  # another length: the full way
+    assert len(full_decodes) == 1
+
+
+def test_a_body_without_an_id_keeps_the_fallback_id() -> None:
+    body = msgspec.msgpack.encode(
+        {"inputs": [{"name": "x", "shape": [1, 4], "datatype": "FP32", "data": bytes(16)}]}
+    )
+    layout = learn(body)
+    assert layout is not None
+    assert layout.id_at is None
+    intake = Intake(SPECS, [], **LIMITS)
+    for _ in range(2):
+        job = intake.admit(make_ticket(body, MSGPACK))
+        assert isinstance(job, Job)
+        assert job.ticket.request_id == "k"
+
+
+def test_an_id_that_is_not_utf8_is_refused_as_the_full_decode_refuses_it() -> None:
+    intake = Intake(SPECS, [], **LIMITS)
+    good = _body("idé1")
+    intake.admit(make_ticket(good, MSGPACK))
+    raw_id = "idé1".encode()
+    bad = good.replace(raw_id, b"id\xff\xfe1")
+    assert len(bad) == len(good)
+    laid_out, full = _both(intake, bad)
+    assert laid_out == full == ("rejected", ErrorCode.BAD_ENCODING)
+
+
+def test_bodies_that_cannot_be_pinned_down_get_no_layout() -> None:
+    # The id written with a longer string header than needed: found nowhere as expected.
+    long_header = msgspec.msgpack.encode(
+        {"id": "ab", "inputs": [{"name": "x", "shape": [1, 4], "datatype": "FP32", "data": b""}]}
+    ).replace(b"\xa2id\xa2ab", b"\xa2id\xd9\x02ab")
+    assert learn(long_header) is None
+    # The id's bytes also appear elsewhere in the body: ambiguous.
+    ambiguous = msgspec.msgpack.encode(
+        {
+            "id": "ab",
+            "inputs": [{"name": "x", "shape": [1, 4], "datatype": "FP32", "data": bytes(16)}],
+            "parameters": {"note": {"id": "ab"}},
+        }
+    )
+    assert learn(ambiguous) is None
+    # Values rather than raw bytes.
+    assert learn(msgspec.msgpack.encode({"inputs": [{"name": "x", "shape": [1, 4],
+                 "datatype": "FP32", "data": [1.0, 2.0, 3.0, 4.0]}]})) is None  # fmt: skip
+    assert learn(b"\xc1") is None
+
+
+def test_bodies_refused_at_first_sight_teach_nothing() -> None:
+    intake = Intake(SPECS, [], **LIMITS)
+    good = _body("req-0001")
+    wrong_name = good.replace(b"\xa1x", b"\xa1y")
+    assert isinstance(intake.admit(make_ticket(wrong_name, MSGPACK)), Rejection)
+    assert isinstance(intake.admit(make_ticket(good, MSGPACK)), Job)
+    laid_out, full = _both(intake, _body("req-0002"))
+    assert laid_out == full
+    assert laid_out[0] == "job"
+
+
+@settings(max_examples=400, suppress_health_check=[HealthCheck.too_slow])
+@given(
+    st.integers(1, 3),
+    st.lists(st.tuples(st.integers(0, 10_000), st.integers(0, 255)), min_size=1, max_size=6),
+)
+def test_any_body_of_the_learned_length_reads_as_the_full_decode_reads_it(
+    rows: int, flips: list[tuple[int, int]]
+) -> None:
+    intake = Intake(SPECS, [], **LIMITS)
+    learned = _body("req-0001", rows=rows)
+    assert learn(learned) is not None
+    intake.admit(make_ticket(learned, MSGPACK))
+    mutated = bytearray(_body("req-0002", rows=rows, fill=2.0))
+    for at, value in flips:
+        mutated[at % len(mutated)] = value
+    laid_out, full = _both(intake, bytes(mutated))
+    assert laid_out == full
