@@ -14,6 +14,7 @@ from surge.schemas.codec import (
     json_schema,
 )
 from surge.schemas.errors import ErrorCode
+from surge.schemas.frames import ResponseFrames
 from surge.schemas.headers import JSON, MSGPACK, Status
 from surge.schemas.inference import (
     ErrorResponse,
@@ -28,6 +29,7 @@ from surge.schemas.tensors import (
     TensorTooLarge,
     datatype_of,
     from_array,
+    raw_rows,
     row_tensors,
     to_array,
 )
@@ -47,6 +49,7 @@ __all__ = [
     "MSGPACK",
     # encoding
     "encode",
+    "ResponseFrames",
     "decode_request",
     "decode_response",
     "decode_error",
@@ -59,6 +62,7 @@ __all__ = [
     "TensorTooLarge",
     "datatype_of",
     "from_array",
+    "raw_rows",
     "row_tensors",
     "to_array",
 ]

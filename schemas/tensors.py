@@ -102,9 +102,7 @@ def row_tensors(name: str, array: np.ndarray, rows: Sequence[int], *, binary: bo
             from_array(name, array[start : start + count], binary=binary)
             for start, count in zip(starts, rows, strict=False)
         ]
-    contiguous = np.ascontiguousarray(array, dtype=DATATYPES[datatype])
-    raw = memoryview(contiguous.reshape(-1).view(np.uint8))  # also for zero-sized outputs
-    row_bytes = raw.nbytes // array.shape[0] if array.shape[0] else 0
+    raw, row_bytes = raw_rows(array, datatype)
     tail = list(array.shape[1:])
     tensors, offset = [], 0
     for count in rows:
@@ -114,6 +112,14 @@ def row_tensors(name: str, array: np.ndarray, rows: Sequence[int], *, binary: bo
         )
         offset = end
     return tensors
+
+
+def raw_rows(array: np.ndarray, datatype: str) -> tuple[memoryview, int]:
+    """A numeric array's raw little-endian bytes (copied only if it must be) and its bytes
+    per row along the first dimension."""
+    contiguous = np.ascontiguousarray(array, dtype=DATATYPES[datatype])
+    raw = memoryview(contiguous.reshape(-1).view(np.uint8))  # also for zero-sized outputs
+    return raw, raw.nbytes // array.shape[0] if array.shape[0] else 0
 
 
 def _text(value: object) -> object:

@@ -13,6 +13,7 @@ import numpy as np
 import pytest
 
 from surge.config import ModelConfig
+from surge.schemas import JSON, MSGPACK, InferenceResponse, encode, row_tensors
 from surge.workers.batcher import _INLINE_AFTER, Batcher
 from surge.workers.batching import group_by_shape, stack
 from surge.workers.intake import Job
@@ -39,9 +40,17 @@ class _Answers:
     def __init__(self) -> None:
         self.answered: list[Any] = []
         self.failed: list[Any] = []
+        self.bodies: dict[str, bytes] = {}
+        self.joined = 0  # bodies joined from frames
 
     def ok(self, ticket: Any, response: Any) -> None:
         self.answered.append(ticket)
+        self.bodies[ticket.request_id] = encode(response, ticket.content_type)
+
+    def ok_body(self, ticket: Any, body: bytes) -> None:
+        self.answered.append(ticket)
+        self.bodies[ticket.request_id] = body
+        self.joined += 1
 
     def error(self, ticket: Any, rejection: Any) -> None:
         self.failed.append(rejection)
@@ -202,3 +211,51 @@ def test_raw_rows_stack_like_arrays() -> None:
         np.testing.assert_array_equal(batch, expected)
         assert batch.dtype == np.float32
     assert len(group_by_shape(jobs(raw), [spec])) == 1
+
+
+class _TwoOutputs:
+    inputs = (TensorSpec("x", "FP32", (3,)),)
+    outputs = (TensorSpec("y", "FP32", (3,)), TensorSpec("n", "INT64", ()))
+
+    def run(self, batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+        x = batch["x"]
+        return {"y": x * 2, "n": np.arange(x.shape[0], dtype=np.int64)}
+
+
+async def test_every_kind_of_response_in_one_batch_is_encoded_as_its_struct_would_be() -> None:
+    """msgpack with every output (joined from frames), msgpack with some outputs, and JSON,
+    with one and several rows: each body is the encoded InferenceResponse."""
+    model, answers = _TwoOutputs(), _Answers()
+    config = ModelConfig(max_batch_size=16, max_batch_delay_ms=50)
+    batcher = _batcher(model, answers, config)
+    kinds = [(MSGPACK, None, 1), (MSGPACK, None, 2), (MSGPACK, ("n",), 1), (JSON, None, 2)] * 2
+    jobs = []
+    for i, (content_type, wanted, rows) in enumerate(kinds):
+        ticket = make_ticket(b"{}", content_type)
+        ticket.request_id = f"request-{i}" + "é" * i * 7  # string headers of several sizes
+        x = np.full((rows, 3), i, np.float32)
+        jobs.append(Job(ticket, {"x": x}, rows, wanted))
+    for job in jobs:
+        batcher.put(job)
+    batcher.start(on_crash=pytest.fail)
+    async with asyncio.timeout(10):
+        while len(answers.answered) < len(jobs):
+            await asyncio.sleep(0.01)
+    await batcher.close()
+    assert answers.joined == 4  # msgpack with every output
+
+    rows = [job.rows for job in jobs]
+    outputs = model.run({"x": np.concatenate([job.inputs["x"] for job in jobs])})
+    for index, job in enumerate(jobs):
+        ticket = job.ticket
+        binary = ticket.content_type == MSGPACK
+        expected = InferenceResponse(
+            model_name="embedder",
+            model_version="1",
+            id=ticket.request_id,
+            outputs=[
+                row_tensors(name, outputs[name], rows, binary=binary)[index]
+                for name in job.outputs or outputs
+            ],
+        )
+        assert answers.bodies[ticket.request_id] == encode(expected, ticket.content_type)

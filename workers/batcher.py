@@ -20,7 +20,16 @@ import numpy as np
 import structlog
 
 from surge.config import ModelConfig
-from surge.schemas import MSGPACK, ErrorCode, InferenceResponse, Tensor, row_tensors
+from surge.schemas import (
+    MSGPACK,
+    ErrorCode,
+    InferenceResponse,
+    ResponseFrames,
+    Tensor,
+    datatype_of,
+    raw_rows,
+    row_tensors,
+)
 from surge.workers import metrics
 from surge.workers.batching import check_rows, group_by_shape, stack
 from surge.workers.intake import Job
@@ -32,6 +41,10 @@ from surge.workers.tickets import Rejection
 log = structlog.get_logger("surge.batcher")
 
 _INLINE_AFTER = 16  # consecutive fast batches on a thread before a model may run inline
+_FRAME_CACHE = 256  # response frames kept, by rows and output shapes
+
+# Each output's name, datatype and shape past the batch dimension.
+_Signature = tuple[tuple[str, str, tuple[int, ...]], ...]
 
 
 class Batcher:
@@ -73,6 +86,7 @@ class Batcher:
         self._batch_seconds = metrics.BATCH_SECONDS.labels(model)
         self._queue_seconds = metrics.QUEUE_SECONDS.labels(model)
         self._ok = metrics.RESULTS.labels(model, "ok")
+        self._frame_cache: dict[tuple[int, _Signature], ResponseFrames | None] = {}
 
     @property
     def queued(self) -> int:
@@ -285,14 +299,30 @@ class Batcher:
         self._answer(jobs, rows, outputs)
 
     def _answer(self, jobs: list[Job], rows: list[int], outputs: dict[str, np.ndarray]) -> None:
-        """One response per job; each output is converted once for the whole batch (per
-        encoding: raw bytes for msgpack, lists for JSON)."""
+        """One response per job. Each output is converted once for the whole batch; msgpack
+        responses with every output are joined from frames (`ResponseFrames`), the others
+        encoded from Structs (raw bytes for msgpack, lists for JSON)."""
         names = list(outputs)
+        signature, raw = _raw_outputs(outputs)
+        frames_by_rows: dict[int, ResponseFrames | None] = {}
         converted: dict[bool, dict[str, list[Tensor]]] = {}
-        ok, model, version = self._replies.ok, self.model, self.version
+        ok, ok_body = self._replies.ok, self._replies.ok_body
+        model, version = self.model, self.version
+        start = 0
         for index, job in enumerate(jobs):
             ticket = job.ticket
+            count = job.rows
+            start += count
             binary = ticket.content_type == MSGPACK
+            if raw is not None and binary and job.outputs is None:
+                frames = frames_by_rows.get(count, False)
+                if frames is False:
+                    frames = frames_by_rows[count] = self._frames(signature, raw, count)
+                if frames is not None:
+                    begin = start - count
+                    data = [view[begin * size : start * size] for view, size in raw.values()]
+                    ok_body(ticket, frames.body(ticket.request_id, data))
+                    continue
             tensors = converted.get(binary)
             if tensors is None:
                 tensors = converted[binary] = {
@@ -305,3 +335,38 @@ class Batcher:
                 outputs=[tensors[name][index] for name in job.outputs or names],
             )
             ok(ticket, response)
+
+    def _frames(
+        self, signature: _Signature, raw: dict[str, tuple[memoryview, int]], rows: int
+    ) -> ResponseFrames | None:
+        """The frames of responses of `rows` rows to outputs of this signature, cut once."""
+        key = (rows, signature)
+        if key not in self._frame_cache:
+            if len(self._frame_cache) >= _FRAME_CACHE:
+                self._frame_cache.clear()
+            self._frame_cache[key] = ResponseFrames.cut(
+                self.model,
+                self.version,
+                [
+                    (name, datatype, [rows, *tail], rows * raw[name][1])
+                    for name, datatype, tail in signature
+                ],
+            )
+        return self._frame_cache[key]
+
+
+def _raw_outputs(
+    outputs: dict[str, np.ndarray],
+) -> tuple[_Signature, dict[str, tuple[memoryview, int]] | None]:
+    """The outputs' signature, and each one's raw bytes and bytes per row (None if one of
+    them is not numeric)."""
+    signature = tuple(
+        (name, datatype_of(array.dtype), array.shape[1:]) for name, array in outputs.items()
+    )
+    if any(datatype == "BYTES" for _, datatype, _ in signature):
+        return signature, None
+    raw = {
+        name: raw_rows(array, datatype)
+        for (name, datatype, _), array in zip(signature, outputs.values(), strict=True)
+    }
+    return signature, raw

@@ -78,6 +78,11 @@ class Replies:
         if self._first_outcome(ticket):
             self._deliver(ticket, Status.OK, encode(response, ticket.content_type), None)
 
+    def ok_body(self, ticket: Ticket, body: bytes) -> None:
+        """`ok` for a response already encoded in the ticket's content type."""
+        if self._first_outcome(ticket):
+            self._deliver(ticket, Status.OK, body, None)
+
     def error(self, ticket: Ticket, rejection: Rejection) -> None:
         """An error result to the reply target, or a dead letter when there is none."""
         if not self._first_outcome(ticket):

@@ -1,0 +1,103 @@
+"""msgpack response bodies from frames.
+
+The responses to one model's requests differ only in their id and their outputs' raw bytes:
+the model's name and version, the output names, datatypes and shapes, and the headers of the
+binary data (their lengths) are the same bytes every time. Those bytes are cut once into
+frames around the id and each output's data; a body is then the frames joined with one
+request's id and its rows' bytes, byte for byte what `encode` writes for the whole response.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import msgspec
+import numpy as np
+
+from surge.schemas.inference import InferenceResponse, Tensor
+
+_encode = msgspec.msgpack.Encoder().encode
+
+
+class ResponseFrames:
+    """The fixed bytes of msgpack responses whose outputs have the given names, datatypes,
+    shapes and byte sizes."""
+
+    __slots__ = ("_frames",)
+
+    def __init__(self, frames: tuple[bytes, ...]) -> None:
+        self._frames = frames  # before the id, then after it and after each output's data
+
+    @classmethod
+    def cut(
+        cls,
+        model_name: str,
+        model_version: str | None,
+        outputs: Sequence[tuple[str, str, list[int], int]],
+    ) -> ResponseFrames | None:
+        """Frames for responses with these outputs (name, datatype, shape, bytes), or None
+        when they cannot be cut for certain (an output without bytes, say)."""
+        sizes = [size for *_, size in outputs]
+        if not sizes or min(sizes) <= 0:
+            return None
+        # Two responses that differ only in the id ("a", "b") and the data (all bits flipped):
+        # where their bytes differ is where the id and each output's data lie.
+        first, second = (
+            _encode(
+                _response(model_name, model_version, request_id, outputs, [fill * s for s in sizes])
+            )
+            for request_id, fill in (("a", b"\x00"), ("b", b"\xff"))
+        )
+        if len(first) != len(second):
+            return None
+        differ = np.flatnonzero(np.frombuffer(first, np.uint8) != np.frombuffer(second, np.uint8))
+        runs = np.split(differ, np.flatnonzero(np.diff(differ) > 1) + 1)
+        if [len(run) for run in runs] != [1, *sizes]:
+            return None
+        starts = [int(run[0]) for run in runs]
+        frames = [first[: starts[0] - 1]]  # the id's one-byte string header goes with the id
+        for run, following in zip(runs, [*starts[1:], len(first)], strict=True):
+            frames.append(first[int(run[-1]) + 1 : following])
+        cut = cls(tuple(frames))
+        return cut if cut._proves(model_name, model_version, outputs) else None
+
+    def body(self, request_id: str, data: Sequence[memoryview | bytes]) -> bytes:
+        """The response to one request: its id, and each output's raw bytes in order."""
+        frames = self._frames
+        if len(data) == 1:  # the common case, without a loop
+            return b"".join((frames[0], _encode(request_id), frames[1], data[0], frames[2]))
+        parts = [frames[0], _encode(request_id)]
+        for frame, raw in zip(frames[1:], data, strict=False):
+            parts += (frame, raw)
+        parts.append(frames[-1])
+        return b"".join(parts)
+
+    def _proves(
+        self,
+        model_name: str,
+        model_version: str | None,
+        outputs: Sequence[tuple[str, str, list[int], int]],
+    ) -> bool:
+        """An id with a longer string header, and uneven data: the same bytes as `encode`."""
+        request_id = "é" * 40
+        data = [bytes(i * 7 % 251 for i in range(size)) for *_, size in outputs]
+        response = _response(model_name, model_version, request_id, outputs, data)
+        return self.body(request_id, data) == _encode(response)
+
+
+def _response(
+    model_name: str,
+    model_version: str | None,
+    request_id: str,
+    outputs: Sequence[tuple[str, str, list[int], int]],
+    data: Sequence[bytes],
+) -> InferenceResponse:
+    return InferenceResponse(
+        model_name=model_name,
+        model_version=model_version,
+        id=request_id,
+        outputs=[
+            Tensor(name=name, shape=shape, datatype=datatype, data=raw)  # type: ignore[arg-type]
+            for (name, datatype, shape, _), raw in zip(outputs, data, strict=True)
+        ],
+    )
