@@ -80,7 +80,7 @@ class ResponseFrames:
     ) -> bool:
         """An id with a longer string header, and uneven data: the same bytes as `encode`."""
         request_id = "é" * 40
-        data = [bytes(i * 7 % 251 for i in range(size)) for *_, size in outputs]
+        data = [(np.arange(size) * 7 % 251).astype(np.uint8).tobytes() for *_, size in outputs]
         response = _response(model_name, model_version, request_id, outputs, data)
         return self.body(request_id, data) == _encode(response)
 

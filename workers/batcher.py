@@ -42,6 +42,9 @@ log = structlog.get_logger("surge.batcher")
 
 _INLINE_AFTER = 16  # consecutive fast batches on a thread before a model may run inline
 _FRAME_CACHE = 256  # response frames kept, by rows and output shapes
+# Above this many output bytes per response, copying them costs far more than encoding the
+# rest: frames would save nothing worth cutting them for.
+_FRAMES_UP_TO = 64 * 1024
 
 # Each output's name, datatype and shape past the batch dimension.
 _Signature = tuple[tuple[str, str, tuple[int, ...]], ...]
@@ -344,13 +347,13 @@ class Batcher:
         if key not in self._frame_cache:
             if len(self._frame_cache) >= _FRAME_CACHE:
                 self._frame_cache.clear()
-            self._frame_cache[key] = ResponseFrames.cut(
-                self.model,
-                self.version,
-                [
-                    (name, datatype, [rows, *tail], rows * raw[name][1])
-                    for name, datatype, tail in signature
-                ],
+            outputs = [
+                (name, datatype, [rows, *tail], rows * raw[name][1])
+                for name, datatype, tail in signature
+            ]
+            small = sum(size for *_, size in outputs) <= _FRAMES_UP_TO
+            self._frame_cache[key] = (
+                ResponseFrames.cut(self.model, self.version, outputs) if small else None
             )
         return self._frame_cache[key]
 

@@ -102,7 +102,7 @@ def _proves(layout: Layout, body: bytes, request: InferenceRequest) -> bool:
         new_id = "".join("b" if c == ord("a") else "a" for c in body[start:end])  # ASCII
         probe[start:end] = new_id.encode()
     start, end = layout.data_at
-    new_data = bytes(b ^ 0xFF for b in body[start:end])
+    new_data = (np.frombuffer(body, np.uint8, end - start, start) ^ 0xFF).tobytes()
     probe[start:end] = new_data
     try:
         decoded = decode_request(bytes(probe), MSGPACK)
