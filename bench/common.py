@@ -142,12 +142,40 @@ def _threads(pid: int) -> dict[str, tuple[str, float, float]]:
 
 def gc_pauses_ms(log: Path) -> list[float]:
     """Stop-the-world pauses in a JVM's `-Xlog:gc` log, in ms."""
+    return [ms for _, ms in gc_pauses(log)]
+
+
+def gc_pauses(log: Path) -> list[tuple[float, float]]:
+    """(seconds since the JVM started, ms) of each stop-the-world pause in its `-Xlog:gc` log."""
     if not log.exists():
         return []
-    return [float(m[1]) for m in _GC_PAUSE.finditer(log.read_text(errors="replace"))]
+    text = log.read_text(errors="replace")
+    return [(float(m[1]), float(m[2])) for m in _GC_PAUSE.finditer(text)]
 
 
-_GC_PAUSE = re.compile(r"\bPause\b.* (\d+(?:\.\d+)?)ms$", re.MULTILINE)
+_GC_PAUSE = re.compile(r"^\[(\d+(?:\.\d+)?)s\].*\bPause\b.* (\d+(?:\.\d+)?)ms$", re.MULTILINE)
+
+
+class BrokerPauses:
+    """A JVM broker's GC pauses by wall-clock time, from the `-Xlog:gc` file its command line
+    names; none known for a broker without one, elsewhere, or not a JVM (noida-db)."""
+
+    def __init__(self, pid: int | None) -> None:
+        self._log: Path | None = None
+        self._started = 0.0
+        if pid is None:
+            return
+        process = psutil.Process(pid)
+        for arg in process.cmdline():
+            if arg.startswith("-Xlog:gc") and ":file=" in arg:
+                self._log = Path(arg.split(":file=", 1)[1].split(":", 1)[0])
+        self._started = process.create_time()  # the JVM's uptime counts from about here
+
+    def between(self, start: float, end: float) -> list[float] | None:
+        """Pauses (ms) that began between these `time.time()`s; None: not known."""
+        if self._log is None:
+            return None
+        return [ms for up, ms in gc_pauses(self._log) if start <= self._started + up < end]
 
 
 def providers(gpu: bool) -> list[str]:

@@ -40,6 +40,7 @@ from rich.table import Table
 
 from bench.common import (
     OUT,
+    BrokerPauses,
     WorkerProcess,
     direct_throughput,
     kafka_broker,
@@ -239,6 +240,7 @@ def main() -> None:
             # committed fetches, results, commits): left running, they would be measured.
             asyncio.run(load(count=max(1, int(rates[0] * _WARM_UP_S)), rate=rates[0]))
             broker_pid = listener_pid(bootstrap)  # None: a broker on another machine
+            broker_gc = BrokerPauses(broker_pid)
             phases: list[tuple[str, LoadReport, dict[str, float]]] = []
             plan: list[tuple[str, int, float | None]] = [("burst", burst, None)]
             plan += [(f"{r:,.0f}/s", int(r * args.seconds), r) for r in rates]
@@ -253,6 +255,9 @@ def main() -> None:
                 stats = _batch_stats(before, worker.batch_totals())
                 stats |= _worker_latency(latency, worker.latency_buckets())
                 stats |= cpu.since()
+                pauses = broker_gc.between(*cpu.wall)
+                if pauses is not None:  # stop-the-world: every request in flight waits
+                    stats |= {"broker_gc_ms": sum(pauses), "broker_gc_max_ms": max(pauses or [0])}
                 phases.append((name, report, stats))
                 if rate is None:  # the latency target is set at half of the burst's peak
                     half = report.throughput / 2
@@ -295,12 +300,14 @@ class CpuShare:
 
     def start(self) -> None:
         self._started = time.monotonic()
+        self.wall = (time.time(), float("inf"))  # when the phase ran, by the wall clock
         self._ran = self._sample()
         self._machine = psutil.cpu_times()
         self._end: tuple[float, dict[str, tuple[float, float]], Any] | None = None
 
     def stop(self) -> None:
         self._end = (time.monotonic(), self._sample(), psutil.cpu_times())
+        self.wall = (self.wall[0], time.time())
 
     def _sample(self) -> dict[str, tuple[float, float]]:
         return {name: scheduling(pid) for name, pid in self._pids.items() if pid is not None}
@@ -366,6 +373,7 @@ def _report(
         "worker CPU",
         "worker waited for a CPU ms/s",
         "broker CPU",
+        "broker GC ms (longest)",
         "generator CPU",
         "machine busy",
     ):
@@ -386,6 +394,11 @@ def _report(
             f"{stats['worker_cpu']:.0%}",
             f"{stats['worker_cpu_wait_ms_per_s']:.0f}",
             f"{stats['broker_cpu']:.0%}" if "broker_cpu" in stats else "-",
+            (
+                f"{stats['broker_gc_ms']:.0f} ({stats['broker_gc_max_ms']:.0f})"
+                if "broker_gc_ms" in stats
+                else "-"
+            ),
             f"{stats['generator_cpu']:.0%}",
             f"{stats['machine_busy']:.0%}",
         )

@@ -10,7 +10,7 @@ from pathlib import Path
 
 import pytest
 
-from bench.common import gc_pauses_ms, listener_pid, scheduling
+from bench.common import gc_pauses, gc_pauses_ms, listener_pid, scheduling
 
 # Lines of a real G1 log (`-Xlog:gc`): pauses, and concurrent phases that are not pauses.
 _G1_LOG = """\
@@ -31,6 +31,7 @@ def test_gc_pauses_are_the_stop_the_world_lines(tmp_path: Path) -> None:
     log.write_text(_G1_LOG)
     assert gc_pauses_ms(log) == [2.295, 3.153, 0.070, 5.686, 120.0]
     assert gc_pauses_ms(tmp_path / "absent.log") == []
+    assert gc_pauses(log)[0] == (0.923, 2.295)  # with when, in the JVM's uptime
 
 
 @pytest.mark.skipif(not Path("/proc/self/task").exists(), reason="Linux schedstat")
