@@ -13,7 +13,7 @@ from surge.producers.requests import request_body
 from surge.schemas import MSGPACK, ErrorCode
 from surge.workers import intake as intake_module
 from surge.workers.intake import Intake, Job, admit
-from surge.workers.layouts import learn
+from surge.workers.layouts import MAX_FIXED_BYTES, learn
 from surge.workers.runtimes import TensorSpec
 from surge.workers.tickets import Rejection
 from tests.helpers import make_ticket
@@ -109,6 +109,14 @@ def test_bodies_that_cannot_be_pinned_down_get_no_layout() -> None:
     assert learn(msgspec.msgpack.encode({"inputs": [{"name": "x", "shape": [1, 4],
                  "datatype": "FP32", "data": [1.0, 2.0, 3.0, 4.0]}]})) is None  # fmt: skip
     assert learn(b"\xc1") is None
+    # Much more around the tensor than in it: a layout would hold all of it.
+    padded = msgspec.msgpack.encode(
+        {
+            "inputs": [{"name": "x", "shape": [1, 4], "datatype": "FP32", "data": bytes(16)}],
+            "parameters": {"note": "x" * MAX_FIXED_BYTES},
+        }
+    )
+    assert learn(padded) is None
 
 
 def test_bodies_refused_at_first_sight_teach_nothing() -> None:

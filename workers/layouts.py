@@ -23,6 +23,9 @@ from surge.schemas import MSGPACK, InferenceRequest, decode_request
 from surge.schemas.inference import MAX_ID_LENGTH
 
 _ID_KEY = msgspec.msgpack.encode("id")
+# A layout keeps the body's bytes but the tensor's: bodies with more than this around their
+# tensor (large parameters, say) are decoded the full way, where slicing would save little.
+MAX_FIXED_BYTES = 4096
 
 
 @dataclass(frozen=True, slots=True)
@@ -60,6 +63,8 @@ def learn(body: bytes) -> Layout | None:
         return None
     data = request.inputs[0].data
     if type(data) is not memoryview or data.obj is not body or not data.nbytes:
+        return None
+    if len(body) - data.nbytes > MAX_FIXED_BYTES:
         return None
     start = np.frombuffer(data, np.uint8).ctypes.data - np.frombuffer(body, np.uint8).ctypes.data
     data_at = (start, start + data.nbytes)
