@@ -41,13 +41,16 @@ from surge.workers.tickets import Rejection
 log = structlog.get_logger("surge.batcher")
 
 _INLINE_AFTER = 16  # consecutive fast batches on a thread before a model may run inline
-_FRAME_CACHE = 256  # response frames kept, by rows and output shapes
+# Response frames kept: for this many output shapes, this many row counts each.
+_FRAME_SIGNATURES = 16
+_FRAMES_PER_SIGNATURE = 256
 # Above this many output bytes per response, copying them costs far more than encoding the
 # rest: frames would save nothing worth cutting them for.
 _FRAMES_UP_TO = 64 * 1024
 
 # Each output's name, datatype and shape past the batch dimension.
 _Signature = tuple[tuple[str, str, tuple[int, ...]], ...]
+_Raw = list[tuple[memoryview, int]]  # each output's raw bytes, and its bytes per row
 
 
 class Batcher:
@@ -89,7 +92,7 @@ class Batcher:
         self._batch_seconds = metrics.BATCH_SECONDS.labels(model)
         self._queue_seconds = metrics.QUEUE_SECONDS.labels(model)
         self._ok = metrics.RESULTS.labels(model, "ok")
-        self._frame_cache: dict[tuple[int, _Signature], ResponseFrames | None] = {}
+        self._frame_cache: dict[_Signature, dict[int, ResponseFrames | None]] = {}
 
     @property
     def queued(self) -> int:
@@ -306,8 +309,7 @@ class Batcher:
         responses with every output are joined from frames (`ResponseFrames`), the others
         encoded from Structs (raw bytes for msgpack, lists for JSON)."""
         names = list(outputs)
-        signature, raw = _raw_outputs(outputs)
-        frames_by_rows: dict[int, ResponseFrames | None] = {}
+        framed: tuple[_Signature, _Raw, dict[int, ResponseFrames | None]] | None = None
         converted: dict[bool, dict[str, list[Tensor]]] = {}
         ok, ok_body = self._replies.ok, self._replies.ok_body
         model, version = self.model, self.version
@@ -317,13 +319,16 @@ class Batcher:
             count = job.rows
             start += count
             binary = ticket.content_type == MSGPACK
-            if raw is not None and binary and job.outputs is None:
-                frames = frames_by_rows.get(count, False)
+            if binary and job.outputs is None:
+                if framed is None:  # for the first job that can use it
+                    framed = self._framed(outputs)
+                signature, raw, by_rows = framed
+                frames = by_rows.get(count, False)
                 if frames is False:
-                    frames = frames_by_rows[count] = self._frames(signature, raw, count)
+                    frames = by_rows[count] = self._cut(signature, raw, count)
                 if frames is not None:
                     begin = start - count
-                    data = [view[begin * size : start * size] for view, size in raw.values()]
+                    data = [view[begin * size : start * size] for view, size in raw]
                     ok_body(ticket, frames.body(ticket.request_id, data))
                     continue
             tensors = converted.get(binary)
@@ -339,37 +344,37 @@ class Batcher:
             )
             ok(ticket, response)
 
-    def _frames(
-        self, signature: _Signature, raw: dict[str, tuple[memoryview, int]], rows: int
-    ) -> ResponseFrames | None:
-        """The frames of responses of `rows` rows to outputs of this signature, cut once."""
-        key = (rows, signature)
-        if key not in self._frame_cache:
-            if len(self._frame_cache) >= _FRAME_CACHE:
+    def _framed(
+        self, outputs: dict[str, np.ndarray]
+    ) -> tuple[_Signature, _Raw, dict[int, ResponseFrames | None]]:
+        """The batch's output shapes, each output's raw bytes and bytes per row, and the
+        frames cut so far for those shapes, by rows (kept across batches)."""
+        signature = tuple(
+            (name, datatype_of(array.dtype), array.shape[1:]) for name, array in outputs.items()
+        )
+        if any(datatype == "BYTES" for _, datatype, _ in signature):
+            return signature, [], {}  # no raw bytes: nothing can be cut
+        raw = [
+            raw_rows(array, datatype)
+            for (_, datatype, _), array in zip(signature, outputs.values(), strict=True)
+        ]
+        by_rows = self._frame_cache.get(signature)
+        if by_rows is None:
+            if len(self._frame_cache) >= _FRAME_SIGNATURES:
                 self._frame_cache.clear()
-            outputs = [
-                (name, datatype, [rows, *tail], rows * raw[name][1])
-                for name, datatype, tail in signature
-            ]
-            small = sum(size for *_, size in outputs) <= _FRAMES_UP_TO
-            self._frame_cache[key] = (
-                ResponseFrames.cut(self.model, self.version, outputs) if small else None
-            )
-        return self._frame_cache[key]
+            by_rows = self._frame_cache[signature] = {}
+        elif len(by_rows) >= _FRAMES_PER_SIGNATURE:
+            by_rows.clear()
+        return signature, raw, by_rows
 
-
-def _raw_outputs(
-    outputs: dict[str, np.ndarray],
-) -> tuple[_Signature, dict[str, tuple[memoryview, int]] | None]:
-    """The outputs' signature, and each one's raw bytes and bytes per row (None if one of
-    them is not numeric)."""
-    signature = tuple(
-        (name, datatype_of(array.dtype), array.shape[1:]) for name, array in outputs.items()
-    )
-    if any(datatype == "BYTES" for _, datatype, _ in signature):
-        return signature, None
-    raw = {
-        name: raw_rows(array, datatype)
-        for (name, datatype, _), array in zip(signature, outputs.values(), strict=True)
-    }
-    return signature, raw
+    def _cut(self, signature: _Signature, raw: _Raw, rows: int) -> ResponseFrames | None:
+        """Frames for responses of `rows` rows to outputs of this signature."""
+        if not raw:
+            return None
+        outputs = [
+            (name, datatype, [rows, *tail], rows * size)
+            for (name, datatype, tail), (_, size) in zip(signature, raw, strict=True)
+        ]
+        if sum(size for *_, size in outputs) > _FRAMES_UP_TO:
+            return None
+        return ResponseFrames.cut(self.model, self.version, outputs)
