@@ -27,9 +27,10 @@ import subprocess
 import sys
 import tempfile
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterable
 from dataclasses import asdict, dataclass, replace
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import psutil
@@ -242,32 +243,40 @@ async def _preload(
         return
     rows = np.random.default_rng(0).standard_normal((1024, 1, MLP_FEATURES)).astype(np.float32)
     route = request_headers(model="mlp", content_type=MSGPACK, reply_to=replies)
-    producer = AIOKafkaProducer(bootstrap_servers=bootstrap, acks="all", linger_ms=5)
-    await producer.start()
     # Where a client's send() would put each: Kafka's default partitioner, by key.
     targets = key_partitions([f"r{i}".encode() for i in range(count)], list(range(PARTITIONS)))
+    by_partition: dict[int, list[tuple[bytes, bytes, list[tuple[str, bytes]]]]] = {}
+    for i, partition in enumerate(targets):
+        value = request_body({"x": rows[i % len(rows)]}, f"r{i}", MSGPACK)
+        by_partition.setdefault(partition, []).append((f"r{i}".encode(), value, route))
+    producer = AIOKafkaProducer(bootstrap_servers=bootstrap, acks="all", linger_ms=5)
+    await producer.start()
     try:
-        batches = [producer.create_batch() for _ in range(PARTITIONS)]
         deliveries = []
-        for i in range(count):
-            request_id = f"r{i}"
-            value = request_body({"x": rows[i % len(rows)]}, request_id, MSGPACK)
-            partition = targets[i]
-            if not batches[partition].append(
-                key=request_id.encode(), value=value, timestamp=None, headers=route
-            ):
-                deliveries.append(
-                    await producer.send_batch(batches[partition], topic, partition=partition)
-                )
-                batches[partition] = producer.create_batch()
-                batches[partition].append(
-                    key=request_id.encode(), value=value, timestamp=None, headers=route
-                )
-        for partition, batch in enumerate(batches):
-            deliveries.append(await producer.send_batch(batch, topic, partition=partition))
+        for partition, records in by_partition.items():
+            deliveries += await _send_batches(producer, topic, partition, records)
         await asyncio.gather(*deliveries)
     finally:
         await producer.stop()
+
+
+async def _send_batches(
+    producer: AIOKafkaProducer,
+    topic: str,
+    partition: int,
+    records: Iterable[tuple[bytes | None, bytes | None, list[tuple[str, bytes]]]],
+) -> list[asyncio.Future[Any]]:
+    """Enqueue (key, value, headers) records to one partition as few record batches as fit;
+    their delivery futures."""
+    deliveries = []
+    batch = producer.create_batch()
+    for key, value, headers in records:
+        if not batch.append(key=key, value=value, timestamp=None, headers=headers):
+            deliveries.append(await producer.send_batch(batch, topic, partition=partition))
+            batch = producer.create_batch()
+            batch.append(key=key, value=value, timestamp=None, headers=headers)
+    deliveries.append(await producer.send_batch(batch, topic, partition=partition))
+    return deliveries
 
 
 async def _wait_for(
@@ -344,16 +353,8 @@ async def _broker_alone(bootstrap: str, count: int) -> float:
         while received < count:
             fetched = await consumer.getmany(timeout_ms=200, max_records=1024)
             for tp, records in fetched.items():
-                batch = producer.create_batch()
-                for record in records:
-                    key, value, headers = record.key, record.value, list(record.headers)
-                    if not batch.append(key=key, value=value, timestamp=None, headers=headers):
-                        deliveries.append(
-                            await producer.send_batch(batch, replies, partition=tp.partition)
-                        )
-                        batch = producer.create_batch()
-                        batch.append(key=key, value=value, timestamp=None, headers=headers)
-                deliveries.append(await producer.send_batch(batch, replies, partition=tp.partition))
+                back = ((r.key, r.value, list(r.headers)) for r in records)
+                deliveries += await _send_batches(producer, replies, tp.partition, back)
                 received += len(records)
         await asyncio.gather(*deliveries)
     finally:
