@@ -15,7 +15,8 @@ long each took from there to a durable result (p99 as the bound of its bucket), 
 CPU went: the worker's share of a core and how long its threads waited for one, the broker's
 and this load generator's shares (they run on the same machine), and how busy it was. Before
 all that, 15 s of load at the first rate warm up the broker's JIT. With --rounds N the whole
-sweep runs N times over and each phase shows its median round (by p99) and every round's p99.
+sweep runs N times over and each phase shows its median round (the burst by throughput, the
+others by p99) and every round's p99.
 Prints a table, writes bench/out/e2e-<model>-<via>.json and .png.
 """
 
@@ -247,7 +248,9 @@ def main() -> None:
             broker_pid = listener_pid(bootstrap)  # None: a broker on another machine
             broker_gc = BrokerPauses(broker_pid)
 
-            def phase(count: int, rate: float | None) -> tuple[LoadReport, dict[str, float]]:
+            runs: dict[str, list[tuple[LoadReport, dict[str, float]]]] = {}
+
+            def phase(round_number: int, name: str, count: int, rate: float | None) -> None:
                 before, latency = worker.batch_totals(), worker.latency_buckets()
                 # Started again at the first send.
                 cpu = CpuShare(worker.process.pid, broker_pid)
@@ -260,29 +263,22 @@ def main() -> None:
                 pauses = broker_gc.between(*cpu.wall)
                 if pauses is not None:  # stop-the-world: every request in flight waits
                     stats |= {"broker_gc_ms": sum(pauses), "broker_gc_max_ms": max(pauses or [0])}
-                return report, stats
+                runs.setdefault(name, []).append((report, stats))
+                console.print(
+                    f"  round {round_number}, {name}: {report.throughput:,.0f} req/s, "
+                    f"p99 {report.percentile(99):.1f} ms"
+                )
 
             # The whole sweep runs `rounds` times over (drift hits every phase alike); each
-            # phase reports its median round. Half of the first burst's peak is the rate of
-            # the last phase of every round.
-            runs: dict[str, list[tuple[LoadReport, dict[str, float]]]] = {}
-            half: float | None = None
+            # phase reports its median round. Every round ends at half of the first burst's
+            # peak, where the latency target is set.
+            sweep = [(f"{r:,.0f}/s", int(r * args.seconds), r) for r in rates]
             for round_number in range(1, args.rounds + 1):
-                plan: list[tuple[str, int, float | None]] = [("burst", burst, None)]
-                plan += [(f"{r:,.0f}/s", int(r * args.seconds), r) for r in rates]
-                if half is not None:
-                    plan.append(("½ peak", int(half * args.seconds), half))
-                while plan:
-                    name, count, rate = plan.pop(0)
-                    report, stats = phase(count, rate)
-                    runs.setdefault(name, []).append((report, stats))
-                    if half is None and rate is None:
-                        half = report.throughput / 2
-                        plan.append(("½ peak", int(half * args.seconds), half))
-                    console.print(
-                        f"  round {round_number}, {name}: {report.throughput:,.0f} req/s, "
-                        f"p99 {report.percentile(99):.1f} ms"
-                    )
+                phase(round_number, "burst", burst, None)
+                for name, count, rate in sweep:
+                    phase(round_number, name, count, rate)
+                half = runs["burst"][0][0].throughput / 2
+                phase(round_number, "½ peak", int(half * args.seconds), half)
             phases = [(name, *_median_round(name, done)) for name, done in runs.items()]
         finally:
             worker.stop()
