@@ -106,6 +106,10 @@ class WorkerSettings(msgspec.Struct, kw_only=True, forbid_unknown_fields=True):
     reply_topic_pattern: str = r"[A-Za-z0-9._-]{1,249}"
     max_in_flight: Positive = 20_000
     max_in_flight_bytes: Positive = 256 * 1024 * 1024
+    # Model time a worker queues ahead of a model: past it, that model's own topics pause
+    # until a quarter is left (or two batches per instance, if more). Kafka keeps the rest,
+    # where the group's other workers can take it.
+    fetch_ahead_s: Annotated[float, msgspec.Meta(gt=0)] = 5.0
     max_message_bytes: Positive = 1_048_576
     max_tensor_elements: Positive = 1 << 22
     # Bounds a hung model call in an executor thread (where every model runs until it has

@@ -7,7 +7,7 @@ from pathlib import Path
 import torch
 
 CONFIG = """\
-max_batch_size = 64
+max_batch_size = {batch}
 max_batch_delay_ms = {delay}
 [[inputs]]
 name = "x"
@@ -38,10 +38,12 @@ class Cramped(torch.nn.Module):
         return x + 1
 
 
-def _write(model_root: Path, name: str, module: torch.nn.Module, delay_ms: int) -> Path:
+def _write(
+    model_root: Path, name: str, module: torch.nn.Module, delay_ms: int, batch: int = 64
+) -> Path:
     version_dir = model_root / name / "1"
     version_dir.mkdir(parents=True, exist_ok=True)
-    (model_root / name / "config.toml").write_text(CONFIG.format(delay=delay_ms))
+    (model_root / name / "config.toml").write_text(CONFIG.format(delay=delay_ms, batch=batch))
     path = version_dir / "model.pt"
     torch.jit.script(module).save(str(path))
     return path
@@ -55,16 +57,26 @@ def write_cramped(model_root: Path) -> Path:
     return _write(model_root, "cramped", Cramped(), delay_ms=50)
 
 
-class Slow(torch.nn.Module):
-    """Burns one to two seconds of CPU per call, whatever the batch size."""
+class Busy(torch.nn.Module):
+    """Returns its input after a fixed amount of CPU work per call, whatever the batch size."""
+
+    def __init__(self, iterations: int) -> None:
+        super().__init__()
+        self.iterations = iterations
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         w = torch.ones(256, 256) / 256
         acc = torch.ones(64, 256)
-        for _ in range(20000):
+        for _ in range(self.iterations):
             acc = torch.tanh(acc @ w)
         return x + acc.sum() * 0
 
 
 def write_slow(model_root: Path) -> Path:
-    return _write(model_root, "slow", Slow(), delay_ms=5)
+    """One to two seconds of CPU per call."""
+    return _write(model_root, "slow", Busy(20000), delay_ms=5)
+
+
+def write_steady(model_root: Path) -> Path:
+    """Tens of milliseconds of CPU per call, batches of up to 4 rows."""
+    return _write(model_root, "steady", Busy(300), delay_ms=1, batch=4)

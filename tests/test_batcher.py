@@ -259,3 +259,47 @@ async def test_every_kind_of_response_in_one_batch_is_encoded_as_its_struct_woul
             ],
         )
         assert answers.bodies[ticket.request_id] == encode(expected, ticket.content_type)
+
+
+class _Paced:
+    """Takes 20 ms a call, whatever the batch size."""
+
+    inputs = (TensorSpec("x", "FP32", (1,)),)
+    outputs = (TensorSpec("y", "FP32", (1,)),)
+
+    def run(self, batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+        time.sleep(0.02)
+        return {"y": batch["x"]}
+
+
+async def test_the_queue_is_ahead_once_it_holds_that_much_model_time_and_two_batches() -> None:
+    answers = _Answers()
+    config = ModelConfig(max_batch_size=4, max_batch_delay_ms=0, inline_below_ms=0)
+    batcher = _batcher(_Paced(), answers, config)
+
+    def put(count: int) -> None:
+        for _ in range(count):
+            batcher.put(Job(make_ticket(b"{}"), {"x": np.zeros((1, 1), np.float32)}, 1, None))
+
+    put(100)
+    assert batcher.queued_s == 0  # speed unknown yet
+    assert not batcher.ahead(0.1, paused=False)
+    batcher.start(on_crash=lambda exc: None)
+    async with asyncio.timeout(10):
+        while len(answers.answered) < 8:  # two calls: a speed of about 4 rows per 20 ms
+            await asyncio.sleep(0.001)
+    await batcher.close()
+    speed = 4 / 0.02
+    assert 0.5 * speed < batcher._speed < 1.5 * speed
+
+    batcher = _batcher(_Paced(), _Answers(), config)
+    batcher._speed = speed
+    put(10)  # 50 ms of model time, past two batches
+    assert batcher.queued_s == pytest.approx(0.05)
+    assert batcher.ahead(0.05, paused=False)
+    assert not batcher.ahead(0.06, paused=False)
+    assert batcher.ahead(0.2, paused=True)  # once stopped, until a quarter is left
+    assert not batcher.ahead(0.21, paused=True)
+    batcher._take(4)
+    batcher._take(4)  # two rows left: short of two batches, whatever their model time
+    assert not batcher.ahead(0.001, paused=True)

@@ -41,6 +41,7 @@ from surge.workers.tickets import Rejection
 log = structlog.get_logger("surge.batcher")
 
 _INLINE_AFTER = 16  # consecutive fast batches on a thread before a model may run inline
+_SPEED_WEIGHT = 0.2  # of the latest batch in the rows/s estimate (an exponential average)
 # Response frames kept: for this many output shapes, this many row counts each.
 _FRAME_SIGNATURES = 16
 _FRAMES_PER_SIGNATURE = 256
@@ -79,6 +80,7 @@ class Batcher:
         self._instances = config.instances
         self._bucket_window = config.bucket_window
         self._inline_below = config.inline_below_ms / 1000
+        self._speed = 0.0  # rows/s of recent model calls, every instance together; 0: none yet
         self._fast_streak = 0  # consecutive batches that ran faster than inline_below_ms
         self._proven_elements = 0  # the largest batch (input elements) of the streak
         self._padded = [spec.name for spec in runtime.inputs if spec.pad_value is not None]
@@ -97,6 +99,19 @@ class Batcher:
     @property
     def queued(self) -> int:
         return len(self._queue)
+
+    @property
+    def queued_s(self) -> float:
+        """Model time to run what is queued, at the speed of recent calls (0 before any)."""
+        return self._rows / self._speed if self._speed else 0.0
+
+    def ahead(self, limit_s: float, *, paused: bool) -> bool:
+        """Whether this much is queued that fetching for this model may stop: `limit_s` of
+        model time (down to a quarter of it once stopped), and never less than two full
+        batches per instance, so that batches stay full while fetching starts again."""
+        if self._rows < 2 * self._max_rows * self._instances:
+            return False
+        return self.queued_s >= (limit_s / 4 if paused else limit_s)
 
     def start(self, on_crash: Callable[[BaseException], None]) -> None:
         """Start the batch loops; a loop that dies (a bug) calls `on_crash`."""
@@ -301,6 +316,10 @@ class Batcher:
             return
         self._batch_seconds.observe(seconds)
         self._batch_rows.observe(sum(rows))
+        if seconds > 0:
+            speed = sum(rows) / seconds * self._instances
+            weight = _SPEED_WEIGHT if self._speed else 1.0
+            self._speed += weight * (speed - self._speed)
         self._ok.inc(len(jobs))
         self._answer(jobs, rows, outputs)
 

@@ -46,6 +46,11 @@ OUTCOME_SECONDS = Histogram(
     buckets=(0.001, 0.002, 0.005, 0.01, 0.02, 0.05, 0.1, 0.2, 0.5, 1, 2, 5, 10, 30),
 )
 _OUTCOMES = {target: OUTCOME_SECONDS.labels(target) for target in ("kafka", "redis")}
+QUEUED_SECONDS = Gauge(
+    "surge_queued_seconds",
+    "Model time to run what is queued in this worker, by model, at the speed of its recent calls",
+    ["model"],
+)
 IN_FLIGHT = Gauge("surge_in_flight_requests", "Consumed records without a durable outcome")
 PAUSED = Gauge("surge_paused", "1 while partitions are paused for backpressure")
 REPLY_RETRIES = Counter("surge_reply_retries_total", "Result writes retried", ["target"])

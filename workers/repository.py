@@ -18,7 +18,7 @@ import structlog
 
 from surge.config import ConfigError, ModelConfig, convert, read_toml
 from surge.schemas import ErrorCode
-from surge.workers import runtimes
+from surge.workers import metrics, runtimes
 from surge.workers.batcher import Batcher
 from surge.workers.intake import Intake
 from surge.workers.replies import Replies
@@ -162,6 +162,21 @@ class ModelRepository:
     @property
     def served(self) -> dict[tuple[str, int], ServedVersion]:
         return dict(self._served)
+
+    def ahead(self, limit_s: float, paused: Collection[str]) -> set[str]:
+        """The models every version of which has queued enough to stop fetching for it
+        (`Batcher.ahead`; `paused`: the models stopped so far). Each model's queued time goes
+        to the metrics on the way."""
+        queued: dict[str, float] = {}
+        short: set[str] = set()  # a version short of work keeps its model's topic flowing
+        for (name, _), served in self._served.items():
+            batcher = served.batcher
+            queued[name] = queued.get(name, 0.0) + batcher.queued_s
+            if not batcher.ahead(limit_s, paused=name in paused):
+                short.add(name)
+        for name, seconds in queued.items():
+            metrics.QUEUED_SECONDS.labels(name).set(seconds)
+        return set(queued) - short
 
     async def reconcile(self, *, settle_s: float = SETTLE_S) -> None:
         """Load new versions, retire removed ones. At start-up pass settle_s=0: files present

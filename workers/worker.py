@@ -63,8 +63,10 @@ class Worker:
         # Partitions being given away since the fetch in hand was returned: the rest of
         # their records in it is left to the next owner, who reads it from the commit.
         self._revoked: set[TopicPartition] = set()
-        # Paused while a model change gives them up: backpressure must not resume them.
+        # Paused while a model change gives them up, or while exactly-once fences them: the
+        # consume loop, which pauses and resumes the others, must not resume these.
         self._held: set[TopicPartition] = set()
+        self._ahead: set[str] = set()  # models with enough queued that fetching for them stops
 
     def stop(self) -> None:
         """Begin a graceful shutdown (safe to call from a signal handler)."""
@@ -194,7 +196,7 @@ class Worker:
         """Before a new subscription: finish and commit what was taken, since aiokafka drops
         the old assignment (and with it the right to commit it) as soon as we resubscribe."""
         assigned = self._consumer.assignment()
-        self._held = set(assigned)
+        self._held |= assigned
         self._consumer.pause(*assigned)
         await self._give_away(assigned, self.settings.worker.shutdown_timeout_s)
 
@@ -242,32 +244,36 @@ class Worker:
     async def _consume(self) -> None:
         consumer = self._consumer
         max_records = self.settings.worker.max_poll_records
-        paused = False
+        full = False  # the ledger's bounds reached: every partition waits for half to drain
         while not self._stopping.is_set():
             if not self._topics:
                 await asyncio.sleep(self.settings.worker.reload_interval_s)
                 continue
-            if self._ledger.full:
-                consumer.pause(*consumer.assignment())  # again after a rebalance, too
-                if not paused:
-                    paused = True
-                    metrics.PAUSED.set(1)
-                    log.info("paused", in_flight=self._ledger.records, bytes=self._ledger.bytes)
-            if paused:
+            if self._ledger.full and not full:
+                full = True
+                metrics.PAUSED.set(1)
+                log.info("paused", in_flight=self._ledger.records, bytes=self._ledger.bytes)
+            elif full and self._ledger.has_room:
+                full = False
+                metrics.PAUSED.set(0)
+                log.info("resumed", in_flight=self._ledger.records)
+            assigned = consumer.assignment()
+            stopped = assigned if full else (self._held | self._fetched_ahead(assigned)) & assigned
+            self._pause_only(stopped)
+            idle = bool(assigned) and stopped == assigned  # nothing to fetch
+            if idle:  # until outcomes free room, but getmany keeps max.poll.interval alive
                 with contextlib.suppress(TimeoutError):
-                    await asyncio.wait_for(self._ledger.room(), _PAUSED_KEEPALIVE_S)
-                if self._ledger.has_room:
-                    consumer.resume(*(consumer.paused() - self._held))
-                    paused = False
-                    metrics.PAUSED.set(0)
-                    log.info("resumed", in_flight=self._ledger.records)
+                    await asyncio.wait_for(
+                        self._ledger.room() if full else self._ledger.progress(),
+                        _PAUSED_KEEPALIVE_S,
+                    )
             try:
                 # Bounded: during a rebalance getmany waits for the assignment, and a stop
                 # request must still be noticed. A timeout scope, not a task: nothing else
                 # runs between getmany's assignment check and the intake below.
                 async with asyncio.timeout(_FETCH_RETRY_S):
                     batches = await consumer.getmany(
-                        timeout_ms=0 if paused else _GETMANY_TIMEOUT_MS, max_records=max_records
+                        timeout_ms=0 if idle else _GETMANY_TIMEOUT_MS, max_records=max_records
                     )
             except TimeoutError:
                 continue
@@ -280,6 +286,26 @@ class Worker:
                 continue
             await self.intake(batches)
             metrics.IN_FLIGHT.set(self._ledger.records)
+
+    def _fetched_ahead(self, assigned: set[TopicPartition]) -> set[TopicPartition]:
+        """The partitions of the models with `fetch_ahead_s` of model time queued here (until
+        a quarter is left): Kafka keeps the rest, where the group's other workers can take
+        it, a rebalance waits less for what was taken, and no idle fetch costs the broker the
+        CPU a busy model needs. Shared topics keep flowing for their other models."""
+        ahead = self._repository.ahead(self.settings.worker.fetch_ahead_s, self._ahead)
+        if ahead != self._ahead:
+            log.debug("fetching_ahead_stopped", models=sorted(ahead))
+            self._ahead = ahead
+        if not ahead:
+            return set()
+        return {tp for tp in assigned if self._topics.get(tp.topic) in ahead}
+
+    def _pause_only(self, partitions: set[TopicPartition]) -> None:
+        """Pause these partitions and resume the others."""
+        paused = self._consumer.paused()
+        if paused != partitions:
+            self._consumer.resume(*(paused - partitions))
+            self._consumer.pause(*(partitions - paused))
 
     async def intake(self, fetched: Mapping[TopicPartition, Sequence[Record]]) -> None:
         """Take in one fetch: each partition's records, in order. A partition revoked while
@@ -473,6 +499,7 @@ class _Rebalance(ConsumerRebalanceListener):  # type: ignore[misc]
         consumer, transactions = worker._consumer, worker._transactions
         assert transactions is not None
         consumer.pause(*assigned)
+        worker._held |= assigned
         try:
             await asyncio.wait_for(transactions.assign(assigned), _SHUTDOWN_STEP_S)
             for tp in assigned:
@@ -485,6 +512,7 @@ class _Rebalance(ConsumerRebalanceListener):  # type: ignore[misc]
             # Unfenced partitions would risk answering twice: restart and join again.
             worker._crashed(exc)
         finally:
+            worker._held -= assigned
             consumer.resume(*assigned)
 
 
