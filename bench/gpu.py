@@ -104,7 +104,7 @@ def main() -> None:
             worker.stop()
             utilisation.stop()
     batch = max(1, round(stats["mean_rows"]))
-    alone = next(iter(workload.direct(model_path, batch, gpus > 0).values()))  # best case
+    alone = next(iter(workload.direct(model_path, batch, gpus > 0, burst).values()))  # best
     median_gpu, peak_gpu, memory = utilisation.between(started, ended)
     ratio = report.throughput / alone
     table = Table(title=f"Surge on {device}: {workload.name}, a burst of {burst:,}")
