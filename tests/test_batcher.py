@@ -15,7 +15,7 @@ import pytest
 from surge.config import ModelConfig
 from surge.schemas import JSON, MSGPACK, InferenceResponse, encode, row_tensors
 from surge.workers.batcher import _INLINE_AFTER, Batcher
-from surge.workers.batching import group_by_shape, stack
+from surge.workers.batching import CallCost, best_run, group_by_shape, stack
 from surge.workers.intake import Job
 from surge.workers.runtimes import TensorSpec
 from tests.helpers import make_ticket
@@ -303,3 +303,43 @@ async def test_the_queue_is_ahead_once_it_holds_that_much_model_time_and_two_bat
     batcher._take(4)
     batcher._take(4)  # two rows left: short of two batches, whatever their model time
     assert not batcher.ahead(0.001, paused=True)
+
+
+def test_call_cost_fits_fixed_and_per_element_time() -> None:
+    cost = CallCost()
+    assert cost.fit() is None
+    cost.observe(100, 0.002 + 100 * 1e-5)
+    assert cost.fit() is None  # one size says nothing of the slope
+    for elements in (10, 1000, 300, 3000):
+        cost.observe(elements, 0.002 + elements * 1e-5)
+    fixed, per_element = cost.fit()  # type: ignore[misc]
+    assert fixed == pytest.approx(0.002)
+    assert per_element == pytest.approx(1e-5)
+    flat = CallCost()
+    for elements in (10, 1000):
+        flat.observe(elements, 0.01)
+    assert flat.fit() is None  # no cost per element: nothing to weigh padding against
+
+
+def test_best_run_leaves_far_lengths_behind_and_takes_every_row_that_pads_little() -> None:
+    cost = (0.002, 1e-4)  # a call's fixed cost, as much as 20 elements
+    # Lengths sorted; the oldest (anchor) is the 10 at index 2.
+    lengths = [9, 10, 10, 11, 40, 41]
+    assert best_run(lengths, [1] * 6, 2, 8, cost) == (0, 4)
+    assert best_run(lengths, [1] * 6, 4, 8, cost) == (4, 6)  # the long ones together
+    # At most `limit` rows, counting multi-row jobs as their rows.
+    assert best_run([10] * 6, [1, 1, 3, 1, 1, 1], 0, 4, cost) == (0, 2)
+    # Equal lengths: the whole run, however cheap a call.
+    assert best_run([7] * 5, [1] * 5, 0, 8, (0.0, 1e-4)) == (0, 5)
+
+
+async def test_a_timed_padded_model_batches_queued_rows_by_length_without_a_backlog() -> None:
+    model, answers = _Embedder(), _Answers()
+    batcher = _batcher(model, answers)
+    for elements in (10, 400, 80, 2000):  # a call costs 0.2 ms plus 10 µs an element
+        batcher._cost.observe(elements, 0.0002 + elements * 1e-5)
+    _queue(batcher, [12, 60, 11, 58, 12])  # fewer rows than a batch: all would fit
+    first = batcher._take(8)
+    assert [job.inputs["ids"].shape[1] for job in first] == [12, 11, 12]
+    second = batcher._take(8)
+    assert [job.inputs["ids"].shape[1] for job in second] == [60, 58]

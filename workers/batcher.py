@@ -31,7 +31,7 @@ from surge.schemas import (
     row_tensors,
 )
 from surge.workers import metrics
-from surge.workers.batching import check_rows, group_by_shape, stack
+from surge.workers.batching import CallCost, best_run, check_rows, group_by_shape, stack
 from surge.workers.intake import Job
 from surge.workers.replies import Replies
 from surge.workers.runtimes import Runtime
@@ -84,6 +84,7 @@ class Batcher:
         self._fast_streak = 0  # consecutive batches that ran faster than inline_below_ms
         self._proven_elements = 0  # the largest batch (input elements) of the streak
         self._padded = [spec.name for spec in runtime.inputs if spec.pad_value is not None]
+        self._cost = CallCost()  # of padded models' calls, for choosing what to batch
         self._queue: deque[Job] = deque()
         self._rows = 0
         self._wake = asyncio.Event()
@@ -176,8 +177,8 @@ class Batcher:
         return 0
 
     def _take(self, limit: int) -> list[Job]:
-        if self._padded and self._rows > limit and self._bucket_window > 1:
-            self._bucket(limit)
+        if self._padded and len(self._queue) > 1 and self._bucket_window > 1:
+            limit = self._bucket(limit)
         jobs: list[Job] = []
         rows = 0
         now_ms = int(time.time() * 1000)
@@ -194,24 +195,41 @@ class Batcher:
             rows += job.rows
         return jobs
 
-    def _bucket(self, limit: int) -> None:
-        """With a backlog of padded inputs, bring the queued jobs (of the first
-        `bucket_window` batches' worth) closest in length to the oldest one to the front, so
-        the next batch pads little. The oldest goes first and the jobs left behind keep their
-        arrival order: a job is overtaken only by later ones that fit the batch better."""
+    def _bucket(self, limit: int) -> int:
+        """Bring a batch of padded inputs that pads little to the front of the queue, and
+        return its rows. It holds the oldest job, and others from the first `bucket_window`
+        batches' worth of the queue; the jobs left behind keep their arrival order, so a job
+        is overtaken only by later ones that batch better with the oldest.
+
+        Once calls of a few sizes have timed the model (`CallCost`), the batch is the run of
+        jobs sorted by length that gets the most real elements per second of model time
+        (`best_run`): a job far longer or shorter than the oldest waits for a batch of its
+        own length rather than make every row of this one pad to it or with it. Before that,
+        and under a backlog only, the batch is the oldest and the jobs closest to its length."""
+        cost = self._cost.fit()
+        if cost is None and self._rows <= limit:
+            return limit  # everything fits, and nothing says what padding costs
         queue = self._queue
         window = [queue.popleft() for _ in range(min(len(queue), self._bucket_window * limit))]
         oldest = window[0]
-        target = oldest.length
-        chosen, rows = {id(oldest)}, oldest.rows
-        # At most `limit` jobs fit: the closest that many, without sorting the whole window.
-        for job in heapq.nsmallest(limit, window[1:], key=lambda job: abs(job.length - target)):
-            if rows + job.rows <= limit:
-                chosen.add(id(job))
-                rows += job.rows
+        if cost is not None:
+            ranked = sorted(window, key=lambda job: job.length)  # stable: oldest first of ties
+            anchor = next(i for i, job in enumerate(ranked) if job is oldest)
+            lengths, rows = [job.length for job in ranked], [job.rows for job in ranked]
+            start, stop = best_run(lengths, rows, anchor, limit, cost)
+            chosen = {id(job) for job in ranked[start:stop]}
+        else:
+            # At most `limit` jobs fit: the closest that many, without sorting the window.
+            target, taken = oldest.length, oldest.rows
+            chosen = {id(oldest)}
+            for job in heapq.nsmallest(limit, window[1:], key=lambda job: abs(job.length - target)):
+                if taken + job.rows <= limit:
+                    chosen.add(id(job))
+                    taken += job.rows
         batch = [job for job in window if id(job) in chosen]
         rest = [job for job in window if id(job) not in chosen]
         queue.extendleft(reversed(batch + rest))
+        return sum(job.rows for job in batch)
 
     def _length(self, job: Job) -> int:
         return sum(job.inputs[name].size // job.rows for name in self._padded)
@@ -316,6 +334,8 @@ class Batcher:
             return
         self._batch_seconds.observe(seconds)
         self._batch_rows.observe(sum(rows))
+        if self._padded:
+            self._cost.observe(sum(rows) * max(job.length for job in jobs), seconds)
         if seconds > 0:
             speed = sum(rows) / seconds * self._instances
             weight = _SPEED_WEIGHT if self._speed else 1.0

@@ -63,3 +63,67 @@ def check_rows(outputs: dict[str, np.ndarray], rows: int) -> None:
     for name, array in outputs.items():
         if array.ndim == 0 or array.shape[0] != rows:
             raise ValueError(f"output {name!r} has {array.shape[:1]} rows for a batch of {rows}")
+
+
+_NEAR_BEST = 0.95  # of the best run's speed: a run this fast with more rows goes instead
+
+
+class CallCost:
+    """A model call's time as fixed + per_element × padded elements, fitted by least squares
+    over recent calls (older ones weigh less): what padding a row costs against what one more
+    call costs."""
+
+    def __init__(self, decay: float = 0.98) -> None:
+        self._decay = decay
+        self._sums = np.zeros(5)  # weight, x, y, x², xy
+
+    def observe(self, elements: int, seconds: float) -> None:
+        x = float(elements)
+        self._sums = self._sums * self._decay + (1.0, x, seconds, x * x, x * seconds)
+
+    def fit(self) -> tuple[float, float] | None:
+        """(fixed seconds, seconds per element), or None until calls of different sizes
+        show a cost that grows with size (by 1% of a call of the average size, at least)."""
+        w, x, y, xx, xy = (float(total) for total in self._sums)
+        spread = w * xx - x * x
+        if w == 0 or spread <= 1e-12 * w * xx:
+            return None
+        per_element = (w * xy - x * y) / spread
+        if per_element * x < 0.01 * y:
+            return None
+        return max(0.0, (y - per_element * x) / w), per_element
+
+
+def best_run(
+    lengths: Sequence[int],
+    rows: Sequence[int],
+    anchor: int,
+    limit: int,
+    cost: tuple[float, float],
+) -> tuple[int, int]:
+    """The run [start, stop) of jobs sorted by padded length (`lengths` ascending, `rows`
+    each) to batch: it holds `anchor` and at most `limit` rows, and pads little. Of the runs
+    within `_NEAR_BEST` of the most real elements per second of model time (padded to their
+    longest; `cost`: `CallCost.fit()`), the one with the most rows: leaving a row behind must
+    buy real speed."""
+    fixed, per_element = cost
+    useful = [0]  # prefix sums: real elements, rows
+    taken = [0]
+    for length, count in zip(lengths, rows, strict=True):
+        useful.append(useful[-1] + length * count)
+        taken.append(taken[-1] + count)
+    runs: list[tuple[float, int, int, int]] = []  # score, rows, start, stop
+    for start in range(anchor, -1, -1):
+        if taken[anchor + 1] - taken[start] > limit:
+            break
+        for stop in range(anchor + 1, len(lengths) + 1):
+            count = taken[stop] - taken[start]
+            if count > limit:
+                break
+            seconds = max(fixed + per_element * count * lengths[stop - 1], 1e-12)
+            runs.append(((useful[stop] - useful[start]) / seconds, count, start, stop))
+    best = max(score for score, *_ in runs)
+    _, _, start, stop = max(
+        (run for run in runs if run[0] >= _NEAR_BEST * best), key=lambda run: run[1]
+    )
+    return start, stop
