@@ -22,7 +22,7 @@ from redis.asyncio import Redis
 from surge.producers.requests import Prediction, read_redis_result, request_body, request_headers
 from surge.schemas import MSGPACK, headers
 
-_TICK_S = 0.001  # open-loop send granularity
+_TICK_S = 0.001  # open-loop send granularity: at most one wake-up per tick
 _BURST_CHUNK = 1024  # a burst goes out this many requests at a time
 # The id suffix of the one untimed request a run sends first. The first result to a new reply
 # topic waits for the worker to look the topic up, and a new producer's first send for its
@@ -150,9 +150,12 @@ async def run_load(
             if rate is None:
                 due = min(count, sent + _BURST_CHUNK)
             else:
-                due = min(count, int((time.perf_counter() - started) * rate) + 1)
+                now = time.perf_counter()
+                due = min(count, int((now - started) * rate) + 1)
                 if due <= sent:
-                    await asyncio.sleep(_TICK_S)
+                    # Until the next request is due: at low rates, a wake-up every tick would
+                    # cost this process more CPU than the requests it sends.
+                    await asyncio.sleep(max(_TICK_S, started + sent / rate - now))
                     continue
             # Latency counts from when a request was due (open loop: a generator that falls
             # behind does not hide its delay), or, in a burst, from this round's start.
