@@ -343,3 +343,35 @@ async def test_a_timed_padded_model_batches_queued_rows_by_length_without_a_back
     assert [job.inputs["ids"].shape[1] for job in first] == [12, 11, 12]
     second = batcher._take(8)
     assert [job.inputs["ids"].shape[1] for job in second] == [60, 58]
+
+
+def _speed(
+    lengths: list[int], rows: list[int], run: tuple[int, int], cost: tuple[float, float]
+) -> float:
+    start, stop = run
+    taking = sum(rows[start:stop])
+    pairs = zip(lengths[start:stop], rows[start:stop], strict=True)
+    useful = sum(length * count for length, count in pairs)
+    return useful / (cost[0] + cost[1] * taking * lengths[stop - 1])
+
+
+def test_best_run_is_within_reach_of_every_run_an_exhaustive_search_finds() -> None:
+    rng = np.random.default_rng(1)
+    for _ in range(300):
+        size = int(rng.integers(1, 40))
+        lengths = sorted(int(n) for n in rng.integers(1, 12, size))
+        rows = [int(n) for n in rng.integers(1, 4, size)]
+        anchor = int(rng.integers(0, size))
+        limit = int(rng.integers(max(rows[anchor], 1), 20))
+        cost = (float(rng.choice([0.0, 1e-4, 1e-2])), 1e-3)
+        start, stop = best_run(lengths, rows, anchor, limit, cost)
+        assert start <= anchor < stop
+        assert sum(rows[start:stop]) <= limit
+        every = [
+            (s, t)
+            for s in range(anchor + 1)
+            for t in range(anchor + 1, size + 1)
+            if sum(rows[s:t]) <= limit
+        ]
+        best = max(_speed(lengths, rows, run, cost) for run in every)
+        assert _speed(lengths, rows, (start, stop), cost) >= 0.95 * best * (1 - 1e-9)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from bisect import bisect_left, bisect_right
 from collections.abc import Sequence
 
 import numpy as np
@@ -112,18 +113,30 @@ def best_run(
     for length, count in zip(lengths, rows, strict=True):
         useful.append(useful[-1] + length * count)
         taken.append(taken[-1] + count)
+    # Taking more or fewer jobs of one length moves a run's speed toward theirs, monotonically:
+    # the best run starts where a length starts (or at the anchor) and stops where one ends,
+    # unless the row limit cuts it there. So the candidates are those boundaries, and for
+    # each possible start (stop) the furthest stop (nearest start) within the limit: a few
+    # thousand at most, where every run would be limit².
+    first = bisect_left(taken, taken[anchor + 1] - limit)  # the earliest start in the limit
+    last = bisect_right(taken, taken[anchor] + limit) - 1  # the furthest stop in the limit
+    edges = [i for i in range(first + 1, last) if lengths[i] != lengths[i - 1]]
+    starts = [start for start in {first, *edges, anchor} if start <= anchor]
+    stops = [stop for stop in (*edges, last) if stop > anchor]
+    candidates = {
+        (start, stop) for start in starts for stop in stops if taken[stop] - taken[start] <= limit
+    }
+    for start in range(first, anchor + 1):
+        candidates.add((start, bisect_right(taken, taken[start] + limit) - 1))
+    for stop in range(anchor + 1, last + 1):
+        candidates.add((bisect_left(taken, taken[stop] - limit), stop))
     runs: list[tuple[float, int, int, int]] = []  # score, rows, start, stop
-    for start in range(anchor, -1, -1):
-        if taken[anchor + 1] - taken[start] > limit:
-            break
-        for stop in range(anchor + 1, len(lengths) + 1):
-            count = taken[stop] - taken[start]
-            if count > limit:
-                break
-            seconds = max(fixed + per_element * count * lengths[stop - 1], 1e-12)
-            runs.append(((useful[stop] - useful[start]) / seconds, count, start, stop))
+    for start, stop in candidates:
+        taking = taken[stop] - taken[start]
+        seconds = max(fixed + per_element * taking * lengths[stop - 1], 1e-12)
+        runs.append(((useful[stop] - useful[start]) / seconds, taking, start, stop))
     best = max(score for score, *_ in runs)
-    _, _, start, stop = max(
-        (run for run in runs if run[0] >= _NEAR_BEST * best), key=lambda run: run[1]
+    _, _, start, stop = max(  # the most rows, then the fastest of those
+        (run for run in runs if run[0] >= _NEAR_BEST * best), key=lambda run: (run[1], run[0])
     )
     return start, stop
