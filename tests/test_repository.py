@@ -5,6 +5,7 @@ from __future__ import annotations
 from pathlib import Path
 
 import numpy as np
+from prometheus_client import REGISTRY
 
 from surge.examples import write_mlp
 from surge.schemas import ErrorCode
@@ -101,3 +102,20 @@ def test_scalar_and_mis_ranked_tensors_are_invalid_input(tmp_path: Path) -> None
     job = admit(ticket, [TensorSpec("x", "FP32", ())], [], max_rows=8, max_elements=99)
     assert isinstance(job, Job)
     np.testing.assert_array_equal(job.inputs["x"], [1, 2])
+
+
+async def test_queued_time_is_reported_per_served_model_and_dropped_with_it(tmp_path: Path) -> None:
+    def sample() -> float | None:
+        return REGISTRY.get_sample_value("surge_queued_seconds", {"model": "mlp"})
+
+    write_mlp(tmp_path)
+    repository = _repository(tmp_path)
+    await repository.reconcile(settle_s=0)
+    assert repository.ahead(5.0, set()) == set()  # nothing queued
+    assert sample() == 0.0
+    (tmp_path / "mlp" / "1" / "model.onnx").unlink()
+    await repository.reconcile(settle_s=0)
+    assert repository.served == {}
+    repository.ahead(5.0, set())
+    assert sample() is None
+    await repository.close()

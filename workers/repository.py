@@ -132,6 +132,7 @@ class ModelRepository:
         ] = {}  # don't retry an unchanged bad file
         self._draining: set[asyncio.Task[None]] = set()
         self._problems: set[str] = set()
+        self._queued_models: set[str] = set()  # those with a surge_queued_seconds sample
 
     # -- the hot path ---------------------------------------------------------------------
 
@@ -176,6 +177,9 @@ class ModelRepository:
                 short.add(name)
         for name, seconds in queued.items():
             metrics.QUEUED_SECONDS.labels(name).set(seconds)
+        for name in self._queued_models - queued.keys():  # no longer served
+            metrics.QUEUED_SECONDS.remove(name)
+        self._queued_models = set(queued)
         return set(queued) - short
 
     async def reconcile(self, *, settle_s: float = SETTLE_S) -> None:
