@@ -27,10 +27,9 @@ import subprocess
 import sys
 import tempfile
 import time
-from collections.abc import Callable, Iterable
+from collections.abc import Callable
 from dataclasses import asdict, dataclass, replace
 from pathlib import Path
-from typing import Any
 
 import numpy as np
 import psutil
@@ -42,6 +41,7 @@ from rich.table import Table
 from bench.common import OUT, WorkerProcess, direct_throughput, kafka_broker
 from surge.examples import MLP_FEATURES, write_mlp
 from surge.producers import request_body, request_headers
+from surge.producers.load import send_batches
 from surge.schemas import MSGPACK
 from surge.workers.partitioning import key_partitions
 
@@ -254,29 +254,10 @@ async def _preload(
     try:
         deliveries = []
         for partition, records in by_partition.items():
-            deliveries += await _send_batches(producer, topic, partition, records)
+            deliveries += await send_batches(producer, topic, partition, records)
         await asyncio.gather(*deliveries)
     finally:
         await producer.stop()
-
-
-async def _send_batches(
-    producer: AIOKafkaProducer,
-    topic: str,
-    partition: int,
-    records: Iterable[tuple[bytes | None, bytes | None, list[tuple[str, bytes]]]],
-) -> list[asyncio.Future[Any]]:
-    """Enqueue (key, value, headers) records to one partition as few record batches as fit;
-    their delivery futures."""
-    deliveries = []
-    batch = producer.create_batch()
-    for key, value, headers in records:
-        if not batch.append(key=key, value=value, timestamp=None, headers=headers):
-            deliveries.append(await producer.send_batch(batch, topic, partition=partition))
-            batch = producer.create_batch()
-            batch.append(key=key, value=value, timestamp=None, headers=headers)
-    deliveries.append(await producer.send_batch(batch, topic, partition=partition))
-    return deliveries
 
 
 async def _wait_for(
@@ -354,7 +335,7 @@ async def _broker_alone(bootstrap: str, count: int) -> float:
             fetched = await consumer.getmany(timeout_ms=200, max_records=1024)
             for tp, records in fetched.items():
                 back = ((r.key, r.value, list(r.headers)) for r in records)
-                deliveries += await _send_batches(producer, replies, tp.partition, back)
+                deliveries += await send_batches(producer, replies, tp.partition, back)
                 received += len(records)
         await asyncio.gather(*deliveries)
     finally:

@@ -92,13 +92,16 @@ def minilm() -> Workload:
     tokenize = Tokenizer()
     requests = [tokenize(text) for text in _sentences(512)]
 
+    def inputs(i: int) -> dict[str, np.ndarray]:
+        return requests[i % len(requests)]
+
     def direct(path: Path, batch: int, gpu: bool, count: int) -> dict[str, float]:
         # The rows the burst sent, every one of them: how much a batch pads depends on which
         # rows fall together. The runtime's best case: those rows sorted by length, padded
         # least, run one at a time over every core or two at once (as the worker runs them),
         # whichever is faster. Arrival order: the batches a batcher without length bucketing
         # would form.
-        sent = [requests[i % len(requests)] for i in range(count)]
+        sent = [inputs(i) for i in range(count)]
         by_length = sorted(sent, key=lambda r: r["input_ids"].shape[1])
         calls = (1,) if gpu else (1, 2)
         return {
@@ -109,7 +112,7 @@ def minilm() -> Workload:
     return Workload(
         MINILM_NAME,
         write_minilm,
-        lambda i: requests[i % len(requests)],
+        inputs,
         direct,
         2_000,
         "25,50,100,150,200",

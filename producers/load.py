@@ -8,7 +8,7 @@ import contextlib
 import time
 import uuid
 from collections import Counter
-from collections.abc import Callable, Iterator, Mapping
+from collections.abc import Callable, Iterable, Iterator, Mapping
 from dataclasses import dataclass, field
 from typing import Any, Literal
 
@@ -163,24 +163,13 @@ async def run_load(
                 sent_at[sent:due] = time.perf_counter()
             else:
                 sent_at[sent:due] = started + np.arange(sent, due) / rate
-            # What is due goes out now as one record batch per partition: per-message sends
+            # What is due goes out now as record batches, per partition: per-message sends
             # would cost the generator more CPU than the worker spends on a request.
-            batches: dict[int, Any] = {}
+            by_partition: dict[int, list[tuple[bytes, bytes, list[tuple[str, bytes]]]]] = {}
             for i in range(sent, due):
-                partition = targets[i]
-                batch = batches.get(partition)
-                if batch is None:
-                    batch = batches[partition] = producer.create_batch()
-                if not batch.append(key=keys[i], value=bodies[i], timestamp=None, headers=route):
-                    deliveries.append(
-                        await producer.send_batch(batch, request_topic, partition=partition)
-                    )
-                    batch = batches[partition] = producer.create_batch()
-                    batch.append(key=keys[i], value=bodies[i], timestamp=None, headers=route)
-            for partition, batch in batches.items():
-                deliveries.append(
-                    await producer.send_batch(batch, request_topic, partition=partition)
-                )
+                by_partition.setdefault(targets[i], []).append((keys[i], bodies[i], route))
+            for partition, records in by_partition.items():
+                deliveries += await send_batches(producer, request_topic, partition, records)
             sent = due
             await asyncio.sleep(0)  # let the collector read
         await asyncio.gather(*deliveries)
@@ -199,6 +188,25 @@ async def run_load(
     finally:
         await producer.stop()
         await collector()
+
+
+async def send_batches(
+    producer: AIOKafkaProducer,
+    topic: str,
+    partition: int,
+    records: Iterable[tuple[bytes | None, bytes | None, list[tuple[str, bytes]]]],
+) -> list[asyncio.Future[Any]]:
+    """Enqueue (key, value, headers) records to one partition as few record batches as fit;
+    their delivery futures."""
+    deliveries = []
+    batch = producer.create_batch()
+    for key, value, fields in records:
+        if not batch.append(key=key, value=value, timestamp=None, headers=fields):
+            deliveries.append(await producer.send_batch(batch, topic, partition=partition))
+            batch = producer.create_batch()
+            batch.append(key=key, value=value, timestamp=None, headers=fields)
+    deliveries.append(await producer.send_batch(batch, topic, partition=partition))
+    return deliveries
 
 
 @contextlib.contextmanager

@@ -312,9 +312,10 @@ class Batcher:
     async def _run(self, jobs: list[Job]) -> None:
         """Run one model call; on failure split the batch in halves to isolate the culprit."""
         rows = [job.rows for job in jobs]
+        total = sum(rows)
         try:
             outputs, seconds = await self._call(jobs)
-            check_rows(outputs, sum(rows))
+            check_rows(outputs, total)
         except TimeoutError as exc:
             log.error("batch_timeout", model=self.model, version=self.version, requests=len(jobs))
             for job in jobs:
@@ -333,11 +334,11 @@ class Batcher:
             self._replies.error(ticket, Rejection(ErrorCode.MODEL_ERROR, f"model raised {exc!r}"))
             return
         self._batch_seconds.observe(seconds)
-        self._batch_rows.observe(sum(rows))
+        self._batch_rows.observe(total)
         if self._padded:
-            self._cost.observe(sum(rows) * max(job.length for job in jobs), seconds)
+            self._cost.observe(total * max(job.length for job in jobs), seconds)
         if seconds > 0:
-            speed = sum(rows) / seconds * self._instances
+            speed = total / seconds * self._instances
             weight = _SPEED_WEIGHT if self._speed else 1.0
             self._speed += weight * (speed - self._speed)
         self._ok.inc(len(jobs))
