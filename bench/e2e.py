@@ -179,18 +179,7 @@ def _direct_padded(
         ModelConfig(instances=concurrent), shared_pool=True
     )
     session = ort.InferenceSession(str(path), options, providers=providers(gpu))
-    batches = []
-    for start in range(0, len(requests), batch):
-        group = requests[start : start + batch]
-        width = max(r["input_ids"].shape[1] for r in group)
-        batches.append(
-            {
-                name: np.concatenate(
-                    [np.pad(r[name], ((0, 0), (0, width - r[name].shape[1]))) for r in group]
-                )
-                for name in group[0]
-            }
-        )
+    batches = padded_batches(requests, batch)
     session.run(None, batches[0])
 
     def run(share: list[dict[str, np.ndarray]]) -> None:
@@ -204,6 +193,26 @@ def _direct_padded(
             list(pool.map(run, [batches[i::concurrent] for i in range(concurrent)]))
             rates.append(len(requests) / (time.perf_counter() - started))
     return float(np.median(rates))
+
+
+def padded_batches(
+    requests: list[dict[str, np.ndarray]], batch: int
+) -> list[dict[str, np.ndarray]]:
+    """The requests `batch` at a time, in order (the last batch takes what is left), each input
+    padded with zeros along its second axis to the longest of its batch, as the worker pads."""
+    batches = []
+    for start in range(0, len(requests), batch):
+        group = requests[start : start + batch]
+        batches.append(
+            {
+                name: np.concatenate(
+                    [np.pad(r[name], ((0, 0), (0, width - r[name].shape[1]))) for r in group]
+                )
+                for name in group[0]
+                for width in [max(r[name].shape[1] for r in group)]
+            }
+        )
+    return batches
 
 
 WORKLOADS = {"mlp": mlp, "minilm": minilm}

@@ -87,17 +87,58 @@ def test_io_binding_matches_a_plain_run(tmp_path: Path) -> None:
         list(pool.map(check, batches * 8))
 
 
-@pytest.mark.skipif(resolve_device("auto") == "cpu", reason="needs a GPU")
+needs_gpu = pytest.mark.skipif(resolve_device("auto") == "cpu", reason="needs a GPU")
+
+
+@needs_gpu
 def test_onnx_on_a_gpu_matches_the_cpu(tmp_path: Path) -> None:
+    """Through the CUDA provider's I/O binding, from several threads at once (as instances
+    call it), batches of changing size: each thread's pinned staging buffers grow and are
+    reused without one thread's rows leaking into another's results."""
     path = write_mlp(tmp_path)
-    gpu = runtimes.load(path, ModelConfig(device="cuda"))
+    gpu = runtimes.load(path, ModelConfig(device="cuda", instances=4))
     cpu = runtimes.load(path, ModelConfig(device="cpu"))
     assert gpu.device == "cuda:0"
-    x = np.random.default_rng(0).standard_normal((64, 32)).astype(np.float32)
-    for rows in (64, 3, 64):
-        np.testing.assert_allclose(
-            gpu.run({"x": x[:rows]})["probs"], cpu.run({"x": x[:rows]})["probs"], atol=1e-5
-        )
+    rng = np.random.default_rng(0)
+    batches = [rng.standard_normal((rows, 32)).astype(np.float32) for rows in (64, 3, 256, 1, 64)]
+
+    def check(x: np.ndarray) -> None:
+        expected = cpu.run({"x": x})["probs"]
+        np.testing.assert_allclose(gpu.run({"x": x})["probs"], expected, atol=1e-5)
+
+    for x in batches:
+        check(x)
+    with ThreadPoolExecutor(4) as pool:
+        list(pool.map(check, batches * 16))
+
+
+@needs_gpu
+@pytest.mark.parametrize("precision", ["fp32", "fp16", "bf16"])
+def test_torch_on_a_gpu_matches_the_cpu(tmp_path: Path, precision: str) -> None:
+    """On CUDA streams of their own, from several threads at once, in each precision."""
+    torch.manual_seed(0)
+    module = Affine().eval()
+    path = tmp_path / "model.pt"
+    torch.jit.script(module).save(str(path))
+    gpu = runtimes.load(path, _affine_config(precision, device="cuda"))
+    assert gpu.device == "cuda:0"
+    rng = np.random.default_rng(1)
+    batches = [rng.standard_normal((rows, 8)).astype(np.float32) for rows in (7, 1, 512, 33)]
+    tolerance = 1e-5 if precision == "fp32" else 0.05
+
+    def check(x: np.ndarray) -> None:
+        with torch.inference_mode():
+            expected = module(torch.from_numpy(x)).numpy()
+        y = gpu.run({"x": x})["y"]
+        assert y.dtype == np.float32
+        np.testing.assert_allclose(y, expected, atol=tolerance)
+
+    for x in batches:
+        check(x)
+    with ThreadPoolExecutor(4) as pool:
+        list(pool.map(check, batches * 16))
+    runtimes.warm_up(gpu, [1, 64])
+    gpu.close()
 
 
 def test_pinned_host_buffers_fall_back_to_ordinary_memory() -> None:
@@ -108,9 +149,9 @@ def test_pinned_host_buffers_fall_back_to_ordinary_memory() -> None:
     assert bytes(memoryview(owner.numpy() if hasattr(owner, "numpy") else owner)) == b"x" * 64
 
 
-def _affine_config(precision: str = "fp32") -> ModelConfig:
+def _affine_config(precision: str = "fp32", device: str = "cpu") -> ModelConfig:
     return ModelConfig(
-        device="cpu",
+        device=device,
         precision=precision,  # type: ignore[arg-type]
         inputs=[TensorConfig(name="x", datatype="FP32", shape=[8])],
         outputs=[TensorConfig(name="y", datatype="FP32", shape=[3])],

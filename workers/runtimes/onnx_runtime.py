@@ -8,17 +8,20 @@ ONNX Runtime and copied back once, instead of staged through pageable memory at 
 from __future__ import annotations
 
 import ctypes
+import functools
 import threading
 from collections.abc import Mapping, Sequence
 from pathlib import Path
 
 import numpy as np
 import onnxruntime as ort
+import structlog
 
 from surge.config import ModelConfig
 from surge.workers.runtimes.base import TensorSpec, intra_op_threads
 from surge.workers.runtimes.devices import resolve_device
 
+log = structlog.get_logger("surge.runtimes")
 _DATATYPES = {
     "tensor(bool)": "BOOL",
     "tensor(uint8)": "UINT8",
@@ -56,10 +59,18 @@ class OnnxRuntime:
         device_id = int(self.device.partition(":")[2] or 0)
         providers: list[str | tuple[str, dict[str, str]]] = ["CPUExecutionProvider"]
         if self.device.startswith("cuda"):
+            _load_cuda_libraries()
             providers.insert(0, ("CUDAExecutionProvider", {"device_id": str(device_id)}))
         self._session = ort.InferenceSession(str(path), options, providers=providers)
         self._binding: IoBinding | None = None
         if "CUDAExecutionProvider" not in self._session.get_providers():
+            if self.device != "cpu":
+                log.warning(
+                    "cuda_provider_unavailable",
+                    model=str(path),
+                    available=ort.get_available_providers(),
+                    hint="install onnxruntime-gpu built for this CUDA; serving on the CPU",
+                )
             self.device = "cpu"
         elif not any(
             arg.type == "tensor(string)"
@@ -78,6 +89,16 @@ class OnnxRuntime:
 
     def close(self) -> None:
         del self._session
+
+
+@functools.cache
+def _load_cuda_libraries() -> None:
+    """onnxruntime-gpu finds CUDA and cuDNN by the loader's search path alone. Where they came
+    as the `nvidia-*` wheels (with PyTorch's CUDA build, say), nothing points there: load them
+    from the wheels installed beside onnxruntime, else from that path, once per process."""
+    preload = getattr(ort, "preload_dlls", None)  # onnxruntime >= 1.21
+    if preload is not None:
+        preload()
 
 
 class IoBinding:
