@@ -13,8 +13,12 @@ from __future__ import annotations
 import os
 import warnings
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import numpy as np
+
+if TYPE_CHECKING:
+    import torch
 
 MINILM_NAME = "minilm"
 MINILM_DIM = 384
@@ -74,15 +78,62 @@ class Tokenizer:
         }
 
 
-def write_minilm(model_root: Path, version: int = 1) -> Path:
-    """Export `model_root/minilm/<version>/model.onnx` (and config.toml); returns the file."""
+def write_minilm(
+    model_root: Path, version: int = 1, *, runtime: str = "onnx", precision: str = "fp32"
+) -> Path:
+    """Write `model_root/minilm/<version>/` (and config.toml); returns the model file: ONNX
+    (`model.onnx`, fp32), or for `runtime="torch"` a `torch.export` archive (`model.pt2`)
+    exported in `precision` (fp32, fp16 or bf16), every cast in the graph included."""
+    import torch
+
+    directory = model_root / MINILM_NAME
+    (directory / str(version)).mkdir(parents=True, exist_ok=True)
+    inputs = "".join(_INPUT.format(name=name) for name in MINILM_INPUTS)
+    config = MINILM_CONFIG.format(inputs=inputs)
+    if runtime == "torch":
+        config = f'precision = "{precision}"\n{config}'
+    (directory / "config.toml").write_text(config)
+    dtype = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}[precision]
+    module = _embedder().eval().to(dtype)
+    example = tuple(torch.ones((2, 8), dtype=torch.int64) for _ in MINILM_INPUTS)
+    if runtime == "torch":
+        path = directory / str(version) / "model.pt2"
+        dims = {"batch": torch.export.Dim("batch"), "tokens": torch.export.Dim("tokens", max=512)}
+        shapes = {name: {0: dims["batch"], 1: dims["tokens"]} for name in MINILM_INPUTS}
+        with torch.no_grad():
+            torch.export.save(torch.export.export(module, example, dynamic_shapes=shapes), path)
+        return path
+    if precision != "fp32":
+        raise ValueError("the ONNX export is fp32")
+    path = directory / str(version) / "model.onnx"
+    axes = {name: {0: "batch", 1: "tokens"} for name in MINILM_INPUTS}
+    # The TorchScript exporter: the torch.export-based one writes an invalid graph for this
+    # model on torch 2.13 (the output name defined twice). Its deprecation and tracer
+    # warnings (Python conditions on shapes, fixed by the dynamic axes) are expected.
+    with torch.no_grad(), warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        torch.onnx.export(
+            module,
+            example,
+            str(path),
+            input_names=list(MINILM_INPUTS),
+            output_names=["embedding"],
+            dynamic_axes={**axes, "embedding": {0: "batch"}},
+            opset_version=17,
+            dynamo=False,
+        )
+    return path
+
+
+def _embedder() -> torch.nn.Module:
+    """The encoder with sentence-transformers' head: mean pooling over the mask, L2 norm."""
     import torch
     from transformers import AutoModel
 
     class Embedder(torch.nn.Module):
         def __init__(self) -> None:
             super().__init__()
-            self.bert = AutoModel.from_pretrained(str(model_dir()))
+            self.bert = AutoModel.from_pretrained(str(model_dir()), dtype=torch.float32)
 
         def forward(
             self,
@@ -97,26 +148,4 @@ def write_minilm(model_root: Path, version: int = 1) -> Path:
             pooled = (hidden * mask).sum(1) / mask.sum(1).clamp(min=1e-9)
             return torch.nn.functional.normalize(pooled, p=2, dim=1)
 
-    directory = model_root / MINILM_NAME
-    (directory / str(version)).mkdir(parents=True, exist_ok=True)
-    inputs = "".join(_INPUT.format(name=name) for name in MINILM_INPUTS)
-    (directory / "config.toml").write_text(MINILM_CONFIG.format(inputs=inputs))
-    path = directory / str(version) / "model.onnx"
-    example = tuple(torch.ones((2, 8), dtype=torch.int64) for _ in MINILM_INPUTS)
-    axes = {name: {0: "batch", 1: "tokens"} for name in MINILM_INPUTS}
-    # The TorchScript exporter: the torch.export-based one writes an invalid graph for this
-    # model on torch 2.13 (the output name defined twice). Its deprecation and tracer
-    # warnings (Python conditions on shapes, fixed by the dynamic axes) are expected.
-    with torch.no_grad(), warnings.catch_warnings():
-        warnings.simplefilter("ignore")
-        torch.onnx.export(
-            Embedder().eval(),
-            example,
-            str(path),
-            input_names=list(MINILM_INPUTS),
-            output_names=["embedding"],
-            dynamic_axes={**axes, "embedding": {0: "batch"}},
-            opset_version=17,
-            dynamo=False,
-        )
-    return path
+    return Embedder()

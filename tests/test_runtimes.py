@@ -20,6 +20,7 @@ from surge.workers.runtimes import TensorSpec
 from surge.workers.runtimes.base import intra_op_threads
 from surge.workers.runtimes.devices import resolve_device
 from surge.workers.runtimes.onnx_runtime import IoBinding, host_buffer
+from surge.workers.runtimes.torch_runtime import load_module
 
 
 class Affine(torch.nn.Module):
@@ -196,6 +197,30 @@ def test_torch_export_archive_matches_eager(tmp_path: Path) -> None:
     x, expected = _affine_reference(module)
     np.testing.assert_allclose(runtime.run({"x": x})["y"], expected, rtol=1e-5, atol=1e-6)
     runtimes.warm_up(runtime, [1, 16])
+
+
+class Positions(torch.nn.Module):
+    """Makes a tensor in its graph, as a transformer makes its position ids and masks."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return x + torch.arange(x.shape[1], device=x.device)
+
+
+def test_an_exported_graph_moves_whole_to_the_serving_device(tmp_path: Path) -> None:
+    """torch.export records the device of tensors made in the graph (the CPU here): loaded
+    for another device, those must move with the weights. The meta device stands in for a
+    GPU: a CPU tensor left in the graph cannot meet a meta one."""
+    example = (torch.zeros(2, 5),)
+    dims = ({0: torch.export.Dim("rows", max=64), 1: torch.export.Dim("width", max=64)},)
+    path = tmp_path / "model.pt2"
+    torch.export.save(torch.export.export(Positions(), example, dynamic_shapes=dims), str(path))
+    assert "device(type='cpu')" in torch.export.load(str(path)).graph_module.code
+    out = load_module(path, "meta")(torch.zeros(3, 7, device="meta"))
+    assert out.device.type == "meta"
+    assert out.shape == (3, 7)
+    np.testing.assert_array_equal(
+        load_module(path, "cpu")(torch.zeros(1, 4)).numpy(), [[0, 1, 2, 3]]
+    )
 
 
 def test_torch_models_need_a_declared_signature(tmp_path: Path) -> None:

@@ -1,6 +1,6 @@
-"""A real transformer end to end: all-MiniLM-L6-v2 exported to ONNX with its pooling head,
-token ids of different lengths padded per batch by the worker, embeddings equal to those
-sentence-transformers computes."""
+"""A real transformer end to end: all-MiniLM-L6-v2 exported with its pooling head (to ONNX,
+and as a `torch.export` archive in fp32 and bf16), token ids of different lengths padded per
+batch by the worker, embeddings equal to those sentence-transformers computes."""
 
 from __future__ import annotations
 
@@ -28,11 +28,18 @@ SENTENCES = [
 ]
 
 
-@pytest.fixture(scope="module")
-def minilm_root(tmp_path_factory: pytest.TempPathFactory) -> Path:
+# (runtime, precision): how close the embeddings come to sentence-transformers' fp32 ones.
+EXPORTS = {("onnx", "fp32"): 2e-5, ("torch", "fp32"): 2e-5, ("torch", "bf16"): 2e-2}
+
+
+@pytest.fixture(scope="module", params=list(EXPORTS), ids="-".join)
+def export(
+    request: pytest.FixtureRequest, tmp_path_factory: pytest.TempPathFactory
+) -> tuple[Path, float]:
+    runtime, precision = request.param
     root = tmp_path_factory.mktemp("minilm")
-    write_minilm(root)
-    return root
+    write_minilm(root, runtime=runtime, precision=precision)
+    return root, EXPORTS[request.param]
 
 
 @pytest.fixture(scope="module")
@@ -44,10 +51,11 @@ def expected() -> np.ndarray:
 
 async def test_embeddings_served_match_sentence_transformers(
     kafka: str,
-    minilm_root: Path,
+    export: tuple[Path, float],
     expected: np.ndarray,
     run_worker: Callable[[Settings], Worker],
 ) -> None:
+    minilm_root, tolerance = export
     worker = await run_worker(make_settings(kafka, minilm_root, None))
     tokenize = Tokenizer()
     requests = [tokenize(text) for text in SENTENCES]
@@ -56,4 +64,4 @@ async def test_embeddings_served_match_sentence_transformers(
         results = await client.predict_many("minilm", requests, timeout=60)
     embeddings = np.concatenate([r.outputs["embedding"] for r in results])
     assert embeddings.shape == (len(SENTENCES), MINILM_DIM)
-    np.testing.assert_allclose(embeddings, expected, atol=2e-5)
+    np.testing.assert_allclose(embeddings, expected, atol=tolerance)

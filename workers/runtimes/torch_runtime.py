@@ -14,6 +14,7 @@ from pathlib import Path
 
 import numpy as np
 import torch
+from torch.export.passes import move_to_device_pass
 
 from surge.config import ModelConfig
 from surge.workers.runtimes.base import TensorSpec, intra_op_threads
@@ -31,10 +32,7 @@ class TorchRuntime:
         self.device = resolve_device(config.device)
         if threads := intra_op_threads(config, shared_pool=False):
             torch.set_num_threads(threads)  # for the whole process: the last model's wins
-        if path.suffix == ".pt2":
-            module = torch.export.load(str(path)).module().to(self.device)
-        else:
-            module = torch.jit.load(str(path), map_location=self.device).eval()
+        module = load_module(path, self.device)
         self._dtype = _PRECISIONS[config.precision]
         self._module = module.to(self._dtype) if self._dtype != torch.float32 else module
         self._output_dtypes = [_torch_dtype(spec) for spec in self.outputs]
@@ -97,6 +95,22 @@ class TorchRuntime:
         del self._module
         if self._cuda:
             torch.cuda.empty_cache()
+
+
+def load_module(path: Path, device: str) -> torch.nn.Module:
+    """A `torch.export` archive or a TorchScript file, on `device`.
+
+    An exported graph names the device of every tensor it creates (a transformer's position
+    ids and attention masks, say) as it was when exported, usually the CPU: moving only its
+    weights would leave those behind, so the graph itself is rewritten for the device.
+    TorchScript's traced graphs keep such devices too: trace on the device you serve on.
+    """
+    if path.suffix == ".pt2":
+        program = torch.export.load(str(path))
+        if device != "cpu":
+            program = move_to_device_pass(program, device)
+        return program.module()
+    return torch.jit.load(str(path), map_location=device).eval()
 
 
 _PRECISIONS = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
