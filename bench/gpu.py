@@ -1,15 +1,18 @@
 """Surge on an accelerator: end-to-end throughput against the model alone on the same device,
 and the device's utilisation while the workers are saturated.
 
-    python -m bench.gpu [--model minilm|mlp] [--burst N] [--rounds N] [--max-batch N]
-                        [--instances N] [--bootstrap HOST:PORT]
+    python -m bench.gpu [--model minilm|mlp] [--runtime onnx|torch] [--precision fp32|fp16|bf16]
+                        [--burst N] [--rounds N] [--max-batch N] [--instances N]
+                        [--processes gpus|N] [--broker kafka|embedded | --bootstrap HOST:PORT]
 
-Starts Apache Kafka on this machine (unless --bootstrap) and `surge worker --processes gpus`
-(one process per visible GPU; one process on the CPU where there is none), with the model's
-batches up to --max-batch rows and --instances calls in flight. Drains --rounds bursts of
-requests while sampling `nvidia-smi`, then runs the model alone with ONNX Runtime (the CUDA
-provider where a GPU is visible) on the same rows at the batch size the workers actually ran,
-two ways: fed from host arrays, as a plain `session.run`, and with every batch already in
+Starts a broker on this machine (Apache Kafka, or the embedded one where there is no JDK;
+none with --bootstrap) and `surge worker --processes gpus` (one process per visible GPU; one
+process on the CPU where there is none), with the model's batches up to --max-batch rows and
+--instances calls in flight. The model runs on ONNX Runtime (the CUDA provider where a GPU
+is visible), or with --runtime torch (MiniLM only) as a `torch.export` archive exported in
+--precision. Drains --rounds bursts of requests while sampling `nvidia-smi`, then runs the
+model alone with the same runtime on the same rows at the batch size the workers actually
+ran, two ways: fed from host arrays, as a plain loop would, and with every batch already in
 device memory (the model's compute alone). The target is an end-to-end throughput of at
 least 80% of the faster of the two. Prints a table; writes bench/out/gpu-<model>.json and
 a plot of utilisation over time, gpu-<model>.png.
@@ -26,6 +29,8 @@ import subprocess
 import tempfile
 import threading
 import time
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from pathlib import Path
 
 import numpy as np
@@ -35,8 +40,10 @@ from rich.table import Table
 
 from bench.common import OUT, WorkerProcess, kafka_broker, providers
 from bench.e2e import WORKLOADS, Workload, _batch_stats, _first_result, padded_batches
+from surge.broker import start_noida, stop_noida
 from surge.producers.load import run_load
 from surge.workers.runtimes.devices import cuda_device_count
+from tests.services import free_port
 
 console = Console()
 
@@ -116,6 +123,60 @@ def resident_throughput(path: Path, batches: list[dict[str, np.ndarray]]) -> flo
     return float(np.median(rates))
 
 
+def torch_throughput(
+    path: Path, batches: list[dict[str, np.ndarray]], device: str
+) -> tuple[float, float]:
+    """PyTorch alone, rows per second (median of 3 passes over all batches): fed from host
+    arrays (copied in, run, copied out, one batch at a time) and, on a GPU, with every
+    batch's inputs already in device memory and its outputs left there (nan on the CPU)."""
+    import torch
+
+    from surge.workers.runtimes.torch_runtime import load_module
+
+    module = load_module(path, device)
+    rows = sum(next(iter(b.values())).shape[0] for b in batches)
+
+    def host_fed() -> None:
+        for inputs in batches:
+            module(*(torch.from_numpy(a).to(device) for a in inputs.values())).float().cpu()
+
+    resident = [[torch.from_numpy(a).to(device) for a in b.values()] for b in batches]
+
+    def on_device() -> None:
+        for inputs in resident:
+            module(*inputs)
+        if device != "cpu":
+            torch.cuda.synchronize(device)
+
+    def rate(run: Callable[[], None]) -> float:
+        rates = []
+        with torch.inference_mode():
+            run()  # warm-up: kernels chosen, memory pooled
+            for _ in range(3):
+                started = time.perf_counter()
+                run()
+                rates.append(rows / (time.perf_counter() - started))
+        return float(np.median(rates))
+
+    return rate(host_fed), rate(on_device) if device != "cpu" else float("nan")
+
+
+@contextmanager
+def broker(kind: str, bootstrap: str | None) -> Iterator[str]:
+    """The cluster at `bootstrap`, else a fresh broker of `kind` on loopback."""
+    if kind == "kafka" or bootstrap:
+        with kafka_broker(bootstrap) as servers:
+            yield servers
+        return
+    data, port = Path(tempfile.mkdtemp(prefix="surge-bench-broker-")), free_port()
+    process = start_noida(data, port)
+    try:
+        yield f"127.0.0.1:{port}"
+    finally:
+        stop_noida(process)
+        shutil.rmtree(data, ignore_errors=True)
+
+
 def sent_rows(workload: Workload, count: int) -> list[dict[str, np.ndarray]]:
     """The rows a burst of `count` sent, shortest first: how little batches can pad."""
     sent = [workload.inputs(i) for i in range(count)]
@@ -127,19 +188,36 @@ def main() -> None:
         description=__doc__, formatter_class=argparse.RawTextHelpFormatter
     )
     parser.add_argument("--bootstrap", help="use this Kafka cluster instead of starting one")
+    parser.add_argument(
+        "--broker", choices=["kafka", "embedded"], default="kafka", help="the broker to start"
+    )
     parser.add_argument("--model", choices=sorted(WORKLOADS), default="minilm")
+    parser.add_argument("--runtime", choices=["onnx", "torch"], default="onnx")
+    parser.add_argument(
+        "--precision", choices=["fp32", "fp16", "bf16"], default="fp32", help="--runtime torch"
+    )
     parser.add_argument("--burst", type=int, help="requests per burst (model default × 25)")
     parser.add_argument("--rounds", type=int, default=3, help="bursts; the median is reported")
     parser.add_argument("--max-batch", type=int, default=256, help="the model's max_batch_size")
     parser.add_argument("--instances", type=int, default=2, help="model calls in flight")
+    parser.add_argument("--processes", default="gpus", help="worker processes: gpus or N")
     args = parser.parse_args()
+    if args.runtime == "torch" and args.model != "minilm":
+        parser.error("--runtime torch serves --model minilm")
+    if args.runtime == "onnx" and args.precision != "fp32":
+        parser.error("--precision applies to --runtime torch (the ONNX export is fp32)")
     workload = WORKLOADS[args.model]()
     burst = args.burst or workload.burst * 25
     gpus = cuda_device_count()
     device = f"{gpus} GPU(s)" if gpus else "the CPU (no GPU visible)"
 
     model_root = Path(tempfile.mkdtemp(prefix="surge-bench-models-"))
-    model_path = workload.write(model_root)
+    if args.runtime == "torch":
+        from surge.minilm import write_minilm
+
+        model_path = write_minilm(model_root, runtime="torch", precision=args.precision)
+    else:
+        model_path = workload.write(model_root)
     tune(
         model_path.parent.parent / "config.toml",
         max_batch_size=args.max_batch,
@@ -147,8 +225,8 @@ def main() -> None:
     )
     utilisation = Utilisation()
     throughputs, windows = [], []
-    with kafka_broker(args.bootstrap) as bootstrap:
-        worker = WorkerProcess(bootstrap, model_root, processes="gpus")
+    with broker(args.broker, args.bootstrap) as bootstrap:
+        worker = WorkerProcess(bootstrap, model_root, processes=args.processes)
         try:
             asyncio.run(_first_result(bootstrap, workload.name, workload.inputs(0)))
             asyncio.run(run_load(bootstrap, workload.name, workload.inputs, count=burst // 5))
@@ -167,15 +245,18 @@ def main() -> None:
             utilisation.stop()
     throughput = float(np.median(throughputs))
     batch = max(1, round(stats["mean_rows"]))
-    host_fed = next(iter(workload.direct(model_path, batch, gpus > 0, burst).values()))  # best
-    resident = (
-        resident_throughput(model_path, padded_batches(sent_rows(workload, burst), batch))
-        if gpus
-        else float("nan")
-    )
+    batches = padded_batches(sent_rows(workload, burst), batch)
+    if args.runtime == "torch":
+        host_fed, resident = torch_throughput(model_path, batches, "cuda:0" if gpus else "cpu")
+    else:
+        host_fed = next(iter(workload.direct(model_path, batch, gpus > 0, burst).values()))
+        resident = resident_throughput(model_path, batches) if gpus else float("nan")
     alone = max(host_fed, resident) if gpus else host_fed
     median_gpu, peak_gpu, memory = utilisation.within(windows)
-    table = Table(title=f"Surge on {device}: {workload.name}, {args.rounds} bursts of {burst:,}")
+    runtime = "ONNX Runtime" if args.runtime == "onnx" else f"PyTorch {args.precision}"
+    table = Table(
+        title=f"Surge on {device}: {workload.name} ({runtime}), {args.rounds} bursts of {burst:,}"
+    )
     for column in ("", "value"):
         table.add_column(column, justify="right")
     spread = f"{min(throughputs):,.0f}–{max(throughputs):,.0f}"
@@ -195,12 +276,16 @@ def main() -> None:
         table.add_row("GPU memory, peak", f"{memory:,.0f} MiB")
     console.print(table)
     OUT.mkdir(exist_ok=True)
-    out = OUT / f"gpu-{workload.name}.json"
+    name = workload.name if args.runtime == "onnx" else f"{workload.name}-torch-{args.precision}"
+    out = OUT / f"gpu-{name}.json"
     out.write_text(
         json.dumps(
             {
                 "device": device,
                 "gpu_name": _gpu_name(),
+                "runtime": args.runtime,
+                "precision": args.precision,
+                "processes": args.processes,
                 "burst": burst,
                 "rounds": throughputs,
                 "max_batch": args.max_batch,
@@ -218,7 +303,7 @@ def main() -> None:
             indent=2,
         )
     )
-    _plot(utilisation, windows, throughputs, OUT / f"gpu-{workload.name}.png", workload.name)
+    _plot(utilisation, windows, throughputs, OUT / f"gpu-{name}.png", name)
     console.print(f"wrote {out}")
 
 

@@ -7,6 +7,7 @@ from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import numpy as np
+import onnxruntime as ort
 import pytest
 import torch
 
@@ -89,9 +90,14 @@ def test_io_binding_matches_a_plain_run(tmp_path: Path) -> None:
 
 
 needs_gpu = pytest.mark.skipif(resolve_device("auto") == "cpu", reason="needs a GPU")
+needs_onnx_cuda = pytest.mark.skipif(
+    "CUDAExecutionProvider" not in ort.get_available_providers(),
+    reason="needs onnxruntime-gpu (this onnxruntime has no CUDA provider)",
+)
 
 
 @needs_gpu
+@needs_onnx_cuda
 def test_onnx_on_a_gpu_matches_the_cpu(tmp_path: Path) -> None:
     """Through the CUDA provider's I/O binding, from several threads at once (as instances
     call it), batches of changing size: each thread's pinned staging buffers grow and are

@@ -5,15 +5,18 @@ batch by the worker, embeddings equal to those sentence-transformers computes.""
 from __future__ import annotations
 
 from collections.abc import Callable
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
+import msgspec
 import numpy as np
 import pytest
 
-from surge.config import Settings
+from surge.config import ModelConfig, Settings, convert, read_toml
 from surge.minilm import MINILM_DIM, Tokenizer, model_dir, write_minilm
 from surge.producers import SurgeClient
-from surge.workers import Worker
+from surge.workers import Worker, runtimes
+from surge.workers.runtimes.devices import resolve_device
 from tests.conftest import make_settings
 
 pytestmark = pytest.mark.integration
@@ -65,3 +68,33 @@ async def test_embeddings_served_match_sentence_transformers(
     embeddings = np.concatenate([r.outputs["embedding"] for r in results])
     assert embeddings.shape == (len(SENTENCES), MINILM_DIM)
     np.testing.assert_allclose(embeddings, expected, atol=tolerance)
+
+
+@pytest.mark.skipif(resolve_device("auto") == "cpu", reason="needs a GPU")
+@pytest.mark.parametrize("precision", ["fp16", "bf16"])
+def test_exported_transformer_on_a_gpu_matches_the_cpu(tmp_path: Path, precision: str) -> None:
+    """The exported graph moved whole to the GPU, in reduced precision, on rows padded to
+    different lengths, from several threads at once (as instances call it)."""
+    tokenize = Tokenizer()
+    rows = [tokenize(text) for text in SENTENCES]
+    width = max(r["input_ids"].shape[1] for r in rows)
+    batch = {
+        name: np.concatenate(
+            [np.pad(r[name], ((0, 0), (0, width - r[name].shape[1]))) for r in rows]
+        )
+        for name in rows[0]
+    }
+    cpu = runtimes.load(*_served(write_minilm(tmp_path / "cpu", runtime="torch"), "cpu"))
+    gpu_path = write_minilm(tmp_path / "gpu", runtime="torch", precision=precision)
+    gpu = runtimes.load(*_served(gpu_path, "cuda"))
+    assert gpu.device == "cuda:0"
+    expected = cpu.run(batch)["embedding"]
+    with ThreadPoolExecutor(4) as pool:
+        for got in pool.map(lambda _: gpu.run(batch)["embedding"], range(16)):
+            np.testing.assert_allclose(got, expected, atol=2e-2)
+
+
+def _served(path: Path, device: str) -> tuple[Path, ModelConfig]:
+    """The export and its config.toml, on `device`."""
+    config = convert(read_toml(path.parent.parent / "config.toml"), ModelConfig, "minilm")
+    return path, msgspec.structs.replace(config, device=device)
