@@ -1,21 +1,23 @@
 """Surge on an accelerator: end-to-end throughput against the model alone on the same device,
 and the device's utilisation while the workers are saturated.
 
-    python -m bench.gpu [--model minilm|mlp] [--runtime onnx|torch] [--precision fp32|fp16|bf16]
-                        [--burst N] [--rounds N] [--max-batch N] [--instances N]
-                        [--processes gpus|N] [--broker kafka|embedded | --bootstrap HOST:PORT]
+    python -m bench.gpu [--model minilm|mlp] [--format onnx|pt2|torchscript]
+                        [--precision fp32|fp16|bf16] [--burst N] [--rounds N]
+                        [--max-batch N] [--instances N] [--processes gpus|N]
+                        [--broker kafka|embedded | --bootstrap HOST:PORT]
 
 Starts a broker on this machine (Apache Kafka, or the embedded one where there is no JDK;
 none with --bootstrap) and `surge worker --processes gpus` (one process per visible GPU; one
 process on the CPU where there is none), with the model's batches up to --max-batch rows and
 --instances calls in flight. The model runs on ONNX Runtime (the CUDA provider where a GPU
-is visible), or with --runtime torch (MiniLM only) as a `torch.export` archive exported in
---precision. Drains --rounds bursts of requests while sampling `nvidia-smi`, then runs the
-model alone with the same runtime on the same rows at the batch size the workers actually
-ran, two ways: fed from host arrays, as a plain loop would, and with every batch already in
-device memory (the model's compute alone). The target is an end-to-end throughput of at
-least 80% of the faster of the two. Prints a table; writes bench/out/gpu-<model>.json and
-a plot of utilisation over time, gpu-<model>.png.
+is visible), or (MiniLM only) on PyTorch in --precision, as a `torch.export` archive (pt2:
+its graph runs op by op from Python) or as TorchScript traced on the device (its graph runs
+in C++, without the interpreter lock). Drains --rounds bursts of requests while sampling
+`nvidia-smi`, then runs the model alone with the same runtime on the same rows at the batch
+size the workers actually ran, two ways: fed from host arrays, as a plain loop would, and
+with every batch already in device memory (the model's compute alone). The target is an
+end-to-end throughput of at least 80% of the faster of the two. Prints a table; writes
+bench/out/gpu-<model>[-<format>-<precision>].json and a plot of utilisation over time (.png).
 """
 
 from __future__ import annotations
@@ -177,6 +179,10 @@ def broker(kind: str, bootstrap: str | None) -> Iterator[str]:
         shutil.rmtree(data, ignore_errors=True)
 
 
+# What --format writes, by the model file's name.
+ARTIFACTS = {"onnx": "model.onnx", "pt2": "model.pt2", "torchscript": "model.pt"}
+
+
 def sent_rows(workload: Workload, count: int) -> list[dict[str, np.ndarray]]:
     """The rows a burst of `count` sent, shortest first: how little batches can pad."""
     sent = [workload.inputs(i) for i in range(count)]
@@ -192,9 +198,9 @@ def main() -> None:
         "--broker", choices=["kafka", "embedded"], default="kafka", help="the broker to start"
     )
     parser.add_argument("--model", choices=sorted(WORKLOADS), default="minilm")
-    parser.add_argument("--runtime", choices=["onnx", "torch"], default="onnx")
+    parser.add_argument("--format", choices=sorted(ARTIFACTS), default="onnx")
     parser.add_argument(
-        "--precision", choices=["fp32", "fp16", "bf16"], default="fp32", help="--runtime torch"
+        "--precision", choices=["fp32", "fp16", "bf16"], default="fp32", help="PyTorch formats"
     )
     parser.add_argument("--burst", type=int, help="requests per burst (model default × 25)")
     parser.add_argument("--rounds", type=int, default=3, help="bursts; the median is reported")
@@ -202,20 +208,26 @@ def main() -> None:
     parser.add_argument("--instances", type=int, default=2, help="model calls in flight")
     parser.add_argument("--processes", default="gpus", help="worker processes: gpus or N")
     args = parser.parse_args()
-    if args.runtime == "torch" and args.model != "minilm":
-        parser.error("--runtime torch serves --model minilm")
-    if args.runtime == "onnx" and args.precision != "fp32":
-        parser.error("--precision applies to --runtime torch (the ONNX export is fp32)")
+    on_torch = args.format != "onnx"
+    if on_torch and args.model != "minilm":
+        parser.error(f"--format {args.format} serves --model minilm")
+    if not on_torch and args.precision != "fp32":
+        parser.error("--precision applies to the PyTorch formats (the ONNX export is fp32)")
     workload = WORKLOADS[args.model]()
     burst = args.burst or workload.burst * 25
     gpus = cuda_device_count()
     device = f"{gpus} GPU(s)" if gpus else "the CPU (no GPU visible)"
 
     model_root = Path(tempfile.mkdtemp(prefix="surge-bench-models-"))
-    if args.runtime == "torch":
+    if on_torch:
         from surge.minilm import write_minilm
 
-        model_path = write_minilm(model_root, runtime="torch", precision=args.precision)
+        model_path = write_minilm(
+            model_root,
+            artifact=ARTIFACTS[args.format],
+            precision=args.precision,
+            device="cuda" if gpus else "cpu",
+        )
     else:
         model_path = workload.write(model_root)
     tune(
@@ -246,14 +258,14 @@ def main() -> None:
     throughput = float(np.median(throughputs))
     batch = max(1, round(stats["mean_rows"]))
     batches = padded_batches(sent_rows(workload, burst), batch)
-    if args.runtime == "torch":
+    if on_torch:
         host_fed, resident = torch_throughput(model_path, batches, "cuda:0" if gpus else "cpu")
     else:
         host_fed = next(iter(workload.direct(model_path, batch, gpus > 0, burst).values()))
         resident = resident_throughput(model_path, batches) if gpus else float("nan")
     alone = max(host_fed, resident) if gpus else host_fed
     median_gpu, peak_gpu, memory = utilisation.within(windows)
-    runtime = "ONNX Runtime" if args.runtime == "onnx" else f"PyTorch {args.precision}"
+    runtime = f"PyTorch {args.format} {args.precision}" if on_torch else "ONNX Runtime"
     table = Table(
         title=f"Surge on {device}: {workload.name} ({runtime}), {args.rounds} bursts of {burst:,}"
     )
@@ -276,14 +288,14 @@ def main() -> None:
         table.add_row("GPU memory, peak", f"{memory:,.0f} MiB")
     console.print(table)
     OUT.mkdir(exist_ok=True)
-    name = workload.name if args.runtime == "onnx" else f"{workload.name}-torch-{args.precision}"
+    name = f"{workload.name}-{args.format}-{args.precision}" if on_torch else workload.name
     out = OUT / f"gpu-{name}.json"
     out.write_text(
         json.dumps(
             {
                 "device": device,
                 "gpu_name": _gpu_name(),
-                "runtime": args.runtime,
+                "format": args.format,
                 "precision": args.precision,
                 "processes": args.processes,
                 "burst": burst,

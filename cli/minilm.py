@@ -79,49 +79,63 @@ class Tokenizer:
 
 
 def write_minilm(
-    model_root: Path, version: int = 1, *, runtime: str = "onnx", precision: str = "fp32"
+    model_root: Path,
+    version: int = 1,
+    *,
+    artifact: str = "model.onnx",
+    precision: str = "fp32",
+    device: str = "cpu",
 ) -> Path:
-    """Write `model_root/minilm/<version>/` (and config.toml); returns the model file: ONNX
-    (`model.onnx`, fp32), or for `runtime="torch"` a `torch.export` archive (`model.pt2`)
-    exported in `precision` (fp32, fp16 or bf16), every cast in the graph included."""
+    """Write `model_root/minilm/<version>/<artifact>` and config.toml; returns the model file.
+
+    - `model.onnx`: ONNX, fp32.
+    - `model.pt2`: a `torch.export` archive in `precision` (fp32, fp16 or bf16), every cast
+      in the graph included; the runtime moves it to its device when loading.
+    - `model.pt`: TorchScript traced on `device` in `precision`. A traced graph keeps the
+      device it was traced on (for the tensors it makes), so trace it where it will serve.
+    """
     import torch
 
     directory = model_root / MINILM_NAME
     (directory / str(version)).mkdir(parents=True, exist_ok=True)
+    path = directory / str(version) / artifact
     inputs = "".join(_INPUT.format(name=name) for name in MINILM_INPUTS)
     config = MINILM_CONFIG.format(inputs=inputs)
-    if runtime == "torch":
+    if artifact != "model.onnx":
         config = f'precision = "{precision}"\n{config}'
+    elif precision != "fp32":
+        raise ValueError("the ONNX export is fp32")
     (directory / "config.toml").write_text(config)
     dtype = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}[precision]
-    module = _embedder().eval().to(dtype)
-    example = tuple(torch.ones((2, 8), dtype=torch.int64) for _ in MINILM_INPUTS)
-    if runtime == "torch":
-        path = directory / str(version) / "model.pt2"
-        dims = {"batch": torch.export.Dim("batch"), "tokens": torch.export.Dim("tokens", max=512)}
-        shapes = {name: {0: dims["batch"], 1: dims["tokens"]} for name in MINILM_INPUTS}
-        with torch.no_grad():
-            torch.export.save(torch.export.export(module, example, dynamic_shapes=shapes), path)
-        return path
-    if precision != "fp32":
-        raise ValueError("the ONNX export is fp32")
-    path = directory / str(version) / "model.onnx"
-    axes = {name: {0: "batch", 1: "tokens"} for name in MINILM_INPUTS}
-    # The TorchScript exporter: the torch.export-based one writes an invalid graph for this
-    # model on torch 2.13 (the output name defined twice). Its deprecation and tracer
-    # warnings (Python conditions on shapes, fixed by the dynamic axes) are expected.
+    module = _embedder().eval().to(dtype).to(device)
+    # Two rows, the second padded: any path a mask may take is the one taken here.
+    example = tuple(torch.ones((2, 8), dtype=torch.int64, device=device) for _ in MINILM_INPUTS)
+    example[1][1, 5:] = 0
+    # The tracer's warnings (deprecation; Python conditions on shapes, which the dynamic
+    # axes and the padded example settle) are expected.
     with torch.no_grad(), warnings.catch_warnings():
         warnings.simplefilter("ignore")
-        torch.onnx.export(
-            module,
-            example,
-            str(path),
-            input_names=list(MINILM_INPUTS),
-            output_names=["embedding"],
-            dynamic_axes={**axes, "embedding": {0: "batch"}},
-            opset_version=17,
-            dynamo=False,
-        )
+        if artifact == "model.pt2":
+            dims = (torch.export.Dim("batch"), torch.export.Dim("tokens", max=512))
+            shapes = {name: dict(enumerate(dims)) for name in MINILM_INPUTS}
+            program = torch.export.export(module, example, dynamic_shapes=shapes)
+            torch.export.save(program, path)
+        elif artifact == "model.pt":
+            torch.jit.trace(module, example).save(str(path))
+        else:
+            # The TorchScript-based exporter: the torch.export-based one writes an invalid
+            # graph for this model on torch 2.13 (the output name defined twice).
+            axes = {name: {0: "batch", 1: "tokens"} for name in MINILM_INPUTS}
+            torch.onnx.export(
+                module,
+                example,
+                str(path),
+                input_names=list(MINILM_INPUTS),
+                output_names=["embedding"],
+                dynamic_axes={**axes, "embedding": {0: "batch"}},
+                opset_version=17,
+                dynamo=False,
+            )
     return path
 
 

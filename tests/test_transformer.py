@@ -1,6 +1,7 @@
 """A real transformer end to end: all-MiniLM-L6-v2 exported with its pooling head (to ONNX,
-and as a `torch.export` archive in fp32 and bf16), token ids of different lengths padded per
-batch by the worker, embeddings equal to those sentence-transformers computes."""
+as a `torch.export` archive in fp32 and bf16, and traced to TorchScript), token ids of
+different lengths padded per batch by the worker, embeddings equal to those
+sentence-transformers computes."""
 
 from __future__ import annotations
 
@@ -31,17 +32,22 @@ SENTENCES = [
 ]
 
 
-# (runtime, precision): how close the embeddings come to sentence-transformers' fp32 ones.
-EXPORTS = {("onnx", "fp32"): 2e-5, ("torch", "fp32"): 2e-5, ("torch", "bf16"): 2e-2}
+# (artifact, precision): how close the embeddings come to sentence-transformers' fp32 ones.
+EXPORTS = {
+    ("model.onnx", "fp32"): 2e-5,
+    ("model.pt2", "fp32"): 2e-5,
+    ("model.pt2", "bf16"): 2e-2,
+    ("model.pt", "fp32"): 2e-5,
+}
 
 
 @pytest.fixture(scope="module", params=list(EXPORTS), ids="-".join)
 def export(
     request: pytest.FixtureRequest, tmp_path_factory: pytest.TempPathFactory
 ) -> tuple[Path, float]:
-    runtime, precision = request.param
+    artifact, precision = request.param
     root = tmp_path_factory.mktemp("minilm")
-    write_minilm(root, runtime=runtime, precision=precision)
+    write_minilm(root, artifact=artifact, precision=precision)
     return root, EXPORTS[request.param]
 
 
@@ -71,10 +77,14 @@ async def test_embeddings_served_match_sentence_transformers(
 
 
 @pytest.mark.skipif(resolve_device("auto") == "cpu", reason="needs a GPU")
+@pytest.mark.parametrize("artifact", ["model.pt2", "model.pt"])
 @pytest.mark.parametrize("precision", ["fp16", "bf16"])
-def test_exported_transformer_on_a_gpu_matches_the_cpu(tmp_path: Path, precision: str) -> None:
-    """The exported graph moved whole to the GPU, in reduced precision, on rows padded to
-    different lengths, from several threads at once (as instances call it)."""
+def test_transformer_on_a_gpu_matches_the_cpu(
+    tmp_path: Path, artifact: str, precision: str
+) -> None:
+    """An exported graph moved whole to the GPU, or a graph traced there, in reduced
+    precision, on rows padded to different lengths, from several threads at once (as
+    instances call it)."""
     tokenize = Tokenizer()
     rows = [tokenize(text) for text in SENTENCES]
     width = max(r["input_ids"].shape[1] for r in rows)
@@ -84,8 +94,11 @@ def test_exported_transformer_on_a_gpu_matches_the_cpu(tmp_path: Path, precision
         )
         for name in rows[0]
     }
-    cpu = runtimes.load(*_served(write_minilm(tmp_path / "cpu", runtime="torch"), "cpu"))
-    gpu_path = write_minilm(tmp_path / "gpu", runtime="torch", precision=precision)
+    cpu = runtimes.load(*_served(write_minilm(tmp_path / "cpu", artifact="model.pt"), "cpu"))
+    traced_on = "cuda" if artifact == "model.pt" else "cpu"
+    gpu_path = write_minilm(
+        tmp_path / "gpu", artifact=artifact, precision=precision, device=traced_on
+    )
     gpu = runtimes.load(*_served(gpu_path, "cuda"))
     assert gpu.device == "cuda:0"
     expected = cpu.run(batch)["embedding"]
