@@ -12,7 +12,7 @@ import sys
 import tempfile
 import time
 import urllib.request
-from collections.abc import Iterator
+from collections.abc import Iterator, Mapping
 from contextlib import contextmanager
 from pathlib import Path
 
@@ -24,6 +24,7 @@ from aiokafka.admin import AIOKafkaAdminClient, NewTopic
 from prometheus_client.parser import text_string_to_metric_families
 from rich.console import Console
 
+from surge.producers import SurgeClient
 from tests.services import KAFKA_GC, KafkaBroker, free_port
 
 OUT = Path(__file__).parent / "out"
@@ -187,6 +188,7 @@ class WorkerProcess:
     def __init__(
         self, bootstrap: str, model_root: Path, *, processes: int | str = 1, **env: str
     ) -> None:
+        self.bootstrap = bootstrap
         self.metrics_port = free_port()
         self.log = Path(tempfile.mkstemp(prefix="surge-bench-worker-", suffix=".log")[1])
         self.process = subprocess.Popen(
@@ -202,6 +204,33 @@ class WorkerProcess:
             },
             stderr=self.log.open("wb"),
         )
+
+    def first_result(
+        self, model: str, inputs: Mapping[str, np.ndarray], timeout_s: float = 120.0
+    ) -> None:
+        """Wait for one request answered end to end (the model loaded and warmed up). A
+        worker that exits first fails this at once, with the end of its log."""
+
+        async def served() -> None:
+            async with SurgeClient(self.bootstrap) as client:
+                await client.predict(model, inputs, timeout=timeout_s)
+
+        async def watched() -> None:
+            answered = asyncio.ensure_future(served())
+            try:
+                while not answered.done():
+                    if self.process.poll() is not None:
+                        tail = self.log.read_text(errors="replace")[-3000:]
+                        raise RuntimeError(
+                            f"the worker exited ({self.process.returncode}); its log ends:\n{tail}"
+                        )
+                    await asyncio.wait({answered}, timeout=0.5)
+                answered.result()
+            finally:
+                answered.cancel()
+                await asyncio.gather(answered, return_exceptions=True)
+
+        asyncio.run(watched())
 
     def batch_totals(self) -> dict[str, float]:
         """Model calls so far: their number, rows and seconds (from the worker's metrics)."""

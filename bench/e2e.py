@@ -53,7 +53,6 @@ from bench.common import (
 )
 from surge.config import ModelConfig, convert, read_toml
 from surge.examples import MLP_FEATURES, MLP_NAME, write_mlp
-from surge.producers import SurgeClient
 from surge.producers.load import LoadReport, run_load, shared_reply_topic
 from surge.workers.runtimes.base import intra_op_threads
 from tests.services import RedisServer
@@ -247,7 +246,7 @@ def main() -> None:
         extra = {"SURGE_REDIS__URL": redis_url} if redis_url else {}
         worker = WorkerProcess(bootstrap, model_root, **extra)
         try:
-            asyncio.run(_first_result(bootstrap, workload.name, workload.inputs(0)))
+            worker.first_result(workload.name, workload.inputs(0))
             load = functools.partial(
                 run_load,
                 bootstrap,
@@ -326,11 +325,6 @@ def _redis(via: str) -> Iterator[str | None]:
         return
     with RedisServer() as server:
         yield server.url
-
-
-async def _first_result(bootstrap: str, model: str, inputs: dict[str, np.ndarray]) -> None:
-    async with SurgeClient(bootstrap) as client:
-        await client.predict(model, inputs, timeout=120)
 
 
 class CpuShare:

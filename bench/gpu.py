@@ -41,7 +41,7 @@ from rich.console import Console
 from rich.table import Table
 
 from bench.common import OUT, WorkerProcess, kafka_broker, providers
-from bench.e2e import WORKLOADS, Workload, _batch_stats, _first_result, padded_batches
+from bench.e2e import WORKLOADS, Workload, _batch_stats, padded_batches
 from surge.broker import start_noida, stop_noida
 from surge.producers.load import run_load
 from surge.workers.runtimes.devices import cuda_device_count
@@ -240,7 +240,7 @@ def main() -> None:
     with broker(args.broker, args.bootstrap) as bootstrap:
         worker = WorkerProcess(bootstrap, model_root, processes=args.processes)
         try:
-            asyncio.run(_first_result(bootstrap, workload.name, workload.inputs(0)))
+            worker.first_result(workload.name, workload.inputs(0))
             asyncio.run(run_load(bootstrap, workload.name, workload.inputs, count=burst // 5))
             before = worker.batch_totals()
             for _ in range(args.rounds):

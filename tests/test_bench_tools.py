@@ -1,5 +1,5 @@
-"""The benchmarks' own instruments: the broker's GC pauses, a process's CPU and CPU wait, and
-which local process serves a bootstrap address."""
+"""The benchmarks' own instruments: the broker's GC pauses, a process's CPU and CPU wait,
+which local process serves a bootstrap address, and a worker process that fails early."""
 
 from __future__ import annotations
 
@@ -8,9 +8,10 @@ import socket
 import time
 from pathlib import Path
 
+import numpy as np
 import pytest
 
-from bench.common import gc_pauses, gc_pauses_ms, listener_pid, scheduling
+from bench.common import WorkerProcess, gc_pauses, gc_pauses_ms, listener_pid, scheduling
 
 # Lines of a real G1 log (`-Xlog:gc`): pauses, and concurrent phases that are not pauses.
 _G1_LOG = """\
@@ -52,3 +53,14 @@ def test_listener_pid_finds_the_local_process_behind_a_bootstrap_address() -> No
         assert listener_pid(f"localhost:{port},127.0.0.1:{port + 1}") == os.getpid()
         assert listener_pid(f"192.0.2.1:{port}") is None  # another host's port of that number
     assert listener_pid(f"127.0.0.1:{port}") is None
+
+
+@pytest.mark.integration
+def test_a_worker_that_exits_fails_the_wait_at_once_with_its_log(
+    kafka: str, tmp_path: Path
+) -> None:
+    worker = WorkerProcess(kafka, tmp_path, SURGE_WORKER__FETCH_AHEAD_S="-1")
+    started = time.monotonic()
+    with pytest.raises(RuntimeError, match=r"exited \(2\)(.|\n)*fetch_ahead_s"):
+        worker.first_result("mlp", {"x": np.zeros((1, 32), np.float32)}, timeout_s=60)
+    assert time.monotonic() - started < 30
