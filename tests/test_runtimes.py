@@ -10,6 +10,7 @@ import numpy as np
 import onnxruntime as ort
 import pytest
 import torch
+from structlog.testing import capture_logs
 
 from surge.config import ModelConfig, TensorConfig
 from surge.examples import write_mlp
@@ -227,6 +228,22 @@ def test_an_exported_graph_moves_whole_to_the_serving_device(tmp_path: Path) -> 
     np.testing.assert_array_equal(
         load_module(path, "cpu")(torch.zeros(1, 4)).numpy(), [[0, 1, 2, 3]]
     )
+
+
+def test_a_graph_traced_for_another_device_is_named_in_a_warning(tmp_path: Path) -> None:
+    """Tracing records the device of tensors the graph makes, and TorchScript cannot move
+    them: served elsewhere (the meta device stands in for a GPU), its calls would fail, so
+    loading says why. A graph served where it was traced loads quietly."""
+    path = tmp_path / "model.pt"
+    torch.jit.trace(Positions(), (torch.zeros(2, 5),)).save(str(path))
+    with capture_logs() as logs:
+        load_module(path, "cpu")
+    assert logs == []
+    with capture_logs() as logs:
+        load_module(path, "meta")
+    assert [(e["event"], e["traced_for"]) for e in logs] == [
+        ("torchscript_traced_for_another_device", ["cpu"])
+    ]
 
 
 def test_torch_models_need_a_declared_signature(tmp_path: Path) -> None:

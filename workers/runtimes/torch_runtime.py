@@ -13,12 +13,15 @@ from collections.abc import Mapping
 from pathlib import Path
 
 import numpy as np
+import structlog
 import torch
 from torch.export.passes import move_to_device_pass
 
 from surge.config import ModelConfig
 from surge.workers.runtimes.base import TensorSpec, intra_op_threads
 from surge.workers.runtimes.devices import resolve_device
+
+log = structlog.get_logger("surge.runtimes")
 
 
 class TorchRuntime:
@@ -103,14 +106,37 @@ def load_module(path: Path, device: str) -> torch.nn.Module:
     An exported graph names the device of every tensor it creates (a transformer's position
     ids and attention masks, say) as it was when exported, usually the CPU: moving only its
     weights would leave those behind, so the graph itself is rewritten for the device.
-    TorchScript's traced graphs keep such devices too: trace on the device you serve on.
+    TorchScript's traced graphs keep such devices too, and cannot be rewritten: a graph
+    traced for another kind of device is served as it is, with a warning that says why its
+    calls fail (trace it on the device that serves it, or ship a torch.export archive).
     """
     if path.suffix == ".pt2":
         program = torch.export.load(str(path))
         if device != "cpu":
             program = move_to_device_pass(program, device)
         return program.module()
-    return torch.jit.load(str(path), map_location=device).eval()
+    module = torch.jit.load(str(path), map_location=device).eval()
+    kind = torch.device(device).type
+    if foreign := {d for d in traced_devices(module) if torch.device(d).type != kind}:
+        log.warning(
+            "torchscript_traced_for_another_device",
+            model=str(path),
+            serving_on=device,
+            traced_for=sorted(foreign),
+            hint="trace it on the device that serves it, or ship a torch.export archive",
+        )
+    return module
+
+
+def traced_devices(module: torch.jit.ScriptModule) -> set[str]:
+    """The devices a TorchScript graph names as constants, where it makes tensors on a fixed
+    device (as tracing records `device=x.device`)."""
+    graph = module.inlined_graph  # submodules' calls included
+    return {
+        str(node.output().toIValue())
+        for node in graph.findAllNodes("prim::Constant")
+        if isinstance(node.output().type(), torch._C.DeviceObjType)
+    }
 
 
 _PRECISIONS = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
