@@ -138,11 +138,18 @@ def _run(
     run = f"{contender.kind}.{time.time_ns()}"
     topic, replies = f"bench.{run}.requests", f"bench.{run}.replies"
     asyncio.run(_preload(bootstrap, topic, replies, count))
-    stop, pid = _start(contender, bootstrap, topic, replies, model_root, model_path)
-    meter = CpuMeter(pid)
+    stop, process = _start(contender, bootstrap, topic, replies, model_root, model_path)
+    meter = CpuMeter(process.pid)
     try:
         asyncio.run(
-            _wait_for(bootstrap, replies, count, timeout=max(120.0, count / 200), meter=meter)
+            _wait_for(
+                bootstrap,
+                replies,
+                count,
+                timeout=max(120.0, count / 200),
+                meter=meter,
+                process=process,
+            )
         )
     finally:
         stop()
@@ -195,8 +202,8 @@ def _start(
     replies: str,
     model_root: Path,
     model_path: Path,
-) -> tuple[Callable[[], None], int]:
-    """Start a contender; returns how to stop it and its process id."""
+) -> tuple[Callable[[], None], subprocess.Popen[bytes]]:
+    """Start a contender; returns how to stop it and its process."""
     if contender.kind.startswith("surge"):
         delivery = "exactly_once" if contender.kind == "surge-eos" else "at_least_once"
         worker = WorkerProcess(
@@ -207,7 +214,7 @@ def _start(
             SURGE_WORKER__DELIVERY=delivery,
             SURGE_WORKER__CREATE_TOPICS="false",
         )
-        return worker.stop, worker.process.pid
+        return worker.stop, worker.process
     module = "bench.peers.agent" if contender.kind == "faust" else "bench.peers.loops"
     argv = [bootstrap, topic, replies, str(model_path)]
     if contender.kind != "faust":
@@ -225,7 +232,7 @@ def _start(
         os.killpg(process.pid, signal.SIGKILL)
         process.wait(30)
 
-    return stop, process.pid
+    return stop, process
 
 
 async def _preload(
@@ -267,8 +274,9 @@ async def _wait_for(
     timeout: float,
     settle: float = 0.5,
     meter: CpuMeter | None = None,
+    process: subprocess.Popen[bytes] | None = None,
 ) -> None:
-    """Until the reply topic holds `count` records (or the contender gave up)."""
+    """Until the reply topic holds `count` records (or the contender gave up or exited)."""
     consumer = AIOKafkaConsumer(bootstrap_servers=bootstrap)
     await consumer.start()
     try:
@@ -280,6 +288,9 @@ async def _wait_for(
                 meter.sample(written)
             if written >= count:
                 await asyncio.sleep(settle)  # exactly-once: let the last transaction commit
+                return
+            if process is not None and process.poll() is not None:
+                console.print(f"[red]{topic}: the contender exited ({process.returncode})")
                 return
             await asyncio.sleep(0.1)
         console.print(f"[red]{topic}: timed out after {timeout:.0f} s")
