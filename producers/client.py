@@ -82,7 +82,11 @@ class SurgeClient:
         self._producer = AIOKafkaProducer(
             **self._kafka, acks="all", enable_idempotence=True, linger_ms=1
         )
-        await self._producer.start()
+        try:
+            await self._producer.start()
+        except BaseException:  # `async with` does not close what a failed enter opened
+            await self.close()
+            raise
 
     async def close(self) -> None:
         """Release everything; a failure closing one resource does not leak the others."""
