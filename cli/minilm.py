@@ -96,6 +96,13 @@ def write_minilm(
     """
     import torch
 
+    dtypes = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
+    if artifact not in ("model.onnx", "model.pt2", "model.pt"):
+        raise ValueError(f"artifact {artifact!r}: model.onnx, model.pt2 or model.pt")
+    if precision not in dtypes:
+        raise ValueError(f"precision {precision!r}: {', '.join(dtypes)}")
+    if artifact == "model.onnx" and precision != "fp32":
+        raise ValueError("the ONNX export is fp32")
     directory = model_root / MINILM_NAME
     (directory / str(version)).mkdir(parents=True, exist_ok=True)
     path = directory / str(version) / artifact
@@ -103,11 +110,8 @@ def write_minilm(
     config = MINILM_CONFIG.format(inputs=inputs)
     if artifact != "model.onnx":
         config = f'precision = "{precision}"\n{config}'
-    elif precision != "fp32":
-        raise ValueError("the ONNX export is fp32")
     (directory / "config.toml").write_text(config)
-    dtype = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}[precision]
-    module = _embedder().eval().to(dtype).to(device)
+    module = _embedder().eval().to(dtypes[precision]).to(device)
     # Two rows, the second padded: any path a mask may take is the one taken here.
     example = tuple(torch.ones((2, 8), dtype=torch.int64, device=device) for _ in MINILM_INPUTS)
     example[1][1, 5:] = 0

@@ -76,6 +76,22 @@ async def test_embeddings_served_match_sentence_transformers(
     np.testing.assert_allclose(embeddings, expected, atol=tolerance)
 
 
+@pytest.mark.parametrize(
+    ("artifact", "precision", "error"),
+    [
+        ("model.bin", "fp32", "model.onnx, model.pt2 or model.pt"),
+        ("model.pt2", "fp8", "fp32, fp16, bf16"),
+        ("model.onnx", "fp16", "ONNX export is fp32"),
+    ],
+)
+def test_an_export_asked_for_the_impossible_says_what_is_possible(
+    tmp_path: Path, artifact: str, precision: str, error: str
+) -> None:
+    with pytest.raises(ValueError, match=error):
+        write_minilm(tmp_path, artifact=artifact, precision=precision)
+    assert not any(tmp_path.iterdir())  # nothing half-written
+
+
 @pytest.mark.skipif(resolve_device("auto") == "cpu", reason="needs a GPU")
 @pytest.mark.parametrize("artifact", ["model.pt2", "model.pt"])
 @pytest.mark.parametrize("precision", ["fp16", "bf16"])
