@@ -12,7 +12,7 @@ import sys
 import tempfile
 import time
 import urllib.request
-from collections.abc import Iterator, Mapping
+from collections.abc import Callable, Iterator, Mapping
 from contextlib import contextmanager
 from pathlib import Path
 
@@ -182,6 +182,21 @@ class BrokerPauses:
 def providers(gpu: bool) -> list[str]:
     """ONNX Runtime providers for the model alone: CUDA first when asked for."""
     return ["CUDAExecutionProvider", "CPUExecutionProvider"] if gpu else ["CPUExecutionProvider"]
+
+
+def rows_per_second(run: Callable[[], object], rows: int, passes: int = 3) -> float:
+    """`run` (which handles `rows` rows) timed `passes` times: the median rows per second."""
+    rates = []
+    for _ in range(passes):
+        started = time.perf_counter()
+        run()
+        rates.append(rows / (time.perf_counter() - started))
+    return float(np.median(rates))
+
+
+def batch_rows(batches: list[dict[str, np.ndarray]]) -> int:
+    """Rows in all these batches (each input's first dimension)."""
+    return sum(next(iter(b.values())).shape[0] for b in batches)
 
 
 class WorkerProcess:

@@ -49,6 +49,7 @@ from bench.common import (
     kafka_broker,
     listener_pid,
     providers,
+    rows_per_second,
     scheduling,
 )
 from surge.config import ModelConfig, convert, read_toml
@@ -185,13 +186,9 @@ def _direct_padded(
         for inputs in share:
             session.run(None, inputs)
 
-    rates = []
+    shares = [batches[i::concurrent] for i in range(concurrent)]
     with ThreadPoolExecutor(concurrent) as pool:
-        for _ in range(3):
-            started = time.perf_counter()
-            list(pool.map(run, [batches[i::concurrent] for i in range(concurrent)]))
-            rates.append(len(requests) / (time.perf_counter() - started))
-    return float(np.median(rates))
+        return rows_per_second(lambda: list(pool.map(run, shares)), len(requests))
 
 
 def padded_batches(

@@ -17,7 +17,6 @@ from __future__ import annotations
 import argparse
 import tempfile
 import threading
-import time
 from collections.abc import Callable, Iterator
 from concurrent.futures import ThreadPoolExecutor
 from contextlib import contextmanager
@@ -28,6 +27,7 @@ import numpy as np
 from rich.console import Console
 from rich.table import Table
 
+from bench.common import batch_rows, rows_per_second
 from bench.e2e import WORKLOADS, padded_batches
 from surge.config import ModelConfig, convert, read_toml
 from surge.minilm import write_minilm
@@ -55,21 +55,15 @@ def busy_interpreter() -> Iterator[None]:
         thread.join()
 
 
-def rows_per_second(
+def concurrent_rate(
     run: Callable[[dict[str, np.ndarray]], object],
     batches: list[dict[str, np.ndarray]],
     instances: int,
 ) -> float:
-    """All batches, `instances` calls at a time (median of 3 passes)."""
-    rows = sum(next(iter(b.values())).shape[0] for b in batches)
-    rates = []
+    """All batches, `instances` calls at a time: rows per second (median of 3 passes)."""
     with ThreadPoolExecutor(instances) as pool:
         list(pool.map(run, batches[:instances]))  # warm-up
-        for _ in range(3):
-            started = time.perf_counter()
-            list(pool.map(run, batches))
-            rates.append(rows / (time.perf_counter() - started))
-    return float(np.median(rates))
+        return rows_per_second(lambda: list(pool.map(run, batches)), batch_rows(batches))
 
 
 def main() -> None:
@@ -97,9 +91,9 @@ def main() -> None:
         config = convert(read_toml(path.parent.parent / "config.toml"), ModelConfig, "minilm")
         config = msgspec.structs.replace(config, instances=args.instances, device=args.device)
         runtime = runtimes.load(path, config)
-        alone = rows_per_second(runtime.run, batches, args.instances)
+        alone = concurrent_rate(runtime.run, batches, args.instances)
         with busy_interpreter():
-            beside = rows_per_second(runtime.run, batches, args.instances)
+            beside = concurrent_rate(runtime.run, batches, args.instances)
         table.add_row(
             f"{name} ({artifact})", f"{alone:,.0f}", f"{beside:,.0f}", f"{beside / alone:.0%}"
         )

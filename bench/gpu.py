@@ -40,7 +40,14 @@ import onnxruntime as ort
 from rich.console import Console
 from rich.table import Table
 
-from bench.common import OUT, WorkerProcess, kafka_broker, providers
+from bench.common import (
+    OUT,
+    WorkerProcess,
+    batch_rows,
+    kafka_broker,
+    providers,
+    rows_per_second,
+)
 from bench.e2e import WORKLOADS, Workload, _batch_stats, padded_batches
 from surge.broker import start_noida, stop_noida
 from surge.producers.load import run_load
@@ -114,15 +121,13 @@ def resident_throughput(path: Path, batches: list[dict[str, np.ndarray]]) -> flo
         for name in outputs:
             binding.bind_output(name, "cuda", 0)
         bindings.append(binding)
-    rows = sum(next(iter(b.values())).shape[0] for b in batches)
     session.run_with_iobinding(bindings[0])
-    rates = []
-    for _ in range(3):
-        started = time.perf_counter()
+
+    def run() -> None:
         for binding in bindings:  # each run ends with the device synchronised
             session.run_with_iobinding(binding)
-        rates.append(rows / (time.perf_counter() - started))
-    return float(np.median(rates))
+
+    return rows_per_second(run, batch_rows(batches))
 
 
 def torch_throughput(
@@ -136,7 +141,6 @@ def torch_throughput(
     from surge.workers.runtimes.torch_runtime import load_module
 
     module = load_module(path, device)
-    rows = sum(next(iter(b.values())).shape[0] for b in batches)
 
     def host_fed() -> None:
         for inputs in batches:
@@ -151,14 +155,9 @@ def torch_throughput(
             torch.cuda.synchronize(device)
 
     def rate(run: Callable[[], None]) -> float:
-        rates = []
         with torch.inference_mode():
             run()  # warm-up: kernels chosen, memory pooled
-            for _ in range(3):
-                started = time.perf_counter()
-                run()
-                rates.append(rows / (time.perf_counter() - started))
-        return float(np.median(rates))
+            return rows_per_second(run, batch_rows(batches))
 
     return rate(host_fed), rate(on_device) if device != "cpu" else float("nan")
 

@@ -13,6 +13,7 @@ import msgspec
 import numpy as np
 import pytest
 
+from bench.e2e import padded_batches
 from surge.config import ModelConfig, Settings, convert, read_toml
 from surge.minilm import MINILM_DIM, Tokenizer, model_dir, write_minilm
 from surge.producers import SurgeClient
@@ -103,13 +104,7 @@ def test_transformer_on_a_gpu_matches_the_cpu(
     instances call it)."""
     tokenize = Tokenizer()
     rows = [tokenize(text) for text in SENTENCES]
-    width = max(r["input_ids"].shape[1] for r in rows)
-    batch = {
-        name: np.concatenate(
-            [np.pad(r[name], ((0, 0), (0, width - r[name].shape[1]))) for r in rows]
-        )
-        for name in rows[0]
-    }
+    [batch] = padded_batches(rows, len(rows))
     cpu = runtimes.load(*_served(write_minilm(tmp_path / "cpu", artifact="model.pt"), "cpu"))
     traced_on = "cuda" if artifact == "model.pt" else "cpu"
     gpu_path = write_minilm(
