@@ -22,6 +22,8 @@ _M = np.uint32(0x5BD1E995)
 
 def key_partitions(keys: Sequence[bytes], partitions: Sequence[int]) -> list[int]:
     """The partition the default partitioner picks for each key, from `partitions` (sorted)."""
+    if len(partitions) == 1:  # a client's reply topic, usually: nothing to hash
+        return [partitions[0]] * len(keys)
     if len(keys) <= _FEW:
         return [partitions[(murmur2(key) & 0x7FFFFFFF) % len(partitions)] for key in keys]
     chosen = np.empty(len(keys), np.int64)
