@@ -17,6 +17,7 @@ import asyncio
 import json
 import signal
 import subprocess
+import sys
 import tempfile
 import time
 from collections import Counter
@@ -78,7 +79,7 @@ def main() -> None:
         try:
             _wait_for_log(worker.log, "partitions_assigned")
             process = psutil.Process(worker.process.pid)
-            command = ["py-spy", "record", "-p", str(worker.process.pid), "-r", str(args.rate)]
+            command = [_py_spy(), "record", "-p", str(worker.process.pid), "-r", str(args.rate)]
             command += ["--threads", "--nonblocking", "--gil"]  # GIL holders: CPU, not waits
             spy = subprocess.Popen(
                 [*command, "-f", "raw", "-o", str(samples_file)],
@@ -100,6 +101,13 @@ def main() -> None:
     per_request_us = cpu_s / args.requests * 1e6
     shares = _stages(samples_file)
     _report(args.requests, elapsed, per_request_us, shares)
+
+
+def _py_spy() -> str:
+    """py-spy from this interpreter's environment (the dev extras install it there, and a
+    virtual environment run without activating it is not on PATH), else from PATH."""
+    beside = Path(sys.executable).with_name("py-spy")
+    return str(beside) if beside.exists() else "py-spy"
 
 
 def _wait_for_log(log: Path, event: str, timeout: float = 120) -> None:
