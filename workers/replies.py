@@ -10,7 +10,7 @@ idempotently by request id in both modes.
 from __future__ import annotations
 
 import asyncio
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from typing import Any
 
 import structlog
@@ -27,12 +27,20 @@ from surge.workers.writes import RETRY_FIRST_S, RETRY_MAX_S, Write, dead_letter
 
 log = structlog.get_logger("surge.replies")
 
-_REDIS_PIPELINE = 512
-# The first result of an id wins and only it is announced: a redelivered request never
-# produces a second visible result (nor a second notification).
+_REDIS_CHUNK = 512  # results per script call
+# ... and about this many bytes of them: a script call is one command, which Redis reads whole
+# before it runs it (a pipeline's commands run as they arrive).
+_REDIS_CHUNK_BYTES = 4 << 20
+# KEYS: result keys; ARGV: their bodies, then the TTL. The first result of an id wins and only
+# it is announced: a redelivered request never produces a second visible result (nor a second
+# notification). One call for many results: a command costs redis-py more than this loop
+# costs Redis.
 _SET_AND_PUBLISH = """
-if redis.call('SET', KEYS[1], ARGV[1], 'NX', 'EX', ARGV[2]) then
-    redis.call('PUBLISH', KEYS[1], ARGV[1])
+local ttl = ARGV[#KEYS + 1]
+for i = 1, #KEYS do
+    if redis.call('SET', KEYS[i], ARGV[i], 'NX', 'EX', ttl) then
+        redis.call('PUBLISH', KEYS[i], ARGV[i])
+    end
 end
 return 0
 """
@@ -122,24 +130,22 @@ class Replies:
 
     async def _redis_loop(self) -> None:
         while True:
-            items: list[tuple[Ticket, bytes]] = await self._redis_box.take(_REDIS_PIPELINE)
-            await self._write_redis(items)
+            items: list[tuple[Ticket, bytes]] = await self._redis_box.take(_REDIS_CHUNK)
+            for chunk in _chunks_by_size(items, _REDIS_CHUNK_BYTES):
+                await self._write_redis(chunk)
             self._ledger.settle_all([ticket for ticket, _ in items])
             metrics.outcomes_durable("redis", (ticket.received for ticket, _ in items))
 
     async def _write_redis(self, items: list[tuple[Ticket, bytes]]) -> None:
-        """SET NX, then PUBLISH if that set it, so a waiting client wakes at once. Retried
-        until Redis takes it."""
-        assert self._redis is not None
+        """SET NX each result, then PUBLISH it if that set it, so a waiting client wakes at
+        once; in one script call. Retried until Redis takes it."""
         assert self._set_and_publish is not None
+        keys = [self._prefix + ticket.request_id for ticket, _ in items]
+        args = [*(body for _, body in items), self._ttl]
         delay = RETRY_FIRST_S
         while True:
             try:
-                async with self._redis.pipeline(transaction=False) as pipe:
-                    for ticket, body in items:
-                        key = self._prefix + ticket.request_id
-                        await self._set_and_publish(keys=[key], args=[body, self._ttl], client=pipe)
-                    await pipe.execute()
+                await self._set_and_publish(keys=keys, args=args)
                 return
             except (RedisError, OSError) as exc:
                 metrics.REPLY_RETRIES.labels("redis").inc(len(items))
@@ -148,3 +154,20 @@ class Replies:
                 )
                 await asyncio.sleep(delay)
                 delay = min(delay * 2, RETRY_MAX_S)
+
+
+def _chunks_by_size(
+    items: list[tuple[Ticket, bytes]], limit: int
+) -> Iterator[list[tuple[Ticket, bytes]]]:
+    """Consecutive runs of items whose bodies add up to at most `limit` bytes (one item may be
+    over it alone)."""
+    chunk: list[tuple[Ticket, bytes]] = []
+    size = 0
+    for item in items:
+        if chunk and size + len(item[1]) > limit:
+            yield chunk
+            chunk, size = [], 0
+        chunk.append(item)
+        size += len(item[1])
+    if chunk:
+        yield chunk
