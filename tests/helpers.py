@@ -58,8 +58,11 @@ async def publish(
     rate: float | None = None,
 ) -> None:
     """Publish (topic, key, value, headers) records with a plain aiokafka producer, all at
-    once or at `rate` records per second."""
-    producer = AIOKafkaProducer(bootstrap_servers=bootstrap, acks="all", linger_ms=5)
+    once or at `rate` records per second. Idempotent: a send retried across a broker restart
+    must not write a request twice, which would count as a duplicate result of the worker's."""
+    producer = AIOKafkaProducer(
+        bootstrap_servers=bootstrap, acks="all", linger_ms=5, enable_idempotence=True
+    )
     await producer.start()
     try:
         started = time.monotonic()
