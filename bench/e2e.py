@@ -16,7 +16,9 @@ CPU went: the worker's share of a core and how long its threads waited for one, 
 and this load generator's shares (they run on the same machine), and how busy it was. Before
 all that, 15 s of load at the first rate warm up the broker's JIT. With --rounds N the whole
 sweep runs N times over and each phase shows its median round (the burst by throughput, the
-others by p99) and every round's p99.
+others by p99) and every round's p99. Right after each round's burst, the runtime alone runs
+on that burst's rows at the batch size it ran (its best case): each burst's share of it is
+measured minutes apart from no other.
 Prints a table, writes bench/out/e2e-<model>-<via>.json and .png.
 """
 
@@ -68,8 +70,9 @@ class Workload:
     write: Callable[[Path], Path]
     inputs: Callable[[int], dict[str, np.ndarray]]
     # Rows/s of the runtime alone at a batch size (on the GPU?) on the first N requests (the
-    # burst's): its best case first, then others worth quoting, by name.
-    direct: Callable[[Path, int, bool, int], dict[str, float]]
+    # burst's): its best case first, then (unless only the best is asked for) others worth
+    # quoting, by name.
+    direct: Callable[[Path, int, bool, int, bool], dict[str, float]]
     burst: int
     rates: str
 
@@ -80,7 +83,7 @@ def mlp() -> Workload:
         MLP_NAME,
         write_mlp,
         lambda i: {"x": rows[i % len(rows)]},
-        lambda path, batch, gpu, _: {"best": direct_throughput(path, batch, threads=1, gpu=gpu)},
+        lambda path, batch, gpu, *_: {"best": direct_throughput(path, batch, threads=1, gpu=gpu)},
         50_000,
         "1000,2000,5000,10000,20000",
     )
@@ -95,7 +98,9 @@ def minilm() -> Workload:
     def inputs(i: int) -> dict[str, np.ndarray]:
         return requests[i % len(requests)]
 
-    def direct(path: Path, batch: int, gpu: bool, count: int) -> dict[str, float]:
+    def direct(
+        path: Path, batch: int, gpu: bool, count: int, best_only: bool = False
+    ) -> dict[str, float]:
         # The rows the burst sent, every one of them: how much a batch pads depends on which
         # rows fall together. The runtime's best case: those rows sorted by length, padded
         # least, run one at a time over every core or two at once (as the worker runs them),
@@ -104,9 +109,11 @@ def minilm() -> Workload:
         sent = [inputs(i) for i in range(count)]
         by_length = sorted(sent, key=lambda r: r["input_ids"].shape[1])
         calls = (1,) if gpu else (1, 2)
-        return {
-            "best": max(_direct_padded(path, by_length, batch, gpu, n) for n in calls),
-            "arrival_order": max(_direct_padded(path, sent, batch, gpu, n) for n in calls),
+        best = {"best": max(_direct_padded(path, by_length, batch, gpu, n) for n in calls)}
+        if best_only:
+            return best
+        return best | {
+            "arrival_order": max(_direct_padded(path, sent, batch, gpu, n) for n in calls)
         }
 
     return Workload(
@@ -285,8 +292,10 @@ def main() -> None:
             # phase reports its median round. Every round ends at half of the first burst's
             # peak, where the latency target is set.
             sweep = [(f"{r:,.0f}/s", int(r * args.seconds), r) for r in rates]
+            paired: list[dict[str, float]] = []
             for round_number in range(1, args.rounds + 1):
                 phase(round_number, "burst", burst, None)
+                paired.append(_paired(workload, model_path, burst, *runs["burst"][-1]))
                 for name, count, rate in sweep:
                     phase(round_number, name, count, rate)
                 half = runs["burst"][0][0].throughput / 2
@@ -299,7 +308,28 @@ def main() -> None:
     direct = workload.direct(model_path, burst_batch, False, burst)
     config_path = model_root / workload.name / "config.toml"
     config = convert(read_toml(config_path), ModelConfig, str(config_path))
-    _report(f"{workload.name}-{args.via}", phases, direct, burst_batch, config.max_batch_delay_ms)
+    _report(
+        f"{workload.name}-{args.via}",
+        phases,
+        direct,
+        burst_batch,
+        config.max_batch_delay_ms,
+        paired,
+    )
+
+
+def _paired(
+    workload: Workload, path: Path, burst: int, report: LoadReport, stats: dict[str, float]
+) -> dict[str, float]:
+    """The runtime alone on the burst's rows at the batch size that burst ran, measured right
+    after it (the worker and the broker idle): on a machine whose speed drifts by a third from
+    one minute to the next, a share of a runtime measured minutes apart would mostly measure
+    the drift."""
+    batch = max(1, round(stats["mean_rows"]))
+    alone = workload.direct(path, batch, False, burst, True)["best"]
+    share = report.throughput / alone
+    console.print(f"    runtime alone at batch {batch}: {alone:,.0f} rows/s, the burst {share:.0%}")
+    return {"batch": batch, "burst": report.throughput, "alone": alone, "share": share}
 
 
 def _median_round(
@@ -391,7 +421,12 @@ def _worker_latency(
 
 
 def _report(
-    label: str, phases: list, direct: dict[str, float], burst_batch: int, max_delay_ms: float
+    label: str,
+    phases: list,
+    direct: dict[str, float],
+    burst_batch: int,
+    max_delay_ms: float,
+    paired: list[dict[str, float]],
 ) -> None:
     table = Table(title=f"Surge end to end ({label}): Apache Kafka, one worker process")
     for column in (
@@ -474,10 +509,19 @@ def _report(
         "a share of it: "
         + "; ".join(f"{k} {v:,.0f} rows/s, {burst / v:.0%}" for k, v in direct.items())
     )
+    shares = [p["share"] for p in paired]
+    console.print(
+        "Each burst against the runtime alone right after it (best case, that burst's batch): "
+        + " / ".join(f"{share:.0%}" for share in shares)
+        + f"; median {np.median(shares):.0%}"
+    )
     OUT.mkdir(exist_ok=True)
     out = OUT / f"e2e-{label}"
     out.with_suffix(".json").write_text(
-        json.dumps({"phases": rows, "direct": direct, "burst_batch": burst_batch}, indent=2)
+        json.dumps(
+            {"phases": rows, "direct": direct, "burst_batch": burst_batch, "paired": paired},
+            indent=2,
+        )
     )
     _plot(phases, out.with_suffix(".png"), label)
 
