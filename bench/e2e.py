@@ -177,8 +177,9 @@ def _direct_padded(
     """ONNX Runtime alone on these requests, `batch` at a time (the last batch takes what is
     left), each batch padded to its longest row as the worker pads; rows per second (median of
     3 passes over all batches).
-    With `concurrent` > 1, that many threads share the batches and one session, its pool sized
-    as a worker sizes it for that many model instances."""
+    With `concurrent` > 1, that many threads take the batches in turn from one queue (as a
+    worker's model instances do) and share one session, its pool sized as a worker sizes it for
+    that many instances."""
     import onnxruntime as ort
 
     options = ort.SessionOptions()
@@ -189,13 +190,11 @@ def _direct_padded(
     batches = padded_batches(requests, batch)
     session.run(None, batches[0])
 
-    def run(share: list[dict[str, np.ndarray]]) -> None:
-        for inputs in share:
-            session.run(None, inputs)
+    def run(inputs: dict[str, np.ndarray]) -> None:
+        session.run(None, inputs)
 
-    shares = [batches[i::concurrent] for i in range(concurrent)]
     with ThreadPoolExecutor(concurrent) as pool:
-        return rows_per_second(lambda: list(pool.map(run, shares)), len(requests))
+        return rows_per_second(lambda: list(pool.map(run, batches)), len(requests))
 
 
 def padded_batches(
