@@ -17,8 +17,8 @@ and this load generator's shares (they run on the same machine), and how busy it
 all that, 15 s of load at the first rate warm up the broker's JIT. With --rounds N the whole
 sweep runs N times over and each phase shows its median round (the burst by throughput, the
 others by p99) and every round's p99. Right after each round's burst, the runtime alone runs
-on that burst's rows at the batch size it ran (its best case): each burst's share of it is
-measured minutes apart from no other.
+on that burst's rows at the batch size it ran (its best case), so that each burst's share of
+it compares two measurements seconds apart, not minutes.
 Prints a table, writes bench/out/e2e-<model>-<via>.json and .png.
 """
 
