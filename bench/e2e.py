@@ -36,7 +36,7 @@ from concurrent.futures import ThreadPoolExecutor
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, Protocol
 
 import numpy as np
 import psutil
@@ -64,15 +64,22 @@ console = Console()
 _WARM_UP_S = 15.0  # at the sweep's first rate, before the burst
 
 
+class Direct(Protocol):
+    def __call__(
+        self, path: Path, batch: int, gpu: bool, count: int, *, best_only: bool = False
+    ) -> dict[str, float]:
+        """Rows/s of the runtime alone at a batch size (on the GPU?) on the first `count`
+        requests (the burst's): its best case first, as "best", then (unless `best_only`)
+        others worth quoting, by name."""
+        ...
+
+
 @dataclass
 class Workload:
     name: str
     write: Callable[[Path], Path]
     inputs: Callable[[int], dict[str, np.ndarray]]
-    # Rows/s of the runtime alone at a batch size (on the GPU?) on the first N requests (the
-    # burst's): its best case first, then (unless only the best is asked for) others worth
-    # quoting, by name.
-    direct: Callable[[Path, int, bool, int, bool], dict[str, float]]
+    direct: Direct
     burst: int
     rates: str
 
@@ -83,7 +90,9 @@ def mlp() -> Workload:
         MLP_NAME,
         write_mlp,
         lambda i: {"x": rows[i % len(rows)]},
-        lambda path, batch, gpu, *_: {"best": direct_throughput(path, batch, threads=1, gpu=gpu)},
+        lambda path, batch, gpu, count, *, best_only=False: {
+            "best": direct_throughput(path, batch, threads=1, gpu=gpu)
+        },
         50_000,
         "1000,2000,5000,10000,20000",
     )
@@ -99,7 +108,7 @@ def minilm() -> Workload:
         return requests[i % len(requests)]
 
     def direct(
-        path: Path, batch: int, gpu: bool, count: int, best_only: bool = False
+        path: Path, batch: int, gpu: bool, count: int, *, best_only: bool = False
     ) -> dict[str, float]:
         # The rows the burst sent, every one of them: how much a batch pads depends on which
         # rows fall together. The runtime's best case: those rows sorted by length, padded
@@ -325,7 +334,7 @@ def _paired(
     one minute to the next, a share of a runtime measured minutes apart would mostly measure
     the drift."""
     batch = max(1, round(stats["mean_rows"]))
-    alone = workload.direct(path, batch, False, burst, True)["best"]
+    alone = workload.direct(path, batch, False, burst, best_only=True)["best"]
     share = report.throughput / alone
     console.print(f"    runtime alone at batch {batch}: {alone:,.0f} rows/s, the burst {share:.0%}")
     return {"batch": batch, "burst": report.throughput, "alone": alone, "share": share}

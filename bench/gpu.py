@@ -260,7 +260,7 @@ def main() -> None:
     if on_torch:
         host_fed, resident = torch_throughput(model_path, batches, "cuda:0" if gpus else "cpu")
     else:
-        host_fed = workload.direct(model_path, batch, gpus > 0, burst, True)["best"]
+        host_fed = workload.direct(model_path, batch, gpus > 0, burst, best_only=True)["best"]
         resident = resident_throughput(model_path, batches) if gpus else float("nan")
     alone = max(host_fed, resident) if gpus else host_fed
     median_gpu, peak_gpu, memory = utilisation.within(windows)
