@@ -1,18 +1,28 @@
 """Results to Redis, on a real redis-server: many results per script call, the first result of
-an id kept and announced once, and calls split by size."""
+an id kept and announced once, calls split by size, an unavailable Redis waited for and a
+result Redis refuses dead-lettered."""
 
 from __future__ import annotations
 
 import asyncio
 import uuid
+from collections.abc import Callable
+from pathlib import Path
 from types import SimpleNamespace
 from typing import Any
 
+import numpy as np
 import pytest
 from redis.asyncio import Redis
 
+from surge.config import Settings
+from surge.producers import request_body, request_headers
+from surge.schemas import MSGPACK, ErrorCode, headers
 from surge.workers.ledger import Ledger
 from surge.workers.replies import Replies, _chunks_by_size
+from tests.conftest import make_settings
+from tests.helpers import create_topics, publish, read_redis, read_topic, wait_committed
+from tests.services import RedisServer
 
 
 def _items(sizes: list[int]) -> list[tuple[Any, bytes]]:
@@ -30,13 +40,8 @@ def test_chunks_keep_order_and_stay_under_the_limit() -> None:
     ]
 
 
-@pytest.mark.integration
-async def test_a_call_of_many_results_keeps_the_first_of_each_id_and_announces_it_once(
-    redis_url: str,
-) -> None:
-    prefix = f"test:{uuid.uuid4().hex[:8]}:"
-    redis = Redis.from_url(redis_url)
-    replies = Replies(
+def _replies(redis: Redis, prefix: str) -> Replies:
+    return Replies(
         lambda _: None,
         redis,
         Ledger(10_000, 1 << 30),
@@ -45,6 +50,28 @@ async def test_a_call_of_many_results_keeps_the_first_of_each_id_and_announces_i
         redis_prefix=prefix,
         on_crash=lambda exc: None,
     )
+
+
+async def _restricted_user(redis_url: str, keys: str) -> tuple[str, str]:
+    """A Redis user that may write only keys matching `keys`: (name, password)."""
+    name, password = f"u{uuid.uuid4().hex[:8]}", uuid.uuid4().hex
+    admin = Redis.from_url(redis_url)
+    try:
+        await admin.execute_command(
+            "ACL", "SETUSER", name, "on", f">{password}", f"~{keys}", "&*", "+@all"
+        )
+    finally:
+        await admin.aclose()
+    return name, password
+
+
+@pytest.mark.integration
+async def test_a_call_of_many_results_keeps_the_first_of_each_id_and_announces_it_once(
+    redis_url: str,
+) -> None:
+    prefix = f"test:{uuid.uuid4().hex[:8]}:"
+    redis = Redis.from_url(redis_url)
+    replies = _replies(redis, prefix)
     listener = Redis.from_url(redis_url)
     pubsub = listener.pubsub()
     await pubsub.psubscribe(prefix + "*")
@@ -67,3 +94,79 @@ async def test_a_call_of_many_results_keeps_the_first_of_each_id_and_announces_i
     finally:
         await pubsub.aclose()
         await asyncio.gather(listener.aclose(), redis.aclose())
+
+
+@pytest.mark.integration
+async def test_results_redis_refuses_come_back_and_the_others_of_their_call_are_stored(
+    redis_url: str,
+) -> None:
+    prefix = f"test:{uuid.uuid4().hex[:8]}:"
+    user, password = await _restricted_user(redis_url, prefix + "ok-*")
+    redis = Redis.from_url(redis_url, username=user, password=password)
+    items = [
+        (SimpleNamespace(request_id=f"{'no' if i % 50 == 7 else 'ok'}-{i}"), b"%d" % i)
+        for i in range(300)
+    ]
+    try:
+        refused = await _replies(redis, prefix)._write_redis(items)  # type: ignore[arg-type]
+    finally:
+        await redis.aclose()
+    assert [ticket.request_id for ticket, _ in refused] == [f"no-{i}" for i in range(7, 300, 50)]
+    assert all("permission" in str(exc) for _, exc in refused)
+    stored = await read_redis(
+        redis_url, [f"ok-{i}" for i in range(300) if i % 50 != 7], prefix=prefix
+    )
+    assert len(stored) == 294
+
+
+@pytest.mark.integration
+async def test_a_full_redis_is_waited_for_not_refused() -> None:
+    with RedisServer() as server:
+        admin = Redis.from_url(server.url)
+        redis = Redis.from_url(server.url)
+        try:
+            await admin.config_set("maxmemory", "1")  # and no eviction: every write refused
+            items = [(SimpleNamespace(request_id=f"r{i}"), b"x") for i in range(10)]
+            write = asyncio.ensure_future(_replies(redis, "full:")._write_redis(items))  # type: ignore[arg-type]
+            await asyncio.sleep(0.5)
+            assert not write.done()
+            await admin.config_set("maxmemory", "0")
+            assert await asyncio.wait_for(write, 10) == []
+            assert len(await redis.keys("full:*")) == 10
+        finally:
+            await asyncio.gather(admin.aclose(), redis.aclose())
+
+
+@pytest.mark.integration
+async def test_a_worker_dead_letters_the_results_redis_refuses_and_goes_on(
+    kafka: str, redis_url: str, model_root: Path, run_worker: Callable[[Settings], Any]
+) -> None:
+    run = uuid.uuid4().hex[:8]
+    prefix, dead_letters = f"test:{run}:", f"test.dlq.{run}"
+    user, password = await _restricted_user(redis_url, prefix + "ok-*")
+    settings = make_settings(
+        kafka,
+        model_root,
+        redis_url,
+        SURGE_REDIS__USERNAME=user,
+        SURGE_REDIS__PASSWORD=password,
+        SURGE_REDIS__KEY_PREFIX=prefix,
+        SURGE_WORKER__DEAD_LETTER_TOPIC=dead_letters,
+    )
+    topic = settings.worker.topic_prefix + "mlp"
+    await create_topics(kafka, topic, dead_letters)
+    await run_worker(settings)
+    ids = [f"{'no' if i % 10 == 3 else 'ok'}-{run}-{i}" for i in range(200)]
+    route = request_headers(model="mlp", content_type=MSGPACK, reply_to=headers.REPLY_TO_REDIS)
+    x = {"x": np.ones((1, 32), np.float32)}
+    await publish(kafka, [(topic, i.encode(), request_body(x, i, MSGPACK), route) for i in ids])
+
+    stored = await read_redis(redis_url, [i for i in ids if i.startswith("ok")], prefix=prefix)
+    assert len(stored) == 180
+    letters = await read_topic(kafka, dead_letters, until=20, key_of=None)
+    assert sorted(letters) == sorted(i for i in ids if i.startswith("no"))
+    for (letter,) in letters.values():
+        assert letter.headers[headers.ERROR_CODE] == ErrorCode.REPLY_FAILED.encode()
+        assert b"Redis" in letter.headers[headers.ERROR_MESSAGE]
+    # Every record has a durable outcome: the worker committed them all and went on.
+    await wait_committed(kafka, settings.worker.group_id, topic)

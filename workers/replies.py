@@ -4,7 +4,7 @@ settle each record in the ledger only once its write is durable.
 Every ticket gets exactly one outcome here. Kafka writes go to a sink chosen once:
 `AckedWrites` (at-least-once: record batches, settled on acknowledgement) or `Transactions`
 (exactly-once: settled when their transaction commits). Redis results are written
-idempotently by request id in both modes.
+idempotently by request id in both modes; one that Redis refuses becomes a dead letter.
 """
 
 from __future__ import annotations
@@ -14,6 +14,7 @@ from collections.abc import Callable, Iterator
 from typing import Any
 
 import structlog
+from redis import exceptions as redis_errors
 from redis.asyncio import Redis
 from redis.exceptions import RedisError
 
@@ -44,6 +45,19 @@ for i = 1, #KEYS do
 end
 return 0
 """
+# What Redis answers when it cannot take a write now, whatever the write: it is down, loading,
+# a read-only replica after a failover, full (maxmemory without eviction), busy with a script.
+# Retried until it can, offsets held back meanwhile, as through an outage. Anything else is a
+# refusal of what was written (a key the ACL forbids, a cluster slot it does not serve).
+_UNAVAILABLE = (
+    redis_errors.ConnectionError,  # wrong credentials and too many clients included
+    redis_errors.TimeoutError,
+    redis_errors.ReadOnlyError,
+    redis_errors.OutOfMemoryError,
+    redis_errors.TryAgainError,
+    redis_errors.MasterDownError,
+    redis_errors.ClusterDownError,
+)
 
 
 class Replies:
@@ -131,14 +145,36 @@ class Replies:
     async def _redis_loop(self) -> None:
         while True:
             items: list[tuple[Ticket, bytes]] = await self._redis_box.take(_REDIS_CHUNK)
+            refused: list[tuple[Ticket, RedisError]] = []
             for chunk in _chunks_by_size(items, _REDIS_CHUNK_BYTES):
-                await self._write_redis(chunk)
-            self._ledger.settle_all([ticket for ticket, _ in items])
-            metrics.outcomes_durable("redis", (ticket.received for ticket, _ in items))
+                refused += await self._write_redis(chunk)
+            for ticket, exc in refused:  # settled once the dead-letter topic has it
+                reason = f"result could not be stored in Redis: {exc!r}"
+                rejection = Rejection(ErrorCode.REPLY_FAILED, reason)
+                self._put(dead_letter(ticket, rejection, self._dead_letter_topic))
+            refused_ids = {id(ticket) for ticket, _ in refused}
+            stored = [ticket for ticket, _ in items if id(ticket) not in refused_ids]
+            self._ledger.settle_all(stored)
+            metrics.outcomes_durable("redis", (ticket.received for ticket in stored))
 
-    async def _write_redis(self, items: list[tuple[Ticket, bytes]]) -> None:
+    async def _write_redis(
+        self, items: list[tuple[Ticket, bytes]]
+    ) -> list[tuple[Ticket, RedisError]]:
         """SET NX each result, then PUBLISH it if that set it, so a waiting client wakes at
-        once; in one script call. Retried until Redis takes it."""
+        once; in one script call, retried while Redis is unavailable. A call Redis refuses is
+        split in halves, down to single results: the results it refuses alone come back, the
+        others are stored."""
+        try:
+            await self._call_until_available(items)
+        except RedisError as exc:
+            if len(items) == 1:
+                log.error("redis_write_refused", request_id=items[0][0].request_id, error=repr(exc))
+                return [(items[0][0], exc)]
+            half = len(items) // 2
+            return await self._write_redis(items[:half]) + await self._write_redis(items[half:])
+        return []
+
+    async def _call_until_available(self, items: list[tuple[Ticket, bytes]]) -> None:
         assert self._set_and_publish is not None
         keys = [self._prefix + ticket.request_id for ticket, _ in items]
         args = [*(body for _, body in items), self._ttl]
@@ -147,13 +183,21 @@ class Replies:
             try:
                 await self._set_and_publish(keys=keys, args=args)
                 return
-            except (RedisError, OSError) as exc:
-                metrics.REPLY_RETRIES.labels("redis").inc(len(items))
-                log.warning(
-                    "redis_write_retry", error=repr(exc), results=len(items), retry_in=delay
-                )
-                await asyncio.sleep(delay)
-                delay = min(delay * 2, RETRY_MAX_S)
+            except RedisError as exc:
+                if not _unavailable(exc):
+                    raise
+                error = exc
+            except OSError as exc:
+                error = exc
+            metrics.REPLY_RETRIES.labels("redis").inc(len(items))
+            log.warning("redis_write_retry", error=repr(error), results=len(items), retry_in=delay)
+            await asyncio.sleep(delay)
+            delay = min(delay * 2, RETRY_MAX_S)
+
+
+def _unavailable(exc: RedisError) -> bool:
+    busy = isinstance(exc, redis_errors.ResponseError) and str(exc).startswith("BUSY ")
+    return busy or isinstance(exc, _UNAVAILABLE)
 
 
 def _chunks_by_size(
