@@ -345,6 +345,26 @@ async def test_a_timed_padded_model_batches_queued_rows_by_length_without_a_back
     assert [job.inputs["ids"].shape[1] for job in second] == [60, 58]
 
 
+async def test_a_request_over_a_preferred_size_goes_alone_and_the_loop_lives_on() -> None:
+    model, answers = _Embedder(), _Answers()
+    config = ModelConfig(max_batch_size=32, max_batch_delay_ms=50, preferred_batch_sizes=[4])
+    batcher = _batcher(model, answers, config)
+    for elements in (10, 400, 80, 2000):  # timed: batches are chosen by what padding costs
+        batcher._cost.observe(elements, 0.0002 + elements * 1e-5)
+    big = Job(make_ticket(b"{}"), {"ids": np.full((12, 10), 9)}, 12, None)
+    batcher.put(big)
+    _queue(batcher, [10, 10, 11])
+    crashes: list[BaseException] = []
+    batcher.start(on_crash=crashes.append)
+    async with asyncio.timeout(10):
+        while len(answers.answered) < 4 and not crashes:
+            await asyncio.sleep(0.01)
+    await batcher.close()
+    assert not crashes
+    assert model.batches[0].shape[0] == 12  # alone
+    assert sum(batch.shape[0] for batch in model.batches) == 15
+
+
 def _speed(
     lengths: list[int], rows: list[int], run: tuple[int, int], cost: tuple[float, float]
 ) -> float:

@@ -52,13 +52,14 @@ def _replies(redis: Redis, prefix: str) -> Replies:
     )
 
 
-async def _restricted_user(redis_url: str, keys: str) -> tuple[str, str]:
-    """A Redis user that may write only keys matching `keys`: (name, password)."""
+async def _restricted_user(redis_url: str, keys: str, channels: str = "*") -> tuple[str, str]:
+    """A Redis user that may write only keys matching `keys` and publish only to channels
+    matching `channels`: (name, password)."""
     name, password = f"u{uuid.uuid4().hex[:8]}", uuid.uuid4().hex
     admin = Redis.from_url(redis_url)
     try:
         await admin.execute_command(
-            "ACL", "SETUSER", name, "on", f">{password}", f"~{keys}", "&*", "+@all"
+            "ACL", "SETUSER", name, "on", f">{password}", f"~{keys}", f"&{channels}", "+@all"
         )
     finally:
         await admin.aclose()
@@ -117,6 +118,36 @@ async def test_results_redis_refuses_come_back_and_the_others_of_their_call_are_
         redis_url, [f"ok-{i}" for i in range(300) if i % 50 != 7], prefix=prefix
     )
     assert len(stored) == 294
+
+
+@pytest.mark.integration
+@pytest.mark.parametrize("results", [1, 5])
+async def test_a_result_that_may_not_be_announced_is_not_stored_either(
+    redis_url: str, results: int
+) -> None:
+    prefix = f"test:{uuid.uuid4().hex[:8]}:"
+    user, password = await _restricted_user(redis_url, prefix + "*", channels=prefix + "ok-*")
+    redis = Redis.from_url(redis_url, username=user, password=password)
+    listener = Redis.from_url(redis_url)
+    pubsub = listener.pubsub()
+    await pubsub.psubscribe(prefix + "*")
+    await pubsub.get_message(timeout=5)  # the confirmation
+    ids = [f"{'ok' if i % 2 else 'no'}-{i}" for i in range(results)]
+    items = [(SimpleNamespace(request_id=i), i.encode()) for i in ids]
+    try:
+        refused = await _replies(redis, prefix)._write_redis(items)  # type: ignore[arg-type]
+        assert [ticket.request_id for ticket, _ in refused] == [i for i in ids if "no" in i]
+        assert all("channel" in str(exc) for _, exc in refused)
+        stored = await redis.mget([prefix + i for i in ids])
+        assert stored == [i.encode() if "ok" in i else None for i in ids]
+        announced = []
+        while (message := await pubsub.get_message(timeout=0.5)) is not None:
+            if message["type"] == "pmessage":
+                announced.append(message["data"])
+        assert announced == [i.encode() for i in ids if "ok" in i]
+    finally:
+        await pubsub.aclose()
+        await asyncio.gather(listener.aclose(), redis.aclose())
 
 
 @pytest.mark.integration

@@ -10,7 +10,7 @@ from collections.abc import Callable
 from typing import Any
 
 from aiokafka import AIOKafkaProducer
-from aiokafka.errors import KafkaTimeoutError
+from aiokafka.errors import KafkaError, KafkaTimeoutError
 
 from surge.workers import metrics
 from surge.workers.ledger import Ledger
@@ -77,7 +77,12 @@ class AckedWrites:
             self._watch(sent)
 
     async def _send_one(self, write: Write) -> None:
-        if not await self._lookup.exists(write.topic):
+        try:
+            exists = await self._lookup.exists(write.topic)
+        except KafkaError as exc:  # the cluster could not be asked: retried as a refusal is
+            self._failed(write, exc)
+            return
+        if not exists:
             self._failed(write, NoSuchTopic(f"topic {write.topic!r} does not exist"))
             return
         self._watch(await send_one(self.producer, write))

@@ -210,6 +210,8 @@ class Batcher:
         if cost is None and self._rows <= limit:
             return limit  # everything fits, and nothing says what padding costs
         queue = self._queue
+        if queue[0].rows >= limit:  # over a preferred size alone: a batch of its own
+            return queue[0].rows
         window = [queue.popleft() for _ in range(min(len(queue), self._bucket_window * limit))]
         oldest = window[0]
         if cost is not None:

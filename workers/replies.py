@@ -16,7 +16,7 @@ from typing import Any
 import structlog
 from redis import exceptions as redis_errors
 from redis.asyncio import Redis
-from redis.exceptions import RedisError
+from redis.exceptions import RedisError, ResponseError
 
 from surge.schemas import ErrorCode, ErrorResponse, InferenceResponse, Status, encode, headers
 from surge.schemas.headers import REPLY_TO_REDIS
@@ -34,19 +34,33 @@ _REDIS_CHUNK = 512  # results per script call
 _REDIS_CHUNK_BYTES = 4 << 20
 # KEYS: result keys; ARGV: their bodies, then the TTL. The first result of an id wins and only
 # it is announced: a redelivered request never produces a second visible result (nor a second
-# notification). One call for many results: a command costs redis-py more than this loop
-# costs Redis.
+# notification). A result is stored and announced, or neither: one whose PUBLISH is refused (a
+# channel the ACL forbids) is deleted again, and comes back in the reply, [index, error, ...],
+# with any other result Redis refused, to be dead-lettered. One call for many results: a
+# command costs redis-py more than this loop costs Redis.
 _SET_AND_PUBLISH = """
 local ttl = ARGV[#KEYS + 1]
+local refused = {}
 for i = 1, #KEYS do
-    if redis.call('SET', KEYS[i], ARGV[i], 'NX', 'EX', ttl) then
-        redis.call('PUBLISH', KEYS[i], ARGV[i])
+    local set = redis.pcall('SET', KEYS[i], ARGV[i], 'NX', 'EX', ttl)
+    local failed = type(set) == 'table' and set.err
+    if set and not failed then
+        local published = redis.pcall('PUBLISH', KEYS[i], ARGV[i])
+        failed = type(published) == 'table' and published.err
+        if failed then
+            redis.call('DEL', KEYS[i])
+        end
+    end
+    if failed then
+        refused[#refused + 1] = i
+        refused[#refused + 1] = failed
     end
 end
-return 0
+return refused
 """
 # What Redis answers when it cannot take a write now, whatever the write: it is down, loading,
-# a read-only replica after a failover, full (maxmemory without eviction), busy with a script.
+# a read-only replica after a failover, full (maxmemory without eviction), busy with a script,
+# unable to persist or to reach the replicas it must write to.
 # Retried until it can, offsets held back meanwhile, as through an outage. Anything else is a
 # refusal of what was written (a key the ACL forbids, a cluster slot it does not serve).
 _UNAVAILABLE = (
@@ -57,6 +71,16 @@ _UNAVAILABLE = (
     redis_errors.TryAgainError,
     redis_errors.MasterDownError,
     redis_errors.ClusterDownError,
+    OSError,
+)
+# The same, as error replies begin: inside the script (a result refused alone) and where
+# redis-py has no class for them.
+_UNAVAILABLE_CODES = tuple(
+    f"{code} "
+    for code in (
+        *("LOADING", "READONLY", "OOM", "TRYAGAIN", "MASTERDOWN", "CLUSTERDOWN"),
+        *("BUSY", "MISCONF", "NOREPLICAS"),
+    )
 )
 
 
@@ -145,11 +169,11 @@ class Replies:
     async def _redis_loop(self) -> None:
         while True:
             items: list[tuple[Ticket, bytes]] = await self._redis_box.take(_REDIS_CHUNK)
-            refused: list[tuple[Ticket, RedisError]] = []
+            refused: list[tuple[Ticket, Exception]] = []
             for chunk in _chunks_by_size(items, _REDIS_CHUNK_BYTES):
                 refused += await self._write_redis(chunk)
             for ticket, exc in refused:  # settled once the dead-letter topic has it
-                reason = f"result could not be stored in Redis: {exc!r}"
+                reason = f"result could not be stored in Redis: {_describe(exc)}"
                 rejection = Rejection(ErrorCode.REPLY_FAILED, reason)
                 self._put(dead_letter(ticket, rejection, self._dead_letter_topic))
             refused_ids = {id(ticket) for ticket, _ in refused}
@@ -159,45 +183,67 @@ class Replies:
 
     async def _write_redis(
         self, items: list[tuple[Ticket, bytes]]
-    ) -> list[tuple[Ticket, RedisError]]:
+    ) -> list[tuple[Ticket, Exception]]:
         """SET NX each result, then PUBLISH it if that set it, so a waiting client wakes at
-        once; in one script call, retried while Redis is unavailable. A call Redis refuses is
-        split in halves, down to single results: the results it refuses alone come back, the
-        others are stored."""
-        try:
-            await self._call_until_available(items)
-        except RedisError as exc:
-            if len(items) == 1:
-                log.error("redis_write_refused", request_id=items[0][0].request_id, error=repr(exc))
-                return [(items[0][0], exc)]
-            half = len(items) // 2
-            return await self._write_redis(items[:half]) + await self._write_redis(items[half:])
-        return []
-
-    async def _call_until_available(self, items: list[tuple[Ticket, bytes]]) -> None:
+        once; in one script call, retried while Redis is unavailable. The results Redis
+        refuses come back, the others are stored. A whole call refused (a key the ACL forbids:
+        checked before the script runs, so nothing of it was done) is split in halves, down to
+        single results."""
         assert self._set_and_publish is not None
-        keys = [self._prefix + ticket.request_id for ticket, _ in items]
-        args = [*(body for _, body in items), self._ttl]
+        refused: list[tuple[Ticket, Exception]] = []
         delay = RETRY_FIRST_S
         while True:
+            keys = [self._prefix + ticket.request_id for ticket, _ in items]
             try:
-                await self._set_and_publish(keys=keys, args=args)
-                return
-            except RedisError as exc:
+                reply = await self._set_and_publish(
+                    keys=keys, args=[*(b for _, b in items), self._ttl]
+                )
+            except (RedisError, OSError) as exc:
                 if not _unavailable(exc):
-                    raise
-                error = exc
-            except OSError as exc:
-                error = exc
+                    if len(items) == 1:
+                        return [*refused, *_refused([(items[0][0], exc)])]
+                    half = len(items) // 2
+                    first, second = items[:half], items[half:]
+                    return [
+                        *refused,
+                        *await self._write_redis(first),
+                        *await self._write_redis(second),
+                    ]
+                error, waiting = exc, items
+            else:
+                # Results refused one by one: those Redis cannot take now wait with the others.
+                waiting, error = [], None
+                for index, message in zip(reply[0::2], reply[1::2], strict=True):
+                    text = message.decode(errors="replace")
+                    if text.startswith(_UNAVAILABLE_CODES):
+                        waiting.append(items[index - 1])
+                        error = ResponseError(text)
+                    else:
+                        refused += _refused([(items[index - 1][0], ResponseError(text))])
+                if not waiting:
+                    return refused
+            items = waiting
             metrics.REPLY_RETRIES.labels("redis").inc(len(items))
-            log.warning("redis_write_retry", error=repr(error), results=len(items), retry_in=delay)
+            log.warning(
+                "redis_write_retry", error=_describe(error), results=len(items), retry_in=delay
+            )
             await asyncio.sleep(delay)
             delay = min(delay * 2, RETRY_MAX_S)
 
 
-def _unavailable(exc: RedisError) -> bool:
-    busy = isinstance(exc, redis_errors.ResponseError) and str(exc).startswith("BUSY ")
-    return busy or isinstance(exc, _UNAVAILABLE)
+def _unavailable(exc: BaseException) -> bool:
+    return isinstance(exc, _UNAVAILABLE) or str(exc).startswith(_UNAVAILABLE_CODES)
+
+
+def _refused(refused: list[tuple[Ticket, Exception]]) -> list[tuple[Ticket, Exception]]:
+    for ticket, exc in refused:
+        log.error("redis_write_refused", request_id=ticket.request_id, error=_describe(exc))
+    return refused
+
+
+def _describe(exc: BaseException | None) -> str:
+    """The class and Redis's own words (a redis-py error's repr leaves the words out)."""
+    return f"{type(exc).__name__}: {exc}"
 
 
 def _chunks_by_size(

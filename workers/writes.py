@@ -125,11 +125,17 @@ class TopicLookup:
         self._found: set[str] = set()
 
     async def exists(self, topic: str) -> bool:
+        """Raises KafkaError when the cluster cannot be asked (the next call asks again)."""
         if topic in self._found:
             return True
         if self._client is None:
-            self._client = AIOKafkaProducer(**self._options)
-            await self._client.start()
+            client = AIOKafkaProducer(**self._options)
+            try:
+                await client.start()
+            except BaseException:
+                await client.stop()  # half started, it would never learn any metadata
+                raise
+            self._client = client
         try:  # on a cluster that auto-creates topics, this creates it
             await asyncio.wait_for(self._client.partitions_for(topic), self._wait_s)
         except (TimeoutError, KafkaError):
