@@ -5,6 +5,7 @@ from pathlib import Path
 from surge.config.loader import ConfigError, convert, load_settings, read_toml
 from surge.config.model import ModelConfig, TensorConfig
 from surge.config.settings import (
+    TOPIC_NAME,
     KafkaSettings,
     LogSettings,
     MetricsSettings,
@@ -17,6 +18,7 @@ CONFIG_DIR = Path(__file__).parent
 
 __all__ = [
     "CONFIG_DIR",
+    "TOPIC_NAME",
     "ConfigError",
     "KafkaSettings",
     "LogSettings",

@@ -36,7 +36,11 @@ def load_settings(path: str | Path | None = None, env: Mapping[str, str] | None 
         source = str(path)
     overrides = env_overrides(os.environ if env is None else env)
     for table, fields in overrides.items():
-        data.setdefault(table, {}).update(fields)
+        if not isinstance(data.setdefault(table, {}), dict):
+            raise ConfigError(
+                source, [f"{table}: expected a table, got {type(data[table]).__name__}"]
+            )
+        data[table].update(fields)
     if overrides:
         source += " + environment"
     return convert(data, Settings, source)
@@ -48,6 +52,8 @@ def read_toml(path: str | Path) -> dict[str, Any]:
             return tomllib.load(f)
     except OSError as exc:
         raise ConfigError(str(path), [f"cannot read: {exc.strerror}"]) from None
+    except UnicodeDecodeError as exc:  # TOML is UTF-8
+        raise ConfigError(str(path), [f"not UTF-8: {exc}"]) from None
     except tomllib.TOMLDecodeError as exc:
         raise ConfigError(str(path), [f"not valid TOML: {exc}"]) from None
 

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import re
 from typing import Annotated, Literal
 
 import msgspec
@@ -51,7 +52,7 @@ class ModelConfig(msgspec.Struct, kw_only=True, forbid_unknown_fields=True):
     warmup: bool = True
 
     def __post_init__(self) -> None:
-        if self.device != "auto" and self.device != "cpu" and not self.device.startswith("cuda"):
+        if not re.fullmatch(r"auto|cpu|cuda(:[0-9]+)?", self.device):
             raise ValueError(f"device {self.device!r} must be auto, cpu, cuda or cuda:<n>")
         if self.version_policy == "specific" and not self.versions:
             raise ValueError("version_policy 'specific' needs a list of versions")

@@ -11,6 +11,10 @@ import msgspec
 Positive = Annotated[int, msgspec.Meta(ge=1)]
 NonNegative = Annotated[float, msgspec.Meta(ge=0)]
 Port = Annotated[int, msgspec.Meta(ge=0, le=65535)]
+# What Kafka accepts as a topic name (and a prefix of one).
+TOPIC_NAME = r"[A-Za-z0-9._-]{1,249}"
+Topic = Annotated[str, msgspec.Meta(pattern=f"^{TOPIC_NAME}$")]
+TopicPrefix = Annotated[str, msgspec.Meta(pattern=r"^[A-Za-z0-9._-]{0,200}$")]
 
 
 class KafkaSettings(msgspec.Struct, kw_only=True, forbid_unknown_fields=True):
@@ -90,9 +94,9 @@ class WorkerSettings(msgspec.Struct, kw_only=True, forbid_unknown_fields=True):
     group_id: str = "surge"
     model_root: str = "models"
     models: list[str] = []  # empty: every model found in model_root
-    topic_prefix: str = "surge.requests."
-    topics: dict[str, str] = {}  # model -> request topic, overriding topic_prefix + model
-    shared_topics: list[str] = []  # topics carrying several models, routed by `surge-model`
+    topic_prefix: TopicPrefix = "surge.requests."
+    topics: dict[str, Topic] = {}  # model -> request topic, overriding topic_prefix + model
+    shared_topics: list[Topic] = []  # topics carrying several models, routed by `surge-model`
     auto_offset_reset: Literal["earliest", "latest"] = "earliest"
     # exactly_once: reply-topic results and consumed offsets commit in one transaction per
     # input partition (readers use read_committed); results become visible at each commit.
@@ -100,10 +104,12 @@ class WorkerSettings(msgspec.Struct, kw_only=True, forbid_unknown_fields=True):
     create_topics: bool = True
     topic_partitions: Positive = 8
     topic_replication_factor: Positive = 1
-    dead_letter_topic: str = "surge.dead-letters"
-    default_reply_to: str = ""  # for requests without `surge-reply-to`; empty: dead-letter them
+    dead_letter_topic: Topic = "surge.dead-letters"
+    default_reply_to: TopicPrefix = (
+        ""  # for requests without `surge-reply-to`; empty: dead-letter them
+    )
     # Results may only go to topics matching this: a request cannot make a worker write anywhere.
-    reply_topic_pattern: str = r"[A-Za-z0-9._-]{1,249}"
+    reply_topic_pattern: str = TOPIC_NAME
     max_in_flight: Positive = 20_000
     max_in_flight_bytes: Positive = 256 * 1024 * 1024
     # Model time a worker queues ahead of a model: past it, that model's own topics pause

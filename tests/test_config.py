@@ -77,3 +77,38 @@ def test_sasl_and_tls_pass_through() -> None:
     assert options["sasl_plain_username"] == "u"
     redis = settings.redis.client_options()
     assert (redis["password"], redis["ssl_ca_certs"]) == ("secret", "/ca.pem")
+
+
+@pytest.mark.parametrize("device", ["cuda:x", "cudafoo", "cuda:-1", "gpu", "CPU"])
+def test_a_device_is_auto_cpu_cuda_or_cuda_n(device: str) -> None:
+    with pytest.raises(ConfigError, match="device"):
+        convert({"device": device}, ModelConfig, "m")
+    for good in ("auto", "cpu", "cuda", "cuda:1"):
+        assert convert({"device": good}, ModelConfig, "m").device == good
+
+
+@pytest.mark.parametrize(
+    ("field", "value"),
+    [
+        ("DEAD_LETTER_TOPIC", "dead letters"),
+        ("TOPIC_PREFIX", "requests/"),
+        ("SHARED_TOPICS", '["ok", "not ok"]'),
+        ("TOPICS", '{"mlp": "mlp requests"}'),
+        ("DEFAULT_REPLY_TO", "replies?"),
+    ],
+)
+def test_topic_names_kafka_would_refuse_are_refused_at_start_up(field: str, value: str) -> None:
+    with pytest.raises(ConfigError, match=f"worker.{field.lower()}"):
+        load_settings(env={f"SURGE_WORKER__{field}": value})
+
+
+def test_a_file_that_is_not_utf8_or_not_tables_is_a_config_error(tmp_path: Path) -> None:
+    latin1 = tmp_path / "latin1.toml"
+    latin1.write_bytes(b"# caf\xe9\n")
+    with pytest.raises(ConfigError, match="not UTF-8"):
+        load_settings(latin1, env={})
+    scalar = tmp_path / "scalar.toml"
+    scalar.write_text("worker = 5\n")
+    for env in ({}, {"SURGE_WORKER__GROUP_ID": "g"}):
+        with pytest.raises(ConfigError, match="worker: expected a table, got int"):
+            load_settings(scalar, env=env)

@@ -6,6 +6,7 @@ from __future__ import annotations
 import asyncio
 import os
 import shutil
+import uuid
 from collections import Counter
 from collections.abc import Callable
 from pathlib import Path
@@ -70,3 +71,19 @@ async def test_new_and_removed_versions_switch_without_failures(
     pure = [next(iter(c)) for c in calls if len(c) == 1]
     switches = [v for i, v in enumerate(pure) if i == 0 or pure[i - 1] != v]
     assert switches == ["1", "2", "1"], "each switch happens once, with no flapping"
+
+
+async def test_a_model_whose_name_makes_no_topic_is_served_on_shared_topics(
+    kafka: str, model_root: Path, run_worker: Callable[[Settings], Worker]
+) -> None:
+    shutil.copytree(model_root / "mlp", model_root / "m l p")  # Kafka refuses "prefix.m l p"
+    shared = f"test.shared.{uuid.uuid4().hex[:8]}"
+    settings = make_settings(kafka, model_root, None, SURGE_WORKER__SHARED_TOPICS=f'["{shared}"]')
+    worker = await run_worker(settings)
+    assert sorted(worker._repository.served) == [("m l p", 1), ("mlp", 1)]
+    x = {"x": np.ones((1, 32), np.float32)}
+    async with SurgeClient(kafka, topic_prefix=settings.worker.topic_prefix) as client:
+        by_own_topic = await client.predict("mlp", x, timeout=30)
+        by_shared_topic = await client.predict("m l p", x, timeout=30, topic=shared)
+    assert by_own_topic.model_name == "mlp"
+    assert by_shared_topic.model_name == "m l p"

@@ -2,14 +2,16 @@
 
 from __future__ import annotations
 
+import shutil
 from pathlib import Path
 
 import numpy as np
+import pytest
 from prometheus_client import REGISTRY
 
 from surge.examples import write_mlp
 from surge.schemas import ErrorCode
-from surge.workers import ModelRepository, Rejection, scan
+from surge.workers import ModelRepository, Rejection, runtimes, scan
 from surge.workers.intake import Job, admit
 from tests.helpers import make_ticket
 
@@ -46,6 +48,24 @@ async def test_a_broken_new_version_leaves_the_old_one_serving(tmp_path: Path) -
     await repository.close()
 
 
+
+async def test_a_broken_newest_version_at_start_up_leaves_the_one_before_serving(
+    tmp_path: Path,
+) -> None:
+    write_mlp(tmp_path)
+    (tmp_path / "mlp" / "2").mkdir()
+    (tmp_path / "mlp" / "2" / "model.onnx").write_bytes(b"not a model")
+    repository = _repository(tmp_path)  # a fresh worker: nothing served yet
+    await repository.reconcile(settle_s=0)
+    assert _served(repository) == [("mlp", 1)]
+    await repository.reconcile(settle_s=0)  # neither tried again nor retired
+    assert _served(repository) == [("mlp", 1)]
+
+    write_mlp(tmp_path, 2, seed=3)  # fixed: now v2 replaces v1
+    await repository.reconcile(settle_s=0)
+    assert _served(repository) == [("mlp", 2)]
+    await repository.close()
+
 async def test_an_invalid_config_edit_keeps_the_model_serving(tmp_path: Path) -> None:
     write_mlp(tmp_path)
     repository = _repository(tmp_path)
@@ -58,6 +78,30 @@ async def test_an_invalid_config_edit_keeps_the_model_serving(tmp_path: Path) ->
     await repository.reconcile(settle_s=0)  # a config change reloads the version
     assert repository.served[("mlp", 1)].config.max_batch_size == 8
     await repository.close()
+
+
+def test_a_model_directory_that_cannot_be_read_is_a_problem_of_that_model_alone(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    write_mlp(tmp_path)
+    shutil.copytree(tmp_path / "mlp", tmp_path / "latin1")
+    (tmp_path / "latin1" / "config.toml").write_bytes(b"# caf\xe9\n")
+    shutil.copytree(tmp_path / "mlp", tmp_path / "locked")
+    find_artifact = runtimes.find_artifact
+
+    def forbidden(version_dir: Path) -> Path | None:
+        # As a directory the worker's user may not list (tests run as root, which may).
+        if version_dir.parent.name == "locked":
+            raise PermissionError(13, "Permission denied", str(version_dir))
+        return find_artifact(version_dir)
+
+    monkeypatch.setattr(runtimes, "find_artifact", forbidden)
+    found = scan(tmp_path, settle_s=0)
+    assert sorted(found.wanted) == [("mlp", 1)]
+    assert found.unreadable == {"latin1", "locked"}
+    problems = "\n".join(found.problems)
+    assert "not UTF-8" in problems
+    assert "Permission denied" in problems
 
 
 async def test_files_still_being_written_wait_for_the_next_scan(tmp_path: Path) -> None:

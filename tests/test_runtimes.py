@@ -18,7 +18,7 @@ from surge.schemas import row_tensors, to_array
 from surge.workers import runtimes
 from surge.workers.batching import check_rows, group_by_shape, stack
 from surge.workers.intake import Job
-from surge.workers.runtimes import TensorSpec
+from surge.workers.runtimes import TensorSpec, devices
 from surge.workers.runtimes.base import intra_op_threads
 from surge.workers.runtimes.devices import resolve_device
 from surge.workers.runtimes.onnx_runtime import IoBinding, host_buffer
@@ -256,6 +256,32 @@ def test_cuda_falls_back_to_cpu_without_a_gpu() -> None:
     if not torch.cuda.is_available():
         assert resolve_device("cuda") == "cpu"
         assert resolve_device("auto") == "cpu"
+
+
+def test_a_gpu_index_this_process_does_not_see_is_an_error(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    monkeypatch.setattr(devices, "cuda_device_count", lambda: 2)
+    assert resolve_device("cuda:1") == "cuda:1"
+    with pytest.raises(ValueError, match="sees 2 GPU"):
+        resolve_device("cuda:2")
+
+
+def test_torch_serves_on_the_cpu_where_the_driver_sees_a_gpu_torch_cannot_use(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setattr(devices, "cuda_device_count", lambda: 1)
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    torch.manual_seed(0)
+    module = Affine().eval()
+    path = tmp_path / "model.pt"
+    torch.jit.script(module).save(str(path))
+    with capture_logs() as logs:
+        runtime = runtimes.load(path, _affine_config(device="cuda"))
+    assert runtime.device == "cpu"
+    assert [e["event"] for e in logs] == ["cuda_unavailable_to_torch"]
+    x, expected = _affine_reference(module)
+    np.testing.assert_allclose(runtime.run({"x": x})["y"], expected, rtol=1e-5)
 
 
 def _job(**arrays: np.ndarray) -> Job:

@@ -56,13 +56,18 @@ class ServedVersion:
 class Scan:
     wanted: dict[tuple[str, int], VersionSource] = field(default_factory=dict)
     problems: list[str] = field(default_factory=list)
-    unreadable: set[str] = field(default_factory=set)  # models whose config.toml is invalid
+    unreadable: set[str] = field(default_factory=set)  # models that could not be scanned
     settling: set[tuple[str, int]] = field(default_factory=set)  # files still being written
+    # Under the latest policy, each model's other versions, newest first: what serves while
+    # none of the wanted ones loads.
+    older: dict[str, list[VersionSource]] = field(default_factory=dict)
 
 
 def scan(root: Path, names: Collection[str] = (), settle_s: float = SETTLE_S) -> Scan:
     """The versions the version policies ask for, among files older than `settle_s` (a
-    younger one may still be being copied in)."""
+    younger one may still be being copied in). A model directory that cannot be read (its
+    config invalid, a directory the worker may not list, a version removed mid-scan) is a
+    problem of that model alone: the others are scanned, and it keeps what it serves."""
     result = Scan()
     if not root.is_dir():
         result.problems.append(f"model root {root} is not a directory")
@@ -72,32 +77,43 @@ def scan(root: Path, names: Collection[str] = (), settle_s: float = SETTLE_S) ->
         name = model_dir.name
         if names and name not in names:
             continue
-        config_path = model_dir / "config.toml"
-        config_stamp = 0
         try:
-            config = ModelConfig()
-            if config_path.is_file():
-                config_stamp = config_path.stat().st_mtime_ns
-                config = convert(read_toml(config_path), ModelConfig, str(config_path))
-        except ConfigError as exc:
-            result.problems.append(str(exc))
-            result.unreadable.add(name)
+            _scan_model(model_dir, now_ns, settle_s, result)
             continue
-        found: dict[int, VersionSource] = {}
-        for version_dir in model_dir.iterdir():
-            artifact = runtimes.find_artifact(version_dir) if version_dir.name.isdigit() else None
-            if artifact is None:
-                continue
-            stat = artifact.stat()
-            version = int(version_dir.name)
-            if now_ns - stat.st_mtime_ns < settle_s * 1e9:
-                result.settling.add((name, version))
-                continue
-            stamp = (stat.st_size, stat.st_mtime_ns, config_stamp)
-            found[version] = VersionSource(name, version, artifact, stamp, config)
-        for version in _apply_policy(config, sorted(found)):
-            result.wanted[(name, version)] = found[version]
+        except ConfigError as exc:
+            problem = str(exc)
+        except OSError as exc:
+            problem = f"cannot read {exc.filename or model_dir}: {exc.strerror or exc}"
+        result.problems.append(problem)
+        result.unreadable.add(name)
     return result
+
+
+def _scan_model(model_dir: Path, now_ns: int, settle_s: float, result: Scan) -> None:
+    name = model_dir.name
+    config_path = model_dir / "config.toml"
+    config_stamp = 0
+    config = ModelConfig()
+    if config_path.is_file():
+        config_stamp = config_path.stat().st_mtime_ns
+        config = convert(read_toml(config_path), ModelConfig, str(config_path))
+    found: dict[int, VersionSource] = {}
+    for version_dir in model_dir.iterdir():
+        artifact = runtimes.find_artifact(version_dir) if version_dir.name.isdigit() else None
+        if artifact is None:
+            continue
+        stat = artifact.stat()
+        version = int(version_dir.name)
+        if now_ns - stat.st_mtime_ns < settle_s * 1e9:
+            result.settling.add((name, version))
+            continue
+        stamp = (stat.st_size, stat.st_mtime_ns, config_stamp)
+        found[version] = VersionSource(name, version, artifact, stamp, config)
+    wanted = _apply_policy(config, sorted(found))
+    for version in wanted:
+        result.wanted[(name, version)] = found[version]
+    if config.version_policy == "latest":
+        result.older[name] = [found[v] for v in sorted(found, reverse=True) if v not in wanted]
 
 
 def _apply_policy(config: ModelConfig, versions: list[int]) -> list[int]:
@@ -188,6 +204,8 @@ class ModelRepository:
 
         A version keeps serving while its files are being edited (config being rewritten,
         model file being copied over), and while the version meant to replace it fails to load.
+        A model none of whose wanted versions loads, and none of whose versions serves yet (at
+        start-up, say), is served by its newest older version that loads.
         """
         found = await asyncio.to_thread(scan, self.root, self._names, settle_s)
         for problem in set(found.problems) - self._problems:  # say it once, not every scan
@@ -207,6 +225,9 @@ class ModelRepository:
             self._update_routes()
             if current is not None:
                 self._retire(current)
+        for name, older in found.older.items():
+            if name not in self._latest:
+                await self._load_older(older)
         serving = {name for name, version in found.wanted if (name, version) in self._served}
         listed = {name for name, _ in found.wanted}
         gone = [
@@ -222,6 +243,20 @@ class ModelRepository:
         self._update_routes()
         for served in retired:
             self._retire(served)
+
+    async def _load_older(self, older: list[VersionSource]) -> None:
+        for source in older:
+            key = (source.name, source.version)
+            if self._failed.get(key) == source.stamp:
+                continue
+            served = await self._load(source)
+            if served is None:
+                self._failed[key] = source.stamp
+                continue
+            log.warning("model_serving_older_version", model=source.name, version=source.version)
+            self._served[key] = served
+            self._update_routes()
+            return
 
     def _update_routes(self) -> None:
         """Point each model at its highest served version. Called before any retirement, so

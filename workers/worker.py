@@ -16,6 +16,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import gc
+import re
 import signal
 import sys
 import time
@@ -27,7 +28,7 @@ from aiokafka import AIOKafkaConsumer, AIOKafkaProducer, ConsumerRebalanceListen
 from aiokafka.errors import KafkaError
 from redis.asyncio import Redis
 
-from surge.config import Settings
+from surge.config import TOPIC_NAME, Settings
 from surge.schemas import ErrorCode
 from surge.workers import metrics
 from surge.workers.acked import AckedWrites
@@ -49,6 +50,7 @@ _COMMIT_RETRY_S = 5.0
 _COMMIT_BACKOFF_S = 1.0
 _SHUTDOWN_STEP_S = 10.0
 _TOPIC_LOOKUP_S = 5.0  # a reply topic not found by then dead-letters its result at once
+_TOPIC = re.compile(TOPIC_NAME)
 _GC_YOUNG_THRESHOLD = 20_000  # Python's default is 700 (2000 from 3.13)
 
 
@@ -59,6 +61,7 @@ class Worker:
         self.ready = asyncio.Event()
         self.ready_hooks: list[Callable[[], None]] = []  # run once started, before consuming
         self.failed = False  # set when a background task crashed: exit non-zero
+        self._untopical: set[str] = set()  # models without a topic of their own
         self._tasks: list[asyncio.Task[None]] = []
         # Partitions being given away since the fetch in hand was returned: the rest of
         # their records in it is left to the next owner, who reads it from the commit.
@@ -183,12 +186,22 @@ class Worker:
         self._router = self._make_router()
 
     def _topic_models(self) -> dict[str, str | None]:
-        """Request topic -> model it carries (None for shared topics, routed by header)."""
+        """Request topic -> model it carries (None for shared topics, routed by header). A
+        model whose name makes no topic Kafka accepts is served on shared topics only."""
         worker = self.settings.worker
-        topics: dict[str, str | None] = {
-            worker.topics.get(name, worker.topic_prefix + name): name
-            for name in self._repository.model_names()
-        }
+        topics: dict[str, str | None] = {}
+        for name in self._repository.model_names():
+            topic = worker.topics.get(name, worker.topic_prefix + name)
+            if _TOPIC.fullmatch(topic):
+                topics[topic] = name
+            elif name not in self._untopical:  # said once
+                self._untopical.add(name)
+                log.warning(
+                    "model_topic_invalid",
+                    model=name,
+                    topic=topic,
+                    hint="rename the model's directory or map it in [worker] topics",
+                )
         topics.update(dict.fromkeys(worker.shared_topics))
         return topics
 

@@ -27,8 +27,11 @@ def resolve_device(requested: str) -> str:
     """
     if requested == "cpu":
         return "cpu"
-    if cuda_device_count() == 0:
+    count = cuda_device_count()
+    if count == 0:
         return "cpu"
     if requested in ("auto", "cuda"):
         return "cuda:0"
+    if int(requested.partition(":")[2]) >= count:
+        raise ValueError(f"device {requested!r}: this process sees {count} GPU(s)")
     return requested

@@ -33,6 +33,11 @@ class TorchRuntime:
         self.inputs = tuple(TensorSpec.from_config(c) for c in config.inputs)
         self.outputs = tuple(TensorSpec.from_config(c) for c in config.outputs)
         self.device = resolve_device(config.device)
+        if self.device != "cpu" and not torch.cuda.is_available():
+            # The driver sees a GPU that this torch build cannot use (a CPU-only build, or a
+            # driver older than its CUDA): serve on the CPU, as where there is no GPU at all.
+            log.warning("cuda_unavailable_to_torch", model=str(path), torch=torch.__version__)
+            self.device = "cpu"
         if threads := intra_op_threads(config, shared_pool=False):
             torch.set_num_threads(threads)  # for the whole process: the last model's wins
         module = load_module(path, self.device)
