@@ -215,11 +215,8 @@ class ModelRepository:
             current = self._served.get(key)
             if current is not None and current.source.stamp == source.stamp:
                 continue
-            if self._failed.get(key) == source.stamp:
-                continue
-            served = await self._load(source)
+            served = await self._load_once(source)
             if served is None:
-                self._failed[key] = source.stamp
                 continue
             self._served[key] = served
             self._update_routes()
@@ -246,17 +243,24 @@ class ModelRepository:
 
     async def _load_older(self, older: list[VersionSource]) -> None:
         for source in older:
-            key = (source.name, source.version)
-            if self._failed.get(key) == source.stamp:
-                continue
-            served = await self._load(source)
-            if served is None:
-                self._failed[key] = source.stamp
-                continue
-            log.warning("model_serving_older_version", model=source.name, version=source.version)
-            self._served[key] = served
-            self._update_routes()
-            return
+            served = await self._load_once(source)
+            if served is not None:
+                log.warning(
+                    "model_serving_older_version", model=source.name, version=source.version
+                )
+                self._served[(source.name, source.version)] = served
+                self._update_routes()
+                return
+
+    async def _load_once(self, source: VersionSource) -> ServedVersion | None:
+        """`_load`, unless these very files failed before: tried again once they change."""
+        key = (source.name, source.version)
+        if self._failed.get(key) == source.stamp:
+            return None
+        served = await self._load(source)
+        if served is None:
+            self._failed[key] = source.stamp
+        return served
 
     def _update_routes(self) -> None:
         """Point each model at its highest served version. Called before any retirement, so
