@@ -70,13 +70,12 @@ def run_pool(settings: Settings, processes: str, config: Path | None) -> int:
         argv += ["--config", str(config)]
     members = [_Member(i, argv, env) for i, env in enumerate(member_envs(settings, processes))]
     stopping = False
+    signalled: set[int] = set()  # pids told to stop
 
     def stop(signum: int, _frame: object) -> None:
         nonlocal stopping
         stopping = True
-        for member in members:
-            if member.process is not None and member.process.poll() is None:
-                member.process.send_signal(signal.SIGTERM)
+        _terminate(members, signalled)
 
     signal.signal(signal.SIGTERM, stop)
     signal.signal(signal.SIGINT, stop)
@@ -85,10 +84,21 @@ def run_pool(settings: Settings, processes: str, config: Path | None) -> int:
     while not stopping:
         time.sleep(_POLL_S)
         for member in members:
+            if stopping:
+                break
             _supervise(member)
+    _terminate(members, signalled)  # a member restarted as the signal came in
     codes = [member.process.wait() for member in members if member.process is not None]
     log.info("pool_stopped", exit_codes=codes)
     return 0 if all(code == 0 for code in codes) else 1
+
+
+def _terminate(members: list[_Member], signalled: set[int]) -> None:
+    for member in members:
+        process = member.process
+        if process is not None and process.pid not in signalled and process.poll() is None:
+            signalled.add(process.pid)
+            process.send_signal(signal.SIGTERM)
 
 
 def _supervise(member: _Member) -> None:
