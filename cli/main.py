@@ -113,12 +113,17 @@ def _processes(value: str) -> str:
 
 
 def _predict(args: argparse.Namespace) -> int:
+    from aiokafka.errors import KafkaError
+    from redis.exceptions import RedisError
+
     from surge.producers import PredictionError, SurgeClient
 
-    inputs = {}
-    for item in args.input:
-        name, _, raw = item.partition("=")
-        inputs[name] = np.asarray(json.loads(raw), dtype=args.datatype)
+    try:
+        inputs = _inputs(args.input, args.datatype)
+    except ValueError as exc:
+        return _fail(str(exc))
+    if args.via == "redis" and not args.redis_url:
+        return _fail("--via redis needs --redis-url")
 
     async def run() -> int:
         async with SurgeClient(args.bootstrap, redis_url=args.redis_url) as client:
@@ -149,7 +154,45 @@ def _predict(args: argparse.Namespace) -> int:
         )
         return 0
 
-    return asyncio.run(run())
+    try:
+        return asyncio.run(run())
+    except TimeoutError:
+        topic = args.topic or f"surge.requests.{args.model}"
+        return _fail(
+            f"no result within {args.timeout:g}s: is a worker serving {args.model!r} on {topic}?"
+        )
+    except KafkaError as exc:
+        return _fail(f"Kafka at {args.bootstrap}: {exc}")
+    except RedisError as exc:  # its URL may hold a password: not repeated here
+        return _fail(f"Redis: {exc}")
+
+
+def _inputs(items: list[str], datatype: str) -> dict[str, np.ndarray]:
+    """`NAME=JSON` arguments as arrays; raises ValueError saying which argument is wrong."""
+    try:
+        dtype = np.dtype(datatype)
+    except TypeError:
+        raise ValueError(f"--datatype {datatype!r} is not a numpy dtype") from None
+    inputs = {}
+    for item in items:
+        name, equals, raw = item.partition("=")
+        if not (name and equals):
+            raise ValueError(f"--input {item!r}: expected NAME=JSON, e.g. x=[[0.1, 0.2]]")
+        try:
+            value = json.loads(raw)
+        except json.JSONDecodeError as exc:
+            raise ValueError(f"--input {name}: not valid JSON ({exc})") from None
+        try:
+            inputs[name] = np.asarray(value, dtype=dtype)
+        except (ValueError, TypeError) as exc:
+            raise ValueError(f"--input {name}: not an array of {dtype} ({exc})") from None
+    return inputs
+
+
+def _fail(message: str) -> int:
+    """A mistake the user can fix: one line on stderr, no traceback."""
+    print(message, file=sys.stderr)
+    return 2
 
 
 def _demo(args: argparse.Namespace) -> int:
@@ -199,8 +242,14 @@ def _dlq(args: argparse.Namespace) -> int:
     console.print(
         f"selected {report.selected:,}: {verb} {report.replayed:,}, skipped "
         f"{report.already_answered:,} already answered, {report.repeated:,} repeated, "
-        f"{report.unroutable:,} without a source topic, {report.without_body:,} without a body"
+        f"{report.unroutable:,} without a source topic, {report.without_body:,} without a body, "
+        f"{report.without_reply_to:,} without a reply target"
     )
+    if report.without_reply_to:
+        console.print(
+            f"[yellow]{report.without_reply_to:,} have no surge-reply-to: pass --reply-to to "
+            "replay them[/yellow]"
+        )
     if report.unverified:
         console.print(
             f"[yellow]{report.unverified:,} reply to Redis: pass --redis-url to skip those "

@@ -1,6 +1,6 @@
 """The client side: publish requests, await results."""
 
-from surge.producers.client import Result, SurgeClient
+from surge.producers.client import ClientClosed, Result, SurgeClient
 from surge.producers.requests import (
     Prediction,
     PredictionError,
@@ -18,6 +18,7 @@ __all__ = [
     # results
     "Prediction",
     "PredictionError",
+    "ClientClosed",
     "Result",
     # building and reading records by hand
     "request_body",

@@ -6,7 +6,7 @@ import asyncio
 import contextlib
 import time
 import uuid
-from collections.abc import Iterable, Mapping
+from collections.abc import Coroutine, Iterable, Mapping
 from typing import Any, Literal
 
 import numpy as np
@@ -29,6 +29,14 @@ from surge.schemas import MSGPACK, headers
 
 Result = Prediction | PredictionError
 log = structlog.get_logger("surge.client")
+
+# Redis clean-up after a caller's deadline (MGET of missed results, UNSUBSCRIBE) gets this long
+# of its own: a slow Redis must not hold the caller much past its timeout.
+_REDIS_TIDY_S = 0.25
+
+
+class ClientClosed(RuntimeError):
+    """The client was closed while a request still waited for its result."""
 
 
 class SurgeClient:
@@ -70,6 +78,7 @@ class SurgeClient:
         self._subscribed: dict[str, asyncio.Event] = {}
         self._readers: list[asyncio.Task[None]] = []
         self._lock = asyncio.Lock()
+        self._closed = False
 
     async def __aenter__(self) -> SurgeClient:
         await self.start()
@@ -89,10 +98,15 @@ class SurgeClient:
             raise
 
     async def close(self) -> None:
-        """Release everything; a failure closing one resource does not leak the others."""
-        for task in self._readers:
-            task.cancel()
-        await asyncio.gather(*self._readers, return_exceptions=True)
+        """Release everything; a failure closing one resource does not leak the others.
+        Callers still waiting for a result raise ClientClosed at once."""
+        self._closed = True
+        for future in self._waiting.values():
+            future.cancel()  # only close() cancels these: their callers raise ClientClosed
+        async with self._lock:  # a reply channel being set up is closed with the rest
+            for task in self._readers:
+                task.cancel()
+            await asyncio.gather(*self._readers, return_exceptions=True)
         steps = []
         if self._replies is not None:
             steps.append(self._replies.stop())
@@ -151,6 +165,8 @@ class SurgeClient:
         topic: str | None,
     ) -> tuple[str, asyncio.Future[Any]]:
         assert self._producer is not None, "call start() first"
+        if self._closed:
+            raise ClientClosed("the client is closed")
         request_id = request_id or uuid.uuid4().hex
         delivery = await self._producer.send(
             topic or self._topic_prefix + model,
@@ -178,7 +194,8 @@ class SurgeClient:
         via: Literal["kafka", "redis"] = "kafka",
         topic: str | None = None,
     ) -> Prediction:
-        """Send one request and return its prediction; raises PredictionError or TimeoutError."""
+        """Send one request and return its prediction; raises PredictionError, TimeoutError or
+        ClientClosed."""
         (result,) = await self.predict_many(
             model, [inputs], version=version, timeout=timeout, via=via, topic=topic
         )
@@ -197,21 +214,23 @@ class SurgeClient:
         return_exceptions: bool = False,
     ) -> list[Result]:
         """Send many requests and await all results, in order, all within `timeout`. With
-        `return_exceptions`, a failed or timed-out request yields its PredictionError or
-        TimeoutError in place instead of raising."""
+        `return_exceptions`, a failed, timed-out or abandoned request yields its
+        PredictionError, TimeoutError or ClientClosed in place instead of raising."""
+        batch = list(batch)
+        if not batch:
+            return []
         loop = asyncio.get_running_loop()
         deadline = loop.time() + timeout
         deadline_ms = int((time.time() + timeout) * 1000)  # nobody waits longer: don't compute it
-        batch = list(batch)
         ids = [uuid.uuid4().hex for _ in batch]
         futures = [self._waiting.setdefault(i, loop.create_future()) for i in ids]
-        subscribed = False
+        pubsub = None  # the Redis subscription this call made, to undo
         try:
             async with asyncio.timeout_at(deadline):
                 reply_to = await self._reply_channel(via)
                 if via == "redis":
-                    subscribed = True
-                    await self._subscribe(ids)
+                    pubsub = self._pubsub
+                    await self._subscribe(ids, pubsub)
                 deliveries = []
                 for request_id, inputs in zip(ids, batch, strict=True):
                     sent = await self._send(
@@ -220,31 +239,41 @@ class SurgeClient:
                     deliveries.append(sent[1])
                 await asyncio.gather(*deliveries)
             _, late = await asyncio.wait(futures, timeout=max(0.0, deadline - loop.time()))
-            if late and via == "redis":
-                await self._fetch_missed(ids, futures)
+            if late and pubsub is not None:
+                await self._tidy(self._fetch_missed(ids, futures))
+        except Exception as exc:
+            if self._closed and not isinstance(exc, ClientClosed):
+                raise ClientClosed("the client was closed during the request") from exc
+            raise
         finally:
             for request_id in ids:
                 self._waiting.pop(request_id, None)
-            if subscribed:
-                await self._unsubscribe(ids)
-        results: list[Result | TimeoutError] = [
-            f.result() if f.done() else TimeoutError(f"no result for {i} within {timeout:g}s")
-            for i, f in zip(ids, futures, strict=True)
-        ]
+            if pubsub is not None:
+                await self._tidy(self._unsubscribe(ids, pubsub))
+        results = [_outcome(i, f, timeout) for i, f in zip(ids, futures, strict=True)]
         if not return_exceptions:
             for result in results:
                 if isinstance(result, Exception):
                     raise result
         return results  # type: ignore[return-value]
 
+    async def _tidy(self, step: Coroutine[Any, Any, None]) -> None:
+        """Run a Redis step after a wait: bounded, and its failure never the caller's outcome."""
+        try:
+            async with asyncio.timeout(_REDIS_TIDY_S):
+                await step
+        except (TimeoutError, RedisError, OSError) as exc:
+            log.debug("redis_tidy_skipped", error=repr(exc))
+
     async def _fetch_missed(self, ids: list[str], futures: list[asyncio.Future[Result]]) -> None:
         """Redis may hold results whose notification was missed (e.g. across a reconnect)."""
-        assert self._redis is not None
-        with contextlib.suppress(RedisError):
-            values = await self._redis.mget([self._redis_prefix + i for i in ids])
-            for future, value in zip(futures, values, strict=True):
-                if value is not None and not future.done():
-                    future.set_result(read_redis_result(value, self.content_type))
+        redis = self._redis
+        if self._closed or redis is None:  # closed, or lost and not rebuilt: nothing to ask
+            return
+        values = await redis.mget([self._redis_prefix + i for i in ids])
+        for future, value in zip(futures, values, strict=True):
+            if value is not None and not future.done():
+                future.set_result(read_redis_result(value, self.content_type))
 
     def _resolve(self, request_id: str, result: Result) -> None:
         future = self._waiting.get(request_id)
@@ -253,6 +282,8 @@ class SurgeClient:
 
     async def _reply_channel(self, via: str) -> str:
         async with self._lock:
+            if self._closed:
+                raise ClientClosed("the client is closed")
             if via == "redis":
                 if self._redis is not None and self._redis_reader_dead():
                     await self._stop_redis()  # its reader died with the connection: rebuild
@@ -331,25 +362,30 @@ class SurgeClient:
         return self._redis_reader is not None and self._redis_reader.done()
 
     async def _stop_redis(self) -> None:
-        with contextlib.suppress(RedisError, OSError):
-            await self._pubsub.aclose()
-            await self._redis.aclose()  # type: ignore[union-attr]
+        redis, pubsub = self._redis, self._pubsub
+        # Unset first: a caller past its deadline must not reuse what is being closed.
         self._redis = self._pubsub = self._redis_reader = None
         self._subscribed.clear()
+        with contextlib.suppress(RedisError, OSError):
+            await pubsub.aclose()
+        with contextlib.suppress(RedisError, OSError):
+            await redis.aclose()  # type: ignore[union-attr]
 
-    async def _subscribe(self, ids: list[str]) -> None:
+    async def _subscribe(self, ids: list[str], pubsub: Any) -> None:
         channels = [self._redis_prefix + i for i in ids]
         events = [self._subscribed.setdefault(c, asyncio.Event()) for c in channels]
-        await self._pubsub.subscribe(*channels)
+        await pubsub.subscribe(*channels)
         for event in events:  # confirmed: a result published from now on reaches us
             await event.wait()
 
-    async def _unsubscribe(self, ids: list[str]) -> None:
+    async def _unsubscribe(self, ids: list[str], pubsub: Any) -> None:
         channels = [self._redis_prefix + i for i in ids]
         for channel in channels:
             self._subscribed.pop(channel, None)
-        with contextlib.suppress(RedisError, OSError):  # a broken connection has none left
-            await self._pubsub.unsubscribe(*channels)
+        # A closed or replaced connection took these subscriptions with it; calling it would
+        # only open a new one.
+        if not self._closed and pubsub is self._pubsub:
+            await pubsub.unsubscribe(*channels)
 
     async def _read_redis(self) -> None:
         """Until the connection is lost: then the next Redis call rebuilds the client."""
@@ -372,3 +408,11 @@ class SurgeClient:
                 self._resolve(channel[prefix:], result)
         except Exception:  # one unreadable result must not stop the reader
             log.exception("unreadable_result", channel=message.get("channel"))
+
+
+def _outcome(request_id: str, future: asyncio.Future[Result], timeout: float) -> Result | Exception:
+    if future.cancelled():
+        return ClientClosed(f"the client was closed before the result for {request_id} came")
+    if not future.done():
+        return TimeoutError(f"no result for {request_id} within {timeout:g}s")
+    return future.result()

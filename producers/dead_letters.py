@@ -162,6 +162,9 @@ class ReplayReport:
     unroutable: int  # no source topic recorded
     unverified: int = 0  # replying to Redis, but no Redis URL to check for results
     without_body: int = 0  # too large for the dead-letter topic: only the evidence was kept
+    # No surge-reply-to and no `reply_to` given: no result to look for, so every replay
+    # would run the request again.
+    without_reply_to: int = 0
 
 
 async def replay(
@@ -176,7 +179,8 @@ async def replay(
 ) -> ReplayReport:
     """Re-publish letters to their source topics; skip requests that have a result already
     (`surge-status: ok` in their reply topic, or any value in Redis) and repeats of one request
-    within the selection. The original `surge-deadline-ms` is dropped."""
+    within the selection. Letters with no reply target are skipped unless `reply_to` gives
+    one. The original `surge-deadline-ms` is dropped."""
     answered = await _answered(
         bootstrap, letters, reply_to, redis_url, redis_prefix, kafka_options or {}
     )
@@ -195,6 +199,9 @@ async def replay(
             request_id = letter.request_id
             if request_id in answered:
                 report.already_answered += 1
+                continue
+            if not (reply_to or letter.reply_to):
+                report.without_reply_to += 1
                 continue
             if request_id in seen:
                 report.repeated += 1

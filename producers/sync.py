@@ -24,7 +24,11 @@ class SyncClient:
             target=self._loop.run_forever, name="surge-client", daemon=True
         )
         self._thread.start()
-        self._client = self._call(self._make(*args, **kwargs))
+        try:
+            self._client = self._call(self._make(*args, **kwargs))
+        except BaseException:  # nobody can close() a client that was never made
+            self._stop_loop()
+            raise
 
     async def _make(self, *args: Any, **kwargs: Any) -> SurgeClient:
         client = SurgeClient(*args, **kwargs)
@@ -47,6 +51,9 @@ class SyncClient:
 
     def close(self) -> None:
         self._call(self._client.close())
+        self._stop_loop()
+
+    def _stop_loop(self) -> None:
         self._loop.call_soon_threadsafe(self._loop.stop)
         self._thread.join()
         self._loop.close()

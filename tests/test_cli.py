@@ -10,6 +10,7 @@ from pathlib import Path
 import pytest
 
 from tests.conftest import WorkerProcess, topic_of, worker_env
+from tests.services import free_port
 
 pytestmark = pytest.mark.integration
 
@@ -46,6 +47,33 @@ def test_predict_prints_the_result(
     bad = surge("predict", "mlp", "--input", "x=[[1, 2]]", *route)
     assert bad.returncode == 1
     assert json.loads(bad.stdout)["code"] == "invalid_input"
+
+
+@pytest.mark.parametrize(
+    ("args", "message"),
+    [
+        pytest.param(("nobody", "-i", "x=[[1, 2]]"), "no result within 1s", id="no-worker"),
+        pytest.param(("mlp", "-i", "x=[[1,2"), "--input x: not valid JSON", id="bad-json"),
+        pytest.param(("mlp", "-i", "x"), "expected NAME=JSON", id="no-name"),
+        pytest.param(("mlp", "-i", "x=[[1], [2, 3]]"), "not an array of float32", id="ragged"),
+        pytest.param(("mlp", "--datatype", "floaty"), "--datatype 'floaty'", id="bad-dtype"),
+        pytest.param(("mlp", "--via", "redis"), "--via redis needs --redis-url", id="no-redis"),
+    ],
+)
+def test_predict_explains_a_mistake_in_one_line(
+    kafka: str, args: tuple[str, ...], message: str
+) -> None:
+    out = surge("predict", *args, "--bootstrap", kafka, "--timeout", "1")
+    assert out.returncode == 2, out.stdout + out.stderr
+    assert message in out.stderr
+    assert "Traceback" not in out.stderr
+
+
+def test_predict_explains_an_unreachable_broker() -> None:
+    out = surge("predict", "mlp", "--bootstrap", f"127.0.0.1:{free_port()}", "--timeout", "5")
+    assert out.returncode == 2, out.stdout + out.stderr
+    assert "Kafka at 127.0.0.1:" in out.stderr
+    assert "Traceback" not in out.stderr
 
 
 def test_demo_runs_end_to_end_on_the_embedded_broker() -> None:

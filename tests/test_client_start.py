@@ -4,11 +4,12 @@ from __future__ import annotations
 
 import asyncio
 import gc
+import threading
 
 import pytest
 from aiokafka.errors import KafkaConnectionError
 
-from surge.producers import SurgeClient
+from surge.producers import SurgeClient, SyncClient
 from tests.services import free_port
 
 
@@ -27,3 +28,11 @@ async def test_a_client_that_cannot_reach_kafka_leaves_no_producer_open() -> Non
     finally:
         loop.set_exception_handler(previous)
     assert not [message for message in leaks if "Unclosed" in message]
+
+
+def test_a_sync_client_that_cannot_reach_kafka_leaves_no_thread() -> None:
+    before = threading.active_count()
+    for _ in range(3):
+        with pytest.raises(KafkaConnectionError):
+            SyncClient(f"127.0.0.1:{free_port()}")
+    assert threading.active_count() == before

@@ -21,27 +21,38 @@ from tests.test_cli import surge
 pytestmark = pytest.mark.integration
 
 
-async def test_inspect_then_replay_once(
-    kafka: str, model_root: Path, run_worker: Callable[[Settings], Worker]
-) -> None:
+async def _dead_letter_lost_requests(
+    kafka: str, model_root: Path, run_worker: Callable[[Settings], Worker], count: int
+) -> tuple[str, str]:
+    """Publish `count` requests without surge-reply-to, which a worker dead-letters:
+    (run, dead-letter topic). Request ids are `{run}-{i}`."""
     run = uuid.uuid4().hex[:8]
-    dead_letters, replies = f"test.dlq.{run}", f"test.replies.{run}"
+    dead_letters = f"test.dlq.{run}"
     settings = make_settings(kafka, model_root, None, SURGE_WORKER__DEAD_LETTER_TOPIC=dead_letters)
     topic = settings.worker.topic_prefix + "mlp"
-    await create_topics(kafka, topic, dead_letters, replies)
+    await create_topics(kafka, topic, dead_letters)
     await run_worker(settings)
     x = {"x": np.ones((1, 32), np.float32)}
-    lost = [  # the producer forgot surge-reply-to: every one is dead-lettered
+    lost = [
         (
             topic,
             f"{run}-{i}".encode(),
             request_body(x, f"{run}-{i}", MSGPACK),
             request_headers(model="mlp", content_type=MSGPACK, reply_to=None),
         )
-        for i in range(20)
+        for i in range(count)
     ]
     await publish(kafka, lost)
-    await read_topic(kafka, dead_letters, until=20, key_of=None)
+    await read_topic(kafka, dead_letters, until=count, key_of=None)
+    return run, dead_letters
+
+
+async def test_inspect_then_replay_once(
+    kafka: str, model_root: Path, run_worker: Callable[[Settings], Worker]
+) -> None:
+    run, dead_letters = await _dead_letter_lost_requests(kafka, model_root, run_worker, 20)
+    replies = f"test.replies.{run}"
+    await create_topics(kafka, replies)
 
     inspect = surge("dlq", "inspect", "--topic", dead_letters, "--bootstrap", kafka)
     assert inspect.returncode == 0, inspect.stderr
@@ -70,3 +81,18 @@ async def test_inspect_then_replay_once(
     assert "20 already answered" in again.stdout
     none = surge("dlq", "replay", *common[:4], "--reason", "model_error")
     assert "selected 0" in none.stdout
+
+
+async def test_replay_skips_letters_with_nowhere_to_reply_unless_given_one(
+    kafka: str, model_root: Path, run_worker: Callable[[Settings], Worker]
+) -> None:
+    """Without a reply target there is no result to find: every replay would run it again."""
+    run, dead_letters = await _dead_letter_lost_requests(kafka, model_root, run_worker, 5)
+    common = ("--topic", dead_letters, "--bootstrap", kafka)
+    out = surge("dlq", "replay", *common)
+    assert out.returncode == 0, out.stderr
+    assert "replayed 0" in out.stdout, out.stdout + out.stderr
+    assert "5 without a reply target" in out.stdout
+    assert "pass --reply-to" in out.stdout
+    given = surge("dlq", "replay", *common, "--reply-to", f"test.replies.{run}", "--dry-run")
+    assert "would replay 5" in given.stdout, given.stdout + given.stderr

@@ -48,7 +48,6 @@ async def test_a_broken_new_version_leaves_the_old_one_serving(tmp_path: Path) -
     await repository.close()
 
 
-
 async def test_a_broken_newest_version_at_start_up_leaves_the_one_before_serving(
     tmp_path: Path,
 ) -> None:
@@ -65,6 +64,7 @@ async def test_a_broken_newest_version_at_start_up_leaves_the_one_before_serving
     await repository.reconcile(settle_s=0)
     assert _served(repository) == [("mlp", 2)]
     await repository.close()
+
 
 async def test_an_invalid_config_edit_keeps_the_model_serving(tmp_path: Path) -> None:
     write_mlp(tmp_path)

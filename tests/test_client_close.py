@@ -1,0 +1,100 @@
+"""A caller of `predict` stops waiting when it should: at once when the client closes or there
+is nothing to wait for, and at its timeout whatever Redis does meanwhile."""
+
+from __future__ import annotations
+
+import asyncio
+import time
+import uuid
+
+import numpy as np
+import pytest
+from redis.asyncio import Redis
+from redis.asyncio.retry import Retry
+from redis.backoff import NoBackoff
+from redis.exceptions import ConnectionError as RedisConnectionError
+
+from surge.producers import SurgeClient, SyncClient
+from surge.producers.client import ClientClosed
+from tests.helpers import create_topics
+from tests.services import RedisServer
+
+pytestmark = pytest.mark.integration
+
+X = {"x": np.ones((1, 32), np.float32)}
+
+
+async def _unserved_topic(kafka: str) -> str:
+    """A request topic no worker reads: every request to it waits until its timeout."""
+    topic = f"test.{uuid.uuid4().hex[:8]}.requests.nobody"
+    await create_topics(kafka, topic, partitions=1)
+    return topic
+
+
+@pytest.mark.parametrize("via", ["kafka", "redis"])
+async def test_close_fails_the_callers_still_waiting_at_once(
+    kafka: str, redis_url: str, via: str
+) -> None:
+    topic = await _unserved_topic(kafka)
+    name = f"test-close-{uuid.uuid4().hex[:8]}"
+    client = SurgeClient(kafka, redis_url=redis_url, redis_options={"client_name": name})
+    await client.start()
+    waiting = asyncio.create_task(
+        client.predict("nobody", X, timeout=30, via=via, topic=topic)  # type: ignore[arg-type]
+    )
+    await asyncio.sleep(1)
+    closing = asyncio.create_task(client.close())
+    try:
+        with pytest.raises(ClientClosed, match="closed"):
+            await asyncio.wait_for(waiting, 2)
+    finally:
+        await closing
+    await asyncio.sleep(0.2)  # anything the caller's clean-up did has reached Redis
+    admin = Redis.from_url(redis_url)
+    try:
+        assert [c for c in await admin.client_list() if c["name"] == name] == []
+    finally:
+        await admin.aclose()
+
+
+async def test_a_paused_redis_does_not_keep_a_caller_past_its_timeout(kafka: str) -> None:
+    topic = await _unserved_topic(kafka)
+    with RedisServer() as server:
+        admin = Redis.from_url(server.url)
+        async with SurgeClient(kafka, redis_url=server.url) as client:
+            started = time.monotonic()
+            waiting = asyncio.create_task(
+                client.predict("nobody", X, timeout=1, via="redis", topic=topic)
+            )
+            await asyncio.sleep(0.5)  # subscribed and sent: the caller waits for its result
+            await admin.execute_command("CLIENT", "PAUSE", "4000", "ALL")
+            with pytest.raises(TimeoutError):
+                await waiting
+            assert time.monotonic() - started < 2
+        await admin.aclose()
+
+
+async def test_a_caller_whose_redis_connection_was_dropped_meanwhile_times_out(
+    kafka: str,
+) -> None:
+    topic = await _unserved_topic(kafka)
+    with RedisServer() as server:
+        # No retries: the reader dies with its connection, and the next call rebuilds it.
+        options = {"retry": Retry(NoBackoff(), 0)}
+        async with SurgeClient(kafka, redis_url=server.url, redis_options=options) as client:
+            waiting = asyncio.create_task(
+                client.predict("nobody", X, timeout=2, via="redis", topic=topic)
+            )
+            await asyncio.sleep(0.5)
+            await asyncio.to_thread(server.stop)
+            await asyncio.sleep(0.2)  # the reader sees the connection go
+            with pytest.raises(RedisConnectionError):
+                await client.predict("nobody", X, timeout=1, via="redis", topic=topic)
+            with pytest.raises(TimeoutError):
+                await waiting
+
+
+async def test_predict_many_with_nothing_to_send_returns_at_once(kafka: str) -> None:
+    with SyncClient(kafka) as client:
+        assert client.predict_many("mlp", []) == []
+        assert client.predict_many("mlp", [], via="redis") == []  # no redis_url needed either
