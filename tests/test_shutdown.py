@@ -4,6 +4,7 @@ group; a successor resumes where it stopped, losing nothing and repeating nothin
 from __future__ import annotations
 
 import asyncio
+import shutil
 import uuid
 from collections.abc import Callable
 from pathlib import Path
@@ -13,7 +14,8 @@ import pytest
 
 from surge.producers import request_body, request_headers
 from surge.schemas import MSGPACK, headers
-from tests.conftest import WorkerProcess, topic_of, worker_env
+from surge.workers import Worker
+from tests.conftest import WorkerProcess, make_settings, topic_of, worker_env
 from tests.helpers import create_topics, publish, read_topic, wait_committed
 
 pytestmark = pytest.mark.integration
@@ -52,3 +54,36 @@ async def test_sigterm_mid_load_loses_and_repeats_nothing(
     assert all(r.headers[headers.STATUS] == b"ok" for v in results.values() for r in v)
     await wait_committed(kafka, group, topic)
     assert second.terminate() == 0
+
+
+async def test_a_stop_while_the_subscription_changes_commits_what_was_answered(
+    kafka: str, model_root: Path
+) -> None:
+    config = model_root / "mlp" / "config.toml"
+    slow = config.read_text().replace("max_batch_delay_ms = 2.0", "max_batch_delay_ms = 3000")
+    config.write_text(slow)  # requests wait in the queue for a batch
+    settings = make_settings(kafka, model_root, None)
+    topic, group = settings.worker.topic_prefix + "mlp", settings.worker.group_id
+    reply_topic = f"test.replies.{uuid.uuid4().hex[:8]}"
+    await create_topics(kafka, topic, reply_topic)
+    worker = Worker(settings)
+    running = asyncio.create_task(worker.run())
+    await asyncio.wait_for(worker.ready.wait(), 60)
+
+    x = {"x": np.ones((1, 32), np.float32)}
+    route = request_headers(model="mlp", content_type=MSGPACK, reply_to=reply_topic)
+    await publish(
+        kafka, [(topic, b"%d" % i, request_body(x, str(i), MSGPACK), route) for i in range(20)]
+    )
+    async with asyncio.timeout(30):
+        while worker._ledger.records < 20:  # taken in, waiting for their batch
+            await asyncio.sleep(0.05)
+    shutil.copytree(model_root / "mlp", model_root / "other")  # a new topic: resubscribe
+    async with asyncio.timeout(30):
+        while not worker._held:  # the old assignment drains before the new subscription
+            await asyncio.sleep(0.01)
+    worker.stop()
+    await asyncio.wait_for(running, 60)
+
+    assert len(await read_topic(kafka, reply_topic, until=20)) == 20
+    await wait_committed(kafka, group, topic, timeout=5)  # nothing answered twice by a successor

@@ -435,9 +435,12 @@ class Worker:
                     )
                 try:
                     await self._release_partitions()
-                finally:  # even after a failed release: a new assignment starts afresh
-                    self._subscribe(topics)  # from the committed offsets
-                    self._held = set()
+                except asyncio.CancelledError:
+                    raise  # stopping: the shutdown commits the assignment still held
+                except Exception:  # resubscribe anyway: a new assignment starts afresh
+                    log.exception("release_failed")  # from the committed offsets
+                self._subscribe(topics)
+                self._held = set()
                 self._topics = topics
                 self._router = self._make_router()
                 log.info("subscription_changed", topics=sorted(topics))
