@@ -3,9 +3,10 @@ worker that lost its partitions (a zombie) can commit nothing."""
 
 from __future__ import annotations
 
+import contextlib
 import time
 import uuid
-from collections.abc import Callable
+from collections.abc import AsyncIterator, Callable
 from pathlib import Path
 
 import numpy as np
@@ -71,8 +72,15 @@ async def test_each_request_has_exactly_one_outcome(
     assert len(await read_redis(redis_url, to_redis)) == len(to_redis)
 
 
-async def _never_asked(tp: TopicPartition) -> int | None:
-    raise AssertionError("no commit was uncertain")
+@contextlib.asynccontextmanager
+async def _group_offsets(kafka: str, group: str) -> AsyncIterator[AIOKafkaConsumer]:
+    """A consumer to read the group's committed offsets with (`committed()` asks the broker)."""
+    consumer = AIOKafkaConsumer(bootstrap_servers=kafka, group_id=group, enable_auto_commit=False)
+    await consumer.start()
+    try:
+        yield consumer
+    finally:
+        await consumer.stop()
 
 
 def _ticket(tp: TopicPartition, offset: int, request_id: str) -> Ticket:
@@ -92,45 +100,88 @@ def _ticket(tp: TopicPartition, offset: int, request_id: str) -> Ticket:
     )
 
 
+class _Owners:
+    """Workers' exactly-once sinks for one partition, as successive owners of it."""
+
+    def __init__(
+        self, kafka: str, group: str, tp: TopicPartition, out: str, offsets: AIOKafkaConsumer
+    ) -> None:
+        self.kafka, self.group, self.tp, self.out, self.offsets = kafka, group, tp, out, offsets
+        self.crashes: list[BaseException] = []
+
+    def owner(self) -> tuple[Transactions, Ledger]:
+        ledger = Ledger(1000, 1 << 20)
+        retry = RetryPolicy(self.out, 60, lambda exc: pytest.fail(repr(exc)))
+        options = {"bootstrap_servers": self.kafka, "acks": "all", "enable_idempotence": True}
+        transactions = Transactions(
+            self.group, ledger, retry, options, self.crashes.append, self.offsets.committed
+        )
+        return transactions, ledger
+
+    def answer(
+        self, transactions: Transactions, ledger: Ledger, offset: int, request_id: str
+    ) -> None:
+        ticket = _ticket(self.tp, offset, request_id)
+        ledger.admit(ticket)
+        transactions.buffer(Write(ticket, self.out, b"result", [], dead_letter=False))
+
+
 async def test_a_zombie_commits_nothing_once_its_partition_has_a_new_owner(kafka: str) -> None:
     run = uuid.uuid4().hex[:8]
     source, out, group = f"test.source.{run}", f"test.out.{run}", f"test-{run}"
     await create_topics(kafka, source, out, partitions=1)
     tp = TopicPartition(source, 0)
+    async with _group_offsets(kafka, group) as offsets:
+        owners = _Owners(kafka, group, tp, out, offsets)
+        zombie, zombie_ledger = owners.owner()
+        await zombie.assign([tp])
+        owners.answer(zombie, zombie_ledger, 0, "from-zombie")
 
-    crashes: list[BaseException] = []
+        heir, heir_ledger = owners.owner()
+        await heir.assign([tp])  # initialises the same transactional id: the zombie is fenced
+        assert await zombie.commit({tp: 1}) == {}
+        assert zombie_ledger.records == 0  # what it held is dropped, not leaked
+        assert len(owners.crashes) == 1  # and the zombie restarts
 
-    def owner() -> tuple[Transactions, Ledger]:
-        ledger = Ledger(1000, 1 << 20)
-        retry = RetryPolicy(out, 60, lambda exc: pytest.fail(repr(exc)))
-        options = {"bootstrap_servers": kafka, "acks": "all", "enable_idempotence": True}
-        transactions = Transactions(
-            group, ledger, retry, options, crashes.append, committed=_never_asked
-        )
-        return transactions, ledger
-
-    def answer(transactions: Transactions, ledger: Ledger, offset: int, request_id: str) -> None:
-        ticket = _ticket(tp, offset, request_id)
-        ledger.admit(ticket)
-        transactions.buffer(Write(ticket, out, b"result", [], dead_letter=False))
-
-    zombie, zombie_ledger = owner()
-    await zombie.assign([tp])
-    answer(zombie, zombie_ledger, 0, "from-zombie")
-
-    heir, heir_ledger = owner()
-    await heir.assign([tp])  # initialises the same transactional id: the zombie is fenced
-    assert await zombie.commit({tp: 1}) == {}
-    assert zombie_ledger.records == 0  # what it held is dropped, not leaked
-    assert len(crashes) == 1  # and the zombie restarts
-
-    answer(heir, heir_ledger, 0, "from-heir")
-    assert await heir.commit({tp: 1}) == {tp: 1}
-    assert heir_ledger.records == 0
-    await zombie.close()
-    await heir.close()
-
+        owners.answer(heir, heir_ledger, 0, "from-heir")
+        assert await heir.commit({tp: 1}) == {tp: 1}
+        assert heir_ledger.records == 0
+        await zombie.close()
+        await heir.close()
     assert sorted(await read_to_end(kafka, out, key_of=None)) == ["from-heir"]
+
+
+async def test_a_worker_cut_off_while_its_partition_moved_does_not_take_it_back(
+    kafka: str,
+) -> None:
+    run = uuid.uuid4().hex[:8]
+    source, out, group = f"test.source.{run}", f"test.out.{run}", f"test-{run}"
+    await create_topics(kafka, source, out, partitions=1)
+    tp = TopicPartition(source, 0)
+    async with _group_offsets(kafka, group) as offsets:
+        owners = _Owners(kafka, group, tp, out, offsets)
+        cut_off, cut_off_ledger = owners.owner()
+        await cut_off.assign([tp])
+        owners.answer(cut_off, cut_off_ledger, 0, "r0")
+        assert await cut_off.commit({tp: 1}) == {tp: 1}
+        owners.answer(cut_off, cut_off_ledger, 1, "r1-cut-off")
+        # Its next transaction fails (the network is gone): the producer goes with it. The
+        # group moves the partition to a new owner, which answers and commits.
+        await cut_off._stop(cut_off._partitions[tp])
+        heir, heir_ledger = owners.owner()
+        await heir.assign([tp])
+        owners.answer(heir, heir_ledger, 1, "r1-heir")
+        assert await heir.commit({tp: 2}) == {tp: 2}
+
+        # Back on the network, still believing it owns the partition, it tries again.
+        assert await cut_off.commit({tp: 2}) == {}
+        assert len(owners.crashes) == 1  # it restarts and joins the group again
+        assert cut_off_ledger.records == 0
+        assert await offsets.committed(tp) == 2
+        await cut_off.close()
+        await heir.close()
+    results = await read_to_end(kafka, out, key_of=None)
+    assert sorted(results) == ["r0", "r1-heir"]
 
 
 async def test_results_are_invisible_until_their_offsets_commit(kafka: str) -> None:
@@ -143,8 +194,10 @@ async def test_results_are_invisible_until_their_offsets_commit(kafka: str) -> N
     ledger = Ledger(1000, 1 << 20)
     retry = RetryPolicy(out, 60, lambda exc: pytest.fail(repr(exc)))
     options = {"bootstrap_servers": kafka, "acks": "all", "enable_idempotence": True}
+    offsets = AIOKafkaConsumer(bootstrap_servers=kafka, group_id=group, enable_auto_commit=False)
+    await offsets.start()
     transactions = Transactions(
-        group, ledger, retry, options, lambda exc: pytest.fail(repr(exc)), committed=_never_asked
+        group, ledger, retry, options, lambda exc: pytest.fail(repr(exc)), offsets.committed
     )
     await transactions.assign([tp])
     tickets = [_ticket(tp, offset, f"r{offset}") for offset in range(3)]
@@ -161,6 +214,7 @@ async def test_results_are_invisible_until_their_offsets_commit(kafka: str) -> N
     assert sorted(await read_to_end(kafka, out, key_of=None)) == ["r0", "r1", "r2"]
     assert ledger.records == 0
     await transactions.close()
+    await offsets.stop()
 
 
 async def test_a_commit_whose_answer_was_lost_is_not_sent_again(kafka: str) -> None:

@@ -65,7 +65,7 @@ _RECORD_ERRORS = (
 class _Partition:
     """One input partition: its producer and the outcomes waiting for a transaction."""
 
-    __slots__ = ("fenced", "lock", "producer", "uncertain", "writes")
+    __slots__ = ("committed", "fenced", "lock", "producer", "started", "uncertain", "writes")
 
     def __init__(self) -> None:
         self.lock = asyncio.Lock()  # one transaction at a time; revocation waits for it
@@ -75,6 +75,8 @@ class _Partition:
         # The position of a commit sent without an answer: whether it took is read back
         # once the producer is fenced in again (which lets that commit finish or abort it).
         self.uncertain: int | None = None
+        self.started = False  # a producer was fenced in for this ownership once already
+        self.committed: int | None = None  # the group's offset as this owner last knew it
 
 
 class Transactions:
@@ -168,7 +170,7 @@ class Transactions:
                     await producer.send_offsets_to_transaction({tp: position}, self._group_id)
                 state.uncertain = position
                 await producer.commit_transaction()
-                state.uncertain = None
+                state.uncertain, state.committed = None, position
             except ProducerFenced as exc:
                 # Another owner initialised this id (we are a zombie), or the transaction
                 # outlived transaction_timeout_ms: commit nothing more, and restart so the
@@ -263,7 +265,13 @@ class Transactions:
             await self._producer(tp, state)
 
     async def _producer(self, tp: TopicPartition, state: _Partition) -> AIOKafkaProducer:
-        """The partition's producer, started and fenced in (call holding the lock)."""
+        """The partition's producer, started and fenced in (call holding the lock).
+
+        Started again while this worker still holds the partition (its producer lost to a
+        failed transaction), it fences whoever initialised the id since: if that was a new
+        owner, which has committed the partition's offsets meanwhile, this worker is the
+        zombie (aiokafka's offset commits carry no group generation to refuse it by) and
+        commits nothing more."""
         if state.producer is None:
             producer = AIOKafkaProducer(
                 **self._options, transactional_id=f"{self._group_id}.{tp.topic}.{tp.partition}"
@@ -274,10 +282,14 @@ class Transactions:
                 # previous owner of this id and aborts its open transaction.
                 await producer.begin_transaction()
                 await producer.abort_transaction()
+                committed = await self._committed(tp)  # no one else can move it from now on
+                if state.started and committed not in (state.committed, state.uncertain):
+                    raise ProducerFenced(f"{tp} was committed at {committed} by another owner")
             except BaseException:
                 with contextlib.suppress(Exception):
                     await asyncio.wait_for(producer.stop(), _CLOSE_S)
                 raise
+            state.started, state.committed = True, committed
             state.producer = producer
         return state.producer
 
