@@ -126,13 +126,19 @@ class _Owners:
         transactions.buffer(Write(ticket, self.out, b"result", [], dead_letter=False))
 
 
-async def test_a_zombie_commits_nothing_once_its_partition_has_a_new_owner(kafka: str) -> None:
+@contextlib.asynccontextmanager
+async def _owners(kafka: str) -> AsyncIterator[_Owners]:
+    """A source partition of its own, its results' topic, and its group's offsets."""
     run = uuid.uuid4().hex[:8]
     source, out, group = f"test.source.{run}", f"test.out.{run}", f"test-{run}"
     await create_topics(kafka, source, out, partitions=1)
-    tp = TopicPartition(source, 0)
     async with _group_offsets(kafka, group) as offsets:
-        owners = _Owners(kafka, group, tp, out, offsets)
+        yield _Owners(kafka, group, TopicPartition(source, 0), out, offsets)
+
+
+async def test_a_zombie_commits_nothing_once_its_partition_has_a_new_owner(kafka: str) -> None:
+    async with _owners(kafka) as owners:
+        tp = owners.tp
         zombie, zombie_ledger = owners.owner()
         await zombie.assign([tp])
         owners.answer(zombie, zombie_ledger, 0, "from-zombie")
@@ -148,18 +154,14 @@ async def test_a_zombie_commits_nothing_once_its_partition_has_a_new_owner(kafka
         assert heir_ledger.records == 0
         await zombie.close()
         await heir.close()
-    assert sorted(await read_to_end(kafka, out, key_of=None)) == ["from-heir"]
+    assert sorted(await read_to_end(kafka, owners.out, key_of=None)) == ["from-heir"]
 
 
 async def test_a_worker_cut_off_while_its_partition_moved_does_not_take_it_back(
     kafka: str,
 ) -> None:
-    run = uuid.uuid4().hex[:8]
-    source, out, group = f"test.source.{run}", f"test.out.{run}", f"test-{run}"
-    await create_topics(kafka, source, out, partitions=1)
-    tp = TopicPartition(source, 0)
-    async with _group_offsets(kafka, group) as offsets:
-        owners = _Owners(kafka, group, tp, out, offsets)
+    async with _owners(kafka) as owners:
+        tp = owners.tp
         cut_off, cut_off_ledger = owners.owner()
         await cut_off.assign([tp])
         owners.answer(cut_off, cut_off_ledger, 0, "r0")
@@ -177,10 +179,10 @@ async def test_a_worker_cut_off_while_its_partition_moved_does_not_take_it_back(
         assert await cut_off.commit({tp: 2}) == {}
         assert len(owners.crashes) == 1  # it restarts and joins the group again
         assert cut_off_ledger.records == 0
-        assert await offsets.committed(tp) == 2
+        assert await owners.offsets.committed(tp) == 2
         await cut_off.close()
         await heir.close()
-    results = await read_to_end(kafka, out, key_of=None)
+    results = await read_to_end(kafka, owners.out, key_of=None)
     assert sorted(results) == ["r0", "r1-heir"]
 
 
