@@ -110,9 +110,13 @@ class Transactions:
         state.writes.append(write)
         self._ledger.finish(write.ticket)
 
-    async def assign(self, partitions: Iterable[TopicPartition]) -> None:
+    async def assign(
+        self, partitions: Iterable[TopicPartition]
+    ) -> dict[TopicPartition, int | None]:
         """Take over partitions: initialising their transactional ids now aborts what a dead
-        previous owner left open, which unblocks `read_committed` readers at once."""
+        previous owner left open, which unblocks `read_committed` readers at once. Returns
+        each partition's committed offset as read once fenced in: where to consume from."""
+        partitions = list(partitions)
         new = []
         for tp in partitions:
             if tp not in self._partitions or self._partitions[tp].fenced:
@@ -125,6 +129,7 @@ class Transactions:
             if isinstance(result, BaseException):  # not fenced: the caller must not consume
                 log.error("transactional_producer_failed", partition=str(tp), error=repr(result))
                 raise result
+        return {tp: self._partitions[tp].committed for tp in partitions}
 
     async def commit(self, positions: dict[TopicPartition, int]) -> dict[TopicPartition, int]:
         """One transaction per partition, concurrently; returns the positions committed."""

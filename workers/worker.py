@@ -517,10 +517,9 @@ class _Rebalance(ConsumerRebalanceListener):  # type: ignore[misc]
         consumer.pause(*assigned)
         worker._held |= assigned
         try:
-            await asyncio.wait_for(transactions.assign(assigned), _SHUTDOWN_STEP_S)
-            for tp in assigned:
-                committed = await consumer.committed(tp)
-                restart = committed if committed is not None else worker._ledger.offsets.first(tp)
+            committed = await asyncio.wait_for(transactions.assign(assigned), _SHUTDOWN_STEP_S)
+            for tp, offset in committed.items():
+                restart = offset if offset is not None else worker._ledger.offsets.first(tp)
                 if restart is not None:  # None: nothing committed nor read yet
                     consumer.seek(tp, restart)
             worker._ledger.offsets.forget(assigned)
