@@ -80,3 +80,20 @@ def write_slow(model_root: Path) -> Path:
 def write_steady(model_root: Path) -> Path:
     """Tens of milliseconds of CPU per call, batches of up to 4 rows."""
     return _write(model_root, "steady", Busy(300), delay_ms=1, batch=4)
+
+
+class Hangs(torch.nn.Module):
+    """Answers at once, but a row whose first value is 13 takes it hours of CPU: hung."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if bool((x[:, 0] == 13).any()):
+            w = torch.ones(256, 256) / 256
+            acc = torch.ones(64, 256)
+            for _ in range(100_000_000):
+                acc = torch.tanh(acc @ w)
+            return x + acc.sum() * 0
+        return x
+
+
+def write_hangs(model_root: Path) -> Path:
+    return _write(model_root, "hangs", Hangs(), delay_ms=1)

@@ -11,13 +11,18 @@ from typing import Any
 
 import numpy as np
 import pytest
+from prometheus_client import REGISTRY
 
 from surge.config import ModelConfig
-from surge.schemas import JSON, MSGPACK, InferenceResponse, encode, row_tensors
-from surge.workers.batcher import _INLINE_AFTER, Batcher
+from surge.schemas import JSON, MSGPACK, ErrorCode, InferenceResponse, encode, headers, row_tensors
+from surge.workers.batcher import _INLINE_AFTER, Batcher, ModelHung
 from surge.workers.batching import CallCost, best_run, group_by_shape, stack
 from surge.workers.intake import Job
+from surge.workers.ledger import Ledger
+from surge.workers.replies import Replies
 from surge.workers.runtimes import TensorSpec
+from surge.workers.tickets import Rejection
+from surge.workers.writes import Write
 from tests.helpers import make_ticket
 
 
@@ -395,3 +400,136 @@ def test_best_run_is_within_reach_of_every_run_an_exhaustive_search_finds() -> N
         ]
         best = max(_speed(lengths, rows, run, cost) for run in every)
         assert _speed(lengths, rows, (start, stop), cost) >= 0.95 * best * (1 - 1e-9)
+
+
+class _ObjectOutputs:
+    """Returns numpy scalars in an object array: nothing the wire can carry."""
+
+    inputs = (TensorSpec("x", "FP32", (4,)),)
+    outputs = (TensorSpec("y", "FP32", (1,)),)
+
+    def run(self, batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+        return {"y": np.array([[np.float32(1)]] * batch["x"].shape[0], dtype=object)}
+
+
+@pytest.mark.parametrize("content_type", [JSON, MSGPACK])
+async def test_outputs_that_cannot_be_encoded_answer_every_request_with_an_error(
+    content_type: str,
+) -> None:
+    writes: list[Write] = []
+    ledger = Ledger(100, 1 << 20)
+    replies = Replies(
+        writes.append,
+        None,
+        ledger,
+        dead_letter_topic="dead",
+        redis_ttl_s=60,
+        redis_prefix="p:",
+        on_crash=lambda exc: pytest.fail(repr(exc)),
+    )
+    batcher = _batcher(_ObjectOutputs(), replies)  # type: ignore[arg-type]
+    for i in range(3):
+        ticket = make_ticket(b"{}", content_type)
+        ticket.request_id = f"r{i}"
+        ledger.admit(ticket)
+        batcher.put(Job(ticket, {"x": np.ones((1, 4), np.float32)}, 1, None))
+    batcher.start(on_crash=lambda exc: pytest.fail(repr(exc)))
+    async with asyncio.timeout(10):
+        while len(writes) < 3:
+            await asyncio.sleep(0.01)
+    await batcher.close()
+    assert sorted(w.ticket.request_id for w in writes) == ["r0", "r1", "r2"]
+    assert {dict(w.headers)[headers.ERROR_CODE] for w in writes} == {b"model_error"}
+
+
+class _SlowAndCramped:
+    """0.2 s a call, and out of memory on more than one row."""
+
+    inputs = (TensorSpec("x", "FP32", (4,)),)
+    outputs = (TensorSpec("y", "FP32", (4,)),)
+
+    def __init__(self) -> None:
+        self.calls: list[int] = []
+
+    def run(self, batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+        self.calls.append(batch["x"].shape[0])
+        time.sleep(0.2)
+        if batch["x"].shape[0] > 1:
+            raise RuntimeError("out of memory")
+        return {"y": batch["x"]}
+
+
+async def test_requests_whose_deadline_passes_while_a_batch_is_split_are_not_run() -> None:
+    model, answers = _SlowAndCramped(), _Answers()
+    batcher = _batcher(model, answers)
+    deadline_ms = int(time.time() * 1000) + 300  # past before the halves reach one row
+    for _ in range(4):
+        ticket = make_ticket(b"{}")
+        ticket.deadline_ms = deadline_ms
+        batcher.put(Job(ticket, {"x": np.ones((1, 4), np.float32)}, 1, None))
+    batcher.start(on_crash=lambda exc: pytest.fail(repr(exc)))
+    async with asyncio.timeout(10):
+        while len(answers.answered) + len(answers.failed) < 4:
+            await asyncio.sleep(0.01)
+    await batcher.close()
+    assert not answers.answered
+    assert {rejection.code for rejection in answers.failed} == {ErrorCode.EXPIRED}
+    assert model.calls == [4, 2]
+
+
+class _Hangs:
+    inputs = (TensorSpec("x", "FP32", (4,)),)
+    outputs = (TensorSpec("y", "FP32", (4,)),)
+
+    def __init__(self) -> None:
+        self.release = threading.Event()
+
+    def run(self, batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+        self.release.wait()
+        return {"y": batch["x"]}
+
+
+async def test_a_call_still_running_a_budget_after_it_timed_out_is_reported_hung() -> None:
+    model, answers = _Hangs(), _Answers()
+    batcher = Batcher(
+        model="hangs",
+        version="1",
+        runtime=model,  # type: ignore[arg-type]
+        config=ModelConfig(max_batch_size=8, max_batch_delay_ms=1),
+        executor=ThreadPoolExecutor(1),
+        replies=answers,  # type: ignore[arg-type]
+        time_budget_s=0.2,
+    )
+    crashes: list[BaseException] = []
+    batcher.put(Job(make_ticket(b"{}"), {"x": np.ones((1, 4), np.float32)}, 1, None))
+    batcher.start(on_crash=crashes.append)
+    try:
+        async with asyncio.timeout(10):
+            while not crashes:
+                await asyncio.sleep(0.01)
+        assert [rejection.code for rejection in answers.failed] == [ErrorCode.TIMEOUT]
+        assert isinstance(crashes[0], ModelHung)
+    finally:
+        model.release.set()
+        await batcher.close()
+
+
+def test_result_headers_kept_for_reuse_stay_bounded_whatever_models_requests_name() -> None:
+    replies = Replies(
+        lambda write: None,
+        None,
+        Ledger(100_000, 1 << 30),
+        dead_letter_topic="dead",
+        redis_ttl_s=60,
+        redis_prefix="p:",
+        on_crash=lambda exc: pytest.fail(repr(exc)),
+    )
+    counted = REGISTRY.get_sample_value("surge_errors_total", {"code": "unknown_model"}) or 0
+    for i in range(3000):
+        ticket = make_ticket(b"{}")
+        ticket.model = f"no-such-model-{i}"  # from a request's surge-model header
+        replies.error(ticket, Rejection(ErrorCode.UNKNOWN_MODEL, "unknown"))
+    assert len(replies._common_headers) <= 1024
+    assert REGISTRY.get_sample_value("surge_errors_total", {"code": "unknown_model"}) == (
+        counted + 3000
+    )

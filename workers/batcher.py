@@ -15,6 +15,7 @@ import time
 from collections import deque
 from collections.abc import Callable
 from concurrent.futures import Executor
+from typing import Any
 
 import numpy as np
 import structlog
@@ -54,6 +55,13 @@ _Signature = tuple[tuple[str, str, tuple[int, ...]], ...]
 _Raw = list[tuple[memoryview, int]]  # each output's raw bytes, and its bytes per row
 
 
+class ModelHung(RuntimeError):
+    """A model call still running long past its time budget: its thread is lost."""
+
+    def __init__(self, model: str, seconds: float) -> None:
+        super().__init__(f"model {model}: a call still running after {seconds:g}s")
+
+
 class Batcher:
     def __init__(
         self,
@@ -90,6 +98,7 @@ class Batcher:
         self._wake = asyncio.Event()
         self._closing = False
         self._tasks: list[asyncio.Task[None]] = []
+        self._on_crash: Callable[[BaseException], None] = lambda exc: None  # until started
         self._batch_ids = itertools.count(1)
         self._batch_rows = metrics.BATCH_ROWS.labels(model)
         self._batch_seconds = metrics.BATCH_SECONDS.labels(model)
@@ -115,7 +124,9 @@ class Batcher:
         return self.queued_s >= (limit_s / 4 if paused else limit_s)
 
     def start(self, on_crash: Callable[[BaseException], None]) -> None:
-        """Start the batch loops; a loop that dies (a bug) calls `on_crash`."""
+        """Start the batch loops; a loop that dies (a bug), or a model call that hangs,
+        calls `on_crash`."""
+        self._on_crash = on_crash
         self._tasks = [
             supervised(self._loop(), f"batcher-{self.model}-{self.version}-{i}", on_crash)
             for i in range(self._instances)
@@ -296,10 +307,18 @@ class Batcher:
             async with asyncio.timeout(self._budget):
                 outputs = await asyncio.shield(future)
         except TimeoutError:
+            # A thread cannot be interrupted. A call still running another budget from now
+            # is hung: its thread is lost to every later batch (and would keep the process
+            # from exiting), so the worker restarts, with a runtime of its own.
+            loop.call_later(self._budget, self._hung, future)
             raise TimeoutError(
                 f"batch of {requests} requests outlived its {self._budget:g}s budget"
             ) from None
         return outputs, clock[1] - clock[0]
+
+    def _hung(self, call: asyncio.Future[Any]) -> None:
+        if not call.done():
+            self._on_crash(ModelHung(f"{self.model}:{self.version}", 2 * self._budget))
 
     async def _execute(self, jobs: list[Job]) -> None:
         if not jobs:
@@ -313,6 +332,9 @@ class Batcher:
 
     async def _run(self, jobs: list[Job]) -> None:
         """Run one model call; on failure split the batch in halves to isolate the culprit."""
+        jobs = self._unexpired(jobs)  # calls before this one (shape groups, halves) took time
+        if not jobs:
+            return
         rows = [job.rows for job in jobs]
         total = sum(rows)
         try:
@@ -343,8 +365,31 @@ class Batcher:
             speed = total / seconds * self._instances
             weight = _SPEED_WEIGHT if self._speed else 1.0
             self._speed += weight * (speed - self._speed)
-        self._ok.inc(len(jobs))
-        self._answer(jobs, rows, outputs)
+        try:
+            self._answer(jobs, rows, outputs)
+            answered = len(jobs)
+        except Exception as exc:  # outputs the wire cannot carry (an object array, say)
+            log.warning("outputs_unencodable", model=self.model, error=repr(exc))
+            answered = sum(job.ticket.answered for job in jobs)
+            rejection = Rejection(ErrorCode.MODEL_ERROR, f"outputs could not be encoded: {exc!r}")
+            for job in jobs:
+                if not job.ticket.answered:
+                    self._replies.error(job.ticket, rejection)
+        self._ok.inc(answered)
+
+    def _unexpired(self, jobs: list[Job]) -> list[Job]:
+        """The jobs still within their deadlines; the others are answered `expired`."""
+        now_ms = int(time.time() * 1000)
+        if not any(job.ticket.expired(now_ms) for job in jobs):
+            return jobs
+        live = []
+        for job in jobs:
+            if job.ticket.expired(now_ms):
+                rejection = Rejection(ErrorCode.EXPIRED, "deadline passed before the model ran")
+                self._replies.error(job.ticket, rejection)
+            else:
+                live.append(job)
+        return live
 
     def _answer(self, jobs: list[Job], rows: list[int], outputs: dict[str, np.ndarray]) -> None:
         """One response per job. Each output is converted once for the whole batch; msgpack

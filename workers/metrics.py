@@ -8,7 +8,14 @@ from collections.abc import Iterable
 from prometheus_client import Counter, Gauge, Histogram, start_http_server
 
 RESULTS = Counter(
-    "surge_results_total", "Outcomes written, by model and status", ["model", "status"]
+    "surge_results_total",
+    "Results of model calls answered, by model and status (ok); errors: surge_errors_total",
+    ["model", "status"],
+)
+ERRORS = Counter(
+    "surge_errors_total",
+    "Error results and dead letters, by error code (expired, timeout, model_error...)",
+    ["code"],
 )
 DEAD_LETTERS = Counter(
     "surge_dead_letters_total", "Records sent to the dead-letter topic", ["code"]

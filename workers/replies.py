@@ -28,6 +28,8 @@ from surge.workers.writes import RETRY_FIRST_S, RETRY_MAX_S, Write, dead_letter
 
 log = structlog.get_logger("surge.replies")
 
+_ERRORS = {code: metrics.ERRORS.labels(code) for code in ErrorCode}
+_HEADER_SETS = 1024  # result headers kept for reuse, by (status, content type, model, code)
 _REDIS_CHUNK = 512  # results per script call
 # ... and about this many bytes of them: a script call is one command, which Redis reads whole
 # before it runs it (a pipeline's commands run as they arrive).
@@ -121,8 +123,10 @@ class Replies:
     # -- outcomes -------------------------------------------------------------------------
 
     def ok(self, ticket: Ticket, response: InferenceResponse) -> None:
+        """Raises what encoding raises, with the ticket still unanswered."""
+        body = encode(response, ticket.content_type)
         if self._first_outcome(ticket):
-            self._deliver(ticket, Status.OK, encode(response, ticket.content_type), None)
+            self._deliver(ticket, Status.OK, body, None)
 
     def ok_body(self, ticket: Ticket, body: bytes) -> None:
         """`ok` for a response already encoded in the ticket's content type."""
@@ -133,6 +137,7 @@ class Replies:
         """An error result to the reply target, or a dead letter when there is none."""
         if not self._first_outcome(ticket):
             return
+        _ERRORS[rejection.code].inc()
         if ticket.reply_to is None:
             self._put(dead_letter(ticket, rejection, self._dead_letter_topic))
             return
@@ -154,6 +159,8 @@ class Replies:
         key = (status, ticket.content_type, ticket.model, code)
         common = self._common_headers.get(key)
         if common is None:
+            if len(self._common_headers) >= _HEADER_SETS:  # models named by any header
+                self._common_headers.clear()
             common = self._common_headers[key] = [
                 (headers.STATUS, status.encode()),
                 (headers.CONTENT_TYPE, ticket.content_type.encode()),

@@ -16,6 +16,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import gc
+import os
 import re
 import signal
 import sys
@@ -32,6 +33,7 @@ from surge.config import TOPIC_NAME, Settings
 from surge.schemas import ErrorCode
 from surge.workers import metrics
 from surge.workers.acked import AckedWrites
+from surge.workers.batcher import ModelHung
 from surge.workers.ledger import Ledger
 from surge.workers.replies import Replies
 from surge.workers.repository import ModelRepository
@@ -61,6 +63,7 @@ class Worker:
         self.ready = asyncio.Event()
         self.ready_hooks: list[Callable[[], None]] = []  # run once started, before consuming
         self.failed = False  # set when a background task crashed: exit non-zero
+        self.hung = False  # a model call never returned: its thread cannot be joined
         self._untopical: set[str] = set()  # models without a topic of their own
         self._tasks: list[asyncio.Task[None]] = []
         # Partitions being given away since the fetch in hand was returned: the rest of
@@ -239,6 +242,7 @@ class Worker:
         """A background task died: stop cleanly; what it left unsettled is redelivered."""
         log.error("background_task_failed", error=repr(exc))
         self.failed = True
+        self.hung = self.hung or isinstance(exc, ModelHung)
         self.stop()
 
     def _make_router(self) -> Router:
@@ -260,6 +264,7 @@ class Worker:
         full = False  # the ledger's bounds reached: every partition waits for half to drain
         while not self._stopping.is_set():
             if not self._topics:
+                self._fetched_ahead(set())  # keeps the queued-time gauges of removed models true
                 await asyncio.sleep(self.settings.worker.reload_interval_s)
                 continue
             if self._ledger.full and not full:
@@ -271,7 +276,8 @@ class Worker:
                 metrics.PAUSED.set(0)
                 log.info("resumed", in_flight=self._ledger.records)
             assigned = consumer.assignment()
-            stopped = assigned if full else (self._held | self._fetched_ahead(assigned)) & assigned
+            ahead = self._fetched_ahead(assigned)  # also when full: it updates the gauges
+            stopped = assigned if full else (self._held | ahead) & assigned
             self._pause_only(stopped)
             idle = bool(assigned) and stopped == assigned  # nothing to fetch
             if idle:  # until outcomes free room, but getmany keeps max.poll.interval alive
@@ -546,5 +552,9 @@ async def serve(settings: Settings) -> None:
     for sig in (signal.SIGTERM, signal.SIGINT):
         loop.add_signal_handler(sig, worker.stop)
     await worker.run()
+    if worker.hung:  # the interpreter would wait for the hung thread at exit, forever
+        sys.stdout.flush()
+        sys.stderr.flush()
+        os._exit(1)
     if worker.failed:
         sys.exit(1)

@@ -3,6 +3,7 @@ the worker keeps polling, stays in the group (no rebalance storm) and results ar
 
 from __future__ import annotations
 
+import asyncio
 import uuid
 from collections.abc import Callable
 from pathlib import Path
@@ -15,7 +16,7 @@ from surge.schemas import MSGPACK, headers
 from tests.conftest import WorkerProcess, topic_of, worker_env
 from tests.faults.harness import FaultReport, Stopwatch, tally
 from tests.helpers import create_topics, publish, read_topic
-from tests.models import write_slow
+from tests.models import write_hangs, write_slow
 
 pytestmark = pytest.mark.integration
 
@@ -64,3 +65,30 @@ async def test_model_slower_than_max_poll_interval(
     assert lost == 0
     assert rebalances == 0
     assert all(r.headers[headers.STATUS] == b"ok" for v in results.values() for r in v)
+
+
+async def test_a_hung_model_call_is_answered_timeout_and_its_worker_restarts(
+    kafka: str, model_root: Path, worker_processes: Callable[[dict[str, str]], WorkerProcess]
+) -> None:
+    write_hangs(model_root)
+    env = worker_env(
+        kafka,
+        model_root,
+        None,
+        SURGE_WORKER__BATCH_TIME_BUDGET_S="1",
+        SURGE_WORKER__SHUTDOWN_TIMEOUT_S="5",
+    )
+    topic, run = topic_of(env, "hangs"), uuid.uuid4().hex[:8]
+    replies = f"test.replies.{run}"
+    await create_topics(kafka, topic, replies)
+    worker = worker_processes(env)
+    worker.wait_for("partitions_assigned", timeout=120)
+
+    body = request_body({"x": np.full((1, 4), 13, np.float32)}, run, MSGPACK)
+    route = request_headers(model="hangs", content_type=MSGPACK, reply_to=replies)
+    await publish(kafka, [(topic, run.encode(), body, route)])
+    (reply,) = (await read_topic(kafka, replies, until=1, timeout=60))[run]
+    assert reply.headers[headers.ERROR_CODE] == b"timeout"
+    # Its thread cannot be interrupted: the worker exits (for its supervisor to restart it)
+    # rather than answer `timeout` to every later request of the model, or hang at exit.
+    assert await asyncio.to_thread(worker.process.wait, 60) == 1
