@@ -7,6 +7,7 @@ with a plain Kafka producer, then a steady load; prints throughput, latency and 
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import functools
 import os
 import signal
@@ -29,6 +30,7 @@ from surge.producers import SurgeClient
 from surge.producers.load import LoadReport, run_load, shared_reply_topic
 
 console = Console()
+_WORKER_CHECK_S = 0.5  # how often the first-result wait looks at the worker process
 
 
 def _free_port() -> int:
@@ -37,32 +39,49 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
+class DemoError(RuntimeError):
+    """The demo stopped early; the message says why and where to look."""
+
+
 def run_demo(*, requests: int, rate: float) -> int:
     workdir = Path(tempfile.mkdtemp(prefix="surge-demo-"))
     port, metrics_port = _free_port(), _free_port()
     bootstrap = f"127.0.0.1:{port}"
-    with console.status("starting the embedded broker (noida-db)"):
-        broker = start_noida(workdir / "broker", port)
-    write_mlp(workdir / "models")
-    env = os.environ | {
-        "SURGE_KAFKA__BOOTSTRAP_SERVERS": bootstrap,
-        "SURGE_WORKER__MODEL_ROOT": str(workdir / "models"),
-        "SURGE_WORKER__GROUP_ID": "surge-demo",
-        "SURGE_METRICS__PORT": str(metrics_port),
-        "SURGE_LOG__FORMAT": "json",
-    }
-    log = (workdir / "worker.log").open("wb")
-    worker = subprocess.Popen([sys.executable, "-m", "surge", "worker"], env=env, stderr=log)
-    rng = np.random.default_rng(0)
-    features = rng.standard_normal((1024, 1, MLP_FEATURES)).astype(np.float32)
+    worker_log = workdir / "worker.log"
+    with contextlib.ExitStack() as cleanup:  # in reverse: the worker, then the broker
+        with console.status("starting the embedded broker (noida-db)"):
+            broker = start_noida(workdir / "broker", port)
+        cleanup.callback(stop_noida, broker)
+        write_mlp(workdir / "models")
+        env = os.environ | {
+            "SURGE_KAFKA__BOOTSTRAP_SERVERS": bootstrap,
+            "SURGE_WORKER__MODEL_ROOT": str(workdir / "models"),
+            "SURGE_WORKER__GROUP_ID": "surge-demo",
+            "SURGE_METRICS__PORT": str(metrics_port),
+            "SURGE_LOG__FORMAT": "json",
+        }
+        with worker_log.open("wb") as log:
+            worker = subprocess.Popen(
+                [sys.executable, "-m", "surge", "worker"], env=env, stderr=log
+            )
+        cleanup.callback(_stop_worker, worker)
+        rng = np.random.default_rng(0)
+        features = rng.standard_normal((1024, 1, MLP_FEATURES)).astype(np.float32)
 
-    def inputs(i: int) -> dict[str, np.ndarray]:
-        return {"x": features[i % len(features)]}
+        def inputs(i: int) -> dict[str, np.ndarray]:
+            return {"x": features[i % len(features)]}
 
-    try:
         with console.status("worker starting: waiting for its first result"):
             started = time.perf_counter()
-            asyncio.run(_first_result(bootstrap, inputs(0)))
+            try:
+                asyncio.run(_first_result(bootstrap, inputs(0), worker))
+            except TimeoutError:
+                raise DemoError(f"no result from the worker in time; see {worker_log}") from None
+            if worker.returncode is not None:
+                raise DemoError(
+                    f"the worker exited with status {worker.returncode} before serving; "
+                    f"see {worker_log}"
+                )
             ready_s = time.perf_counter() - started
         with shared_reply_topic(bootstrap) as replies:  # one for both phases, as a client keeps
             load = functools.partial(run_load, bootstrap, MLP_NAME, inputs, reply_topic=replies)
@@ -71,18 +90,35 @@ def run_demo(*, requests: int, rate: float) -> int:
             with console.status(f"steady load: {rate:,.0f} requests/s for 5 s"):
                 steady = asyncio.run(load(count=int(rate * 5), rate=rate))
         batches = _batch_sizes(metrics_port)
-    finally:
-        worker.send_signal(signal.SIGTERM)
-        worker.wait(30)
-        stop_noida(broker)
     _print_summary(ready_s, burst, steady, batches)
-    console.print(f"worker log: {workdir / 'worker.log'}")
+    console.print(f"worker log: {worker_log}")
     return 0 if burst.received == burst.sent and steady.received == steady.sent else 1
 
 
-async def _first_result(bootstrap: str, inputs: dict[str, np.ndarray]) -> None:
+async def _first_result(
+    bootstrap: str, inputs: dict[str, np.ndarray], worker: subprocess.Popen[bytes]
+) -> None:
+    """Wait for the worker to answer, or to exit: a start-up failure must not cost 120 s."""
     async with SurgeClient(bootstrap) as client:
-        await client.predict(MLP_NAME, inputs, timeout=120)
+        result = asyncio.ensure_future(client.predict(MLP_NAME, inputs, timeout=120))
+        # A Popen child cannot be awaited from this loop: look at it between waits.
+        while not (await asyncio.wait({result}, timeout=_WORKER_CHECK_S))[0]:
+            if worker.poll() is not None:
+                result.cancel()
+                with contextlib.suppress(asyncio.CancelledError):
+                    await result
+                return
+        result.result()
+
+
+def _stop_worker(worker: subprocess.Popen[bytes]) -> None:
+    """SIGTERM lets it drain; one that does not stop in time is killed."""
+    worker.send_signal(signal.SIGTERM)
+    try:
+        worker.wait(30)
+    except subprocess.TimeoutExpired:
+        worker.kill()
+        worker.wait()
 
 
 def _batch_sizes(port: int) -> dict[str, float]:

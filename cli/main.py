@@ -1,4 +1,4 @@
-"""The `surge` command: broker, worker, predict, demo, dlq, schema."""
+"""The `surge` command: broker, worker, predict, score, shadow, demo, dlq, schema."""
 
 from __future__ import annotations
 
@@ -6,10 +6,15 @@ import argparse
 import asyncio
 import json
 import sys
+from collections.abc import Awaitable, Callable, Iterator
 from datetime import UTC, datetime
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import numpy as np
+
+if TYPE_CHECKING:  # the commands import what they use when they run: `surge --help` stays quick
+    from surge.producers import SurgeClient
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -47,6 +52,21 @@ def main(argv: list[str] | None = None) -> None:
     predict.add_argument("--redis-url")
     predict.add_argument("--timeout", type=float, default=30.0)
 
+    score = commands.add_parser(
+        "score", help="score a JSON-lines file: one request per line, results in input order"
+    )
+    _file_arguments(score, window=512)
+    score.add_argument("-o", "--output", type=Path, help="result lines (default: stdout)")
+    score.add_argument("--version")
+
+    shadow = commands.add_parser(
+        "shadow", help="send a JSON-lines file to the live model and a candidate version; compare"
+    )
+    _file_arguments(shadow, window=256)
+    shadow.add_argument("--candidate", required=True, help="the version to compare")
+    shadow.add_argument("--live", help="the version to compare with (default: the latest)")
+    shadow.add_argument("--candidate-topic", help="the candidate's topic (default: --topic's)")
+
     demo = commands.add_parser("demo", help="broker + worker + example model + a burst, in one go")
     demo.add_argument("--requests", type=int, default=20_000)
     demo.add_argument("--rate", type=float, default=2_000.0, help="steady-load phase, requests/s")
@@ -73,9 +93,12 @@ def main(argv: list[str] | None = None) -> None:
 
 
 def _broker(args: argparse.Namespace) -> int:
-    from surge.broker import start_noida, stop_noida
+    from surge.broker import NoidaError, start_noida, stop_noida
 
-    process = start_noida(args.data_dir, args.port)
+    try:
+        process = start_noida(args.data_dir, args.port)
+    except (NoidaError, OSError) as exc:  # OSError: a --data-dir that cannot be made
+        return _fail(str(exc))
     print(
         f"embedded broker (noida-db) on 127.0.0.1:{args.port}, data in {args.data_dir}; "
         "Ctrl-C stops it"
@@ -113,8 +136,6 @@ def _processes(value: str) -> str:
 
 
 def _predict(args: argparse.Namespace) -> int:
-    from aiokafka.errors import KafkaError
-    from redis.exceptions import RedisError
 
     from surge.producers import PredictionError, SurgeClient
 
@@ -155,16 +176,12 @@ def _predict(args: argparse.Namespace) -> int:
         return 0
 
     try:
-        return asyncio.run(run())
+        return _explained(args, lambda: asyncio.run(run()))
     except TimeoutError:
         topic = args.topic or f"surge.requests.{args.model}"
         return _fail(
             f"no result within {args.timeout:g}s: is a worker serving {args.model!r} on {topic}?"
         )
-    except KafkaError as exc:
-        return _fail(f"Kafka at {args.bootstrap}: {exc}")
-    except RedisError as exc:  # its URL may hold a password: not repeated here
-        return _fail(f"Redis: {exc}")
 
 
 def _inputs(items: list[str], datatype: str) -> dict[str, np.ndarray]:
@@ -189,19 +206,176 @@ def _inputs(items: list[str], datatype: str) -> dict[str, np.ndarray]:
     return inputs
 
 
+def _explained(args: argparse.Namespace, run: Callable[[], int]) -> int:
+    """Run a command that talks to Kafka (and Redis): one that cannot be reached is one line
+    on stderr, not a traceback."""
+    import logging
+
+    from aiokafka.errors import KafkaError
+    from redis.exceptions import RedisError
+
+    # aiokafka logs each failed connection; the one that matters is reported below, once.
+    logging.getLogger("aiokafka").setLevel(logging.CRITICAL)
+    try:
+        return run()
+    except KafkaError as exc:
+        return _fail(f"Kafka at {args.bootstrap}: {exc}")
+    except RedisError as exc:  # its URL may hold a password: not repeated here
+        return _fail(f"Redis: {exc}")
+
+
 def _fail(message: str) -> int:
     """A mistake the user can fix: one line on stderr, no traceback."""
     print(message, file=sys.stderr)
     return 2
 
 
-def _demo(args: argparse.Namespace) -> int:
-    from surge.demo import run_demo
+def _file_arguments(parser: argparse.ArgumentParser, *, window: int) -> None:
+    """The options of the commands that send a JSON-lines file of requests."""
+    parser.add_argument("model")
+    parser.add_argument("input", type=Path, help='lines of named arrays, e.g. {"x": [[0.1, 0.2]]}')
+    parser.add_argument("--datatype", default="float32", help="numpy dtype of the inputs")
+    parser.add_argument("--topic", help="request topic (default: surge.requests.<model>)")
+    parser.add_argument("--bootstrap", default="127.0.0.1:9092")
+    parser.add_argument("--via", choices=["kafka", "redis"], default="kafka")
+    parser.add_argument("--redis-url")
+    parser.add_argument("--window", type=int, default=window, help="lines per batch of requests")
+    parser.add_argument("--timeout", type=float, default=60.0, help="seconds per batch")
 
-    return run_demo(requests=args.requests, rate=args.rate)
+
+def _with_file(
+    args: argparse.Namespace, send: Callable[[SurgeClient, Iterator[str]], Awaitable[int]]
+) -> int:
+    """Open the requests file and a client, run `send` with its non-blank lines, and turn
+    the mistakes a user can fix into one line."""
+
+    from surge.producers import SurgeClient
+
+    if args.via == "redis" and not args.redis_url:
+        return _fail("--via redis needs --redis-url")
+    try:
+        np.dtype(args.datatype)
+        source = args.input.open(encoding="utf-8")
+    except (TypeError, OSError) as exc:
+        return _fail(str(exc))
+
+    async def run() -> int:
+        async with SurgeClient(args.bootstrap, redis_url=args.redis_url) as client:
+            return await send(client, (line for line in source if line.strip()))
+
+    try:
+        return _explained(args, lambda: asyncio.run(run()))
+    except UnicodeDecodeError as exc:
+        return _fail(f"{args.input}: not UTF-8 ({exc})")
+    finally:
+        source.close()
+
+
+def _score(args: argparse.Namespace) -> int:
+    from rich.console import Console
+
+    from surge.producers import score_lines
+
+    try:
+        sink = args.output.open("w", encoding="utf-8") if args.output else sys.stdout
+    except OSError as exc:
+        return _fail(str(exc))
+
+    async def send(client: SurgeClient, lines: Iterator[str]) -> int:
+        report = await score_lines(
+            client,
+            args.model,
+            lines,
+            sink,
+            dtype=args.datatype,
+            window=args.window,
+            timeout=args.timeout,
+            version=args.version,
+            via=args.via,
+            topic=args.topic,
+        )
+        Console(stderr=True).print(
+            f"{report.lines:,} lines in {report.seconds:.1f} s ({report.rate:,.0f}/s): "
+            f"{report.ok:,} ok, {report.errors:,} errors, {report.timed_out:,} timed out"
+        )
+        return 0 if report.ok == report.lines else 1
+
+    try:
+        return _with_file(args, send)
+    finally:
+        if sink is not sys.stdout:
+            sink.close()
+
+
+def _shadow(args: argparse.Namespace) -> int:
+    from rich.console import Console
+    from rich.table import Table
+
+    from surge.producers.shadow import compare_lines
+
+    live = args.live or "latest"
+
+    async def send(client: SurgeClient, lines: Iterator[str]) -> int:
+        report = await compare_lines(
+            client,
+            args.model,
+            lines,
+            candidate=args.candidate,
+            live=args.live,
+            candidate_topic=args.candidate_topic,
+            live_topic=args.topic,
+            dtype=args.datatype,
+            window=args.window,
+            timeout=args.timeout,
+            via=args.via,
+        )
+        console = Console()
+        console.print(
+            f"{report.requests:,} requests ({report.bad_lines:,} bad lines skipped): "
+            f"{report.both_ok:,} answered by both, {report.candidate_failed:,} failed on "
+            f"{args.candidate} only, {report.live_failed:,} on {live} only, "
+            f"{report.both_failed:,} on both"
+        )
+        table = Table("output", "rows", "max |Δ|", "mean |Δ|", "top-1 agreement")
+        for name, diff in report.outputs.items():
+            agreement = diff.top_agreement
+            table.add_row(
+                name,
+                f"{diff.rows:,}",
+                f"{diff.max_abs:.3g}",
+                f"{diff.mean_abs:.3g}",
+                "—" if agreement is None else f"{agreement:.1%}",
+            )
+        console.print(table)
+        if report.live_seconds:
+            console.print(
+                f"a window of {args.window}, median time until all answered: {live} "
+                f"{np.median(report.live_seconds) * 1000:.0f} ms, {args.candidate} "
+                f"{np.median(report.candidate_seconds) * 1000:.0f} ms"
+            )
+        return 0
+
+    return _with_file(args, send)
+
+
+def _demo(args: argparse.Namespace) -> int:
+    from surge.broker import NoidaError
+    from surge.demo import DemoError, run_demo
+
+    try:
+        return run_demo(requests=args.requests, rate=args.rate)
+    except (NoidaError, DemoError) as exc:
+        return _fail(str(exc))
 
 
 def _dlq(args: argparse.Namespace) -> int:
+    try:
+        return _explained(args, lambda: _dlq_action(args))
+    except OSError as exc:
+        return _fail(f"Kafka at {args.bootstrap} or Redis: {exc or type(exc).__name__}")
+
+
+def _dlq_action(args: argparse.Namespace) -> int:
     from rich.console import Console
     from rich.table import Table
 
@@ -259,7 +433,7 @@ def _dlq(args: argparse.Namespace) -> int:
 
 
 def _iso(ms: int) -> str:
-    return datetime.fromtimestamp(ms / 1000, tz=UTC).isoformat(timespec="seconds")
+    return datetime.fromtimestamp(ms / 1000, tz=UTC).isoformat(timespec="milliseconds")
 
 
 def _schema(args: argparse.Namespace) -> int:
@@ -273,6 +447,8 @@ _COMMANDS = {
     "broker": _broker,
     "worker": _worker,
     "predict": _predict,
+    "score": _score,
+    "shadow": _shadow,
     "demo": _demo,
     "dlq": _dlq,
     "schema": _schema,

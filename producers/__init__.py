@@ -9,6 +9,7 @@ from surge.producers.requests import (
     request_body,
     request_headers,
 )
+from surge.producers.scoring import ScoreReport, score_lines
 from surge.producers.sync import SyncClient
 
 __all__ = [
@@ -20,6 +21,9 @@ __all__ = [
     "PredictionError",
     "ClientClosed",
     "Result",
+    # files
+    "score_lines",
+    "ScoreReport",
     # building and reading records by hand
     "request_body",
     "request_headers",

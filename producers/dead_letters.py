@@ -78,8 +78,8 @@ async def read_all(
         isolation_level="read_committed",
         **(kafka_options or {}),
     )
-    await consumer.start()
-    try:
+    try:  # a start that fails has opened connections too: stop() closes them
+        await consumer.start()
         consumer._client.add_topic(topic)  # a consumer without a group knows no topics yet
         await consumer._client.force_metadata_update()
         partitions = [TopicPartition(topic, p) for p in consumer.partitions_for_topic(topic) or []]
@@ -192,8 +192,8 @@ async def replay(
     producer = AIOKafkaProducer(
         bootstrap_servers=bootstrap, acks="all", enable_idempotence=True, **(kafka_options or {})
     )
-    await producer.start()
     try:
+        await producer.start()
         deliveries = []
         for letter in letters:
             request_id = letter.request_id

@@ -3,8 +3,10 @@
 from __future__ import annotations
 
 import json
+import os
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import pytest
@@ -15,9 +17,15 @@ from tests.services import free_port
 pytestmark = pytest.mark.integration
 
 
-def surge(*args: str, timeout: float = 60) -> subprocess.CompletedProcess[str]:
+def surge(
+    *args: str, timeout: float = 60, env: dict[str, str] | None = None
+) -> subprocess.CompletedProcess[str]:
     return subprocess.run(
-        [sys.executable, "-m", "surge", *args], capture_output=True, text=True, timeout=timeout
+        [sys.executable, "-m", "surge", *args],
+        capture_output=True,
+        text=True,
+        timeout=timeout,
+        env=os.environ | env if env else None,
     )
 
 
@@ -81,3 +89,29 @@ def test_demo_runs_end_to_end_on_the_embedded_broker() -> None:
     assert out.returncode == 0, out.stdout + out.stderr
     assert "2,000 │   2,000" in out.stdout  # every request of the burst got its result
     assert "rows per model call" in out.stdout
+
+
+def test_broker_refuses_a_port_another_broker_holds(kafka: str, tmp_path: Path) -> None:
+    port = kafka.rsplit(":", 1)[1]
+    out = surge("broker", "--port", port, "--data-dir", str(tmp_path / "noida"))
+    assert out.returncode == 2, out.stdout + out.stderr
+    assert "embedded broker" not in out.stdout
+    assert f"port {port} is already in use" in out.stderr
+    assert "Traceback" not in out.stderr
+
+
+def test_demo_stops_at_once_when_its_worker_dies(tmp_path: Path) -> None:
+    started = time.monotonic()
+    # An unknown setting: the worker refuses to start. TMPDIR holds the demo's own files.
+    env = {"SURGE_WORKER__BOGUS": "1", "TMPDIR": str(tmp_path)}
+    out = surge("demo", "--requests", "10", "--rate", "10", env=env, timeout=90)
+    assert time.monotonic() - started < 30
+    assert out.returncode == 2, out.stdout + out.stderr
+    assert "Traceback" not in out.stderr
+    (log,) = tmp_path.glob("surge-demo-*/worker.log")
+    assert f"exited with status 2 before serving; see {log}" in out.stderr
+    # noida-db runs in a session of its own: nothing started from the demo may outlive it.
+    deadline = time.monotonic() + 15  # it saves its state on the way out
+    while subprocess.run(["pgrep", "-f", str(tmp_path)], stdout=subprocess.DEVNULL).returncode == 0:
+        assert time.monotonic() < deadline, "noida-db outlived the demo"
+        time.sleep(0.2)

@@ -3,6 +3,7 @@ chosen records to their source topic once the cause is fixed, never twice for on
 
 from __future__ import annotations
 
+import re
 import uuid
 from collections.abc import Callable
 from pathlib import Path
@@ -16,6 +17,7 @@ from surge.schemas import MSGPACK
 from surge.workers import Worker
 from tests.conftest import make_settings
 from tests.helpers import create_topics, publish, read_topic
+from tests.services import free_port
 from tests.test_cli import surge
 
 pytestmark = pytest.mark.integration
@@ -96,3 +98,37 @@ async def test_replay_skips_letters_with_nowhere_to_reply_unless_given_one(
     assert "pass --reply-to" in out.stdout
     given = surge("dlq", "replay", *common, "--reply-to", f"test.replies.{run}", "--dry-run")
     assert "would replay 5" in given.stdout, given.stdout + given.stderr
+
+
+async def test_replay_until_the_last_time_inspect_shows_takes_every_letter(
+    kafka: str, model_root: Path, run_worker: Callable[[Settings], Worker]
+) -> None:
+    run, dead_letters = await _dead_letter_lost_requests(kafka, model_root, run_worker, 5)
+    common = ("--topic", dead_letters, "--bootstrap", kafka)
+    inspect = surge("dlq", "inspect", *common)
+    assert inspect.returncode == 0, inspect.stderr
+    _first, last = re.findall(r"\d{4}-\d\d-\d\dT\S+\+00:00", inspect.stdout)
+    until = ("--until", last, "--reply-to", f"test.replies.{run}", "--dry-run")
+    dry = surge("dlq", "replay", *common, *until)
+    assert "selected 5: would replay 5" in dry.stdout, inspect.stdout + dry.stdout + dry.stderr
+
+
+@pytest.mark.parametrize("action", ["inspect", "replay"])
+def test_dlq_explains_an_unreachable_broker(action: str) -> None:
+    out = surge("dlq", action, "--topic", "x", "--bootstrap", f"127.0.0.1:{free_port()}")
+    assert out.returncode == 2, out.stdout + out.stderr
+    assert out.stderr.startswith("Kafka at 127.0.0.1:")
+    assert len(out.stderr.splitlines()) == 1, out.stderr  # no traceback, no "Unclosed ..."
+
+
+async def test_replay_explains_an_unreachable_redis_without_its_password(
+    kafka: str, model_root: Path, run_worker: Callable[[Settings], Worker]
+) -> None:
+    _, dead_letters = await _dead_letter_lost_requests(kafka, model_root, run_worker, 1)
+    redis_url = f"redis://:hunter2@127.0.0.1:{free_port()}"
+    args = ("--topic", dead_letters, "--bootstrap", kafka, "--reply-to", "redis")
+    out = surge("dlq", "replay", *args, "--redis-url", redis_url)
+    assert out.returncode == 2, out.stdout + out.stderr
+    assert out.stderr.startswith("Redis: ")
+    assert len(out.stderr.splitlines()) == 1, out.stderr
+    assert "hunter2" not in out.stderr

@@ -1,0 +1,145 @@
+"""Shadow comparison: the same requests to the live model and to a candidate version, side by
+side, before the candidate takes live traffic.
+
+The candidate's copies can go to a topic of their own (`candidate_topic`), consumed by a
+worker group that serves the candidate, so that comparing never slows the live path. Each
+pair of results is compared output by output: how far apart the values are, and for outputs
+with a row of several values (class scores, say), how often the top one agrees.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from collections.abc import Iterable
+from dataclasses import dataclass, field
+from typing import Any, Literal
+
+import numpy as np
+
+from surge.producers.client import Result, SurgeClient
+from surge.producers.requests import Prediction
+from surge.producers.scoring import BadLine, chunks, parse_line
+
+
+@dataclass(slots=True)
+class OutputDiff:
+    """One output's differences over the pairs where both sides answered."""
+
+    rows: int = 0
+    max_abs: float = 0.0
+    sum_abs: float = 0.0
+    elements: int = 0
+    top_compared: int = 0  # rows with several values, whose top value was compared
+    top_agreed: int = 0
+
+    @property
+    def mean_abs(self) -> float:
+        return self.sum_abs / self.elements if self.elements else 0.0
+
+    @property
+    def top_agreement(self) -> float | None:
+        return self.top_agreed / self.top_compared if self.top_compared else None
+
+
+@dataclass(slots=True)
+class ShadowReport:
+    requests: int = 0
+    bad_lines: int = 0
+    both_ok: int = 0
+    live_failed: int = 0  # the live side failed, the candidate answered
+    candidate_failed: int = 0  # the candidate failed, the live side answered
+    both_failed: int = 0
+    outputs: dict[str, OutputDiff] = field(default_factory=dict)
+    live_seconds: list[float] = field(default_factory=list)  # per window: until all answered
+    candidate_seconds: list[float] = field(default_factory=list)
+
+
+async def compare_lines(
+    client: SurgeClient,
+    model: str,
+    lines: Iterable[str],
+    *,
+    candidate: str,
+    live: str | None = None,
+    candidate_topic: str | None = None,
+    live_topic: str | None = None,
+    dtype: np.dtype[Any] | str = "float32",
+    window: int = 256,
+    timeout: float = 60.0,
+    via: Literal["kafka", "redis"] = "kafka",
+) -> ShadowReport:
+    """Send each line (a JSON object of named arrays, as `score_lines` reads) to the live
+    model (version `live`, or its latest) and to version `candidate`, a window of lines at a
+    time, both sides at once; compare the results pair by pair."""
+    report = ShadowReport()
+    for chunk in chunks(lines, window):
+        parsed = [parse_line(line, dtype) for line in chunk]
+        requests = [inputs for inputs in parsed if not isinstance(inputs, BadLine)]
+        report.bad_lines += len(parsed) - len(requests)
+        (live_results, live_s), (candidate_results, candidate_s) = await asyncio.gather(
+            _timed(client, model, requests, live, live_topic, timeout, via),
+            _timed(client, model, requests, candidate, candidate_topic, timeout, via),
+        )
+        report.live_seconds.append(live_s)
+        report.candidate_seconds.append(candidate_s)
+        for first, second in zip(live_results, candidate_results, strict=True):
+            _compare(first, second, report)
+    return report
+
+
+async def _timed(
+    client: SurgeClient,
+    model: str,
+    requests: list[dict[str, np.ndarray]],
+    version: str | None,
+    topic: str | None,
+    timeout: float,
+    via: Literal["kafka", "redis"],
+) -> tuple[list[Result | Exception], float]:
+    started = time.perf_counter()
+    results: list[Result | Exception] = list(
+        await client.predict_many(
+            model,
+            requests,
+            version=version,
+            topic=topic,
+            timeout=timeout,
+            via=via,
+            return_exceptions=True,
+        )
+    )
+    return results, time.perf_counter() - started
+
+
+def _compare(live: Result | Exception, candidate: Result | Exception, report: ShadowReport) -> None:
+    report.requests += 1
+    if not isinstance(live, Prediction) or not isinstance(candidate, Prediction):
+        if isinstance(live, Prediction):
+            report.candidate_failed += 1
+        elif isinstance(candidate, Prediction):
+            report.live_failed += 1
+        else:
+            report.both_failed += 1
+        return
+    report.both_ok += 1
+    for name, expected in live.outputs.items():
+        got = candidate.outputs.get(name)
+        diff = report.outputs.setdefault(name, OutputDiff())
+        diff.rows += 1
+        if got is None or got.shape != expected.shape:
+            diff.max_abs = float("inf")  # the candidate's signature differs: nothing agrees
+            continue
+        if expected.dtype.kind not in "fciub":  # strings: equal or not
+            diff.max_abs = max(diff.max_abs, 0.0 if np.array_equal(got, expected) else np.inf)
+            continue
+        gap = np.abs(got.astype(np.float64) - expected.astype(np.float64))
+        diff.max_abs = max(diff.max_abs, float(gap.max(initial=0.0)))
+        diff.sum_abs += float(gap.sum())
+        diff.elements += gap.size
+        if expected.ndim >= 2 and expected.shape[-1] > 1:
+            rows = expected.reshape(-1, expected.shape[-1])
+            diff.top_compared += rows.shape[0]
+            diff.top_agreed += int(
+                (rows.argmax(axis=1) == got.reshape(rows.shape).argmax(axis=1)).sum()
+            )
