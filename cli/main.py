@@ -1,9 +1,10 @@
-"""The `surge` command: broker, worker, predict, score, shadow, demo, dlq, schema."""
+"""The `surge` command: broker, worker, predict, score, shadow, lag, demo, dlq, schema."""
 
 from __future__ import annotations
 
 import argparse
 import asyncio
+import dataclasses
 import json
 import sys
 from collections.abc import Awaitable, Callable, Iterator
@@ -66,6 +67,12 @@ def main(argv: list[str] | None = None) -> None:
     shadow.add_argument("--candidate", required=True, help="the version to compare")
     shadow.add_argument("--live", help="the version to compare with (default: the latest)")
     shadow.add_argument("--candidate-topic", help="the candidate's topic (default: --topic's)")
+
+    lag = commands.add_parser("lag", help="a worker group's lag per topic: what to scale on")
+    lag.add_argument("-c", "--config", type=Path, help="the workers' settings: bootstrap, group")
+    lag.add_argument("--group", help="consumer group (default: the settings' group_id)")
+    lag.add_argument("--bootstrap", help="bootstrap servers (default: the settings')")
+    lag.add_argument("--json", action="store_true", help="one JSON object per topic")
 
     demo = commands.add_parser("demo", help="broker + worker + example model + a burst, in one go")
     demo.add_argument("--requests", type=int, default=20_000)
@@ -358,6 +365,40 @@ def _shadow(args: argparse.Namespace) -> int:
     return _with_file(args, send)
 
 
+def _lag(args: argparse.Namespace) -> int:
+    from rich.console import Console
+    from rich.table import Table
+
+    from surge.config import ConfigError, load_settings
+    from surge.workers.lag import group_lag
+
+    try:
+        settings = load_settings(args.config)
+    except ConfigError as exc:
+        print(exc, file=sys.stderr)
+        return 2
+    kafka = settings.kafka.client_options()
+    if args.bootstrap:
+        kafka["bootstrap_servers"] = args.bootstrap
+    args.bootstrap = kafka["bootstrap_servers"]  # for the messages of `_explained`
+    group = args.group or settings.worker.group_id
+
+    def show() -> int:
+        lags = asyncio.run(group_lag(kafka, group))
+        if args.json:
+            for lag in lags:
+                print(json.dumps(dataclasses.asdict(lag)))
+            return 0
+        table = Table("topic", "partitions", "lag (records)", "oldest waiting", title=group)
+        for lag in lags:
+            age = "—" if lag.oldest_s is None else f"{lag.oldest_s:,.1f} s"
+            table.add_row(lag.topic, str(lag.partitions), f"{lag.records:,}", age)
+        Console().print(table)
+        return 0
+
+    return _explained(args, show)
+
+
 def _demo(args: argparse.Namespace) -> int:
     from surge.broker import NoidaError
     from surge.demo import DemoError, run_demo
@@ -449,6 +490,7 @@ _COMMANDS = {
     "predict": _predict,
     "score": _score,
     "shadow": _shadow,
+    "lag": _lag,
     "demo": _demo,
     "dlq": _dlq,
     "schema": _schema,

@@ -1,0 +1,79 @@
+"""A worker group's lag on real Kafka: records not committed, and how old the oldest is."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import time
+import uuid
+
+import pytest
+from aiokafka import AIOKafkaConsumer, AIOKafkaProducer, TopicPartition
+from aiokafka.structs import OffsetAndMetadata
+
+from surge.workers.lag import group_lag
+from tests.helpers import create_topics
+from tests.services import free_port
+from tests.test_cli import surge
+
+pytestmark = pytest.mark.integration
+
+
+async def test_lag_counts_what_is_not_committed_and_ages_the_oldest_record(kafka: str) -> None:
+    run = uuid.uuid4().hex[:8]
+    busy, idle, missing, group = f"test.lag.{run}", f"test.idle.{run}", f"test.none.{run}", run
+    await create_topics(kafka, busy, idle, partitions=2)
+    producer = AIOKafkaProducer(bootstrap_servers=kafka)
+    await producer.start()
+    sent = time.time()
+    for i in range(10):
+        await producer.send_and_wait(busy, b"x", partition=i % 2)  # 5 per partition
+    for _ in range(4):
+        await producer.send_and_wait(idle, b"x", partition=0)
+    await producer.stop()
+    await asyncio.sleep(1.0)  # the oldest waiting record is at least this old
+    consumer = AIOKafkaConsumer(bootstrap_servers=kafka, group_id=group, enable_auto_commit=False)
+    await consumer.start()
+    consumer.assign([TopicPartition(busy, 0), TopicPartition(busy, 1)])
+    # Partition 0 committed up to its end, partition 1 from its third record; nothing of the
+    # idle topic was ever committed: all of it waits.
+    await consumer.commit({TopicPartition(busy, 0): OffsetAndMetadata(5, "")})
+    await consumer.commit({TopicPartition(busy, 1): OffsetAndMetadata(2, "")})
+    await consumer.stop()
+
+    lags = {lag.topic: lag for lag in await group_lag({"bootstrap_servers": kafka}, group)}
+    assert sorted(lags) == [busy]  # the topics it committed offsets for
+    assert (lags[busy].partitions, lags[busy].records) == (2, 3)
+    assert lags[busy].oldest_s is not None
+    assert 1.0 <= lags[busy].oldest_s <= time.time() - sent + 1
+
+    named = await group_lag({"bootstrap_servers": kafka}, group, [busy, idle, missing])
+    assert [(lag.topic, lag.partitions, lag.records) for lag in named] == [
+        (idle, 2, 4),
+        (busy, 2, 3),
+        (missing, 0, 0),  # not created by asking
+    ]
+    assert named[0].oldest_s is not None
+    assert named[2].oldest_s is None
+
+
+async def test_surge_lag_prints_a_group_s_topics(kafka: str) -> None:
+    run = uuid.uuid4().hex[:8]
+    topic = f"test.lag.{run}"
+    await create_topics(kafka, topic, partitions=1)
+    consumer = AIOKafkaConsumer(bootstrap_servers=kafka, group_id=run, enable_auto_commit=False)
+    await consumer.start()
+    consumer.assign([TopicPartition(topic, 0)])
+    await consumer.commit({TopicPartition(topic, 0): OffsetAndMetadata(0, "")})
+    await consumer.stop()
+    shown = await asyncio.to_thread(surge, "lag", "--group", run, "--bootstrap", kafka, "--json")
+    assert shown.returncode == 0, shown.stderr
+    assert json.loads(shown.stdout) == {
+        "topic": topic,
+        "partitions": 1,
+        "records": 0,
+        "oldest_s": None,
+    }
+    unreachable = surge("lag", "--group", run, "--bootstrap", f"127.0.0.1:{free_port()}")
+    assert unreachable.returncode == 2
+    assert "Traceback" not in unreachable.stderr
