@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import contextlib
 import dataclasses
 import json
 import sys
@@ -253,8 +254,8 @@ def _file_arguments(parser: argparse.ArgumentParser, *, window: int) -> None:
 def _with_file(
     args: argparse.Namespace, send: Callable[[SurgeClient, Iterator[str]], Awaitable[int]]
 ) -> int:
-    """Open the requests file and a client, run `send` with its non-blank lines, and turn
-    the mistakes a user can fix into one line."""
+    """Open the requests file and a client, run `send` with its lines, and turn the mistakes
+    a user can fix into one line."""
 
     from surge.producers import SurgeClient
 
@@ -268,12 +269,14 @@ def _with_file(
 
     async def run() -> int:
         async with SurgeClient(args.bootstrap, redis_url=args.redis_url) as client:
-            return await send(client, (line for line in source if line.strip()))
+            return await send(client, iter(source))
 
     try:
         return _explained(args, lambda: asyncio.run(run()))
     except UnicodeDecodeError as exc:
         return _fail(f"{args.input}: not UTF-8 ({exc})")
+    except OSError as exc:  # an output that cannot be written
+        return _fail(str(exc))
     finally:
         source.close()
 
@@ -283,35 +286,31 @@ def _score(args: argparse.Namespace) -> int:
 
     from surge.producers import score_lines
 
-    try:
-        sink = args.output.open("w", encoding="utf-8") if args.output else sys.stdout
-    except OSError as exc:
-        return _fail(str(exc))
-
     async def send(client: SurgeClient, lines: Iterator[str]) -> int:
-        report = await score_lines(
-            client,
-            args.model,
-            lines,
-            sink,
-            dtype=args.datatype,
-            window=args.window,
-            timeout=args.timeout,
-            version=args.version,
-            via=args.via,
-            topic=args.topic,
-        )
+        # Opened once the input is known to be readable: a typo must not empty a result file.
+        with contextlib.ExitStack() as files:
+            sink = sys.stdout
+            if args.output:
+                sink = files.enter_context(args.output.open("w", encoding="utf-8"))
+            report = await score_lines(
+                client,
+                args.model,
+                lines,
+                sink,
+                dtype=args.datatype,
+                window=args.window,
+                timeout=args.timeout,
+                version=args.version,
+                via=args.via,
+                topic=args.topic,
+            )
         Console(stderr=True).print(
             f"{report.lines:,} lines in {report.seconds:.1f} s ({report.rate:,.0f}/s): "
             f"{report.ok:,} ok, {report.errors:,} errors, {report.timed_out:,} timed out"
         )
         return 0 if report.ok == report.lines else 1
 
-    try:
-        return _with_file(args, send)
-    finally:
-        if sink is not sys.stdout:
-            sink.close()
+    return _with_file(args, send)
 
 
 def _shadow(args: argparse.Namespace) -> int:
@@ -329,7 +328,7 @@ def _shadow(args: argparse.Namespace) -> int:
             lines,
             candidate=args.candidate,
             live=args.live,
-            candidate_topic=args.candidate_topic,
+            candidate_topic=args.candidate_topic or args.topic,
             live_topic=args.topic,
             dtype=args.datatype,
             window=args.window,

@@ -226,21 +226,27 @@ class SurgeClient:
         futures = [self._waiting.setdefault(i, loop.create_future()) for i in ids]
         pubsub = None  # the Redis subscription this call made, to undo
         try:
-            async with asyncio.timeout_at(deadline):
-                reply_to = await self._reply_channel(via)
-                if via == "redis":
-                    pubsub = self._pubsub
-                    await self._subscribe(ids, pubsub)
-                deliveries = []
-                for request_id, inputs in zip(ids, batch, strict=True):
-                    sent = await self._send(
-                        model, inputs, version, request_id, reply_to, deadline_ms, topic
-                    )
-                    deliveries.append(sent[1])
-                await asyncio.gather(*deliveries)
-            _, late = await asyncio.wait(futures, timeout=max(0.0, deadline - loop.time()))
-            if late and pubsub is not None:
-                await self._tidy(self._fetch_missed(ids, futures))
+            try:
+                async with asyncio.timeout_at(deadline):
+                    reply_to = await self._reply_channel(via)
+                    if via == "redis":
+                        pubsub = self._pubsub
+                        await self._subscribe(ids, pubsub)
+                    deliveries = []
+                    for request_id, inputs in zip(ids, batch, strict=True):
+                        sent = await self._send(
+                            model, inputs, version, request_id, reply_to, deadline_ms, topic
+                        )
+                        deliveries.append(sent[1])
+                    await asyncio.gather(*deliveries)
+            except TimeoutError:
+                if not return_exceptions:
+                    raise
+                # Not all sent in time: each request without a result times out in its place.
+            else:
+                _, late = await asyncio.wait(futures, timeout=max(0.0, deadline - loop.time()))
+                if late and pubsub is not None:
+                    await self._tidy(self._fetch_missed(ids, futures))
         except Exception as exc:
             if self._closed and not isinstance(exc, ClientClosed):
                 raise ClientClosed("the client was closed during the request") from exc

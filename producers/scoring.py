@@ -97,6 +97,8 @@ def chunks(lines: Iterable[str], size: int) -> Iterator[list[str]]:
 
 def parse_line(line: str, dtype: np.dtype[Any] | str) -> dict[str, np.ndarray] | BadLine:
     """A line's named arrays, or why it is no request."""
+    if not line.strip():
+        return BadLine("empty line")
     try:
         value = json.loads(line)
     except json.JSONDecodeError as exc:
@@ -126,8 +128,8 @@ async def _score(
     topic: str | None,
 ) -> list[dict[str, Any]]:
     requests = [inputs for inputs in parsed if not isinstance(inputs, BadLine)]
-    try:
-        answers = await client.predict_many(
+    results = iter(
+        await client.predict_many(
             model,
             requests,
             version=version,
@@ -136,9 +138,7 @@ async def _score(
             topic=topic,
             return_exceptions=True,
         )
-    except TimeoutError as exc:  # not even sent in time: the broker is slow or away
-        answers = [TimeoutError(f"not sent within {timeout:g}s: {exc}")] * len(requests)
-    results = iter(answers)
+    )
     lines = []
     for number, inputs in enumerate(parsed, first + 1):
         if isinstance(inputs, BadLine):

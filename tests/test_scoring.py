@@ -54,27 +54,19 @@ async def test_surge_score_writes_a_result_line_per_input_line(
     await run_worker(settings)
     source, results = tmp_path / "in.jsonl", tmp_path / "out.jsonl"
     row = json.dumps({"x": [[0.5] * 32]})
-    source.write_text("\n".join([row] * 50 + ["", "{oops"]) + "\n")  # a blank line is skipped
-    topic = settings.worker.topic_prefix + "mlp"
-    scored = await asyncio.to_thread(
-        surge,
-        "score",
-        "mlp",
-        str(source),
-        "-o",
-        str(results),
-        "--bootstrap",
-        kafka,
-        "--topic",
-        topic,
-    )
+    source.write_text("\n".join([row] * 50 + ["", "{oops"]) + "\n")
+    where = ["--bootstrap", kafka, "--topic", settings.worker.topic_prefix + "mlp"]
+    scored = await asyncio.to_thread(surge, "score", "mlp", str(source), "-o", str(results), *where)
     assert scored.returncode == 1, scored.stderr  # not every line was scored
-    assert "51 lines" in scored.stderr
-    assert "50 ok, 1 errors" in scored.stderr
+    assert "52 lines" in scored.stderr
+    assert "50 ok, 2 errors" in scored.stderr
     lines = [json.loads(line) for line in results.read_text().splitlines()]
-    assert [line.get("code") for line in lines] == [None] * 50 + ["bad_line"]
+    # Blank or not, every line of the file has its result line: the numbers stay the file's.
+    assert [line.get("code") for line in lines] == [None] * 50 + ["bad_line"] * 2
+    assert [line["line"] for line in lines] == list(range(1, 53))
 
-    missing = surge("score", "mlp", str(tmp_path / "nowhere.jsonl"), "--bootstrap", kafka)
+    missing = surge("score", "mlp", str(tmp_path / "nowhere.jsonl"), "-o", str(results), *where)
     assert missing.returncode == 2
     assert "nowhere.jsonl" in missing.stderr
     assert "Traceback" not in missing.stderr
+    assert len(results.read_text().splitlines()) == 52  # the earlier results are still there

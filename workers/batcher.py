@@ -326,13 +326,14 @@ class Batcher:
         self._queue_seconds.observe(time.monotonic() - jobs[0].ticket.received)
         batch_id = f"{self.model}:{self.version}:{next(self._batch_ids)}"
         with structlog.contextvars.bound_contextvars(batch_id=batch_id):
-            for group in group_by_shape(jobs, self._runtime.inputs):
-                await self._run(group)
+            for index, group in enumerate(group_by_shape(jobs, self._runtime.inputs)):
+                # Taken moments ago, the first group is in time; the calls before a later one
+                # took time.
+                await self._run(group if index == 0 else self._unexpired(group))
             log.debug("batch_done", requests=len(jobs))
 
     async def _run(self, jobs: list[Job]) -> None:
         """Run one model call; on failure split the batch in halves to isolate the culprit."""
-        jobs = self._unexpired(jobs)  # calls before this one (shape groups, halves) took time
         if not jobs:
             return
         rows = [job.rows for job in jobs]
@@ -346,10 +347,10 @@ class Batcher:
                 self._replies.error(job.ticket, Rejection(ErrorCode.TIMEOUT, str(exc)))
             return
         except Exception as exc:
-            if len(jobs) > 1:
+            if len(jobs) > 1:  # the failed call took time: deadlines are checked again
                 middle = len(jobs) // 2
-                await self._run(jobs[:middle])
-                await self._run(jobs[middle:])
+                await self._run(self._unexpired(jobs[:middle]))
+                await self._run(self._unexpired(jobs[middle:]))
                 return
             ticket = jobs[0].ticket
             log.warning(

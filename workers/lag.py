@@ -16,6 +16,9 @@ from typing import Any
 from aiokafka import AIOKafkaConsumer, TopicPartition
 from aiokafka.admin import AIOKafkaAdminClient
 
+_READ_S = 10.0  # to read the oldest waiting record of every partition
+_FETCH_MS = 500
+
 
 @dataclass(frozen=True, slots=True)
 class TopicLag:
@@ -85,10 +88,11 @@ async def _oldest_waiting(
     for tp in waiting:
         consumer.seek(tp, positions[tp])
     stamps: dict[TopicPartition, int] = {}
-    deadline = time.monotonic() + 10
+    deadline = time.monotonic() + _READ_S
     while len(stamps) < len(waiting) and time.monotonic() < deadline:
-        for tp, records in (await consumer.getmany(timeout_ms=500, max_records=1)).items():
+        for tp, records in (await consumer.getmany(timeout_ms=_FETCH_MS, max_records=1)).items():
             if records and tp not in stamps:
-                stamps[tp] = records[0].timestamp
                 consumer.pause(tp)
+                if (records[0].timestamp or 0) > 0:  # v0 records carry none, some -1
+                    stamps[tp] = records[0].timestamp
     return stamps

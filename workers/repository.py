@@ -193,9 +193,7 @@ class ModelRepository:
                 short.add(name)
         for name, seconds in queued.items():
             metrics.QUEUED_SECONDS.labels(name).set(seconds)
-        for name in self._queued_models - queued.keys():  # no longer served
-            metrics.QUEUED_SECONDS.remove(name)
-        self._queued_models = set(queued)
+        self._queued_models |= queued.keys()
         return set(queued) - short
 
     async def reconcile(self, *, settle_s: float = SETTLE_S) -> None:
@@ -240,6 +238,9 @@ class ModelRepository:
         self._update_routes()
         for served in retired:
             self._retire(served)
+        for name in self._queued_models - self._latest.keys():  # no longer served
+            metrics.QUEUED_SECONDS.remove(name)
+        self._queued_models &= self._latest.keys()
 
     async def _load_older(self, older: list[VersionSource]) -> None:
         for source in older:

@@ -203,7 +203,7 @@ class Transactions:
         """Did the commit whose answer was lost take? The group's offset says: if it did,
         its results are out, and sending them again would show them twice."""
         assert state.uncertain is not None
-        committed = await self._committed(tp)
+        committed = state.committed  # read as its producer, just restarted, was fenced in
         if committed is not None and committed >= state.uncertain:
             took = [w for w in state.writes if w.ticket.offset < state.uncertain]
             state.writes = [w for w in state.writes if w.ticket.offset >= state.uncertain]

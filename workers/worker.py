@@ -264,7 +264,6 @@ class Worker:
         full = False  # the ledger's bounds reached: every partition waits for half to drain
         while not self._stopping.is_set():
             if not self._topics:
-                self._fetched_ahead(set())  # keeps the queued-time gauges of removed models true
                 await asyncio.sleep(self.settings.worker.reload_interval_s)
                 continue
             if self._ledger.full and not full:
