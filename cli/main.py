@@ -126,8 +126,7 @@ def _worker(args: argparse.Namespace) -> int:
     try:
         settings = load_settings(args.config)
     except ConfigError as exc:
-        print(exc, file=sys.stderr)
-        return 2
+        return _fail(str(exc))
     configure(settings.log.level, settings.log.format)
     if args.processes != "1":
         from surge.pool import run_pool
@@ -374,8 +373,7 @@ def _lag(args: argparse.Namespace) -> int:
     try:
         settings = load_settings(args.config)
     except ConfigError as exc:
-        print(exc, file=sys.stderr)
-        return 2
+        return _fail(str(exc))
     kafka = settings.kafka.client_options()
     if args.bootstrap:
         kafka["bootstrap_servers"] = args.bootstrap
