@@ -21,22 +21,36 @@ from tests.models import write_hangs, write_slow
 pytestmark = pytest.mark.integration
 
 
-async def test_model_slower_than_max_poll_interval(
-    kafka: str, model_root: Path, worker_processes: Callable[[dict[str, str]], WorkerProcess]
-) -> None:
-    write_slow(model_root)
-    env = worker_env(
-        kafka,
-        model_root,
-        None,
-        SURGE_WORKER__MAX_POLL_INTERVAL_MS="1000",
-        SURGE_WORKER__SESSION_TIMEOUT_MS="6000",
-    )
-    topic, run = topic_of(env, "slow"), uuid.uuid4().hex[:8]
+async def _serving(
+    kafka: str,
+    model_root: Path,
+    worker_processes: Callable[[dict[str, str]], WorkerProcess],
+    model: str,
+    **settings: str,
+) -> tuple[WorkerProcess, str, str, str]:
+    """A `surge worker` process serving `model`, assigned its partitions: (the process, the
+    request topic, a run id, a reply topic of the run's own)."""
+    env = worker_env(kafka, model_root, None, **settings)
+    topic, run = topic_of(env, model), uuid.uuid4().hex[:8]
     replies = f"test.replies.{run}"
     await create_topics(kafka, topic, replies)
     worker = worker_processes(env)
     worker.wait_for("partitions_assigned", timeout=120)
+    return worker, topic, run, replies
+
+
+async def test_model_slower_than_max_poll_interval(
+    kafka: str, model_root: Path, worker_processes: Callable[[dict[str, str]], WorkerProcess]
+) -> None:
+    write_slow(model_root)
+    worker, topic, run, replies = await _serving(
+        kafka,
+        model_root,
+        worker_processes,
+        "slow",
+        SURGE_WORKER__MAX_POLL_INTERVAL_MS="1000",
+        SURGE_WORKER__SESSION_TIMEOUT_MS="6000",
+    )
     assignments = sum(e.get("event") == "partitions_assigned" for e in worker.events())
 
     count = 6  # several model calls of 1-2 s each, every one longer than the poll interval
@@ -71,18 +85,14 @@ async def test_a_hung_model_call_is_answered_timeout_and_its_worker_restarts(
     kafka: str, model_root: Path, worker_processes: Callable[[dict[str, str]], WorkerProcess]
 ) -> None:
     write_hangs(model_root)
-    env = worker_env(
+    worker, topic, run, replies = await _serving(
         kafka,
         model_root,
-        None,
+        worker_processes,
+        "hangs",
         SURGE_WORKER__BATCH_TIME_BUDGET_S="1",
         SURGE_WORKER__SHUTDOWN_TIMEOUT_S="5",
     )
-    topic, run = topic_of(env, "hangs"), uuid.uuid4().hex[:8]
-    replies = f"test.replies.{run}"
-    await create_topics(kafka, topic, replies)
-    worker = worker_processes(env)
-    worker.wait_for("partitions_assigned", timeout=120)
 
     body = request_body({"x": np.full((1, 4), 13, np.float32)}, run, MSGPACK)
     route = request_headers(model="hangs", content_type=MSGPACK, reply_to=replies)
