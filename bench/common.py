@@ -3,9 +3,11 @@
 from __future__ import annotations
 
 import asyncio
+import atexit
 import contextlib
 import os
 import re
+import shutil
 import signal
 import subprocess
 import sys
@@ -29,6 +31,14 @@ from tests.services import KAFKA_GC, KafkaBroker, free_port
 
 OUT = Path(__file__).parent / "out"
 console = Console()
+
+
+def scratch_dir(prefix: str) -> Path:
+    """A temporary folder removed when the benchmark exits: the models one run writes take
+    up to hundreds of MB."""
+    path = Path(tempfile.mkdtemp(prefix=prefix))
+    atexit.register(shutil.rmtree, path, ignore_errors=True)
+    return path
 
 
 @contextmanager

@@ -38,7 +38,7 @@ from aiokafka.admin import AIOKafkaAdminClient, NewTopic
 from rich.console import Console
 from rich.table import Table
 
-from bench.common import OUT, WorkerProcess, direct_throughput, kafka_broker
+from bench.common import OUT, WorkerProcess, direct_throughput, kafka_broker, scratch_dir
 from surge.examples import MLP_FEATURES, write_mlp
 from surge.producers import request_body, request_headers
 from surge.producers.load import send_batches
@@ -100,7 +100,7 @@ def main() -> None:
     kinds = args.only.split(",") if args.only else [c.kind for c in CONTENDERS if c.default]
     chosen = [c for c in CONTENDERS if c.kind in kinds]
 
-    model_root = Path(tempfile.mkdtemp(prefix="surge-bench-models-"))
+    model_root = scratch_dir("surge-bench-models-")
     model_path = write_mlp(model_root)
     rounds: dict[str, list[Result]] = {c.kind: [] for c in chosen}
     with kafka_broker(args.bootstrap) as bootstrap:

@@ -29,7 +29,6 @@ import asyncio
 import functools
 import json
 import os
-import tempfile
 import time
 from collections.abc import Callable, Iterator
 from concurrent.futures import ThreadPoolExecutor
@@ -53,6 +52,7 @@ from bench.common import (
     providers,
     rows_per_second,
     scheduling,
+    scratch_dir,
 )
 from surge.config import ModelConfig, convert, read_toml
 from surge.examples import MLP_FEATURES, MLP_NAME, write_mlp
@@ -248,7 +248,7 @@ def main() -> None:
     rates = [float(r) for r in (args.rates or workload.rates).split(",")]
     burst = args.burst or workload.burst
 
-    model_root = Path(tempfile.mkdtemp(prefix="surge-bench-models-"))
+    model_root = scratch_dir("surge-bench-models-")
     model_path = workload.write(model_root)
     with (
         kafka_broker(args.bootstrap) as bootstrap,

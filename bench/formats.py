@@ -15,19 +15,17 @@ an event loop does); rows per second, median of 3 runs. Prints a table.
 from __future__ import annotations
 
 import argparse
-import tempfile
 import threading
 from collections.abc import Callable, Iterator
 from concurrent.futures import ThreadPoolExecutor
 from contextlib import contextmanager
-from pathlib import Path
 
 import msgspec
 import numpy as np
 from rich.console import Console
 from rich.table import Table
 
-from bench.common import batch_rows, rows_per_second
+from bench.common import batch_rows, rows_per_second, scratch_dir
 from bench.e2e import WORKLOADS, padded_batches
 from surge.config import ModelConfig, convert, read_toml
 from surge.minilm import write_minilm
@@ -83,7 +81,7 @@ def main() -> None:
     )
     for column in ("model file", "alone", "beside busy Python", "kept"):
         table.add_column(column, justify="right")
-    root = Path(tempfile.mkdtemp(prefix="surge-bench-formats-"))
+    root = scratch_dir("surge-bench-formats-")
     for name, artifact in FORMATS.items():
         if artifact == "model.onnx" and args.device != "cpu":
             continue  # the ONNX export's GPU path is bench.gpu's

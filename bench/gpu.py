@@ -47,6 +47,7 @@ from bench.common import (
     kafka_broker,
     providers,
     rows_per_second,
+    scratch_dir,
 )
 from bench.e2e import WORKLOADS, Workload, _batch_stats, padded_batches
 from surge.broker import start_noida, stop_noida
@@ -217,7 +218,7 @@ def main() -> None:
     gpus = cuda_device_count()
     device = f"{gpus} GPU(s)" if gpus else "the CPU (no GPU visible)"
 
-    model_root = Path(tempfile.mkdtemp(prefix="surge-bench-models-"))
+    model_root = scratch_dir("surge-bench-models-")
     if on_torch:
         from surge.minilm import write_minilm
 

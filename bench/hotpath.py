@@ -18,7 +18,6 @@ import asyncio
 import cProfile
 import gc
 import pstats
-import tempfile
 import time
 from pathlib import Path
 
@@ -27,6 +26,7 @@ from aiokafka.producer.message_accumulator import BatchBuilder
 from aiokafka.structs import ConsumerRecord, TopicPartition
 from rich.console import Console
 
+from bench.common import scratch_dir
 from surge.config import load_settings
 from surge.examples import MLP_FEATURES, write_mlp
 from surge.workers.ledger import Ledger
@@ -108,7 +108,7 @@ async def _drive(worker: Worker, sink: RecordBatches, fetches: list) -> float:
 async def _main(requests: int, rounds: int, profile: bool) -> None:
     configure("warning")
     collect_young_less_often()  # as `surge worker` runs
-    model_root = Path(tempfile.mkdtemp(prefix="surge-hotpath-"))
+    model_root = scratch_dir("surge-hotpath-")
     write_mlp(model_root)
     worker, sink = await _assemble(model_root)
     await _drive(worker, sink, _records(20_000))  # warm: the model streak, caches, the allocator

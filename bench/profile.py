@@ -18,7 +18,6 @@ import json
 import signal
 import subprocess
 import sys
-import tempfile
 import time
 from collections import Counter
 from pathlib import Path
@@ -27,7 +26,7 @@ import psutil
 from rich.console import Console
 from rich.table import Table
 
-from bench.common import OUT, WorkerProcess, kafka_broker
+from bench.common import OUT, WorkerProcess, kafka_broker, scratch_dir
 from bench.compare import _preload, _wait_for
 from surge.examples import write_mlp
 
@@ -61,7 +60,7 @@ def main() -> None:
     parser.add_argument("--rate", type=int, default=1000, help="py-spy samples per second")
     args = parser.parse_args()
 
-    model_root = Path(tempfile.mkdtemp(prefix="surge-bench-models-"))
+    model_root = scratch_dir("surge-bench-models-")
     write_mlp(model_root)
     samples_file = OUT / "profile.txt"
     OUT.mkdir(exist_ok=True)

@@ -10,6 +10,7 @@ import asyncio
 import contextlib
 import functools
 import os
+import shutil
 import signal
 import socket
 import subprocess
@@ -48,7 +49,10 @@ def run_demo(*, requests: int, rate: float) -> int:
     port, metrics_port = _free_port(), _free_port()
     bootstrap = f"127.0.0.1:{port}"
     worker_log = workdir / "worker.log"
-    with contextlib.ExitStack() as cleanup:  # in reverse: the worker, then the broker
+    with contextlib.ExitStack() as cleanup:  # in reverse: the worker, the broker, its data
+        # The broker's log segments and the model are tens of MB a run: only the log stays.
+        cleanup.callback(shutil.rmtree, workdir / "broker", ignore_errors=True)
+        cleanup.callback(shutil.rmtree, workdir / "models", ignore_errors=True)
         with console.status("starting the embedded broker (noida-db)"):
             broker = start_noida(workdir / "broker", port)
         cleanup.callback(stop_noida, broker)

@@ -84,11 +84,16 @@ def test_predict_explains_an_unreachable_broker() -> None:
     assert "Traceback" not in out.stderr
 
 
-def test_demo_runs_end_to_end_on_the_embedded_broker() -> None:
-    out = surge("demo", "--requests", "2000", "--rate", "200", timeout=180)
+def test_demo_runs_end_to_end_on_the_embedded_broker(tmp_path: Path) -> None:
+    env = {"TMPDIR": str(tmp_path)}
+    out = surge("demo", "--requests", "2000", "--rate", "200", env=env, timeout=180)
     assert out.returncode == 0, out.stdout + out.stderr
     assert "2,000 │   2,000" in out.stdout  # every request of the burst got its result
     assert "rows per model call" in out.stdout
+    # The broker's data and the model go; the worker's log, which the summary names, stays.
+    (workdir,) = tmp_path.glob("surge-demo-*")
+    assert [p.name for p in workdir.iterdir()] == ["worker.log"]
+    assert f"worker log: {workdir / 'worker.log'}" in out.stdout.replace("\n", "")
 
 
 def test_broker_refuses_a_port_another_broker_holds(kafka: str, tmp_path: Path) -> None:
