@@ -1,0 +1,72 @@
+"""The Kubernetes manifests in deploy/ agree with the worker they run: its settings file loads,
+and the autoscaler reads the group, topics, port and metric the worker actually uses."""
+
+from __future__ import annotations
+
+import re
+from pathlib import Path
+from typing import Any
+
+import pytest
+import yaml
+
+from surge.config import load_settings
+from surge.workers import metrics, worker
+
+DEPLOY = Path(__file__).parent.parent / "deploy" / "kubernetes"
+ROOT = Path(__file__).parent.parent
+
+
+def _documents(name: str) -> dict[str, dict[str, Any]]:
+    with (DEPLOY / name).open() as f:
+        return {doc["kind"]: doc for doc in yaml.safe_load_all(f)}
+
+
+@pytest.fixture(scope="module")
+def manifests(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Any]:
+    workers, scaling = _documents("worker.yaml"), _documents("keda.yaml")
+    config = tmp_path_factory.mktemp("deploy") / "worker.toml"
+    config.write_text(workers["ConfigMap"]["data"]["worker.toml"])
+    return {
+        "deployment": workers["Deployment"],
+        "scaled": scaling["ScaledObject"],
+        "settings": load_settings(config, env={}),  # validated as `surge worker` validates it
+    }
+
+
+def test_the_pods_run_surge_worker_with_the_mounted_settings(manifests: dict[str, Any]) -> None:
+    pod = manifests["deployment"]["spec"]["template"]["spec"]
+    (container,) = pod["containers"]
+    assert 'ENTRYPOINT ["surge"]' in (ROOT / "Dockerfile").read_text()
+    command, _, config = container["args"]
+    assert (command, _) == ("worker", "--config")
+    mounts = {m["name"]: m["mountPath"] for m in container["volumeMounts"]}
+    assert Path(config).parent == Path(mounts["config"])
+    assert Path(manifests["settings"].worker.model_root) == Path(mounts["models"])
+    ports = {p["name"]: p["containerPort"] for p in container["ports"]}
+    assert ports["metrics"] == manifests["settings"].metrics.port
+    assert container["readinessProbe"]["httpGet"]["port"] == "metrics"
+
+
+def test_a_stopping_pod_has_time_to_drain_and_commit(manifests: dict[str, Any]) -> None:
+    pod = manifests["deployment"]["spec"]["template"]["spec"]
+    # The drain, then commit, consumer, replies, acks, producer and Redis: one bound each.
+    needed = manifests["settings"].worker.shutdown_timeout_s + 6 * worker._SHUTDOWN_STEP_S
+    assert pod["terminationGracePeriodSeconds"] >= needed
+
+
+def test_the_autoscaler_watches_what_the_workers_consume(manifests: dict[str, Any]) -> None:
+    scaled, settings = manifests["scaled"], manifests["settings"]
+    assert scaled["spec"]["scaleTargetRef"]["name"] == manifests["deployment"]["metadata"]["name"]
+    triggers = {t["type"]: t for t in scaled["spec"]["triggers"]}
+    kafka = triggers["kafka"]["metadata"]
+    assert kafka["bootstrapServers"] == settings.kafka.bootstrap_servers
+    assert kafka["consumerGroup"] == settings.worker.group_id
+    assert kafka["topic"].startswith(settings.worker.topic_prefix)
+    assert kafka["offsetResetPolicy"] == settings.worker.auto_offset_reset
+    int(kafka["lagThreshold"])  # KEDA takes numbers as strings
+    query = triggers["prometheus"]["metadata"]["query"]
+    (metric,) = re.findall(r"(surge_\w+)_bucket", query)
+    assert metric == metrics.RECORD_AGE._name
+    assert re.search(r'topic="([^"]+)"', query)[1] == kafka["topic"]
+    float(triggers["prometheus"]["metadata"]["threshold"])
