@@ -10,6 +10,7 @@ Needs the `bench` extra (and torch to export).
 
 from __future__ import annotations
 
+import json
 import os
 import warnings
 from pathlib import Path
@@ -48,7 +49,18 @@ name = "{name}"
 datatype = "INT64"
 shape = [-1]
 pad_value = 0
+value_range = [0, {high}]
 """
+
+
+def _input_ranges() -> dict[str, int]:
+    """The largest value each input may hold: ids within the vocabulary, a 0/1 mask."""
+    config = json.loads((model_dir() / "config.json").read_text())
+    return {
+        "input_ids": config["vocab_size"] - 1,
+        "attention_mask": 1,
+        "token_type_ids": config["type_vocab_size"] - 1,
+    }
 
 
 def model_dir() -> Path:
@@ -106,7 +118,7 @@ def write_minilm(
     directory = model_root / MINILM_NAME
     (directory / str(version)).mkdir(parents=True, exist_ok=True)
     path = directory / str(version) / artifact
-    inputs = "".join(_INPUT.format(name=name) for name in MINILM_INPUTS)
+    inputs = "".join(_INPUT.format(name=name, high=high) for name, high in _input_ranges().items())
     config = MINILM_CONFIG.format(inputs=inputs)
     if artifact != "model.onnx":
         config = f'precision = "{precision}"\n{config}'

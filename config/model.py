@@ -22,6 +22,14 @@ class TensorConfig(msgspec.Struct, kw_only=True, forbid_unknown_fields=True):
     datatype: str
     shape: list[Dim]
     pad_value: float | None = None
+    # [low, high]: the values an input may hold (token ids below the vocabulary size, say),
+    # checked per request. Out of range, a GPU kernel fails the whole process's CUDA context
+    # (PyTorch) or reads zeros instead (ONNX Runtime); here the one request is refused.
+    value_range: tuple[float, float] | None = None
+
+    def __post_init__(self) -> None:
+        if self.value_range is not None and not self.value_range[0] <= self.value_range[1]:
+            raise ValueError(f"tensor {self.name!r}: value_range {list(self.value_range)} is empty")
 
 
 class ModelConfig(msgspec.Struct, kw_only=True, forbid_unknown_fields=True):

@@ -20,7 +20,7 @@ from surge.workers.batching import CallCost, best_run, group_by_shape, stack
 from surge.workers.intake import Job
 from surge.workers.ledger import Ledger
 from surge.workers.replies import Replies
-from surge.workers.runtimes import TensorSpec
+from surge.workers.runtimes import DeviceFailed, TensorSpec
 from surge.workers.tickets import Rejection
 from surge.workers.writes import Write
 from tests.helpers import make_ticket
@@ -533,3 +533,35 @@ def test_result_headers_kept_for_reuse_stay_bounded_whatever_models_requests_nam
     assert REGISTRY.get_sample_value("surge_errors_total", {"code": "unknown_model"}) == (
         counted + 3000
     )
+
+
+class _BreaksItsDevice:
+    """A GPU whose context a batch leaves unusable (a device-side assert, say)."""
+
+    inputs = (TensorSpec("x", "FP32", (4,)),)
+    outputs = (TensorSpec("y", "FP32", (4,)),)
+
+    def __init__(self) -> None:
+        self.calls = 0
+
+    def run(self, batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+        self.calls += 1
+        raise DeviceFailed("cuda:0: CUDA error: device-side assert triggered")
+
+
+async def test_a_failed_device_answers_its_batch_and_leaves_the_queue_to_a_new_process() -> None:
+    model, answers = _BreaksItsDevice(), _Answers()
+    batcher = _batcher(model, answers, ModelConfig(max_batch_size=2, max_batch_delay_ms=1))
+    for _ in range(6):
+        batcher.put(Job(make_ticket(b"{}"), {"x": np.ones((1, 4), np.float32)}, 1, None))
+    crashes: list[BaseException] = []
+    batcher.start(on_crash=crashes.append)
+    async with asyncio.timeout(10):
+        while not crashes:
+            await asyncio.sleep(0.01)
+        await batcher.close()
+    assert model.calls == 1  # not split in halves: every later call would fail the same way
+    assert [type(exc) for exc in crashes] == [DeviceFailed]
+    assert [r.code for r in answers.failed] == [ErrorCode.MODEL_ERROR] * 2
+    assert "the device failed" in answers.failed[0].message
+    assert not answers.answered  # the other four are redelivered to the restarted worker

@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import ctypes
+import gc
+import weakref
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
@@ -18,8 +20,8 @@ from surge.schemas import row_tensors, to_array
 from surge.workers import runtimes
 from surge.workers.batching import check_rows, group_by_shape, stack
 from surge.workers.intake import Job
-from surge.workers.runtimes import TensorSpec, devices
-from surge.workers.runtimes.base import intra_op_threads
+from surge.workers.runtimes import TensorSpec, devices, torch_runtime
+from surge.workers.runtimes.base import intra_op_threads, is_cuda_failure
 from surge.workers.runtimes.devices import resolve_device
 from surge.workers.runtimes.onnx_runtime import IoBinding, host_buffer
 from surge.workers.runtimes.torch_runtime import load_module
@@ -315,3 +317,34 @@ def test_variable_length_inputs_pad_or_bucket() -> None:
     batch = stack(jobs, padded)["ids"]
     assert batch.shape == (3, 5)
     np.testing.assert_array_equal(batch.sum(axis=1), [3, 5, 3])
+
+
+def test_asking_for_a_gpu_where_none_is_visible_says_so(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(devices, "cuda_device_count", lambda: 0)
+    with capture_logs() as logs:
+        assert resolve_device("cuda:0") == "cpu"
+        assert resolve_device("auto") == "cpu"  # auto asked for nothing in particular
+    assert [(e["event"], e["requested"]) for e in logs] == [("cuda_not_visible", "cuda:0")]
+
+
+def test_traced_devices_differ_by_index_too() -> None:
+    assert torch_runtime._same_device("cuda", "cuda:0")
+    assert not torch_runtime._same_device("cuda:0", "cuda:1")
+    assert not torch_runtime._same_device("cuda:0", "cpu")
+    assert torch_runtime._same_device("cpu", "cpu")
+
+
+def test_closing_an_onnx_model_releases_its_session(tmp_path: Path) -> None:
+    """I/O binding holds the session too: closed, nothing may keep its memory alive."""
+    runtime = runtimes.load(write_mlp(tmp_path), ModelConfig(device="cpu"))
+    runtime._binding = IoBinding(runtime._session, "cpu", 0, pinned=False)
+    session = weakref.ref(runtime._session)
+    runtime.close()
+    gc.collect()
+    assert session() is None
+
+
+def test_cuda_errors_are_told_from_the_models_own() -> None:
+    assert is_cuda_failure(torch.AcceleratorError("CUDA error: device-side assert triggered"))
+    assert is_cuda_failure(RuntimeError("CUDA failure 700: an illegal memory access"))
+    assert not is_cuda_failure(RuntimeError("mat1 and mat2 shapes cannot be multiplied"))

@@ -16,7 +16,8 @@ import pytest
 from bench.e2e import padded_batches
 from surge.config import ModelConfig, Settings, convert, read_toml
 from surge.minilm import MINILM_DIM, Tokenizer, model_dir, write_minilm
-from surge.producers import SurgeClient
+from surge.producers import PredictionError, SurgeClient
+from surge.schemas import ErrorCode
 from surge.workers import Worker, runtimes
 from surge.workers.runtimes.devices import resolve_device
 from tests.conftest import make_settings
@@ -72,6 +73,12 @@ async def test_embeddings_served_match_sentence_transformers(
     assert len({r["input_ids"].shape[1] for r in requests}) > 3  # lengths really differ
     async with SurgeClient(kafka, topic_prefix=worker.settings.worker.topic_prefix) as client:
         results = await client.predict_many("minilm", requests, timeout=60)
+        # An id past the vocabulary is refused on its own (on a GPU it would fail in a kernel).
+        unknown = tokenize(SENTENCES[0])
+        unknown["input_ids"][0, 1] = 40_000
+        with pytest.raises(PredictionError, match="outside the model's range") as refused:
+            await client.predict("minilm", unknown, timeout=60)
+        assert refused.value.code == ErrorCode.INVALID_INPUT
     embeddings = np.concatenate([r.outputs["embedding"] for r in results])
     assert embeddings.shape == (len(SENTENCES), MINILM_DIM)
     np.testing.assert_allclose(embeddings, expected, atol=tolerance)

@@ -35,7 +35,7 @@ from surge.workers import metrics
 from surge.workers.batching import CallCost, best_run, check_rows, group_by_shape, stack
 from surge.workers.intake import Job
 from surge.workers.replies import Replies
-from surge.workers.runtimes import Runtime
+from surge.workers.runtimes import DeviceFailed, Runtime
 from surge.workers.tasks import supervised
 from surge.workers.tickets import Rejection
 
@@ -99,6 +99,7 @@ class Batcher:
         self._closing = False
         self._tasks: list[asyncio.Task[None]] = []
         self._on_crash: Callable[[BaseException], None] = lambda exc: None  # until started
+        self._device_failed = False
         self._batch_ids = itertools.count(1)
         self._batch_rows = metrics.BATCH_ROWS.labels(model)
         self._batch_seconds = metrics.BATCH_SECONDS.labels(model)
@@ -147,7 +148,7 @@ class Batcher:
         await asyncio.gather(*self._tasks, return_exceptions=True)  # crashes are supervised
 
     async def _loop(self) -> None:
-        while True:
+        while not self._device_failed:
             jobs = await self._next_batch()
             if jobs is None:
                 return
@@ -334,7 +335,7 @@ class Batcher:
 
     async def _run(self, jobs: list[Job]) -> None:
         """Run one model call; on failure split the batch in halves to isolate the culprit."""
-        if not jobs:
+        if not jobs or self._device_failed:
             return
         rows = [job.rows for job in jobs]
         total = sum(rows)
@@ -345,6 +346,17 @@ class Batcher:
             log.error("batch_timeout", model=self.model, version=self.version, requests=len(jobs))
             for job in jobs:
                 self._replies.error(job.ticket, Rejection(ErrorCode.TIMEOUT, str(exc)))
+            return
+        except DeviceFailed as exc:
+            # Every later call fails too, and which request broke the device cannot be told
+            # now: answer the batch, and stop the worker for a new process and context.
+            log.error("device_failed", model=self.model, version=self.version, error=str(exc))
+            rejection = Rejection(ErrorCode.MODEL_ERROR, f"the device failed: {exc}")
+            for job in jobs:
+                self._replies.error(job.ticket, rejection)
+            # What is still queued stays unanswered, uncommitted: the next owner serves it.
+            self._device_failed = True
+            self._on_crash(exc)
             return
         except Exception as exc:
             if len(jobs) > 1:  # the failed call took time: deadlines are checked again

@@ -63,7 +63,8 @@ class Intake:
         self._max_rows = max_rows
         self._max_elements = max_elements
         spec = inputs[0] if len(inputs) == 1 else None
-        self._laid_out = spec.name if spec and spec.row_bytes and spec.pad_value is None else None
+        laid_out = spec and spec.row_bytes and spec.pad_value is None and not spec.value_range
+        self._laid_out = spec.name if laid_out else None
         # By body length; None: a served body of that length could not be laid out.
         self._layouts: dict[int, Layout | None] = {}
 
@@ -141,7 +142,7 @@ def _admit(
             # The most common case, without building anything: raw rows that fit the model
             # as they are, every output wanted. Anything else goes the general way below.
             raw = _raw_rows(spec, tensor, max_elements)
-            if raw is not None and raw[0] <= max_rows:
+            if raw is not None and raw[0] <= max_rows and spec.value_range is None:
                 return Job(ticket, {spec.name: raw[1]}, raw[0], None)
         pairs = [(spec, tensor)]  # one input, without name bookkeeping
     else:
@@ -176,6 +177,8 @@ def _admit(
         if rows not in (-1, count):
             raise _Reject(ErrorCode.INVALID_INPUT, "inputs disagree on the batch dimension")
         rows = count
+        if spec.value_range is not None:
+            _check_values(spec, arrays[spec.name])
     if rows > max_rows:
         raise _Reject(
             ErrorCode.INVALID_INPUT, f"request of {rows} rows exceeds max_batch_size {max_rows}"
@@ -225,4 +228,19 @@ def _check_shape(spec: TensorSpec, shape: tuple[int, ...]) -> None:
         raise _Reject(
             ErrorCode.INVALID_INPUT,
             f"input {spec.name!r} has shape {list(shape)}, the model takes {expected}",
+        )
+
+
+def _check_values(spec: TensorSpec, data: np.ndarray | memoryview) -> None:
+    assert spec.value_range is not None
+    values = np.frombuffer(data, spec.dtype) if type(data) is memoryview else data
+    if not values.size:
+        return
+    low, high = spec.value_range
+    smallest, largest = values.min(), values.max()
+    if not low <= smallest <= largest <= high:  # NaN compares false too
+        worst = smallest if not low <= smallest else largest
+        raise _Reject(
+            ErrorCode.INVALID_INPUT,
+            f"input {spec.name!r} holds {worst}, outside the model's range [{low:g}, {high:g}]",
         )

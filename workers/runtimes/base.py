@@ -22,6 +22,7 @@ class TensorSpec:
     datatype: str
     shape: tuple[int, ...]
     pad_value: float | None = None
+    value_range: tuple[float, float] | None = None  # inputs: the values a request may hold
     # Elements and bytes per row of a fixed-shape numeric tensor (0 otherwise): such rows
     # travel as raw bytes from the request to the batch, joined once per batch.
     row_elements: int = field(init=False, compare=False)
@@ -41,7 +42,22 @@ class TensorSpec:
     def from_config(cls, config: TensorConfig) -> TensorSpec:
         if config.datatype not in DATATYPES:
             raise ValueError(f"tensor {config.name!r}: unknown datatype {config.datatype!r}")
-        return cls(config.name, config.datatype, tuple(config.shape), config.pad_value)
+        if config.value_range is not None and config.datatype == "BYTES":
+            raise ValueError(f"tensor {config.name!r}: a BYTES tensor has no value_range")
+        return cls(
+            config.name, config.datatype, tuple(config.shape), config.pad_value, config.value_range
+        )
+
+
+class DeviceFailed(RuntimeError):
+    """The accelerator failed in a way every later call shares (a CUDA error is sticky: a
+    device-side assert or an illegal address leaves the process's context unusable)."""
+
+
+def is_cuda_failure(exc: BaseException) -> bool:
+    """Whether an error a runtime raised came from CUDA itself, not from the model's inputs."""
+    text = str(exc)
+    return "CUDA error" in text or "CUDA failure" in text or "cudaError" in text
 
 
 class Runtime(Protocol):
@@ -65,7 +81,8 @@ def warm_up(runtime: Runtime, batch_sizes: Sequence[int]) -> None:
             if spec.datatype == "BYTES":
                 return  # no meaningful zero value: skip warm-up rather than guess
             dims = tuple(1 if d < 0 else d for d in spec.shape)
-            inputs[spec.name] = np.zeros((rows, *dims), dtype=spec.dtype)
+            low = spec.value_range[0] if spec.value_range else 0  # a value the model accepts
+            inputs[spec.name] = np.full((rows, *dims), low, dtype=spec.dtype)
         runtime.run(inputs)
 
 

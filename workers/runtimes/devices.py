@@ -5,6 +5,10 @@ from __future__ import annotations
 import ctypes
 import functools
 
+import structlog
+
+log = structlog.get_logger("surge.runtimes")
+
 
 @functools.cache
 def cuda_device_count() -> int:
@@ -29,6 +33,8 @@ def resolve_device(requested: str) -> str:
         return "cpu"
     count = cuda_device_count()
     if count == 0:
+        if requested != "auto":
+            log.warning("cuda_not_visible", requested=requested, serving_on="cpu")
         return "cpu"
     if requested in ("auto", "cuda"):
         return "cuda:0"

@@ -18,7 +18,7 @@ import onnxruntime as ort
 import structlog
 
 from surge.config import ModelConfig
-from surge.workers.runtimes.base import TensorSpec, intra_op_threads
+from surge.workers.runtimes.base import DeviceFailed, TensorSpec, intra_op_threads, is_cuda_failure
 from surge.workers.runtimes.devices import resolve_device
 
 log = structlog.get_logger("surge.runtimes")
@@ -83,11 +83,17 @@ class OnnxRuntime:
 
     def run(self, inputs: Mapping[str, np.ndarray]) -> dict[str, np.ndarray]:
         if self._binding is not None:
-            return self._binding.run(inputs, self._output_names)
+            try:
+                return self._binding.run(inputs, self._output_names)
+            except Exception as exc:  # onnxruntime's own types: Fail, RuntimeException, …
+                if is_cuda_failure(exc):
+                    raise DeviceFailed(f"{self.device}: {exc}") from exc
+                raise
         results = self._session.run(self._output_names, dict(inputs))
         return dict(zip(self._output_names, results, strict=True))
 
     def close(self) -> None:
+        self._binding = None  # it holds the session too: its weights and device memory
         del self._session
 
 
@@ -135,14 +141,17 @@ class IoBinding:
         staged = buffers.get(name)
         if staged is None or staged[2] < array.nbytes:
             capacity = max(array.nbytes, 1) * 2  # room for longer batches before growing again
-            staged = buffers[name] = (*host_buffer(capacity, self._pinned), capacity)
+            staged = buffers[name] = (
+                *host_buffer(capacity, self._pinned, self._device_id),
+                capacity,
+            )
         pointer = staged[1]
         if array.nbytes:
             ctypes.memmove(pointer, array.ctypes.data, array.nbytes)
         return pointer
 
 
-def host_buffer(nbytes: int, pinned: bool) -> tuple[object, int]:
+def host_buffer(nbytes: int, pinned: bool, device_id: int = 0) -> tuple[object, int]:
     """A host buffer (kept alive by the first item) and its address. Page-locked memory comes
     from PyTorch's allocator where it is installed with CUDA (ONNX Runtime's Python API cannot
     allocate it); without it, ordinary memory, which still works, through one more copy."""
@@ -150,7 +159,9 @@ def host_buffer(nbytes: int, pinned: bool) -> tuple[object, int]:
         try:
             import torch
 
-            buffer = torch.empty(nbytes, dtype=torch.uint8, pin_memory=True)
+            # On the model's GPU: torch would otherwise open a context (hundreds of MB) on GPU 0.
+            with torch.cuda.device(device_id):
+                buffer = torch.empty(nbytes, dtype=torch.uint8, pin_memory=True)
             return buffer, buffer.data_ptr()
         except (ImportError, RuntimeError):
             pass

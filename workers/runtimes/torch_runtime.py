@@ -1,6 +1,7 @@
 """PyTorch: TorchScript (`model.pt`) or `torch.export` archives (`model.pt2`), CPU or CUDA.
 
-Neither format unpickles arbitrary Python objects, so loading a model runs no untrusted code.
+Load models only from a trusted model root: a `torch.export` archive may carry pickled
+tensors, which torch unpickles in full (as any checkpoint), running whatever code they name.
 On a GPU each executor thread (one per model instance) runs on a CUDA stream of its own, with
 inputs copied from pinned host memory and outputs into it, so that one instance's copies
 overlap another's compute.
@@ -18,7 +19,7 @@ import torch
 from torch.export.passes import move_to_device_pass
 
 from surge.config import ModelConfig
-from surge.workers.runtimes.base import TensorSpec, intra_op_threads
+from surge.workers.runtimes.base import DeviceFailed, TensorSpec, intra_op_threads, is_cuda_failure
 from surge.workers.runtimes.devices import resolve_device
 
 log = structlog.get_logger("surge.runtimes")
@@ -52,9 +53,14 @@ class TorchRuntime:
     def run(self, inputs: Mapping[str, np.ndarray]) -> dict[str, np.ndarray]:
         if self._cuda:
             stream = self._stream()
-            with torch.inference_mode(), torch.cuda.stream(stream):
-                outputs = self._outputs(self._forward(inputs))
-            stream.synchronize()  # the copies back to pinned memory were asynchronous
+            try:
+                with torch.inference_mode(), torch.cuda.stream(stream):
+                    outputs = self._outputs(self._forward(inputs))
+                stream.synchronize()  # the copies back to pinned memory were asynchronous
+            except RuntimeError as exc:  # torch.AcceleratorError among them
+                if isinstance(exc, torch.AcceleratorError) or is_cuda_failure(exc):
+                    raise DeviceFailed(f"{self.device}: {exc}") from exc
+                raise
         else:
             with torch.inference_mode():
                 outputs = self._outputs(self._forward(inputs))
@@ -112,7 +118,7 @@ def load_module(path: Path, device: str) -> torch.nn.Module:
     ids and attention masks, say) as it was when exported, usually the CPU: moving only its
     weights would leave those behind, so the graph itself is rewritten for the device.
     TorchScript's traced graphs keep such devices too, and cannot be rewritten: a graph
-    traced for another kind of device is served as it is, with a warning that says why its
+    traced for another device is served as it is, with a warning that says why its
     calls fail (trace it on the device that serves it, or ship a torch.export archive).
     """
     if path.suffix == ".pt2":
@@ -121,8 +127,8 @@ def load_module(path: Path, device: str) -> torch.nn.Module:
             program = move_to_device_pass(program, device)
         return program.module()
     module = torch.jit.load(str(path), map_location=device).eval()
-    kind = torch.device(device).type
-    if foreign := {d for d in traced_devices(module) if torch.device(d).type != kind}:
+    # `cuda:1` is another device than the `cuda:0` a graph was traced on; `cuda` means 0.
+    if foreign := {d for d in traced_devices(module) if not _same_device(d, device)}:
         log.warning(
             "torchscript_traced_for_another_device",
             model=str(path),
@@ -142,6 +148,13 @@ def traced_devices(module: torch.jit.ScriptModule) -> set[str]:
         for node in graph.findAllNodes("prim::Constant")
         if isinstance(node.output().type(), torch._C.DeviceObjType)
     }
+
+
+def _same_device(a: str, b: str) -> bool:
+    first, second = torch.device(a), torch.device(b)
+    if first.type != second.type:
+        return False
+    return first.type == "cpu" or (first.index or 0) == (second.index or 0)
 
 
 _PRECISIONS = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}

@@ -1,0 +1,80 @@
+"""Inputs with a `value_range` (token ids within the vocabulary, say): a request holding a
+value outside it is refused on its own, by every way a request is read, before any batch."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+from surge.config import ConfigError, ModelConfig, TensorConfig, convert
+from surge.producers.requests import request_body
+from surge.schemas import JSON, MSGPACK, ErrorCode
+from surge.workers import Rejection
+from surge.workers.intake import Intake, Job
+from surge.workers.runtimes import TensorSpec, warm_up
+from tests.helpers import make_ticket
+
+IDS = TensorSpec("ids", "INT64", (-1,), pad_value=0, value_range=(0, 99))
+ROWS = TensorSpec("x", "FP32", (4,), value_range=(-1, 1))  # fixed shape: read as raw bytes
+
+
+def _admit(spec: TensorSpec, values: np.ndarray, content_type: str = MSGPACK) -> Job | Rejection:
+    intake = Intake([spec], [], max_rows=64, max_elements=1 << 16)
+    ticket = make_ticket(request_body({spec.name: values}, "r", content_type), content_type)
+    return intake.admit(ticket)
+
+
+@pytest.mark.parametrize("content_type", [MSGPACK, JSON])
+@pytest.mark.parametrize(
+    ("spec", "values"),
+    [
+        (IDS, np.array([[5, 99, 100]], np.int64)),
+        (IDS, np.array([[-1, 0]], np.int64)),
+        (ROWS, np.array([[0, 0.5, 1.5, 0]], np.float32)),
+        (ROWS, np.array([[0, np.nan, 0, 0]], np.float32)),
+    ],
+)
+def test_a_value_out_of_range_is_refused(
+    spec: TensorSpec, values: np.ndarray, content_type: str
+) -> None:
+    result = _admit(spec, values, content_type)
+    assert isinstance(result, Rejection)
+    assert result.code == ErrorCode.INVALID_INPUT
+    assert f"input {spec.name!r} holds" in result.message
+    assert "outside the model's range" in result.message
+
+
+def test_values_in_range_are_served_every_time() -> None:
+    """The same body length again: raw rows of one layout are not read past the check."""
+    for values in ([[0, 99, 42]], [[1, 2, 3]]):
+        assert isinstance(_admit(IDS, np.array(values, np.int64)), Job)
+    good = np.array([[-1, 0, 0.5, 1]], np.float32)
+    bad = np.array([[-1, 0, 0.5, 2]], np.float32)  # as long as the good one
+    assert isinstance(_admit(ROWS, good), Job)
+    assert isinstance(_admit(ROWS, bad), Rejection)
+    assert isinstance(_admit(ROWS, good), Job)
+
+
+def test_an_empty_range_is_a_config_error() -> None:
+    tensor = {"name": "ids", "datatype": "INT64", "shape": [-1], "value_range": [5, 1]}
+    with pytest.raises(ConfigError, match="empty"):
+        convert({"inputs": [tensor]}, ModelConfig, "m")
+    with pytest.raises(ValueError, match="no value_range"):
+        TensorSpec.from_config(
+            TensorConfig(name="s", datatype="BYTES", shape=[1], value_range=(0, 1))
+        )
+
+
+def test_warm_up_feeds_values_the_model_accepts() -> None:
+    seen: list[np.ndarray] = []
+
+    class Model:
+        inputs = (TensorSpec("ids", "INT64", (-1,), value_range=(101, 199)),)
+
+        def run(self, inputs: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+            seen.append(inputs["ids"])
+            return {}
+
+    warm_up(Model(), [2])  # type: ignore[arg-type]
+    assert seen[0].shape == (2, 1)
+    assert (seen[0] == 101).all()
