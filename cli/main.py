@@ -7,16 +7,22 @@ import asyncio
 import contextlib
 import dataclasses
 import json
+import os
 import sys
 from collections.abc import Awaitable, Callable, Iterator
 from datetime import UTC, datetime
 from pathlib import Path
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
 if TYPE_CHECKING:  # the commands import what they use when they run: `surge --help` stays quick
     from surge.producers import SurgeClient
+    from surge.producers.shadow import ShadowReport
+    from surge.workers.lag import TopicLag
+
+_DATATYPE_HELP = "numpy dtype of the inputs: bool, (u)int8-64, float16-64 or str"
+_TIME_HELP = "ISO time, inclusive; UTC unless it has an offset (as `dlq inspect` prints)"
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -46,7 +52,7 @@ def main(argv: list[str] | None = None) -> None:
         metavar="NAME=JSON",
         help='a tensor as a JSON array, e.g. x="[[0.1, 0.2]]" (FP32); repeat for more inputs',
     )
-    predict.add_argument("--datatype", default="float32", help="numpy dtype of the inputs")
+    predict.add_argument("--datatype", default="float32", help=_DATATYPE_HELP)
     predict.add_argument("--version")
     predict.add_argument("--topic", help="request topic (default: surge.requests.<model>)")
     predict.add_argument("--bootstrap", default="127.0.0.1:9092")
@@ -88,8 +94,8 @@ def main(argv: list[str] | None = None) -> None:
     replay = dlq_commands.choices["replay"]
     replay.add_argument("--reason", action="append", default=[], help="error code; repeatable")
     replay.add_argument("--id", action="append", default=[], help="request id; repeatable")
-    replay.add_argument("--since", type=datetime.fromisoformat, help="ISO time, inclusive")
-    replay.add_argument("--until", type=datetime.fromisoformat, help="ISO time, inclusive")
+    replay.add_argument("--since", type=_utc_time, help=_TIME_HELP)
+    replay.add_argument("--until", type=_utc_time, help=_TIME_HELP)
     replay.add_argument("--reply-to", help="replace each request's surge-reply-to")
     replay.add_argument("--redis-url", help="to find results already written to Redis")
     replay.add_argument("--dry-run", action="store_true")
@@ -140,6 +146,37 @@ def _processes(value: str) -> str:
     if value == "gpus" or (value.isdigit() and int(value) >= 1):
         return value
     raise argparse.ArgumentTypeError(f"{value!r} is neither a positive number nor 'gpus'")
+
+
+def _positive_int(value: str) -> int:
+    if value.isdigit() and int(value) >= 1:
+        return int(value)
+    raise argparse.ArgumentTypeError(f"{value!r} is not a positive whole number")
+
+
+def _utc_time(value: str) -> datetime:
+    """An ISO time; one without an offset is UTC, the zone `dlq inspect` shows times in."""
+    try:
+        time = datetime.fromisoformat(value)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{value!r} is not an ISO time") from None
+    return time if time.tzinfo else time.replace(tzinfo=UTC)
+
+
+def _dtype(datatype: str) -> np.dtype[Any]:
+    """The dtype `--datatype` names; raises ValueError unless the wire contract carries it."""
+    from surge.schemas import TensorError, datatype_of
+
+    try:
+        dtype = np.dtype(datatype)
+        datatype_of(dtype)
+    except TensorError:
+        raise ValueError(
+            f"--datatype {datatype!r} has no wire datatype: use bool, (u)int8-64, float16-64 or str"
+        ) from None
+    except (TypeError, ValueError):
+        raise ValueError(f"--datatype {datatype!r} is not a numpy dtype") from None
+    return dtype
 
 
 def _predict(args: argparse.Namespace) -> int:
@@ -193,10 +230,7 @@ def _predict(args: argparse.Namespace) -> int:
 
 def _inputs(items: list[str], datatype: str) -> dict[str, np.ndarray]:
     """`NAME=JSON` arguments as arrays; raises ValueError saying which argument is wrong."""
-    try:
-        dtype = np.dtype(datatype)
-    except TypeError:
-        raise ValueError(f"--datatype {datatype!r} is not a numpy dtype") from None
+    dtype = _dtype(datatype)
     inputs = {}
     for item in items:
         name, equals, raw = item.partition("=")
@@ -204,11 +238,12 @@ def _inputs(items: list[str], datatype: str) -> dict[str, np.ndarray]:
             raise ValueError(f"--input {item!r}: expected NAME=JSON, e.g. x=[[0.1, 0.2]]")
         try:
             value = json.loads(raw)
-        except json.JSONDecodeError as exc:
+        except (ValueError, RecursionError) as exc:  # also: too deep, too many digits
             raise ValueError(f"--input {name}: not valid JSON ({exc})") from None
         try:
-            inputs[name] = np.asarray(value, dtype=dtype)
-        except (ValueError, TypeError) as exc:
+            with np.errstate(over="raise", invalid="raise"):  # 1e300 as float32 is no number
+                inputs[name] = np.asarray(value, dtype=dtype)
+        except (ValueError, TypeError, OverflowError, FloatingPointError, RecursionError) as exc:
             raise ValueError(f"--input {name}: not an array of {dtype} ({exc})") from None
     return inputs
 
@@ -237,61 +272,94 @@ def _fail(message: str) -> int:
     return 2
 
 
+def _interrupted(lines: int, partial: Path | None = None) -> int:
+    """Ctrl-C: how far the run got, and where its results so far are, in one line."""
+    kept = _leftover(partial)
+    where = f"; results so far in {kept}" if kept else ""
+    print(f"interrupted after {lines:,} lines{where}", file=sys.stderr)
+    return 130  # 128 + SIGINT, as shells report it
+
+
 def _file_arguments(parser: argparse.ArgumentParser, *, window: int) -> None:
     """The options of the commands that send a JSON-lines file of requests."""
     parser.add_argument("model")
     parser.add_argument("input", type=Path, help='lines of named arrays, e.g. {"x": [[0.1, 0.2]]}')
-    parser.add_argument("--datatype", default="float32", help="numpy dtype of the inputs")
+    parser.add_argument("--datatype", default="float32", help=_DATATYPE_HELP)
     parser.add_argument("--topic", help="request topic (default: surge.requests.<model>)")
     parser.add_argument("--bootstrap", default="127.0.0.1:9092")
     parser.add_argument("--via", choices=["kafka", "redis"], default="kafka")
     parser.add_argument("--redis-url")
-    parser.add_argument("--window", type=int, default=window, help="lines per batch of requests")
+    parser.add_argument(
+        "--window", type=_positive_int, default=window, help="lines per batch of requests"
+    )
     parser.add_argument("--timeout", type=float, default=60.0, help="seconds per batch")
 
 
 def _with_file(
-    args: argparse.Namespace, send: Callable[[SurgeClient, Iterator[str]], Awaitable[int]]
+    args: argparse.Namespace, send: Callable[[SurgeClient, Iterator[bytes]], Awaitable[int]]
 ) -> int:
     """Open the requests file and a client, run `send` with its lines, and turn the mistakes
-    a user can fix into one line."""
+    a user can fix into one line. Ctrl-C is left to the caller, which knows how far it got."""
 
     from surge.producers import SurgeClient
+    from surge.producers.scoring import file_lines
 
     if args.via == "redis" and not args.redis_url:
         return _fail("--via redis needs --redis-url")
     try:
-        np.dtype(args.datatype)
-        source = args.input.open(encoding="utf-8")
-    except (TypeError, OSError) as exc:
+        _dtype(args.datatype)
+        source = args.input.open("rb")  # decoded line by line: one bad byte is one bad line
+    except (ValueError, OSError) as exc:
         return _fail(str(exc))
 
     async def run() -> int:
         async with SurgeClient(args.bootstrap, redis_url=args.redis_url) as client:
-            return await send(client, iter(source))
+            return await send(client, file_lines(source))
 
     try:
         return _explained(args, lambda: asyncio.run(run()))
-    except UnicodeDecodeError as exc:
-        return _fail(f"{args.input}: not UTF-8 ({exc})")
     except OSError as exc:  # an output that cannot be written
         return _fail(str(exc))
     finally:
         source.close()
 
 
+def _overwrites(source: Path, target: Path) -> bool:
+    try:
+        return os.path.samefile(source, target)
+    except OSError:  # one of them does not exist: nothing to overwrite
+        return False
+
+
+def _leftover(partial: Path | None) -> Path | None:
+    """The results file of a run that did not finish, if it holds any; an empty one goes."""
+    if partial is None or not partial.exists():
+        return None
+    if partial.stat().st_size:
+        return partial
+    partial.unlink()
+    return None
+
+
 def _score(args: argparse.Namespace) -> int:
     from rich.console import Console
 
-    from surge.producers import score_lines
+    from surge.producers import ScoreReport, score_lines
 
-    async def send(client: SurgeClient, lines: Iterator[str]) -> int:
+    # Written beside the output and renamed when the run ends: a file by the output's name
+    # is always a finished one.
+    partial = args.output and args.output.with_name(args.output.name + ".partial")
+    if partial and any(_overwrites(args.input, path) for path in (args.output, partial)):
+        return _fail(f"{args.output}: that would overwrite the input; choose another -o")
+    report = ScoreReport()
+
+    async def send(client: SurgeClient, lines: Iterator[bytes]) -> int:
         # Opened once the input is known to be readable: a typo must not empty a result file.
         with contextlib.ExitStack() as files:
             sink = sys.stdout
-            if args.output:
-                sink = files.enter_context(args.output.open("w", encoding="utf-8"))
-            report = await score_lines(
+            if partial:
+                sink = files.enter_context(partial.open("w", encoding="utf-8"))
+            await score_lines(
                 client,
                 args.model,
                 lines,
@@ -302,26 +370,33 @@ def _score(args: argparse.Namespace) -> int:
                 version=args.version,
                 via=args.via,
                 topic=args.topic,
+                report=report,
             )
+        if partial:
+            os.replace(partial, args.output)
         Console(stderr=True).print(
             f"{report.lines:,} lines in {report.seconds:.1f} s ({report.rate:,.0f}/s): "
             f"{report.ok:,} ok, {report.errors:,} errors, {report.timed_out:,} timed out"
         )
         return 0 if report.ok == report.lines else 1
 
-    return _with_file(args, send)
+    try:
+        status = _with_file(args, send)
+    except KeyboardInterrupt:
+        return _interrupted(report.lines, partial)
+    if kept := _leftover(partial):  # the run stopped on an error, which is reported
+        print(f"results so far in {kept}", file=sys.stderr)
+    return status
 
 
 def _shadow(args: argparse.Namespace) -> int:
-    from rich.console import Console
-    from rich.table import Table
-
-    from surge.producers.shadow import compare_lines
+    from surge.producers.shadow import ShadowReport, compare_lines
 
     live = args.live or "latest"
+    report = ShadowReport()
 
-    async def send(client: SurgeClient, lines: Iterator[str]) -> int:
-        report = await compare_lines(
+    async def send(client: SurgeClient, lines: Iterator[bytes]) -> int:
+        await compare_lines(
             client,
             args.model,
             lines,
@@ -333,40 +408,58 @@ def _shadow(args: argparse.Namespace) -> int:
             window=args.window,
             timeout=args.timeout,
             via=args.via,
+            report=report,
         )
-        console = Console()
-        console.print(
-            f"{report.requests:,} requests ({report.bad_lines:,} bad lines skipped): "
-            f"{report.both_ok:,} answered by both, {report.candidate_failed:,} failed on "
-            f"{args.candidate} only, {report.live_failed:,} on {live} only, "
-            f"{report.both_failed:,} on both"
-        )
-        table = Table("output", "rows", "max |Δ|", "mean |Δ|", "top-1 agreement")
-        for name, diff in report.outputs.items():
-            agreement = diff.top_agreement
-            table.add_row(
-                name,
-                f"{diff.rows:,}",
-                f"{diff.max_abs:.3g}",
-                f"{diff.mean_abs:.3g}",
-                "—" if agreement is None else f"{agreement:.1%}",
-            )
-        console.print(table)
-        if report.live_seconds:
-            console.print(
-                f"a window of {args.window}, median time until all answered: {live} "
-                f"{np.median(report.live_seconds) * 1000:.0f} ms, {args.candidate} "
-                f"{np.median(report.candidate_seconds) * 1000:.0f} ms"
-            )
-        return 0
+        _show_shadow(report, live, args.candidate, args.window)
+        return 1 if report.failed else 0
 
-    return _with_file(args, send)
+    try:
+        return _with_file(args, send)
+    except KeyboardInterrupt:
+        return _interrupted(report.lines)
 
 
-def _lag(args: argparse.Namespace) -> int:
+def _show_shadow(report: ShadowReport, live: str, candidate: str, window: int) -> None:
     from rich.console import Console
     from rich.table import Table
 
+    console = Console(width=None if sys.stdout.isatty() else 200)  # piped: don't squeeze it
+    console.print(
+        f"{report.requests:,} requests ({report.bad_lines:,} bad lines skipped): "
+        f"{report.both_ok:,} answered by both, {report.candidate_failed:,} failed on "
+        f"{candidate} only, {report.live_failed:,} on {live} only, "
+        f"{report.both_failed:,} on both"
+    )
+    table = Table(
+        "output",
+        "rows",
+        "max |Δ|",
+        "mean |Δ|",
+        "top-1 agreement",
+        "NaN/inf differ",
+        "signature differs",
+    )
+    for name, diff in report.outputs.items():
+        agreement = diff.top_agreement
+        table.add_row(
+            name,
+            f"{diff.rows:,}",
+            f"{diff.max_abs:.3g}",
+            f"{diff.mean_abs:.3g}",
+            "—" if agreement is None else f"{agreement:.1%}",
+            f"{diff.nonfinite:,}",
+            f"{diff.mismatched:,}",
+        )
+    console.print(table)
+    if report.live_seconds:
+        console.print(
+            f"a window of {window}, median time until all answered: {live} "
+            f"{np.median(report.live_seconds) * 1000:.0f} ms, {candidate} "
+            f"{np.median(report.candidate_seconds) * 1000:.0f} ms"
+        )
+
+
+def _lag(args: argparse.Namespace) -> int:
     from surge.config import ConfigError, load_settings
     from surge.workers.lag import group_lag
 
@@ -379,21 +472,47 @@ def _lag(args: argparse.Namespace) -> int:
         kafka["bootstrap_servers"] = args.bootstrap
     args.bootstrap = kafka["bootstrap_servers"]  # for the messages of `_explained`
     group = args.group or settings.worker.group_id
+    reset = settings.worker.auto_offset_reset
 
     def show() -> int:
-        lags = asyncio.run(group_lag(kafka, group))
+        lags = asyncio.run(group_lag(kafka, group, reset=reset))
+        if not lags:  # no committed offsets: no topics to show, which is no error
+            print(f"group {group!r} has committed no offsets: no lag to show", file=sys.stderr)
+            return 0
         if args.json:
             for lag in lags:
                 print(json.dumps(dataclasses.asdict(lag)))
             return 0
-        table = Table("topic", "partitions", "lag (records)", "oldest waiting", title=group)
-        for lag in lags:
-            age = "—" if lag.oldest_s is None else f"{lag.oldest_s:,.1f} s"
-            table.add_row(lag.topic, str(lag.partitions), f"{lag.records:,}", age)
-        Console().print(table)
+        _show_lag(lags, group, reset)
         return 0
 
     return _explained(args, show)
+
+
+def _show_lag(lags: list[TopicLag], group: str, reset: str) -> None:
+    from rich.console import Console
+    from rich.table import Table
+
+    table = Table("topic", "partitions", "lag (records)", "oldest waiting", title=group)
+    for lag in lags:
+        table.add_row(lag.topic, str(lag.partitions), f"{lag.records:,}", _age(lag))
+    console = Console(width=None if sys.stdout.isatty() else 200)  # piped: don't squeeze it
+    console.print(table)
+    uncommitted = sum(lag.uncommitted for lag in lags)
+    if uncommitted:
+        counted = "as 0 waiting" if reset == "latest" else "from the log's start"
+        console.print(
+            f"partitions with nothing committed: {uncommitted:,}, counted {counted} "
+            f"(auto_offset_reset = {reset})"
+        )
+    if any(lag.age_unknown for lag in lags):
+        console.print("unknown: the oldest waiting record of a partition could not be read")
+
+
+def _age(lag: TopicLag) -> str:
+    if lag.age_unknown:
+        return "unknown"
+    return "—" if lag.oldest_s is None else f"{lag.oldest_s:,.1f} s"
 
 
 def _demo(args: argparse.Namespace) -> int:
@@ -407,8 +526,12 @@ def _demo(args: argparse.Namespace) -> int:
 
 
 def _dlq(args: argparse.Namespace) -> int:
+    from surge.producers.dead_letters import TopicUnreadable
+
     try:
         return _explained(args, lambda: _dlq_action(args))
+    except TopicUnreadable as exc:
+        return _fail(f"Kafka at {args.bootstrap}: {exc}")
     except OSError as exc:
         return _fail(f"Kafka at {args.bootstrap} or Redis: {exc or type(exc).__name__}")
 
@@ -467,7 +590,7 @@ def _dlq_action(args: argparse.Namespace) -> int:
             f"[yellow]{report.unverified:,} reply to Redis: pass --redis-url to skip those "
             "already answered[/yellow]"
         )
-    return 0
+    return 1 if report.not_replayable else 0
 
 
 def _iso(ms: int) -> str:

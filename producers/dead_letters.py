@@ -3,6 +3,7 @@ source topic once the cause is fixed, skipping requests that already have a resu
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
 from collections import Counter
 from collections.abc import Iterable, Mapping
@@ -11,6 +12,7 @@ from datetime import datetime
 from typing import Any
 
 from aiokafka import AIOKafkaConsumer, AIOKafkaProducer, TopicPartition
+from aiokafka.admin import AIOKafkaAdminClient
 from redis.asyncio import Redis
 
 from surge.schemas import DecodeError, decode_request, headers
@@ -23,6 +25,19 @@ _ADDED = {
     headers.SOURCE_PARTITION,
     headers.SOURCE_OFFSET,
 }
+# No progress for this long before a topic's end: a partition without a leader, or a topic
+# deleted while it is read. A deadline on progress, not on the whole read: a large topic
+# still reads to its end.
+STALL_S = 30.0
+_FETCH_MS = 500
+
+
+class TopicUnreadable(Exception):
+    """A topic that cannot be read to its end."""
+
+
+class TopicMissing(TopicUnreadable):
+    """A topic that does not exist."""
 
 
 @dataclass
@@ -69,37 +84,81 @@ async def read_all(
     bootstrap: str,
     topic: str,
     kafka_options: Mapping[str, Any] | None = None,
+    *,
+    values: bool = True,
+    stall_s: float = STALL_S,
 ) -> list[tuple[dict[str, str], bytes | None, bytes, int]]:
-    """Every record of a topic up to its current end: (headers, key, value, timestamp)."""
+    """Every record of a topic up to its current end: (headers, key, value, timestamp); with
+    `values` false, each value is b"" (a scan for headers need not hold the bodies). Raises
+    TopicMissing for a topic that does not exist (without creating it), TopicUnreadable when
+    no partition moves for `stall_s` seconds before the end."""
+    options = {"bootstrap_servers": bootstrap, **(kafka_options or {})}
+    partitions = await _partitions(options, topic)
     consumer = AIOKafkaConsumer(
-        bootstrap_servers=bootstrap,
+        **options,
         enable_auto_commit=False,
         auto_offset_reset="earliest",  # retention moving the log start must not skip records
         isolation_level="read_committed",
-        **(kafka_options or {}),
     )
     try:  # a start that fails has opened connections too: stop() closes them
         await consumer.start()
-        consumer._client.add_topic(topic)  # a consumer without a group knows no topics yet
-        await consumer._client.force_metadata_update()
-        partitions = [TopicPartition(topic, p) for p in consumer.partitions_for_topic(topic) or []]
         if not partitions:
             return []
         consumer.assign(partitions)
         ends = await consumer.end_offsets(partitions)
         for tp, start in (await consumer.beginning_offsets(partitions)).items():
             consumer.seek(tp, start)  # explicit: seek_to_beginning resolves lazily
-        records = []
-        remaining = {tp for tp in partitions if ends[tp] > 0}
-        while remaining:
-            for batch in (await consumer.getmany(*remaining, timeout_ms=500)).values():
-                records.extend((r.headers, r.key, r.value, r.timestamp) for r in batch)
-            for tp in list(remaining):
-                if await consumer.position(tp) >= ends[tp]:
-                    remaining.discard(tp)
-        return records
+        return await read_to_end(consumer, ends, values=values, stall_s=stall_s)
     finally:
         await consumer.stop()
+
+
+async def _partitions(options: Mapping[str, Any], topic: str) -> list[TopicPartition]:
+    """The topic's partitions, from the metadata of every topic: asked for by name, a cluster
+    may create a missing topic."""
+    admin = AIOKafkaAdminClient(**options)
+    try:
+        await admin.start()
+        described = {t["topic"]: t["partitions"] for t in await admin.describe_topics()}
+    finally:
+        await admin.close()
+    if topic not in described:
+        raise TopicMissing(f"topic {topic!r} does not exist")
+    return [TopicPartition(topic, p["partition"]) for p in described[topic]]
+
+
+async def read_to_end(
+    consumer: AIOKafkaConsumer,
+    ends: Mapping[TopicPartition, int],
+    *,
+    values: bool = True,
+    stall_s: float = STALL_S,
+) -> list[tuple[dict[str, str], bytes | None, bytes, int]]:
+    """The records of the consumer's assigned partitions from their positions up to `ends`;
+    raises TopicUnreadable when no partition moves for `stall_s` seconds."""
+    loop = asyncio.get_running_loop()
+    records = []
+    remaining = {tp for tp, end in ends.items() if end > 0}
+    positions = dict.fromkeys(remaining, -1)
+    stalled_after = loop.time() + stall_s
+    while remaining:
+        for batch in (await consumer.getmany(*remaining, timeout_ms=_FETCH_MS)).values():
+            records.extend(
+                (r.headers, r.key, r.value if values else b"", r.timestamp) for r in batch
+            )
+        moved = False
+        for tp in list(remaining):
+            position = await consumer.position(tp)
+            moved |= position != positions[tp]  # a skipped transaction marker moves it too
+            positions[tp] = position
+            if position >= ends[tp]:
+                remaining.discard(tp)
+        if moved:
+            stalled_after = loop.time() + stall_s
+        elif remaining and loop.time() > stalled_after:
+            short = ", ".join(f"{tp.topic}[{tp.partition}]" for tp in sorted(remaining))
+            raise TopicUnreadable(f"no records for {stall_s:g} s before the end of {short}")
+    return records
 
 
 async def load(bootstrap: str, topic: str, **options: Any) -> list[DeadLetter]:
@@ -165,6 +224,11 @@ class ReplayReport:
     # No surge-reply-to and no `reply_to` given: no result to look for, so every replay
     # would run the request again.
     without_reply_to: int = 0
+
+    @property
+    def not_replayable(self) -> int:
+        """Letters selected that could not be replayed (answered and repeated ones need not)."""
+        return self.unroutable + self.without_body + self.without_reply_to
 
 
 async def replay(
@@ -260,7 +324,11 @@ async def _answered(
                 finally:
                     await redis.aclose()
             continue
-        for record_headers, *_ in await read_all(bootstrap, target, kafka_options):
+        try:
+            records = await read_all(bootstrap, target, kafka_options, values=False)
+        except TopicMissing:  # a client's own reply topic goes when the client closes
+            continue
+        for record_headers, *_ in records:
             fields = dict(record_headers)
             request_id = (fields.get(headers.REQUEST_ID) or b"").decode()
             # Only a served result counts: an error or expiry is what a replay is for.

@@ -1,9 +1,10 @@
 """Scoring a file: one request per JSON line, one result line per request, in input order.
 
 Each input line is a JSON object of named arrays, e.g. `{"x": [[0.1, 0.2, ...]]}` (rows along
-the first axis). A line that is not such an object does not stop the run: its result line
-says why, as a result from a worker would. Windows of lines are in flight together, so the
-run keeps workers busy while its output stays in input order.
+the first axis). A line that is not such an object, or whose request could not be sent (not
+UTF-8, out of range for the dtype, larger than Kafka accepts), does not stop the run: its
+result line says why, as a result from a worker would. Windows of lines are in flight
+together, so the run keeps workers busy while its output stays in input order.
 """
 
 from __future__ import annotations
@@ -12,16 +13,27 @@ import asyncio
 import json
 import time
 from collections import deque
-from collections.abc import Iterable, Iterator
+from collections.abc import Iterable, Iterator, Mapping
 from dataclasses import dataclass
-from typing import Any, Literal, TextIO
+from typing import Any, BinaryIO, Literal, TextIO
 
+import msgspec
 import numpy as np
+from aiokafka.errors import MessageSizeTooLargeError
+from aiokafka.record.default_records import DefaultRecordBatchBuilder
 
 from surge.producers.client import SurgeClient
-from surge.producers.requests import Prediction, PredictionError
+from surge.producers.requests import Prediction, PredictionError, request_body, request_headers
+from surge.schemas import TensorError
 
 BAD_LINE = "bad_line"  # the error code of a line that is no request
+MAX_REQUEST_SIZE = 1_048_576  # the producer's default `max_request_size`, in bytes
+Line = str | bytes  # bytes are decoded line by line: one that is not UTF-8 is one bad line
+
+_BOM = b"\xef\xbb\xbf"
+_SIZING_ID = "0" * 32  # as long as the client's request ids (uuid4 hex)
+_SIZING_DEADLINE_MS = 10**13  # more digits than a deadline header has until 2286
+_VARINT_MAX = 5  # the body's length prefix, at most
 
 
 @dataclass(slots=True)
@@ -44,10 +56,57 @@ class BadLine:
     reason: str
 
 
+@dataclass(frozen=True, slots=True)
+class RequestLimit:
+    """What a line's request must fit to be sent: the client's encoding, and the largest body
+    that stays within the producer's `max_request_size` once key and headers are added."""
+
+    content_type: str
+    max_request_size: int
+    max_body: int
+
+
+def request_limit(
+    client: SurgeClient,
+    model: str,
+    versions: Iterable[str | None] = (None,),
+    max_request_size: int = MAX_REQUEST_SIZE,
+) -> RequestLimit:
+    """The limit of `model`'s requests through `client`, counted as the producer counts a
+    record; with several `versions` (a shadow run), the tightest."""
+    overhead = max(
+        DefaultRecordBatchBuilder.estimate_size_in_bytes(
+            _SIZING_ID.encode(),
+            b"",
+            request_headers(
+                model=model,
+                content_type=client.content_type,
+                reply_to=client.reply_topic,
+                version=version,
+                deadline_ms=_SIZING_DEADLINE_MS,
+            ),
+        )
+        for version in versions
+    )
+    return RequestLimit(
+        client.content_type, max_request_size, max_request_size - overhead - _VARINT_MAX
+    )
+
+
+def file_lines(source: BinaryIO) -> Iterator[bytes]:
+    """A file's lines, undecoded (`parse_line` decodes each), without a UTF-8 byte-order mark
+    at the start."""
+    lines = iter(source)
+    first = next(lines, None)
+    if first is not None:
+        yield first.removeprefix(_BOM)
+    yield from lines
+
+
 async def score_lines(
     client: SurgeClient,
     model: str,
-    lines: Iterable[str],
+    lines: Iterable[Line],
     out: TextIO,
     *,
     dtype: np.dtype[Any] | str = "float32",
@@ -57,18 +116,23 @@ async def score_lines(
     version: str | None = None,
     via: Literal["kafka", "redis"] = "kafka",
     topic: str | None = None,
+    max_request_size: int = MAX_REQUEST_SIZE,
+    report: ScoreReport | None = None,
 ) -> ScoreReport:
     """Send each line as a request and write one JSON result line per input line, in order:
     `{"line": n, "id": ..., "outputs": {...}}`, or `{"line": n, "code": ..., "error": ...}`.
     `window` lines per `predict_many` call, `in_flight` calls at once; each call's requests
-    must be answered within `timeout`."""
-    report = ScoreReport()
+    must be answered within `timeout`. `max_request_size` is the client producer's: a line
+    whose request exceeds it is a bad line. `report`, if given, is filled in as lines are
+    written, so a caller can tell how far an interrupted run got."""
+    report = report if report is not None else ScoreReport()
+    limit = request_limit(client, model, (version,), max_request_size)
     started = time.perf_counter()
     pending: deque[asyncio.Task[list[dict[str, Any]]]] = deque()
     numbered = 0
     try:
         for chunk in chunks(lines, window):
-            parsed = [parse_line(line, dtype) for line in chunk]
+            parsed = [parse_line(line, dtype, limit) for line in chunk]
             call = _score(client, model, parsed, numbered, timeout, version, via, topic)
             pending.append(asyncio.create_task(call))
             numbered += len(chunk)
@@ -83,9 +147,11 @@ async def score_lines(
     return report
 
 
-def chunks(lines: Iterable[str], size: int) -> Iterator[list[str]]:
+def chunks(lines: Iterable[Line], size: int) -> Iterator[list[Line]]:
     """The lines `size` at a time (the last chunk takes what is left)."""
-    chunk: list[str] = []
+    if size < 1:
+        raise ValueError(f"a window of {size} lines: it must be at least 1")
+    chunk: list[Line] = []
     for line in lines:
         chunk.append(line)
         if len(chunk) == size:
@@ -95,26 +161,59 @@ def chunks(lines: Iterable[str], size: int) -> Iterator[list[str]]:
         yield chunk
 
 
-def parse_line(line: str, dtype: np.dtype[Any] | str) -> dict[str, np.ndarray] | BadLine:
-    """A line's named arrays, or why it is no request."""
+def parse_line(
+    line: Line, dtype: np.dtype[Any] | str, limit: RequestLimit | None = None
+) -> dict[str, np.ndarray] | BadLine:
+    """A line's named arrays, or why it is no request; with `limit`, also why its request
+    could not be sent."""
+    if isinstance(line, bytes):
+        try:
+            line = line.decode("utf-8")
+        except UnicodeDecodeError as exc:
+            return BadLine(f"not UTF-8: {exc}")
     if not line.strip():
         return BadLine("empty line")
     try:
         value = json.loads(line)
-    except json.JSONDecodeError as exc:
+    except ValueError as exc:  # JSONDecodeError, or an integer of more digits than Python reads
         return BadLine(f"not JSON: {exc}")
+    except RecursionError:
+        return BadLine("not JSON: nested too deeply")
     if not isinstance(value, dict) or not value:
         return BadLine("not a JSON object of named arrays")
     inputs = {}
     for name, data in value.items():
-        try:
-            array = np.asarray(data, dtype=dtype)
-        except (ValueError, TypeError) as exc:
-            return BadLine(f"input {name!r} is not an array of {np.dtype(dtype)}: {exc}")
-        if array.ndim == 0:
-            return BadLine(f"input {name!r} is a scalar, not rows")
+        array = _array(name, data, dtype)
+        if isinstance(array, BadLine):
+            return array
         inputs[name] = array
-    return inputs
+    unsendable = None if limit is None else _unsendable(inputs, limit)
+    return unsendable or inputs
+
+
+def _array(name: str, data: Any, dtype: np.dtype[Any] | str) -> np.ndarray | BadLine:
+    try:
+        with np.errstate(over="raise", invalid="raise"):  # 1e300 as float32 is no number
+            array = np.asarray(data, dtype=dtype)
+    except (ValueError, TypeError, OverflowError, FloatingPointError, RecursionError) as exc:
+        return BadLine(f"input {name!r} is not an array of {np.dtype(dtype)}: {exc}")
+    if array.ndim == 0:
+        return BadLine(f"input {name!r} is a scalar, not rows")
+    return array
+
+
+def _unsendable(inputs: Mapping[str, np.ndarray], limit: RequestLimit) -> BadLine | None:
+    """Why the producer would refuse this request, found before it goes out with others."""
+    try:
+        body = request_body(inputs, _SIZING_ID, limit.content_type)
+    except (TensorError, msgspec.EncodeError, ValueError, TypeError, OverflowError) as exc:
+        return BadLine(f"cannot be encoded as a request: {exc}")
+    if len(body) > limit.max_body:
+        return BadLine(
+            f"the request is {len(body):,} bytes: more than Kafka takes "
+            f"(max_request_size {limit.max_request_size:,})"
+        )
+    return None
 
 
 async def _score(
@@ -128,17 +227,21 @@ async def _score(
     topic: str | None,
 ) -> list[dict[str, Any]]:
     requests = [inputs for inputs in parsed if not isinstance(inputs, BadLine)]
-    results = iter(
-        await client.predict_many(
-            model,
-            requests,
-            version=version,
-            timeout=timeout,
-            via=via,
-            topic=topic,
-            return_exceptions=True,
+    try:
+        answers: list[Prediction | PredictionError | Exception] = list(
+            await client.predict_many(
+                model,
+                requests,
+                version=version,
+                timeout=timeout,
+                via=via,
+                topic=topic,
+                return_exceptions=True,
+            )
         )
-    )
+    except MessageSizeTooLargeError as exc:  # the broker's limit can be below the producer's
+        answers = [exc] * len(requests)
+    results = iter(answers)
     lines = []
     for number, inputs in enumerate(parsed, first + 1):
         if isinstance(inputs, BadLine):

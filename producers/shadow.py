@@ -4,7 +4,8 @@ side, before the candidate takes live traffic.
 The candidate's copies can go to a topic of their own (`candidate_topic`), consumed by a
 worker group that serves the candidate, so that comparing never slows the live path. Each
 pair of results is compared output by output: how far apart the values are, and for outputs
-with a row of several values (class scores, say), how often the top one agrees.
+with a row of several values (class scores, say), how often the top one agrees. NaN or
+infinity on one side only is a disagreement of its own, counted apart from the differences.
 """
 
 from __future__ import annotations
@@ -19,7 +20,16 @@ import numpy as np
 
 from surge.producers.client import Result, SurgeClient
 from surge.producers.requests import Prediction
-from surge.producers.scoring import BadLine, chunks, parse_line
+from surge.producers.scoring import (
+    MAX_REQUEST_SIZE,
+    BadLine,
+    Line,
+    chunks,
+    parse_line,
+    request_limit,
+)
+
+_NUMERIC = "fiub"  # dtype kinds compared by value; others (strings) only as equal or not
 
 
 @dataclass(slots=True)
@@ -27,9 +37,11 @@ class OutputDiff:
     """One output's differences over the pairs where both sides answered."""
 
     rows: int = 0
-    max_abs: float = 0.0
-    sum_abs: float = 0.0
+    max_abs: float = 0.0  # infinite once anything disagrees beyond measure (see below)
+    sum_abs: float = 0.0  # over the values finite on both sides
     elements: int = 0
+    mismatched: int = 0  # rows whose shape or kind (number, string) differs, or missing
+    nonfinite: int = 0  # values NaN or infinite on one side and not the same on the other
     top_compared: int = 0  # rows with several values, whose top value was compared
     top_agreed: int = 0
 
@@ -54,11 +66,20 @@ class ShadowReport:
     live_seconds: list[float] = field(default_factory=list)  # per window: until all answered
     candidate_seconds: list[float] = field(default_factory=list)
 
+    @property
+    def lines(self) -> int:
+        return self.requests + self.bad_lines
+
+    @property
+    def failed(self) -> int:
+        """Requests that failed or timed out on either side."""
+        return self.live_failed + self.candidate_failed + self.both_failed
+
 
 async def compare_lines(
     client: SurgeClient,
     model: str,
-    lines: Iterable[str],
+    lines: Iterable[Line],
     *,
     candidate: str,
     live: str | None = None,
@@ -68,13 +89,17 @@ async def compare_lines(
     window: int = 256,
     timeout: float = 60.0,
     via: Literal["kafka", "redis"] = "kafka",
+    max_request_size: int = MAX_REQUEST_SIZE,
+    report: ShadowReport | None = None,
 ) -> ShadowReport:
     """Send each line (a JSON object of named arrays, as `score_lines` reads) to the live
     model (version `live`, or its latest) and to version `candidate`, a window of lines at a
-    time, both sides at once; compare the results pair by pair."""
-    report = ShadowReport()
+    time, both sides at once; compare the results pair by pair. `report`, if given, is
+    filled in window by window, so a caller can tell how far an interrupted run got."""
+    report = report if report is not None else ShadowReport()
+    limit = request_limit(client, model, (live, candidate), max_request_size)
     for chunk in chunks(lines, window):
-        parsed = [parse_line(line, dtype) for line in chunk]
+        parsed = [parse_line(line, dtype, limit) for line in chunk]
         requests = [inputs for inputs in parsed if not isinstance(inputs, BadLine)]
         report.bad_lines += len(parsed) - len(requests)
         (live_results, live_s), (candidate_results, candidate_s) = await asyncio.gather(
@@ -84,7 +109,7 @@ async def compare_lines(
         report.live_seconds.append(live_s)
         report.candidate_seconds.append(candidate_s)
         for first, second in zip(live_results, candidate_results, strict=True):
-            _compare(first, second, report)
+            compare_pair(first, second, report)
     return report
 
 
@@ -112,7 +137,10 @@ async def _timed(
     return results, time.perf_counter() - started
 
 
-def _compare(live: Result | Exception, candidate: Result | Exception, report: ShadowReport) -> None:
+def compare_pair(
+    live: Result | Exception, candidate: Result | Exception, report: ShadowReport
+) -> None:
+    """Add one request's pair of results to `report`."""
     report.requests += 1
     if not isinstance(live, Prediction) or not isinstance(candidate, Prediction):
         if isinstance(live, Prediction):
@@ -124,22 +152,33 @@ def _compare(live: Result | Exception, candidate: Result | Exception, report: Sh
         return
     report.both_ok += 1
     for name, expected in live.outputs.items():
-        got = candidate.outputs.get(name)
         diff = report.outputs.setdefault(name, OutputDiff())
         diff.rows += 1
-        if got is None or got.shape != expected.shape:
-            diff.max_abs = float("inf")  # the candidate's signature differs: nothing agrees
-            continue
-        if expected.dtype.kind not in "fciub":  # strings: equal or not
-            diff.max_abs = max(diff.max_abs, 0.0 if np.array_equal(got, expected) else np.inf)
-            continue
-        gap = np.abs(got.astype(np.float64) - expected.astype(np.float64))
-        diff.max_abs = max(diff.max_abs, float(gap.max(initial=0.0)))
-        diff.sum_abs += float(gap.sum())
-        diff.elements += gap.size
-        if expected.ndim >= 2 and expected.shape[-1] > 1:
-            rows = expected.reshape(-1, expected.shape[-1])
-            diff.top_compared += rows.shape[0]
-            diff.top_agreed += int(
-                (rows.argmax(axis=1) == got.reshape(rows.shape).argmax(axis=1)).sum()
-            )
+        _compare_output(expected, candidate.outputs.get(name), diff)
+
+
+def _compare_output(expected: np.ndarray, got: np.ndarray | None, diff: OutputDiff) -> None:
+    numeric = expected.dtype.kind in _NUMERIC
+    if got is None or got.shape != expected.shape or (got.dtype.kind in _NUMERIC) != numeric:
+        diff.mismatched += 1  # the candidate's signature differs: nothing agrees
+        diff.max_abs = float("inf")
+        return
+    if not numeric:  # strings: equal or not
+        diff.max_abs = max(diff.max_abs, 0.0 if np.array_equal(got, expected) else np.inf)
+        return
+    first, second = expected.astype(np.float64), got.astype(np.float64)
+    finite = np.isfinite(first) & np.isfinite(second)
+    # Off the finite values, only the same NaN or the same infinity on both sides agrees.
+    alike = (first == second) | (np.isnan(first) & np.isnan(second))
+    nonfinite = int((~finite & ~alike).sum())
+    gap = np.abs(first[finite] - second[finite])
+    diff.nonfinite += nonfinite
+    diff.max_abs = max(diff.max_abs, float(gap.max(initial=0.0)), np.inf if nonfinite else 0.0)
+    diff.sum_abs += float(gap.sum())
+    diff.elements += gap.size
+    if expected.ndim >= 2 and expected.shape[-1] > 1:
+        rows = first.reshape(-1, expected.shape[-1])
+        diff.top_compared += rows.shape[0]
+        diff.top_agreed += int(
+            (rows.argmax(axis=1) == second.reshape(rows.shape).argmax(axis=1)).sum()
+        )

@@ -65,6 +65,18 @@ def test_predict_prints_the_result(
         pytest.param(("mlp", "-i", "x"), "expected NAME=JSON", id="no-name"),
         pytest.param(("mlp", "-i", "x=[[1], [2, 3]]"), "not an array of float32", id="ragged"),
         pytest.param(("mlp", "--datatype", "floaty"), "--datatype 'floaty'", id="bad-dtype"),
+        pytest.param(
+            ("mlp", "--datatype", "complex64", "-i", "x=[[1]]"),
+            "--datatype 'complex64' has no wire datatype",
+            id="no-wire-dtype",
+        ),
+        pytest.param(
+            ("mlp", "--datatype", "int8", "-i", "x=[[300]]"),
+            "--input x: not an array of int8",
+            id="int8-overflow",
+        ),
+        pytest.param(("mlp", "-i", "x=[[1e300]]"), "not an array of float32", id="1e300-f32"),
+        pytest.param(("mlp", "-i", "x=" + "[" * 50_000), "--input x: not valid JSON", id="deep"),
         pytest.param(("mlp", "--via", "redis"), "--via redis needs --redis-url", id="no-redis"),
     ],
 )

@@ -3,6 +3,7 @@ chosen records to their source topic once the cause is fixed, never twice for on
 
 from __future__ import annotations
 
+import asyncio
 import re
 import uuid
 from collections.abc import Callable
@@ -10,9 +11,12 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+from aiokafka import AIOKafkaConsumer, TopicPartition
+from aiokafka.admin import AIOKafkaAdminClient
 
 from surge.config import Settings
 from surge.producers import request_body, request_headers
+from surge.producers.dead_letters import TopicUnreadable, read_all, read_to_end
 from surge.schemas import MSGPACK
 from surge.workers import Worker
 from tests.conftest import make_settings
@@ -92,12 +96,13 @@ async def test_replay_skips_letters_with_nowhere_to_reply_unless_given_one(
     run, dead_letters = await _dead_letter_lost_requests(kafka, model_root, run_worker, 5)
     common = ("--topic", dead_letters, "--bootstrap", kafka)
     out = surge("dlq", "replay", *common)
-    assert out.returncode == 0, out.stderr
+    assert out.returncode == 1, out.stderr  # selected, and none of them could be replayed
     assert "replayed 0" in out.stdout, out.stdout + out.stderr
     assert "5 without a reply target" in out.stdout
     assert "pass --reply-to" in out.stdout
     given = surge("dlq", "replay", *common, "--reply-to", f"test.replies.{run}", "--dry-run")
     assert "would replay 5" in given.stdout, given.stdout + given.stderr
+    assert given.returncode == 0, given.stderr
 
 
 async def test_replay_until_the_last_time_inspect_shows_takes_every_letter(
@@ -111,6 +116,10 @@ async def test_replay_until_the_last_time_inspect_shows_takes_every_letter(
     until = ("--until", last, "--reply-to", f"test.replies.{run}", "--dry-run")
     dry = surge("dlq", "replay", *common, *until)
     assert "selected 5: would replay 5" in dry.stdout, inspect.stdout + dry.stdout + dry.stderr
+    # Without an offset the time is UTC, as inspect shows it, whatever the local zone.
+    naive = ("--until", last.removesuffix("+00:00"), *until[2:])
+    tokyo = surge("dlq", "replay", *common, *naive, env={"TZ": "JST-9"})
+    assert "selected 5: would replay 5" in tokyo.stdout, tokyo.stdout + tokyo.stderr
 
 
 @pytest.mark.parametrize("action", ["inspect", "replay"])
@@ -132,3 +141,43 @@ async def test_replay_explains_an_unreachable_redis_without_its_password(
     assert out.stderr.startswith("Redis: ")
     assert len(out.stderr.splitlines()) == 1, out.stderr
     assert "hunter2" not in out.stderr
+
+
+async def test_inspect_refuses_a_topic_that_does_not_exist_and_does_not_create_it(
+    kafka: str,
+) -> None:
+    missing = f"test.dlq.typo.{uuid.uuid4().hex[:8]}"
+    out = surge("dlq", "inspect", "--topic", missing, "--bootstrap", kafka)
+    assert out.returncode == 2, out.stdout + out.stderr
+    assert f"topic '{missing}' does not exist" in out.stderr
+    assert len(out.stderr.splitlines()) == 1, out.stderr
+    admin = AIOKafkaAdminClient(bootstrap_servers=kafka)
+    await admin.start()
+    try:
+        assert missing not in await admin.list_topics()
+    finally:
+        await admin.close()
+
+
+async def test_reading_gives_up_when_a_partition_stops_short_of_its_end(kafka: str) -> None:
+    topic = f"test.dlq.{uuid.uuid4().hex[:8]}"
+    await create_topics(kafka, topic, partitions=1)
+    record = request_headers(model="mlp", content_type=MSGPACK, reply_to="r")
+    await publish(kafka, [(topic, b"k", b"body", record)] * 3)
+    headers_only = await read_all(kafka, topic, values=False)
+    assert [(dict(h)["surge-model"], value) for h, _, value, _ in headers_only] == [
+        (b"mlp", b"")
+    ] * 3
+
+    consumer = AIOKafkaConsumer(bootstrap_servers=kafka, enable_auto_commit=False)
+    await consumer.start()
+    try:
+        partition = TopicPartition(topic, 0)
+        consumer.assign([partition])
+        consumer.seek(partition, 0)
+        # An end the partition never reaches, as when its leader is gone mid-read.
+        reading = read_to_end(consumer, {partition: 10}, stall_s=1.0)
+        with pytest.raises(TopicUnreadable, match=rf"before the end of {topic}\[0\]"):
+            await asyncio.wait_for(reading, 30)
+    finally:
+        await consumer.stop()

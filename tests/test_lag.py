@@ -4,8 +4,10 @@ from __future__ import annotations
 
 import asyncio
 import json
+import re
 import time
 import uuid
+from pathlib import Path
 
 import pytest
 from aiokafka import AIOKafkaConsumer, AIOKafkaProducer, TopicPartition
@@ -55,6 +57,19 @@ async def test_lag_counts_what_is_not_committed_and_ages_the_oldest_record(kafka
     ]
     assert named[0].oldest_s is not None
     assert named[2].oldest_s is None
+    assert [lag.uncommitted for lag in named] == [2, 0, 0]
+
+    # A group resetting to `latest` starts a partition it never committed at its end.
+    latest = await group_lag({"bootstrap_servers": kafka}, group, [idle, busy], reset="latest")
+    assert [(lag.records, lag.oldest_s, lag.uncommitted) for lag in latest] == [
+        (0, None, 2),
+        (3, latest[1].oldest_s, 0),
+    ]
+    assert latest[1].oldest_s is not None
+
+    # Waiting records whose age was not read in time: unknown, not "none waiting".
+    unread = await group_lag({"bootstrap_servers": kafka}, group, [busy], read_s=0.0)
+    assert [(lag.records, lag.oldest_s, lag.age_unknown) for lag in unread] == [(3, None, True)]
 
 
 async def test_surge_lag_prints_a_group_s_topics(kafka: str) -> None:
@@ -73,7 +88,48 @@ async def test_surge_lag_prints_a_group_s_topics(kafka: str) -> None:
         "partitions": 1,
         "records": 0,
         "oldest_s": None,
+        "age_unknown": False,
+        "uncommitted": 0,
     }
     unreachable = surge("lag", "--group", run, "--bootstrap", f"127.0.0.1:{free_port()}")
     assert unreachable.returncode == 2
     assert "Traceback" not in unreachable.stderr
+
+
+async def test_surge_lag_says_when_a_group_has_committed_nothing(kafka: str) -> None:
+    group = f"test.never.{uuid.uuid4().hex[:8]}"
+    shown = await asyncio.to_thread(surge, "lag", "--group", group, "--bootstrap", kafka)
+    assert shown.returncode == 0, shown.stderr
+    assert f"group '{group}' has committed no offsets" in shown.stderr
+
+
+async def test_surge_lag_follows_the_reset_policy_of_the_settings(
+    kafka: str, tmp_path: Path
+) -> None:
+    run = uuid.uuid4().hex[:8]
+    topic = f"test.lag.{run}"
+    await create_topics(kafka, topic, partitions=2)
+    producer = AIOKafkaProducer(bootstrap_servers=kafka)
+    await producer.start()
+    for partition in (0, 1):
+        await producer.send_and_wait(topic, b"x", partition=partition)
+    await producer.stop()
+    consumer = AIOKafkaConsumer(bootstrap_servers=kafka, group_id=run, enable_auto_commit=False)
+    await consumer.start()
+    consumer.assign([TopicPartition(topic, 0)])
+    await consumer.commit({TopicPartition(topic, 0): OffsetAndMetadata(1, "")})
+    await consumer.stop()
+    config = tmp_path / "worker.toml"
+    config.write_text(f'[kafka]\nbootstrap_servers = "{kafka}"\n[worker]\n')
+    group = ("--config", str(config), "--group", run)
+
+    earliest = await asyncio.to_thread(surge, "lag", *group)
+    assert earliest.returncode == 0, earliest.stderr
+    assert "nothing committed: 1, counted from the log's start" in earliest.stdout
+    assert re.search(rf"{re.escape(topic)} .* 2 .* 1 ", earliest.stdout), earliest.stdout
+
+    config.write_text(config.read_text() + 'auto_offset_reset = "latest"\n')
+    latest = await asyncio.to_thread(surge, "lag", *group)
+    assert latest.returncode == 0, latest.stderr
+    assert "counted as 0 waiting (auto_offset_reset = latest)" in latest.stdout
+    assert re.search(rf"{re.escape(topic)} .* 2 .* 0 ", latest.stdout), latest.stdout

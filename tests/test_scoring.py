@@ -6,23 +6,89 @@ from __future__ import annotations
 import asyncio
 import io
 import json
+import signal
+import sys
+import uuid
 from collections.abc import Callable
 from pathlib import Path
+from subprocess import PIPE
 
 import numpy as np
 import pytest
+from aiokafka.record.default_records import DefaultRecordBatchBuilder
 
 from surge.config import Settings
-from surge.producers import SurgeClient
-from surge.producers.scoring import score_lines
+from surge.producers import SurgeClient, request_body, request_headers
+from surge.producers.scoring import (
+    BadLine,
+    chunks,
+    file_lines,
+    parse_line,
+    request_limit,
+    score_lines,
+)
+from surge.schemas import MSGPACK
 from surge.workers import Worker
 from tests.conftest import make_settings
-from tests.helpers import reference
+from tests.helpers import create_topics, read_topic, reference
 from tests.test_cli import surge
 
-pytestmark = pytest.mark.integration
+LIMIT = request_limit(SurgeClient(), "mlp")  # a client that never starts: its settings only
+HUGE = json.dumps({"x": [[0.5] * 300_000]})  # 1.2 MB of float32: more than Kafka takes
 
 
+@pytest.mark.parametrize(
+    ("line", "dtype", "reason"),
+    [
+        pytest.param(b'{"x": [[1, 2]]}\xff', "float32", "not UTF-8", id="not-utf8"),
+        pytest.param('{"x": [[300]]}', "int8", "not an array of int8", id="int8-overflow"),
+        pytest.param('{"x": [[' + "9" * 400 + "]]}", "float32", "not an array", id="400-digits"),
+        pytest.param('{"x": [[1e300]]}', "float32", "not an array of float32", id="1e300-f32"),
+        pytest.param('{"x": ' + "[" * 100_000 + "]}", "float32", "not JSON", id="too-deep"),
+        pytest.param('{"x": [[' + "1" * 5000 + "]]}", "float32", "not JSON", id="5000-digits"),
+        pytest.param('{"x": [[1]]}', "complex64", "cannot be encoded", id="no-wire-dtype"),
+        pytest.param(HUGE, "float32", "more than Kafka takes", id="too-large"),
+    ],
+)
+def test_a_line_that_cannot_be_sent_is_a_bad_line(
+    line: str | bytes, dtype: str, reason: str
+) -> None:
+    parsed = parse_line(line, dtype, LIMIT)
+    assert isinstance(parsed, BadLine)
+    assert reason in parsed.reason
+
+
+def test_a_request_at_the_limit_fits_what_the_producer_takes() -> None:
+    client = SurgeClient()
+    limit = request_limit(client, "mlp", ("12", None))
+    record_headers = request_headers(
+        model="mlp",
+        content_type=MSGPACK,
+        reply_to=client.reply_topic,
+        version="12",
+        deadline_ms=int(9e12),
+    )
+    body = request_body({"x": np.zeros((1, 8), np.float32)}, uuid.uuid4().hex, MSGPACK)
+    largest = body + b"\0" * (limit.max_body - len(body))
+    size = DefaultRecordBatchBuilder.estimate_size_in_bytes(
+        uuid.uuid4().hex.encode(), largest, record_headers
+    )
+    assert size <= limit.max_request_size == 1_048_576  # how aiokafka checks it
+
+
+def test_a_window_of_no_lines_is_refused() -> None:
+    with pytest.raises(ValueError, match="at least 1"):
+        next(chunks(["{}"], 0))
+
+
+def test_file_lines_drop_a_byte_order_mark_only_at_the_start() -> None:
+    source = io.BytesIO(b'\xef\xbb\xbf{"x": [[1]]}\n\xef\xbb\xbf{"x": [[2]]}\n')
+    first, second = file_lines(source)
+    assert isinstance(parse_line(first, "float32"), dict)
+    assert isinstance(parse_line(second, "float32"), BadLine)
+
+
+@pytest.mark.integration
 async def test_a_file_is_scored_in_order_with_bad_lines_answered_in_place(
     kafka: str, model_root: Path, run_worker: Callable[[Settings], Worker]
 ) -> None:
@@ -47,6 +113,23 @@ async def test_a_file_is_scored_in_order_with_bad_lines_answered_in_place(
     np.testing.assert_allclose(scored, expected[good], rtol=1e-5, atol=1e-6)
 
 
+@pytest.mark.integration
+async def test_a_line_too_large_for_kafka_is_answered_in_place(
+    kafka: str, model_root: Path, run_worker: Callable[[Settings], Worker]
+) -> None:
+    settings = make_settings(kafka, model_root, None)
+    await run_worker(settings)
+    row = json.dumps({"x": [[0.5] * 32]})
+    out = io.StringIO()
+    async with SurgeClient(kafka, topic_prefix=settings.worker.topic_prefix) as client:
+        report = await score_lines(client, "mlp", [row, HUGE, row], out, window=3)
+    results = [json.loads(line) for line in out.getvalue().splitlines()]
+    assert [r.get("code") for r in results] == [None, "bad_line", None]
+    assert "more than Kafka takes" in results[1]["error"]
+    assert (report.lines, report.ok, report.errors) == (3, 2, 1)
+
+
+@pytest.mark.integration
 async def test_surge_score_writes_a_result_line_per_input_line(
     kafka: str, model_root: Path, run_worker: Callable[[Settings], Worker], tmp_path: Path
 ) -> None:
@@ -64,9 +147,101 @@ async def test_surge_score_writes_a_result_line_per_input_line(
     # Blank or not, every line of the file has its result line: the numbers stay the file's.
     assert [line.get("code") for line in lines] == [None] * 50 + ["bad_line"] * 2
     assert [line["line"] for line in lines] == list(range(1, 53))
+    assert not (tmp_path / "out.jsonl.partial").exists()
 
     missing = surge("score", "mlp", str(tmp_path / "nowhere.jsonl"), "-o", str(results), *where)
     assert missing.returncode == 2
     assert "nowhere.jsonl" in missing.stderr
     assert "Traceback" not in missing.stderr
     assert len(results.read_text().splitlines()) == 52  # the earlier results are still there
+
+
+@pytest.mark.integration
+async def test_surge_score_reads_a_file_that_is_not_all_utf8_line_by_line(
+    kafka: str, model_root: Path, run_worker: Callable[[Settings], Worker], tmp_path: Path
+) -> None:
+    settings = make_settings(kafka, model_root, None)
+    await run_worker(settings)
+    source, results = tmp_path / "in.jsonl", tmp_path / "out.jsonl"
+    row = json.dumps({"x": [[0.5] * 32]}).encode()
+    # A byte-order mark, as some editors write, then a line in Latin-1.
+    source.write_bytes(b"\xef\xbb\xbf" + row + b'\n{"x": "caf\xe9"}\n' + row + b"\n")
+    where = ["--bootstrap", kafka, "--topic", settings.worker.topic_prefix + "mlp"]
+    scored = await asyncio.to_thread(surge, "score", "mlp", str(source), "-o", str(results), *where)
+    assert scored.returncode == 1, scored.stderr
+    lines = [json.loads(line) for line in results.read_text().splitlines()]
+    assert [line.get("code") for line in lines] == [None, "bad_line", None]
+    assert "not UTF-8" in lines[1]["error"]
+
+
+@pytest.mark.integration
+@pytest.mark.parametrize(
+    ("args", "message"),
+    [
+        pytest.param(("--window", "0"), "not a positive whole number", id="window-0"),
+        pytest.param(("--window", "-5"), "not a positive whole number", id="window-negative"),
+        pytest.param(("--datatype", "complex64"), "has no wire datatype", id="complex64"),
+        pytest.param(("--datatype", "datetime64"), "has no wire datatype", id="datetime64"),
+    ],
+)
+@pytest.mark.parametrize("command", ["score", "shadow"])
+def test_score_and_shadow_refuse_bad_options_before_sending(
+    tmp_path: Path, command: str, args: tuple[str, ...], message: str
+) -> None:
+    source = tmp_path / "in.jsonl"
+    source.write_text('{"x": [[0.5]]}\n')
+    extra = ("--candidate", "2") if command == "shadow" else ()
+    # Nothing listens on this port: refused before connecting, or it would say so.
+    where = ("--bootstrap", "127.0.0.1:9")
+    out = surge(command, "mlp", str(source), *args, *extra, *where)
+    assert out.returncode == 2, out.stdout + out.stderr
+    assert message in out.stderr
+    assert "Traceback" not in out.stderr
+
+
+@pytest.mark.integration
+@pytest.mark.parametrize("same", ["output", "partial"])
+def test_surge_score_refuses_to_write_over_its_input(tmp_path: Path, same: str) -> None:
+    source = tmp_path / "data.jsonl"
+    source.write_text('{"x": [[0.5]]}\n' * 3)
+    output = source if same == "output" else tmp_path / "data"  # data.partial: the input
+    if same == "partial":
+        source = source.rename(tmp_path / "data.partial")
+    out = surge("score", "mlp", str(source), "-o", str(output), "--bootstrap", "127.0.0.1:9")
+    assert out.returncode == 2, out.stdout + out.stderr
+    assert "would overwrite the input" in out.stderr
+    assert len(out.stderr.splitlines()) == 1
+    assert source.read_text() == '{"x": [[0.5]]}\n' * 3
+
+
+@pytest.mark.integration
+@pytest.mark.parametrize("command", ["score", "shadow"])
+async def test_ctrl_c_stops_a_run_in_one_line_and_keeps_what_it_wrote(
+    kafka: str, tmp_path: Path, command: str
+) -> None:
+    topic = f"test.nobody.{uuid.uuid4().hex[:8]}"  # no worker: the requests wait
+    await create_topics(kafka, topic, partitions=1)
+    source, results = tmp_path / "in.jsonl", tmp_path / "out.jsonl"
+    source.write_text('{oops\n\n{"x": [[0.5]]}\n{"x": [[0.5]]}\n')
+    args = [command, "mlp", str(source), "--bootstrap", kafka, "--topic", topic, "--window", "2"]
+    args += ["-o", str(results)] if command == "score" else ["--candidate", "2"]
+    process = await asyncio.create_subprocess_exec(
+        sys.executable, "-m", "surge", *args, stdout=PIPE, stderr=PIPE
+    )
+    try:
+        # The second window's requests are out: the first window (two bad lines) is done.
+        await read_topic(kafka, topic, until=1, key_of=None)
+        process.send_signal(signal.SIGINT)
+        _, raw = await asyncio.wait_for(process.communicate(), 60)
+    finally:
+        if process.returncode is None:
+            process.kill()
+    stderr = raw.decode()
+    assert process.returncode == 130, stderr
+    assert stderr.startswith("interrupted after 2 lines"), stderr
+    assert len(stderr.splitlines()) == 1, stderr
+    if command == "score":
+        partial = tmp_path / "out.jsonl.partial"
+        assert f"results so far in {partial}" in stderr
+        assert not results.exists()  # only a finished run has a file by that name
+        assert [json.loads(line)["line"] for line in partial.read_text().splitlines()] == [1, 2]

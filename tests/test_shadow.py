@@ -14,16 +14,57 @@ import pytest
 
 from surge.config import Settings
 from surge.examples import MLP_CONFIG, write_mlp
-from surge.producers import SurgeClient
-from surge.producers.shadow import compare_lines
+from surge.producers import Prediction, PredictionError, SurgeClient
+from surge.producers.shadow import ShadowReport, compare_lines, compare_pair
 from surge.workers import Worker
 from tests.conftest import make_settings
 from tests.helpers import create_topics
 from tests.test_cli import surge
 
-pytestmark = pytest.mark.integration
+NAN, INF = float("nan"), float("inf")
 
 
+def _prediction(**outputs: np.ndarray) -> Prediction:
+    return Prediction("r", "mlp", "1", outputs)
+
+
+@pytest.mark.parametrize(
+    ("live", "candidate", "nonfinite", "max_abs"),
+    [
+        pytest.param([[1.0, NAN]], [[1.0, 2.0]], 1, INF, id="nan-on-the-live-side"),
+        pytest.param([[1.0, 2.0]], [[NAN, 2.0]], 1, INF, id="nan-on-the-candidate-side"),
+        pytest.param([[INF, 2.0]], [[-INF, 2.0]], 1, INF, id="opposite-infinities"),
+        pytest.param([[NAN, INF]], [[NAN, INF]], 0, 0.0, id="same-nan-and-infinity"),
+        pytest.param([[1.0, NAN]], [[1.5, NAN]], 0, 0.5, id="nan-on-both-sides"),
+    ],
+)
+def test_nan_or_infinity_on_one_side_is_a_disagreement(
+    live: list[list[float]], candidate: list[list[float]], nonfinite: int, max_abs: float
+) -> None:
+    report = ShadowReport()
+    first = _prediction(y=np.array(live, np.float32))
+    compare_pair(first, _prediction(y=np.array(candidate, np.float32)), report)
+    diff = report.outputs["y"]
+    assert (diff.nonfinite, diff.max_abs) == (nonfinite, max_abs)
+    assert np.isfinite(diff.mean_abs)
+
+
+def test_outputs_of_another_kind_are_a_mismatch_and_the_comparison_goes_on() -> None:
+    report = ShadowReport()
+    live = _prediction(y=np.array([[0.1, 0.9]], np.float32), label=np.array(["cat"], object))
+    candidate = _prediction(y=np.array([["a", "b"]], object), label=np.array([1], np.int64))
+    compare_pair(live, candidate, report)
+    compare_pair(live, live, report)
+    compare_pair(live, PredictionError("model_error", "boom", "r"), report)
+    assert (report.requests, report.both_ok, report.candidate_failed) == (3, 2, 1)
+    assert report.failed == 1
+    for name in ("y", "label"):
+        assert report.outputs[name].mismatched == 1
+        assert report.outputs[name].max_abs == INF
+    assert report.outputs["y"].top_agreed == 1  # the pair that matched was still compared
+
+
+@pytest.mark.integration
 async def test_a_candidate_version_is_compared_with_the_live_one_request_by_request(
     kafka: str, model_root: Path, run_worker: Callable[[Settings], Worker], tmp_path: Path
 ) -> None:
@@ -68,3 +109,11 @@ async def test_a_candidate_version_is_compared_with_the_live_one_request_by_requ
     assert "300 requests (1 bad lines skipped): 300 answered by both" in shown.stdout
     assert "probs" in shown.stdout
     assert "top-1 agreement" in shown.stdout
+
+    source.write_text("\n".join(lines[:5]) + "\n")
+    failing = await asyncio.to_thread(
+        surge, "shadow", "mlp", str(source), "--live", "1", "--candidate", "9",
+        "--topic", topic, "--bootstrap", kafka,
+    )  # fmt: skip
+    assert failing.returncode == 1, failing.stdout + failing.stderr  # the candidate failed
+    assert "5 failed on 9 only" in failing.stdout

@@ -4,6 +4,9 @@ Lag in records is what Kafka's tooling (and KEDA's Kafka scaler) reads; it means
 things for a model that answers a record in 10 µs and one that takes 10 ms. The age of the
 oldest record not yet committed is the same for every model: how far behind the workers are,
 in time.
+
+A partition the group has committed nothing on waits from the log's start when the group
+resets to `earliest`, and not at all when it resets to `latest` (it starts at the end).
 """
 
 from __future__ import annotations
@@ -11,7 +14,7 @@ from __future__ import annotations
 import time
 from collections.abc import Collection
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, Literal
 
 from aiokafka import AIOKafkaConsumer, TopicPartition
 from aiokafka.admin import AIOKafkaAdminClient
@@ -24,14 +27,25 @@ _FETCH_MS = 500
 class TopicLag:
     topic: str
     partitions: int
-    records: int  # end offsets minus committed offsets (the log's start where none is)
-    oldest_s: float | None  # age of the oldest record not committed; None when none waits
+    records: int  # end offsets minus committed offsets (where none is: see the reset policy)
+    oldest_s: float | None  # age of the oldest record not committed; None if none waits
+    # A waiting partition's oldest record could not be read in time (oldest_s is None then).
+    age_unknown: bool = False
+    uncommitted: int = 0  # partitions the group has committed nothing on
 
 
 async def group_lag(
-    kafka: dict[str, Any], group: str, topics: Collection[str] | None = None
+    kafka: dict[str, Any],
+    group: str,
+    topics: Collection[str] | None = None,
+    *,
+    reset: Literal["earliest", "latest"] = "earliest",
+    read_s: float = _READ_S,
 ) -> list[TopicLag]:
-    """The group's lag on `topics` (default: every topic it has committed offsets for)."""
+    """The group's lag on `topics` (default: every topic it has committed offsets for; none
+    when it has committed nothing). `reset` is the group's `auto_offset_reset`: where it
+    starts a partition it has committed nothing on. The oldest waiting records are read for
+    up to `read_s` seconds."""
     admin = AIOKafkaAdminClient(**kafka)
     consumer = AIOKafkaConsumer(**kafka, enable_auto_commit=False)
     try:
@@ -54,8 +68,9 @@ async def group_lag(
             return [TopicLag(name, 0, 0, None) for name in names]
         ends = await consumer.end_offsets(partitions)
         starts = await consumer.beginning_offsets(partitions)
-        positions = {tp: max(committed.get(tp, starts[tp]), starts[tp]) for tp in partitions}
-        oldest = await _oldest_waiting(consumer, positions, ends)
+        unset = ends if reset == "latest" else starts  # where an uncommitted partition starts
+        positions = {tp: max(committed.get(tp, unset[tp]), starts[tp]) for tp in partitions}
+        oldest = await _oldest_waiting(consumer, positions, ends, read_s)
     finally:
         await consumer.stop()
         await admin.close()
@@ -63,13 +78,18 @@ async def group_lag(
     report = []
     for name in names:
         mine = [tp for tp in partitions if tp.topic == name]
-        stamps = [oldest[tp] for tp in mine if tp in oldest]
+        waiting = [tp for tp in mine if positions[tp] < ends[tp]]
+        # A partition whose oldest record was not read would only make the age look smaller.
+        unknown = any(tp not in oldest for tp in waiting)
+        stamps = [oldest[tp] for tp in waiting if tp in oldest]
         report.append(
             TopicLag(
                 name,
                 len(mine),
-                sum(max(ends[tp] - positions[tp], 0) for tp in mine),
-                max(0.0, (now_ms - min(stamps)) / 1000) if stamps else None,
+                sum(ends[tp] - positions[tp] for tp in waiting),
+                max(0.0, (now_ms - min(stamps)) / 1000) if stamps and not unknown else None,
+                age_unknown=unknown,
+                uncommitted=sum(tp not in committed for tp in mine),
             )
         )
     return report
@@ -79,8 +99,9 @@ async def _oldest_waiting(
     consumer: AIOKafkaConsumer,
     positions: dict[TopicPartition, int],
     ends: dict[TopicPartition, int],
+    read_s: float,
 ) -> dict[TopicPartition, int]:
-    """The timestamp (ms) of the record at each position that has one."""
+    """The timestamp (ms) of the record at each position that has one, read within `read_s`."""
     waiting = [tp for tp, position in positions.items() if position < ends[tp]]
     if not waiting:
         return {}
@@ -88,7 +109,7 @@ async def _oldest_waiting(
     for tp in waiting:
         consumer.seek(tp, positions[tp])
     stamps: dict[TopicPartition, int] = {}
-    deadline = time.monotonic() + _READ_S
+    deadline = time.monotonic() + read_s
     while len(stamps) < len(waiting) and time.monotonic() < deadline:
         for tp, records in (await consumer.getmany(timeout_ms=_FETCH_MS, max_records=1)).items():
             if records and tp not in stamps:
