@@ -136,6 +136,14 @@ class WorkerSettings(msgspec.Struct, kw_only=True, forbid_unknown_fields=True):
     reload_interval_s: Annotated[float, msgspec.Meta(gt=0)] = 2.0
     shutdown_timeout_s: Annotated[float, msgspec.Meta(gt=0)] = 30.0
 
+    @property
+    def fetch_resume_s(self) -> float:
+        """Queued model time at which a model whose fetching stopped fetches again: a quarter
+        of fetch_ahead_s, and at least two fetch waits, as its first fetch may queue behind
+        one parked on the same broker for other topics (never more than fetch_ahead_s)."""
+        parked_s = 2 * self.fetch_max_wait_ms / 1000
+        return min(self.fetch_ahead_s, max(self.fetch_ahead_s / 4, parked_s))
+
     def __post_init__(self) -> None:
         try:
             re.compile(self.reply_topic_pattern)

@@ -305,6 +305,8 @@ async def test_the_queue_is_ahead_once_it_holds_that_much_model_time_and_two_bat
     assert not batcher.ahead(0.06, paused=False)
     assert batcher.ahead(0.2, paused=True)  # once stopped, until a quarter is left
     assert not batcher.ahead(0.21, paused=True)
+    assert not batcher.ahead(0.2, paused=True, resume_s=0.06)  # resumes with more queued
+    assert batcher.ahead(0.2, paused=True, resume_s=0.05)
     batcher._take(4)
     batcher._take(4)  # two rows left: short of two batches, whatever their model time
     assert not batcher.ahead(0.001, paused=True)

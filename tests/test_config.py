@@ -6,7 +6,14 @@ from pathlib import Path
 
 import pytest
 
-from surge.config import CONFIG_DIR, ConfigError, ModelConfig, convert, load_settings
+from surge.config import (
+    CONFIG_DIR,
+    ConfigError,
+    ModelConfig,
+    WorkerSettings,
+    convert,
+    load_settings,
+)
 
 
 def test_shipped_configs_validate() -> None:
@@ -112,3 +119,19 @@ def test_a_file_that_is_not_utf8_or_not_tables_is_a_config_error(tmp_path: Path)
     for env in ({}, {"SURGE_WORKER__GROUP_ID": "g"}):
         with pytest.raises(ConfigError, match="worker: expected a table, got int"):
             load_settings(scalar, env=env)
+
+
+@pytest.mark.parametrize(
+    ("ahead_s", "wait_ms", "resume_s"),
+    [
+        (5.0, 500, 1.25),  # a quarter of fetch_ahead_s
+        (2.0, 500, 1.0),  # two fetch waits: a resumed topic may queue behind a parked fetch
+        (0.5, 500, 0.5),  # never above fetch_ahead_s itself
+        (5.0, 20, 1.25),
+    ],
+)
+def test_a_paused_model_fetches_again_with_time_for_a_parked_fetch(
+    ahead_s: float, wait_ms: int, resume_s: float
+) -> None:
+    settings = WorkerSettings(fetch_ahead_s=ahead_s, fetch_max_wait_ms=wait_ms)
+    assert settings.fetch_resume_s == pytest.approx(resume_s)

@@ -116,13 +116,16 @@ class Batcher:
         """Model time to run what is queued, at the speed of recent calls (0 before any)."""
         return self._rows / self._speed if self._speed else 0.0
 
-    def ahead(self, limit_s: float, *, paused: bool) -> bool:
+    def ahead(self, limit_s: float, *, paused: bool, resume_s: float | None = None) -> bool:
         """Whether this much is queued that fetching for this model may stop: `limit_s` of
-        model time (down to a quarter of it once stopped), and never less than two full
-        batches per instance, so that batches stay full while fetching starts again."""
+        model time (once stopped, down to `resume_s`, a quarter of it unless given), and never
+        less than two full batches per instance, so that batches stay full while fetching
+        starts again."""
         if self._rows < 2 * self._max_rows * self._instances:
             return False
-        return self.queued_s >= (limit_s / 4 if paused else limit_s)
+        if not paused:
+            return self.queued_s >= limit_s
+        return self.queued_s >= (limit_s / 4 if resume_s is None else resume_s)
 
     def start(self, on_crash: Callable[[BaseException], None]) -> None:
         """Start the batch loops; a loop that dies (a bug), or a model call that hangs,

@@ -180,7 +180,9 @@ class ModelRepository:
     def served(self) -> dict[tuple[str, int], ServedVersion]:
         return dict(self._served)
 
-    def ahead(self, limit_s: float, paused: Collection[str]) -> set[str]:
+    def ahead(
+        self, limit_s: float, paused: Collection[str], resume_s: float | None = None
+    ) -> set[str]:
         """The models every version of which has queued enough to stop fetching for it
         (`Batcher.ahead`; `paused`: the models stopped so far). Each model's queued time goes
         to the metrics on the way."""
@@ -189,7 +191,7 @@ class ModelRepository:
         for (name, _), served in self._served.items():
             batcher = served.batcher
             queued[name] = queued.get(name, 0.0) + batcher.queued_s
-            if not batcher.ahead(limit_s, paused=name in paused):
+            if not batcher.ahead(limit_s, paused=name in paused, resume_s=resume_s):
                 short.add(name)
         for name, seconds in queued.items():
             metrics.QUEUED_SECONDS.labels(name).set(seconds)

@@ -310,7 +310,8 @@ class Worker:
         a quarter is left): Kafka keeps the rest, where the group's other workers can take
         it, a rebalance waits less for what was taken, and no idle fetch costs the broker the
         CPU a busy model needs. Shared topics keep flowing for their other models."""
-        ahead = self._repository.ahead(self.settings.worker.fetch_ahead_s, self._ahead)
+        worker = self.settings.worker
+        ahead = self._repository.ahead(worker.fetch_ahead_s, self._ahead, worker.fetch_resume_s)
         if ahead != self._ahead:
             log.debug("fetching_ahead_stopped", models=sorted(ahead))
             self._ahead = ahead
