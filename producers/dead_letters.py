@@ -306,11 +306,12 @@ async def _answered(
     redis_prefix: str,
     kafka_options: Mapping[str, Any],
 ) -> set[str]:
-    """Request ids among `letters` that already have a result where they would reply."""
+    """Request ids among `letters` that already have a result where they would reply, or
+    where they first asked to."""
     targets: dict[str, set[str]] = {}
     for letter in letters:
-        target = reply_to or letter.reply_to
-        if target:
+        # Sent elsewhere now, a request may still have been answered where it first asked.
+        for target in {reply_to, letter.reply_to} - {None, ""}:
             targets.setdefault(target, set()).add(letter.request_id)
     answered: set[str] = set()
     for target, ids in targets.items():

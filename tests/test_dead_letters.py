@@ -17,7 +17,7 @@ from aiokafka.admin import AIOKafkaAdminClient
 from surge.config import Settings
 from surge.producers import request_body, request_headers
 from surge.producers.dead_letters import TopicUnreadable, read_all, read_to_end
-from surge.schemas import MSGPACK
+from surge.schemas import MSGPACK, headers
 from surge.workers import Worker
 from tests.conftest import make_settings
 from tests.helpers import create_topics, publish, read_topic
@@ -87,6 +87,37 @@ async def test_inspect_then_replay_once(
     assert "20 already answered" in again.stdout
     none = surge("dlq", "replay", *common[:4], "--reason", "model_error")
     assert "selected 0" in none.stdout
+
+
+async def test_replay_elsewhere_skips_requests_answered_where_they_first_asked(
+    kafka: str, model_root: Path, run_worker: Callable[[Settings], Worker]
+) -> None:
+    """A reply topic the worker refuses (here by its pattern) dead-letters the request; one
+    answered there meanwhile (by an earlier replay, say) must not run again elsewhere."""
+    run = uuid.uuid4().hex[:8]
+    dead_letters, first, other = f"test.dlq.{run}", f"first.{run}", f"test.replies.{run}"
+    settings = make_settings(
+        kafka,
+        model_root,
+        None,
+        SURGE_WORKER__DEAD_LETTER_TOPIC=dead_letters,
+        SURGE_WORKER__REPLY_TOPIC_PATTERN=r"test\..*",
+    )
+    topic = settings.worker.topic_prefix + "mlp"
+    await create_topics(kafka, topic, dead_letters, first, other)
+    await run_worker(settings)
+    x = {"x": np.ones((1, 32), np.float32)}
+    ids = [f"{run}-{i}" for i in range(4)]
+    route = request_headers(model="mlp", content_type=MSGPACK, reply_to=first)
+    await publish(kafka, [(topic, i.encode(), request_body(x, i, MSGPACK), route) for i in ids])
+    await read_topic(kafka, dead_letters, until=4, key_of=None)
+    answered = [(headers.REQUEST_ID, ids[0].encode()), (headers.STATUS, b"ok")]
+    await publish(kafka, [(first, ids[0].encode(), b"", answered)])
+
+    out = surge("dlq", "replay", "--topic", dead_letters, "--bootstrap", kafka, "--reply-to", other)
+    assert "replayed 3" in out.stdout, out.stdout + out.stderr
+    assert "1 already answered" in out.stdout
+    assert sorted(await read_topic(kafka, other, until=3)) == sorted(ids[1:])
 
 
 async def test_replay_skips_letters_with_nowhere_to_reply_unless_given_one(
