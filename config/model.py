@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 import re
 from typing import Annotated, Literal
 
@@ -28,8 +29,21 @@ class TensorConfig(msgspec.Struct, kw_only=True, forbid_unknown_fields=True):
     value_range: tuple[float, float] | None = None
 
     def __post_init__(self) -> None:
-        if self.value_range is not None and not self.value_range[0] <= self.value_range[1]:
-            raise ValueError(f"tensor {self.name!r}: value_range {list(self.value_range)} is empty")
+        if self.value_range is None:
+            return
+        low, high = self.value_range
+        if self.datatype == "BYTES":
+            raise ValueError(f"tensor {self.name!r}: a BYTES tensor has no value_range")
+        if math.isnan(low) or math.isnan(high):
+            raise ValueError(f"tensor {self.name!r}: value_range bounds must be numbers")
+        if not low <= high:
+            raise ValueError(f"tensor {self.name!r}: value_range {[low, high]} is empty")
+        if self.pad_value is not None and not low <= self.pad_value <= high:
+            # Padding goes into the model as any value does.
+            raise ValueError(
+                f"tensor {self.name!r}: pad_value {self.pad_value:g} is outside its "
+                f"value_range {[low, high]}"
+            )
 
 
 class ModelConfig(msgspec.Struct, kw_only=True, forbid_unknown_fields=True):
@@ -60,6 +74,8 @@ class ModelConfig(msgspec.Struct, kw_only=True, forbid_unknown_fields=True):
     warmup: bool = True
 
     def __post_init__(self) -> None:
+        if ranged := [o.name for o in self.outputs if o.value_range is not None]:
+            raise ValueError(f"outputs {ranged}: value_range applies to inputs")
         if not re.fullmatch(r"auto|cpu|cuda(:[0-9]+)?", self.device):
             raise ValueError(f"device {self.device!r} must be auto, cpu, cuda or cuda:<n>")
         if self.version_policy == "specific" and not self.versions:

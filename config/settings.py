@@ -140,9 +140,10 @@ class WorkerSettings(msgspec.Struct, kw_only=True, forbid_unknown_fields=True):
     def fetch_resume_s(self) -> float:
         """Queued model time at which a model whose fetching stopped fetches again: a quarter
         of fetch_ahead_s, and at least two fetch waits, as its first fetch may queue behind
-        one parked on the same broker for other topics (never more than fetch_ahead_s)."""
+        one parked on the same broker for other topics; at most three quarters, so that
+        stopping and starting stay apart."""
         parked_s = 2 * self.fetch_max_wait_ms / 1000
-        return min(self.fetch_ahead_s, max(self.fetch_ahead_s / 4, parked_s))
+        return min(0.75 * self.fetch_ahead_s, max(self.fetch_ahead_s / 4, parked_s))
 
     def __post_init__(self) -> None:
         try:

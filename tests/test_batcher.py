@@ -567,3 +567,19 @@ async def test_a_failed_device_answers_its_batch_and_leaves_the_queue_to_a_new_p
     assert [r.code for r in answers.failed] == [ErrorCode.MODEL_ERROR] * 2
     assert "the device failed" in answers.failed[0].message
     assert not answers.answered  # the other four are redelivered to the restarted worker
+    assert batcher.abandoned == 4  # shutdown does not wait for them
+
+
+async def test_a_drain_can_leave_what_will_never_settle() -> None:
+    ledger = Ledger(100, 1 << 20)
+    tickets = [make_ticket(b"{}") for _ in range(3)]
+    for offset, ticket in enumerate(tickets):
+        ticket.offset = offset
+        ledger.admit(ticket)
+    ledger.settle(tickets[0])
+    drained = asyncio.ensure_future(ledger.drained(leaving=1))
+    await asyncio.sleep(0.01)
+    assert not drained.done()
+    ledger.settle(tickets[1])
+    await asyncio.wait_for(drained, 1)
+    assert ledger.offsets.committable() == {tickets[0].tp: 2}  # the third is left unread

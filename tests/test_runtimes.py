@@ -344,7 +344,15 @@ def test_closing_an_onnx_model_releases_its_session(tmp_path: Path) -> None:
     assert session() is None
 
 
-def test_cuda_errors_are_told_from_the_models_own() -> None:
+def test_only_errors_that_break_the_cuda_context_count_as_a_failed_device() -> None:
     assert is_cuda_failure(torch.AcceleratorError("CUDA error: device-side assert triggered"))
     assert is_cuda_failure(RuntimeError("CUDA failure 700: an illegal memory access"))
+    assert is_cuda_failure(RuntimeError("CUDA error cudaErrorLaunchFailure:unspecified"))
+    # One call's failures: the batch is halved to find the request, as for any model error.
     assert not is_cuda_failure(RuntimeError("mat1 and mat2 shapes cannot be multiplied"))
+    assert not is_cuda_failure(
+        RuntimeError("CUDA error cudaErrorInvalidConfiguration:invalid configuration argument")
+    )
+    assert not is_cuda_failure(
+        torch.AcceleratorError("CUDA error: CUBLAS_STATUS_NOT_SUPPORTED when calling cublasLt")
+    )

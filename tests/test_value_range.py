@@ -6,7 +6,7 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from surge.config import ConfigError, ModelConfig, TensorConfig, convert
+from surge.config import ConfigError, ModelConfig, convert
 from surge.producers.requests import request_body
 from surge.schemas import JSON, MSGPACK, ErrorCode
 from surge.workers import Rejection
@@ -59,10 +59,18 @@ def test_an_empty_range_is_a_config_error() -> None:
     tensor = {"name": "ids", "datatype": "INT64", "shape": [-1], "value_range": [5, 1]}
     with pytest.raises(ConfigError, match="empty"):
         convert({"inputs": [tensor]}, ModelConfig, "m")
-    with pytest.raises(ValueError, match="no value_range"):
-        TensorSpec.from_config(
-            TensorConfig(name="s", datatype="BYTES", shape=[1], value_range=(0, 1))
-        )
+    tensor |= {"value_range": [1, 5], "pad_value": 0}  # padding reaches the model too
+    with pytest.raises(ConfigError, match="pad_value 0 is outside"):
+        convert({"inputs": [tensor]}, ModelConfig, "m")
+    for bad, message in [
+        ({"datatype": "BYTES", "value_range": [0, 1]}, "no value_range"),
+        ({"value_range": [0, float("nan")]}, "must be numbers"),
+    ]:
+        with pytest.raises(ConfigError, match=message):
+            convert({"inputs": [tensor | bad]}, ModelConfig, "m")
+    output = {"name": "y", "datatype": "FP32", "shape": [2], "value_range": [0, 1]}
+    with pytest.raises(ConfigError, match="applies to inputs"):
+        convert({"outputs": [output]}, ModelConfig, "m")
 
 
 def test_warm_up_feeds_values_the_model_accepts() -> None:
@@ -78,3 +86,6 @@ def test_warm_up_feeds_values_the_model_accepts() -> None:
     warm_up(Model(), [2])  # type: ignore[arg-type]
     assert seen[0].shape == (2, 1)
     assert (seen[0] == 101).all()
+    Model.inputs = (TensorSpec("ids", "INT64", (-1,), value_range=(0.5, 10)),)
+    warm_up(Model(), [1])  # type: ignore[arg-type]
+    assert seen[1].tolist() == [[1]]  # the lowest whole number in range, not 0

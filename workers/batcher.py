@@ -100,6 +100,7 @@ class Batcher:
         self._tasks: list[asyncio.Task[None]] = []
         self._on_crash: Callable[[BaseException], None] = lambda exc: None  # until started
         self._device_failed = False
+        self._not_run = 0  # jobs taken for a batch after the device failed
         self._batch_ids = itertools.count(1)
         self._batch_rows = metrics.BATCH_ROWS.labels(model)
         self._batch_seconds = metrics.BATCH_SECONDS.labels(model)
@@ -336,9 +337,17 @@ class Batcher:
                 await self._run(group if index == 0 else self._unexpired(group))
             log.debug("batch_done", requests=len(jobs))
 
+    @property
+    def abandoned(self) -> int:
+        """Requests this batcher will never answer: its device failed before they ran."""
+        return self._not_run + len(self._queue) if self._device_failed else 0
+
     async def _run(self, jobs: list[Job]) -> None:
         """Run one model call; on failure split the batch in halves to isolate the culprit."""
-        if not jobs or self._device_failed:
+        if self._device_failed:
+            self._not_run += len(jobs)
+            return
+        if not jobs:
             return
         rows = [job.rows for job in jobs]
         total = sum(rows)

@@ -142,6 +142,9 @@ class ModelRepository:
         self._replies = replies
         self._budget = time_budget_s
         self._served: dict[tuple[str, int], ServedVersion] = {}
+        # Requests of unloaded versions that will never be answered (their device failed):
+        # left uncommitted, for the partition's next owner.
+        self.abandoned = 0
         self._latest: dict[str, ServedVersion] = {}
         self._failed: dict[
             tuple[str, int], tuple[int, int]
@@ -339,6 +342,7 @@ class ModelRepository:
 
     async def _drain(self, served: ServedVersion) -> None:
         await served.batcher.close()
+        self.abandoned += served.batcher.abandoned
         served.executor.shutdown(wait=False)
         await asyncio.to_thread(served.runtime.close)
         log.info("model_unloaded", model=served.source.name, version=served.source.version)

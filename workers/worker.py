@@ -466,7 +466,7 @@ class Worker:
         try:
             async with asyncio.timeout(self.settings.worker.shutdown_timeout_s):
                 await self._repository.close()
-                await self._ledger.drained()
+                await self._ledger.drained(leaving=self._repository.abandoned)
         except TimeoutError:
             log.error("shutdown_timeout", unfinished=self._ledger.records)
         except Exception:

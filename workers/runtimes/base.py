@@ -50,14 +50,39 @@ class TensorSpec:
 
 
 class DeviceFailed(RuntimeError):
-    """The accelerator failed in a way every later call shares (a CUDA error is sticky: a
-    device-side assert or an illegal address leaves the process's context unusable)."""
+    """The accelerator failed in a way every later call shares: the process's CUDA context
+    is unusable until it restarts."""
+
+
+# CUDA's sticky errors, by message and by name: after one of these every call on the
+# context fails. Others (an invalid launch configuration for one shape, a cuBLAS status)
+# fail one call, and the batcher isolates their request as for any model error.
+_STICKY_CUDA_ERRORS = (
+    "device-side assert",
+    "illegal memory access",
+    "unspecified launch failure",
+    "misaligned address",
+    "illegal instruction",
+    "hardware stack error",
+    "invalid program counter",
+    "launch timed out",
+    "uncorrectable ecc",
+    "cudaerrorassert",
+    "cudaerrorillegaladdress",
+    "cudaerrorlaunchfailure",
+    "cudaerrormisalignedaddress",
+    "cudaerrorillegalinstruction",
+    "cudaerrorhardwarestackerror",
+    "cudaerrorinvalidpc",
+    "cudaerrorlaunchtimeout",
+    "cudaerroreccuncorrectable",
+)
 
 
 def is_cuda_failure(exc: BaseException) -> bool:
-    """Whether an error a runtime raised came from CUDA itself, not from the model's inputs."""
-    text = str(exc)
-    return "CUDA error" in text or "CUDA failure" in text or "cudaError" in text
+    """Whether an error a runtime raised left the CUDA context unusable."""
+    text = str(exc).lower()
+    return any(marker in text for marker in _STICKY_CUDA_ERRORS)
 
 
 class Runtime(Protocol):
@@ -81,9 +106,16 @@ def warm_up(runtime: Runtime, batch_sizes: Sequence[int]) -> None:
             if spec.datatype == "BYTES":
                 return  # no meaningful zero value: skip warm-up rather than guess
             dims = tuple(1 if d < 0 else d for d in spec.shape)
-            low = spec.value_range[0] if spec.value_range else 0  # a value the model accepts
-            inputs[spec.name] = np.full((rows, *dims), low, dtype=spec.dtype)
+            inputs[spec.name] = np.full((rows, *dims), _accepted(spec), dtype=spec.dtype)
         runtime.run(inputs)
+
+
+def _accepted(spec: TensorSpec) -> float:
+    """A value the model accepts for an input: 0, or the lowest of its value_range."""
+    if spec.value_range is None:
+        return 0
+    low = spec.value_range[0]
+    return math.ceil(low) if spec.dtype.kind in "biu" else low
 
 
 def intra_op_threads(config: ModelConfig, *, shared_pool: bool) -> int:

@@ -82,14 +82,14 @@ class OnnxRuntime:
         self._output_names = [spec.name for spec in self.outputs]
 
     def run(self, inputs: Mapping[str, np.ndarray]) -> dict[str, np.ndarray]:
-        if self._binding is not None:
-            try:
+        try:
+            if self._binding is not None:
                 return self._binding.run(inputs, self._output_names)
-            except Exception as exc:  # onnxruntime's own types: Fail, RuntimeException, …
-                if is_cuda_failure(exc):
-                    raise DeviceFailed(f"{self.device}: {exc}") from exc
-                raise
-        results = self._session.run(self._output_names, dict(inputs))
+            results = self._session.run(self._output_names, dict(inputs))
+        except Exception as exc:  # onnxruntime's own types: Fail, RuntimeException, …
+            if self.device != "cpu" and is_cuda_failure(exc):
+                raise DeviceFailed(f"{self.device}: {exc}") from exc
+            raise
         return dict(zip(self._output_names, results, strict=True))
 
     def close(self) -> None:

@@ -58,7 +58,7 @@ class TorchRuntime:
                     outputs = self._outputs(self._forward(inputs))
                 stream.synchronize()  # the copies back to pinned memory were asynchronous
             except RuntimeError as exc:  # torch.AcceleratorError among them
-                if isinstance(exc, torch.AcceleratorError) or is_cuda_failure(exc):
+                if is_cuda_failure(exc):
                     raise DeviceFailed(f"{self.device}: {exc}") from exc
                 raise
         else:
