@@ -11,14 +11,16 @@ from collections.abc import AsyncIterator
 
 import pytest
 from aiokafka import AIOKafkaProducer
+from aiokafka.admin import AIOKafkaAdminClient, NewTopic
 from aiokafka.errors import KafkaError
 
 from surge.schemas import ErrorCode, headers
+from surge.workers import writes
 from surge.workers.acked import AckedWrites
 from surge.workers.ledger import Ledger
 from surge.workers.writes import RetryPolicy, TopicLookup, Write
 from tests.helpers import create_topics, make_ticket, read_topic
-from tests.services import free_port
+from tests.services import KafkaBroker, free_port
 
 pytestmark = pytest.mark.integration
 
@@ -92,3 +94,89 @@ async def test_a_result_whose_topic_cannot_be_looked_up_is_retried_then_dead_let
     assert not crashes
     (letter,) = (await read_topic(kafka, dead_letters, until=1, key_of=None))[run]
     assert letter.headers[headers.ERROR_CODE] == ErrorCode.REPLY_FAILED.encode()
+
+
+async def test_a_burst_of_lookups_starts_one_client(
+    kafka: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    started: list[AIOKafkaProducer] = []
+
+    class Counted(AIOKafkaProducer):
+        async def start(self) -> None:
+            started.append(self)
+            await super().start()
+
+    monkeypatch.setattr(writes, "AIOKafkaProducer", Counted)
+    topic = f"test.lookup.{uuid.uuid4().hex[:8]}"
+    await create_topics(kafka, topic)
+    lookup = TopicLookup({"bootstrap_servers": kafka}, wait_s=5)
+    try:
+        assert all(await asyncio.gather(*(lookup.exists(topic) for _ in range(20))))
+    finally:
+        await lookup.close()
+    assert len(started) == 1
+
+
+async def test_a_cluster_gone_quiet_is_no_answer_that_a_topic_is_missing() -> None:
+    """Started, then cut off: a lookup that gets no metadata raises (the result is retried),
+    where a cluster that answers without the topic means it does not exist."""
+    broker = KafkaBroker().start()
+    lookup = TopicLookup({"bootstrap_servers": broker.bootstrap}, wait_s=1)
+    try:
+        topic = f"test.lookup.{uuid.uuid4().hex[:8]}"
+        await create_topics(broker.bootstrap, topic)
+        assert await lookup.exists(topic)
+        broker.close()
+        with pytest.raises(KafkaError):
+            await lookup.exists(f"test.other.{uuid.uuid4().hex[:8]}")
+    finally:
+        await lookup.close()
+        broker.close()
+
+
+async def test_results_a_topic_takes_one_by_one_are_not_refused_for_their_batch(
+    kafka: str,
+) -> None:
+    """Over a reply topic's max.message.bytes together, each result alone fits it."""
+    run = uuid.uuid4().hex[:8]
+    topic, dead_letters = f"test.small.{run}", f"test.dlq.{run}"
+    admin = AIOKafkaAdminClient(bootstrap_servers=kafka)
+    await admin.start()
+    try:
+        small = {"max.message.bytes": "20000"}
+        await admin.create_topics([NewTopic(topic, 1, 1, topic_configs=small)])
+    finally:
+        await admin.close()
+    await create_topics(kafka, dead_letters)
+    producer = AIOKafkaProducer(
+        bootstrap_servers=kafka, acks="all", enable_idempotence=True, max_batch_size=256 * 1024
+    )
+    await producer.start()
+    await producer.partitions_for(topic)
+    ledger = Ledger(1000, 1 << 30)
+    crashes: list[BaseException] = []
+    acked = AckedWrites(
+        producer,
+        ledger,
+        RetryPolicy(dead_letters, 60, crashes.append),
+        crashes.append,
+        TopicLookup({"bootstrap_servers": kafka}, 5),
+    )
+    tickets = []
+    try:
+        acked.start()
+        for i in range(100):
+            ticket = make_ticket(b"{}")
+            ticket.offset, ticket.request_id = i, f"{run}-{i}"
+            ticket.key = ticket.request_id.encode()
+            ledger.admit(ticket)
+            tickets.append(ticket)
+            acked.put(Write(ticket, topic, b"x" * 1000, [], dead_letter=False))
+        async with asyncio.timeout(30):
+            while not all(t.settled for t in tickets):
+                await ledger.progress()
+    finally:
+        await acked.close()
+        await producer.stop()
+    assert not crashes
+    assert len(await read_topic(kafka, topic, until=100, key_of=None)) == 100  # no dead letter

@@ -10,7 +10,7 @@ from collections.abc import Callable
 from typing import Any
 
 from aiokafka import AIOKafkaProducer
-from aiokafka.errors import KafkaError, KafkaTimeoutError
+from aiokafka.errors import KafkaError, KafkaTimeoutError, MessageSizeTooLargeError
 
 from surge.workers import metrics
 from surge.workers.ledger import Ledger
@@ -90,19 +90,27 @@ class AckedWrites:
     def _watch(self, sent: Sent) -> None:
         writes, delivery = sent
         if isinstance(delivery, BaseException):
-            for write in writes:
-                self._failed(write, delivery)
+            self._refused(writes, delivery)
             return
         delivery.add_done_callback(lambda done: self._delivered(writes, done))
 
     def _delivered(self, writes: list[Write], delivery: asyncio.Future[Any]) -> None:
         exc = None if delivery.cancelled() else delivery.exception()
         if delivery.cancelled() or exc is not None:
-            for write in writes:
-                self._failed(write, exc or KafkaTimeoutError("delivery cancelled"))
+            self._refused(writes, exc or KafkaTimeoutError("delivery cancelled"))
             return
         self._ledger.settle_all([write.ticket for write in writes])
         metrics.outcomes_durable("kafka", (write.ticket.received for write in writes))
+
+    def _refused(self, writes: list[Write], exc: BaseException) -> None:
+        if isinstance(exc, MessageSizeTooLargeError) and len(writes) > 1:
+            # The batch was over the topic's limit, not necessarily any one result in it.
+            for write in writes:
+                write.alone = True
+                self.put(write)
+            return
+        for write in writes:
+            self._failed(write, exc)
 
     def _failed(self, write: Write, exc: BaseException) -> None:
         retry = self._retry.after(write, exc)

@@ -52,6 +52,8 @@ class Write:
     key: bytes = b""
     first_failure: float | None = None  # monotonic time of the first failed attempt
     retry_in: float = RETRY_FIRST_S
+    # In a record batch of its own: the batch it went in was over the topic's size limit.
+    alone: bool = False
 
     def __post_init__(self) -> None:
         self.key = self.ticket.key or self.ticket.request_id.encode()  # results join by key
@@ -87,13 +89,19 @@ async def send_batches(
     sent: list[Sent] = []
     batch, members = producer.create_batch(), []
     for write in writes:
-        if not batch.append(
+        fits = not write.alone and batch.append(
             key=write.key, value=write.value, timestamp=now_ms, headers=write.headers
-        ):  # full: ship it and start the next
-            sent.append(await _send_batch(producer, batch, topic, partition, members))
-            batch, members = producer.create_batch(), []
+        )
+        if not fits:  # full, or this one goes alone: ship what is in it and start the next
+            if members:
+                sent.append(await _send_batch(producer, batch, topic, partition, members))
+                batch, members = producer.create_batch(), []
             # An empty batch takes any record; one over the broker's limit is refused there.
             batch.append(key=write.key, value=write.value, timestamp=now_ms, headers=write.headers)
+            if write.alone:
+                sent.append(await _send_batch(producer, batch, topic, partition, [write]))
+                batch = producer.create_batch()
+                continue
         members.append(write)
     if members:
         sent.append(await _send_batch(producer, batch, topic, partition, members))
@@ -122,26 +130,43 @@ class TopicLookup:
         self._options = client_options
         self._wait_s = wait_s
         self._client: AIOKafkaProducer | None = None
+        self._starting = asyncio.Lock()  # a burst of lookups starts one client, not one each
         self._found: set[str] = set()
 
     async def exists(self, topic: str) -> bool:
         """Raises KafkaError when the cluster cannot be asked (the next call asks again)."""
         if topic in self._found:
             return True
-        if self._client is None:
-            client = AIOKafkaProducer(**self._options)
-            try:
-                await client.start()
-            except BaseException:
-                await client.stop()  # half started, it would never learn any metadata
-                raise
-            self._client = client
+        client = await self._started()
         try:  # on a cluster that auto-creates topics, this creates it
-            await asyncio.wait_for(self._client.partitions_for(topic), self._wait_s)
+            await asyncio.wait_for(client.partitions_for(topic), self._wait_s)
         except (TimeoutError, KafkaError):
+            # No such topic only if the cluster answered; unreachable, it is asked again later.
+            if not await self._answers(client):
+                message = f"no metadata from the cluster in {self._wait_s:g}s"
+                raise KafkaTimeoutError(message) from None
             return False
         self._found.add(topic)
         return True
+
+    async def _started(self) -> AIOKafkaProducer:
+        async with self._starting:
+            if self._client is None:
+                client = AIOKafkaProducer(**self._options)
+                try:
+                    await client.start()
+                except BaseException:
+                    await client.stop()  # half started, it would never learn any metadata
+                    raise
+                self._client = client
+        return self._client
+
+    async def _answers(self, client: AIOKafkaProducer) -> bool:
+        """Whether the cluster answers a metadata request now."""
+        try:
+            return bool(await asyncio.wait_for(client.client.force_metadata_update(), self._wait_s))
+        except TimeoutError:
+            return False
 
     async def close(self) -> None:
         if self._client is not None:
