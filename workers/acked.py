@@ -6,6 +6,7 @@ with back-off or becomes a dead letter (`RetryPolicy`). The exactly-once counter
 from __future__ import annotations
 
 import asyncio
+import functools
 from collections.abc import Callable
 from typing import Any
 
@@ -27,6 +28,10 @@ from surge.workers.writes import (
     send_one,
 )
 
+# How long the loop waits for the producer to take a pass's batches. Taken at once but for
+# partitions whose earlier batch is still in flight: those wait a round trip.
+_HAND_OVER_S = 0.5
+
 
 class AckedWrites:
     def __init__(
@@ -46,6 +51,7 @@ class AckedWrites:
         self.put: Callable[[Write], None] = self._outbox.put
         self._task: asyncio.Task[None] | None = None
         self._side_sends: set[asyncio.Task[None]] = set()
+        self._handing: dict[tuple[str, int], asyncio.Task[None]] = {}  # the last, per partition
 
     def start(self) -> None:
         self._task = supervised(self._loop(), "acked-writes", self._on_crash)
@@ -53,7 +59,12 @@ class AckedWrites:
     async def close(self) -> None:
         if self._task is not None:
             self._task.cancel()
-        await asyncio.gather(*filter(None, [self._task]), *self._side_sends, return_exceptions=True)
+        handing = list(self._handing.values())
+        for task in handing:
+            task.cancel()
+        await asyncio.gather(
+            *filter(None, [self._task]), *self._side_sends, *handing, return_exceptions=True
+        )
         await self._lookup.close()
 
     async def _loop(self) -> None:
@@ -64,15 +75,38 @@ class AckedWrites:
                 # Waiting for an unknown topic's metadata can take request_timeout_ms: do it
                 # aside, so one bad reply topic never holds up everyone else's results.
                 self._aside(self._send_one(write))
-            # Partitions go out concurrently: one whose leader is moving must not stall the rest.
-            await asyncio.gather(*(self._send(*key, group) for key, group in groups.items()))
+            # The loop waits while the producer takes the batches (its pace is what lets the
+            # next take batch more), but not for long, nor for a partition still behind from
+            # an earlier pass: one whose leader is gone takes nothing until its batch expires.
+            waits = [task for key, group in groups.items() if (task := self._hand_over(key, group))]
+            if waits:
+                await asyncio.wait(waits, timeout=_HAND_OVER_S)
 
     def _aside(self, coroutine: Any) -> None:
         task = asyncio.create_task(coroutine)
         self._side_sends.add(task)
         task.add_done_callback(self._side_sends.discard)
 
-    async def _send(self, topic: str, partition: int, writes: list[Write]) -> None:
+    def _hand_over(self, key: tuple[str, int], writes: list[Write]) -> asyncio.Task[None] | None:
+        """Send a partition's writes after its earlier ones, in order; the task to wait for,
+        or None when the partition is still behind."""
+        behind = self._handing.get(key)
+        task = asyncio.create_task(self._send(*key, writes, after=behind))
+        self._handing[key] = task
+        task.add_done_callback(functools.partial(self._handed, key))
+        return None if behind else task
+
+    def _handed(self, key: tuple[str, int], task: asyncio.Task[None]) -> None:
+        if self._handing.get(key) is task:
+            del self._handing[key]
+        if not task.cancelled() and (exc := task.exception()) is not None:
+            self._on_crash(exc)  # a bug: refusals come back as values, not raised
+
+    async def _send(
+        self, topic: str, partition: int, writes: list[Write], after: asyncio.Task[None] | None
+    ) -> None:
+        if after is not None:
+            await asyncio.wait([after])  # its outcome is its own
         for sent in await send_batches(self.producer, topic, partition, writes):
             self._watch(sent)
 
