@@ -12,6 +12,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 from aiokafka import AIOKafkaConsumer, TopicPartition
+from aiokafka.admin import AIOKafkaAdminClient, NewTopic
 
 from surge.config import Settings
 from surge.producers import request_body, request_headers
@@ -249,3 +250,48 @@ async def test_a_commit_whose_answer_was_lost_is_not_sent_again(kafka: str) -> N
     assert ledger.records == 0
     await transactions.close()
     await consumer.stop()
+
+
+async def test_results_over_a_topic_limit_only_together_go_again_one_by_one(kafka: str) -> None:
+    """A record batch over the reply topic's max.message.bytes aborts its transaction; the next
+    one sends each result alone, and none becomes a dead letter."""
+    run = uuid.uuid4().hex[:8]
+    source, out, dead, group = f"test.source.{run}", f"test.small.{run}", f"test.dead.{run}", run
+    admin = AIOKafkaAdminClient(bootstrap_servers=kafka)
+    await admin.start()
+    try:
+        small = {"max.message.bytes": "20000"}
+        await admin.create_topics([NewTopic(out, 1, 1, topic_configs=small)])
+    finally:
+        await admin.close()
+    await create_topics(kafka, source, dead, partitions=1)
+    tp = TopicPartition(source, 0)
+    ledger = Ledger(1000, 1 << 30)
+    retry = RetryPolicy(dead, 60, lambda exc: pytest.fail(repr(exc)))
+    options = {
+        "bootstrap_servers": kafka,
+        "acks": "all",
+        "enable_idempotence": True,
+        "max_batch_size": 256 * 1024,  # as the worker's
+    }
+    offsets = AIOKafkaConsumer(bootstrap_servers=kafka, group_id=group, enable_auto_commit=False)
+    await offsets.start()
+    transactions = Transactions(
+        group, ledger, retry, options, lambda exc: pytest.fail(repr(exc)), offsets.committed
+    )
+    try:
+        await transactions.assign([tp])
+        for offset in range(100):
+            ticket = _ticket(tp, offset, f"r{offset}")
+            ledger.admit(ticket)
+            transactions.buffer(Write(ticket, out, b"x" * 1000, [], dead_letter=False))
+        for _ in range(5):  # the first commit fails whole; the next sends them one by one
+            await transactions.commit(ledger.offsets.committable())
+            if not ledger.records:
+                break
+        assert ledger.records == 0
+        assert len(await read_to_end(kafka, out, key_of=None)) == 100
+        assert not await read_to_end(kafka, dead, key_of=None, timeout=5)
+    finally:
+        await transactions.close()
+        await offsets.stop()

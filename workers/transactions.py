@@ -241,6 +241,12 @@ class Transactions:
                     continue
                 except KafkaError as exc:
                     delivery = exc
+            if isinstance(delivery, MessageSizeTooLargeError) and len(members) > 1:
+                # The batch was over the topic's limit, not necessarily any one result in it:
+                # in the next transaction each goes in a batch of its own.
+                for write in members:
+                    write.alone = True
+                delivery = KafkaTimeoutError(f"a batch of {len(members)} over the size limit")
             failures += [(w, delivery) for w in members]
         return failures
 
