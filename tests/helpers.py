@@ -38,12 +38,20 @@ class Reply:
     headers: dict[str, bytes]
 
 
-async def create_topics(bootstrap: str, *names: str, partitions: int = 4) -> None:
+async def create_topics(
+    bootstrap: str, *names: str, partitions: int = 4, configs: dict[str, str] | None = None
+) -> None:
+    """Topics not there yet, one replica each, with these topic `configs` (e.g.
+    max.message.bytes)."""
     admin = AIOKafkaAdminClient(bootstrap_servers=bootstrap)
     await admin.start()
     try:
         existing = set(await admin.list_topics())
-        new = [NewTopic(n, partitions, 1) for n in names if n not in existing]
+        new = [
+            NewTopic(n, partitions, 1, topic_configs=configs or {})
+            for n in names
+            if n not in existing
+        ]
         if new:
             with contextlib.suppress(TopicAlreadyExistsError):
                 await admin.create_topics(new)

@@ -12,7 +12,6 @@ from pathlib import Path
 import numpy as np
 import pytest
 from aiokafka import AIOKafkaConsumer, TopicPartition
-from aiokafka.admin import AIOKafkaAdminClient, NewTopic
 
 from surge.config import Settings
 from surge.producers import request_body, request_headers
@@ -257,13 +256,7 @@ async def test_results_over_a_topic_limit_only_together_go_again_one_by_one(kafk
     one sends each result alone, and none becomes a dead letter."""
     run = uuid.uuid4().hex[:8]
     source, out, dead, group = f"test.source.{run}", f"test.small.{run}", f"test.dead.{run}", run
-    admin = AIOKafkaAdminClient(bootstrap_servers=kafka)
-    await admin.start()
-    try:
-        small = {"max.message.bytes": "20000"}
-        await admin.create_topics([NewTopic(out, 1, 1, topic_configs=small)])
-    finally:
-        await admin.close()
+    await create_topics(kafka, out, partitions=1, configs={"max.message.bytes": "20000"})
     await create_topics(kafka, source, dead, partitions=1)
     tp = TopicPartition(source, 0)
     ledger = Ledger(1000, 1 << 30)

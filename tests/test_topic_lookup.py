@@ -11,7 +11,6 @@ from collections.abc import AsyncIterator
 
 import pytest
 from aiokafka import AIOKafkaProducer
-from aiokafka.admin import AIOKafkaAdminClient, NewTopic
 from aiokafka.errors import KafkaError
 
 from surge.schemas import ErrorCode, headers
@@ -140,13 +139,7 @@ async def test_results_a_topic_takes_one_by_one_are_not_refused_for_their_batch(
     """Over a reply topic's max.message.bytes together, each result alone fits it."""
     run = uuid.uuid4().hex[:8]
     topic, dead_letters = f"test.small.{run}", f"test.dlq.{run}"
-    admin = AIOKafkaAdminClient(bootstrap_servers=kafka)
-    await admin.start()
-    try:
-        small = {"max.message.bytes": "20000"}
-        await admin.create_topics([NewTopic(topic, 1, 1, topic_configs=small)])
-    finally:
-        await admin.close()
+    await create_topics(kafka, topic, partitions=1, configs={"max.message.bytes": "20000"})
     await create_topics(kafka, dead_letters)
     producer = AIOKafkaProducer(
         bootstrap_servers=kafka, acks="all", enable_idempotence=True, max_batch_size=256 * 1024

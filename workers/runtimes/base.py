@@ -42,8 +42,6 @@ class TensorSpec:
     def from_config(cls, config: TensorConfig) -> TensorSpec:
         if config.datatype not in DATATYPES:
             raise ValueError(f"tensor {config.name!r}: unknown datatype {config.datatype!r}")
-        if config.value_range is not None and config.datatype == "BYTES":
-            raise ValueError(f"tensor {config.name!r}: a BYTES tensor has no value_range")
         return cls(
             config.name, config.datatype, tuple(config.shape), config.pad_value, config.value_range
         )
