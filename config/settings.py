@@ -111,6 +111,7 @@ class WorkerSettings(msgspec.Struct, kw_only=True, forbid_unknown_fields=True):
     # Results may only go to topics matching this: a request cannot make a worker write anywhere.
     reply_topic_pattern: str = TOPIC_NAME
     max_in_flight: Positive = 20_000
+    # Of request bodies, and of their encoded results until those are durable.
     max_in_flight_bytes: Positive = 256 * 1024 * 1024
     # Model time a worker queues ahead of a model: past it, that model's own topics pause
     # until a quarter is left (or two batches per instance, if more). Kafka keeps the rest,

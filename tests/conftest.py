@@ -16,6 +16,9 @@ import uuid
 from collections.abc import AsyncIterator, Callable, Iterator
 from pathlib import Path
 
+# Imported here, at a shallow stack: first imported by its plugin deep inside pytest's
+# summary, CPython 3.11.7 can fail to compile it ("AST constructor recursion depth mismatch").
+import hypothesis  # noqa: F401
 import pytest
 
 from surge.config import Settings, load_settings

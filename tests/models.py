@@ -97,3 +97,18 @@ class Hangs(torch.nn.Module):
 
 def write_hangs(model_root: Path) -> Path:
     return _write(model_root, "hangs", Hangs(), delay_ms=1)
+
+
+class Wide(torch.nn.Module):
+    """Each row of 4 values repeated to 16,384: 64 KiB of output per row."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return x.repeat(1, 4096)
+
+
+def write_wide(model_root: Path) -> Path:
+    path = _write(model_root, "wide", Wide(), delay_ms=1, batch=8)
+    config = model_root / "wide" / "config.toml"
+    inputs, outputs = config.read_text().split("[[outputs]]")
+    config.write_text(inputs + "[[outputs]]" + outputs.replace("[4]", "[16384]"))
+    return path

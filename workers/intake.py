@@ -62,6 +62,9 @@ class Intake:
         self._outputs = outputs
         self._max_rows = max_rows
         self._max_elements = max_elements
+        # Bytes of a row's outputs, as far as their shapes tell (the data, not the encoding
+        # around it): what a queued request will hold in memory once answered.
+        self.result_row_bytes = sum(spec.row_bytes for spec in outputs)
         spec = inputs[0] if len(inputs) == 1 else None
         laid_out = spec and spec.row_bytes and spec.pad_value is None and not spec.value_range
         self._laid_out = spec.name if laid_out else None

@@ -38,6 +38,14 @@ class Ledger:
         self.records += 1
         self.bytes += len(ticket.value)
 
+    def hold(self, ticket: Ticket, size: int) -> None:
+        """The ticket's outcome takes `size` bytes until it is durable: first as expected
+        when the request is queued (so that a model's large outputs pause fetching before
+        they exist), then as encoded. It counts against the bytes bound too, or results that
+        a slow reply target holds back would grow without one."""
+        self.bytes += size - ticket.held
+        ticket.held = size
+
     def settle(self, ticket: Ticket) -> None:
         """The ticket's result or dead letter is durable. Settling twice changes nothing."""
         self.settle_all((ticket,))
@@ -73,7 +81,7 @@ class Ledger:
 
     def _release(self, ticket: Ticket) -> None:
         self.records -= 1
-        self.bytes -= len(ticket.value)
+        self.bytes -= len(ticket.value) + ticket.held
 
     def _wake(self) -> None:
         if self._waiters:

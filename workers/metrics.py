@@ -59,6 +59,10 @@ QUEUED_SECONDS = Gauge(
     ["model"],
 )
 IN_FLIGHT = Gauge("surge_in_flight_requests", "Consumed records without a durable outcome")
+IN_FLIGHT_BYTES = Gauge(
+    "surge_in_flight_bytes",
+    "Bytes of those records and of their encoded outcomes not yet durable (max_in_flight_bytes)",
+)
 PAUSED = Gauge("surge_paused", "1 while partitions are paused for backpressure")
 REPLY_RETRIES = Counter("surge_reply_retries_total", "Result writes retried", ["target"])
 

@@ -153,6 +153,7 @@ class Replies:
         return True
 
     def _deliver(self, ticket: Ticket, status: Status, body: bytes, code: ErrorCode | None) -> None:
+        self._ledger.hold(ticket, len(body))
         if ticket.reply_to == REPLY_TO_REDIS:
             self._redis_box.put((ticket, body))
             return

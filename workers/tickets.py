@@ -55,6 +55,7 @@ class Ticket:
     received: float  # time.monotonic() when consumed
     answered: bool = False  # an outcome was handed to Replies: never a second one
     settled: bool = False  # that outcome is durable
+    held: int = 0  # bytes of its outcome, expected or encoded, in memory until it is durable
     tracking: object = None  # the offset tracker's token for this record's partition
 
     def expired(self, now_ms: int) -> bool:

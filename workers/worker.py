@@ -304,6 +304,7 @@ class Worker:
                 continue
             await self.intake(batches)
             metrics.IN_FLIGHT.set(self._ledger.records)
+            metrics.IN_FLIGHT_BYTES.set(self._ledger.bytes)
 
     def _fetched_ahead(self, assigned: set[TopicPartition]) -> set[TopicPartition]:
         """The partitions of the models with `fetch_ahead_s` of model time queued here (until
@@ -377,6 +378,7 @@ class Worker:
         job = served.intake.admit(ticket)
         if isinstance(job, Rejection):
             return job
+        self._ledger.hold(ticket, job.rows * served.intake.result_row_bytes)
         served.batcher.put(job)
         return None
 
