@@ -2,16 +2,21 @@
 
 from __future__ import annotations
 
+import os
 import shutil
+import time
 from pathlib import Path
 
 import numpy as np
+import onnx
 import pytest
 from prometheus_client import REGISTRY
 
+from surge.config import ModelConfig
 from surge.examples import write_mlp
 from surge.schemas import ErrorCode
 from surge.workers import ModelRepository, Rejection, runtimes, scan
+from surge.workers import repository as repository_module
 from surge.workers.intake import Job, admit
 from tests.helpers import make_ticket
 
@@ -106,6 +111,7 @@ def test_a_model_directory_that_cannot_be_read_is_a_problem_of_that_model_alone(
 
 async def test_files_still_being_written_wait_for_the_next_scan(tmp_path: Path) -> None:
     write_mlp(tmp_path)
+    _age(tmp_path / "mlp" / "config.toml")
     found = scan(tmp_path, settle_s=60)
     assert found.wanted == {}
     assert found.settling == {("mlp", 1)}
@@ -162,4 +168,126 @@ async def test_queued_time_is_reported_per_served_model_and_dropped_with_it(tmp_
     assert repository.served == {}
     repository.ahead(5.0, set())
     assert sample() is None
+    await repository.close()
+
+
+def _age(path: Path, seconds: float = 120) -> None:
+    """Make a file, or every file and directory under `path`, `seconds` old."""
+    then = time.time() - seconds
+    for item in [path, *path.rglob("*")] if path.is_dir() else [path]:
+        os.utime(item, (then, then))
+
+
+async def test_a_model_root_gone_for_a_moment_unloads_nothing(tmp_path: Path) -> None:
+    root = tmp_path / "models"
+    write_mlp(root)
+    repository = _repository(root)
+    await repository.reconcile(settle_s=0)
+    served = repository.served[("mlp", 1)]
+    root.rename(tmp_path / "elsewhere")  # unmounted, or a symlink being swapped
+    await repository.reconcile(settle_s=0)
+    assert repository.served == {("mlp", 1): served}
+    (tmp_path / "elsewhere").rename(root)
+    await repository.reconcile(settle_s=0)
+    assert repository.served == {("mlp", 1): served}  # not reloaded either
+    await repository.close()
+
+
+async def test_a_config_still_being_written_waits_for_the_next_scan(tmp_path: Path) -> None:
+    write_mlp(tmp_path)
+    _age(tmp_path / "mlp")
+    repository = _repository(tmp_path)
+    await repository.reconcile()
+    served = repository.served[("mlp", 1)]
+    config = tmp_path / "mlp" / "config.toml"
+    config.write_text("")  # cut short mid-write: still valid TOML, every setting a default
+    await repository.reconcile()
+    assert repository.served == {("mlp", 1): served}
+    assert served.config.max_batch_size != ModelConfig().max_batch_size
+    _age(config)  # it stays that way: now it is what the operator wrote
+    await repository.reconcile()
+    assert repository.served[("mlp", 1)].config == ModelConfig()
+    await repository.close()
+
+
+def test_version_directories_are_named_by_plain_numbers(tmp_path: Path) -> None:
+    write_mlp(tmp_path)
+    for name in ("1²", "02"):  # `str.isdigit` takes the first, `int` the second (as 2)
+        shutil.copytree(tmp_path / "mlp" / "1", tmp_path / "mlp" / name)
+    found = scan(tmp_path, settle_s=0)
+    assert sorted(found.wanted) == [("mlp", 1)]
+    assert sum("named by a number" in problem for problem in found.problems) == 2
+
+
+async def test_a_replacement_still_being_copied_in_keeps_the_old_version(tmp_path: Path) -> None:
+    write_mlp(tmp_path)
+    _age(tmp_path / "mlp")
+    repository = _repository(tmp_path)
+    await repository.reconcile()
+    shutil.rmtree(tmp_path / "mlp" / "1")
+    write_mlp(tmp_path, 2, seed=3)  # just written: still settling
+    _age(tmp_path / "mlp" / "config.toml")
+    await repository.reconcile()
+    assert _served(repository) == [("mlp", 1)], "the model went unserved in between"
+    _age(tmp_path / "mlp" / "2")
+    await repository.reconcile()
+    assert _served(repository) == [("mlp", 2)]
+    await repository.close()
+
+
+async def test_a_version_that_failed_is_tried_again_once_any_of_its_files_changes(
+    tmp_path: Path,
+) -> None:
+    """Weights beside the model file, copied after it: the load failed on them, not on it."""
+    write_mlp(tmp_path)
+    version = tmp_path / "mlp" / "1"
+    model = onnx.load(str(version / "model.onnx"))
+    onnx.save(
+        model,
+        str(version / "model.onnx"),
+        save_as_external_data=True,
+        all_tensors_to_one_file=True,
+        location="weights.bin",
+        size_threshold=0,
+    )
+    weights = (version / "weights.bin").read_bytes()
+    (version / "weights.bin").write_bytes(weights[: len(weights) // 2])  # mid-copy
+    _age(tmp_path / "mlp")
+    repository = _repository(tmp_path)
+    await repository.reconcile()
+    assert _served(repository) == []
+    await repository.reconcile()  # unchanged: not tried again at every scan
+    assert _served(repository) == []
+
+    (version / "weights.bin").write_bytes(weights)  # the copy completes; model.onnx unchanged
+    _age(version / "weights.bin")
+    await repository.reconcile()
+    assert _served(repository) == [("mlp", 1)]
+    await repository.close()
+
+
+async def test_a_version_that_failed_is_tried_again_after_a_while(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A cause outside its files (a GPU short of memory) may have passed."""
+    write_mlp(tmp_path)
+    _age(tmp_path / "mlp")
+    failing = True
+    load = runtimes.load
+
+    def flaky(path: Path, config: ModelConfig) -> runtimes.Runtime:
+        if failing:
+            raise RuntimeError("CUDA out of memory")
+        return load(path, config)
+
+    monkeypatch.setattr(runtimes, "load", flaky)
+    repository = _repository(tmp_path)
+    await repository.reconcile()
+    assert _served(repository) == []
+    failing = False
+    await repository.reconcile()
+    assert _served(repository) == [], "tried again at once, at every scan"
+    monkeypatch.setattr(repository_module, "RETRY_FAILED_S", 0)
+    await repository.reconcile()
+    assert _served(repository) == [("mlp", 1)]
     await repository.close()

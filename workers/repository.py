@@ -26,8 +26,11 @@ from surge.workers.tickets import Rejection
 
 log = structlog.get_logger("surge.repository")
 
-# A model file younger than this may still be being copied in: wait for the next scan.
+# A file younger than this may still be being written: wait for the next scan.
 SETTLE_S = 1.0
+# A version that failed to load is tried again when its files change, or after this long (a
+# cause outside its files, such as a GPU short of memory, may have passed).
+RETRY_FAILED_S = 60.0
 
 
 @dataclass(frozen=True, slots=True)
@@ -35,7 +38,8 @@ class VersionSource:
     name: str
     version: int
     artifact: Path
-    stamp: tuple[int, int, int]  # model size, model mtime, config mtime: a change reloads
+    # The version's files (bytes in all, newest mtime) and the config's mtime: a change reloads.
+    stamp: tuple[int, int, int]
     config: ModelConfig
 
 
@@ -56,8 +60,11 @@ class ServedVersion:
 class Scan:
     wanted: dict[tuple[str, int], VersionSource] = field(default_factory=dict)
     problems: list[str] = field(default_factory=list)
-    unreadable: set[str] = field(default_factory=set)  # models that could not be scanned
+    # Models that could not be scanned, or whose config is still being written: each keeps
+    # what it serves.
+    unreadable: set[str] = field(default_factory=set)
     settling: set[tuple[str, int]] = field(default_factory=set)  # files still being written
+    root_missing: bool = False  # the scan saw nothing: every model keeps what it serves
     # Under the latest policy, each model's other versions, newest first: what serves while
     # none of the wanted ones loads.
     older: dict[str, list[VersionSource]] = field(default_factory=dict)
@@ -70,7 +77,9 @@ def scan(root: Path, names: Collection[str] = (), settle_s: float = SETTLE_S) ->
     problem of that model alone: the others are scanned, and it keeps what it serves."""
     result = Scan()
     if not root.is_dir():
+        # Unmounted, or swapped for another just now: not a reason to unload every model.
         result.problems.append(f"model root {root} is not a directory")
+        result.root_missing = True
         return result
     now_ns = time.time_ns()
     for model_dir in sorted(p for p in root.iterdir() if p.is_dir()):
@@ -96,24 +105,54 @@ def _scan_model(model_dir: Path, now_ns: int, settle_s: float, result: Scan) -> 
     config = ModelConfig()
     if config_path.is_file():
         config_stamp = config_path.stat().st_mtime_ns
+        if now_ns - config_stamp < settle_s * 1e9:
+            # Cut short mid-write, a config can still parse (empty, say) and reload every
+            # version with other settings: wait for the next scan.
+            result.unreadable.add(name)
+            return
         config = convert(read_toml(config_path), ModelConfig, str(config_path))
     found: dict[int, VersionSource] = {}
     for version_dir in model_dir.iterdir():
-        artifact = runtimes.find_artifact(version_dir) if version_dir.name.isdigit() else None
+        artifact = runtimes.find_artifact(version_dir)
         if artifact is None:
             continue
-        stat = artifact.stat()
-        version = int(version_dir.name)
-        if now_ns - stat.st_mtime_ns < settle_s * 1e9:
+        version = _version_number(version_dir.name)
+        if version is None:
+            result.problems.append(
+                f"{version_dir}: a version directory is named by a number, without leading zeros"
+            )
+            continue
+        size, newest = _files_stamp(version_dir)
+        if now_ns - newest < settle_s * 1e9:  # external weights too, not only the model file
             result.settling.add((name, version))
             continue
-        stamp = (stat.st_size, stat.st_mtime_ns, config_stamp)
+        stamp = (size, newest, config_stamp)
         found[version] = VersionSource(name, version, artifact, stamp, config)
     wanted = _apply_policy(config, sorted(found))
     for version in wanted:
         result.wanted[(name, version)] = found[version]
     if config.version_policy == "latest":
         result.older[name] = [found[v] for v in sorted(found, reverse=True) if v not in wanted]
+
+
+def _version_number(name: str) -> int | None:
+    """A version directory's number: ASCII digits written the one way (`02` would be 2 too,
+    and `str.isdigit` takes `²`, which `int` refuses)."""
+    if not (name.isascii() and name.isdigit()) or str(int(name)) != name:
+        return None
+    return int(name)
+
+
+def _files_stamp(version_dir: Path) -> tuple[int, int]:
+    """The bytes of every file under a version directory, and the newest mtime among them
+    (and the directory's own: a file removed changes it)."""
+    size, newest = 0, version_dir.stat().st_mtime_ns
+    for path in version_dir.rglob("*"):
+        stat = path.stat()
+        newest = max(newest, stat.st_mtime_ns)
+        if path.is_file():
+            size += stat.st_size
+    return size, newest
 
 
 def _apply_policy(config: ModelConfig, versions: list[int]) -> list[int]:
@@ -146,9 +185,8 @@ class ModelRepository:
         # left uncommitted, for the partition's next owner.
         self.abandoned = 0
         self._latest: dict[str, ServedVersion] = {}
-        self._failed: dict[
-            tuple[str, int], tuple[int, int]
-        ] = {}  # don't retry an unchanged bad file
+        # Versions that failed to load: their stamp then, and when.
+        self._failed: dict[tuple[str, int], tuple[tuple[int, int, int], float]] = {}
         self._draining: set[asyncio.Task[None]] = set()
         self._problems: set[str] = set()
         self._queued_models: set[str] = set()  # those with a surge_queued_seconds sample
@@ -230,14 +268,17 @@ class ModelRepository:
                 await self._load_older(older)
         serving = {name for name, version in found.wanted if (name, version) in self._served}
         listed = {name for name, _ in found.wanted}
+        arriving = {name for name, _ in found.settling}
         gone = [
             (name, version)
             for name, version in self._served
-            if (name, version) not in found.wanted
+            if not found.root_missing
+            and (name, version) not in found.wanted
             and name not in found.unreadable
             and (name, version) not in found.settling
-            # an old version goes once a wanted one serves, or when the model is gone
-            and (name in serving or name not in listed)
+            # an old version goes once a wanted one serves, or when the model is gone (and
+            # no version of it is still being copied in)
+            and (name in serving or (name not in listed and name not in arriving))
         ]
         retired = [self._served.pop(key) for key in gone]
         self._update_routes()
@@ -261,11 +302,16 @@ class ModelRepository:
     async def _load_once(self, source: VersionSource) -> ServedVersion | None:
         """`_load`, unless these very files failed before: tried again once they change."""
         key = (source.name, source.version)
-        if self._failed.get(key) == source.stamp:
-            return None
+        failed = self._failed.get(key)
+        if failed is not None:
+            stamp, when = failed
+            if stamp == source.stamp and time.monotonic() - when < RETRY_FAILED_S:
+                return None
         served = await self._load(source)
         if served is None:
-            self._failed[key] = source.stamp
+            self._failed[key] = (source.stamp, time.monotonic())
+        else:
+            self._failed.pop(key, None)
         return served
 
     def _update_routes(self) -> None:
