@@ -29,9 +29,15 @@ class TensorConfig(msgspec.Struct, kw_only=True, forbid_unknown_fields=True):
     value_range: tuple[float, float] | None = None
 
     def __post_init__(self) -> None:
-        if self.value_range is None:
-            return
-        low, high = self.value_range
+        if self.value_range is not None:
+            self._check_range(*self.value_range)
+        if self.pad_value is not None and not _holds(self.datatype, self.pad_value):
+            # numpy would pad with another value: -1 as UINT8 is 255, 0.5 as INT32 is 0.
+            raise ValueError(
+                f"tensor {self.name!r}: pad_value {self.pad_value:g} is not a {self.datatype} value"
+            )
+
+    def _check_range(self, low: float, high: float) -> None:
         if self.datatype == "BYTES":
             raise ValueError(f"tensor {self.name!r}: a BYTES tensor has no value_range")
         if math.isnan(low) or math.isnan(high):
@@ -44,6 +50,21 @@ class TensorConfig(msgspec.Struct, kw_only=True, forbid_unknown_fields=True):
                 f"tensor {self.name!r}: pad_value {self.pad_value:g} is outside its "
                 f"value_range {[low, high]}"
             )
+
+
+def _holds(datatype: str, value: float) -> bool:
+    """Whether a number is exactly a value of a datatype."""
+    if datatype == "BOOL":
+        return value in (0, 1)
+    if datatype == "BYTES":
+        return False
+    if integer := re.fullmatch(r"(U?)INT(8|16|32|64)", datatype):
+        bits, unsigned = int(integer[2]), bool(integer[1])
+        low, high = (0, 2**bits - 1) if unsigned else (-(2 ** (bits - 1)), 2 ** (bits - 1) - 1)
+        return value.is_integer() and low <= value <= high
+    if datatype == "FP16":
+        return not abs(value) > 65504  # larger is inf (NaN passes: it pads as NaN)
+    return True
 
 
 class ModelConfig(msgspec.Struct, kw_only=True, forbid_unknown_fields=True):

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import itertools
 import math
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from typing import Any
 
 import numpy as np
@@ -67,17 +67,76 @@ def to_array(tensor: Tensor, max_elements: int | None = None) -> np.ndarray:
                 f"input {tensor.name!r}: {data.nbytes} bytes of data, shape {tensor.shape} "
                 f"of {tensor.datatype} needs {count * dtype.itemsize}"
             )
-        return np.frombuffer(data, dtype=dtype).reshape(tensor.shape)
-    try:
-        with np.errstate(over="raise", invalid="raise"):  # 1e308 as FP32 is an error, not inf
-            array = np.array(data, dtype=dtype)
-    except (ValueError, TypeError, OverflowError, FloatingPointError) as exc:
-        raise TensorError(f"input {tensor.name!r}: data is not {tensor.datatype}: {exc}") from None
+        return _shaped(np.frombuffer(data, dtype=dtype), tensor)
+    array = _from_values(data, dtype, tensor)
     if array.size != count:
         raise TensorError(
             f"input {tensor.name!r}: {array.size} values do not fill shape {tensor.shape}"
         )
-    return array.reshape(tensor.shape)
+    return _shaped(array, tensor)
+
+
+def _shaped(array: np.ndarray, tensor: Tensor) -> np.ndarray:
+    try:  # an empty tensor can name dimensions no array may have: [0, 2**63]
+        return array.reshape(tensor.shape)
+    except ValueError as exc:
+        raise TensorError(f"input {tensor.name!r}: shape {tensor.shape}: {exc}") from None
+
+
+def _from_values(data: Any, dtype: np.dtype[Any], tensor: Tensor) -> np.ndarray:
+    """The array of a list of values, which must be of the datatype's kind: numpy itself
+    would turn "12" into 12, 1.7 into 1 and 0.1 into True."""
+    if dtype.kind == "O":
+        if not all(isinstance(value, str | bytes) for value in _flat(data)):
+            raise TensorError(f"input {tensor.name!r}: BYTES data must be strings")
+        return np.array(data, dtype=dtype)
+    try:
+        values = np.array(data)
+        if values.dtype.kind == "O" and dtype.kind == "f" and _numbers_or_null(data):
+            # JSON has no NaN: null stands for it (and for the infinities) in float tensors.
+            values = np.array(data, dtype=np.float64)
+    except (ValueError, TypeError, OverflowError) as exc:  # ragged, say
+        raise TensorError(f"input {tensor.name!r}: data is not {tensor.datatype}: {exc}") from None
+    kind = values.dtype.kind
+    if not values.size:
+        return values.astype(dtype)
+    if kind not in _TAKES[dtype.kind]:
+        what = _KIND_NAMES.get(kind, "other values")
+        raise TensorError(f"input {tensor.name!r}: data is not {tensor.datatype}: it holds {what}")
+    if dtype.kind in "iu":
+        if kind == "f" and not (np.isfinite(values).all() and (values == np.trunc(values)).all()):
+            raise TensorError(
+                f"input {tensor.name!r}: data is not {tensor.datatype}: it holds fractions"
+            )
+        limits = np.iinfo(dtype)
+        if values.min() < limits.min or values.max() > limits.max:
+            raise TensorError(
+                f"input {tensor.name!r}: data is not {tensor.datatype}: values outside "
+                f"[{limits.min}, {limits.max}]"
+            )
+    try:
+        with np.errstate(over="raise", invalid="raise"):  # 1e308 as FP32 is an error, not inf
+            return values.astype(dtype)
+    except (ValueError, TypeError, OverflowError, FloatingPointError) as exc:
+        raise TensorError(f"input {tensor.name!r}: data is not {tensor.datatype}: {exc}") from None
+
+
+# The kinds of numpy array a list may make for each kind of datatype: integers take whole
+# floats (JSON writes 3 as 3.0 at times), floats take integers, BOOL only true/false.
+_TAKES = {"b": "b", "i": "iuf", "u": "iuf", "f": "iuf"}
+_KIND_NAMES = {"b": "true/false", "i": "numbers", "u": "numbers", "f": "numbers", "U": "text"}
+
+
+def _numbers_or_null(data: Any) -> bool:
+    return all(value is None or type(value) in (int, float) for value in _flat(data))
+
+
+def _flat(data: Any) -> Iterator[Any]:
+    for value in data:
+        if isinstance(value, list):
+            yield from _flat(value)
+        else:
+            yield value
 
 
 def from_array(name: str, array: np.ndarray, *, binary: bool) -> Tensor:

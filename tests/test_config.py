@@ -135,3 +135,24 @@ def test_a_paused_model_fetches_again_with_time_for_a_parked_fetch(
 ) -> None:
     settings = WorkerSettings(fetch_ahead_s=ahead_s, fetch_max_wait_ms=wait_ms)
     assert settings.fetch_resume_s == pytest.approx(resume_s)
+
+
+@pytest.mark.parametrize(
+    ("datatype", "pad_value"),
+    [("UINT8", -1), ("INT32", 0.5), ("INT8", 300), ("BOOL", 2), ("FP16", 1e5), ("BYTES", 0)],
+)
+def test_a_pad_value_the_datatype_cannot_hold_is_a_config_error(
+    datatype: str, pad_value: float
+) -> None:
+    """numpy would pad with another value without a word: -1 as UINT8 is 255."""
+    tensor = {"name": "ids", "datatype": datatype, "shape": [-1], "pad_value": pad_value}
+    with pytest.raises(ConfigError, match=f"is not a {datatype} value"):
+        convert({"inputs": [tensor]}, ModelConfig, "m")
+
+
+@pytest.mark.parametrize(
+    ("datatype", "pad_value"), [("UINT8", 255), ("INT64", -1), ("BOOL", 0), ("FP32", -1e30)]
+)
+def test_a_pad_value_the_datatype_holds_is_taken(datatype: str, pad_value: float) -> None:
+    tensor = {"name": "ids", "datatype": datatype, "shape": [-1], "pad_value": pad_value}
+    assert convert({"inputs": [tensor]}, ModelConfig, "m").inputs[0].pad_value == pad_value

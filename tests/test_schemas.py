@@ -76,12 +76,48 @@ def test_v2_json_from_other_clients_decodes() -> None:
         ({"name": "x", "shape": [2], "datatype": "UINT8", "data": [1, 300]}, "not UINT8"),
         ({"name": "x", "shape": [2, 2], "datatype": "FP32", "data": [[1], [2, 3]]}, "not FP32"),
         ({"name": "x", "shape": [1], "datatype": "FP32", "data": [1e308]}, "not FP32"),
+        # numpy converts all of these without a word: 1, -1, True, True, 12, an object array
+        ({"name": "x", "shape": [2], "datatype": "INT32", "data": [1.7, -1.9]}, "fractions"),
+        ({"name": "x", "shape": [2], "datatype": "INT64", "data": [-0.9, 99.9]}, "fractions"),
+        ({"name": "x", "shape": [2], "datatype": "BOOL", "data": ["false", 0.1]}, "not BOOL"),
+        ({"name": "x", "shape": [1], "datatype": "BOOL", "data": [0.1]}, "not BOOL"),
+        ({"name": "x", "shape": [2], "datatype": "INT32", "data": ["12", "7"]}, "text"),
+        ({"name": "x", "shape": [2], "datatype": "FP32", "data": ["nan", "inf"]}, "text"),
+        ({"name": "x", "shape": [2], "datatype": "BYTES", "data": [{"a": 1}, None]}, "strings"),
+        ({"name": "x", "shape": [1], "datatype": "INT8", "data": [-129]}, "outside"),
+        # an empty tensor names dimensions no array may have
+        (
+            {"name": "x", "shape": [0, 99999999999999999999], "datatype": "FP32", "data": []},
+            "shape",
+        ),
+        ({"name": "x", "shape": [1, 0, 2**62], "datatype": "FP32", "data": []}, "shape"),
     ],
 )
 def test_bad_tensors_raise_tensor_errors(tensor: dict[str, object], error: str) -> None:
     request = decode_request(json.dumps({"inputs": [tensor]}).encode(), JSON)
     with pytest.raises(TensorError, match=error):
         to_array(request.inputs[0])
+
+
+def test_json_null_is_nan_in_float_tensors_and_whole_floats_fit_integers() -> None:
+    """JSON cannot write NaN or the infinities (a result's become null): null reads as NaN."""
+    tensors = [
+        {"name": "x", "shape": [3], "datatype": "FP32", "data": [None, 1, 2.5]},
+        {"name": "n", "shape": [2], "datatype": "INT16", "data": [3.0, -7]},
+        {"name": "b", "shape": [2], "datatype": "BOOL", "data": [True, False]},
+    ]
+    request = decode_request(json.dumps({"inputs": tensors}).encode(), JSON)
+    x, n, b = (to_array(tensor) for tensor in request.inputs)
+    np.testing.assert_array_equal(x, np.array([np.nan, 1, 2.5], np.float32))
+    assert x.dtype == np.float32
+    np.testing.assert_array_equal(n, np.array([3, -7], np.int16))
+    assert b.tolist() == [True, False]
+    with pytest.raises(TensorError, match="not INT16"):
+        to_array(
+            decode_request(
+                json.dumps({"inputs": [{**tensors[1], "data": [None, 1]}]}).encode(), JSON
+            ).inputs[0]
+        )
 
 
 def test_raw_bytes_must_match_the_shape() -> None:
