@@ -8,16 +8,19 @@ import time
 import uuid
 from collections.abc import AsyncIterator, Callable
 from pathlib import Path
+from types import SimpleNamespace
 
 import numpy as np
 import pytest
 from aiokafka import AIOKafkaConsumer, TopicPartition
+from aiokafka.errors import GroupCoordinatorNotAvailableError
 
 from surge.config import Settings
 from surge.producers import request_body, request_headers
 from surge.schemas import MSGPACK, headers
 from surge.workers import Ledger, Ticket, Worker
 from surge.workers.transactions import Transactions
+from surge.workers.worker import _Rebalance
 from surge.workers.writes import RetryPolicy, Write
 from tests.conftest import make_settings
 from tests.helpers import create_topics, publish, read_redis, read_to_end, wait_committed
@@ -288,3 +291,53 @@ async def test_results_over_a_topic_limit_only_together_go_again_one_by_one(kafk
     finally:
         await transactions.close()
         await offsets.stop()
+
+
+async def test_partitions_not_fenced_in_are_neither_read_nor_committed(kafka: str) -> None:
+    """Fencing a new partition failed (the coordinator away, the previous owner's commit
+    running past the limit): the worker restarts, and meanwhile reads nothing of it and
+    commits nothing for it, which would answer again what the previous owner answered and
+    move the group's offset back."""
+    run = uuid.uuid4().hex[:8]
+    source, out, group = f"test.source.{run}", f"test.out.{run}", f"test-{run}"
+    await create_topics(kafka, source, out, partitions=1)
+    tp = TopicPartition(source, 0)
+    consumer = AIOKafkaConsumer(bootstrap_servers=kafka, group_id=group, enable_auto_commit=False)
+    await consumer.start()
+    consumer.assign([tp])
+    ledger = Ledger(1000, 1 << 20)
+    crashes: list[BaseException] = []
+    reachable = False
+
+    async def committed(partition: TopicPartition) -> int | None:
+        if not reachable:
+            raise GroupCoordinatorNotAvailableError()
+        return await consumer.committed(partition)
+
+    retry = RetryPolicy(out, 60, crashes.append)
+    options = {"bootstrap_servers": kafka, "acks": "all", "enable_idempotence": True}
+    transactions = Transactions(group, ledger, retry, options, crashes.append, committed)
+    worker = SimpleNamespace(
+        _consumer=consumer,
+        _transactions=transactions,
+        _held=set(),
+        _ledger=ledger,
+        _crashed=crashes.append,
+    )
+    try:
+        await _Rebalance(worker).on_partitions_assigned({tp})  # type: ignore[arg-type]
+        assert len(crashes) == 1  # it restarts and joins the group again
+        assert consumer.paused() == {tp}
+        assert worker._held == {tp}  # the consume loop resumes no held partition
+
+        reachable = True  # by the time the worker's last commit runs
+        ticket = _ticket(tp, 0, "r0")  # as if a fetch had read it anyway
+        ledger.admit(ticket)
+        transactions.buffer(Write(ticket, out, b"result", [], dead_letter=False))
+        assert await transactions.commit({tp: 1}) == {}
+        assert ledger.records == 0
+        assert not await read_to_end(kafka, out, key_of=None, timeout=3)
+        assert await consumer.committed(tp) is None
+    finally:
+        await transactions.close()
+        await consumer.stop()

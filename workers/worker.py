@@ -526,17 +526,21 @@ class _Rebalance(ConsumerRebalanceListener):  # type: ignore[misc]
         worker._held |= assigned
         try:
             committed = await asyncio.wait_for(transactions.assign(assigned), _SHUTDOWN_STEP_S)
-            for tp, offset in committed.items():
-                restart = offset if offset is not None else worker._ledger.offsets.first(tp)
-                if restart is not None:  # None: nothing committed nor read yet
-                    consumer.seek(tp, restart)
-            worker._ledger.offsets.forget(assigned)
         except Exception as exc:
-            # Unfenced partitions would risk answering twice: restart and join again.
+            # Not fenced in, nor moved to the committed offsets: whatever were read or
+            # committed for them now would answer twice and move the group's offsets back.
+            # They stay paused, with no transaction of theirs left to commit, while the
+            # worker restarts and joins again.
+            await transactions.revoke(assigned)
             worker._crashed(exc)
-        finally:
-            worker._held -= assigned
-            consumer.resume(*assigned)
+            return
+        for tp, offset in committed.items():
+            restart = offset if offset is not None else worker._ledger.offsets.first(tp)
+            if restart is not None:  # None: nothing committed nor read yet
+                consumer.seek(tp, restart)
+        worker._ledger.offsets.forget(assigned)
+        worker._held -= assigned
+        consumer.resume(*assigned)
 
 
 def collect_young_less_often() -> None:
