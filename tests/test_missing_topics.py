@@ -4,17 +4,20 @@ every other request of the same partitions are written and committed, in both de
 
 from __future__ import annotations
 
+import asyncio
 import uuid
 from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import numpy as np
 import pytest
+from aiokafka.admin import AIOKafkaAdminClient
 
 from surge.config import Settings
 from surge.producers import request_body, request_headers
 from surge.schemas import MSGPACK, ErrorCode, headers
 from surge.workers import Worker
+from surge.workers.writes import TopicLookup
 from tests.conftest import make_settings
 from tests.helpers import create_topics, publish, read_to_end, wait_committed
 from tests.services import KafkaBroker
@@ -72,3 +75,26 @@ async def test_results_for_a_missing_reply_topic_are_dead_lettered(
     assert sorted(letters) == sorted(lost)
     codes = {v[0].headers[headers.ERROR_CODE] for v in letters.values()}
     assert codes == {ErrorCode.REPLY_FAILED.encode()}
+
+
+async def test_a_topic_deleted_since_it_was_found_is_missing_when_asked_afresh(
+    strict_kafka: str,
+) -> None:
+    """A client's own reply topic goes with the client: a result that failed on it asks the
+    cluster again, instead of trusting what was found before."""
+    topic = f"test.replies.{uuid.uuid4().hex[:8]}"
+    await create_topics(strict_kafka, topic)
+    lookup = TopicLookup({"bootstrap_servers": strict_kafka}, wait_s=3)
+    admin = AIOKafkaAdminClient(bootstrap_servers=strict_kafka)
+    await admin.start()
+    try:
+        assert await lookup.exists(topic)
+        await admin.delete_topics([topic])
+        assert await lookup.exists(topic)  # as found: no round trip for every result
+        deadline = asyncio.get_running_loop().time() + 30
+        while await lookup.exists(topic, fresh=True):  # the deletion takes a moment
+            assert asyncio.get_running_loop().time() < deadline, "still found after deletion"
+        assert not await lookup.exists(topic)
+    finally:
+        await admin.close()
+        await lookup.close()

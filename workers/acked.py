@@ -112,7 +112,8 @@ class AckedWrites:
 
     async def _send_one(self, write: Write) -> None:
         try:
-            exists = await self._lookup.exists(write.topic)
+            # Failed before: perhaps on a topic deleted since it was looked up.
+            exists = await self._lookup.exists(write.topic, fresh=write.first_failure is not None)
         except KafkaError as exc:  # the cluster could not be asked: retried as a refusal is
             self._failed(write, exc)
             return

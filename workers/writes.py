@@ -9,6 +9,7 @@ delivery modes use this: at-least-once from its outbox, exactly-once inside a tr
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -133,11 +134,17 @@ class TopicLookup:
         self._starting = asyncio.Lock()  # a burst of lookups starts one client, not one each
         self._found: set[str] = set()
 
-    async def exists(self, topic: str) -> bool:
-        """Raises KafkaError when the cluster cannot be asked (the next call asks again)."""
-        if topic in self._found:
+    async def exists(self, topic: str, *, fresh: bool = False) -> bool:
+        """Raises KafkaError when the cluster cannot be asked (the next call asks again).
+        `fresh`: ask the cluster again about a topic found before, which may have been
+        deleted since (a client's own reply topic goes with the client)."""
+        if topic in self._found and not fresh:
             return True
+        self._found.discard(topic)
         client = await self._started()
+        if fresh:  # else the client answers from the metadata it holds
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(client.client.force_metadata_update(), self._wait_s)
         try:  # on a cluster that auto-creates topics, this creates it
             await asyncio.wait_for(client.partitions_for(topic), self._wait_s)
         except (TimeoutError, KafkaError):
