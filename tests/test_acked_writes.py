@@ -67,3 +67,33 @@ async def test_a_partition_that_takes_no_writes_holds_up_no_other_results() -> N
     finally:
         await acked.close()
     assert not crashes
+
+
+async def test_a_bug_sending_a_result_aside_stops_the_worker() -> None:
+    """A write for a topic the producer knows nothing of goes aside; a bug there (not a refusal)
+    must not leave its result unsettled with nothing said."""
+
+    class Broken(TopicLookup):
+        async def exists(self, topic: str, *, fresh: bool = False) -> bool:
+            raise RuntimeError("a bug")
+
+    producer = _Producer("stuck")
+    producer.client.cluster.partitions_for_topic = lambda _: None  # type: ignore[attr-defined]
+    crashes: list[BaseException] = []
+    acked = AckedWrites(
+        producer,  # type: ignore[arg-type]
+        Ledger(100, 1 << 20),
+        RetryPolicy("dead", 60, crashes.append),
+        crashes.append,
+        Broken({}, 1),
+    )
+    acked.start()
+    try:
+        acked.put(Write(make_ticket(b"{}"), "new-topic", b"result", [], dead_letter=False))
+        for _ in range(100):
+            if crashes:
+                break
+            await asyncio.sleep(0.01)
+        assert [repr(exc) for exc in crashes] == ["RuntimeError('a bug')"]
+    finally:
+        await acked.close()

@@ -85,7 +85,12 @@ class AckedWrites:
     def _aside(self, coroutine: Any) -> None:
         task = asyncio.create_task(coroutine)
         self._side_sends.add(task)
-        task.add_done_callback(self._side_sends.discard)
+        task.add_done_callback(self._aside_done)
+
+    def _aside_done(self, task: asyncio.Task[None]) -> None:
+        self._side_sends.discard(task)
+        if not task.cancelled() and (exc := task.exception()) is not None:
+            self._on_crash(exc)  # a bug: its write would never settle, unseen
 
     def _hand_over(self, key: tuple[str, int], writes: list[Write]) -> asyncio.Task[None] | None:
         """Send a partition's writes after its earlier ones, in order; the task to wait for,
