@@ -7,7 +7,7 @@ import contextlib
 import time
 import uuid
 from collections.abc import Coroutine, Iterable, Mapping
-from typing import Any, Literal
+from typing import Any, Literal, TypeVar
 
 import numpy as np
 import structlog
@@ -28,6 +28,7 @@ from surge.producers.requests import (
 from surge.schemas import MSGPACK, headers
 
 Result = Prediction | PredictionError
+T = TypeVar("T")
 log = structlog.get_logger("surge.client")
 
 # Redis clean-up after a caller's deadline (MGET of missed results, UNSUBSCRIBE) gets this long
@@ -77,6 +78,8 @@ class SurgeClient:
         self._waiting: dict[str, asyncio.Future[Result]] = {}
         self._subscribed: dict[str, asyncio.Event] = {}
         self._readers: list[asyncio.Task[None]] = []
+        # Steps of calls under way (setting up, subscribing, sending): close() cancels them.
+        self._steps: set[asyncio.Future[Any]] = set()
         self._lock = asyncio.Lock()
         self._closed = False
 
@@ -99,9 +102,11 @@ class SurgeClient:
 
     async def close(self) -> None:
         """Release everything; a failure closing one resource does not leak the others.
-        Callers still waiting for a result raise ClientClosed at once."""
+        Calls under way raise ClientClosed at once. Closing again does nothing."""
+        if self._closed:
+            return
         self._closed = True
-        for future in self._waiting.values():
+        for future in [*self._waiting.values(), *self._steps]:
             future.cancel()  # only close() cancels these: their callers raise ClientClosed
         async with self._lock:  # a reply channel being set up is closed with the rest
             for task in self._readers:
@@ -126,8 +131,8 @@ class SurgeClient:
 
     async def _remove_reply_topic(self) -> None:
         admin = AIOKafkaAdminClient(**self._kafka)
-        await admin.start()
         try:
+            await admin.start()
             await admin.delete_topics([self.reply_topic])
         except KafkaError as exc:
             log.warning("reply_topic_not_deleted", topic=self.reply_topic, error=repr(exc))
@@ -228,21 +233,18 @@ class SurgeClient:
         try:
             try:
                 async with asyncio.timeout_at(deadline):
-                    reply_to = await self._reply_channel(via)
+                    reply_to = await self._closable(self._reply_channel(via))
                     if via == "redis":
                         pubsub = self._pubsub
-                        await self._subscribe(ids, pubsub)
-                    deliveries = []
-                    for request_id, inputs in zip(ids, batch, strict=True):
-                        sent = await self._send(
-                            model, inputs, version, request_id, reply_to, deadline_ms, topic
-                        )
-                        deliveries.append(sent[1])
-                    await asyncio.gather(*deliveries)
-            except TimeoutError:
+                        await self._closable(self._subscribe(ids, pubsub))
+                    await self._closable(
+                        self._send_all(model, batch, ids, version, reply_to, deadline_ms, topic)
+                    )
+            except (TimeoutError, ClientClosed):
                 if not return_exceptions:
                     raise
-                # Not all sent in time: each request without a result times out in its place.
+                # Not all sent in time (or closed meanwhile): each request without a result
+                # times out (or is abandoned) in its place.
             else:
                 _, late = await asyncio.wait(futures, timeout=max(0.0, deadline - loop.time()))
                 if late and pubsub is not None:
@@ -262,6 +264,39 @@ class SurgeClient:
                 if isinstance(result, Exception):
                     raise result
         return results  # type: ignore[return-value]
+
+    async def _closable(self, step: Coroutine[Any, Any, T]) -> T:
+        """Run a step of a call as a task that close() can cancel: a caller waiting for a
+        topic's metadata or a Redis confirmation learns at once that the client closed."""
+        task = asyncio.ensure_future(step)
+        self._steps.add(task)
+        try:
+            return await task  # the caller's own timeout or cancellation cancels the step too
+        except asyncio.CancelledError:
+            current = asyncio.current_task()
+            if self._closed and not (current is not None and current.cancelling()):
+                raise ClientClosed("the client was closed during the request") from None
+            raise
+        finally:
+            self._steps.discard(task)
+
+    async def _send_all(
+        self,
+        model: str,
+        batch: list[Mapping[str, np.ndarray]],
+        ids: list[str],
+        version: str | int | None,
+        reply_to: str,
+        deadline_ms: int,
+        topic: str | None,
+    ) -> None:
+        deliveries = []
+        for request_id, inputs in zip(ids, batch, strict=True):
+            sent = await self._send(
+                model, inputs, version, request_id, reply_to, deadline_ms, topic
+            )
+            deliveries.append(sent[1])
+        await asyncio.gather(*deliveries)
 
     async def _tidy(self, step: Coroutine[Any, Any, None]) -> None:
         """Run a Redis step after a wait: bounded, and its failure never the caller's outcome."""
@@ -302,22 +337,24 @@ class SurgeClient:
 
     async def _start_reply_topic(self) -> None:
         admin = AIOKafkaAdminClient(**self._kafka)
-        await admin.start()
         try:
+            await admin.start()
             if self.reply_topic not in await admin.list_topics():
+                # Ours from the request on: a call cut off while the broker creates it still
+                # leaves it to delete at close.
+                self._created_reply_topic = True
                 topic = NewTopic(self.reply_topic, 1, self._reply_replication)
                 response = await admin.create_topics([topic])
                 for name, code, message in response.topic_errors:
                     if code not in (0, TopicAlreadyExistsError.errno):
                         raise RuntimeError(f"cannot create reply topic {name}: {code} {message}")
-                self._created_reply_topic = True
         finally:
             await admin.close()
         consumer = AIOKafkaConsumer(
             **self._kafka, isolation_level="read_committed", enable_auto_commit=False
         )
-        await consumer.start()
         try:
+            await consumer.start()
             delay = 0.01
             while not (partitions := consumer.partitions_for_topic(self.reply_topic)):
                 await asyncio.sleep(delay)  # a new topic's metadata shows up within moments
@@ -351,7 +388,10 @@ class SurgeClient:
     async def _start_redis(self) -> None:
         if not self._redis_url:
             raise ValueError("Redis replies need redis_url")
-        redis = Redis.from_url(self._redis_url, **self._redis_options)
+        # Results and channel names are read as bytes, whatever the options say.
+        redis = Redis.from_url(
+            self._redis_url, **{**self._redis_options, "decode_responses": False}
+        )
         pubsub = redis.pubsub()
         try:
             # A standing subscription keeps the reader alive between requests.

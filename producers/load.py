@@ -83,6 +83,8 @@ async def run_load(
     primes the path (see `_PRIMING`). `on_first_send` runs once every request is encoded, just
     before the first timed one goes out; `on_last_result` as the last result comes in (if it
     does)."""
+    if not count:  # nothing to send, no result to wait for
+        return LoadReport(offered_rate=rate, sent=0, elapsed_s=0.0, latencies_ms=np.empty(0))
     kafka = {"bootstrap_servers": bootstrap_servers, **(kafka_options or {})}
     run_id = uuid.uuid4().hex[:12]
     primed = asyncio.Event()

@@ -3,22 +3,28 @@
 from __future__ import annotations
 
 import asyncio
+import concurrent.futures
 import threading
 from collections.abc import Coroutine, Iterable, Mapping
 from typing import Any, TypeVar
 
 import numpy as np
 
-from surge.producers.client import Result, SurgeClient
+from surge.producers.client import ClientClosed, Result, SurgeClient
 from surge.producers.requests import Prediction
 
 T = TypeVar("T")
+# close() waits this long for calls on other threads to end (the client fails them at once);
+# any still running then is cancelled, never left blocking its thread.
+_CLOSE_WAIT_S = 5.0
 
 
 class SyncClient:
     """`SurgeClient` with blocking methods. Use as a context manager, or call `close()`."""
 
     def __init__(self, *args: Any, **kwargs: Any) -> None:
+        self._closed = False
+        self._calls: set[concurrent.futures.Future[Any]] = set()  # under way, on any thread
         self._loop = asyncio.new_event_loop()
         self._thread = threading.Thread(
             target=self._loop.run_forever, name="surge-client", daemon=True
@@ -36,7 +42,17 @@ class SyncClient:
         return client
 
     def _call(self, coroutine: Coroutine[Any, Any, T]) -> T:
-        return asyncio.run_coroutine_threadsafe(coroutine, self._loop).result()
+        if self._closed:
+            coroutine.close()
+            raise ClientClosed("the client is closed")
+        future = asyncio.run_coroutine_threadsafe(coroutine, self._loop)
+        self._calls.add(future)
+        try:
+            return future.result()
+        except concurrent.futures.CancelledError:
+            raise ClientClosed("the client was closed during the request") from None
+        finally:
+            self._calls.discard(future)
 
     def submit(self, model: str, inputs: Mapping[str, np.ndarray], **kwargs: Any) -> str:
         return self._call(self._client.submit(model, inputs, **kwargs))
@@ -50,8 +66,17 @@ class SyncClient:
         return self._call(self._client.predict_many(model, batch, **kwargs))
 
     def close(self) -> None:
-        self._call(self._client.close())
-        self._stop_loop()
+        """Calls under way on other threads raise ClientClosed. Closing again does nothing."""
+        if self._closed:
+            return
+        try:
+            self._call(self._client.close())
+        finally:
+            self._closed = True
+            _, running = concurrent.futures.wait(list(self._calls), timeout=_CLOSE_WAIT_S)
+            for future in running:
+                future.cancel()
+            self._stop_loop()
 
     def _stop_loop(self) -> None:
         self._loop.call_soon_threadsafe(self._loop.stop)

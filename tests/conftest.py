@@ -43,6 +43,16 @@ def kafka() -> Iterator[str]:
 
 
 @pytest.fixture(scope="session")
+def strict_kafka() -> Iterator[str]:
+    """A broker that creates topics only on request, as most production clusters do."""
+    broker = KafkaBroker(auto_create_topics=False).start()
+    try:
+        yield broker.bootstrap
+    finally:
+        broker.close()
+
+
+@pytest.fixture(scope="session")
 def noida() -> Iterator[str]:
     broker = NoidaBroker().start()
     try:

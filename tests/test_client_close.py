@@ -4,6 +4,7 @@ is nothing to wait for, and at its timeout whatever Redis does meanwhile."""
 from __future__ import annotations
 
 import asyncio
+import threading
 import time
 import uuid
 
@@ -98,3 +99,43 @@ async def test_predict_many_with_nothing_to_send_returns_at_once(kafka: str) -> 
     with SyncClient(kafka) as client:
         assert client.predict_many("mlp", []) == []
         assert client.predict_many("mlp", [], via="redis") == []  # no redis_url needed either
+
+
+async def test_close_fails_a_caller_still_sending_at_once(strict_kafka: str) -> None:
+    """A request topic missing on a cluster that does not create topics: the send waits for
+    its metadata, and close() must not leave the caller waiting until its timeout."""
+    client = SurgeClient(strict_kafka)
+    await client.start()
+    topic = f"test.missing.{uuid.uuid4().hex[:8]}"
+    sending = asyncio.create_task(client.predict("nobody", X, timeout=30, topic=topic))
+    await asyncio.sleep(1)
+    await client.close()
+    with pytest.raises(ClientClosed, match="closed"):
+        await asyncio.wait_for(sending, 2)
+    await client.close()  # closing again does nothing
+
+
+def test_a_sync_client_closed_from_another_thread_fails_its_callers_at_once(
+    strict_kafka: str,
+) -> None:
+    client = SyncClient(strict_kafka)
+    outcome: list[BaseException] = []
+
+    def call() -> None:
+        try:
+            client.predict("nobody", X, timeout=30, topic=f"test.missing.{uuid.uuid4().hex[:8]}")
+        except BaseException as exc:
+            outcome.append(exc)
+
+    caller = threading.Thread(target=call)
+    caller.start()
+    time.sleep(1)
+    started = time.monotonic()
+    client.close()
+    caller.join(5)
+    assert not caller.is_alive(), "the caller was left blocked"
+    assert [type(exc) for exc in outcome] == [ClientClosed]
+    assert time.monotonic() - started < 5
+    with pytest.raises(ClientClosed):
+        client.predict("nobody", X, timeout=1)
+    client.close()  # again: nothing

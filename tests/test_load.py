@@ -75,3 +75,10 @@ async def test_a_reply_topic_that_does_not_exist_is_refused(
     monkeypatch.setattr("surge.producers.load._METADATA_WAIT_S", 1.0)
     with pytest.raises(LookupError, match="does not exist"):
         await run_load(kafka, "mlp", _inputs, count=1, reply_topic=f"test.missing.{uuid.uuid4()}")
+
+
+async def test_a_run_of_no_requests_returns_at_once(kafka: str) -> None:
+    started = time.monotonic()
+    report = await run_load(kafka, "mlp", _inputs, count=0, timeout_s=30)
+    assert report.received == 0
+    assert time.monotonic() - started < 15

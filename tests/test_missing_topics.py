@@ -6,7 +6,7 @@ from __future__ import annotations
 
 import asyncio
 import uuid
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from pathlib import Path
 
 import numpy as np
@@ -20,18 +20,8 @@ from surge.workers import Worker
 from surge.workers.writes import TopicLookup
 from tests.conftest import make_settings
 from tests.helpers import create_topics, publish, read_to_end, wait_committed
-from tests.services import KafkaBroker
 
 pytestmark = pytest.mark.integration
-
-
-@pytest.fixture(scope="module")
-def strict_kafka() -> Iterator[str]:
-    broker = KafkaBroker(auto_create_topics=False).start()
-    try:
-        yield broker.bootstrap
-    finally:
-        broker.close()
 
 
 @pytest.mark.parametrize("delivery", ["at_least_once", "exactly_once"])
