@@ -17,6 +17,7 @@ from surge.schemas import MSGPACK, headers
 from surge.workers import Worker
 from tests.conftest import WorkerProcess, make_settings, topic_of, worker_env
 from tests.helpers import create_topics, publish, read_topic, wait_committed
+from tests.models import write_hangs
 
 pytestmark = pytest.mark.integration
 
@@ -87,3 +88,44 @@ async def test_a_stop_while_the_subscription_changes_commits_what_was_answered(
 
     assert len(await read_topic(kafka, reply_topic, until=20)) == 20
     await wait_committed(kafka, group, topic, timeout=5)  # nothing answered twice by a successor
+
+
+async def test_a_model_call_still_running_at_shutdown_does_not_keep_the_process(
+    kafka: str, tmp_path: Path, worker_processes: Callable[[dict[str, str]], WorkerProcess]
+) -> None:
+    """Python waits for executor threads at exit, as long as their calls take: a worker whose
+    shutdown ran out of time with a call still running exits without it, with status 1 (its
+    request is redelivered to the next owner), instead of staying up for hours."""
+    root = tmp_path / "models"
+    write_hangs(root)
+    env = worker_env(
+        kafka,
+        root,
+        None,
+        SURGE_WORKER__SHUTDOWN_TIMEOUT_S="2",
+        SURGE_WORKER__BATCH_TIME_BUDGET_S="600",  # not taken for hung: shutdown decides
+    )
+    topic = topic_of(env, "hangs")
+    await create_topics(kafka, topic)
+    worker = worker_processes(env)
+    worker.wait_for("partitions_assigned")
+    stuck = np.full((1, 4), 13, np.float32)  # hours of CPU for this model
+    route = request_headers(model="hangs", content_type=MSGPACK, reply_to="test.replies.none")
+    await publish(kafka, [(topic, b"r", request_body({"x": stuck}, "r", MSGPACK), route)])
+    await asyncio.sleep(3)  # taken in, its call running
+    started = asyncio.get_running_loop().time()
+    assert await asyncio.to_thread(worker.terminate, 60) == 1
+    assert asyncio.get_running_loop().time() - started < 30
+    assert any(e.get("event") == "model_calls_outlived_shutdown" for e in worker.events())
+
+
+async def test_a_worker_without_models_stops_at_once(
+    kafka: str, tmp_path: Path, worker_processes: Callable[[dict[str, str]], WorkerProcess]
+) -> None:
+    (tmp_path / "empty").mkdir()
+    env = worker_env(kafka, tmp_path / "empty", None, SURGE_WORKER__RELOAD_INTERVAL_S="60")
+    worker = worker_processes(env)
+    worker.wait_for("no_models")
+    started = asyncio.get_running_loop().time()
+    assert await asyncio.to_thread(worker.terminate, 60) == 0
+    assert asyncio.get_running_loop().time() - started < 15, "waited out the reload interval"

@@ -100,6 +100,7 @@ class Batcher:
         self._tasks: list[asyncio.Task[None]] = []
         self._on_crash: Callable[[BaseException], None] = lambda exc: None  # until started
         self._device_failed = False
+        self.calls_running = 0  # on an executor thread, not returned yet
         self._not_run = 0  # jobs taken for a batch after the device failed
         self._batch_ids = itertools.count(1)
         self._batch_rows = metrics.BATCH_ROWS.labels(model)
@@ -300,6 +301,8 @@ class Batcher:
             return outputs
 
         future = loop.run_in_executor(self._executor, call)
+        self.calls_running += 1
+        future.add_done_callback(self._call_ended)
         try:
             async with asyncio.timeout(self._budget):
                 await started.wait()
@@ -320,6 +323,9 @@ class Batcher:
                 f"batch of {requests} requests outlived its {self._budget:g}s budget"
             ) from None
         return outputs, clock[1] - clock[0]
+
+    def _call_ended(self, _: asyncio.Future[Any]) -> None:
+        self.calls_running -= 1
 
     def _hung(self, call: asyncio.Future[Any]) -> None:
         if not call.done():

@@ -188,6 +188,7 @@ class ModelRepository:
         # Versions that failed to load: their stamp then, and when.
         self._failed: dict[tuple[str, int], tuple[tuple[int, int, int], float]] = {}
         self._draining: set[asyncio.Task[None]] = set()
+        self._retiring: set[ServedVersion] = set()  # until unloaded
         self._problems: set[str] = set()
         self._queued_models: set[str] = set()  # those with a surge_queued_seconds sample
 
@@ -387,11 +388,20 @@ class ModelRepository:
         task.add_done_callback(self._draining.discard)
 
     async def _drain(self, served: ServedVersion) -> None:
+        self._retiring.add(served)
         await served.batcher.close()
         self.abandoned += served.batcher.abandoned
         served.executor.shutdown(wait=False)
         await asyncio.to_thread(served.runtime.close)
+        self._retiring.discard(served)
         log.info("model_unloaded", model=served.source.name, version=served.source.version)
+
+    @property
+    def calls_running(self) -> int:
+        """Model calls on executor threads that have not returned, over every version still
+        loaded (one that outlived a shutdown would keep the process from exiting)."""
+        versions = [*self._served.values(), *self._retiring]
+        return sum(served.batcher.calls_running for served in versions)
 
     async def close(self) -> None:
         """Drain every served version (on shutdown)."""

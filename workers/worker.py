@@ -263,8 +263,11 @@ class Worker:
         max_records = self.settings.worker.max_poll_records
         full = False  # the ledger's bounds reached: every partition waits for half to drain
         while not self._stopping.is_set():
-            if not self._topics:
-                await asyncio.sleep(self.settings.worker.reload_interval_s)
+            if not self._topics:  # no models yet: until a reload finds some, or a stop
+                with contextlib.suppress(TimeoutError):
+                    await asyncio.wait_for(
+                        self._stopping.wait(), self.settings.worker.reload_interval_s
+                    )
                 continue
             if self._ledger.full and not full:
                 full = True
@@ -487,6 +490,11 @@ class Worker:
         if self._redis is not None:
             with contextlib.suppress(Exception):  # a TLS close to a dead server can hang
                 await asyncio.wait_for(self._redis.aclose(), _SHUTDOWN_STEP_S)
+        if running := self._repository.calls_running:
+            # Python would wait for their threads at exit, as long as they take: the process
+            # exits without them (status 1), and what they held is redelivered.
+            log.error("model_calls_outlived_shutdown", calls=running)
+            self.hung = True
         log.info("worker_stopped", unfinished=self._ledger.records)
 
 
