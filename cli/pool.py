@@ -26,6 +26,9 @@ _POLL_S = 0.2
 _RESTART_FIRST_S = 1.0
 _RESTART_MAX_S = 30.0
 _STABLE_S = 60.0  # a member up this long restarts after a crash without back-off
+# A worker's shutdown after its drain: commit, leave the group, close clients and Redis, at
+# most 10 s each, and a margin.
+_SHUTDOWN_STEPS_S = 6 * 10.0 + 10.0
 
 
 class _Member:
@@ -57,6 +60,10 @@ def member_envs(settings: Settings, processes: str) -> list[dict[str, str]]:
     else:
         envs = [{} for _ in range(int(processes))]
     port = settings.metrics.port
+    if port and port + len(envs) - 1 > 65535:
+        raise ValueError(
+            f"metrics.port {port}: {len(envs)} members need ports up to {port + len(envs) - 1}"
+        )
     for index, env in enumerate(envs):
         env["SURGE_POOL_MEMBER"] = str(index)
         if port:
@@ -68,7 +75,12 @@ def run_pool(settings: Settings, processes: str, config: Path | None) -> int:
     argv = [sys.executable, "-m", "surge", "worker"]
     if config is not None:
         argv += ["--config", str(config)]
-    members = [_Member(i, argv, env) for i, env in enumerate(member_envs(settings, processes))]
+    try:
+        envs = member_envs(settings, processes)
+    except ValueError as exc:  # a setting the user can fix: one line, as for any other
+        print(exc, file=sys.stderr)
+        return 2
+    members = [_Member(i, argv, env) for i, env in enumerate(envs)]
     stopping = False
     signalled: set[int] = set()  # pids told to stop
 
@@ -88,9 +100,29 @@ def run_pool(settings: Settings, processes: str, config: Path | None) -> int:
                 break
             _supervise(member)
     _terminate(members, signalled)  # a member restarted as the signal came in
-    codes = [member.process.wait() for member in members if member.process is not None]
+    # A member's own shutdown is bounded by this (each step within its limit); past it,
+    # something in it hangs and only SIGKILL ends it.
+    deadline = time.monotonic() + settings.worker.shutdown_timeout_s + _SHUTDOWN_STEPS_S
+    codes = [_stopped(member, deadline) for member in members if member.process is not None]
     log.info("pool_stopped", exit_codes=codes)
-    return 0 if all(code == 0 for code in codes) else 1
+    # Stopped as asked: by its own shutdown, or by the SIGTERM itself before it could set up
+    # its handler. A member that had died before (waiting to restart) was already reported.
+    return 0 if all(code in (0, -signal.SIGTERM, None) for code in codes) else 1
+
+
+def _stopped(member: _Member, deadline: float) -> int | None:
+    """The exit status of a member told to stop; None if it was not running by then."""
+    process = member.process
+    assert process is not None
+    if member.restart_at:
+        return None
+    try:
+        return process.wait(max(0.0, deadline - time.monotonic()))
+    except subprocess.TimeoutExpired:
+        log.error("pool_member_killed", member=member.index, pid=process.pid)
+        process.kill()
+        process.wait()
+        return -signal.SIGKILL
 
 
 def _terminate(members: list[_Member], signalled: set[int]) -> None:

@@ -96,3 +96,18 @@ def test_one_member_per_visible_gpu_each_with_its_own_metrics_port(
             {"SURGE_POOL_MEMBER": "0", "SURGE_METRICS__PORT": "9400"}
         ]
     assert len(member_envs(settings, "3")) == 3
+    last = load_settings(env={"SURGE_METRICS__PORT": "65535"})
+    with pytest.raises(ValueError, match="up to 65536"):
+        member_envs(last, "2")
+
+
+def test_a_pool_stopped_while_its_members_start_exits_cleanly(
+    kafka: str, model_root: Path, tmp_path: Path
+) -> None:
+    """A member stopped by the forwarded SIGTERM before it could install its handler stopped
+    as asked: not a failure of the pool."""
+    log = tmp_path / "pool.log"
+    pool = _start_pool(worker_env(kafka, model_root, None), log, "2")
+    _wait(log, "pool_member_started", 2)
+    pool.send_signal(signal.SIGTERM)
+    assert pool.wait(60) == 0
