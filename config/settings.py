@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 import re
 import ssl
 from typing import Annotated, Any, Literal
@@ -34,6 +35,12 @@ class KafkaSettings(msgspec.Struct, kw_only=True, forbid_unknown_fields=True):
     def __post_init__(self) -> None:
         if self.security_protocol.startswith("SASL") and self.sasl_mechanism is None:
             raise ValueError(f"security_protocol {self.security_protocol} needs sasl_mechanism")
+        if self.security_protocol in ("SSL", "SASL_SSL"):
+            _readable(self, "ssl_cafile", "ssl_certfile", "ssl_keyfile")
+            try:  # at start-up, not at the first connection
+                self._ssl_context()
+            except (OSError, ssl.SSLError) as exc:
+                raise ValueError(f"TLS files unusable: {exc}") from None
 
     def client_options(self) -> dict[str, Any]:
         """Keyword arguments shared by every aiokafka client Surge creates."""
@@ -50,11 +57,22 @@ class KafkaSettings(msgspec.Struct, kw_only=True, forbid_unknown_fields=True):
                 "sasl_plain_password": self.sasl_password,
             }
         if self.security_protocol in ("SSL", "SASL_SSL"):
-            context = ssl.create_default_context(cafile=self.ssl_cafile)
-            if self.ssl_certfile:
-                context.load_cert_chain(self.ssl_certfile, self.ssl_keyfile)
-            options["ssl_context"] = context
+            options["ssl_context"] = self._ssl_context()
         return options
+
+    def _ssl_context(self) -> ssl.SSLContext:
+        context = ssl.create_default_context(cafile=self.ssl_cafile)
+        if self.ssl_certfile:
+            context.load_cert_chain(self.ssl_certfile, self.ssl_keyfile)
+        return context
+
+
+def _readable(settings: object, *fields: str) -> None:
+    """Each of these file fields that is set names a file this process can read."""
+    for name in fields:
+        path = getattr(settings, name)
+        if path is not None and not os.access(path, os.R_OK):
+            raise ValueError(f"{name} {path}: no such file, or not readable")
 
 
 class RedisSettings(msgspec.Struct, kw_only=True, forbid_unknown_fields=True):
@@ -73,6 +91,8 @@ class RedisSettings(msgspec.Struct, kw_only=True, forbid_unknown_fields=True):
             raise ValueError(
                 f"redis url {self.url!r} must start with redis://, rediss:// or unix://"
             )
+        if self.url.startswith("rediss://"):
+            _readable(self, "ssl_ca_certs", "ssl_certfile", "ssl_keyfile")
 
     def client_options(self) -> dict[str, Any]:
         options: dict[str, Any] = {

@@ -67,7 +67,9 @@ def test_cross_field_checks() -> None:
         convert({"device": "tpu"}, ModelConfig, "m")
 
 
-def test_sasl_and_tls_pass_through() -> None:
+def test_sasl_and_tls_pass_through(tmp_path: Path) -> None:
+    ca = tmp_path / "ca.pem"
+    ca.write_text("read by Redis's client when it connects")
     settings = load_settings(
         env={
             "SURGE_KAFKA__SECURITY_PROTOCOL": "SASL_PLAINTEXT",
@@ -76,14 +78,14 @@ def test_sasl_and_tls_pass_through() -> None:
             "SURGE_KAFKA__SASL_PASSWORD": "p",
             "SURGE_REDIS__URL": "rediss://h:6380/0",
             "SURGE_REDIS__PASSWORD": "secret",
-            "SURGE_REDIS__SSL_CA_CERTS": "/ca.pem",
+            "SURGE_REDIS__SSL_CA_CERTS": str(ca),
         }
     )
     options = settings.kafka.client_options()
     assert options["sasl_mechanism"] == "SCRAM-SHA-512"
     assert options["sasl_plain_username"] == "u"
     redis = settings.redis.client_options()
-    assert (redis["password"], redis["ssl_ca_certs"]) == ("secret", "/ca.pem")
+    assert (redis["password"], redis["ssl_ca_certs"]) == ("secret", str(ca))
 
 
 @pytest.mark.parametrize("device", ["cuda:x", "cudafoo", "cuda:-1", "gpu", "CPU"])
@@ -156,3 +158,26 @@ def test_a_pad_value_the_datatype_cannot_hold_is_a_config_error(
 def test_a_pad_value_the_datatype_holds_is_taken(datatype: str, pad_value: float) -> None:
     tensor = {"name": "ids", "datatype": datatype, "shape": [-1], "pad_value": pad_value}
     assert convert({"inputs": [tensor]}, ModelConfig, "m").inputs[0].pad_value == pad_value
+
+
+def test_tls_files_are_checked_at_start_up(tmp_path: Path) -> None:
+    """Not at the first connection, as a traceback: one line naming the field and the file."""
+    bad = tmp_path / "bad.pem"
+    bad.write_text("not a certificate")
+    cases = [
+        (
+            {"SURGE_KAFKA__SECURITY_PROTOCOL": "SSL", "SURGE_KAFKA__SSL_CAFILE": "/missing.pem"},
+            "ssl_cafile /missing.pem: no such file",
+        ),
+        (
+            {"SURGE_KAFKA__SECURITY_PROTOCOL": "SSL", "SURGE_KAFKA__SSL_CAFILE": str(bad)},
+            "TLS files unusable",
+        ),
+        (
+            {"SURGE_REDIS__URL": "rediss://cache:6380", "SURGE_REDIS__SSL_CERTFILE": "/gone"},
+            "ssl_certfile /gone: no such file",
+        ),
+    ]
+    for env, message in cases:
+        with pytest.raises(ConfigError, match=message):
+            load_settings(env=env)
