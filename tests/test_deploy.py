@@ -56,6 +56,17 @@ def test_a_stopping_pod_has_time_to_drain_and_commit(manifests: dict[str, Any]) 
     assert pod["terminationGracePeriodSeconds"] >= needed
 
 
+def test_compose_gives_workers_as_long_to_stop() -> None:
+    with (ROOT / "docker-compose.kafka.yml").open() as f:
+        compose = yaml.safe_load(f)
+    service = compose["services"]["worker"]
+    shipped = ROOT / "config" / Path(service["command"][-1]).name  # the image's copy
+    settings = load_settings(shipped, env={})
+    grace = service["stop_grace_period"]
+    needed = settings.worker.shutdown_timeout_s + 6 * worker._SHUTDOWN_STEP_S
+    assert int(grace.removesuffix("s")) >= needed
+
+
 def test_the_autoscaler_watches_what_the_workers_consume(manifests: dict[str, Any]) -> None:
     scaled, settings = manifests["scaled"], manifests["settings"]
     assert scaled["spec"]["scaleTargetRef"]["name"] == manifests["deployment"]["metadata"]["name"]
