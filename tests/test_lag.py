@@ -15,7 +15,7 @@ from aiokafka.structs import OffsetAndMetadata
 
 from surge.workers.lag import group_lag
 from tests.helpers import create_topics
-from tests.services import free_port
+from tests.services import KafkaBroker, free_port
 from tests.test_cli import surge
 
 pytestmark = pytest.mark.integration
@@ -133,3 +133,13 @@ async def test_surge_lag_follows_the_reset_policy_of_the_settings(
     assert latest.returncode == 0, latest.stderr
     assert "counted as 0 waiting (auto_offset_reset = latest)" in latest.stdout
     assert re.search(rf"{re.escape(topic)} .* 2 .* 0 ", latest.stdout), latest.stdout
+
+
+async def test_lag_on_a_cluster_just_started_waits_for_its_group_coordinator() -> None:
+    """A fresh cluster answers the first group request "coordinator not available" while it
+    creates its offsets topic: asked again, not reported as a failure."""
+    broker = await asyncio.to_thread(KafkaBroker().start)
+    try:
+        assert await group_lag({"bootstrap_servers": broker.bootstrap}, "fresh") == []
+    finally:
+        await asyncio.to_thread(broker.close)

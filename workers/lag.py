@@ -11,6 +11,7 @@ resets to `earliest`, and not at all when it resets to `latest` (it starts at th
 
 from __future__ import annotations
 
+import asyncio
 import time
 from collections.abc import Collection
 from dataclasses import dataclass
@@ -18,9 +19,12 @@ from typing import Any, Literal
 
 from aiokafka import AIOKafkaConsumer, TopicPartition
 from aiokafka.admin import AIOKafkaAdminClient
+from aiokafka.errors import CoordinatorLoadInProgressError, CoordinatorNotAvailableError
 
 _READ_S = 10.0  # to read the oldest waiting record of every partition
 _FETCH_MS = 500
+# A cluster's group coordinator takes a moment to come up (a fresh cluster, a failover).
+_COORDINATOR_WAIT_S = 10.0
 
 
 @dataclass(frozen=True, slots=True)
@@ -32,6 +36,17 @@ class TopicLag:
     # A waiting partition's oldest record could not be read in time (oldest_s is None then).
     age_unknown: bool = False
     uncommitted: int = 0  # partitions the group has committed nothing on
+
+
+async def _group_offsets(admin: AIOKafkaAdminClient, group: str) -> dict[TopicPartition, Any]:
+    deadline = time.monotonic() + _COORDINATOR_WAIT_S
+    while True:
+        try:
+            return await admin.list_consumer_group_offsets(group)
+        except (CoordinatorNotAvailableError, CoordinatorLoadInProgressError):
+            if time.monotonic() > deadline:
+                raise
+            await asyncio.sleep(0.2)
 
 
 async def group_lag(
@@ -53,7 +68,7 @@ async def group_lag(
         await consumer.start()
         committed = {
             tp: meta.offset
-            for tp, meta in (await admin.list_consumer_group_offsets(group)).items()
+            for tp, meta in (await _group_offsets(admin, group)).items()
             if meta.offset >= 0
         }
         names = sorted(topics if topics is not None else {tp.topic for tp in committed})
