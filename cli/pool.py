@@ -40,7 +40,8 @@ class _Member:
         self.restart_at = 0.0
 
     def start(self) -> None:
-        self.process = subprocess.Popen(self._argv, env=os.environ | self._env)
+        pool = {"SURGE_POOL_PID": str(os.getpid())}  # a member outliving the pool stops
+        self.process = subprocess.Popen(self._argv, env=os.environ | self._env | pool)
         self.started = time.monotonic()
         log.info("pool_member_started", member=self.index, pid=self.process.pid, **self._env)
 

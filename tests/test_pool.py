@@ -111,3 +111,30 @@ def test_a_pool_stopped_while_its_members_start_exits_cleanly(
     _wait(log, "pool_member_started", 2)
     pool.send_signal(signal.SIGTERM)
     assert pool.wait(60) == 0
+
+
+def test_members_of_a_killed_pool_stop(kafka: str, model_root: Path, tmp_path: Path) -> None:
+    """SIGKILL leaves the pool no chance to stop its members: they notice and stop on their
+    own, rather than run on unsupervised, holding the metrics ports a new pool needs."""
+    log = tmp_path / "pool.log"
+    pool = _start_pool(worker_env(kafka, model_root, None), log, "2")
+    try:
+        members = [int(e["pid"]) for e in _wait(log, "pool_member_started", 2)]  # type: ignore[call-overload]
+        _wait(log, "worker_started", 2)
+    finally:
+        pool.kill()
+        pool.wait()
+    deadline = time.monotonic() + 60
+    while alive := [pid for pid in members if _running(pid)]:
+        assert time.monotonic() < deadline, f"members {alive} outlived their pool"
+        time.sleep(0.2)
+    assert len(_events(log, "worker_stopped")) == 2  # each drained and committed
+
+
+def _running(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    with open(f"/proc/{pid}/stat") as f:  # a zombie (exited, not reaped) is not running
+        return f.read().split()[2] != "Z"

@@ -53,6 +53,7 @@ _COMMIT_BACKOFF_S = 1.0
 _SHUTDOWN_STEP_S = 10.0
 _TOPIC_LOOKUP_S = 5.0  # a reply topic not found by then dead-letters its result at once
 _TOPIC = re.compile(TOPIC_NAME)
+_POOL_CHECK_S = 1.0
 _GC_YOUNG_THRESHOLD = 20_000  # Python's default is 700 (2000 from 3.13)
 
 
@@ -551,6 +552,15 @@ class _Rebalance(ConsumerRebalanceListener):  # type: ignore[misc]
         consumer.resume(*assigned)
 
 
+async def _stop_without(pool: int, worker: Worker) -> None:
+    """A pool member stops once its pool is gone (killed with SIGKILL, say): nothing would
+    stop it then, and a new pool's members would find its metrics ports taken."""
+    while os.getppid() == pool:  # noqa: ASYNC110 (no event tells of a parent's death)
+        await asyncio.sleep(_POOL_CHECK_S)
+    log.warning("pool_gone", pool=pool)
+    worker.stop()
+
+
 def collect_young_less_often() -> None:
     """Requests make many short-lived objects: at Python's default threshold, collecting
     them costs a third of the hot path."""
@@ -565,7 +575,11 @@ async def serve(settings: Settings) -> None:
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGTERM, signal.SIGINT):
         loop.add_signal_handler(sig, worker.stop)
+    pool = os.environ.get("SURGE_POOL_PID")
+    watch = asyncio.create_task(_stop_without(int(pool), worker)) if pool else None
     await worker.run()
+    if watch is not None:
+        watch.cancel()
     if worker.hung:  # the interpreter would wait for the hung thread at exit, forever
         sys.stdout.flush()
         sys.stderr.flush()
