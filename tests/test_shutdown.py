@@ -11,13 +11,14 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+from aiokafka import AIOKafkaConsumer, ConsumerRebalanceListener, TopicPartition
 
 from surge.producers import request_body, request_headers
 from surge.schemas import MSGPACK, headers
 from surge.workers import Worker
 from tests.conftest import WorkerProcess, make_settings, topic_of, worker_env
 from tests.helpers import create_topics, publish, read_topic, wait_committed
-from tests.models import write_hangs
+from tests.models import write_hangs, write_slow
 
 pytestmark = pytest.mark.integration
 
@@ -129,3 +130,39 @@ async def test_a_worker_without_models_stops_at_once(
     started = asyncio.get_running_loop().time()
     assert await asyncio.to_thread(worker.terminate, 60) == 0
     assert asyncio.get_running_loop().time() - started < 15, "waited out the reload interval"
+
+
+async def test_a_worker_stopped_while_its_models_load_joins_no_group(
+    kafka: str, tmp_path: Path, worker_processes: Callable[[dict[str, str]], WorkerProcess]
+) -> None:
+    """Joining only to leave again would cost every other member of the group two rebalances."""
+    root = tmp_path / "models"
+    write_slow(root)  # seconds of warm-up
+    env = worker_env(kafka, root, None)
+    topic = topic_of(env, "slow")
+    await create_topics(kafka, topic)
+    rebalances: list[set[TopicPartition]] = []
+
+    class Counting(ConsumerRebalanceListener):  # type: ignore[misc]
+        async def on_partitions_revoked(self, revoked: set[TopicPartition]) -> None:
+            rebalances.append(revoked)
+
+        async def on_partitions_assigned(self, assigned: set[TopicPartition]) -> None:
+            pass
+
+    member = AIOKafkaConsumer(bootstrap_servers=kafka, group_id=env["SURGE_WORKER__GROUP_ID"])
+    await member.start()
+    member.subscribe([topic], listener=Counting())
+    try:
+        while not member.assignment():
+            await member.getmany(timeout_ms=200)
+        rebalances.clear()
+        worker = worker_processes(env)
+        await asyncio.to_thread(worker.wait_for, "model_loading")
+        assert await asyncio.to_thread(worker.terminate, 120) == 0
+        assert "worker_stopped" in [e.get("event") for e in worker.events()]
+        for _ in range(40):  # heartbeats would bring a rebalance by now
+            await member.getmany(timeout_ms=200)
+        assert rebalances == []
+    finally:
+        await member.stop()

@@ -151,7 +151,8 @@ class Worker:
             max_partition_fetch_bytes=max(worker.max_message_bytes, 1_048_576),
         )
         await self._consumer.start()
-        self._subscribe(self._topics)
+        if not self._stopping.is_set():  # stopped while the models loaded: join no group
+            self._subscribe(self._topics)
         self._tasks = [
             supervised(self._commit_loop(), "commit", self._crashed),
             supervised(self._reload_loop(), "reload", self._crashed),
