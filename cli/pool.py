@@ -19,6 +19,7 @@ from pathlib import Path
 import structlog
 
 from surge.config import Settings
+from surge.workers.worker import SHUTDOWN_AFTER_DRAIN_S
 
 log = structlog.get_logger("surge.pool")
 
@@ -26,9 +27,7 @@ _POLL_S = 0.2
 _RESTART_FIRST_S = 1.0
 _RESTART_MAX_S = 30.0
 _STABLE_S = 60.0  # a member up this long restarts after a crash without back-off
-# A worker's shutdown after its drain: commit, leave the group, close clients and Redis, at
-# most 10 s each, and a margin.
-_SHUTDOWN_STEPS_S = 6 * 10.0 + 10.0
+_KILL_MARGIN_S = 10.0  # past a member's own bounds on its shutdown
 
 
 class _Member:
@@ -103,7 +102,8 @@ def run_pool(settings: Settings, processes: str, config: Path | None) -> int:
     _terminate(members, signalled)  # a member restarted as the signal came in
     # A member's own shutdown is bounded by this (each step within its limit); past it,
     # something in it hangs and only SIGKILL ends it.
-    deadline = time.monotonic() + settings.worker.shutdown_timeout_s + _SHUTDOWN_STEPS_S
+    bound = settings.worker.shutdown_timeout_s + SHUTDOWN_AFTER_DRAIN_S + _KILL_MARGIN_S
+    deadline = time.monotonic() + bound
     codes = [_stopped(member, deadline) for member in members if member.process is not None]
     log.info("pool_stopped", exit_codes=codes)
     # Stopped as asked: by its own shutdown, or by the SIGTERM itself before it could set up

@@ -51,8 +51,7 @@ def test_the_pods_run_surge_worker_with_the_mounted_settings(manifests: dict[str
 
 def test_a_stopping_pod_has_time_to_drain_and_commit(manifests: dict[str, Any]) -> None:
     pod = manifests["deployment"]["spec"]["template"]["spec"]
-    # The drain, then commit, consumer, replies, acks, producer and Redis: one bound each.
-    needed = manifests["settings"].worker.shutdown_timeout_s + 6 * worker._SHUTDOWN_STEP_S
+    needed = manifests["settings"].worker.shutdown_timeout_s + worker.SHUTDOWN_AFTER_DRAIN_S
     assert pod["terminationGracePeriodSeconds"] >= needed
 
 
@@ -63,7 +62,7 @@ def test_compose_gives_workers_as_long_to_stop() -> None:
     shipped = ROOT / "config" / Path(service["command"][-1]).name  # the image's copy
     settings = load_settings(shipped, env={})
     grace = service["stop_grace_period"]
-    needed = settings.worker.shutdown_timeout_s + 6 * worker._SHUTDOWN_STEP_S
+    needed = settings.worker.shutdown_timeout_s + worker.SHUTDOWN_AFTER_DRAIN_S
     assert int(grace.removesuffix("s")) >= needed
 
 

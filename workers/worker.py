@@ -51,6 +51,9 @@ _FETCH_RETRY_S = 1.0
 _COMMIT_RETRY_S = 5.0
 _COMMIT_BACKOFF_S = 1.0
 _SHUTDOWN_STEP_S = 10.0
+# After the drain (shutdown_timeout_s), the longest the rest of a shutdown takes: commit, stop
+# the consumer, close replies, writes, the producer and Redis, one step bound each.
+SHUTDOWN_AFTER_DRAIN_S = 6 * _SHUTDOWN_STEP_S
 _TOPIC_LOOKUP_S = 5.0  # a reply topic not found by then dead-letters its result at once
 _TOPIC = re.compile(TOPIC_NAME)
 _POOL_CHECK_S = 1.0
