@@ -539,6 +539,10 @@ class _Rebalance(ConsumerRebalanceListener):  # type: ignore[misc]
         worker._held |= assigned
         try:
             committed = await asyncio.wait_for(transactions.assign(assigned), _SHUTDOWN_STEP_S)
+            for tp, offset in committed.items():
+                restart = offset if offset is not None else worker._ledger.offsets.first(tp)
+                if restart is not None:  # None: nothing committed nor read yet
+                    consumer.seek(tp, restart)
         except Exception as exc:
             # Not fenced in, nor moved to the committed offsets: whatever were read or
             # committed for them now would answer twice and move the group's offsets back.
@@ -547,10 +551,6 @@ class _Rebalance(ConsumerRebalanceListener):  # type: ignore[misc]
             await transactions.revoke(assigned)
             worker._crashed(exc)
             return
-        for tp, offset in committed.items():
-            restart = offset if offset is not None else worker._ledger.offsets.first(tp)
-            if restart is not None:  # None: nothing committed nor read yet
-                consumer.seek(tp, restart)
         worker._ledger.offsets.forget(assigned)
         worker._held -= assigned
         consumer.resume(*assigned)
