@@ -34,7 +34,10 @@ def load_settings(path: str | Path | None = None, env: Mapping[str, str] | None 
     if path is not None:
         data = read_toml(path)
         source = str(path)
-    overrides = env_overrides(os.environ if env is None else env)
+    env = os.environ if env is None else env
+    if typos := list(_misspelt(env)):
+        raise ConfigError("environment", typos)
+    overrides = env_overrides(env)
     for table, fields in overrides.items():
         if not isinstance(data.setdefault(table, {}), dict):
             raise ConfigError(
@@ -71,6 +74,22 @@ def env_overrides(env: Mapping[str, str]) -> dict[str, dict[str, Any]]:
                 value = json.loads(raw)
         tables.setdefault(table, {})[field] = value
     return tables
+
+
+def _misspelt(env: Mapping[str, str]) -> Iterator[str]:
+    """Variables that name a setting with one underscore where two belong, such as
+    `SURGE_WORKER_GROUP_ID`: ignored, they would leave the setting silently at its default.
+    (Other `SURGE_` variables, naming no setting, are not the settings' business.)"""
+    tables = {f.encode_name: f.type for f in msgspec.structs.fields(Settings)}
+    for name in env:
+        if not name.startswith(ENV_PREFIX) or "__" in name:
+            continue
+        rest = name[len(ENV_PREFIX) :].lower()
+        for table, struct in tables.items():
+            field = rest.removeprefix(f"{table}_")
+            if field != rest and field in {f.encode_name for f in msgspec.structs.fields(struct)}:
+                meant = f"{ENV_PREFIX}{table}__{field}".upper()
+                yield f"{name}: not read; did you mean {meant}?"
 
 
 def convert(data: dict[str, Any], cls: type[T], source: str) -> T:

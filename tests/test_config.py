@@ -181,3 +181,11 @@ def test_tls_files_are_checked_at_start_up(tmp_path: Path) -> None:
     for env, message in cases:
         with pytest.raises(ConfigError, match=message):
             load_settings(env=env)
+
+
+def test_a_setting_named_with_one_underscore_too_few_is_an_error() -> None:
+    """Ignored, `SURGE_WORKER_GROUP_ID` would leave the group id at its default unnoticed;
+    variables that name no setting (a cache path, say) are left alone."""
+    with pytest.raises(ConfigError, match="did you mean SURGE_WORKER__GROUP_ID"):
+        load_settings(env={"SURGE_WORKER_GROUP_ID": "scoring"})
+    assert load_settings(env={"SURGE_KAFKA_CACHE": "/cache", "SURGE_POOL_MEMBER": "1"})
