@@ -129,16 +129,24 @@ async def test_a_line_too_large_for_kafka_is_answered_in_place(
     assert (report.lines, report.ok, report.errors) == (3, 2, 1)
 
 
+async def _served_files(
+    kafka: str, model_root: Path, run_worker: Callable[[Settings], Worker], tmp_path: Path
+) -> tuple[Path, Path, list[str]]:
+    """A worker serving the MLP; the input and output files of a `surge score` run, and the
+    options that point it at that worker."""
+    settings = make_settings(kafka, model_root, None)
+    await run_worker(settings)
+    where = ["--bootstrap", kafka, "--topic", settings.worker.topic_prefix + "mlp"]
+    return tmp_path / "in.jsonl", tmp_path / "out.jsonl", where
+
+
 @pytest.mark.integration
 async def test_surge_score_writes_a_result_line_per_input_line(
     kafka: str, model_root: Path, run_worker: Callable[[Settings], Worker], tmp_path: Path
 ) -> None:
-    settings = make_settings(kafka, model_root, None)
-    await run_worker(settings)
-    source, results = tmp_path / "in.jsonl", tmp_path / "out.jsonl"
+    source, results, where = await _served_files(kafka, model_root, run_worker, tmp_path)
     row = json.dumps({"x": [[0.5] * 32]})
     source.write_text("\n".join([row] * 50 + ["", "{oops"]) + "\n")
-    where = ["--bootstrap", kafka, "--topic", settings.worker.topic_prefix + "mlp"]
     scored = await asyncio.to_thread(surge, "score", "mlp", str(source), "-o", str(results), *where)
     assert scored.returncode == 1, scored.stderr  # not every line was scored
     assert "52 lines" in scored.stderr
@@ -160,13 +168,10 @@ async def test_surge_score_writes_a_result_line_per_input_line(
 async def test_surge_score_reads_a_file_that_is_not_all_utf8_line_by_line(
     kafka: str, model_root: Path, run_worker: Callable[[Settings], Worker], tmp_path: Path
 ) -> None:
-    settings = make_settings(kafka, model_root, None)
-    await run_worker(settings)
-    source, results = tmp_path / "in.jsonl", tmp_path / "out.jsonl"
+    source, results, where = await _served_files(kafka, model_root, run_worker, tmp_path)
     row = json.dumps({"x": [[0.5] * 32]}).encode()
     # A byte-order mark, as some editors write, then a line in Latin-1.
     source.write_bytes(b"\xef\xbb\xbf" + row + b'\n{"x": "caf\xe9"}\n' + row + b"\n")
-    where = ["--bootstrap", kafka, "--topic", settings.worker.topic_prefix + "mlp"]
     scored = await asyncio.to_thread(surge, "score", "mlp", str(source), "-o", str(results), *where)
     assert scored.returncode == 1, scored.stderr
     lines = [json.loads(line) for line in results.read_text().splitlines()]
