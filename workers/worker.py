@@ -21,8 +21,9 @@ import re
 import signal
 import sys
 import time
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Awaitable, Callable, Mapping, Sequence
 from pathlib import Path
+from typing import TypeVar
 
 import structlog
 from aiokafka import AIOKafkaConsumer, AIOKafkaProducer, ConsumerRebalanceListener, TopicPartition
@@ -59,6 +60,16 @@ _TOPIC = re.compile(TOPIC_NAME)
 _POOL_CHECK_S = 1.0
 _GC_YOUNG_THRESHOLD = 20_000  # Python's default is 700 (2000 from 3.13)
 
+T = TypeVar("T")
+
+
+class _CannotStart(Exception):
+    """Start-up cannot finish for a reason the operator fixes, said in one line."""
+
+
+class _StoppedStarting(Exception):
+    """A stop request came while start-up waited on the cluster."""
+
 
 class Worker:
     def __init__(self, settings: Settings) -> None:
@@ -77,13 +88,19 @@ class Worker:
         # consume loop, which pauses and resumes the others, must not resume these.
         self._held: set[TopicPartition] = set()
         self._ahead: set[str] = set()  # models with enough queued that fetching for them stops
+        # What start-up opened, to close should it not finish (`_shutdown` closes the rest).
+        self._opened: list[Callable[[], Awaitable[object]]] = []
 
     def stop(self) -> None:
         """Begin a graceful shutdown (safe to call from a signal handler)."""
         self._stopping.set()
 
     async def run(self) -> None:
-        await self._start()
+        try:
+            await self._start()
+        except (_CannotStart, _StoppedStarting, KafkaError) as exc:
+            await self._abandon_start(exc)
+            return
         try:
             for hook in self.ready_hooks:
                 hook()
@@ -96,12 +113,17 @@ class Worker:
 
     async def _start(self) -> None:
         kafka, worker = self.settings.kafka, self.settings.worker
-        metrics.serve(self.settings.metrics.port)
+        try:
+            metrics.serve(self.settings.metrics.port)
+        except OSError as exc:
+            raise _CannotStart(f"metrics port {self.settings.metrics.port}: {exc}") from None
         self._redis = (
             Redis.from_url(self.settings.redis.url, **self.settings.redis.client_options())
             if self.settings.redis.url
             else None
         )
+        if self._redis is not None:
+            self._opened.append(self._redis.aclose)
         self._ledger = Ledger(worker.max_in_flight, worker.max_in_flight_bytes)
         retry = RetryPolicy(worker.dead_letter_topic, worker.reply_retry_s, self._crashed)
         producer_options = {
@@ -123,21 +145,26 @@ class Worker:
                 self._crashed,
                 committed=lambda tp: self._consumer.committed(tp),
             )
+            self._opened.append(self._transactions.close)
             kafka_sink = self._transactions.buffer
         else:
             producer = AIOKafkaProducer(**producer_options)
-            await producer.start()
+            self._opened.append(producer.stop)
+            await self._unless_stopped(producer.start())
             lookup = TopicLookup(kafka.client_options(), _TOPIC_LOOKUP_S)
             self._acked = AckedWrites(producer, self._ledger, retry, self._crashed, lookup)
             self._acked.start()
+            self._opened.append(self._acked.close)
             kafka_sink = self._acked.put
         await self.serve_models(kafka_sink)
         if worker.create_topics:
-            await ensure_topics(
-                kafka,
-                [*self._topics, worker.dead_letter_topic],
-                worker.topic_partitions,
-                worker.topic_replication_factor,
+            await self._unless_stopped(
+                ensure_topics(
+                    kafka,
+                    [*self._topics, worker.dead_letter_topic],
+                    worker.topic_partitions,
+                    worker.topic_replication_factor,
+                )
             )
         self._consumer = AIOKafkaConsumer(
             **kafka.client_options(),
@@ -153,7 +180,9 @@ class Worker:
             fetch_max_wait_ms=worker.fetch_max_wait_ms,
             max_partition_fetch_bytes=max(worker.max_message_bytes, 1_048_576),
         )
-        await self._consumer.start()
+        self._opened.append(self._consumer.stop)
+        await self._unless_stopped(self._consumer.start())
+        self._opened.clear()  # started: from here `_shutdown` closes everything
         if not self._stopping.is_set():  # stopped while the models loaded: join no group
             self._subscribe(self._topics)
         self._tasks = [
@@ -181,6 +210,7 @@ class Worker:
             on_crash=self._crashed,
         )
         self._replies.start()
+        self._opened.append(self._replies.close)
         self._repository = ModelRepository(
             Path(worker.model_root),
             worker.models,
@@ -189,9 +219,45 @@ class Worker:
             max_tensor_elements=worker.max_tensor_elements,
             on_crash=self._crashed,
         )
+        self._opened.append(self._repository.close)
         await self._repository.reconcile(settle_s=0)
         self._topics = self._topic_models()
         self._router = self._make_router()
+
+    async def _unless_stopped(self, step: Awaitable[T]) -> T:
+        """A start-up step that waits on the cluster, cut short by a stop request: a broker
+        that takes connections but never answers would hold a SIGTERM for its request
+        timeout (30 s and more)."""
+        task = asyncio.ensure_future(step)
+        stopping = asyncio.ensure_future(self._stopping.wait())
+        try:
+            await asyncio.wait([task, stopping], return_when=asyncio.FIRST_COMPLETED)
+        finally:
+            stopping.cancel()
+            if not task.done():
+                task.cancel()
+                await asyncio.wait([task])
+        if task.cancelled():
+            raise _StoppedStarting
+        return task.result()
+
+    async def _abandon_start(self, why: Exception) -> None:
+        """Close what an unfinished start-up opened. A stop request is no failure; a cluster
+        that cannot be reached is one line for the operator, not a traceback."""
+        stopped = isinstance(why, _StoppedStarting)
+        if not stopped:
+            self.failed = True
+            log.error(
+                "startup_failed",
+                error=str(why) or repr(why),
+                bootstrap_servers=self.settings.kafka.bootstrap_servers,
+            )
+        for close in reversed(self._opened):
+            with contextlib.suppress(Exception):
+                await asyncio.wait_for(close(), _SHUTDOWN_STEP_S)
+        self._opened.clear()
+        if stopped:
+            log.info("worker_stopped", unfinished=0, while_starting=True)
 
     def _topic_models(self) -> dict[str, str | None]:
         """Request topic -> model it carries (None for shared topics, routed by header). A
