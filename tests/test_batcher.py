@@ -195,6 +195,39 @@ async def test_inline_below_zero_always_uses_the_thread() -> None:
     assert set(model.threads) == {"model_0"}
 
 
+async def test_an_inline_call_over_its_budget_is_a_timeout_and_goes_back_to_the_thread() -> None:
+    """The loop cannot cut short a call it runs itself: the call is answered as one on a
+    thread would have been at its budget, and the model proves itself again on the thread."""
+    model, answers = _Timed(), _Answers()
+    config = ModelConfig(max_batch_size=8, max_batch_delay_ms=0, inline_below_ms=50)
+    batcher = Batcher(
+        model="timed",
+        version="1",
+        runtime=model,  # type: ignore[arg-type]
+        config=config,
+        executor=ThreadPoolExecutor(1, thread_name_prefix="model"),
+        replies=answers,  # type: ignore[arg-type]
+        time_budget_s=0.5,
+    )
+    batcher.start(on_crash=pytest.fail)
+    main = threading.current_thread().name
+    await _serve(batcher, answers, _INLINE_AFTER + 1)
+    assert model.threads[-1] == main
+
+    model.delay = 0.6  # over the budget, under two: slow, not hung
+    batcher.put(Job(make_ticket(b"{}"), {"x": np.ones((1, 4), np.float32)}, 1, None))
+    async with asyncio.timeout(10):
+        while not answers.failed:
+            await asyncio.sleep(0.01)
+    assert model.threads[-1] == main
+    assert [rejection.code for rejection in answers.failed] == [ErrorCode.TIMEOUT]
+
+    model.delay = 0.0
+    await _serve(batcher, answers, 1)
+    assert model.threads[-1] == "model_0"
+    await batcher.close()
+
+
 def test_raw_rows_stack_like_arrays() -> None:
     """Requests whose rows stay raw bytes batch exactly as decoded arrays do, mixed or not."""
     spec = TensorSpec("x", "FP32", (2, 3))

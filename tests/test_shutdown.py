@@ -120,6 +120,36 @@ async def test_a_model_call_still_running_at_shutdown_does_not_keep_the_process(
     assert any(e.get("event") == "model_calls_outlived_shutdown" for e in worker.events())
 
 
+async def test_a_model_that_hangs_on_the_event_loop_ends_the_process(
+    kafka: str, tmp_path: Path, worker_processes: Callable[[dict[str, str]], WorkerProcess]
+) -> None:
+    """A model proven fast runs on the event loop, which cannot time out a call it is blocked
+    in: a call still running two budgets on ends the process (status 1), for a restart that
+    runs the model on a thread again, rather than leave the worker frozen out of its group."""
+    root = tmp_path / "models"
+    write_hangs(root)
+    config = root / "hangs" / "config.toml"  # fast enough even on a busy machine
+    config.write_text("inline_below_ms = 10\n" + config.read_text())
+    env = worker_env(kafka, root, None, SURGE_WORKER__BATCH_TIME_BUDGET_S="2")
+    topic = topic_of(env, "hangs")
+    await create_topics(kafka, topic)
+    worker = worker_processes(env)
+    worker.wait_for("partitions_assigned")
+    route = request_headers(model="hangs", content_type=MSGPACK, reply_to="test.replies.none")
+    body = request_body({"x": np.ones((1, 4), np.float32)}, "quick", MSGPACK)
+    deadline = asyncio.get_running_loop().time() + 60
+    # One batch each: the model proves fast and moves onto the loop.
+    while not any(e.get("event") == "model_inline" for e in worker.events()):
+        assert asyncio.get_running_loop().time() < deadline, "never ran on the loop"
+        await publish(kafka, [(topic, b"quick", body, route)])
+        await asyncio.sleep(0.05)
+    stuck = np.full((1, 4), 13, np.float32)  # hours of CPU for this model
+    await publish(kafka, [(topic, b"r", request_body({"x": stuck}, "r", MSGPACK), route)])
+    assert await asyncio.to_thread(worker.process.wait, 30) == 1
+    hung = [e for e in worker.events() if e.get("event") == "model_hung"]
+    assert [e["on_event_loop"] for e in hung] == [True]
+
+
 async def test_a_worker_without_models_stops_at_once(
     kafka: str, tmp_path: Path, worker_processes: Callable[[dict[str, str]], WorkerProcess]
 ) -> None:

@@ -33,6 +33,7 @@ from surge.schemas import (
 )
 from surge.workers import metrics
 from surge.workers.batching import CallCost, best_run, check_rows, group_by_shape, stack
+from surge.workers.inline import WATCH
 from surge.workers.intake import Job
 from surge.workers.replies import Replies
 from surge.workers.runtimes import DeviceFailed, Runtime
@@ -76,6 +77,7 @@ class Batcher:
     ) -> None:
         self.model = model
         self.version = version
+        self._label = f"{model}:{version}"
         self._runtime = runtime
         self._executor = executor
         self._replies = replies
@@ -266,7 +268,11 @@ class Batcher:
             # follows it. Only sizes the streak has covered run here: a bigger batch proves
             # itself on the thread first.
             started = time.perf_counter()
-            outputs = self._runtime.run(batch)
+            WATCH.call = (self._label, started, self._budget)  # a hang ends the process
+            try:
+                outputs = self._runtime.run(batch)
+            finally:
+                WATCH.call = None
             seconds = time.perf_counter() - started
         else:
             outputs, seconds = await self._in_thread(batch, len(jobs))
@@ -276,11 +282,17 @@ class Batcher:
         else:  # one slow batch ends the streak
             self._fast_streak = self._proven_elements = 0
         if proven != (self._fast_streak >= _INLINE_AFTER):
+            if not proven:
+                WATCH.start()
             log.info(
                 "model_in_thread" if proven else "model_inline",
                 model=self.model,
                 version=self.version,
                 batch_ms=round(seconds * 1000, 3),
+            )
+        if seconds > self._budget:  # on the loop, which could not cut it short
+            raise TimeoutError(
+                f"batch of {len(jobs)} requests outlived its {self._budget:g}s budget"
             )
         return outputs, seconds
 
