@@ -67,7 +67,11 @@ def to_array(tensor: Tensor, max_elements: int | None = None) -> np.ndarray:
                 f"input {tensor.name!r}: {data.nbytes} bytes of data, shape {tensor.shape} "
                 f"of {tensor.datatype} needs {count * dtype.itemsize}"
             )
-        return _shaped(np.frombuffer(data, dtype=dtype), tensor)
+        array = np.frombuffer(data, dtype=dtype)
+        if dtype.kind == "b" and array.view(np.uint8).max(initial=0) > 1:
+            # numpy reads any nonzero byte as true, yet keeps it: models would see 2 and 255.
+            raise TensorError(f"input {tensor.name!r}: BOOL bytes must be 0 or 1")
+        return _shaped(array, tensor)
     array = _from_values(data, dtype, tensor)
     if array.size != count:
         raise TensorError(
@@ -100,6 +104,8 @@ def _from_values(data: Any, dtype: np.dtype[Any], tensor: Tensor) -> np.ndarray:
     kind = values.dtype.kind
     if not values.size:
         return values.astype(dtype)
+    if dtype.kind in "iu" and (kind == "O" or (kind == "f" and np.abs(values).max() >= _EXACT)):
+        return _exact_integers(data, dtype, tensor)
     if kind not in _TAKES[dtype.kind]:
         what = _KIND_NAMES.get(kind, "other values")
         raise TensorError(f"input {tensor.name!r}: data is not {tensor.datatype}: it holds {what}")
@@ -121,6 +127,35 @@ def _from_values(data: Any, dtype: np.dtype[Any], tensor: Tensor) -> np.ndarray:
         raise TensorError(f"input {tensor.name!r}: data is not {tensor.datatype}: {exc}") from None
 
 
+def _exact_integers(data: Any, dtype: np.dtype[Any], tensor: Tensor) -> np.ndarray:
+    """Integers taken one by one: numpy makes a list that mixes integers past 2**63 with
+    others, or large integers with whole floats, float64 or object, and would round them."""
+    limits = np.iinfo(dtype)
+    values = []
+    for value in _flat(data):
+        if type(value) is float and value.is_integer() and abs(value) < _EXACT:
+            value = int(value)
+        if type(value) is not int:
+            what = "other values"
+            if type(value) is float:
+                what = (
+                    "fractions"
+                    if not value.is_integer()
+                    else f"{value:g}, a float too big to be exact"
+                )
+            raise TensorError(
+                f"input {tensor.name!r}: data is not {tensor.datatype}: it holds {what}"
+            )
+        if not limits.min <= value <= limits.max:
+            raise TensorError(
+                f"input {tensor.name!r}: data is not {tensor.datatype}: values outside "
+                f"[{limits.min}, {limits.max}]"
+            )
+        values.append(value)
+    return np.array(values, dtype=dtype)
+
+
+_EXACT = 2**53  # float64 holds every integer below this magnitude exactly
 # The kinds of numpy array a list may make for each kind of datatype: integers take whole
 # floats (JSON writes 3 as 3.0 at times), floats take integers, BOOL only true/false.
 _TAKES = {"b": "b", "i": "iuf", "u": "iuf", "f": "iuf"}

@@ -147,3 +147,20 @@ def test_any_body_of_the_learned_length_reads_as_the_full_decode_reads_it(
         mutated[at % len(mutated)] = value
     laid_out, full = _both(intake, bytes(mutated))
     assert laid_out == full
+
+
+def test_bool_rows_other_than_zero_and_one_are_refused_however_they_come() -> None:
+    """Raw BOOL rows are checked, so they never take the fast ways that pass rows unread."""
+    specs = [TensorSpec("x", "BOOL", (4,))]
+    intake = Intake(specs, [], **LIMITS)
+    good = request_body({"x": np.array([[0, 1, 1, 0]], np.bool_)}, "req-1", MSGPACK)
+    bad = good.replace(b"\x00\x01\x01\x00", b"\x00\x01\x02\xff")
+    assert len(bad) == len(good)
+    for body in (good, bad, good, bad):  # the second time round, any layout is learned
+        result = intake.admit(make_ticket(body, MSGPACK))
+        if body is good:
+            assert isinstance(result, Job)
+            assert np.asarray(result.inputs["x"]).tolist() == [[False, True, True, False]]
+        else:
+            assert isinstance(result, Rejection)
+            assert result.code == ErrorCode.INVALID_INPUT

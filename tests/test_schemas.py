@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+from typing import Any
 
 import msgspec
 import numpy as np
@@ -85,6 +86,9 @@ def test_v2_json_from_other_clients_decodes() -> None:
         ({"name": "x", "shape": [2], "datatype": "FP32", "data": ["nan", "inf"]}, "text"),
         ({"name": "x", "shape": [2], "datatype": "BYTES", "data": [{"a": 1}, None]}, "strings"),
         ({"name": "x", "shape": [1], "datatype": "INT8", "data": [-129]}, "outside"),
+        # past 2**53 a float cannot tell neighbouring integers apart
+        ({"name": "x", "shape": [2], "datatype": "INT64", "data": [2.0**60, 1]}, "too big"),
+        ({"name": "x", "shape": [2], "datatype": "UINT64", "data": [2**64, 1]}, "outside"),
         # an empty tensor names dimensions no array may have
         (
             {"name": "x", "shape": [0, 99999999999999999999], "datatype": "FP32", "data": []},
@@ -118,6 +122,37 @@ def test_json_null_is_nan_in_float_tensors_and_whole_floats_fit_integers() -> No
                 json.dumps({"inputs": [{**tensors[1], "data": [None, 1]}]}).encode(), JSON
             ).inputs[0]
         )
+
+
+@pytest.mark.parametrize(
+    ("datatype", "data"),
+    [
+        # numpy would take each of these lists through float64 (or refuse the object array
+        # it makes), rounding the large integers
+        ("UINT64", [2**64 - 1, 0]),
+        ("UINT64", [2**63 + 1, 7]),
+        ("INT64", [2**53 + 1, 3.0]),
+        ("INT64", [1234567890123456789, 1.0]),
+        ("INT64", [-(2**63), 2**63 - 1]),
+    ],
+)
+def test_large_integers_in_lists_reach_the_model_exactly(datatype: str, data: list[Any]) -> None:
+    tensor = {"name": "x", "shape": [len(data)], "datatype": datatype, "data": data}
+    request = decode_request(json.dumps({"inputs": [tensor]}).encode(), JSON)
+    assert to_array(request.inputs[0]).tolist() == [int(value) for value in data]
+
+
+def test_raw_bool_bytes_other_than_zero_and_one_are_refused() -> None:
+    """numpy reads any nonzero byte as true yet keeps it: a model's Not(2) would be true."""
+    body = msgspec.msgpack.encode(
+        {"inputs": [{"name": "x", "shape": [4], "datatype": "BOOL", "data": b"\0\1\2\xff"}]}
+    )
+    with pytest.raises(TensorError, match="0 or 1"):
+        to_array(decode_request(body, MSGPACK).inputs[0])
+    body = msgspec.msgpack.encode(
+        {"inputs": [{"name": "x", "shape": [2], "datatype": "BOOL", "data": b"\0\1"}]}
+    )
+    assert to_array(decode_request(body, MSGPACK).inputs[0]).tolist() == [False, True]
 
 
 def test_raw_bytes_must_match_the_shape() -> None:

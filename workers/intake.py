@@ -66,7 +66,13 @@ class Intake:
         # around it): what a queued request will hold in memory once answered.
         self.result_row_bytes = sum(spec.row_bytes for spec in outputs)
         spec = inputs[0] if len(inputs) == 1 else None
-        laid_out = spec and spec.row_bytes and spec.pad_value is None and not spec.value_range
+        laid_out = (
+            spec
+            and spec.row_bytes
+            and spec.pad_value is None
+            and not spec.value_range
+            and spec.datatype != "BOOL"  # whose bytes `to_array` checks
+        )
         self._laid_out = spec.name if laid_out else None
         # By body length; None: a served body of that length could not be laid out.
         self._layouts: dict[int, Layout | None] = {}
@@ -203,6 +209,7 @@ def _raw_rows(spec: TensorSpec, tensor: Tensor, max_elements: int) -> tuple[int,
     if (
         not spec.row_bytes
         or spec.pad_value is not None
+        or spec.datatype == "BOOL"  # its bytes are checked by `to_array`
         or type(data) is not memoryview
         or len(shape) != len(spec.shape) + 1
     ):
