@@ -91,9 +91,16 @@ def _from_values(data: Any, dtype: np.dtype[Any], tensor: Tensor) -> np.ndarray:
     """The array of a list of values, which must be of the datatype's kind: numpy itself
     would turn "12" into 12, 1.7 into 1 and 0.1 into True."""
     if dtype.kind == "O":
-        if not all(isinstance(value, str | bytes) for value in _flat(data)):
+        # Flat first: numpy would keep lists nested deeper than the shape as elements.
+        try:
+            values = list(_flat(data))
+        except RecursionError:
+            raise TensorError(f"input {tensor.name!r}: data nested too deeply") from None
+        if not all(isinstance(value, str | bytes) for value in values):
             raise TensorError(f"input {tensor.name!r}: BYTES data must be strings")
-        return np.array(data, dtype=dtype)
+        array = np.empty(len(values), dtype=dtype)
+        array[:] = values
+        return array
     try:
         values = np.array(data)
         if values.dtype.kind == "O" and dtype.kind == "f" and _numbers_or_null(data):

@@ -189,6 +189,23 @@ def test_torch_models_run_in_reduced_precision(tmp_path: Path, precision: str) -
     assert not np.array_equal(y, expected)  # it really ran in the reduced precision
 
 
+def test_torch_inputs_declared_fp64_reach_a_double_model_as_doubles(tmp_path: Path) -> None:
+    """The precision setting is for FP32 inputs; a model declaring FP64 computes in it."""
+    torch.manual_seed(0)
+    module = torch.nn.Linear(3, 1).double().eval()
+    path = tmp_path / "model.pt"
+    torch.jit.script(module).save(str(path))
+    config = ModelConfig(
+        inputs=[TensorConfig(name="x", datatype="FP64", shape=[3])],
+        outputs=[TensorConfig(name="y", datatype="FP64", shape=[1])],
+    )
+    runtime = runtimes.load(path, config)
+    x = np.array([[1e-9, 2.0, 2**40]], np.float64)  # float32 would round these
+    with torch.inference_mode():
+        expected = module(torch.from_numpy(x)).numpy()
+    np.testing.assert_array_equal(runtime.run({"x": x})["y"], expected)
+
+
 def test_onnx_models_refuse_a_precision_setting(tmp_path: Path) -> None:
     with pytest.raises(ValueError, match="PyTorch"):
         runtimes.load(write_mlp(tmp_path), ModelConfig(precision="fp16"))

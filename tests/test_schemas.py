@@ -85,6 +85,8 @@ def test_v2_json_from_other_clients_decodes() -> None:
         ({"name": "x", "shape": [2], "datatype": "INT32", "data": ["12", "7"]}, "text"),
         ({"name": "x", "shape": [2], "datatype": "FP32", "data": ["nan", "inf"]}, "text"),
         ({"name": "x", "shape": [2], "datatype": "BYTES", "data": [{"a": 1}, None]}, "strings"),
+        # numpy would keep the inner lists as elements
+        ({"name": "x", "shape": [1, 2], "datatype": "BYTES", "data": [["a"], ["b", "c"]]}, "fill"),
         ({"name": "x", "shape": [1], "datatype": "INT8", "data": [-129]}, "outside"),
         # past 2**53 a float cannot tell neighbouring integers apart
         ({"name": "x", "shape": [2], "datatype": "INT64", "data": [2.0**60, 1]}, "too big"),

@@ -169,8 +169,9 @@ def _torch_dtype(spec: TensorSpec) -> torch.dtype | None:
 
 
 def _cast(tensor: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
-    """Floating-point inputs in the model's precision; integers (token ids) as they are."""
-    return tensor.to(dtype) if tensor.is_floating_point() and tensor.dtype != dtype else tensor
+    """FP32 inputs in the model's precision. Others as declared: integers (token ids), and
+    FP64 or FP16 ones, which a model declares so because it computes in them."""
+    return tensor.to(dtype) if tensor.dtype == torch.float32 and dtype != torch.float32 else tensor
 
 
 def _writable(array: np.ndarray) -> np.ndarray:
