@@ -9,13 +9,14 @@ from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import numpy as np
+import onnx
 import onnxruntime as ort
 import pytest
 import torch
 from structlog.testing import capture_logs
 
 from surge.config import ModelConfig, TensorConfig
-from surge.examples import write_mlp
+from surge.examples import MLP_FEATURES, mlp_model, write_mlp
 from surge.schemas import row_tensors, to_array
 from surge.workers import runtimes
 from surge.workers.batching import check_rows, group_by_shape, stack
@@ -204,6 +205,29 @@ def test_torch_inputs_declared_fp64_reach_a_double_model_as_doubles(tmp_path: Pa
     with torch.inference_mode():
         expected = module(torch.from_numpy(x)).numpy()
     np.testing.assert_array_equal(runtime.run({"x": x})["y"], expected)
+
+
+def _fixed_batch_mlp(directory: Path, rows: int) -> Path:
+    path = directory / str(rows) / "model.onnx"
+    path.parent.mkdir()
+    model = mlp_model()
+    for value in (*model.graph.input, *model.graph.output):
+        value.type.tensor_type.shape.dim[0].dim_value = rows  # exported without dynamic axes
+    onnx.save(model, str(path))
+    return path
+
+
+def test_an_onnx_graph_with_a_fixed_batch_dimension_loads_only_at_that_size(
+    tmp_path: Path,
+) -> None:
+    """Batches of any other size would fail at every call: said once, at load."""
+    one = _fixed_batch_mlp(tmp_path, 1)
+    with pytest.raises(ValueError, match=r"fixed at 1: .*max_batch_size = 1"):
+        runtimes.load(one, ModelConfig())
+    runtime = runtimes.load(one, ModelConfig(max_batch_size=1))
+    assert runtime.run({"x": np.ones((1, MLP_FEATURES), np.float32)})["probs"].shape == (1, 10)
+    with pytest.raises(ValueError, match=r"fixed at 4: export it with a dynamic batch dimension$"):
+        runtimes.load(_fixed_batch_mlp(tmp_path, 4), ModelConfig(max_batch_size=4))
 
 
 def test_onnx_models_refuse_a_precision_setting(tmp_path: Path) -> None:

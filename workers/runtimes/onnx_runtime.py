@@ -62,6 +62,7 @@ class OnnxRuntime:
             _load_cuda_libraries()
             providers.insert(0, ("CUDAExecutionProvider", {"device_id": str(device_id)}))
         self._session = ort.InferenceSession(str(path), options, providers=providers)
+        _check_batch_dimension(self._session.get_inputs(), config.max_batch_size)
         self._binding: IoBinding | None = None
         if "CUDAExecutionProvider" not in self._session.get_providers():
             if self.device != "cpu":
@@ -167,6 +168,19 @@ def host_buffer(nbytes: int, pinned: bool, device_id: int = 0) -> tuple[object, 
             pass
     array = np.empty(nbytes, np.uint8)
     return array, array.ctypes.data
+
+
+def _check_batch_dimension(declared: list[ort.NodeArg], max_batch_size: int) -> None:
+    """A graph exported with a fixed batch dimension runs batches of exactly that many rows;
+    a batch of any other size would fail at every call."""
+    fixed = {arg.shape[0] for arg in declared if arg.shape and isinstance(arg.shape[0], int)}
+    if not fixed or (fixed == {1} and max_batch_size == 1):
+        return
+    size = min(fixed)
+    raise ValueError(
+        f"the model's batch dimension is fixed at {size}: export it with a dynamic batch "
+        "dimension" + (" (or set max_batch_size = 1 in its config.toml)" if fixed == {1} else "")
+    )
 
 
 def _specs(configured: list, declared: list[ort.NodeArg]) -> tuple[TensorSpec, ...]:
