@@ -549,6 +549,66 @@ async def test_a_call_still_running_a_budget_after_it_timed_out_is_reported_hung
         await batcher.close()
 
 
+class _Refuses:
+    """Raises `error` for a batch holding a negative value, after `delay` seconds."""
+
+    inputs = (TensorSpec("x", "FP32", (4,)),)
+    outputs = (TensorSpec("y", "FP32", (4,)),)
+
+    def __init__(self, error: type[Exception], delay: float = 0.0) -> None:
+        self.error, self.delay, self.calls = error, delay, 0
+
+    def run(self, batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+        self.calls += 1
+        time.sleep(self.delay)
+        if (batch["x"] < 0).any():
+            raise self.error("refused")
+        return {"y": batch["x"]}
+
+
+def _refusing_batcher(model: _Refuses, answers: _Answers, budget: float) -> Batcher:
+    return Batcher(
+        model="refuses",
+        version="1",
+        runtime=model,  # type: ignore[arg-type]
+        config=ModelConfig(max_batch_size=8, max_batch_delay_ms=50, inline_below_ms=0),
+        executor=ThreadPoolExecutor(1),
+        replies=answers,  # type: ignore[arg-type]
+        time_budget_s=budget,
+    )
+
+
+async def _one_batch(batcher: Batcher, answers: _Answers, bad: int, count: int = 8) -> None:
+    for i in range(count):
+        value = -1.0 if i == bad else 1.0
+        batcher.put(Job(make_ticket(b"{}"), {"x": np.full((1, 4), value, np.float32)}, 1, None))
+    batcher.start(on_crash=pytest.fail)
+    async with asyncio.timeout(10):
+        while len(answers.answered) + len(answers.failed) < count:
+            await asyncio.sleep(0.01)
+    await batcher.close()
+
+
+async def test_a_timeout_error_a_model_raises_is_isolated_like_any_other_error() -> None:
+    """Only the budget running out answers a whole batch `timeout`."""
+    answers = _Answers()
+    await _one_batch(_refusing_batcher(_Refuses(TimeoutError), answers, budget=10), answers, bad=5)
+    assert len(answers.answered) == 7
+    assert [rejection.code for rejection in answers.failed] == [ErrorCode.MODEL_ERROR]
+
+
+async def test_the_calls_of_a_batch_split_to_find_a_failure_share_its_one_budget() -> None:
+    model, answers = _Refuses(ValueError, delay=0.2), _Answers()
+    started = time.monotonic()
+    await _one_batch(_refusing_batcher(model, answers, budget=0.5), answers, bad=7)
+    # Halving down to the culprit takes 7 calls, 1.4 s: past 0.5 s the rest is `timeout`.
+    assert time.monotonic() - started < 1.2
+    assert model.calls < 7
+    codes = [rejection.code for rejection in answers.failed]
+    assert ErrorCode.TIMEOUT in codes
+    assert len(answers.answered) + len(codes) == 8
+
+
 def test_result_headers_kept_for_reuse_stay_bounded_whatever_models_requests_name() -> None:
     replies = Replies(
         lambda write: None,

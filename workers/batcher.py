@@ -56,6 +56,10 @@ _Signature = tuple[tuple[str, str, tuple[int, ...]], ...]
 _Raw = list[tuple[memoryview, int]]  # each output's raw bytes, and its bytes per row
 
 
+class _OverBudget(Exception):
+    """A batch's time budget ran out (not a TimeoutError a model raises itself)."""
+
+
 class ModelHung(RuntimeError):
     """A model call still running long past its time budget: its thread is lost."""
 
@@ -255,9 +259,9 @@ class Batcher:
     def _length(self, job: Job) -> int:
         return sum(job.inputs[name].size // job.rows for name in self._padded)
 
-    async def _call(self, jobs: list[Job]) -> tuple[dict[str, np.ndarray], float]:
-        """Stack and run: inline once the model has proved fast at this size, else in the
-        executor."""
+    async def _call(self, jobs: list[Job], deadline: float) -> tuple[dict[str, np.ndarray], float]:
+        """Stack and run, by the batch's `deadline` (event-loop time): inline once the model
+        has proved fast at this size, else in the executor."""
         # Stacked here: the executor thread should hold the GIL as little as possible, or the
         # event loop waits for it (up to the 5 ms switch interval) at every hand-over.
         batch = stack(jobs, self._runtime.inputs)
@@ -275,7 +279,7 @@ class Batcher:
                 WATCH.call = None
             seconds = time.perf_counter() - started
         else:
-            outputs, seconds = await self._in_thread(batch, len(jobs))
+            outputs, seconds = await self._in_thread(batch, len(jobs), deadline)
         if seconds < self._inline_below:
             self._fast_streak += 1
             self._proven_elements = max(self._proven_elements, elements)
@@ -290,17 +294,17 @@ class Batcher:
                 version=self.version,
                 batch_ms=round(seconds * 1000, 3),
             )
-        if seconds > self._budget:  # on the loop, which could not cut it short
-            raise TimeoutError(
+        if time.monotonic() > deadline:  # on the loop, which could not cut it short
+            raise _OverBudget(
                 f"batch of {len(jobs)} requests outlived its {self._budget:g}s budget"
             )
         return outputs, seconds
 
     async def _in_thread(
-        self, batch: dict[str, np.ndarray], requests: int
+        self, batch: dict[str, np.ndarray], requests: int, deadline: float
     ) -> tuple[dict[str, np.ndarray], float]:
-        """Run in the executor under the time budget. The budget counts from when the call
-        starts, but waiting for a thread still held by a call that blew its budget counts too."""
+        """Run in the executor by the batch's deadline, which waiting for a thread still held
+        by a call that blew its budget counts against too."""
         loop = asyncio.get_running_loop()
         started = asyncio.Event()
         clock: list[float] = []
@@ -316,22 +320,27 @@ class Batcher:
         self.calls_running += 1
         future.add_done_callback(self._call_ended)
         try:
-            async with asyncio.timeout(self._budget):
+            async with asyncio.timeout_at(deadline):
                 await started.wait()
         except TimeoutError:
-            future.cancel()  # still queued: it never runs
-            raise TimeoutError(
-                f"model busy for over {self._budget:g}s with an earlier batch"
-            ) from None
+            if not clock:  # still queued: it never runs
+                future.cancel()
+                raise _OverBudget(
+                    f"model busy for over {self._budget:g}s with an earlier batch"
+                ) from None
+            # It started at the last moment: over budget like any call running at the deadline.
+        budget = asyncio.timeout_at(deadline)
         try:
-            async with asyncio.timeout(self._budget):
+            async with budget:
                 outputs = await asyncio.shield(future)
         except TimeoutError:
+            if not budget.expired():
+                raise  # the model's own, an error like any other
             # A thread cannot be interrupted. A call still running another budget from now
             # is hung: its thread is lost to every later batch (and would keep the process
             # from exiting), so the worker restarts, with a runtime of its own.
             loop.call_later(self._budget, self._hung, future)
-            raise TimeoutError(
+            raise _OverBudget(
                 f"batch of {requests} requests outlived its {self._budget:g}s budget"
             ) from None
         return outputs, clock[1] - clock[0]
@@ -351,8 +360,10 @@ class Batcher:
         with structlog.contextvars.bound_contextvars(batch_id=batch_id):
             for index, group in enumerate(group_by_shape(jobs, self._runtime.inputs)):
                 # Taken moments ago, the first group is in time; the calls before a later one
-                # took time.
-                await self._run(group if index == 0 else self._unexpired(group))
+                # took time. Each is a batch of its own, with its own budget, however often
+                # a failure splits it.
+                deadline = time.monotonic() + self._budget
+                await self._run(group if index == 0 else self._unexpired(group), deadline)
             log.debug("batch_done", requests=len(jobs))
 
     @property
@@ -360,8 +371,9 @@ class Batcher:
         """Requests this batcher will never answer: its device failed before they ran."""
         return self._not_run + len(self._queue) if self._device_failed else 0
 
-    async def _run(self, jobs: list[Job]) -> None:
-        """Run one model call; on failure split the batch in halves to isolate the culprit."""
+    async def _run(self, jobs: list[Job], deadline: float) -> None:
+        """Run one model call by the batch's deadline; on failure split the batch in halves
+        to isolate the culprit."""
         if self._device_failed:
             self._not_run += len(jobs)
             return
@@ -370,9 +382,11 @@ class Batcher:
         rows = [job.rows for job in jobs]
         total = sum(rows)
         try:
-            outputs, seconds = await self._call(jobs)
+            if time.monotonic() >= deadline:  # spent by the calls of a batch split before
+                raise _OverBudget(f"batch outlived its {self._budget:g}s budget")
+            outputs, seconds = await self._call(jobs, deadline)
             check_rows(outputs, total)
-        except TimeoutError as exc:
+        except _OverBudget as exc:
             log.error("batch_timeout", model=self.model, version=self.version, requests=len(jobs))
             for job in jobs:
                 self._replies.error(job.ticket, Rejection(ErrorCode.TIMEOUT, str(exc)))
@@ -391,8 +405,8 @@ class Batcher:
         except Exception as exc:
             if len(jobs) > 1:  # the failed call took time: deadlines are checked again
                 middle = len(jobs) // 2
-                await self._run(self._unexpired(jobs[:middle]))
-                await self._run(self._unexpired(jobs[middle:]))
+                await self._run(self._unexpired(jobs[:middle]), deadline)
+                await self._run(self._unexpired(jobs[middle:]), deadline)
                 return
             ticket = jobs[0].ticket
             log.warning(
