@@ -461,7 +461,7 @@ def _show_shadow(report: ShadowReport, live: str, candidate: str, window: int) -
 
 def _lag(args: argparse.Namespace) -> int:
     from surge.config import ConfigError, load_settings
-    from surge.workers.lag import group_lag
+    from surge.workers.lag import configured_topics, group_lag
 
     try:
         settings = load_settings(args.config)
@@ -475,8 +475,9 @@ def _lag(args: argparse.Namespace) -> int:
     reset = settings.worker.auto_offset_reset
 
     def show() -> int:
-        lags = asyncio.run(group_lag(kafka, group, reset=reset))
-        if not lags:  # no committed offsets: no topics to show, which is no error
+        configured = configured_topics(settings.worker)
+        lags = asyncio.run(group_lag(kafka, group, configured=configured, reset=reset))
+        if not lags:  # no committed offsets nor configured topics: no error
             print(f"group {group!r} has committed no offsets: no lag to show", file=sys.stderr)
             return 0
         if args.json:

@@ -443,13 +443,16 @@ if __name__ == "__main__":
     if sys.argv[1:2] == ["fetch"]:
         print(kafka_classpath())
     elif sys.argv[1:2] == ["kafka"]:
-        broker = KafkaBroker().start()
-        print(
-            f"Kafka {KAFKA_VERSION} on {broker.bootstrap} (log dir {broker.workdir}); "
-            "Ctrl-C stops it",
-            flush=True,
-        )
+        # The broker runs in its own session: a SIGTERM to this process alone must stop it too.
+        signal.signal(signal.SIGTERM, signal.default_int_handler)
+        broker = KafkaBroker()
         try:
+            broker.start()
+            print(
+                f"Kafka {KAFKA_VERSION} on {broker.bootstrap} (log dir {broker.workdir}); "
+                "Ctrl-C stops it",
+                flush=True,
+            )
             broker.process.wait()  # type: ignore[union-attr]
         except KeyboardInterrupt:
             broker.close()

@@ -4,13 +4,19 @@ from __future__ import annotations
 
 import asyncio
 import json
+import os
 import re
+import signal
+import socket
+import subprocess
+import sys
 import time
 import uuid
 from pathlib import Path
 
 import pytest
 from aiokafka import AIOKafkaConsumer, AIOKafkaProducer, TopicPartition
+from aiokafka.admin import AIOKafkaAdminClient, RecordsToDelete
 from aiokafka.structs import OffsetAndMetadata
 
 from surge.workers.lag import group_lag
@@ -143,3 +149,144 @@ async def test_lag_on_a_cluster_just_started_waits_for_its_group_coordinator() -
         assert await group_lag({"bootstrap_servers": broker.bootstrap}, "fresh") == []
     finally:
         await asyncio.to_thread(broker.close)
+
+
+async def _commit(kafka: str, group: str, offsets: dict[TopicPartition, int]) -> None:
+    consumer = AIOKafkaConsumer(bootstrap_servers=kafka, group_id=group, enable_auto_commit=False)
+    await consumer.start()
+    try:
+        consumer.assign(list(offsets))
+        await consumer.commit({tp: OffsetAndMetadata(o, "") for tp, o in offsets.items()})
+    finally:
+        await consumer.stop()
+
+
+async def test_lag_reads_transactional_requests_as_the_workers_do(kafka: str) -> None:
+    run = uuid.uuid4().hex[:8]
+    topic, group = f"test.txn.{run}", run
+    await create_topics(kafka, topic, partitions=3)
+    producer = AIOKafkaProducer(bootstrap_servers=kafka, transactional_id=f"test-lag-{run}")
+    await producer.start()
+    try:
+        async with producer.transaction():  # offsets 0-2, its commit marker at 3
+            for _ in range(3):
+                await producer.send(topic, b"x", partition=0)
+        await producer.begin_transaction()
+        for partition in (1, 2):
+            await producer.send(topic, b"aborted", partition=partition)
+        await producer.abort_transaction()
+        await asyncio.sleep(2.0)
+        async with producer.transaction():
+            await producer.send(topic, b"x", partition=2)
+    finally:
+        await producer.stop()
+    # Partition 0 answered in full: committed after its last record, before the marker.
+    await _commit(kafka, group, {TopicPartition(topic, 0): 3})
+
+    [lag] = await group_lag({"bootstrap_servers": kafka}, group, [topic])
+    # Partition 1 holds an aborted record and a marker only: nothing waits. Partition 2 waits
+    # from its start (4 offsets: aborted record, marker, record, marker), aged by its record.
+    assert (lag.records, lag.age_unknown, lag.uncommitted) == (4, False, 2)
+    assert lag.oldest_s is not None
+    assert lag.oldest_s < 2.0
+
+    [done] = await group_lag({"bootstrap_servers": kafka}, group, [topic], reset="latest")
+    assert (done.records, done.oldest_s, done.age_unknown) == (0, None, False)
+
+
+async def test_lag_of_an_offset_lost_to_retention_follows_the_reset_policy(kafka: str) -> None:
+    run = uuid.uuid4().hex[:8]
+    topic, group = f"test.lag.{run}", run
+    await create_topics(kafka, topic, partitions=1)
+    producer = AIOKafkaProducer(bootstrap_servers=kafka)
+    await producer.start()
+    for _ in range(5):
+        await producer.send_and_wait(topic, b"x", partition=0)
+    await producer.stop()
+    tp = TopicPartition(topic, 0)
+    await _commit(kafka, group, {tp: 1})
+    admin = AIOKafkaAdminClient(bootstrap_servers=kafka)
+    await admin.start()
+    try:
+        await admin.delete_records({tp: RecordsToDelete(before_offset=3)})
+    finally:
+        await admin.close()
+
+    kafka_options = {"bootstrap_servers": kafka}
+    [earliest] = await group_lag(kafka_options, group, [topic], reset="earliest")
+    assert (earliest.records, earliest.uncommitted) == (2, 0)  # from the log's start
+    [latest] = await group_lag(kafka_options, group, [topic], reset="latest")
+    assert (latest.records, latest.oldest_s, latest.uncommitted) == (0, None, 0)  # its end
+
+
+async def test_surge_lag_shows_configured_topics_the_group_has_not_committed_on(
+    kafka: str, tmp_path: Path
+) -> None:
+    run = uuid.uuid4().hex[:8]
+    committed, mapped, shared = f"test.lag.{run}", f"test.mapped.{run}", f"test.shared.{run}"
+    prefix = f"test.model.{run}."
+    (tmp_path / "models" / "found").mkdir(parents=True)
+    await create_topics(kafka, committed, mapped, shared, prefix + "found", partitions=2)
+    producer = AIOKafkaProducer(bootstrap_servers=kafka)
+    await producer.start()
+    for i in range(3):
+        await producer.send_and_wait(mapped, b"x", partition=i % 2)
+    await producer.stop()
+    await _commit(kafka, run, {TopicPartition(committed, 0): 0})
+    config = tmp_path / "worker.toml"
+    config.write_text(
+        f'[kafka]\nbootstrap_servers = "{kafka}"\n'
+        f'[worker]\ngroup_id = "{run}"\nmodel_root = "{tmp_path / "models"}"\n'
+        f'topic_prefix = "{prefix}"\nshared_topics = ["{shared}", "test.absent.{run}"]\n'
+        f'[worker.topics]\nnew_model = "{mapped}"\n'
+    )
+
+    shown = await asyncio.to_thread(surge, "lag", "--config", str(config), "--json")
+    assert shown.returncode == 0, shown.stderr
+    lags = [json.loads(line) for line in shown.stdout.splitlines()]
+    # Those that exist: the absent one is neither shown nor created.
+    assert [(lag["topic"], lag["records"], lag["uncommitted"]) for lag in lags] == [
+        (committed, 0, 1),
+        (mapped, 3, 2),
+        (prefix + "found", 0, 2),
+        (shared, 0, 2),
+    ]
+    assert lags[1]["oldest_s"] is not None
+
+
+def _stop_java_of(workdir: str) -> None:
+    """Kill a broker left running with this log directory, by its process id."""
+    for proc in Path("/proc").iterdir():
+        if not proc.name.isdigit():
+            continue
+        try:
+            command = (proc / "cmdline").read_bytes()
+        except OSError:
+            continue
+        if workdir.encode() in command:
+            os.kill(int(proc.name), signal.SIGKILL)
+
+
+def test_a_broker_run_from_the_command_line_stops_on_sigterm() -> None:
+    process = subprocess.Popen(
+        [sys.executable, "-m", "tests.services", "kafka"],
+        stdout=subprocess.PIPE,
+        text=True,
+        cwd=Path(__file__).parent.parent,
+    )
+    workdir = ""
+    try:
+        started = process.stdout.readline()  # type: ignore[union-attr]
+        found = re.search(r" on [\d.]+:(\d+) \(log dir (\S+)\)", started)
+        assert found, started
+        port, workdir = int(found[1]), found[2]
+        process.send_signal(signal.SIGTERM)
+        assert process.wait(60) == 0
+        with pytest.raises(ConnectionRefusedError), socket.create_connection(("127.0.0.1", port)):
+            pass
+        assert not Path(workdir).exists()
+    finally:
+        process.kill()
+        process.wait()
+        if workdir:
+            _stop_java_of(workdir)
