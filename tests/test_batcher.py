@@ -111,6 +111,28 @@ def _padded_rows(window: int, lengths: list[int], batch: int = 8) -> tuple[int, 
     return padded, firsts
 
 
+async def test_a_batch_padded_to_a_long_request_stays_within_the_element_limit() -> None:
+    """Every row pads to the longest of its batch: one long request among many short ones
+    would otherwise make a batch max_batch_size times its size."""
+    model, answers = _Embedder(), _Answers()
+    batcher = Batcher(
+        model="embedder",
+        version="1",
+        runtime=model,  # type: ignore[arg-type]
+        config=ModelConfig(max_batch_size=64, max_batch_delay_ms=20),
+        executor=ThreadPoolExecutor(1),
+        replies=answers,  # type: ignore[arg-type]
+        time_budget_s=10,
+        max_elements=1000,
+    )
+    _queue(batcher, [600] + [8] * 63)
+    batcher.start(on_crash=pytest.fail)
+    await batcher.close()
+    assert len(answers.answered) == 64
+    assert sum(batch.shape[0] for batch in model.batches) == 64
+    assert max(batch.size for batch in model.batches) <= 1000
+
+
 def test_a_wider_bucket_window_pads_less_and_a_window_of_one_keeps_arrival_order() -> None:
     lengths = [int(n) for n in np.random.default_rng(0).integers(4, 48, 400)]
     padded = {window: _padded_rows(window, lengths)[0] for window in (1, 4, 16)}

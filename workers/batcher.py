@@ -78,6 +78,7 @@ class Batcher:
         executor: Executor,
         replies: Replies,
         time_budget_s: float,
+        max_elements: int = 1 << 22,
     ) -> None:
         self.model = model
         self.version = version
@@ -98,6 +99,9 @@ class Batcher:
         self._fast_streak = 0  # consecutive batches that ran faster than inline_below_ms
         self._proven_elements = 0  # the largest batch (input elements) of the streak
         self._padded = [spec.name for spec in runtime.inputs if spec.pad_value is not None]
+        # Padded, a batch holds rows × its longest row: one long request could make a batch
+        # of max_batch_size rows its length, far past what any request may hold.
+        self._max_padded = max_elements
         self._cost = CallCost()  # of padded models' calls, for choosing what to batch
         self._queue: deque[Job] = deque()
         self._rows = 0
@@ -203,10 +207,14 @@ class Batcher:
         if self._padded and len(self._queue) > 1 and self._bucket_window > 1:
             limit = self._bucket(limit)
         jobs: list[Job] = []
-        rows = 0
+        rows = longest = 0
         now_ms = int(time.time() * 1000)
         queue = self._queue
         while queue and (not jobs or rows + queue[0].rows <= limit):
+            if self._padded:
+                longest = max(longest, queue[0].length)
+                if jobs and (rows + queue[0].rows) * longest > self._max_padded:
+                    break  # the rest waits for the next batch
             job = queue.popleft()
             self._rows -= job.rows
             if job.ticket.expired(now_ms):

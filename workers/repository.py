@@ -349,6 +349,7 @@ class ModelRepository:
             executor=executor,
             replies=self._replies,
             time_budget_s=self._budget,
+            max_elements=self._max_elements,
         )
         batcher.start(self._on_crash)
         log.info(
