@@ -14,7 +14,17 @@ import pytest
 from prometheus_client import REGISTRY
 
 from surge.config import ModelConfig
-from surge.schemas import JSON, MSGPACK, ErrorCode, InferenceResponse, encode, headers, row_tensors
+from surge.schemas import (
+    JSON,
+    MSGPACK,
+    ErrorCode,
+    InferenceResponse,
+    decode_response,
+    encode,
+    headers,
+    row_tensors,
+    to_array,
+)
 from surge.workers.batcher import _INLINE_AFTER, Batcher, ModelHung
 from surge.workers.batching import CallCost, best_run, group_by_shape, stack
 from surge.workers.intake import Job
@@ -131,6 +141,37 @@ async def test_a_batch_padded_to_a_long_request_stays_within_the_element_limit()
     assert len(answers.answered) == 64
     assert sum(batch.shape[0] for batch in model.batches) == 64
     assert max(batch.size for batch in model.batches) <= 1000
+
+
+class _PerToken:
+    """Ten times each token id: an output as long as its padded input."""
+
+    inputs = (TensorSpec("ids", "INT64", (-1,), pad_value=0),)
+    outputs = (TensorSpec("scores", "FP32", (-1,), follows="ids"),)
+
+    def run(self, batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+        return {"scores": (batch["ids"] * 10).astype(np.float32)}
+
+
+@pytest.mark.parametrize("content_type", [JSON, MSGPACK])
+async def test_an_output_that_follows_a_padded_input_is_cut_to_each_requests_length(
+    content_type: str,
+) -> None:
+    answers = _Answers()
+    batcher = _batcher(_PerToken(), answers, ModelConfig(max_batch_size=8, max_batch_delay_ms=20))
+    for request_id, ids in (("short", [1, 2]), ("long", [1, 2, 3, 4, 5, 6])):
+        ticket = make_ticket(b"{}", content_type)
+        ticket.request_id = request_id
+        batcher.put(Job(ticket, {"ids": np.array([ids])}, 1, None))
+    batcher.start(on_crash=pytest.fail)
+    await batcher.close()
+    results = {
+        request_id: decode_response(body, content_type).outputs[0]
+        for request_id, body in answers.bodies.items()
+    }
+    assert results["short"].shape == [1, 2]
+    assert to_array(results["short"]).tolist() == [[10, 20]]  # none of the batch's padding
+    assert to_array(results["long"]).tolist() == [[10, 20, 30, 40, 50, 60]]
 
 
 def test_a_wider_bucket_window_pads_less_and_a_window_of_one_keeps_arrival_order() -> None:

@@ -189,3 +189,27 @@ def test_a_setting_named_with_one_underscore_too_few_is_an_error() -> None:
     with pytest.raises(ConfigError, match="did you mean SURGE_WORKER__GROUP_ID"):
         load_settings(env={"SURGE_WORKER_GROUP_ID": "scoring"})
     assert load_settings(env={"SURGE_KAFKA_CACHE": "/cache", "SURGE_POOL_MEMBER": "1"})
+
+
+_IDS = {"name": "ids", "datatype": "INT64", "shape": [-1], "pad_value": 0}
+
+
+@pytest.mark.parametrize(
+    ("inputs", "output", "error"),
+    [
+        ([{**_IDS, "pad_value": None}], {"shape": [-1], "follows": "ids"}, "not an input with"),
+        ([_IDS], {"shape": [-1], "follows": "mask"}, "not an input with"),
+        ([_IDS], {"shape": [4], "follows": "ids"}, "does not start with"),
+        ([_IDS], {"shape": [], "follows": "ids"}, "does not start with"),
+        ([{**_IDS, "follows": "ids"}], {"shape": [-1]}, "applies to outputs"),
+    ],
+)
+def test_an_output_follows_a_padded_input_it_can_be_cut_to(
+    inputs: list[dict[str, object]], output: dict[str, object], error: str
+) -> None:
+    config = {"inputs": inputs, "outputs": [{"name": "y", "datatype": "FP32", **output}]}
+    with pytest.raises(ConfigError, match=error):
+        convert(config, ModelConfig, "m")
+    good = {"inputs": [_IDS], "outputs": [{"name": "y", "datatype": "FP32", "shape": [-1, 8]}]}
+    good["outputs"][0]["follows"] = "ids"  # type: ignore[index]
+    assert convert(good, ModelConfig, "m").outputs[0].follows == "ids"

@@ -28,6 +28,7 @@ from surge.schemas import (
     ResponseFrames,
     Tensor,
     datatype_of,
+    from_array,
     raw_rows,
     row_tensors,
 )
@@ -102,6 +103,8 @@ class Batcher:
         # Padded, a batch holds rows × its longest row: one long request could make a batch
         # of max_batch_size rows its length, far past what any request may hold.
         self._max_padded = max_elements
+        # Outputs cut back per request to the length of the padded input they follow.
+        self._follows = {spec.name: spec.follows for spec in runtime.outputs if spec.follows}
         self._cost = CallCost()  # of padded models' calls, for choosing what to batch
         self._queue: deque[Job] = deque()
         self._rows = 0
@@ -460,6 +463,9 @@ class Batcher:
         """One response per job. Each output is converted once for the whole batch; msgpack
         responses with every output are joined from frames (`ResponseFrames`), the others
         encoded from Structs (raw bytes for msgpack, lists for JSON)."""
+        if self._follows:
+            self._answer_cut(jobs, outputs)
+            return
         names = list(outputs)
         framed: tuple[_Signature, _Raw, dict[int, ResponseFrames | None]] | None = None
         converted: dict[bool, dict[str, list[Tensor]]] = {}
@@ -495,6 +501,29 @@ class Batcher:
                 outputs=[tensors[name][index] for name in job.outputs or names],
             )
             ok(ticket, response)
+
+    def _answer_cut(self, jobs: list[Job], outputs: dict[str, np.ndarray]) -> None:
+        """One response per job, its outputs that follow a padded input cut back to that
+        input's own length: the batch's padding is no part of any request's result."""
+        start = 0
+        for job in jobs:
+            end = start + job.rows
+            binary = job.ticket.content_type == MSGPACK
+            tensors = []
+            for name in job.outputs or list(outputs):
+                rows = outputs[name][start:end]
+                if (follows := self._follows.get(name)) is not None:
+                    own = job.inputs[follows].shape[1:]
+                    rows = rows[(slice(None), *(slice(0, size) for size in own))]
+                tensors.append(from_array(name, rows, binary=binary))
+            response = InferenceResponse(
+                model_name=self.model,
+                model_version=self.version,
+                id=job.ticket.request_id,
+                outputs=tensors,
+            )
+            self._replies.ok(job.ticket, response)
+            start = end
 
     def _framed(
         self, outputs: dict[str, np.ndarray]

@@ -23,6 +23,7 @@ class TensorSpec:
     shape: tuple[int, ...]
     pad_value: float | None = None
     value_range: tuple[float, float] | None = None  # inputs: the values a request may hold
+    follows: str | None = None  # outputs: cut back per request to this padded input's length
     # Elements and bytes per row of a fixed-shape numeric tensor (0 otherwise): such rows
     # travel as raw bytes from the request to the batch, joined once per batch.
     row_elements: int = field(init=False, compare=False)
@@ -43,7 +44,12 @@ class TensorSpec:
         if config.datatype not in DATATYPES:
             raise ValueError(f"tensor {config.name!r}: unknown datatype {config.datatype!r}")
         return cls(
-            config.name, config.datatype, tuple(config.shape), config.pad_value, config.value_range
+            config.name,
+            config.datatype,
+            tuple(config.shape),
+            config.pad_value,
+            config.value_range,
+            config.follows,
         )
 
 
