@@ -71,7 +71,14 @@ class _Answers:
         self.failed.append(rejection)
 
 
-def _batcher(model: Any, answers: _Answers, config: ModelConfig | None = None) -> Batcher:
+def _batcher(
+    model: Any,
+    answers: _Answers,
+    config: ModelConfig | None = None,
+    *,
+    budget: float = 10,
+    max_elements: int = 1 << 22,
+) -> Batcher:
     return Batcher(
         model="embedder",
         version="1",
@@ -79,7 +86,8 @@ def _batcher(model: Any, answers: _Answers, config: ModelConfig | None = None) -
         config=config or ModelConfig(max_batch_size=8, max_batch_delay_ms=1),
         executor=ThreadPoolExecutor(1, thread_name_prefix="model"),
         replies=answers,  # type: ignore[arg-type]
-        time_budget_s=10,
+        time_budget_s=budget,
+        max_elements=max_elements,
     )
 
 
@@ -125,16 +133,8 @@ async def test_a_batch_padded_to_a_long_request_stays_within_the_element_limit()
     """Every row pads to the longest of its batch: one long request among many short ones
     would otherwise make a batch max_batch_size times its size."""
     model, answers = _Embedder(), _Answers()
-    batcher = Batcher(
-        model="embedder",
-        version="1",
-        runtime=model,  # type: ignore[arg-type]
-        config=ModelConfig(max_batch_size=64, max_batch_delay_ms=20),
-        executor=ThreadPoolExecutor(1),
-        replies=answers,  # type: ignore[arg-type]
-        time_budget_s=10,
-        max_elements=1000,
-    )
+    config = ModelConfig(max_batch_size=64, max_batch_delay_ms=20)
+    batcher = _batcher(model, answers, config, max_elements=1000)
     _queue(batcher, [600] + [8] * 63)
     batcher.start(on_crash=pytest.fail)
     await batcher.close()
@@ -263,15 +263,7 @@ async def test_an_inline_call_over_its_budget_is_a_timeout_and_goes_back_to_the_
     thread would have been at its budget, and the model proves itself again on the thread."""
     model, answers = _Timed(), _Answers()
     config = ModelConfig(max_batch_size=8, max_batch_delay_ms=0, inline_below_ms=50)
-    batcher = Batcher(
-        model="timed",
-        version="1",
-        runtime=model,  # type: ignore[arg-type]
-        config=config,
-        executor=ThreadPoolExecutor(1, thread_name_prefix="model"),
-        replies=answers,  # type: ignore[arg-type]
-        time_budget_s=0.5,
-    )
+    batcher = _batcher(model, answers, config, budget=0.5)
     batcher.start(on_crash=pytest.fail)
     main = threading.current_thread().name
     await _serve(batcher, answers, _INLINE_AFTER + 1)
@@ -630,15 +622,8 @@ class _Refuses:
 
 
 def _refusing_batcher(model: _Refuses, answers: _Answers, budget: float) -> Batcher:
-    return Batcher(
-        model="refuses",
-        version="1",
-        runtime=model,  # type: ignore[arg-type]
-        config=ModelConfig(max_batch_size=8, max_batch_delay_ms=50, inline_below_ms=0),
-        executor=ThreadPoolExecutor(1),
-        replies=answers,  # type: ignore[arg-type]
-        time_budget_s=budget,
-    )
+    config = ModelConfig(max_batch_size=8, max_batch_delay_ms=50, inline_below_ms=0)
+    return _batcher(model, answers, config, budget=budget)
 
 
 async def _one_batch(batcher: Batcher, answers: _Answers, bad: int, count: int = 8) -> None:
