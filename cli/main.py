@@ -7,8 +7,10 @@ import asyncio
 import contextlib
 import dataclasses
 import json
+import math
 import os
 import sys
+from collections import Counter
 from collections.abc import Awaitable, Callable, Iterator
 from datetime import UTC, datetime
 from pathlib import Path
@@ -17,12 +19,15 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 
 if TYPE_CHECKING:  # the commands import what they use when they run: `surge --help` stays quick
+    from rich.console import Console
+
     from surge.producers import SurgeClient
     from surge.producers.shadow import ShadowReport
     from surge.workers.lag import TopicLag
 
 _DATATYPE_HELP = "numpy dtype of the inputs: bool, (u)int8-64, float16-64 or str"
 _TIME_HELP = "ISO time, inclusive; UTC unless it has an offset (as `dlq inspect` prints)"
+_MAX_TIMEOUT_S = 86_400
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -58,7 +63,7 @@ def main(argv: list[str] | None = None) -> None:
     predict.add_argument("--bootstrap", default="127.0.0.1:9092")
     predict.add_argument("--via", choices=["kafka", "redis"], default="kafka")
     predict.add_argument("--redis-url")
-    predict.add_argument("--timeout", type=float, default=30.0)
+    predict.add_argument("--timeout", type=_seconds, default=30.0, help="seconds")
 
     score = commands.add_parser(
         "score", help="score a JSON-lines file: one request per line, results in input order"
@@ -154,6 +159,20 @@ def _positive_int(value: str) -> int:
     raise argparse.ArgumentTypeError(f"{value!r} is not a positive whole number")
 
 
+def _seconds(value: str) -> float:
+    """A timeout: a positive, finite number of seconds, at most a day (a request's deadline
+    header is sent as now + timeout, and a deadline a day off is a typo)."""
+    try:
+        seconds = float(value)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{value!r} is not a number of seconds") from None
+    if not (math.isfinite(seconds) and 0 < seconds <= _MAX_TIMEOUT_S):
+        raise argparse.ArgumentTypeError(
+            f"{value!r}: a timeout must be more than 0 and at most {_MAX_TIMEOUT_S:,} seconds"
+        )
+    return seconds
+
+
 def _utc_time(value: str) -> datetime:
     """An ISO time; one without an offset is UTC, the zone `dlq inspect` shows times in."""
     try:
@@ -182,6 +201,7 @@ def _dtype(datatype: str) -> np.dtype[Any]:
 def _predict(args: argparse.Namespace) -> int:
 
     from surge.producers import PredictionError, SurgeClient
+    from surge.producers.scoring import json_values
 
     try:
         inputs = _inputs(args.input, args.datatype)
@@ -206,17 +226,14 @@ def _predict(args: argparse.Namespace) -> int:
                     json.dumps({"error": exc.message, "code": str(exc.code), "id": exc.request_id})
                 )
                 return 1
-        outputs = {name: array.tolist() for name, array in result.outputs.items()}
-        print(
-            json.dumps(
-                {
-                    "id": result.id,
-                    "model_name": result.model_name,
-                    "model_version": result.model_version,
-                    "outputs": outputs,
-                }
-            )
-        )
+        outputs = {name: json_values(array) for name, array in result.outputs.items()}
+        answer = {
+            "id": result.id,
+            "model_name": result.model_name,
+            "model_version": result.model_version,
+            "outputs": outputs,
+        }
+        print(json.dumps(answer, allow_nan=False))  # NaN and infinities are null, as JSON has it
         return 0
 
     try:
@@ -229,7 +246,11 @@ def _predict(args: argparse.Namespace) -> int:
 
 
 def _inputs(items: list[str], datatype: str) -> dict[str, np.ndarray]:
-    """`NAME=JSON` arguments as arrays; raises ValueError saying which argument is wrong."""
+    """`NAME=JSON` arguments as arrays, converted as a worker converts them (1.7 is no
+    int64); raises ValueError saying which argument is wrong."""
+    from surge.producers.scoring import input_array
+    from surge.schemas import TensorError
+
     dtype = _dtype(datatype)
     inputs = {}
     for item in items:
@@ -241,10 +262,10 @@ def _inputs(items: list[str], datatype: str) -> dict[str, np.ndarray]:
         except (ValueError, RecursionError) as exc:  # also: too deep, too many digits
             raise ValueError(f"--input {name}: not valid JSON ({exc})") from None
         try:
-            with np.errstate(over="raise", invalid="raise"):  # 1e300 as float32 is no number
-                inputs[name] = np.asarray(value, dtype=dtype)
-        except (ValueError, TypeError, OverflowError, FloatingPointError, RecursionError) as exc:
-            raise ValueError(f"--input {name}: not an array of {dtype} ({exc})") from None
+            inputs[name] = input_array(name, value, dtype)
+        except (TensorError, RecursionError) as exc:
+            why = str(exc).removeprefix(f"input {name!r}: ")
+            raise ValueError(f"--input {name}: not an array of {dtype} ({why})") from None
     return inputs
 
 
@@ -292,7 +313,7 @@ def _file_arguments(parser: argparse.ArgumentParser, *, window: int) -> None:
     parser.add_argument(
         "--window", type=_positive_int, default=window, help="lines per batch of requests"
     )
-    parser.add_argument("--timeout", type=float, default=60.0, help="seconds per batch")
+    parser.add_argument("--timeout", type=_seconds, default=60.0, help="seconds per batch")
 
 
 def _with_file(
@@ -393,6 +414,8 @@ def _shadow(args: argparse.Namespace) -> int:
     from surge.producers.shadow import ShadowReport, compare_lines
 
     live = args.live or "latest"
+    if args.live is not None and args.live == args.candidate:
+        return _fail(f"--live and --candidate are both {args.live}: nothing to compare")
     report = ShadowReport()
 
     async def send(client: SurgeClient, lines: Iterator[bytes]) -> int:
@@ -411,7 +434,8 @@ def _shadow(args: argparse.Namespace) -> int:
             report=report,
         )
         _show_shadow(report, live, args.candidate, args.window)
-        return 1 if report.failed else 0
+        # Nothing compared against another version is no evidence the candidate is fine.
+        return 1 if report.failed or (report.requests and not report.both_ok) else 0
 
     try:
         return _with_file(args, send)
@@ -430,6 +454,7 @@ def _show_shadow(report: ShadowReport, live: str, candidate: str, window: int) -
         f"{candidate} only, {report.live_failed:,} on {live} only, "
         f"{report.both_failed:,} on both"
     )
+    _show_versions(console, report, live, candidate)
     table = Table(
         "output",
         "rows",
@@ -457,6 +482,35 @@ def _show_shadow(report: ShadowReport, live: str, candidate: str, window: int) -
             f"{np.median(report.live_seconds) * 1000:.0f} ms, {candidate} "
             f"{np.median(report.candidate_seconds) * 1000:.0f} ms"
         )
+
+
+def _show_versions(console: Console, report: ShadowReport, live: str, candidate: str) -> None:
+    """Which versions answered each side; loudly, any live answer the candidate gave."""
+    answered = [
+        f"{side} by version {_versions(versions)}"
+        for side, versions in (
+            ("live", report.live_versions),
+            ("candidate", report.candidate_versions),
+        )
+        if versions
+    ]
+    if answered:
+        console.print("answered: " + "; ".join(answered), highlight=False)
+    if report.too_large:
+        console.print(
+            f"[yellow]{report.too_large:,} refused by Kafka as too large for the topic "
+            "(max.message.bytes)[/yellow]"
+        )
+    if report.same_version:
+        console.print(
+            f"[bold red]NOT COMPARED: {report.same_version:,} requests were answered on the "
+            f"{live} side by the candidate's own version, {candidate}: the candidate against "
+            "itself. Pass --live with the version to compare against.[/bold red]"
+        )
+
+
+def _versions(counts: Counter[str]) -> str:
+    return ", ".join(f"{version} ({count:,})" for version, count in sorted(counts.items()))
 
 
 def _lag(args: argparse.Namespace) -> int:
@@ -543,7 +597,9 @@ def _dlq_action(args: argparse.Namespace) -> int:
 
     from surge.producers import dead_letters
 
-    letters = asyncio.run(dead_letters.load(args.bootstrap, args.topic))
+    # A summary reads headers only: the bodies, up to a message's size each, stay unread.
+    inspecting = args.action == "inspect"
+    letters = asyncio.run(dead_letters.load(args.bootstrap, args.topic, values=not inspecting))
     console = Console(width=None if sys.stdout.isatty() else 200)  # piped: don't squeeze it
     if args.action == "inspect":
         table = Table(title=f"{args.topic}: {len(letters):,} dead letters")

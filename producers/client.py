@@ -220,7 +220,9 @@ class SurgeClient:
     ) -> list[Result]:
         """Send many requests and await all results, in order, all within `timeout`. With
         `return_exceptions`, a failed, timed-out or abandoned request yields its
-        PredictionError, TimeoutError or ClientClosed in place instead of raising."""
+        PredictionError, TimeoutError or ClientClosed in place instead of raising, and one
+        that Kafka refused (a MessageSizeTooLargeError, say) its KafkaError: the others'
+        results are kept."""
         batch = list(batch)
         if not batch:
             return []
@@ -230,6 +232,7 @@ class SurgeClient:
         ids = [uuid.uuid4().hex for _ in batch]
         futures = [self._waiting.setdefault(i, loop.create_future()) for i in ids]
         pubsub = None  # the Redis subscription this call made, to undo
+        refused: dict[int, KafkaError] = {}  # by position: requests Kafka did not take
         try:
             try:
                 async with asyncio.timeout_at(deadline):
@@ -237,7 +240,7 @@ class SurgeClient:
                     if via == "redis":
                         pubsub = self._pubsub
                         await self._closable(self._subscribe(ids, pubsub))
-                    await self._closable(
+                    refused = await self._closable(
                         self._send_all(model, batch, ids, version, reply_to, deadline_ms, topic)
                     )
             except (TimeoutError, ClientClosed):
@@ -246,7 +249,11 @@ class SurgeClient:
                 # Not all sent in time (or closed meanwhile): each request without a result
                 # times out (or is abandoned) in its place.
             else:
-                _, late = await asyncio.wait(futures, timeout=max(0.0, deadline - loop.time()))
+                if refused and not return_exceptions:
+                    raise refused[min(refused)]
+                sent = [f for n, f in enumerate(futures) if n not in refused]
+                remaining = max(0.0, deadline - loop.time())
+                late = sent and (await asyncio.wait(sent, timeout=remaining))[1]
                 if late and pubsub is not None:
                     await self._tidy(self._fetch_missed(ids, futures))
         except Exception as exc:
@@ -258,7 +265,10 @@ class SurgeClient:
                 self._waiting.pop(request_id, None)
             if pubsub is not None:
                 await self._tidy(self._unsubscribe(ids, pubsub))
-        results = [_outcome(i, f, timeout) for i, f in zip(ids, futures, strict=True)]
+        results = [
+            refused[n] if n in refused else _outcome(i, f, timeout)
+            for n, (i, f) in enumerate(zip(ids, futures, strict=True))
+        ]
         if not return_exceptions:
             for result in results:
                 if isinstance(result, Exception):
@@ -289,14 +299,27 @@ class SurgeClient:
         reply_to: str,
         deadline_ms: int,
         topic: str | None,
-    ) -> None:
-        deliveries = []
-        for request_id, inputs in zip(ids, batch, strict=True):
-            sent = await self._send(
-                model, inputs, version, request_id, reply_to, deadline_ms, topic
-            )
-            deliveries.append(sent[1])
-        await asyncio.gather(*deliveries)
+    ) -> dict[int, KafkaError]:
+        """Send every request; return the ones Kafka refused, by position. A refusal (a
+        record over the topic's max.message.bytes, say) fails those requests, not the rest."""
+        refused: dict[int, KafkaError] = {}
+        deliveries: dict[int, asyncio.Future[Any]] = {}
+        for n, (request_id, inputs) in enumerate(zip(ids, batch, strict=True)):
+            try:
+                sent = await self._send(
+                    model, inputs, version, request_id, reply_to, deadline_ms, topic
+                )
+            except KafkaError as exc:  # refused before it went out: over max_request_size
+                refused[n] = exc
+            else:
+                deliveries[n] = sent[1]
+        outcomes = await asyncio.gather(*deliveries.values(), return_exceptions=True)
+        for n, outcome in zip(deliveries, outcomes, strict=True):
+            if isinstance(outcome, KafkaError):
+                refused[n] = outcome
+            elif isinstance(outcome, BaseException):
+                raise outcome
+        return refused
 
     async def _tidy(self, step: Coroutine[Any, Any, None]) -> None:
         """Run a Redis step after a wait: bounded, and its failure never the caller's outcome."""

@@ -161,10 +161,14 @@ async def read_to_end(
     return records
 
 
-async def load(bootstrap: str, topic: str, **options: Any) -> list[DeadLetter]:
+async def load(
+    bootstrap: str, topic: str, *, values: bool = True, **options: Any
+) -> list[DeadLetter]:
+    """The topic's dead letters; with `values` false, without their bodies (each b""), which
+    a summary does not need and which may be up to a message's size each."""
     return [
         DeadLetter(key, value or b"", list(hdrs), ts)
-        for hdrs, key, value, ts in await read_all(bootstrap, topic, options)
+        for hdrs, key, value, ts in await read_all(bootstrap, topic, options, values=values)
     ]
 
 
@@ -242,9 +246,9 @@ async def replay(
     kafka_options: Mapping[str, Any] | None = None,
 ) -> ReplayReport:
     """Re-publish letters to their source topics; skip requests that have a result already
-    (`surge-status: ok` in their reply topic, or any value in Redis) and repeats of one request
-    within the selection. Letters with no reply target are skipped unless `reply_to` gives
-    one. The original `surge-deadline-ms` is dropped."""
+    (any result in their reply topic, an error included, or any value in Redis) and repeats
+    of one request within the selection. Letters with no reply target are skipped unless
+    `reply_to` gives one. The original `surge-deadline-ms` is dropped."""
     answered = await _answered(
         bootstrap, letters, reply_to, redis_url, redis_prefix, kafka_options or {}
     )
@@ -330,9 +334,9 @@ async def _answered(
         except TopicMissing:  # a client's own reply topic goes when the client closes
             continue
         for record_headers, *_ in records:
-            fields = dict(record_headers)
-            request_id = (fields.get(headers.REQUEST_ID) or b"").decode()
-            # Only a served result counts: an error or expiry is what a replay is for.
-            if request_id in ids and fields.get(headers.STATUS) == b"ok":
+            # Any result counts, an error too, as in Redis: the request was answered, and
+            # answering it again would give its caller two results.
+            request_id = (dict(record_headers).get(headers.REQUEST_ID) or b"").decode()
+            if request_id in ids:
                 answered.add(request_id)
     return answered

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+import math
 import time
 from collections import deque
 from collections.abc import Iterable, Iterator, Mapping
@@ -19,14 +20,16 @@ from typing import Any, BinaryIO, Literal, TextIO
 
 import msgspec
 import numpy as np
-from aiokafka.errors import MessageSizeTooLargeError
+from aiokafka.errors import KafkaError, MessageSizeTooLargeError
 from aiokafka.record.default_records import DefaultRecordBatchBuilder
 
 from surge.producers.client import SurgeClient
 from surge.producers.requests import Prediction, PredictionError, request_body, request_headers
-from surge.schemas import TensorError
+from surge.schemas import Tensor, TensorError, datatype_of, to_array
 
 BAD_LINE = "bad_line"  # the error code of a line that is no request
+TOO_LARGE = "too_large"  # Kafka refused the request as larger than its topic takes
+SEND_FAILED = "failed"  # Kafka refused the request for another reason
 MAX_REQUEST_SIZE = 1_048_576  # the producer's default `max_request_size`, in bytes
 Line = str | bytes  # bytes are decoded line by line: one that is not UTF-8 is one bad line
 
@@ -181,6 +184,10 @@ def parse_line(
         return BadLine("not JSON: nested too deeply")
     if not isinstance(value, dict) or not value:
         return BadLine("not a JSON object of named arrays")
+    try:
+        datatype_of(np.dtype(dtype))
+    except TensorError as exc:
+        return BadLine(f"cannot be encoded as a request: {exc}")
     inputs = {}
     for name, data in value.items():
         array = _array(name, data, dtype)
@@ -192,14 +199,29 @@ def parse_line(
 
 
 def _array(name: str, data: Any, dtype: np.dtype[Any] | str) -> np.ndarray | BadLine:
-    try:
-        with np.errstate(over="raise", invalid="raise"):  # 1e300 as float32 is no number
-            array = np.asarray(data, dtype=dtype)
-    except (ValueError, TypeError, OverflowError, FloatingPointError, RecursionError) as exc:
-        return BadLine(f"input {name!r} is not an array of {np.dtype(dtype)}: {exc}")
-    if array.ndim == 0:
+    if not isinstance(data, list):
         return BadLine(f"input {name!r} is a scalar, not rows")
-    return array
+    try:
+        return input_array(name, data, dtype)
+    except TensorError as exc:
+        return BadLine(f"input {name!r} is not an array of {np.dtype(dtype)}: {_why(name, exc)}")
+
+
+def input_array(name: str, data: Any, dtype: np.dtype[Any] | str) -> np.ndarray:
+    """Nested lists, as JSON reads them, as an array of `dtype`, converted as a worker converts
+    a request's list: 1.7 or "12" is no int64 and 0.5 no bool, where numpy would send 1, 12
+    and True. Raises TensorError."""
+    shape, inner = [], data
+    while isinstance(inner, list):  # the first path down; a ragged list fails in to_array
+        shape.append(len(inner))
+        inner = inner[0] if inner else None
+    tensor = Tensor(name=name, shape=shape, datatype=datatype_of(np.dtype(dtype)), data=data)
+    return to_array(tensor)
+
+
+def _why(name: str, exc: TensorError) -> str:
+    """A conversion error without the input's name, which the caller's message has."""
+    return str(exc).removeprefix(f"input {name!r}: ")
 
 
 def _unsendable(inputs: Mapping[str, np.ndarray], limit: RequestLimit) -> BadLine | None:
@@ -227,20 +249,16 @@ async def _score(
     topic: str | None,
 ) -> list[dict[str, Any]]:
     requests = [inputs for inputs in parsed if not isinstance(inputs, BadLine)]
-    try:
-        answers: list[Prediction | PredictionError | Exception] = list(
-            await client.predict_many(
-                model,
-                requests,
-                version=version,
-                timeout=timeout,
-                via=via,
-                topic=topic,
-                return_exceptions=True,
-            )
-        )
-    except MessageSizeTooLargeError as exc:  # the broker's limit can be below the producer's
-        answers = [exc] * len(requests)
+    # A request Kafka refuses comes back in its place: only its own line says so.
+    answers = await client.predict_many(
+        model,
+        requests,
+        version=version,
+        timeout=timeout,
+        via=via,
+        topic=topic,
+        return_exceptions=True,
+    )
     results = iter(answers)
     lines = []
     for number, inputs in enumerate(parsed, first + 1):
@@ -253,19 +271,47 @@ async def _score(
 
 def _result(result: Prediction | Exception) -> dict[str, Any]:
     if isinstance(result, Prediction):
-        outputs = {name: array.tolist() for name, array in result.outputs.items()}
+        outputs = {name: json_values(array) for name, array in result.outputs.items()}
         return {"id": result.id, "outputs": outputs}
     if isinstance(result, PredictionError):
         return {"id": result.request_id, "code": str(result.code), "error": result.message}
+    if isinstance(result, KafkaError):
+        return send_failure(result)
     return {
         "code": "timeout" if isinstance(result, TimeoutError) else "failed",
         "error": str(result),
     }
 
 
+def send_failure(exc: KafkaError) -> dict[str, str]:
+    """The code and message of a request Kafka refused to take."""
+    if isinstance(exc, MessageSizeTooLargeError):
+        return {
+            "code": TOO_LARGE,
+            "error": "Kafka refused the request as larger than its topic takes "
+            f"(max.message.bytes; it refuses a record batch whole): {exc}",
+        }
+    return {"code": SEND_FAILED, "error": f"Kafka refused the request: {exc}"}
+
+
+def json_values(array: np.ndarray) -> Any:
+    """An output as JSON values: NaN and ±infinity, which JSON cannot write, become null,
+    as the worker writes them in JSON results."""
+    values = array.tolist()
+    if array.dtype.kind == "f" and not np.isfinite(array).all():
+        return _finite_or_null(values)
+    return values
+
+
+def _finite_or_null(values: Any) -> Any:
+    if isinstance(values, list):
+        return [_finite_or_null(value) for value in values]
+    return values if math.isfinite(values) else None
+
+
 def _write(lines: list[dict[str, Any]], out: TextIO, report: ScoreReport) -> None:
     for line in lines:
-        out.write(json.dumps(line) + "\n")
+        out.write(json.dumps(line, allow_nan=False) + "\n")
         report.lines += 1
         if "outputs" in line:
             report.ok += 1

@@ -6,17 +6,21 @@ worker group that serves the candidate, so that comparing never slows the live p
 pair of results is compared output by output: how far apart the values are, and for outputs
 with a row of several values (class scores, say), how often the top one agrees. NaN or
 infinity on one side only is a disagreement of its own, counted apart from the differences.
+A pair whose live answer came from the candidate's own version (the live model's latest
+version is the candidate, say) compares nothing: it is counted apart, never as agreement.
 """
 
 from __future__ import annotations
 
 import asyncio
 import time
+from collections import Counter
 from collections.abc import Iterable
 from dataclasses import dataclass, field
 from typing import Any, Literal
 
 import numpy as np
+from aiokafka.errors import MessageSizeTooLargeError
 
 from surge.producers.client import Result, SurgeClient
 from surge.producers.requests import Prediction
@@ -58,10 +62,14 @@ class OutputDiff:
 class ShadowReport:
     requests: int = 0
     bad_lines: int = 0
-    both_ok: int = 0
+    both_ok: int = 0  # answered by both, by different versions: compared
+    same_version: int = 0  # answered by both, by the same version: nothing to compare
     live_failed: int = 0  # the live side failed, the candidate answered
     candidate_failed: int = 0  # the candidate failed, the live side answered
     both_failed: int = 0
+    too_large: int = 0  # of the failed: Kafka refused a side's request as too large
+    live_versions: Counter[str] = field(default_factory=Counter)  # of the answers, per side
+    candidate_versions: Counter[str] = field(default_factory=Counter)
     outputs: dict[str, OutputDiff] = field(default_factory=dict)
     live_seconds: list[float] = field(default_factory=list)  # per window: until all answered
     candidate_seconds: list[float] = field(default_factory=list)
@@ -142,19 +150,33 @@ def compare_pair(
 ) -> None:
     """Add one request's pair of results to `report`."""
     report.requests += 1
+    for result, versions in ((live, report.live_versions), (candidate, report.candidate_versions)):
+        if isinstance(result, Prediction):
+            versions[result.model_version or "?"] += 1
     if not isinstance(live, Prediction) or not isinstance(candidate, Prediction):
-        if isinstance(live, Prediction):
-            report.candidate_failed += 1
-        elif isinstance(candidate, Prediction):
-            report.live_failed += 1
-        else:
-            report.both_failed += 1
+        _count_failure(live, candidate, report)
+        return
+    if live.model_version is not None and live.model_version == candidate.model_version:
+        report.same_version += 1  # the candidate against itself: agreement that means nothing
         return
     report.both_ok += 1
     for name, expected in live.outputs.items():
         diff = report.outputs.setdefault(name, OutputDiff())
         diff.rows += 1
         _compare_output(expected, candidate.outputs.get(name), diff)
+
+
+def _count_failure(
+    live: Result | Exception, candidate: Result | Exception, report: ShadowReport
+) -> None:
+    if isinstance(live, Prediction):
+        report.candidate_failed += 1
+    elif isinstance(candidate, Prediction):
+        report.live_failed += 1
+    else:
+        report.both_failed += 1
+    if any(isinstance(result, MessageSizeTooLargeError) for result in (live, candidate)):
+        report.too_large += 1
 
 
 def _compare_output(expected: np.ndarray, got: np.ndarray | None, diff: OutputDiff) -> None:

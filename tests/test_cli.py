@@ -56,6 +56,16 @@ def test_predict_prints_the_result(
     assert bad.returncode == 1
     assert json.loads(bad.stdout)["code"] == "invalid_input"
 
+    # NaN in (null, as JSON writes it), NaN out: written as null, which JSON can read.
+    nan = surge("predict", "mlp", "--input", f"x={json.dumps([[None] * 32])}", *route)
+    assert nan.returncode == 0, nan.stderr
+    strict = json.loads(nan.stdout, parse_constant=_refuse)
+    assert strict["outputs"]["probs"] == [[None] * 10]
+
+
+def _refuse(token: str) -> None:
+    raise AssertionError(f"{token} is not JSON")
+
 
 @pytest.mark.parametrize(
     ("args", "message"),
@@ -76,6 +86,21 @@ def test_predict_prints_the_result(
             id="int8-overflow",
         ),
         pytest.param(("mlp", "-i", "x=[[1e300]]"), "not an array of float32", id="1e300-f32"),
+        pytest.param(
+            ("mlp", "--datatype", "int64", "-i", "x=[[1.7]]"),
+            "--input x: not an array of int64 (data is not INT64: it holds fractions)",
+            id="fraction-as-int64",
+        ),
+        pytest.param(
+            ("mlp", "--datatype", "int32", "-i", 'x=[["12"]]'),
+            "--input x: not an array of int32",
+            id="text-as-int32",
+        ),
+        pytest.param(
+            ("mlp", "--datatype", "bool", "-i", "x=[[0.5]]"),
+            "--input x: not an array of bool",
+            id="half-as-bool",
+        ),
         pytest.param(("mlp", "-i", "x=" + "[" * 50_000), "--input x: not valid JSON", id="deep"),
         pytest.param(("mlp", "--via", "redis"), "--via redis needs --redis-url", id="no-redis"),
     ],
@@ -84,6 +109,29 @@ def test_predict_explains_a_mistake_in_one_line(
     kafka: str, args: tuple[str, ...], message: str
 ) -> None:
     out = surge("predict", *args, "--bootstrap", kafka, "--timeout", "1")
+    assert out.returncode == 2, out.stdout + out.stderr
+    assert message in out.stderr
+    assert "Traceback" not in out.stderr
+
+
+@pytest.mark.parametrize(
+    ("timeout", "message"),
+    [
+        pytest.param("inf", "a timeout must be more than 0", id="inf"),
+        pytest.param("nan", "a timeout must be more than 0", id="nan"),
+        pytest.param("-1", "a timeout must be more than 0", id="negative"),
+        pytest.param("0", "a timeout must be more than 0", id="zero"),
+        pytest.param("1e300", "at most 86,400 seconds", id="1e300"),
+        pytest.param("soon", "not a number of seconds", id="word"),
+    ],
+)
+def test_predict_refuses_a_timeout_that_is_not_a_positive_number(
+    timeout: str, message: str
+) -> None:
+    # Nothing listens on this port: refused before connecting, or it would say so.
+    out = surge(
+        "predict", "mlp", "-i", "x=[[1]]", "--bootstrap", "127.0.0.1:9", "--timeout", timeout
+    )
     assert out.returncode == 2, out.stdout + out.stderr
     assert message in out.stderr
     assert "Traceback" not in out.stderr

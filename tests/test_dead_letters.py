@@ -5,6 +5,8 @@ from __future__ import annotations
 
 import asyncio
 import re
+import subprocess
+import sys
 import uuid
 from collections.abc import Callable
 from pathlib import Path
@@ -118,6 +120,65 @@ async def test_replay_elsewhere_skips_requests_answered_where_they_first_asked(
     assert "replayed 3" in out.stdout, out.stdout + out.stderr
     assert "1 already answered" in out.stdout
     assert sorted(await read_topic(kafka, other, until=3)) == sorted(ids[1:])
+
+
+async def test_replay_skips_requests_whose_earlier_replay_was_answered_with_an_error(
+    kafka: str, model_root: Path, run_worker: Callable[[Settings], Worker]
+) -> None:
+    """An error is a result too, as in Redis: replaying again would answer twice."""
+    run = uuid.uuid4().hex[:8]
+    dead_letters, replies = f"test.dlq.{run}", f"test.replies.{run}"
+    settings = make_settings(kafka, model_root, None, SURGE_WORKER__DEAD_LETTER_TOPIC=dead_letters)
+    topic = settings.worker.topic_prefix + "mlp"
+    await create_topics(kafka, topic, dead_letters, replies)
+    await run_worker(settings)
+    request_id = f"{run}-0"
+    wrong = request_body({"x": np.ones((1, 31), np.float32)}, request_id, MSGPACK)  # 31 wide
+    lost = request_headers(model="mlp", content_type=MSGPACK, reply_to=None)
+    await publish(kafka, [(topic, request_id.encode(), wrong, lost)])
+    await read_topic(kafka, dead_letters, until=1, key_of=None)
+
+    common = ("--topic", dead_letters, "--bootstrap", kafka, "--reply-to", replies)
+    first = surge("dlq", "replay", *common)
+    assert "replayed 1" in first.stdout, first.stdout + first.stderr
+    (answer,) = (await read_topic(kafka, replies, until=1))[request_id]
+    assert answer.headers[headers.STATUS] == b"error"
+    again = surge("dlq", "replay", *common)
+    assert "replayed 0" in again.stdout, again.stdout + again.stderr
+    assert "1 already answered" in again.stdout
+    results = await read_topic(kafka, replies, until=2, timeout=3)
+    assert len(results[request_id]) == 1
+
+
+async def test_inspect_reads_headers_without_holding_the_bodies(kafka: str) -> None:
+    small, large = f"test.dlq.{uuid.uuid4().hex[:8]}", f"test.dlq.{uuid.uuid4().hex[:8]}"
+    await create_topics(kafka, small, large, partitions=1)
+    letter = [(headers.ERROR_CODE, b"reply_failed"), (headers.SOURCE_TOPIC, b"surge.requests.mlp")]
+    body = np.random.default_rng(0).bytes(900_000)
+    await publish(kafka, [(small, b"k", b"x", letter)])
+    await publish(kafka, [(large, f"k{i}".encode(), body, letter) for i in range(60)])
+    peaks = {}
+    for topic in (small, large):
+        inspect = ("dlq", "inspect", "--topic", topic, "--bootstrap", kafka)
+        peaks[topic] = await asyncio.to_thread(_peak_rss_kb, *inspect)
+    # 54 MB of bodies: held, they would show; read and dropped, they stay within a fetch.
+    assert peaks[large] - peaks[small] < 25_000, peaks
+
+
+def _peak_rss_kb(*args: str) -> int:
+    """The peak resident memory of one `surge` run, in KiB."""
+    script = (
+        "import resource, subprocess, sys; "
+        "command = [sys.executable, '-m', 'surge', *sys.argv[1:]]; "
+        "done = subprocess.run(command, capture_output=True); "
+        "assert done.returncode == 0, done.stderr; "
+        "print(resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss)"
+    )
+    out = subprocess.run(
+        [sys.executable, "-c", script, *args], capture_output=True, text=True, timeout=120
+    )
+    assert out.returncode == 0, out.stderr
+    return int(out.stdout)
 
 
 async def test_replay_skips_letters_with_nowhere_to_reply_unless_given_one(

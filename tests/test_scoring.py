@@ -13,6 +13,7 @@ from collections.abc import Callable
 from pathlib import Path
 from subprocess import PIPE
 
+import msgspec
 import numpy as np
 import pytest
 from aiokafka.record.default_records import DefaultRecordBatchBuilder
@@ -56,6 +57,37 @@ def test_a_line_that_cannot_be_sent_is_a_bad_line(
     parsed = parse_line(line, dtype, LIMIT)
     assert isinstance(parsed, BadLine)
     assert reason in parsed.reason
+
+
+@pytest.mark.parametrize(
+    ("line", "dtype", "reason"),
+    [
+        pytest.param('{"ids": [[1.7, 2]]}', "int64", "fractions", id="fraction-as-int64"),
+        pytest.param('{"ids": [["12"]]}', "int32", "text", id="text-as-int32"),
+        pytest.param('{"ids": [[true, false]]}', "int64", "true/false", id="bool-as-int64"),
+        pytest.param('{"mask": [[0.5, 0]]}', "bool", "not BOOL", id="half-as-bool"),
+        pytest.param('{"mask": [[2]]}', "bool", "not BOOL", id="two-as-bool"),
+        pytest.param('{"x": [[true]]}', "float32", "true/false", id="bool-as-float"),
+        pytest.param('{"s": [[1]]}', "str", "must be strings", id="number-as-str"),
+    ],
+)
+def test_a_value_the_worker_would_refuse_is_a_bad_line_not_converted(
+    line: str, dtype: str, reason: str
+) -> None:
+    parsed = parse_line(line, dtype, LIMIT)
+    assert isinstance(parsed, BadLine), parsed
+    assert reason in parsed.reason
+    assert "not an array of" in parsed.reason
+
+
+def test_values_of_the_datatype_s_kind_are_taken() -> None:
+    ids = parse_line('{"ids": [[3.0, -4]]}', "int64", LIMIT)
+    assert isinstance(ids, dict)
+    assert ids["ids"].dtype == np.int64
+    assert ids["ids"].tolist() == [[3, -4]]  # 3.0 is 3
+    nan = parse_line('{"x": [[null, 1.5]]}', "float32", LIMIT)
+    assert isinstance(nan, dict)
+    assert np.isnan(nan["x"][0, 0])  # null stands for NaN in a float tensor
 
 
 def test_a_request_at_the_limit_fits_what_the_producer_takes() -> None:
@@ -129,6 +161,48 @@ async def test_a_line_too_large_for_kafka_is_answered_in_place(
     assert (report.lines, report.ok, report.errors) == (3, 2, 1)
 
 
+@pytest.mark.integration
+async def test_a_request_kafka_refuses_fails_its_own_line_not_its_window(
+    kafka: str, model_root: Path, run_worker: Callable[[Settings], Worker]
+) -> None:
+    settings = make_settings(kafka, model_root, None)
+    topic = settings.worker.topic_prefix + "mlp"
+    # The topic takes less than the producer: the broker, not the client, refuses it.
+    await create_topics(kafka, topic, configs={"max.message.bytes": "3000"})
+    await run_worker(settings)
+    small = json.dumps({"x": [[0.5] * 32]})
+    large = json.dumps({"x": [[0.5] * 32] * 40})  # 5 KB of float32: fine for the model
+    lines = [small] * 12 + [large] + [small] * 12
+    out = io.StringIO()
+    async with SurgeClient(kafka, topic_prefix=settings.worker.topic_prefix) as client:
+        report = await score_lines(client, "mlp", lines, out, window=len(lines))
+    results = [json.loads(line) for line in out.getvalue().splitlines()]
+    assert [r["line"] for r in results] == list(range(1, 26))
+    assert results[12]["code"] == "too_large"
+    assert "max.message.bytes" in results[12]["error"]
+    # Kafka refuses a record batch whole: a request that shared the large one's batch is
+    # refused with it; the others are answered.
+    assert {r.get("code") for r in results} <= {None, "too_large"}
+    assert report.ok >= 1, results
+    assert (report.lines, report.ok + report.errors) == (25, 25)
+
+
+@pytest.mark.integration
+async def test_non_finite_outputs_are_written_as_null_in_strict_json(
+    kafka: str, model_root: Path, run_worker: Callable[[Settings], Worker]
+) -> None:
+    settings = make_settings(kafka, model_root, None)
+    await run_worker(settings)
+    lines = [json.dumps({"x": [[None] * 32]}), json.dumps({"x": [[0.5] * 32]})]  # NaN in
+    out = io.StringIO()
+    async with SurgeClient(kafka, topic_prefix=settings.worker.topic_prefix) as client:
+        report = await score_lines(client, "mlp", lines, out)
+    assert report.ok == 2
+    nan, finite = (msgspec.json.decode(line) for line in out.getvalue().splitlines())
+    assert nan["outputs"]["probs"] == [[None] * 10]
+    assert all(isinstance(v, float) for v in finite["outputs"]["probs"][0])
+
+
 async def _served_files(
     kafka: str, model_root: Path, run_worker: Callable[[Settings], Worker], tmp_path: Path
 ) -> tuple[Path, Path, list[str]]:
@@ -187,6 +261,12 @@ async def test_surge_score_reads_a_file_that_is_not_all_utf8_line_by_line(
         pytest.param(("--window", "-5"), "not a positive whole number", id="window-negative"),
         pytest.param(("--datatype", "complex64"), "has no wire datatype", id="complex64"),
         pytest.param(("--datatype", "datetime64"), "has no wire datatype", id="datetime64"),
+        pytest.param(("--timeout", "inf"), "a timeout must be more than 0", id="timeout-inf"),
+        pytest.param(("--timeout", "nan"), "a timeout must be more than 0", id="timeout-nan"),
+        pytest.param(("--timeout", "-1"), "a timeout must be more than 0", id="timeout-negative"),
+        pytest.param(("--timeout", "0"), "a timeout must be more than 0", id="timeout-0"),
+        pytest.param(("--timeout", "1e300"), "at most 86,400 seconds", id="timeout-1e300"),
+        pytest.param(("--timeout", "soon"), "not a number of seconds", id="timeout-word"),
     ],
 )
 @pytest.mark.parametrize("command", ["score", "shadow"])

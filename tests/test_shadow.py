@@ -5,7 +5,9 @@ from __future__ import annotations
 
 import asyncio
 import json
+import re
 import uuid
+from collections import Counter
 from collections.abc import Callable
 from pathlib import Path
 
@@ -24,8 +26,8 @@ from tests.test_cli import surge
 NAN, INF = float("nan"), float("inf")
 
 
-def _prediction(**outputs: np.ndarray) -> Prediction:
-    return Prediction("r", "mlp", "1", outputs)
+def _prediction(version: str, **outputs: np.ndarray) -> Prediction:
+    return Prediction("r", "mlp", version, outputs)
 
 
 @pytest.mark.parametrize(
@@ -42,8 +44,8 @@ def test_nan_or_infinity_on_one_side_is_a_disagreement(
     live: list[list[float]], candidate: list[list[float]], nonfinite: int, max_abs: float
 ) -> None:
     report = ShadowReport()
-    first = _prediction(y=np.array(live, np.float32))
-    compare_pair(first, _prediction(y=np.array(candidate, np.float32)), report)
+    first = _prediction("1", y=np.array(live, np.float32))
+    compare_pair(first, _prediction("2", y=np.array(candidate, np.float32)), report)
     diff = report.outputs["y"]
     assert (diff.nonfinite, diff.max_abs) == (nonfinite, max_abs)
     assert np.isfinite(diff.mean_abs)
@@ -51,10 +53,11 @@ def test_nan_or_infinity_on_one_side_is_a_disagreement(
 
 def test_outputs_of_another_kind_are_a_mismatch_and_the_comparison_goes_on() -> None:
     report = ShadowReport()
-    live = _prediction(y=np.array([[0.1, 0.9]], np.float32), label=np.array(["cat"], object))
-    candidate = _prediction(y=np.array([["a", "b"]], object), label=np.array([1], np.int64))
+    y, label = np.array([[0.1, 0.9]], np.float32), np.array(["cat"], object)
+    live = _prediction("1", y=y, label=label)
+    candidate = _prediction("2", y=np.array([["a", "b"]], object), label=np.array([1], np.int64))
     compare_pair(live, candidate, report)
-    compare_pair(live, live, report)
+    compare_pair(live, _prediction("2", y=y, label=label), report)
     compare_pair(live, PredictionError("model_error", "boom", "r"), report)
     assert (report.requests, report.both_ok, report.candidate_failed) == (3, 2, 1)
     assert report.failed == 1
@@ -93,8 +96,10 @@ async def test_a_candidate_version_is_compared_with_the_live_one_request_by_requ
     assert probs.max_abs > 0.01
     assert probs.top_agreement is not None
     assert probs.top_agreement < 0.9  # other weights choose other classes, often
-    assert same.outputs["probs"].max_abs == 0.0
-    assert same.outputs["probs"].top_agreement == 1.0
+    # One version on both sides compares nothing: counted apart, never as agreement.
+    assert (same.requests, same.same_version, same.both_ok, same.outputs) == (300, 300, 0, {})
+    assert other.live_versions == Counter({"1": 300})
+    assert other.candidate_versions == Counter({"2": 300})
     assert (missing.requests, missing.candidate_failed, missing.both_ok) == (10, 10, 0)
     assert len(other.live_seconds) == len(other.candidate_seconds) == 4
 
@@ -107,6 +112,7 @@ async def test_a_candidate_version_is_compared_with_the_live_one_request_by_requ
     )  # fmt: skip
     assert shown.returncode == 0, shown.stderr
     assert "300 requests (1 bad lines skipped): 300 answered by both" in shown.stdout
+    assert "answered: live by version 1 (300); candidate by version 2 (300)" in shown.stdout
     assert "probs" in shown.stdout
     assert "top-1 agreement" in shown.stdout
 
@@ -117,3 +123,75 @@ async def test_a_candidate_version_is_compared_with_the_live_one_request_by_requ
     )  # fmt: skip
     assert failing.returncode == 1, failing.stdout + failing.stderr  # the candidate failed
     assert "5 failed on 9 only" in failing.stdout
+
+
+@pytest.mark.integration
+async def test_a_live_side_answered_by_the_candidate_itself_is_not_a_comparison(
+    kafka: str, model_root: Path, run_worker: Callable[[Settings], Worker], tmp_path: Path
+) -> None:
+    both = MLP_CONFIG + 'version_policy = "all"\n'
+    write_mlp(model_root, 1, seed=0, config=both)
+    write_mlp(model_root, 2, seed=3, config=both)
+    settings = make_settings(kafka, model_root, None)
+    await run_worker(settings)
+    rows = np.random.default_rng(1).standard_normal((20, 32)).astype(np.float32)
+    lines = [json.dumps({"x": [row.tolist()]}) for row in rows]
+    async with SurgeClient(kafka, topic_prefix=settings.worker.topic_prefix) as client:
+        # Without `live`, the live side is the latest version: the candidate, 2.
+        report = await compare_lines(client, "mlp", lines, candidate="2")
+    assert (report.requests, report.same_version, report.both_ok) == (20, 20, 0)
+    assert report.outputs == {}  # no agreement reported where nothing was compared
+    assert report.live_versions == report.candidate_versions == Counter({"2": 20})
+
+    source = tmp_path / "requests.jsonl"
+    source.write_text("\n".join(lines) + "\n")
+    where = ("--topic", settings.worker.topic_prefix + "mlp", "--bootstrap", kafka)
+    shown = await asyncio.to_thread(surge, "shadow", "mlp", str(source), "--candidate", "2", *where)
+    assert shown.returncode == 1, shown.stdout + shown.stderr  # nothing compared
+    assert "answered: live by version 2 (20); candidate by version 2 (20)" in shown.stdout
+    assert "NOT COMPARED: 20 requests" in shown.stdout
+    assert "Pass --live" in shown.stdout
+    same = surge("shadow", "mlp", str(source), "--candidate", "2", "--live", "2", *where)
+    assert same.returncode == 2, same.stdout + same.stderr
+    assert "nothing to compare" in same.stderr
+
+
+@pytest.mark.integration
+async def test_a_request_kafka_refuses_is_counted_and_the_run_goes_on(
+    kafka: str, model_root: Path, run_worker: Callable[[Settings], Worker], tmp_path: Path
+) -> None:
+    both = MLP_CONFIG + 'version_policy = "all"\n'
+    write_mlp(model_root, 1, seed=0, config=both)
+    write_mlp(model_root, 2, seed=3, config=both)
+    settings = make_settings(kafka, model_root, None)
+    topic = settings.worker.topic_prefix + "mlp"
+    # The topic takes less than the producer: the broker, not the client, refuses it.
+    await create_topics(kafka, topic, configs={"max.message.bytes": "3000"})
+    await run_worker(settings)
+    small = json.dumps({"x": [[0.5] * 32]})
+    large = json.dumps({"x": [[0.5] * 32] * 40})  # 5 KB of float32: fine for the model
+    source = tmp_path / "requests.jsonl"
+    source.write_text("\n".join([small] * 6 + [large] + [small] * 6) + "\n")
+    shown = await asyncio.to_thread(
+        surge, "shadow", "mlp", str(source), "--live", "1", "--candidate", "2",
+        "--topic", topic, "--bootstrap", kafka,
+    )  # fmt: skip
+    assert shown.returncode == 1, shown.stdout + shown.stderr  # a request failed
+    assert "13 requests" in shown.stdout
+    # Kafka refuses a record batch whole: requests that shared the large one's batch are
+    # refused with it; the others are compared.
+    refused = re.search(r"([\d,]+) refused by Kafka as too large", shown.stdout)
+    assert refused is not None, shown.stdout
+    assert int(refused[1]) >= 1
+
+
+def test_a_pair_answered_by_one_version_is_counted_apart_not_compared() -> None:
+    report = ShadowReport()
+    y = np.array([[0.1, 0.9]], np.float32)
+    compare_pair(_prediction("2", y=y), _prediction("2", y=y), report)
+    compare_pair(_prediction("1", y=y), _prediction("2", y=y + 0.5), report)
+    assert (report.requests, report.same_version, report.both_ok) == (2, 1, 1)
+    assert report.outputs["y"].rows == 1
+    assert report.outputs["y"].max_abs == pytest.approx(0.5)
+    assert report.live_versions == Counter({"1": 1, "2": 1})
+    assert report.candidate_versions == Counter({"2": 2})
