@@ -71,6 +71,7 @@ class SurgeClient:
         self._redis_options = dict(redis_options or {})
         self._redis_prefix = redis_prefix
         self._producer: AIOKafkaProducer | None = None
+        self._renewal: asyncio.Task[None] | None = None  # of the producer: `_renew_producer`
         self._replies: AIOKafkaConsumer | None = None
         self._redis: Redis | None = None
         self._pubsub: Any = None
@@ -91,14 +92,43 @@ class SurgeClient:
         await self.close()
 
     async def start(self) -> None:
-        self._producer = AIOKafkaProducer(
-            **self._kafka, acks="all", enable_idempotence=True, linger_ms=1
-        )
         try:
-            await self._producer.start()
+            self._producer = await self._new_producer()
         except BaseException:  # `async with` does not close what a failed enter opened
             await self.close()
             raise
+
+    async def _new_producer(self) -> AIOKafkaProducer:
+        producer = AIOKafkaProducer(**self._kafka, acks="all", enable_idempotence=True, linger_ms=1)
+        try:
+            await producer.start()
+        except BaseException:
+            await producer.stop()
+            raise
+        return producer
+
+    def _delivery_failed(self, exc: BaseException) -> None:
+        """aiokafka's idempotent producer keeps the sequence numbers of a batch the broker
+        refused for good (a request over the topic's size limit, say), so every later request
+        to that partition would fail as out of order: a new producer takes over."""
+        refused = isinstance(exc, KafkaError) and not exc.retriable
+        if refused and not self._closed and self._renewal is None:
+            self._renewal = asyncio.create_task(self._renew_producer())
+
+    async def _renew_producer(self) -> None:
+        retired = None
+        try:
+            fresh = await self._new_producer()
+            if self._closed:
+                await fresh.stop()
+                return
+            retired, self._producer = self._producer, fresh
+        except KafkaError as exc:  # unreachable now: the next refusal tries again
+            log.warning("producer_renewal_failed", error=repr(exc))
+        finally:
+            self._renewal = None
+        if retired is not None:
+            await retired.stop()  # what it has in flight finishes first
 
     async def close(self) -> None:
         """Release everything; a failure closing one resource does not leak the others.
@@ -121,6 +151,8 @@ class SurgeClient:
             steps.append(self._pubsub.aclose())
         if self._redis is not None:
             steps.append(self._redis.aclose())
+        if self._renewal is not None:
+            await asyncio.gather(self._renewal, return_exceptions=True)
         if self._producer is not None:
             steps.append(self._producer.stop())
         for step in steps:
@@ -156,7 +188,11 @@ class SurgeClient:
         delivery = await self._send(
             model, inputs, version, request_id, reply_to, deadline_ms, topic
         )
-        await delivery[1]
+        try:
+            await delivery[1]
+        except KafkaError as exc:
+            self._delivery_failed(exc)
+            raise
         return delivery[0]
 
     async def _send(
@@ -172,6 +208,8 @@ class SurgeClient:
         assert self._producer is not None, "call start() first"
         if self._closed:
             raise ClientClosed("the client is closed")
+        if (renewal := self._renewal) is not None:  # the producer breaks no more requests
+            await asyncio.shield(renewal)
         request_id = request_id or uuid.uuid4().hex
         delivery = await self._producer.send(
             topic or self._topic_prefix + model,
@@ -317,6 +355,7 @@ class SurgeClient:
         for n, outcome in zip(deliveries, outcomes, strict=True):
             if isinstance(outcome, KafkaError):
                 refused[n] = outcome
+                self._delivery_failed(outcome)
             elif isinstance(outcome, BaseException):
                 raise outcome
         return refused

@@ -173,3 +173,59 @@ async def test_results_a_topic_takes_one_by_one_are_not_refused_for_their_batch(
         await producer.stop()
     assert not crashes
     assert len(await read_topic(kafka, topic, until=100, key_of=None)) == 100  # no dead letter
+
+
+async def test_a_result_its_topic_refuses_leaves_later_results_to_that_partition_written(
+    kafka: str,
+) -> None:
+    """The idempotent producer keeps the sequence numbers of a batch refused for good, and
+    every later batch to its partition would fail as out of order (and be dead-lettered):
+    a new producer takes over."""
+    run = uuid.uuid4().hex[:8]
+    topic, dead_letters = f"test.small.{run}", f"test.dlq.{run}"
+    await create_topics(kafka, topic, partitions=1, configs={"max.message.bytes": "20000"})
+    await create_topics(kafka, dead_letters)
+    options = {"bootstrap_servers": kafka, "acks": "all", "enable_idempotence": True}
+
+    async def new_producer() -> AIOKafkaProducer:
+        producer = AIOKafkaProducer(**options)
+        await producer.start()
+        return producer
+
+    acked_producer = await new_producer()
+    ledger = Ledger(1000, 1 << 30)
+    crashes: list[BaseException] = []
+    acked = AckedWrites(
+        acked_producer,
+        ledger,
+        RetryPolicy(dead_letters, 30, crashes.append),
+        crashes.append,
+        TopicLookup({"bootstrap_servers": kafka}, 5),
+        new_producer,
+    )
+
+    async def write(offset: int, size: int) -> None:
+        ticket = make_ticket(b"{}")
+        ticket.offset, ticket.request_id = offset, f"{run}-{offset}"
+        ticket.key = ticket.request_id.encode()
+        ledger.admit(ticket)
+        acked.put(Write(ticket, topic, b"x" * size, [], dead_letter=False))
+        async with asyncio.timeout(30):
+            while not ticket.settled:
+                await ledger.progress()
+
+    acked.start()
+    try:
+        for offset in range(3):
+            await write(offset, 1000)
+        await write(3, 30_000)  # over the topic's limit: a dead letter
+        for offset in range(4, 7):
+            await write(offset, 1000)
+    finally:
+        await acked.close()
+        await acked.producer.stop()
+    assert not crashes
+    written = await read_topic(kafka, topic, until=6, key_of=None)
+    assert len(written) == 6
+    letters = await read_topic(kafka, dead_letters, until=1, key_of=None)
+    assert [v[0].headers[headers.ERROR_CODE] for v in letters.values()] == [b"reply_failed"]

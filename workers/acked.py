@@ -6,10 +6,13 @@ with back-off or becomes a dead letter (`RetryPolicy`). The exactly-once counter
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import functools
-from collections.abc import Callable
+import time
+from collections.abc import Awaitable, Callable
 from typing import Any
 
+import structlog
 from aiokafka import AIOKafkaProducer
 from aiokafka.errors import KafkaError, KafkaTimeoutError, MessageSizeTooLargeError
 
@@ -28,9 +31,12 @@ from surge.workers.writes import (
     send_one,
 )
 
+log = structlog.get_logger("surge.replies")
+
 # How long the loop waits for the producer to take a pass's batches. Taken at once but for
 # partitions whose earlier batch is still in flight: those wait a round trip.
 _HAND_OVER_S = 0.5
+_RENEW_EVERY_S = 1.0  # at most: a topic refusing every batch must not churn producers
 
 
 class AckedWrites:
@@ -41,8 +47,13 @@ class AckedWrites:
         retry: RetryPolicy,
         on_crash: Callable[[BaseException], None],
         lookup: TopicLookup,
+        new_producer: Callable[[], Awaitable[AIOKafkaProducer]] | None = None,
     ) -> None:
         self.producer = producer  # started by the caller, stopped after close()
+        # A started producer to replace one whose partitions a refusal has broken (`_renew`).
+        self._new_producer = new_producer
+        self._stale = False
+        self._renewed_at = 0.0
         self._lookup = lookup  # for topics the producer holds no metadata for
         self._ledger = ledger
         self._retry = retry
@@ -70,6 +81,8 @@ class AckedWrites:
     async def _loop(self) -> None:
         while True:
             writes: list[Write] = await self._outbox.take()
+            if self._stale and time.monotonic() - self._renewed_at > _RENEW_EVERY_S:
+                await self._renew()
             groups, unknown = by_partition(self.producer, writes)
             for write in unknown:
                 # Waiting for an unknown topic's metadata can take request_timeout_ms: do it
@@ -137,10 +150,30 @@ class AckedWrites:
     def _delivered(self, writes: list[Write], delivery: asyncio.Future[Any]) -> None:
         exc = None if delivery.cancelled() else delivery.exception()
         if delivery.cancelled() or exc is not None:
+            if isinstance(exc, KafkaError) and not exc.retriable:
+                self._stale = True  # the broker refused the batch for good: see `_renew`
             self._refused(writes, exc or KafkaTimeoutError("delivery cancelled"))
             return
         self._ledger.settle_all([write.ticket for write in writes])
         metrics.outcomes_durable("kafka", (write.ticket.received for write in writes))
+
+    async def _renew(self) -> None:
+        """aiokafka's idempotent producer keeps the sequence numbers of a batch the broker
+        refused for good (over the topic's size limit, say), so every later batch to that
+        partition fails as out of order. A new producer (a new producer id) starts every
+        partition afresh; the old one finishes what it has in flight."""
+        self._stale = False
+        self._renewed_at = time.monotonic()
+        if self._new_producer is None:
+            return
+        try:
+            fresh = await self._new_producer()
+        except KafkaError as exc:  # the cluster unreachable now: the next refusal tries again
+            log.warning("producer_renewal_failed", error=repr(exc))
+            return
+        retired, self.producer = self.producer, fresh
+        log.info("producer_renewed")
+        self._aside(_stop(retired))
 
     def _refused(self, writes: list[Write], exc: BaseException) -> None:
         if isinstance(exc, MessageSizeTooLargeError) and len(writes) > 1:
@@ -159,3 +192,8 @@ class AckedWrites:
             return
         asyncio.get_running_loop().call_later(write.retry_in, self.put, write)
         write.retry_in = min(write.retry_in * 2, RETRY_MAX_S)
+
+
+async def _stop(producer: AIOKafkaProducer) -> None:
+    with contextlib.suppress(KafkaError):  # its own writes' outcomes are already handled
+        await producer.stop()

@@ -152,7 +152,19 @@ class Worker:
             self._opened.append(producer.stop)
             await self._unless_stopped(producer.start())
             lookup = TopicLookup(kafka.client_options(), _TOPIC_LOOKUP_S)
-            self._acked = AckedWrites(producer, self._ledger, retry, self._crashed, lookup)
+
+            async def new_producer() -> AIOKafkaProducer:
+                fresh = AIOKafkaProducer(**producer_options)
+                try:
+                    await fresh.start()
+                except BaseException:
+                    await fresh.stop()
+                    raise
+                return fresh
+
+            self._acked = AckedWrites(
+                producer, self._ledger, retry, self._crashed, lookup, new_producer
+            )
             self._acked.start()
             self._opened.append(self._acked.close)
             kafka_sink = self._acked.put

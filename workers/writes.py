@@ -17,7 +17,12 @@ from typing import Any
 
 import structlog
 from aiokafka import AIOKafkaProducer
-from aiokafka.errors import KafkaError, KafkaTimeoutError, MessageSizeTooLargeError
+from aiokafka.errors import (
+    KafkaError,
+    KafkaTimeoutError,
+    MessageSizeTooLargeError,
+    OutOfOrderSequenceNumber,
+)
 
 from surge.schemas import ErrorCode, headers
 from surge.workers import metrics
@@ -233,7 +238,9 @@ class RetryPolicy:
         now = time.monotonic()
         if write.first_failure is None:
             write.first_failure = now
-        transient = isinstance(exc, KafkaTimeoutError) or (
+        # Out of order: written after a batch the broker refused for good, by a producer
+        # that is being replaced (`AckedWrites._renew`); the next attempt goes on the new one.
+        transient = isinstance(exc, KafkaTimeoutError | OutOfOrderSequenceNumber) or (
             isinstance(exc, KafkaError) and exc.retriable
         )
         waited = now - write.first_failure
