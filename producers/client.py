@@ -34,6 +34,7 @@ log = structlog.get_logger("surge.client")
 # Redis clean-up after a caller's deadline (MGET of missed results, UNSUBSCRIBE) gets this long
 # of its own: a slow Redis must not hold the caller much past its timeout.
 _REDIS_TIDY_S = 0.25
+_RESUBSCRIBE_S = 0.2  # between tries to subscribe again while Redis is away
 
 
 class ClientClosed(RuntimeError):
@@ -290,8 +291,11 @@ class SurgeClient:
                 if refused and not return_exceptions:
                     raise refused[min(refused)]
                 sent = [f for n, f in enumerate(futures) if n not in refused]
-                remaining = max(0.0, deadline - loop.time())
-                late = sent and (await asyncio.wait(sent, timeout=remaining))[1]
+                if pubsub is not None:
+                    pubsub = await self._await_redis(ids, futures, deadline, pubsub)
+                elif sent:
+                    await asyncio.wait(sent, timeout=max(0.0, deadline - loop.time()))
+                late = not all(f.done() for f in sent)
                 if late and pubsub is not None:
                     await self._tidy(self._fetch_missed(ids, futures))
         except Exception as exc:
@@ -312,6 +316,42 @@ class SurgeClient:
                 if isinstance(result, Exception):
                     raise result
         return results  # type: ignore[return-value]
+
+    async def _await_redis(
+        self, ids: list[str], futures: list[asyncio.Future[Result]], deadline: float, pubsub: Any
+    ) -> Any:
+        """Wait for results announced on Redis, until the deadline. A pub/sub connection lost
+        meanwhile is rebuilt at once, the ids still waiting subscribed again and what was
+        published in between read from its keys: the callers would otherwise learn of it only
+        at their deadline. Returns the pub/sub holding the subscriptions now."""
+        loop = asyncio.get_running_loop()
+        while True:
+            waiting = [(i, f) for i, f in zip(ids, futures, strict=True) if not f.done()]
+            remaining = deadline - loop.time()
+            if not waiting or remaining <= 0:
+                return pubsub
+            reader = self._redis_reader
+            if reader is not None and not reader.done() and pubsub is self._pubsub:
+                # Held here and cancelled below (ruff cannot tell).
+                answered = loop.create_task(asyncio.wait([f for _, f in waiting]))  # noqa: RUF006
+                try:
+                    await asyncio.wait(
+                        [answered, reader], timeout=remaining, return_when=asyncio.FIRST_COMPLETED
+                    )
+                finally:
+                    answered.cancel()
+                continue
+            try:  # the connection went with the reader: subscribe again on a new one
+                async with asyncio.timeout_at(deadline):
+                    await self._closable(self._reply_channel("redis"))
+                    pubsub = self._pubsub
+                    await self._closable(self._subscribe([i for i, _ in waiting], pubsub))
+                    await self._fetch_missed([i for i, _ in waiting], [f for _, f in waiting])
+            except (TimeoutError, ClientClosed):
+                return pubsub  # the deadline, or close(): each caller's outcome says which
+            except (RedisError, OSError) as exc:  # Redis still away: try again shortly
+                log.debug("redis_resubscribe_failed", error=repr(exc))
+                await asyncio.sleep(min(_RESUBSCRIBE_S, max(0.0, deadline - loop.time())))
 
     async def _closable(self, step: Coroutine[Any, Any, T]) -> T:
         """Run a step of a call as a task that close() can cancel: a caller waiting for a

@@ -16,7 +16,7 @@ import pytest
 from redis.asyncio import Redis
 
 from surge.config import Settings
-from surge.producers import request_body, request_headers
+from surge.producers import SurgeClient, request_body, request_headers
 from surge.schemas import MSGPACK, ErrorCode, headers
 from surge.workers.ledger import Ledger
 from surge.workers.replies import Replies, _chunks_by_size
@@ -201,3 +201,31 @@ async def test_a_worker_dead_letters_the_results_redis_refuses_and_goes_on(
         assert b"Redis" in letter.headers[headers.ERROR_MESSAGE]
     # Every record has a durable outcome: the worker committed them all and went on.
     await wait_committed(kafka, settings.worker.group_id, topic)
+
+
+async def test_a_result_announced_while_the_clients_subscription_was_lost_arrives_at_once(
+    kafka: str, redis_url: str, model_root: Path, run_worker: Callable[[Settings], Any]
+) -> None:
+    """The client subscribes again on a new connection as soon as its reader loses the old
+    one, and reads from its key what was announced in between, rather than at its deadline."""
+    config = model_root / "mlp" / "config.toml"  # a lone request waits 1.5 s for company
+    config.write_text(config.read_text().replace("delay_ms = 2.0", "delay_ms = 1500"))
+    settings = make_settings(kafka, model_root, redis_url)
+    topic = settings.worker.topic_prefix + "mlp"
+    await create_topics(kafka, topic)
+    await run_worker(settings)
+    admin = Redis.from_url(redis_url)
+    x = {"x": np.ones((1, 32), np.float32)}
+    try:
+        async with SurgeClient(kafka, redis_url=redis_url) as client:
+            await client.predict("mlp", x, via="redis", topic=topic, timeout=20)  # warm
+            started = asyncio.get_running_loop().time()
+            waiting = asyncio.create_task(
+                client.predict("mlp", x, via="redis", topic=topic, timeout=20)
+            )
+            await asyncio.sleep(0.5)  # subscribed and sent: the batch waits for company
+            assert await admin.client_kill_filter(_type="pubsub") >= 1
+            await waiting
+            assert asyncio.get_running_loop().time() - started < 10, "waited for its deadline"
+    finally:
+        await admin.aclose()
