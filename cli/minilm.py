@@ -49,7 +49,7 @@ name = "{name}"
 datatype = "INT64"
 shape = [-1]
 pad_value = 0
-value_range = [0, {high}]
+value_range = [0, {high}]{follows}
 """
 
 
@@ -118,7 +118,15 @@ def write_minilm(
     directory = model_root / MINILM_NAME
     (directory / str(version)).mkdir(parents=True, exist_ok=True)
     path = directory / str(version) / artifact
-    inputs = "".join(_INPUT.format(name=name, high=high) for name, high in _input_ranges().items())
+    # The mask and the segment ids are as long as the token ids, request by request.
+    inputs = "".join(
+        _INPUT.format(
+            name=name,
+            high=high,
+            follows="" if name == MINILM_INPUTS[0] else f'\nfollows = "{MINILM_INPUTS[0]}"',
+        )
+        for name, high in _input_ranges().items()
+    )
     config = MINILM_CONFIG.format(inputs=inputs)
     if artifact != "model.onnx":
         config = f'precision = "{precision}"\n{config}'

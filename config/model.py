@@ -27,8 +27,9 @@ class TensorConfig(msgspec.Struct, kw_only=True, forbid_unknown_fields=True):
     # checked per request. Out of range, a GPU kernel fails the whole process's CUDA context
     # (PyTorch) or reads zeros instead (ONNX Runtime); here the one request is refused.
     value_range: tuple[float, float] | None = None
-    # Outputs: the padded input whose variable dimensions this output's leading ones follow
-    # (per-token outputs): each request's rows are cut back to that input's own length.
+    # The padded input whose variable dimensions this tensor's leading ones follow. An output
+    # (per-token scores, say) is cut back to each request's own length; an input (an
+    # attention mask) must have that input's length in every request.
     follows: str | None = None
 
     def __post_init__(self) -> None:
@@ -107,25 +108,28 @@ class ModelConfig(msgspec.Struct, kw_only=True, forbid_unknown_fields=True):
         too_big = [n for n in self.preferred_batch_sizes if n > self.max_batch_size]
         if too_big:
             raise ValueError(f"preferred_batch_sizes {too_big} exceed max_batch_size")
-        if following := [i.name for i in self.inputs if i.follows is not None]:
-            raise ValueError(f"inputs {following}: follows applies to outputs")
-        for output in self.outputs:
-            if output.follows is not None:
-                self._check_follows(output)
+        for kind, tensors in (("input", self.inputs), ("output", self.outputs)):
+            for tensor in tensors:
+                if tensor.follows is not None:
+                    self._check_follows(kind, tensor)
 
-    def _check_follows(self, output: TensorConfig) -> None:
-        padded = {i.name: i for i in self.inputs if i.pad_value is not None}
-        source = padded.get(output.follows or "")
+    def _check_follows(self, kind: str, tensor: TensorConfig) -> None:
+        padded = {i.name: i for i in self.inputs if i.pad_value is not None and i is not tensor}
+        source = padded.get(tensor.follows or "")
         if source is None:
             raise ValueError(
-                f"output {output.name!r}: follows {output.follows!r}, which is not an input "
-                f"with a pad_value (declared: {sorted(padded)})"
+                f"{kind} {tensor.name!r}: follows {tensor.follows!r}, which is not another "
+                f"input with a pad_value (declared: {sorted(padded)})"
             )
-        leading = output.shape[: len(source.shape)]
+        if source.follows is not None:
+            raise ValueError(f"{kind} {tensor.name!r}: follows {source.name!r}, which follows too")
+        if kind == "input" and tensor.pad_value is None:
+            raise ValueError(f"input {tensor.name!r}: follows a padded input, so needs a pad_value")
+        leading = tensor.shape[: len(source.shape)]
         if len(leading) < len(source.shape) or any(
             want == -1 and got != -1 for want, got in zip(source.shape, leading, strict=True)
         ):
             raise ValueError(
-                f"output {output.name!r}: shape {output.shape} does not start with the "
+                f"{kind} {tensor.name!r}: shape {tensor.shape} does not start with the "
                 f"variable dimensions of {source.name!r} {source.shape}"
             )

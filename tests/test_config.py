@@ -197,11 +197,10 @@ _IDS = {"name": "ids", "datatype": "INT64", "shape": [-1], "pad_value": 0}
 @pytest.mark.parametrize(
     ("inputs", "output", "error"),
     [
-        ([{**_IDS, "pad_value": None}], {"shape": [-1], "follows": "ids"}, "not an input with"),
-        ([_IDS], {"shape": [-1], "follows": "mask"}, "not an input with"),
+        ([{**_IDS, "pad_value": None}], {"shape": [-1], "follows": "ids"}, "not another input"),
+        ([_IDS], {"shape": [-1], "follows": "mask"}, "not another input"),
         ([_IDS], {"shape": [4], "follows": "ids"}, "does not start with"),
         ([_IDS], {"shape": [], "follows": "ids"}, "does not start with"),
-        ([{**_IDS, "follows": "ids"}], {"shape": [-1]}, "applies to outputs"),
     ],
 )
 def test_an_output_follows_a_padded_input_it_can_be_cut_to(
@@ -213,3 +212,23 @@ def test_an_output_follows_a_padded_input_it_can_be_cut_to(
     good = {"inputs": [_IDS], "outputs": [{"name": "y", "datatype": "FP32", "shape": [-1, 8]}]}
     good["outputs"][0]["follows"] = "ids"  # type: ignore[index]
     assert convert(good, ModelConfig, "m").outputs[0].follows == "ids"
+
+
+@pytest.mark.parametrize(
+    ("mask", "error"),
+    [
+        ({"follows": "mask"}, "not another input"),
+        ({"follows": "ids", "pad_value": None}, "needs a pad_value"),
+        ({"follows": "ids", "shape": [4]}, "does not start with"),
+    ],
+)
+def test_an_input_follows_another_padded_input(mask: dict[str, object], error: str) -> None:
+    inputs = [_IDS, {**_IDS, "name": "mask", **mask}]
+    with pytest.raises(ConfigError, match=error):
+        convert({"inputs": inputs}, ModelConfig, "m")
+    chained = [_IDS, {**_IDS, "name": "mask", "follows": "ids"}, {**_IDS, "name": "types"}]
+    chained[2]["follows"] = "mask"
+    with pytest.raises(ConfigError, match="which follows too"):
+        convert({"inputs": chained}, ModelConfig, "m")
+    good = [_IDS, {**_IDS, "name": "mask", "follows": "ids"}]
+    assert convert({"inputs": good}, ModelConfig, "m").inputs[1].follows == "ids"

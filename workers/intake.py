@@ -192,6 +192,9 @@ def _admit(
         raise _Reject(
             ErrorCode.INVALID_INPUT, f"request of {rows} rows exceeds max_batch_size {max_rows}"
         )
+    for spec in specs:
+        if spec.follows is not None:
+            _check_follows(spec, arrays[spec.name].shape, arrays[spec.follows].shape)
 
     wanted = None
     if request.outputs:
@@ -238,6 +241,17 @@ def _check_shape(spec: TensorSpec, shape: tuple[int, ...]) -> None:
         raise _Reject(
             ErrorCode.INVALID_INPUT,
             f"input {spec.name!r} has shape {list(shape)}, the model takes {expected}",
+        )
+
+
+def _check_follows(spec: TensorSpec, shape: tuple[int, ...], source: tuple[int, ...]) -> None:
+    """Padded apart, an attention mask shorter than its ids would pass alone and be padded
+    to fit in a batch: the same request would get one answer or another by its company."""
+    if shape[1 : len(source)] != source[1:]:
+        raise _Reject(
+            ErrorCode.INVALID_INPUT,
+            f"input {spec.name!r} has shape {list(shape)}, unlike {spec.follows!r} "
+            f"{list(source)}, whose length it follows",
         )
 
 
