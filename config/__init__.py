@@ -12,6 +12,7 @@ from surge.config.settings import (
     RedisSettings,
     Settings,
     WorkerSettings,
+    redis_url_for_bytes,
 )
 
 CONFIG_DIR = Path(__file__).parent
@@ -31,4 +32,5 @@ __all__ = [
     "convert",
     "load_settings",
     "read_toml",
+    "redis_url_for_bytes",
 ]

@@ -6,6 +6,7 @@ import os
 import re
 import ssl
 from typing import Annotated, Any, Literal
+from urllib.parse import parse_qsl, urlencode, urlsplit
 
 import msgspec
 
@@ -188,3 +189,13 @@ class Settings(msgspec.Struct, kw_only=True, forbid_unknown_fields=True):
     worker: WorkerSettings = msgspec.field(default_factory=WorkerSettings)
     log: LogSettings = msgspec.field(default_factory=LogSettings)
     metrics: MetricsSettings = msgspec.field(default_factory=MetricsSettings)
+
+
+def redis_url_for_bytes(url: str) -> str:
+    """`url` without a `decode_responses` option: redis-py lets one in the URL override the
+    client's own, and Surge reads results and script replies as bytes."""
+    parts = urlsplit(url)
+    query = [
+        (k, v) for k, v in parse_qsl(parts.query, keep_blank_values=True) if k != "decode_responses"
+    ]
+    return parts._replace(query=urlencode(query)).geturl()

@@ -17,6 +17,7 @@ from aiokafka.errors import KafkaError, TopicAlreadyExistsError
 from redis.asyncio import Redis
 from redis.exceptions import RedisError
 
+from surge.config import redis_url_for_bytes
 from surge.producers.requests import (
     Prediction,
     PredictionError,
@@ -492,7 +493,8 @@ class SurgeClient:
             raise ValueError("Redis replies need redis_url")
         # Results and channel names are read as bytes, whatever the options say.
         redis = Redis.from_url(
-            self._redis_url, **{**self._redis_options, "decode_responses": False}
+            redis_url_for_bytes(self._redis_url),
+            **{**self._redis_options, "decode_responses": False},
         )
         pubsub = redis.pubsub()
         try:

@@ -169,16 +169,27 @@ async def test_a_full_redis_is_waited_for_not_refused() -> None:
 
 
 @pytest.mark.integration
+# `decode_responses` in a URL overrides a client's own: results are still read as bytes.
+@pytest.mark.parametrize("url_options", ["", "?decode_responses=true"])
+@pytest.mark.parametrize("refused", ["keys", "channels"])
 async def test_a_worker_dead_letters_the_results_redis_refuses_and_goes_on(
-    kafka: str, redis_url: str, model_root: Path, run_worker: Callable[[Settings], Any]
+    kafka: str,
+    redis_url: str,
+    model_root: Path,
+    run_worker: Callable[[Settings], Any],
+    url_options: str,
+    refused: str,
 ) -> None:
     run = uuid.uuid4().hex[:8]
     prefix, dead_letters = f"test:{run}:", f"test.dlq.{run}"
-    user, password = await _restricted_user(redis_url, prefix + "ok-*")
+    if refused == "keys":  # the whole call refused, then halved down to each result
+        user, password = await _restricted_user(redis_url, prefix + "ok-*")
+    else:  # the call runs, and reports each result it may not announce
+        user, password = await _restricted_user(redis_url, prefix + "*", prefix + "ok-*")
     settings = make_settings(
         kafka,
         model_root,
-        redis_url,
+        redis_url + url_options,
         SURGE_REDIS__USERNAME=user,
         SURGE_REDIS__PASSWORD=password,
         SURGE_REDIS__KEY_PREFIX=prefix,
@@ -203,8 +214,13 @@ async def test_a_worker_dead_letters_the_results_redis_refuses_and_goes_on(
     await wait_committed(kafka, settings.worker.group_id, topic)
 
 
+@pytest.mark.parametrize("url_options", ["", "?decode_responses=true"])
 async def test_a_result_announced_while_the_clients_subscription_was_lost_arrives_at_once(
-    kafka: str, redis_url: str, model_root: Path, run_worker: Callable[[Settings], Any]
+    kafka: str,
+    redis_url: str,
+    model_root: Path,
+    run_worker: Callable[[Settings], Any],
+    url_options: str,
 ) -> None:
     """The client subscribes again on a new connection as soon as its reader loses the old
     one, and reads from its key what was announced in between, rather than at its deadline."""
@@ -217,7 +233,7 @@ async def test_a_result_announced_while_the_clients_subscription_was_lost_arrive
     admin = Redis.from_url(redis_url)
     x = {"x": np.ones((1, 32), np.float32)}
     try:
-        async with SurgeClient(kafka, redis_url=redis_url) as client:
+        async with SurgeClient(kafka, redis_url=redis_url + url_options) as client:
             await client.predict("mlp", x, via="redis", topic=topic, timeout=20)  # warm
             started = asyncio.get_running_loop().time()
             waiting = asyncio.create_task(

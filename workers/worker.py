@@ -30,7 +30,7 @@ from aiokafka import AIOKafkaConsumer, AIOKafkaProducer, ConsumerRebalanceListen
 from aiokafka.errors import KafkaError
 from redis.asyncio import Redis
 
-from surge.config import TOPIC_NAME, Settings
+from surge.config import TOPIC_NAME, Settings, redis_url_for_bytes
 from surge.schemas import ErrorCode
 from surge.workers import metrics
 from surge.workers.acked import AckedWrites
@@ -118,7 +118,9 @@ class Worker:
         except OSError as exc:
             raise _CannotStart(f"metrics port {self.settings.metrics.port}: {exc}") from None
         self._redis = (
-            Redis.from_url(self.settings.redis.url, **self.settings.redis.client_options())
+            Redis.from_url(
+                redis_url_for_bytes(self.settings.redis.url), **self.settings.redis.client_options()
+            )
             if self.settings.redis.url
             else None
         )
