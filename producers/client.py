@@ -15,6 +15,9 @@ from aiokafka import AIOKafkaConsumer, AIOKafkaProducer, TopicPartition
 from aiokafka.admin import AIOKafkaAdminClient, NewTopic
 from aiokafka.errors import KafkaError, TopicAlreadyExistsError
 from redis.asyncio import Redis
+from redis.asyncio.retry import Retry
+from redis.backoff import NoBackoff
+from redis.exceptions import ConnectionError as RedisConnectionError
 from redis.exceptions import RedisError
 
 from surge.config import redis_url_for_bytes
@@ -36,6 +39,12 @@ log = structlog.get_logger("surge.client")
 # of its own: a slow Redis must not hold the caller much past its timeout.
 _REDIS_TIDY_S = 0.25
 _RESUBSCRIBE_S = 0.2  # between tries to subscribe again while Redis is away
+# The subscription connection is pinged this often when quiet, and taken for lost after
+# `_REDIS_SILENT_S` without a word (no pong): a half-open connection (a NAT or a firewall
+# that dropped it without a reset) would otherwise keep every caller waiting for good.
+_REDIS_PING_S = 2.0
+_REDIS_SILENT_S = 3 * _REDIS_PING_S
+_REDIS_CLOSE_S = 1.0  # closing a connection that is gone must not hold a rebuild up
 
 
 class ClientClosed(RuntimeError):
@@ -278,8 +287,7 @@ class SurgeClient:
                 async with asyncio.timeout_at(deadline):
                     reply_to = await self._closable(self._reply_channel(via))
                     if via == "redis":
-                        pubsub = self._pubsub
-                        await self._closable(self._subscribe(ids, pubsub))
+                        pubsub = await self._closable(self._subscribe_now(ids))
                     refused = await self._closable(
                         self._send_all(model, batch, ids, version, reply_to, deadline_ms, topic)
                     )
@@ -491,11 +499,12 @@ class SurgeClient:
     async def _start_redis(self) -> None:
         if not self._redis_url:
             raise ValueError("Redis replies need redis_url")
-        # Results and channel names are read as bytes, whatever the options say.
-        redis = Redis.from_url(
-            redis_url_for_bytes(self._redis_url),
-            **{**self._redis_options, "decode_responses": False},
-        )
+        # Results and channel names are read as bytes, whatever the options say. No retries:
+        # redis-py would reconnect the subscription inside the reader, unseen, and what was
+        # published meanwhile would wait for the callers' deadlines; a lost connection ends
+        # the reader instead, and the callers subscribe again and read what they missed.
+        options = {**self._redis_options, "decode_responses": False, "retry": Retry(NoBackoff(), 0)}
+        redis = Redis.from_url(redis_url_for_bytes(self._redis_url), **options)
         pubsub = redis.pubsub()
         try:
             # A standing subscription keeps the reader alive between requests.
@@ -506,6 +515,7 @@ class SurgeClient:
             raise
         self._redis, self._pubsub = redis, pubsub
         self._redis_reader = asyncio.create_task(self._read_redis())
+        self._readers = [task for task in self._readers if not task.done()]
         self._readers.append(self._redis_reader)
 
     def _redis_reader_dead(self) -> bool:
@@ -516,17 +526,39 @@ class SurgeClient:
         # Unset first: a caller past its deadline must not reuse what is being closed.
         self._redis = self._pubsub = self._redis_reader = None
         self._subscribed.clear()
-        with contextlib.suppress(RedisError, OSError):
-            await pubsub.aclose()
-        with contextlib.suppress(RedisError, OSError):
-            await redis.aclose()  # type: ignore[union-attr]
+        with contextlib.suppress(RedisError, OSError, TimeoutError):
+            await asyncio.wait_for(pubsub.aclose(), _REDIS_CLOSE_S)
+        with contextlib.suppress(RedisError, OSError, TimeoutError):
+            await asyncio.wait_for(redis.aclose(), _REDIS_CLOSE_S)  # type: ignore[union-attr]
 
     async def _subscribe(self, ids: list[str], pubsub: Any) -> None:
         channels = [self._redis_prefix + i for i in ids]
         events = [self._subscribed.setdefault(c, asyncio.Event()) for c in channels]
         await pubsub.subscribe(*channels)
-        for event in events:  # confirmed: a result published from now on reaches us
-            await event.wait()
+        # Confirmed: a result published from now on reaches us. Unless the reader ends first,
+        # with its connection: then no confirmation ever comes.
+        confirmed = asyncio.get_running_loop().create_task(_all_set(events))
+        reader = self._redis_reader
+        try:
+            await asyncio.wait(
+                [confirmed, *([reader] if reader else [])], return_when=asyncio.FIRST_COMPLETED
+            )
+        finally:
+            confirmed.cancel()
+        if not all(event.is_set() for event in events):
+            raise RedisConnectionError("the Redis subscription connection was lost")
+
+    async def _subscribe_now(self, ids: list[str]) -> Any:
+        """Subscribe on the connection in hand, rebuilt once if it is found lost meanwhile
+        (fallen silent, say). Returns the pub/sub holding the subscriptions."""
+        pubsub = self._pubsub
+        try:
+            await self._subscribe(ids, pubsub)
+        except RedisConnectionError:
+            await self._reply_channel("redis")
+            pubsub = self._pubsub
+            await self._subscribe(ids, pubsub)
+        return pubsub
 
     async def _unsubscribe(self, ids: list[str], pubsub: Any) -> None:
         channels = [self._redis_prefix + i for i in ids]
@@ -538,10 +570,23 @@ class SurgeClient:
             await pubsub.unsubscribe(*channels)
 
     async def _read_redis(self) -> None:
-        """Until the connection is lost: then the next Redis call rebuilds the client."""
+        """Until the connection is lost or falls silent: then the next Redis call rebuilds
+        the client. A quiet connection is pinged, and must answer."""
+        pubsub, loop = self._pubsub, asyncio.get_running_loop()
+        heard = pinged = loop.time()
         try:
-            async for message in self._pubsub.listen():
-                self._on_redis_message(message)
+            while True:
+                message = await pubsub.get_message(timeout=_REDIS_PING_S)
+                now = loop.time()
+                if message is not None:
+                    heard = now
+                    self._on_redis_message(message)
+                elif now - heard > _REDIS_SILENT_S:
+                    log.warning("redis_reader_silent", seconds=round(now - heard, 1))
+                    return
+                elif now - pinged >= _REDIS_PING_S:
+                    await pubsub.ping()
+                    pinged = now
         except (RedisError, OSError) as exc:
             log.warning("redis_reader_lost", error=repr(exc))
 
@@ -566,3 +611,8 @@ def _outcome(request_id: str, future: asyncio.Future[Result], timeout: float) ->
     if not future.done():
         return TimeoutError(f"no result for {request_id} within {timeout:g}s")
     return future.result()
+
+
+async def _all_set(events: list[asyncio.Event]) -> None:
+    for event in events:
+        await event.wait()

@@ -5,11 +5,13 @@ result Redis refuses dead-lettered."""
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import uuid
 from collections.abc import Callable
 from pathlib import Path
 from types import SimpleNamespace
 from typing import Any
+from urllib.parse import urlsplit
 
 import numpy as np
 import pytest
@@ -245,3 +247,72 @@ async def test_a_result_announced_while_the_clients_subscription_was_lost_arrive
             assert asyncio.get_running_loop().time() - started < 10, "waited for its deadline"
     finally:
         await admin.aclose()
+
+
+class _Silencing:
+    """A TCP proxy to Redis whose connections can be silenced: their bytes dropped both ways
+    and their sockets left open, as after a NAT or a firewall dropped them without a reset."""
+
+    def __init__(self, redis_url: str) -> None:
+        self._upstream = urlsplit(redis_url)
+        self._silenced: list[dict[str, bool]] = []
+        self._pumps: set[asyncio.Task[None]] = set()
+
+    async def start(self) -> str:
+        self._server = await asyncio.start_server(self._connect, "127.0.0.1", 0)
+        port = self._server.sockets[0].getsockname()[1]
+        return self._upstream._replace(netloc=f"127.0.0.1:{port}").geturl()
+
+    def silence_open_connections(self) -> int:
+        for state in self._silenced:
+            state["silent"] = True
+        return len(self._silenced)
+
+    async def close(self) -> None:
+        self._server.close()
+        for task in self._pumps:
+            task.cancel()
+        await asyncio.gather(*self._pumps, return_exceptions=True)
+
+    async def _connect(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        up_reader, up_writer = await asyncio.open_connection(
+            self._upstream.hostname, self._upstream.port
+        )
+        state = {"silent": False}
+        self._silenced.append(state)
+        for source, sink in ((reader, up_writer), (up_reader, writer)):
+            task = asyncio.create_task(self._pump(source, sink, state))
+            self._pumps.add(task)
+
+    @staticmethod
+    async def _pump(
+        source: asyncio.StreamReader, sink: asyncio.StreamWriter, state: dict[str, bool]
+    ) -> None:
+        with contextlib.suppress(OSError):
+            while data := await source.read(65536):
+                if not state["silent"]:
+                    sink.write(data)
+                    await sink.drain()
+        if not state["silent"]:
+            sink.close()
+
+
+async def test_a_client_whose_redis_connections_fell_silent_gets_its_results_again(
+    kafka: str, redis_url: str, model_root: Path, run_worker: Callable[[Settings], Any]
+) -> None:
+    """A half-open connection gives no error, only silence: the reader pings, and a
+    connection that does not answer is replaced, rather than every later call timing out."""
+    settings = make_settings(kafka, model_root, redis_url)
+    topic = settings.worker.topic_prefix + "mlp"
+    await create_topics(kafka, topic)
+    await run_worker(settings)
+    proxy = _Silencing(redis_url)
+    x = {"x": np.ones((1, 32), np.float32)}
+    try:
+        async with SurgeClient(kafka, redis_url=await proxy.start()) as client:
+            await client.predict("mlp", x, via="redis", topic=topic, timeout=20)
+            assert proxy.silence_open_connections() >= 1
+            for _ in range(3):
+                await client.predict("mlp", x, via="redis", topic=topic, timeout=20)
+    finally:
+        await proxy.close()
