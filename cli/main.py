@@ -27,6 +27,8 @@ if TYPE_CHECKING:  # the commands import what they use when they run: `surge --h
 
 _DATATYPE_HELP = "numpy dtype of the inputs: bool, (u)int8-64, float16-64 or str"
 _TIME_HELP = "ISO time, inclusive; UTC unless it has an offset (as `dlq inspect` prints)"
+_REDIS_PREFIX = "surge:result:"  # the workers' [redis] key_prefix by default
+_REDIS_PREFIX_HELP = "the workers' [redis] key_prefix (default: %(default)s)"
 _MAX_TIMEOUT_S = 86_400
 
 
@@ -63,6 +65,7 @@ def main(argv: list[str] | None = None) -> None:
     predict.add_argument("--bootstrap", default="127.0.0.1:9092")
     predict.add_argument("--via", choices=["kafka", "redis"], default="kafka")
     predict.add_argument("--redis-url")
+    predict.add_argument("--redis-prefix", default=_REDIS_PREFIX, help=_REDIS_PREFIX_HELP)
     predict.add_argument("--timeout", type=_seconds, default=30.0, help="seconds")
 
     score = commands.add_parser(
@@ -103,6 +106,7 @@ def main(argv: list[str] | None = None) -> None:
     replay.add_argument("--until", type=_utc_time, help=_TIME_HELP)
     replay.add_argument("--reply-to", help="replace each request's surge-reply-to")
     replay.add_argument("--redis-url", help="to find results already written to Redis")
+    replay.add_argument("--redis-prefix", default=_REDIS_PREFIX, help=_REDIS_PREFIX_HELP)
     replay.add_argument("--dry-run", action="store_true")
 
     commands.add_parser("schema", help="print JSON Schema of the wire contract")
@@ -211,7 +215,9 @@ def _predict(args: argparse.Namespace) -> int:
         return _fail("--via redis needs --redis-url")
 
     async def run() -> int:
-        async with SurgeClient(args.bootstrap, redis_url=args.redis_url) as client:
+        async with SurgeClient(
+            args.bootstrap, redis_url=args.redis_url, redis_prefix=args.redis_prefix
+        ) as client:
             try:
                 result = await client.predict(
                     args.model,
@@ -310,6 +316,7 @@ def _file_arguments(parser: argparse.ArgumentParser, *, window: int) -> None:
     parser.add_argument("--bootstrap", default="127.0.0.1:9092")
     parser.add_argument("--via", choices=["kafka", "redis"], default="kafka")
     parser.add_argument("--redis-url")
+    parser.add_argument("--redis-prefix", default=_REDIS_PREFIX, help=_REDIS_PREFIX_HELP)
     parser.add_argument(
         "--window", type=_positive_int, default=window, help="lines per batch of requests"
     )
@@ -334,7 +341,9 @@ def _with_file(
         return _fail(str(exc))
 
     async def run() -> int:
-        async with SurgeClient(args.bootstrap, redis_url=args.redis_url) as client:
+        async with SurgeClient(
+            args.bootstrap, redis_url=args.redis_url, redis_prefix=args.redis_prefix
+        ) as client:
             return await send(client, file_lines(source))
 
     try:
@@ -627,6 +636,7 @@ def _dlq_action(args: argparse.Namespace) -> int:
             chosen,
             reply_to=args.reply_to,
             redis_url=args.redis_url,
+            redis_prefix=args.redis_prefix,
             dry_run=args.dry_run,
         )
     )

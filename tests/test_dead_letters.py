@@ -15,6 +15,7 @@ import numpy as np
 import pytest
 from aiokafka import AIOKafkaConsumer, TopicPartition
 from aiokafka.admin import AIOKafkaAdminClient
+from redis.asyncio import Redis
 
 from surge.config import Settings
 from surge.producers import request_body, request_headers
@@ -273,3 +274,23 @@ async def test_reading_gives_up_when_a_partition_stops_short_of_its_end(kafka: s
             await asyncio.wait_for(reading, 30)
     finally:
         await consumer.stop()
+
+
+async def test_replay_looks_for_redis_results_under_the_workers_key_prefix(
+    kafka: str, redis_url: str, model_root: Path, run_worker: Callable[[Settings], Worker]
+) -> None:
+    run, dead_letters = await _dead_letter_lost_requests(kafka, model_root, run_worker, 2)
+    prefix = f"app.{run}:"
+    redis = Redis.from_url(redis_url)
+    try:
+        await redis.set(f"{prefix}{run}-0", b"answered")  # by a worker with that key_prefix
+    finally:
+        await redis.aclose()
+    out = surge(
+        "dlq",
+        "replay",
+        *("--topic", dead_letters, "--bootstrap", kafka, "--reply-to", "redis"),
+        *("--redis-url", redis_url, "--redis-prefix", prefix, "--dry-run"),
+    )
+    assert "would replay 1" in out.stdout, out.stdout + out.stderr
+    assert "1 already answered" in out.stdout
