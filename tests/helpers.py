@@ -270,8 +270,18 @@ def mlp_fetch(
             value = request_body({"x": rows[offset % len(rows)]}, key, MSGPACK)
             size = len(value)
             records.append(
-                ConsumerRecord(
-                    topic, partition, offset, stamp, 0, key.encode(), value, None, 4, size, route
+                ConsumerRecord(  # headers a tuple of its own, as aiokafka gives each record
+                    topic,
+                    partition,
+                    offset,
+                    stamp,
+                    0,
+                    key.encode(),
+                    value,
+                    None,
+                    4,
+                    size,
+                    (*route,),
                 )
             )
         fetch[TopicPartition(topic, partition)] = records

@@ -3,11 +3,15 @@
     python -m bench.peers.loops KIND BOOTSTRAP TOPIC REPLY_TOPIC MODEL_PATH
 
 KIND:
-  per-request   getmany(256); the model runs once per request; send() per reply; auto-commit
-  batch-send    getmany(256); one model call per fetch; send() per reply; auto-commit
+  per-request   getmany; the model runs once per request; send() per reply; auto-commit
+  batch-send    getmany; one model call per fetch; send() per reply; auto-commit
   alo           as batch-send, then await every reply's ack and commit (at-least-once, serial)
-  fast          getmany(256); one model call per fetch; replies as one record batch per
+  alo-batch     as fast, then await the record batches' acks and commit (at-least-once,
+                serial; acks=all, idempotent, as Surge writes)
+  fast          getmany; one model call per fetch; replies as one record batch per
                 partition (create_batch/send_batch); no commits, no acks awaited (no guarantees)
+
+Every kind takes up to 1,024 records per getmany, as a Surge worker does (max_poll_records).
 """
 
 from __future__ import annotations
@@ -22,7 +26,7 @@ from aiokafka import AIOKafkaConsumer, AIOKafkaProducer, ConsumerRecord, TopicPa
 
 from bench.peers.wire import REPLY_HEADERS, Request, decode, reply
 
-FETCH = 256
+FETCH = 1024
 
 
 def session(path: str) -> ort.InferenceSession:
@@ -40,7 +44,7 @@ async def main(kind: str, bootstrap: str, topic: str, reply_topic: str, model: s
         auto_offset_reset="earliest",
         enable_auto_commit=kind in ("per-request", "batch-send"),
     )
-    guarantees = kind == "alo"
+    guarantees = kind in ("alo", "alo-batch")
     producer = AIOKafkaProducer(
         bootstrap_servers=bootstrap,
         acks="all" if guarantees else 1,
@@ -69,8 +73,11 @@ async def main(kind: str, bootstrap: str, topic: str, reply_topic: str, model: s
         requests = [decode(r.value) for r in records]
         x = np.frombuffer(b"".join(q.inputs[0].data for q in requests), np.float32)
         y = model_session.run(None, {"x": x.reshape(len(requests), -1)})[0]
-        if kind == "fast":
-            await _send_batches(producer, reply_topic, fetched, requests, y)
+        if kind in ("fast", "alo-batch"):
+            deliveries = await _send_batches(producer, reply_topic, fetched, requests, y)
+            if kind == "alo-batch":
+                await asyncio.gather(*deliveries)
+                await consumer.commit()
             continue
         deliveries = [
             await producer.send(reply_topic, reply(q.id, row), key=r.key, headers=REPLY_HEADERS)
@@ -87,9 +94,11 @@ async def _send_batches(
     fetched: dict[TopicPartition, list[ConsumerRecord]],
     requests: list[Request],
     y: np.ndarray,
-) -> None:
-    """One record batch per input partition, sent to the reply partition of the same number."""
+) -> list[asyncio.Future[object]]:
+    """One record batch per input partition, sent to the reply partition of the same number;
+    their delivery futures."""
     now_ms = int(time.time() * 1000)
+    deliveries = []
     i = 0
     for tp, records in fetched.items():
         batch = producer.create_batch()
@@ -98,10 +107,11 @@ async def _send_batches(
             i += 1
             if batch.append(key=record.key, value=value, timestamp=now_ms, headers=REPLY_HEADERS):
                 continue
-            await producer.send_batch(batch, reply_topic, partition=tp.partition)
+            deliveries.append(await producer.send_batch(batch, reply_topic, partition=tp.partition))
             batch = producer.create_batch()
             batch.append(key=record.key, value=value, timestamp=now_ms, headers=REPLY_HEADERS)
-        await producer.send_batch(batch, reply_topic, partition=tp.partition)
+        deliveries.append(await producer.send_batch(batch, reply_topic, partition=tp.partition))
+    return deliveries
 
 
 if __name__ == "__main__":
