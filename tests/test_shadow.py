@@ -67,13 +67,18 @@ def test_outputs_of_another_kind_are_a_mismatch_and_the_comparison_goes_on() -> 
     assert report.outputs["y"].top_agreed == 1  # the pair that matched was still compared
 
 
+def _two_versions(model_root: Path) -> None:
+    """Versions 1 and 2 of the MLP, both served, with other weights."""
+    both = MLP_CONFIG + 'version_policy = "all"\n'
+    write_mlp(model_root, 1, seed=0, config=both)
+    write_mlp(model_root, 2, seed=3, config=both)
+
+
 @pytest.mark.integration
 async def test_a_candidate_version_is_compared_with_the_live_one_request_by_request(
     kafka: str, model_root: Path, run_worker: Callable[[Settings], Worker], tmp_path: Path
 ) -> None:
-    both = MLP_CONFIG + 'version_policy = "all"\n'
-    write_mlp(model_root, 1, seed=0, config=both)
-    write_mlp(model_root, 2, seed=3, config=both)  # other weights
+    _two_versions(model_root)
     shadow = f"test.shadow.{uuid.uuid4().hex[:8]}"
     settings = make_settings(kafka, model_root, None, SURGE_WORKER__SHARED_TOPICS=f'["{shadow}"]')
     await create_topics(kafka, shadow)
@@ -129,9 +134,7 @@ async def test_a_candidate_version_is_compared_with_the_live_one_request_by_requ
 async def test_a_live_side_answered_by_the_candidate_itself_is_not_a_comparison(
     kafka: str, model_root: Path, run_worker: Callable[[Settings], Worker], tmp_path: Path
 ) -> None:
-    both = MLP_CONFIG + 'version_policy = "all"\n'
-    write_mlp(model_root, 1, seed=0, config=both)
-    write_mlp(model_root, 2, seed=3, config=both)
+    _two_versions(model_root)
     settings = make_settings(kafka, model_root, None)
     await run_worker(settings)
     rows = np.random.default_rng(1).standard_normal((20, 32)).astype(np.float32)
@@ -160,9 +163,7 @@ async def test_a_live_side_answered_by_the_candidate_itself_is_not_a_comparison(
 async def test_a_request_kafka_refuses_is_counted_and_the_run_goes_on(
     kafka: str, model_root: Path, run_worker: Callable[[Settings], Worker], tmp_path: Path
 ) -> None:
-    both = MLP_CONFIG + 'version_policy = "all"\n'
-    write_mlp(model_root, 1, seed=0, config=both)
-    write_mlp(model_root, 2, seed=3, config=both)
+    _two_versions(model_root)
     settings = make_settings(kafka, model_root, None)
     topic = settings.worker.topic_prefix + "mlp"
     # The topic takes less than the producer: the broker, not the client, refuses it.
