@@ -471,6 +471,7 @@ def _show_shadow(report: ShadowReport, live: str, candidate: str, window: int) -
         "mean |Δ|",
         "top-1 agreement",
         "NaN/inf differ",
+        "text differs",
         "signature differs",
     )
     for name, diff in report.outputs.items():
@@ -482,6 +483,7 @@ def _show_shadow(report: ShadowReport, live: str, candidate: str, window: int) -
             f"{diff.mean_abs:.3g}",
             "—" if agreement is None else f"{agreement:.1%}",
             f"{diff.nonfinite:,}",
+            f"{diff.unequal_text:,}",
             f"{diff.mismatched:,}",
         )
     console.print(table)

@@ -40,12 +40,13 @@ _NUMERIC = "fiub"  # dtype kinds compared by value; others (strings) only as equ
 class OutputDiff:
     """One output's differences over the pairs where both sides answered."""
 
-    rows: int = 0
+    rows: int = 0  # of the requests both answered (a request may hold several)
     max_abs: float = 0.0  # infinite once anything disagrees beyond measure (see below)
     sum_abs: float = 0.0  # over the values finite on both sides
     elements: int = 0
-    mismatched: int = 0  # rows whose shape or kind (number, string) differs, or missing
+    mismatched: int = 0  # requests whose output differs in shape or kind, or is missing
     nonfinite: int = 0  # values NaN or infinite on one side and not the same on the other
+    unequal_text: int = 0  # string values that differ (they have no distance)
     top_compared: int = 0  # rows with several values, whose top value was compared
     top_agreed: int = 0
 
@@ -162,8 +163,12 @@ def compare_pair(
     report.both_ok += 1
     for name, expected in live.outputs.items():
         diff = report.outputs.setdefault(name, OutputDiff())
-        diff.rows += 1
+        diff.rows += expected.shape[0] if expected.ndim else 1
         _compare_output(expected, candidate.outputs.get(name), diff)
+    for name in candidate.outputs.keys() - live.outputs.keys():  # new in the candidate
+        diff = report.outputs.setdefault(name, OutputDiff())
+        diff.mismatched += 1
+        diff.max_abs = float("inf")
 
 
 def _count_failure(
@@ -186,7 +191,12 @@ def _compare_output(expected: np.ndarray, got: np.ndarray | None, diff: OutputDi
         diff.max_abs = float("inf")
         return
     if not numeric:  # strings: equal or not
-        diff.max_abs = max(diff.max_abs, 0.0 if np.array_equal(got, expected) else np.inf)
+        unequal = int((got != expected).sum())
+        diff.unequal_text += unequal
+        diff.max_abs = max(diff.max_abs, np.inf if unequal else 0.0)
+        return
+    if expected.dtype.kind in "iu" and got.dtype.kind in "iu":
+        _compare_integers(expected, got, diff)
         return
     first, second = expected.astype(np.float64), got.astype(np.float64)
     finite = np.isfinite(first) & np.isfinite(second)
@@ -198,9 +208,24 @@ def _compare_output(expected: np.ndarray, got: np.ndarray | None, diff: OutputDi
     diff.max_abs = max(diff.max_abs, float(gap.max(initial=0.0)), np.inf if nonfinite else 0.0)
     diff.sum_abs += float(gap.sum())
     diff.elements += gap.size
+    _count_top(expected, got, diff)
+
+
+def _compare_integers(expected: np.ndarray, got: np.ndarray, diff: OutputDiff) -> None:
+    """Exactly: through float64, 2**53 and 2**53 + 1 would agree."""
+    gap = np.abs(expected.astype(object) - got.astype(object)).ravel()
+    largest = max(gap, default=0)
+    diff.max_abs = max(diff.max_abs, float(largest))
+    diff.sum_abs += float(sum(gap))
+    diff.elements += gap.size
+    _count_top(expected, got, diff)
+
+
+def _count_top(expected: np.ndarray, got: np.ndarray, diff: OutputDiff) -> None:
+    """For rows of several values (class scores, say): whether the top one agrees."""
     if expected.ndim >= 2 and expected.shape[-1] > 1:
-        rows = first.reshape(-1, expected.shape[-1])
+        rows = expected.reshape(-1, expected.shape[-1])
         diff.top_compared += rows.shape[0]
         diff.top_agreed += int(
-            (rows.argmax(axis=1) == second.reshape(rows.shape).argmax(axis=1)).sum()
+            (rows.argmax(axis=1) == got.reshape(rows.shape).argmax(axis=1)).sum()
         )

@@ -67,6 +67,26 @@ def test_outputs_of_another_kind_are_a_mismatch_and_the_comparison_goes_on() -> 
     assert report.outputs["y"].top_agreed == 1  # the pair that matched was still compared
 
 
+def test_every_output_and_every_row_is_counted_and_integers_compare_exactly() -> None:
+    report = ShadowReport()
+    live = _prediction(
+        "1",
+        ids=np.array([[2**53, 7]], np.int64),  # float64 cannot tell 2**53 from 2**53 + 1
+        label=np.array(["cat", "dog", "cow"], object),  # three rows
+    )
+    candidate = _prediction(
+        "2",
+        ids=np.array([[2**53 + 1, 7]], np.int64),
+        label=np.array(["cat", "dot", "cow"], object),
+        extra=np.array([[1.0]], np.float32),  # only the candidate has it
+    )
+    compare_pair(live, candidate, report)
+    ids, label, extra = (report.outputs[name] for name in ("ids", "label", "extra"))
+    assert (ids.max_abs, ids.top_agreed, ids.top_compared) == (1.0, 1, 1)
+    assert (label.rows, label.unequal_text, label.max_abs) == (3, 1, INF)
+    assert (extra.mismatched, extra.max_abs) == (1, INF)
+
+
 def _two_versions(model_root: Path) -> None:
     """Versions 1 and 2 of the MLP, both served, with other weights."""
     both = MLP_CONFIG + 'version_policy = "all"\n'
