@@ -28,7 +28,6 @@ from surge.workers.writes import (
     Write,
     by_partition,
     send_batches,
-    send_one,
 )
 
 log = structlog.get_logger("surge.replies")
@@ -87,7 +86,7 @@ class AckedWrites:
             for write in unknown:
                 # Waiting for an unknown topic's metadata can take request_timeout_ms: do it
                 # aside, so one bad reply topic never holds up everyone else's results.
-                self._aside(self._send_one(write))
+                self._aside(self._look_up(write))
             # The loop waits while the producer takes the batches (its pace is what lets the
             # next take batch more), but not for long, nor for a partition still behind from
             # an earlier pass: one whose leader is gone takes nothing until its batch expires.
@@ -128,17 +127,24 @@ class AckedWrites:
         for sent in await send_batches(self.producer, topic, partition, writes):
             self._watch(sent)
 
-    async def _send_one(self, write: Write) -> None:
+    async def _look_up(self, write: Write) -> None:
+        """A write to a topic this producer holds no metadata for: once the topic is found
+        and its metadata loaded, it goes back to the outbox and out in a record batch. Sent
+        one by one instead, the first results to a new reply topic would race the record
+        batches to its partitions, and aiokafka gives a batch up as timed out when it keeps
+        finding another one queued there ahead of it."""
         try:
             # Failed before: perhaps on a topic deleted since it was looked up.
             exists = await self._lookup.exists(write.topic, fresh=write.first_failure is not None)
+            if exists:
+                await self.producer.partitions_for(write.topic)
         except KafkaError as exc:  # the cluster could not be asked: retried as a refusal is
             self._failed(write, exc)
             return
         if not exists:
             self._failed(write, NoSuchTopic(f"topic {write.topic!r} does not exist"))
             return
-        self._watch(await send_one(self.producer, write))
+        self.put(write)
 
     def _watch(self, sent: Sent) -> None:
         writes, delivery = sent

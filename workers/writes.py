@@ -185,16 +185,6 @@ class TopicLookup:
             await self._client.stop()
 
 
-async def send_one(producer: AIOKafkaProducer, write: Write) -> Sent:
-    try:
-        delivery = await producer.send(
-            write.topic, write.value, key=write.key, headers=write.headers
-        )
-    except KafkaError as exc:
-        return [write], exc
-    return [write], delivery
-
-
 def dead_letter(ticket: Ticket, rejection: Rejection, topic: str) -> Write:
     """The original bytes and headers, plus why and where they came from."""
     metrics.DEAD_LETTERS.labels(rejection.code).inc()
