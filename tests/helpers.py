@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import json
 import time
 from collections import defaultdict
 from collections.abc import AsyncIterator, Callable, Iterable, Sequence
@@ -57,6 +58,13 @@ async def create_topics(
                 await admin.create_topics(new)
     finally:
         await admin.close()
+
+
+# One MLP request line a topic of `SMALL_TOPIC_CONFIGS` takes, and one it refuses (5 KB of
+# float32, fine for the model): the broker, not the client, refuses it.
+SMALL_LINE = json.dumps({"x": [[0.5] * 32]})
+LARGE_LINE = json.dumps({"x": [[0.5] * 32] * 40})
+SMALL_TOPIC_CONFIGS = {"max.message.bytes": "3000"}
 
 
 async def publish(

@@ -31,7 +31,14 @@ from surge.producers.scoring import (
 from surge.schemas import MSGPACK
 from surge.workers import Worker
 from tests.conftest import make_settings
-from tests.helpers import create_topics, read_topic, reference
+from tests.helpers import (
+    LARGE_LINE,
+    SMALL_LINE,
+    SMALL_TOPIC_CONFIGS,
+    create_topics,
+    read_topic,
+    reference,
+)
 from tests.test_cli import surge
 
 LIMIT = request_limit(SurgeClient(), "mlp")  # a client that never starts: its settings only
@@ -167,12 +174,9 @@ async def test_a_request_kafka_refuses_fails_its_own_line_not_its_window(
 ) -> None:
     settings = make_settings(kafka, model_root, None)
     topic = settings.worker.topic_prefix + "mlp"
-    # The topic takes less than the producer: the broker, not the client, refuses it.
-    await create_topics(kafka, topic, configs={"max.message.bytes": "3000"})
+    await create_topics(kafka, topic, configs=SMALL_TOPIC_CONFIGS)
     await run_worker(settings)
-    small = json.dumps({"x": [[0.5] * 32]})
-    large = json.dumps({"x": [[0.5] * 32] * 40})  # 5 KB of float32: fine for the model
-    lines = [small] * 12 + [large] + [small] * 12
+    lines = [SMALL_LINE] * 12 + [LARGE_LINE] + [SMALL_LINE] * 12
     out = io.StringIO()
     async with SurgeClient(kafka, topic_prefix=settings.worker.topic_prefix) as client:
         report = await score_lines(client, "mlp", lines, out, window=len(lines))

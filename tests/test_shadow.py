@@ -20,7 +20,7 @@ from surge.producers import Prediction, PredictionError, SurgeClient
 from surge.producers.shadow import ShadowReport, compare_lines, compare_pair
 from surge.workers import Worker
 from tests.conftest import make_settings
-from tests.helpers import create_topics
+from tests.helpers import LARGE_LINE, SMALL_LINE, SMALL_TOPIC_CONFIGS, create_topics
 from tests.test_cli import surge
 
 NAN, INF = float("nan"), float("inf")
@@ -186,13 +186,10 @@ async def test_a_request_kafka_refuses_is_counted_and_the_run_goes_on(
     _two_versions(model_root)
     settings = make_settings(kafka, model_root, None)
     topic = settings.worker.topic_prefix + "mlp"
-    # The topic takes less than the producer: the broker, not the client, refuses it.
-    await create_topics(kafka, topic, configs={"max.message.bytes": "3000"})
+    await create_topics(kafka, topic, configs=SMALL_TOPIC_CONFIGS)
     await run_worker(settings)
-    small = json.dumps({"x": [[0.5] * 32]})
-    large = json.dumps({"x": [[0.5] * 32] * 40})  # 5 KB of float32: fine for the model
     source = tmp_path / "requests.jsonl"
-    source.write_text("\n".join([small] * 6 + [large] + [small] * 6) + "\n")
+    source.write_text("\n".join([SMALL_LINE] * 6 + [LARGE_LINE] + [SMALL_LINE] * 6) + "\n")
     shown = await asyncio.to_thread(
         surge, "shadow", "mlp", str(source), "--live", "1", "--candidate", "2",
         "--topic", topic, "--bootstrap", kafka,
