@@ -150,12 +150,9 @@ class Worker:
             self._opened.append(self._transactions.close)
             kafka_sink = self._transactions.buffer
         else:
-            producer = AIOKafkaProducer(**producer_options)
-            self._opened.append(producer.stop)
-            await self._unless_stopped(producer.start())
-            lookup = TopicLookup(kafka.client_options(), _TOPIC_LOOKUP_S)
 
             async def new_producer() -> AIOKafkaProducer:
+                """Started, or closed again: a start cut short leaves nothing open."""
                 fresh = AIOKafkaProducer(**producer_options)
                 try:
                     await fresh.start()
@@ -164,6 +161,9 @@ class Worker:
                     raise
                 return fresh
 
+            producer = await self._unless_stopped(new_producer())
+            self._opened.append(producer.stop)
+            lookup = TopicLookup(kafka.client_options(), _TOPIC_LOOKUP_S)
             self._acked = AckedWrites(
                 producer, self._ledger, retry, self._crashed, lookup, new_producer
             )
