@@ -7,8 +7,9 @@ through the worker's own intake: route, admit, decode and validate, batch, run t
 split, encode, and build the reply record batches with aiokafka's batch builder. Each
 record batch counts as acknowledged once built, which settles its requests and moves the
 offsets. Fetching from and writing to Kafka are left out: `bench.compare` and
-`bench.profile` measure those. Reports the median wall time per request (on one thread, the CPU
-cost) and that minus the model's own; `--profile` adds a cProfile table of the top functions.
+`bench.profile` measure those. Reports the median CPU time per request (the process's, which
+a busy machine's other work does not inflate as it does wall time) and that minus the model's
+own; `--profile` adds a cProfile table of the top functions.
 """
 
 from __future__ import annotations
@@ -91,16 +92,16 @@ def _records(count: int) -> list[dict[TopicPartition, list[ConsumerRecord[bytes,
 
 
 async def _drive(worker: Worker, sink: RecordBatches, fetches: list) -> float:
-    """Feed every fetch as the consume loop does (pausing on a full ledger); seconds taken."""
+    """Feed every fetch as the consume loop does (pausing on a full ledger); CPU seconds."""
     ledger = worker._ledger
     draining = asyncio.create_task(sink.run())
-    started = time.perf_counter()
+    started = time.process_time()
     for fetch in fetches:
         if ledger.full:
             await ledger.room()
         await worker.intake(fetch)
     await ledger.drained()
-    elapsed = time.perf_counter() - started
+    elapsed = time.process_time() - started
     draining.cancel()
     return elapsed
 
@@ -139,11 +140,11 @@ def _model_seconds(runtime: object, batch: int, requests: int) -> float:
     run = runtime.run  # type: ignore[attr-defined]
     for _ in range(10):
         run({"x": x})
-    started = time.perf_counter()
+    started = time.process_time()
     calls = max(1, requests // batch)
     for _ in range(calls):
         run({"x": x})
-    return time.perf_counter() - started
+    return time.process_time() - started
 
 
 def main() -> None:

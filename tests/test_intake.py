@@ -4,9 +4,16 @@ fetch is left to the partition's next owner, and what was taken is still answere
 from __future__ import annotations
 
 import asyncio
+import time
 from pathlib import Path
 
-from surge.examples import write_mlp
+import numpy as np
+from aiokafka import TopicPartition
+from aiokafka.structs import ConsumerRecord
+
+from surge.examples import MLP_FEATURES, write_mlp
+from surge.producers import request_body, request_headers
+from surge.schemas import MSGPACK, headers
 from surge.workers.ledger import Ledger
 from surge.workers.tasks import Outbox
 from surge.workers.writes import Write
@@ -68,3 +75,63 @@ async def test_revoked_mid_fetch_leaves_the_rest_unread(tmp_path: Path) -> None:
         await asyncio.wait_for(ledger.drained(), 10)
         assert len(written) == 150
         assert ledger.offsets.committable() == {first: 50, second: 50, third: 50}
+
+
+async def test_every_record_of_a_mixed_fetch_gets_its_own_outcome(tmp_path: Path) -> None:
+    """Runs of records with the same headers are taken in together; a run holding one record
+    routing refuses, or one body that does not decode, still answers each record for itself."""
+    rows = np.ones((1, MLP_FEATURES), np.float32)
+    plain = request_headers(model="mlp", content_type=MSGPACK, reply_to="replies")
+    elsewhere = request_headers(model="mlp", content_type=MSGPACK, reply_to="other")
+    late = request_headers(model="mlp", content_type=MSGPACK, reply_to="replies", deadline_ms=1)
+    refused = request_headers(model="mlp", content_type=MSGPACK, reply_to="bad topic!")
+    good = {"value": None}
+    plan = [
+        *[(plain, good)] * 4,
+        (elsewhere, good),
+        (plain, {"value": b"\x00" * 1_100_000}),  # over max_message_bytes
+        *[(plain, good)] * 2,
+        (plain, {"value": b"\xc1" + request_body({"x": rows}, "r-08", MSGPACK)[1:]}),
+        *[(plain, good)] * 2,
+        *[(late, good)] * 2,
+        (refused, good),
+    ]
+    records = [
+        ConsumerRecord(
+            TOPIC,
+            0,
+            offset,
+            int(time.time() * 1000),
+            0,
+            f"r-{offset:02d}".encode(),
+            body["value"] or request_body({"x": rows}, f"r-{offset:02d}", MSGPACK),
+            None,
+            4,
+            0,
+            (*route,),
+        )
+        for offset, (route, body) in enumerate(plan)
+    ]
+    async with _Serving(tmp_path) as serving:
+        await serving.worker.intake({TopicPartition(TOPIC, 0): records})
+        await asyncio.wait_for(serving.ledger.drained(), 10)
+        committable = serving.ledger.offsets.committable()
+    outcomes = {}
+    for write in serving.written:
+        fields = dict(write.headers)
+        outcomes[write.ticket.offset] = (
+            write.topic,
+            (fields.get(headers.ERROR_CODE) or fields[headers.STATUS]).decode(),
+        )
+    ids = [write.ticket.request_id for write in serving.written]
+    assert outcomes == {
+        **dict.fromkeys((0, 1, 2, 3, 6, 7, 9, 10), ("replies", "ok")),
+        4: ("other", "ok"),
+        5: ("replies", "too_large"),
+        8: ("replies", "bad_encoding"),
+        11: ("replies", "expired"),
+        12: ("replies", "expired"),
+        13: ("surge.dead-letters", "invalid_reply_to"),
+    }
+    assert sorted(ids) == [f"r-{offset:02d}" for offset in range(len(plan))]
+    assert committable == {TopicPartition(TOPIC, 0): len(plan)}

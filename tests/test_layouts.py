@@ -164,3 +164,69 @@ def test_bool_rows_other_than_zero_and_one_are_refused_however_they_come() -> No
         else:
             assert isinstance(result, Rejection)
             assert result.code == ErrorCode.INVALID_INPUT
+
+
+def _tickets(bodies: list[bytes]) -> list:
+    """Tickets of a run, as `Router.clean_tickets` makes them: no id yet, keys distinct."""
+    tickets = [make_ticket(body, MSGPACK) for body in bodies]
+    for index, ticket in enumerate(tickets):
+        ticket.key, ticket.offset, ticket.request_id = f"key-{index}".encode(), index, ""
+    return tickets
+
+
+def _one_by_one(bodies: list[bytes]) -> list[tuple[object, ...]]:
+    """What `admit` gives each body alone, with the id a ticket falls back to."""
+    outcomes = []
+    for ticket in _tickets(bodies):
+        ticket.request_id = ticket.key.decode()
+        outcomes.append(_outcome(admit(ticket, SPECS, [], **LIMITS)))
+    return outcomes
+
+
+@settings(max_examples=300, suppress_health_check=[HealthCheck.too_slow])
+@given(
+    st.lists(st.tuples(st.integers(0, 3), st.integers(0, 10_000), st.integers(0, 255)), max_size=4),
+    st.integers(2, 6),
+)
+def test_a_run_read_together_gives_what_each_body_gives_alone(
+    flips: list[tuple[int, int, int]], count: int
+) -> None:
+    """Same-length bodies, some of them altered anywhere: read as one array where all are
+    laid out alike, one by one where not, each outcome is the full decode's."""
+    intake = Intake(SPECS, [], **LIMITS)
+    intake.admit(make_ticket(_body("req-0000"), MSGPACK))
+    bodies = [bytearray(_body(f"req-{n:04d}", fill=float(n))) for n in range(1, count + 1)]
+    for which, at, value in flips:
+        body = bodies[which % count]
+        body[at % len(body)] = value
+    run = [bytes(body) for body in bodies]
+    admitted = intake.admit_all(_tickets(run))
+    assert [_outcome(result) for result in admitted] == _one_by_one(run)
+
+
+def test_a_run_laid_out_alike_is_read_as_one_array(monkeypatch: pytest.MonkeyPatch) -> None:
+    intake = Intake(SPECS, [], **LIMITS)
+    intake.admit(make_ticket(_body("req-0000"), MSGPACK))
+    full_decodes = []
+    monkeypatch.setattr(intake_module, "admit", lambda *a, **k: full_decodes.append(a))
+    run = [_body(f"req-{n:04d}", fill=float(n)) for n in range(1, 6)]
+    admitted = intake.admit_all(_tickets(run))
+    assert full_decodes == []
+    assert [job.ticket.request_id for job in admitted] == [f"req-{n:04d}" for n in range(1, 6)]
+    rows = [np.frombuffer(job.inputs["x"], np.float32).tolist() for job in admitted]
+    assert rows == [[float(n)] * 4 for n in range(1, 6)]
+
+
+def test_a_run_without_ids_or_with_ids_beyond_ascii_reads_as_each_alone() -> None:
+    no_id = msgspec.msgpack.encode(
+        {"inputs": [{"name": "x", "shape": [1, 4], "datatype": "FP32", "data": bytes(16)}]}
+    )
+    accented = [_body(f"réq-{n}") for n in range(3)]
+    for run in ([no_id] * 3, accented):
+        intake = Intake(SPECS, [], **LIMITS)
+        intake.admit(make_ticket(run[0], MSGPACK))
+        admitted = intake.admit_all(_tickets(run))
+        assert [_outcome(result) for result in admitted] == _one_by_one(run)
+    layout = learn(accented[0])
+    assert layout is not None
+    assert layout.read_all(accented) is None  # UTF-8 past ASCII: one by one

@@ -104,3 +104,19 @@ def test_outcomes_from_before_a_reassignment_move_nothing() -> None:
     assert tracker.current("p", new)
     tracker.finish("p", 2, new)
     assert tracker.committable() == {"p": 3}
+
+
+def test_a_run_of_ascending_offsets_is_tracked_at_once() -> None:
+    tracker: OffsetTracker[str] = OffsetTracker()
+    token = tracker.track_all("p", [5, 6, 8])
+    assert token is not None
+    assert tracker.current("p", token)
+    tracker.finish("p", 6, token)
+    tracker.finish("p", 5, token)
+    assert tracker.committable() == {"p": 8}
+    tracker.finish("p", 8, token)
+    assert tracker.committable() == {"p": 9}
+    # Not past the newest, or not ascending: left to `track`, one by one.
+    assert tracker.track_all("p", [8, 9]) is None
+    assert tracker.track_all("p", [10, 12, 11]) is None
+    assert tracker.pending() == 0

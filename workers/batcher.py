@@ -13,7 +13,7 @@ import heapq
 import itertools
 import time
 from collections import deque
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from concurrent.futures import Executor
 from typing import Any
 
@@ -157,6 +157,17 @@ class Batcher:
         self._queue.append(job)
         self._rows += job.rows
         if len(self._queue) == 1 or self._rows >= self._wake_rows:
+            self._wake.set()
+
+    def put_all(self, jobs: Sequence[Job]) -> None:
+        """`put` for many jobs, in order."""
+        if self._padded:
+            for job in jobs:
+                job.length = self._length(job)
+        was_empty = not self._queue
+        self._queue.extend(jobs)
+        self._rows += sum(job.rows for job in jobs)
+        if jobs and (was_empty or self._rows >= self._wake_rows):
             self._wake.set()
 
     async def close(self) -> None:

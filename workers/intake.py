@@ -20,7 +20,7 @@ from surge.schemas import (
 )
 from surge.workers.layouts import Layout, learn
 from surge.workers.runtimes import TensorSpec
-from surge.workers.tickets import Rejection, Ticket
+from surge.workers.tickets import Rejection, Ticket, fallback_id
 
 
 @dataclass(slots=True, eq=False)
@@ -43,6 +43,7 @@ class _Reject(Exception):
 
 
 _LAYOUTS = 64  # body lengths remembered per model version
+_TOGETHER = 2  # bodies of one length, at least, to read as one array (one: `admit`)
 
 
 class Intake:
@@ -89,6 +90,41 @@ class Intake:
                     ticket.request_id = request_id
                 return Job(ticket, {self._laid_out: data}, layout.rows, None)
         return self._admit(ticket)
+
+    def admit_all(self, tickets: Sequence[Ticket]) -> list[Job | Rejection]:
+        """`admit` for a run of tickets routed alike (`Router.clean_tickets`), each given its
+        id here. Bodies of one length that a learned layout reads are checked together, as
+        the rows of one array, and their tensors' bytes joined once; the others, and any
+        such group that is not laid out alike throughout, go one by one."""
+        admitted: list[Job | Rejection | None] = [None] * len(tickets)
+        by_length: dict[int, list[int]] = {}
+        if self._laid_out is not None and tickets[0].content_type == MSGPACK:
+            for index, ticket in enumerate(tickets):
+                by_length.setdefault(len(ticket.value), []).append(index)
+        for length, members in by_length.items():
+            layout = self._layouts.get(length)
+            if layout is None or len(members) < _TOGETHER:
+                continue
+            read = layout.read_all([tickets[index].value for index in members])
+            if read is None:
+                continue
+            ids, data = read
+            view, size, rows, name = (
+                memoryview(data),
+                len(data) // len(members),
+                layout.rows,
+                self._laid_out,
+            )
+            for at, index in enumerate(members):
+                ticket = tickets[index]
+                ticket.request_id = ids[at] if ids is not None else fallback_id(ticket)
+                admitted[index] = Job(ticket, {name: view[at * size : (at + 1) * size]}, rows, None)
+        for index, job in enumerate(admitted):
+            if job is None:
+                ticket = tickets[index]
+                ticket.request_id = fallback_id(ticket)
+                admitted[index] = self.admit(ticket)
+        return admitted  # type: ignore[return-value]  # every None replaced
 
     def _admit(self, ticket: Ticket) -> Job | Rejection:
         return admit(

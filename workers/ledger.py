@@ -7,7 +7,7 @@ tasks wait for progress without polling.
 from __future__ import annotations
 
 import asyncio
-from collections.abc import Iterable
+from collections.abc import Iterable, Sequence
 
 from aiokafka import TopicPartition
 
@@ -37,6 +37,19 @@ class Ledger:
         ticket.tracking = self.offsets.track(ticket.tp, ticket.offset)
         self.records += 1
         self.bytes += len(ticket.value)
+
+    def admit_all(self, tickets: Sequence[Ticket]) -> None:
+        """`admit` for a run of tickets of one partition, in the order of their offsets."""
+        offsets = self.offsets
+        token = offsets.track_all(tickets[0].tp, [ticket.offset for ticket in tickets])
+        size = 0
+        for ticket in tickets:
+            ticket.tracking = (
+                token if token is not None else offsets.track(ticket.tp, ticket.offset)
+            )
+            size += len(ticket.value)
+        self.records += len(tickets)
+        self.bytes += size
 
     def hold(self, ticket: Ticket, size: int) -> None:
         """The ticket's outcome takes `size` bytes until it is durable: first as expected

@@ -7,8 +7,9 @@ the newest record when all are finished: never beyond a request without a durabl
 
 from __future__ import annotations
 
+import itertools
 from collections import deque
-from collections.abc import Iterable
+from collections.abc import Iterable, Sequence
 from typing import Generic, TypeVar
 
 P = TypeVar("P")  # a partition key (aiokafka's TopicPartition in the worker)
@@ -46,6 +47,20 @@ class OffsetTracker(Generic[P]):
             self._committed.pop(partition, None)
         state.pending.append(offset)
         state.next_position = offset + 1
+        return state
+
+    def track_all(self, partition: P, offsets: Sequence[int]) -> object | None:
+        """`track` for offsets of one partition at once, when they ascend from past its newest
+        tracked offset (as a fetch's do): their one token. None: track them one by one."""
+        state = self._partitions.get(partition)
+        if state is None:
+            state = self._partitions[partition] = _Partition(offsets[0])
+        if offsets[0] < state.next_position:
+            return None
+        if not all(a < b for a, b in itertools.pairwise(offsets)):
+            return None
+        state.pending.extend(offsets)
+        state.next_position = offsets[-1] + 1
         return state
 
     def finish(self, partition: P, offset: int, token: object = None) -> None:

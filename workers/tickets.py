@@ -122,13 +122,7 @@ class Router:
     ) -> tuple[Ticket, Rejection | None]:
         """The record's ticket (`tp` its partition, `received` when its fetch came in), with
         the reason it cannot be served, if any."""
-        last = self._last
-        if last is not None and last[1] == record.headers and last[0] == tp.topic:
-            read = last[2]
-        else:
-            read = self._read_headers(tp.topic, record.headers)
-            self._last = (tp.topic, tuple(record.headers), read)
-        route, deadline_ms, bad_deadline = read
+        route, deadline_ms, bad_deadline = self._read(tp.topic, record.headers)
         value = record.value or b""
         ticket = Ticket(
             tp,
@@ -151,6 +145,47 @@ class Router:
                 ErrorCode.TOO_LARGE, f"message of {len(value)} bytes exceeds {self._max_bytes}"
             )
         return ticket, bad_deadline or route.late_rejection
+
+    def clean_tickets(
+        self, records: Sequence[Record], tp: TopicPartition, received: float
+    ) -> list[Ticket] | None:
+        """Tickets for a run of records with the same headers (`run_end`) when routing finds
+        nothing wrong with any of them, each without its id (`fallback_id` or the body's);
+        None: some record must go the record-by-record way, for its rejection."""
+        route, deadline_ms, bad_deadline = self._read(tp.topic, records[0].headers)
+        if route.rejection or bad_deadline or route.late_rejection:
+            return None
+        model, version, reply_to = route.model, route.version, route.reply_to
+        content_type = route.content_type
+        tickets = [
+            Ticket(
+                tp,
+                record.offset,
+                record.key,
+                record.value or b"",
+                record.headers,
+                "",
+                model,
+                version,
+                reply_to,
+                content_type,
+                deadline_ms,
+                received,
+            )
+            for record in records
+        ]
+        max_bytes = self._max_bytes
+        if any(len(ticket.value) > max_bytes for ticket in tickets):
+            return None
+        return tickets
+
+    def _read(self, topic: str, record_headers: Sequence[tuple[str, bytes | None]]) -> _Read:
+        last = self._last
+        if last is not None and last[1] == record_headers and last[0] == topic:
+            return last[2]
+        read = self._read_headers(topic, record_headers)
+        self._last = (topic, tuple(record_headers), read)
+        return read
 
     def _read_headers(
         self, topic: str, record_headers: Sequence[tuple[str, bytes | None]]
@@ -256,11 +291,29 @@ def unroutable(record: Record) -> Ticket:
     )
 
 
+def run_end(records: Sequence[Record], start: int) -> int:
+    """One past the last of the records from `start` on that carry the same headers as the
+    record at `start`: records that routing decides alike (a producer's batch, usually)."""
+    first, end, count = records[start].headers, start + 1, len(records)
+    while end < count and records[end].headers == first:
+        end += 1
+    return end
+
+
 def _fallback_id(record: Record) -> str:
     """The Kafka key, else the record's position: stable across redeliveries."""
-    if record.key:
+    return _id_of(record.key, record.topic, record.partition, record.offset)
+
+
+def fallback_id(ticket: Ticket) -> str:
+    """A ticket's id when its body gives none: as `_fallback_id` gives a record's."""
+    return _id_of(ticket.key, ticket.tp.topic, ticket.tp.partition, ticket.offset)
+
+
+def _id_of(key: bytes | None, topic: str, partition: int, offset: int) -> str:
+    if key:
         try:
-            return record.key.decode()
+            return key.decode()
         except UnicodeDecodeError:
             pass
-    return f"{record.topic}-{record.partition}-{record.offset}"
+    return f"{topic}-{partition}-{offset}"

@@ -35,11 +35,12 @@ from surge.schemas import ErrorCode
 from surge.workers import metrics
 from surge.workers.acked import AckedWrites
 from surge.workers.batcher import ModelHung
+from surge.workers.intake import Job
 from surge.workers.ledger import Ledger
 from surge.workers.replies import Replies
 from surge.workers.repository import ModelRepository
 from surge.workers.tasks import supervised
-from surge.workers.tickets import Record, Rejection, Router, Ticket, unroutable
+from surge.workers.tickets import Record, Rejection, Router, Ticket, run_end, unroutable
 from surge.workers.topics import ensure_topics
 from surge.workers.transactions import Transactions
 from surge.workers.writes import RetryPolicy, TopicLookup, Write
@@ -430,9 +431,46 @@ class Worker:
                 # Clocks differ: a record stamped in our future is not behind.
                 metrics.RECORD_AGE.labels(tp.topic).observe(max(0, now_ms - stamped) / 1000)
             received = time.monotonic()
-            for record in records:
-                self._accept(record, tp, received, now_ms)
+            start = 0
+            while start < len(records):
+                end = run_end(records, start)
+                run = records[start:end]
+                if not self._accept_run(run, tp, received, now_ms):
+                    for record in run:
+                        self._accept(record, tp, received, now_ms)
+                start = end
             await asyncio.sleep(0)  # let replies and batches move between partitions
+
+    def _accept_run(
+        self, run: Sequence[Record], tp: TopicPartition, received: float, now_ms: int
+    ) -> bool:
+        """Records with the same headers, taken in together: one route, one model, their
+        bodies read as one array where they are laid out alike (`Intake.admit_all`). False
+        leaves them all to `_accept`: a route, a deadline or a model that rejects them (the
+        same for all), or a record too large, is answered there."""
+        try:
+            tickets = self._router.clean_tickets(run, tp, received)
+            if tickets is None or tickets[0].expired(now_ms):
+                return False
+            assert tickets[0].model is not None
+            served = self._repository.resolve(tickets[0].model, tickets[0].version)
+            if isinstance(served, Rejection):
+                return False
+            admitted = served.intake.admit_all(tickets)
+        except Exception:  # nothing is admitted yet: one by one, each answers for itself
+            log.exception("run_failed", topic=tp.topic, partition=tp.partition)
+            return False
+        self._ledger.admit_all(tickets)
+        jobs = []
+        row_bytes = served.intake.result_row_bytes
+        for ticket, job in zip(tickets, admitted, strict=True):
+            if type(job) is Job:
+                self._ledger.hold(ticket, job.rows * row_bytes)
+                jobs.append(job)
+            else:
+                self._reject(ticket, job)
+        served.batcher.put_all(jobs)
+        return True
 
     def _accept(self, record: Record, tp: TopicPartition, received: float, now_ms: int) -> None:
         """Every record leaves here with an outcome queued (or, on a bug, unsettled and so
@@ -450,10 +488,13 @@ class Worker:
             log.exception("accept_failed", request_id=ticket.request_id)
             rejection = Rejection(ErrorCode.INTERNAL, f"internal error: {exc!r}")
         if rejection is not None:
-            try:
-                self._replies.error(ticket, rejection)
-            except Exception:
-                log.exception("reply_failed", request_id=ticket.request_id)
+            self._reject(ticket, rejection)
+
+    def _reject(self, ticket: Ticket, rejection: Rejection) -> None:
+        try:
+            self._replies.error(ticket, rejection)
+        except Exception:
+            log.exception("reply_failed", request_id=ticket.request_id)
 
     def _dispatch(self, ticket: Ticket, now_ms: int) -> Rejection | None:
         """Queue the ticket on its model's batcher, or say why not."""
