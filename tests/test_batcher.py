@@ -67,6 +67,10 @@ class _Answers:
         self.bodies[ticket.request_id] = body
         self.joined += 1
 
+    def ok_bodies(self, tickets: list[Any], bodies: list[bytes]) -> None:
+        for ticket, body in zip(tickets, bodies, strict=True):
+            self.ok_body(ticket, body)
+
     def error(self, ticket: Any, rejection: Any) -> None:
         self.failed.append(rejection)
 
@@ -207,11 +211,12 @@ class _Timed:
 
     def __init__(self) -> None:
         self.delay = 0.0
+        self.delays: list[float] = []  # of the next calls, before `delay` again
         self.threads: list[str] = []
 
     def run(self, batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
         self.threads.append(threading.current_thread().name)
-        time.sleep(self.delay)
+        time.sleep(self.delays.pop(0) if self.delays else self.delay)
         return {"y": batch["x"] * 2}
 
 
@@ -225,7 +230,7 @@ async def _serve(batcher: Batcher, answers: _Answers, requests: int, rows: int =
                 await asyncio.sleep(0)
 
 
-async def test_a_model_proven_fast_runs_inline_until_a_batch_is_slow() -> None:
+async def test_a_model_proven_fast_runs_inline_until_its_batches_are_slow() -> None:
     model, answers = _Timed(), _Answers()
     # Well above the 5 ms GIL switch interval: a fast call on the thread can wait that long
     # for the GIL while this test's loop spins.
@@ -241,9 +246,19 @@ async def test_a_model_proven_fast_runs_inline_until_a_batch_is_slow() -> None:
     await _serve(batcher, answers, 2, rows=4)  # bigger than proven: the thread, then inline
     assert model.threads[-2:] == ["model_0", main]
 
-    model.delay = 0.1  # slower than inline_below_ms: back to the thread after one batch
+    model.delay = 0.06  # slower than inline_below_ms: back to the thread after two batches
     await _serve(batcher, answers, 3)
-    assert model.threads[-3:] == [main, "model_0", "model_0"]
+    assert model.threads[-3:] == [main, main, "model_0"]
+    model.delay = 0.0
+    await _serve(batcher, answers, _INLINE_AFTER + 1)  # proven again
+    assert model.threads[-1] == main
+    model.delay = 0.0  # one slow call alone (the machine, say) changes nothing
+    model.delays = [0.06]
+    await _serve(batcher, answers, 2)
+    assert model.threads[-2:] == [main, main]
+    model.delay = 0.25  # far slower: back to the thread at once
+    await _serve(batcher, answers, 2)
+    assert model.threads[-2:] == [main, "model_0"]
     await batcher.close()
     assert not answers.failed
 

@@ -39,11 +39,13 @@ from surge.workers.intake import Job
 from surge.workers.replies import Replies
 from surge.workers.runtimes import DeviceFailed, Runtime
 from surge.workers.tasks import supervised
-from surge.workers.tickets import Rejection
+from surge.workers.tickets import Rejection, Ticket
 
 log = structlog.get_logger("surge.batcher")
 
 _INLINE_AFTER = 16  # consecutive fast batches on a thread before a model may run inline
+_SLOW_CALLS = 2  # slow calls in a row that send a proven model back to the thread...
+_FAR_SLOWER = 4  # ... or one call this many times inline_below_ms
 _SPEED_WEIGHT = 0.2  # of the latest batch in the rows/s estimate (an exponential average)
 # Response frames kept: for this many output shapes, this many row counts each.
 _FRAME_SIGNATURES = 16
@@ -98,6 +100,7 @@ class Batcher:
         self._inline_below = config.inline_below_ms / 1000
         self._speed = 0.0  # rows/s of recent model calls, every instance together; 0: none yet
         self._fast_streak = 0  # consecutive batches that ran faster than inline_below_ms
+        self._slow_calls = 0  # consecutive batches that did not
         self._proven_elements = 0  # the largest batch (input elements) of the streak
         self._padded = [spec.name for spec in runtime.inputs if spec.pad_value is not None]
         # Padded, a batch holds rows × its longest row: one long request could make a batch
@@ -304,9 +307,19 @@ class Batcher:
             outputs, seconds = await self._in_thread(batch, len(jobs), deadline)
         if seconds < self._inline_below:
             self._fast_streak += 1
+            self._slow_calls = 0
             self._proven_elements = max(self._proven_elements, elements)
-        else:  # one slow batch ends the streak
-            self._fast_streak = self._proven_elements = 0
+        else:
+            self._slow_calls += 1
+            # One slow call of a proven model is more often the machine's doing (a pause, a
+            # busy neighbour) than the model's: it leaves the loop at the second in a row, or
+            # at once when far slower. Proving it again would take _INLINE_AFTER thread calls.
+            if (
+                not proven
+                or self._slow_calls >= _SLOW_CALLS
+                or seconds >= _FAR_SLOWER * self._inline_below
+            ):
+                self._fast_streak = self._proven_elements = self._slow_calls = 0
         if proven != (self._fast_streak >= _INLINE_AFTER):
             if not proven:
                 WATCH.start()
@@ -480,38 +493,45 @@ class Batcher:
         names = list(outputs)
         framed: tuple[_Signature, _Raw, dict[int, ResponseFrames | None]] | None = None
         converted: dict[bool, dict[str, list[Tensor]]] = {}
-        ok, ok_body = self._replies.ok, self._replies.ok_body
+        ok = self._replies.ok
         model, version = self.model, self.version
+        framed_tickets: list[Ticket] = []  # answered together, once their bodies are joined
+        framed_bodies: list[bytes] = []
         start = 0
-        for index, job in enumerate(jobs):
-            ticket = job.ticket
-            count = job.rows
-            start += count
-            binary = ticket.content_type == MSGPACK
-            if binary and job.outputs is None:
-                if framed is None:  # for the first job that can use it
-                    framed = self._framed(outputs)
-                signature, raw, by_rows = framed
-                frames = by_rows.get(count, False)
-                if frames is False:
-                    frames = by_rows[count] = self._cut(signature, raw, count)
-                if frames is not None:
-                    begin = start - count
-                    data = [view[begin * size : start * size] for view, size in raw]
-                    ok_body(ticket, frames.body(ticket.request_id, data))
-                    continue
-            tensors = converted.get(binary)
-            if tensors is None:
-                tensors = converted[binary] = {
-                    name: row_tensors(name, outputs[name], rows, binary=binary) for name in names
-                }
-            response = InferenceResponse(
-                model_name=model,
-                model_version=version,
-                id=ticket.request_id,
-                outputs=[tensors[name][index] for name in job.outputs or names],
-            )
-            ok(ticket, response)
+        try:
+            for index, job in enumerate(jobs):
+                ticket = job.ticket
+                count = job.rows
+                start += count
+                binary = ticket.content_type == MSGPACK
+                if binary and job.outputs is None:
+                    if framed is None:  # for the first job that can use it
+                        framed = self._framed(outputs)
+                    signature, raw, by_rows = framed
+                    frames = by_rows.get(count, False)
+                    if frames is False:
+                        frames = by_rows[count] = self._cut(signature, raw, count)
+                    if frames is not None:
+                        begin = start - count
+                        data = [view[begin * size : start * size] for view, size in raw]
+                        framed_tickets.append(ticket)
+                        framed_bodies.append(frames.body(ticket.request_id, data))
+                        continue
+                tensors = converted.get(binary)
+                if tensors is None:
+                    tensors = converted[binary] = {
+                        name: row_tensors(name, outputs[name], rows, binary=binary)
+                        for name in names
+                    }
+                response = InferenceResponse(
+                    model_name=model,
+                    model_version=version,
+                    id=ticket.request_id,
+                    outputs=[tensors[name][index] for name in job.outputs or names],
+                )
+                ok(ticket, response)
+        finally:  # what is joined is answered, even if another job's outputs fail to encode
+            self._replies.ok_bodies(framed_tickets, framed_bodies)
 
     def _answer_cut(self, jobs: list[Job], outputs: dict[str, np.ndarray]) -> None:
         """One response per job, its outputs that follow a padded input cut back to that
