@@ -72,6 +72,46 @@ class ResponseFrames:
         parts.append(frames[-1])
         return b"".join(parts)
 
+    def bodies(self, request_ids: Sequence[str], data: Sequence[memoryview | bytes]) -> list[bytes]:
+        """The responses to consecutive requests of as many rows each, `data` holding each
+        output's bytes for all of them, in order. When the ids encode to as many bytes (one
+        producer's usually do), the bodies are the rows of one array, built column by column:
+        a constant frame broadcast down its columns, ids and data copied in as blocks."""
+        count, width = len(request_ids), len(request_ids[0])
+        text = "".join(request_ids)
+        raw_ids = text.encode()
+        if len(raw_ids) != len(text) or len(text) != count * width:
+            return self._one_by_one(request_ids, data)  # beyond ASCII, or of other lengths
+        if min(map(len, request_ids)) != width:  # none shorter, and the total: none longer
+            return self._one_by_one(request_ids, data)
+        frames = self._frames
+        id_header = _encode("a" * width)[: -width or None]
+        parts = [_row(frames[0] + id_header), np.frombuffer(raw_ids, np.uint8).reshape(count, -1)]
+        for frame, raw in zip(frames[1:], data, strict=False):  # one frame more than outputs
+            parts += (_row(frame), np.frombuffer(raw, np.uint8).reshape(count, -1))
+        parts.append(_row(frames[-1]))
+        length = sum(part.shape[-1] for part in parts)
+        block = np.empty((count, length), np.uint8)
+        at = 0
+        for part in parts:
+            block[:, at : at + part.shape[-1]] = part
+            at += part.shape[-1]
+        joined = block.tobytes()
+        return [joined[start : start + length] for start in range(0, count * length, length)]
+
+    def _one_by_one(
+        self, request_ids: Sequence[str], data: Sequence[memoryview | bytes]
+    ) -> list[bytes]:
+        count = len(request_ids)
+        views = [memoryview(raw).cast("B") for raw in data]
+        sizes = [view.nbytes // count for view in views]
+        return [
+            self.body(
+                request_id, [v[i * n : (i + 1) * n] for v, n in zip(views, sizes, strict=True)]
+            )
+            for i, request_id in enumerate(request_ids)
+        ]
+
     def _proves(
         self,
         model_name: str,
@@ -83,6 +123,10 @@ class ResponseFrames:
         data = [(np.arange(size) * 7 % 251).astype(np.uint8).tobytes() for *_, size in outputs]
         response = _response(model_name, model_version, request_id, outputs, data)
         return self.body(request_id, data) == _encode(response)
+
+
+def _row(frame: bytes) -> np.ndarray:
+    return np.frombuffer(frame, np.uint8)
 
 
 def _response(

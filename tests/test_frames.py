@@ -60,3 +60,40 @@ def test_a_joined_body_is_the_encoded_body(
 def test_outputs_without_bytes_get_no_frames() -> None:
     assert ResponseFrames.cut("m", "1", [("y", "FP32", [1, 0], 0)]) is None
     assert ResponseFrames.cut("m", "1", []) is None
+
+
+@settings(max_examples=200)
+@given(
+    st.text(min_size=1, max_size=20),
+    outputs,
+    st.integers(1, 3),
+    st.integers(1, 6),
+    st.sampled_from(["", "r", "req-00", "é", "x" * 40, "y" * 300]),
+    st.booleans(),
+)
+def test_bodies_built_together_are_the_bodies_joined_one_by_one(
+    model: str,
+    tensors: list[tuple[str, str, list[int], int]],
+    rows: int,
+    count: int,
+    prefix: str,
+    same_length: bool,
+) -> None:
+    """Ids of one length (ASCII or not, empty or long) and of several lengths alike."""
+    described = [(name, dt, [rows, *tail], rows * size) for name, dt, tail, size in tensors]
+    frames = ResponseFrames.cut(model, "1", described)
+    assert frames is not None
+    ids = [f"{prefix}{n}" if same_length else f"{prefix}{n * 97}" for n in range(count)]
+    rng = np.random.default_rng(count)
+    data = [rng.bytes(size * count) for *_, size in described]
+    expected = [
+        frames.body(
+            request_id,
+            [
+                raw[i * size : (i + 1) * size]
+                for raw, (*_, size) in zip(data, described, strict=True)
+            ],
+        )
+        for i, request_id in enumerate(ids)
+    ]
+    assert frames.bodies(ids, [memoryview(raw) for raw in data]) == expected

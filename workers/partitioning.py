@@ -26,10 +26,14 @@ def key_partitions(keys: Sequence[bytes], partitions: Sequence[int]) -> list[int
         return [partitions[0]] * len(keys)
     if len(keys) <= _FEW:
         return [partitions[(murmur2(key) & 0x7FFFFFFF) % len(partitions)] for key in keys]
+    lengths = list(map(len, keys))
+    if min(lengths) == max(lengths):  # one length (request ids usually): one block
+        data = np.frombuffer(b"".join(keys), np.uint8).reshape(len(keys), lengths[0])
+        return np.asarray(partitions)[_murmur2(data, lengths[0]) % len(partitions)].tolist()
     chosen = np.empty(len(keys), np.int64)
     by_length: dict[int, list[int]] = {}
-    for index, key in enumerate(keys):
-        by_length.setdefault(len(key), []).append(index)
+    for index, length in enumerate(lengths):
+        by_length.setdefault(length, []).append(index)
     for length, rows in by_length.items():
         data = np.frombuffer(b"".join(keys[i] for i in rows), np.uint8).reshape(len(rows), length)
         chosen[rows] = _murmur2(data, length) % len(partitions)

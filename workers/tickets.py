@@ -174,8 +174,7 @@ class Router:
             )
             for record in records
         ]
-        max_bytes = self._max_bytes
-        if any(len(ticket.value) > max_bytes for ticket in tickets):
+        if max(len(ticket.value) for ticket in tickets) > self._max_bytes:
             return None
         return tickets
 
