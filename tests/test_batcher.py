@@ -351,6 +351,7 @@ async def test_every_kind_of_response_in_one_batch_is_encoded_as_its_struct_woul
             await asyncio.sleep(0.01)
     await batcher.close()
     assert answers.joined == 4  # msgpack with every output
+    assert answers.answered == [job.ticket for job in jobs]  # in order, whatever their kind
 
     rows = [job.rows for job in jobs]
     outputs = model.run({"x": np.concatenate([job.inputs["x"] for job in jobs])})

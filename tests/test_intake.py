@@ -8,6 +8,7 @@ import time
 from pathlib import Path
 
 import numpy as np
+import pytest
 from aiokafka import TopicPartition
 from aiokafka.structs import ConsumerRecord
 
@@ -135,3 +136,19 @@ async def test_every_record_of_a_mixed_fetch_gets_its_own_outcome(tmp_path: Path
     }
     assert sorted(ids) == [f"r-{offset:02d}" for offset in range(len(plan))]
     assert committable == {TopicPartition(TOPIC, 0): len(plan)}
+
+
+async def test_a_failure_after_a_run_is_admitted_still_answers_each_record(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    async with _Serving(tmp_path) as serving:
+        batcher = next(iter(serving.worker._repository.served.values())).batcher
+
+        def broken(jobs: object) -> None:
+            raise RuntimeError("queue broken")
+
+        monkeypatch.setattr(batcher, "put_all", broken)
+        await serving.worker.intake(mlp_fetch(TOPIC, partitions=2, per_partition=3))
+        await asyncio.wait_for(serving.ledger.drained(), 10)
+    codes = [dict(write.headers).get(headers.ERROR_CODE) for write in serving.written]
+    assert codes == [b"internal"] * 6

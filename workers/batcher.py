@@ -519,6 +519,9 @@ class Batcher:
                         framed_tickets.append(ticket)
                         framed_bodies.append(frames.body(ticket.request_id, data))
                         continue
+                if framed_tickets:  # results leave in job order: those joined so far first
+                    self._replies.ok_bodies(framed_tickets, framed_bodies)
+                    framed_tickets, framed_bodies = [], []
                 tensors = converted.get(binary)
                 if tensors is None:
                     tensors = converted[binary] = {

@@ -94,8 +94,8 @@ class Intake:
     def admit_all(self, tickets: Sequence[Ticket]) -> list[Job | Rejection]:
         """`admit` for a run of tickets routed alike (`Router.clean_tickets`), each given its
         id here. Bodies of one length that a learned layout reads are checked together, as
-        the rows of one array, and their tensors' bytes joined once; the others, and any
-        such group that is not laid out alike throughout, go one by one."""
+        the rows of one array; the others, and any such group that is not laid out alike
+        throughout, go one by one."""
         admitted: list[Job | Rejection | None] = [None] * len(tickets)
         by_length: dict[int, list[int]] = {}
         if self._laid_out is not None and tickets[0].content_type == MSGPACK:
@@ -105,20 +105,17 @@ class Intake:
             layout = self._layouts.get(length)
             if layout is None or len(members) < _TOGETHER:
                 continue
-            read = layout.read_all([tickets[index].value for index in members])
-            if read is None:
+            ids = layout.read_all([tickets[index].value for index in members])
+            if ids is None:
                 continue
-            ids, data = read
-            view, size, rows, name = (
-                memoryview(data),
-                len(data) // len(members),
-                layout.rows,
-                self._laid_out,
-            )
-            for at, index in enumerate(members):
+            (start, end), rows, name = layout.data_at, layout.rows, self._laid_out
+            has_id = layout.id_at is not None
+            for request_id, index in zip(ids, members, strict=True):
                 ticket = tickets[index]
-                ticket.request_id = ids[at] if ids is not None else fallback_id(ticket)
-                admitted[index] = Job(ticket, {name: view[at * size : (at + 1) * size]}, rows, None)
+                ticket.request_id = request_id if has_id else fallback_id(ticket)
+                admitted[index] = Job(
+                    ticket, {name: memoryview(ticket.value)[start:end]}, rows, None
+                )
         for index, job in enumerate(admitted):
             if job is None:
                 ticket = tickets[index]

@@ -52,29 +52,25 @@ class Layout:
                 return None
         return request_id, memoryview(body)[self.data_at[0] : self.data_at[1]]
 
-    def read_all(self, bodies: Sequence[bytes]) -> tuple[list[str] | None, bytes] | None:
-        """`read` for many bodies of the learned length at once, as the rows of one array:
-        their ids (None: the bodies carry none) and their tensors' bytes, joined in order.
-        None unless every body is laid out so and every id is ASCII: read them one by one."""
+    def read_all(self, bodies: Sequence[bytes]) -> list[str] | None:
+        """`read` for many bodies of the learned length at once, checked as the rows of one
+        array: their ids (all "" when the bodies carry none). None unless every body is laid
+        out so and every id is ASCII: read them one by one."""
         count = len(bodies)
         block = np.frombuffer(b"".join(bodies), np.uint8).reshape(count, -1)
         for offset, expected in self.fixed:
             around = block[:, offset : offset + len(expected)]
             if not (around == np.frombuffer(expected, np.uint8)).all():
                 return None
-        ids = None
-        if self.id_at is not None:
-            start, end = self.id_at
-            width = end - start
-            if not width:
-                ids = [""] * count
-            else:
-                column = block[:, start:end]
-                if column.max() >= 0x80:  # UTF-8 beyond ASCII: decoded one by one
-                    return None
-                text = column.tobytes().decode("ascii")
-                ids = [text[i : i + width] for i in range(0, count * width, width)]
-        return ids, block[:, self.data_at[0] : self.data_at[1]].tobytes()
+        if self.id_at is None or self.id_at[0] == self.id_at[1]:
+            return [""] * count
+        start, end = self.id_at
+        column = block[:, start:end]
+        if column.max() >= 0x80:  # UTF-8 beyond ASCII: decoded one by one
+            return None
+        text = column.tobytes().decode("ascii")
+        width = end - start
+        return [text[i : i + width] for i in range(0, count * width, width)]
 
 
 def learn(body: bytes) -> Layout | None:

@@ -461,15 +461,22 @@ class Worker:
             log.exception("run_failed", topic=tp.topic, partition=tp.partition)
             return False
         self._ledger.admit_all(tickets)
-        jobs = []
-        row_bytes = served.intake.result_row_bytes
-        for ticket, job in zip(tickets, admitted, strict=True):
-            if type(job) is Job:
-                self._ledger.hold(ticket, job.rows * row_bytes)
-                jobs.append(job)
-            else:
-                self._reject(ticket, job)
-        served.batcher.put_all(jobs)
+        try:
+            jobs = []
+            row_bytes = served.intake.result_row_bytes
+            for ticket, job in zip(tickets, admitted, strict=True):
+                if type(job) is Job:
+                    self._ledger.hold(ticket, job.rows * row_bytes)
+                    jobs.append(job)
+                else:
+                    self._reject(ticket, job)
+            served.batcher.put_all(jobs)
+        except Exception as exc:  # a bug: each record admitted still gets its one outcome
+            log.exception("accept_failed", topic=tp.topic, partition=tp.partition)
+            rejection = Rejection(ErrorCode.INTERNAL, f"internal error: {exc!r}")
+            for ticket in tickets:
+                if not ticket.answered:
+                    self._reject(ticket, rejection)
         return True
 
     def _accept(self, record: Record, tp: TopicPartition, received: float, now_ms: int) -> None:
