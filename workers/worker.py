@@ -2,8 +2,10 @@
 
 The hot path, top to bottom:
 
-    getmany ─► Router.ticket (headers only) ─► Ledger.admit ─► repository.resolve
-            ─► intake.admit (decode + validate) ─► Batcher.put
+    getmany ─► runs of records with the same headers (`run_end`)
+            ─► Router.clean_tickets (headers only) ─► repository.resolve, once a run
+            ─► intake.admit_all (decode + validate) ─► Ledger.admit_all ─► Batcher.put_all
+      (a run that routing or its model refuses: the same steps record by record, `_accept`)
     Batcher ─► runtime.run in an executor ─► Replies (encode, write, await ack) ─► Ledger.settle
     commit loop ─► commit each partition's settled prefix
 
