@@ -7,6 +7,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from surge.schemas import MSGPACK, InferenceResponse, ResponseFrames, Tensor, encode
+from surge.schemas.frames import _BLOCK_FROM
 
 NUMERIC = ["BOOL", "UINT8", "INT32", "INT64", "FP16", "FP32", "FP64"]
 
@@ -67,7 +68,7 @@ def test_outputs_without_bytes_get_no_frames() -> None:
     st.text(min_size=1, max_size=20),
     outputs,
     st.integers(1, 3),
-    st.integers(1, 6),
+    st.sampled_from([1, 5, _BLOCK_FROM, _BLOCK_FROM + 7]),  # one by one, and as one array
     st.sampled_from(["", "r", "req-00", "é", "x" * 40, "y" * 300]),
     st.booleans(),
 )

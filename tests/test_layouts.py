@@ -12,8 +12,8 @@ from hypothesis import strategies as st
 from surge.producers.requests import request_body
 from surge.schemas import MSGPACK, ErrorCode
 from surge.workers import intake as intake_module
-from surge.workers.intake import Intake, Job, admit
-from surge.workers.layouts import MAX_FIXED_BYTES, learn
+from surge.workers.intake import _TOGETHER, Intake, Job, admit
+from surge.workers.layouts import MAX_FIXED_BYTES, Layout, learn
 from surge.workers.runtimes import TensorSpec
 from surge.workers.tickets import Rejection
 from tests.helpers import make_ticket
@@ -186,7 +186,7 @@ def _one_by_one(bodies: list[bytes]) -> list[tuple[object, ...]]:
 @settings(max_examples=300, suppress_health_check=[HealthCheck.too_slow])
 @given(
     st.lists(st.tuples(st.integers(0, 3), st.integers(0, 10_000), st.integers(0, 255)), max_size=4),
-    st.integers(2, 6),
+    st.sampled_from([2, 5, _TOGETHER, _TOGETHER + 3]),  # one by one, and as one array
 )
 def test_a_run_read_together_gives_what_each_body_gives_alone(
     flips: list[tuple[int, int, int]], count: int
@@ -207,22 +207,21 @@ def test_a_run_read_together_gives_what_each_body_gives_alone(
 def test_a_run_laid_out_alike_is_read_as_one_array(monkeypatch: pytest.MonkeyPatch) -> None:
     intake = Intake(SPECS, [], **LIMITS)
     intake.admit(make_ticket(_body("req-0000"), MSGPACK))
-    full_decodes = []
-    monkeypatch.setattr(intake_module, "admit", lambda *a, **k: full_decodes.append(a))
-    run = [_body(f"req-{n:04d}", fill=float(n)) for n in range(1, 6)]
-    admitted = intake.admit_all(_tickets(run))
-    assert full_decodes == []
-    assert [job.ticket.request_id for job in admitted] == [f"req-{n:04d}" for n in range(1, 6)]
+    monkeypatch.setattr(intake_module, "admit", pytest.fail)  # no full decode
+    monkeypatch.setattr(Layout, "read", pytest.fail)  # nor one body at a time
+    numbers = range(1, _TOGETHER + 1)
+    admitted = intake.admit_all(_tickets([_body(f"req-{n:04d}", fill=float(n)) for n in numbers]))
+    assert [job.ticket.request_id for job in admitted] == [f"req-{n:04d}" for n in numbers]
     rows = [np.frombuffer(job.inputs["x"], np.float32).tolist() for job in admitted]
-    assert rows == [[float(n)] * 4 for n in range(1, 6)]
+    assert rows == [[float(n)] * 4 for n in numbers]
 
 
 def test_a_run_without_ids_or_with_ids_beyond_ascii_reads_as_each_alone() -> None:
     no_id = msgspec.msgpack.encode(
         {"inputs": [{"name": "x", "shape": [1, 4], "datatype": "FP32", "data": bytes(16)}]}
     )
-    accented = [_body(f"réq-{n}") for n in range(3)]
-    for run in ([no_id] * 3, accented):
+    accented = [_body(f"réq-{n:02d}") for n in range(_TOGETHER)]
+    for run in ([no_id] * _TOGETHER, accented):
         intake = Intake(SPECS, [], **LIMITS)
         intake.admit(make_ticket(run[0], MSGPACK))
         admitted = intake.admit_all(_tickets(run))
