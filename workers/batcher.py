@@ -509,13 +509,10 @@ class Batcher:
                 if binary and job.outputs is None:
                     if framed is None:  # for the first job that can use it
                         framed = self._framed(outputs)
-                    signature, raw, by_rows = framed
-                    frames = by_rows.get(count, False)
-                    if frames is False:
-                        frames = by_rows[count] = self._cut(signature, raw, count)
+                    frames = self._frames(framed, count)
                     if frames is not None:
                         begin = start - count
-                        data = [view[begin * size : start * size] for view, size in raw]
+                        data = [view[begin * size : start * size] for view, size in framed[1]]
                         framed_tickets.append(ticket)
                         framed_bodies.append(frames.body(ticket.request_id, data))
                         continue
@@ -545,14 +542,12 @@ class Batcher:
         for job in jobs:
             if job.rows != count or job.outputs is not None or job.ticket.content_type != MSGPACK:
                 return False
-        signature, raw, by_rows = self._framed(outputs)
-        frames = by_rows.get(count, False)
-        if frames is False:
-            frames = by_rows[count] = self._cut(signature, raw, count)
+        framed = self._framed(outputs)
+        frames = self._frames(framed, count)
         if frames is None:
             return False
         tickets = [job.ticket for job in jobs]
-        bodies = frames.bodies([t.request_id for t in tickets], [view for view, _ in raw])
+        bodies = frames.bodies([t.request_id for t in tickets], [view for view, _ in framed[1]])
         self._replies.ok_bodies(tickets, bodies)
         return True
 
@@ -601,6 +596,16 @@ class Batcher:
         elif len(by_rows) >= _FRAMES_PER_SIGNATURE:
             by_rows.clear()
         return signature, raw, by_rows
+
+    def _frames(
+        self, framed: tuple[_Signature, _Raw, dict[int, ResponseFrames | None]], rows: int
+    ) -> ResponseFrames | None:
+        """The frames for responses of `rows` rows to these outputs, cut once and kept."""
+        signature, raw, by_rows = framed
+        frames = by_rows.get(rows, False)
+        if frames is False:
+            frames = by_rows[rows] = self._cut(signature, raw, rows)
+        return frames
 
     def _cut(self, signature: _Signature, raw: _Raw, rows: int) -> ResponseFrames | None:
         """Frames for responses of `rows` rows to outputs of this signature."""
