@@ -39,7 +39,7 @@ from surge.workers.intake import Job
 from surge.workers.replies import Replies
 from surge.workers.runtimes import DeviceFailed, Runtime
 from surge.workers.tasks import supervised
-from surge.workers.tickets import Rejection, Ticket
+from surge.workers.tickets import Rejection
 
 log = structlog.get_logger("surge.batcher")
 
@@ -155,15 +155,10 @@ class Batcher:
         ]
 
     def put(self, job: Job) -> None:
-        if self._padded:
-            job.length = self._length(job)
-        self._queue.append(job)
-        self._rows += job.rows
-        if len(self._queue) == 1 or self._rows >= self._wake_rows:
-            self._wake.set()
+        self.put_all((job,))
 
     def put_all(self, jobs: Sequence[Job]) -> None:
-        """`put` for many jobs, in order."""
+        """Queue jobs, in order."""
         if self._padded:
             for job in jobs:
                 job.length = self._length(job)
@@ -495,45 +490,35 @@ class Batcher:
         names = list(outputs)
         framed: tuple[_Signature, _Raw, dict[int, ResponseFrames | None]] | None = None
         converted: dict[bool, dict[str, list[Tensor]]] = {}
-        ok = self._replies.ok
+        ok, ok_body = self._replies.ok, self._replies.ok_body
         model, version = self.model, self.version
-        framed_tickets: list[Ticket] = []  # answered together, once their bodies are joined
-        framed_bodies: list[bytes] = []
         start = 0
-        try:
-            for index, job in enumerate(jobs):
-                ticket = job.ticket
-                count = job.rows
-                start += count
-                binary = ticket.content_type == MSGPACK
-                if binary and job.outputs is None:
-                    if framed is None:  # for the first job that can use it
-                        framed = self._framed(outputs)
-                    frames = self._frames(framed, count)
-                    if frames is not None:
-                        begin = start - count
-                        data = [view[begin * size : start * size] for view, size in framed[1]]
-                        framed_tickets.append(ticket)
-                        framed_bodies.append(frames.body(ticket.request_id, data))
-                        continue
-                if framed_tickets:  # results leave in job order: those joined so far first
-                    self._replies.ok_bodies(framed_tickets, framed_bodies)
-                    framed_tickets, framed_bodies = [], []
-                tensors = converted.get(binary)
-                if tensors is None:
-                    tensors = converted[binary] = {
-                        name: row_tensors(name, outputs[name], rows, binary=binary)
-                        for name in names
-                    }
-                response = InferenceResponse(
-                    model_name=model,
-                    model_version=version,
-                    id=ticket.request_id,
-                    outputs=[tensors[name][index] for name in job.outputs or names],
-                )
-                ok(ticket, response)
-        finally:  # what is joined is answered, even if another job's outputs fail to encode
-            self._replies.ok_bodies(framed_tickets, framed_bodies)
+        for index, job in enumerate(jobs):
+            ticket = job.ticket
+            count = job.rows
+            start += count
+            binary = ticket.content_type == MSGPACK
+            if binary and job.outputs is None:
+                if framed is None:  # for the first job that can use it
+                    framed = self._framed(outputs)
+                frames = self._frames(framed, count)
+                if frames is not None:
+                    begin = start - count
+                    data = [view[begin * size : start * size] for view, size in framed[1]]
+                    ok_body(ticket, frames.body(ticket.request_id, data))
+                    continue
+            tensors = converted.get(binary)
+            if tensors is None:
+                tensors = converted[binary] = {
+                    name: row_tensors(name, outputs[name], rows, binary=binary) for name in names
+                }
+            response = InferenceResponse(
+                model_name=model,
+                model_version=version,
+                id=ticket.request_id,
+                outputs=[tensors[name][index] for name in job.outputs or names],
+            )
+            ok(ticket, response)
 
     def _answer_alike(self, jobs: list[Job], outputs: dict[str, np.ndarray]) -> bool:
         """Answer a batch of jobs alike (msgpack, every output, as many rows each) with
