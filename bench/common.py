@@ -41,6 +41,11 @@ def scratch_dir(prefix: str) -> Path:
     return path
 
 
+def broker_name(bootstrap: str | None) -> str:
+    """What a benchmark's tables say it ran against."""
+    return f"the cluster at {bootstrap}" if bootstrap else "Apache Kafka"
+
+
 @contextmanager
 def kafka_broker(bootstrap: str | None) -> Iterator[str]:
     """An existing cluster, or a fresh single-node Apache Kafka on loopback with the JVM

@@ -40,7 +40,14 @@ from aiokafka.admin import AIOKafkaAdminClient, NewTopic
 from rich.console import Console
 from rich.table import Table
 
-from bench.common import OUT, WorkerProcess, direct_throughput, kafka_broker, scratch_dir
+from bench.common import (
+    OUT,
+    WorkerProcess,
+    broker_name,
+    direct_throughput,
+    kafka_broker,
+    scratch_dir,
+)
 from surge.examples import MLP_FEATURES, write_mlp
 from surge.producers import request_body, request_headers
 from surge.producers.load import send_batches
@@ -127,7 +134,7 @@ def main() -> None:
                 rounds[contender.kind].append(result)
     results = [_median(runs) for runs in rounds.values()]
     direct = max(direct_throughput(model_path, b, threads=1) for b in (64, 128, 256, 512))
-    _report(results, float(np.median(broker_rates)), direct)
+    _report(results, float(np.median(broker_rates)), direct, broker_name(args.bootstrap))
 
 
 def _median(runs: list[Result]) -> Result:
@@ -370,10 +377,10 @@ async def _broker_alone(bootstrap: str, count: int) -> float:
     return len(stamps) / ((max(stamps) - min(stamps)) / 1000)
 
 
-def _report(results: list[Result], broker_rate: float, direct: float) -> None:
+def _report(results: list[Result], broker_rate: float, direct: float, broker: str) -> None:
     by_kind = {r.kind: r for r in results}
     surge = by_kind.get("surge")
-    table = Table(title="MLP, msgpack, Apache Kafka, one process each, same machine and run")
+    table = Table(title=f"MLP, msgpack, {broker}, one process each, same machine and run")
     columns = ("worker", "guarantees", "requests", "throughput", "Surge ÷ this", "CPU µs/req")
     for column in columns:
         table.add_column(column, justify="right")

@@ -46,6 +46,7 @@ from bench.common import (
     OUT,
     BrokerPauses,
     WorkerProcess,
+    broker_name,
     direct_throughput,
     kafka_broker,
     listener_pid,
@@ -323,6 +324,7 @@ def main() -> None:
         burst_batch,
         config.max_batch_delay_ms,
         paired,
+        broker_name(args.bootstrap),
     )
 
 
@@ -435,8 +437,9 @@ def _report(
     burst_batch: int,
     max_delay_ms: float,
     paired: list[dict[str, float]],
+    broker: str,
 ) -> None:
-    table = Table(title=f"Surge end to end ({label}): Apache Kafka, one worker process")
+    table = Table(title=f"Surge end to end ({label}): {broker}, one worker process")
     for column in (
         "offered",
         "throughput",

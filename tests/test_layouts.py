@@ -3,6 +3,8 @@ body of the learned length, valid or not."""
 
 from __future__ import annotations
 
+import random
+
 import msgspec
 import numpy as np
 import pytest
@@ -198,6 +200,34 @@ def test_a_run_read_together_gives_what_each_body_gives_alone(
     bodies = [bytearray(_body(f"req-{n:04d}", fill=float(n))) for n in range(1, count + 1)]
     for which, at, value in flips:
         body = bodies[which % count]
+        body[at % len(body)] = value
+    run = [bytes(body) for body in bodies]
+    admitted = intake.admit_all(_tickets(run))
+    assert [_outcome(result) for result in admitted] == _one_by_one(run)
+
+
+@settings(max_examples=200, suppress_health_check=[HealthCheck.too_slow])
+@given(
+    st.lists(st.sampled_from([7, 9]), min_size=1, max_size=_TOGETHER + 2),
+    st.randoms(use_true_random=False),
+    st.lists(
+        st.tuples(st.integers(0, 100), st.integers(0, 10_000), st.integers(0, 255)), max_size=3
+    ),
+)
+def test_a_run_of_several_body_lengths_gives_what_each_body_gives_alone(
+    others: list[int], shuffle: random.Random, flips: list[tuple[int, int, int]]
+) -> None:
+    """Bodies of a few lengths interleaved (ids of other widths; the 9-wide ones never seen
+    before), some altered: each length's group is read as one array or one by one, and every
+    outcome is the full decode's, in the run's order."""
+    intake = Intake(SPECS, [], **LIMITS)
+    intake.admit(make_ticket(_body("a" * 4), MSGPACK))
+    intake.admit(make_ticket(_body("b" * 7), MSGPACK))
+    widths = [4] * (_TOGETHER + 1) + others  # one group at least is read together
+    shuffle.shuffle(widths)
+    bodies = [bytearray(_body(f"{n:0{width}d}", fill=float(n))) for n, width in enumerate(widths)]
+    for which, at, value in flips:
+        body = bodies[which % len(bodies)]
         body[at % len(body)] = value
     run = [bytes(body) for body in bodies]
     admitted = intake.admit_all(_tickets(run))

@@ -216,20 +216,22 @@ class Batcher:
         return 0
 
     def _take(self, limit: int) -> list[Job]:
-        if self._padded and len(self._queue) > 1 and self._bucket_window > 1:
+        padded = bool(self._padded)
+        if padded and len(self._queue) > 1 and self._bucket_window > 1:
             limit = self._bucket(limit)
         jobs: list[Job] = []
         rows = longest = 0
         now_ms = int(time.time() * 1000)
         queue = self._queue
         while queue and (not jobs or rows + queue[0].rows <= limit):
-            if self._padded:
+            if padded:
                 longest = max(longest, queue[0].length)
                 if jobs and (rows + queue[0].rows) * longest > self._max_padded:
                     break  # the rest waits for the next batch
             job = queue.popleft()
             self._rows -= job.rows
-            if job.ticket.expired(now_ms):
+            deadline_ms = job.ticket.deadline_ms  # `Ticket.expired`, inline: once a request
+            if deadline_ms is not None and now_ms >= deadline_ms:
                 self._replies.error(
                     job.ticket, Rejection(ErrorCode.EXPIRED, "deadline passed in queue")
                 )

@@ -98,32 +98,49 @@ class Intake:
         id here. Bodies of one length that a learned layout reads are checked together, as
         the rows of one array; the others, and any such group that is not laid out alike
         throughout, go one by one."""
-        admitted: list[Job | Rejection | None] = [None] * len(tickets)
+        if self._laid_out is None or tickets[0].content_type != MSGPACK or len(tickets) < _TOGETHER:
+            return [self._admit_alone(ticket) for ticket in tickets]
+        lengths = [len(ticket.value) for ticket in tickets]
+        if min(lengths) == max(lengths):  # one producer's requests, usually
+            jobs = self._read_together(tickets)
+            return jobs if jobs is not None else [self._admit_alone(t) for t in tickets]
         by_length: dict[int, list[int]] = {}
-        if self._laid_out is not None and tickets[0].content_type == MSGPACK:
-            for index, ticket in enumerate(tickets):
-                by_length.setdefault(len(ticket.value), []).append(index)
-        for length, members in by_length.items():
-            layout = self._layouts.get(length)
-            if layout is None or len(members) < _TOGETHER:
-                continue
-            ids = layout.read_all([tickets[index].value for index in members])
-            if ids is None:
-                continue
-            (start, end), rows, name = layout.data_at, layout.rows, self._laid_out
-            has_id = layout.id_at is not None
-            for request_id, index in zip(ids, members, strict=True):
-                ticket = tickets[index]
-                ticket.request_id = request_id if has_id else fallback_id(ticket)
-                admitted[index] = Job(
-                    ticket, {name: memoryview(ticket.value)[start:end]}, rows, None
-                )
-        for index, job in enumerate(admitted):
-            if job is None:
-                ticket = tickets[index]
+        for index, length in enumerate(lengths):
+            by_length.setdefault(length, []).append(index)
+        admitted: list[Job | Rejection] = [None] * len(tickets)  # type: ignore[list-item]
+        for members in by_length.values():
+            group = [tickets[index] for index in members]
+            together = self._read_together(group) if len(group) >= _TOGETHER else None
+            for index, ticket, job in zip(members, group, together or group, strict=True):
+                admitted[index] = job if together else self._admit_alone(ticket)
+        return admitted
+
+    def _read_together(self, tickets: Sequence[Ticket]) -> list[Job] | None:
+        """Jobs for tickets with bodies of one length, read by its layout as one array; None
+        if it has none or some body is not laid out so."""
+        layout = self._layouts.get(len(tickets[0].value))
+        if layout is None:
+            return None
+        ids = layout.read_all([ticket.value for ticket in tickets])
+        if ids is None:
+            return None
+        if layout.id_at is None:
+            for ticket in tickets:
                 ticket.request_id = fallback_id(ticket)
-                admitted[index] = self.admit(ticket)
-        return admitted  # type: ignore[return-value]  # every None replaced
+        else:
+            for ticket, request_id in zip(tickets, ids, strict=True):
+                ticket.request_id = request_id
+        (start, end), rows, name = layout.data_at, layout.rows, self._laid_out
+        return [
+            Job(ticket, {name: memoryview(ticket.value)[start:end]}, rows, None)
+            for ticket in tickets
+        ]
+
+    def _admit_alone(self, ticket: Ticket) -> Job | Rejection:
+        """`admit` for a ticket of a run, given its fallback id first (its body's, if any,
+        replaces it)."""
+        ticket.request_id = fallback_id(ticket)
+        return self.admit(ticket)
 
     def _admit(self, ticket: Ticket) -> Job | Rejection:
         return admit(

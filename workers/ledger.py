@@ -59,6 +59,14 @@ class Ledger:
         self.bytes += size - ticket.held
         ticket.held = size
 
+    def hold_all(self, tickets: Sequence[Ticket], sizes: Sequence[int]) -> None:
+        """`hold` for many tickets at once."""
+        change = 0
+        for ticket, size in zip(tickets, sizes, strict=True):
+            change += size - ticket.held
+            ticket.held = size
+        self.bytes += change
+
     def settle(self, ticket: Ticket) -> None:
         """The ticket's result or dead letter is durable. Settling twice changes nothing."""
         self.settle_all((ticket,))

@@ -134,21 +134,32 @@ class Replies:
             self._deliver(ticket, Status.OK, body, None)
 
     def ok_bodies(self, tickets: Sequence[Ticket], bodies: Sequence[bytes]) -> None:
-        """`ok_body` for a batch's tickets, in order: their result headers decided once."""
-        put, hold = self._put, self._ledger.hold
-        decided: tuple[str, str | None] | None = None
+        """`ok_body` for a batch's tickets, in order: their result headers decided once for
+        each model and content type, their bodies held in the ledger at once."""
+        writes: list[Write] = []
+        sizes: list[int] = []
+        content_type = model = None
         common: list[tuple[str, bytes | None]] = []
         for ticket, body in zip(tickets, bodies, strict=True):
-            if ticket.answered or ticket.reply_to is None or ticket.reply_to == REPLY_TO_REDIS:
+            reply_to = ticket.reply_to
+            if ticket.answered or reply_to is None or reply_to == REPLY_TO_REDIS:
                 self.ok_body(ticket, body)  # the rarer ways, as one at a time takes them
                 continue
             ticket.answered = True
-            hold(ticket, len(body))
-            if decided != (ticket.content_type, ticket.model):
-                decided = (ticket.content_type, ticket.model)
-                common = self._headers(Status.OK, ticket.content_type, ticket.model, None)
-            result_headers = [(headers.REQUEST_ID, ticket.request_id.encode()), *common]
-            put(Write(ticket, ticket.reply_to, body, result_headers, False))
+            sizes.append(len(body))
+            if ticket.content_type != content_type or ticket.model != model:
+                content_type, model = ticket.content_type, ticket.model
+                common = self._headers(Status.OK, content_type, model, None)
+            raw_id = ticket.request_id.encode()
+            result_headers = [(headers.REQUEST_ID, raw_id), *common]
+            writes.append(
+                Write(ticket, reply_to, body, result_headers, False, ticket.key or raw_id)
+            )
+        # Held before they are handed over: a sink may settle a write at once.
+        self._ledger.hold_all([write.ticket for write in writes], sizes)
+        put = self._put
+        for write in writes:
+            put(write)
 
     def error(self, ticket: Ticket, rejection: Rejection) -> None:
         """An error result to the reply target, or a dead letter when there is none."""

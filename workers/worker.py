@@ -464,14 +464,15 @@ class Worker:
             return False
         self._ledger.admit_all(tickets)
         try:
-            jobs = []
+            jobs = [job for job in admitted if type(job) is Job]
+            if len(jobs) < len(tickets):
+                for ticket, job in zip(tickets, admitted, strict=True):
+                    if type(job) is not Job:
+                        self._reject(ticket, job)
             row_bytes = served.intake.result_row_bytes
-            for ticket, job in zip(tickets, admitted, strict=True):
-                if type(job) is Job:
-                    self._ledger.hold(ticket, job.rows * row_bytes)
-                    jobs.append(job)
-                else:
-                    self._reject(ticket, job)
+            self._ledger.hold_all(
+                [job.ticket for job in jobs], [job.rows * row_bytes for job in jobs]
+            )
             served.batcher.put_all(jobs)
         except Exception as exc:  # a bug: each record admitted still gets its one outcome
             log.exception("accept_failed", topic=tp.topic, partition=tp.partition)

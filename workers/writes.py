@@ -55,14 +55,15 @@ class Write:
     value: bytes
     headers: list[tuple[str, bytes | None]]
     dead_letter: bool
-    key: bytes = b""
+    key: bytes = b""  # none given: the ticket's own (results join by key)
     first_failure: float | None = None  # monotonic time of the first failed attempt
     retry_in: float = RETRY_FIRST_S
     # In a record batch of its own: the batch it went in was over the topic's size limit.
     alone: bool = False
 
     def __post_init__(self) -> None:
-        self.key = self.ticket.key or self.ticket.request_id.encode()  # results join by key
+        if not self.key:
+            self.key = self.ticket.key or self.ticket.request_id.encode()
 
 
 def by_partition(
