@@ -29,7 +29,7 @@ from surge.producers.requests import (
     request_body,
     request_headers,
 )
-from surge.schemas import MSGPACK, headers
+from surge.schemas import MSGPACK, DecodeError, ErrorCode, headers
 
 Result = Prediction | PredictionError
 T = TypeVar("T")
@@ -423,9 +423,9 @@ class SurgeClient:
         if self._closed or redis is None:  # closed, or lost and not rebuilt: nothing to ask
             return
         values = await redis.mget([self._redis_prefix + i for i in ids])
-        for future, value in zip(futures, values, strict=True):
+        for request_id, future, value in zip(ids, futures, values, strict=True):
             if value is not None and not future.done():
-                future.set_result(read_redis_result(value, self.content_type))
+                future.set_result(_read_result(value, self.content_type, request_id))
 
     def _resolve(self, request_id: str, result: Result) -> None:
         future = self._waiting.get(request_id)
@@ -599,10 +599,21 @@ class SurgeClient:
                 if event is not None:
                     event.set()
             elif message["type"] == "message" and channel[prefix:] in self._waiting:
-                result = read_redis_result(message["data"], self.content_type)
-                self._resolve(channel[prefix:], result)
+                request_id = channel[prefix:]
+                result = _read_result(message["data"], self.content_type, request_id)
+                self._resolve(request_id, result)
         except Exception:  # one unreadable result must not stop the reader
             log.exception("unreadable_result", channel=message.get("channel"))
+
+
+def _read_result(body: bytes, content_type: str, request_id: str) -> Result:
+    """A result read from Redis. One that cannot be read is its caller's error result: as an
+    exception it would leave the caller to time out, or fail the results read with it."""
+    try:
+        return read_redis_result(body, content_type)
+    except (DecodeError, ValueError) as exc:  # UnicodeDecodeError and TensorError included
+        message = f"the result stored for {request_id} is not {content_type}: {exc}"
+        return PredictionError(ErrorCode.BAD_ENCODING, message, request_id)
 
 
 def _outcome(request_id: str, future: asyncio.Future[Result], timeout: float) -> Result | Exception:

@@ -21,7 +21,7 @@ from aiokafka.partitioner import DefaultPartitioner
 from redis.asyncio import Redis
 
 from surge.producers.requests import Prediction, read_redis_result, request_body, request_headers
-from surge.schemas import MSGPACK, headers
+from surge.schemas import MSGPACK, DecodeError, headers
 
 _TICK_S = 0.001  # open-loop send granularity: at most one wake-up per tick
 _BURST_CHUNK = 1024  # a burst goes out this many requests at a time
@@ -325,8 +325,11 @@ async def _redis_collector(
     async def read() -> None:
         async for message in pubsub.listen():
             if message["type"] == "pmessage":
-                result = read_redis_result(message["data"], content_type)
-                status = "ok" if isinstance(result, Prediction) else "error"
+                try:
+                    result = read_redis_result(message["data"], content_type)
+                    status = "ok" if isinstance(result, Prediction) else "error"
+                except (DecodeError, ValueError):  # counted, and the reader reads on
+                    status = "unreadable"
                 request_id = message["channel"][len(prefix) :].decode()
                 record(request_id, status, time.perf_counter())
 

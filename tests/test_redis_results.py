@@ -13,12 +13,13 @@ from types import SimpleNamespace
 from typing import Any
 from urllib.parse import urlsplit
 
+import msgspec
 import numpy as np
 import pytest
 from redis.asyncio import Redis
 
 from surge.config import Settings
-from surge.producers import SurgeClient, request_body, request_headers
+from surge.producers import PredictionError, SurgeClient, request_body, request_headers
 from surge.schemas import MSGPACK, ErrorCode, headers
 from surge.workers.ledger import Ledger
 from surge.workers.replies import Replies, _chunks_by_size
@@ -316,3 +317,42 @@ async def test_a_client_whose_redis_connections_fell_silent_gets_its_results_aga
                 await client.predict("mlp", x, via="redis", topic=topic, timeout=20)
     finally:
         await proxy.close()
+
+
+async def test_a_result_in_redis_the_client_cannot_read_is_its_error_result(
+    kafka: str, redis_url: str
+) -> None:
+    """What the client finds under a result key or on its channel, but cannot read, answers
+    its call with an error result (announced: at once; stored only: when the call's wait ends
+    and the stored results are read), without failing the other results read with it."""
+    topic = f"surge.requests.unreadable-{uuid.uuid4().hex[:8]}"
+    await create_topics(kafka, topic)
+    x = {"x": np.ones((1, 32), np.float32)}
+    redis = Redis.from_url(redis_url)
+    try:
+        async with SurgeClient(kafka, redis_url=redis_url) as client:
+            call = asyncio.create_task(
+                client.predict_many(
+                    "mlp", [x, x, x], via="redis", topic=topic, timeout=6, return_exceptions=True
+                )
+            )
+            sent = await read_topic(kafka, topic, until=3, key_of=None)
+            announced, stored, readable = sorted(sent)
+            garbage = b"\xc1 neither a result nor an error"
+            await redis.set("surge:result:" + announced, garbage)
+            await redis.publish("surge:result:" + announced, garbage)
+            await redis.set("surge:result:" + stored, garbage)
+            body = msgspec.msgpack.encode(
+                {"error": "no such model", "code": "unknown_model", "id": readable}
+            )
+            await redis.set("surge:result:" + readable, body)
+            results = await call
+    finally:
+        await redis.aclose()
+    by_id = {result.request_id: result for result in results}
+    assert set(by_id) == {announced, stored, readable}
+    for request_id in (announced, stored):
+        assert isinstance(by_id[request_id], PredictionError)
+        assert by_id[request_id].code == ErrorCode.BAD_ENCODING
+        assert request_id in by_id[request_id].message
+    assert by_id[readable].code == ErrorCode.UNKNOWN_MODEL
