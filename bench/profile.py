@@ -1,13 +1,16 @@
 """Where a Surge worker spends its CPU per request, measured with a sampling profiler.
 
     python -m bench.profile [--bootstrap HOST:PORT] [--requests 50000] [--delivery at_least_once]
+                            [--offered REQ_PER_S]
 
 Starts Apache Kafka (unless --bootstrap) and one `surge worker`, publishes a burst of msgpack
 MLP requests once the worker has joined, and samples the worker with py-spy until every reply
 is written. The worker's CPU time (user + system) over the drain, divided by the requests,
-is the cost per request; py-spy's samples of threads holding the GIL split it into stages
-(waits are left out; so is the model's own time, spent outside the GIL). Prints a table,
-writes bench/out/profile.json and the raw samples to bench/out/profile.txt.
+is the cost per request (with `--offered`, the requests are sent at that rate instead, open
+loop, as `bench.e2e` sends them: the cost of light load); py-spy's samples of threads holding
+the GIL split it into stages (waits are left out; so is the model's own time, spent outside
+the GIL). Prints a table, writes bench/out/profile.json and the raw samples to
+bench/out/profile.txt.
 """
 
 from __future__ import annotations
@@ -22,13 +25,15 @@ import time
 from collections import Counter
 from pathlib import Path
 
+import numpy as np
 import psutil
 from rich.console import Console
 from rich.table import Table
 
 from bench.common import OUT, WorkerProcess, kafka_broker, scratch_dir
 from bench.compare import _preload, _wait_for
-from surge.examples import write_mlp
+from surge.examples import MLP_FEATURES, MLP_NAME, write_mlp
+from surge.producers.load import run_load
 
 console = Console()
 
@@ -58,6 +63,9 @@ def main() -> None:
     parser.add_argument("--requests", type=int, default=50_000)
     parser.add_argument("--delivery", default="at_least_once")
     parser.add_argument("--rate", type=int, default=1000, help="py-spy samples per second")
+    parser.add_argument(
+        "--offered", type=float, help="send the requests at this rate (req/s), not as a burst"
+    )
     args = parser.parse_args()
 
     model_root = scratch_dir("surge-bench-models-")
@@ -88,8 +96,11 @@ def main() -> None:
             time.sleep(1.0)  # py-spy attached
             before = process.cpu_times()
             started = time.perf_counter()
-            asyncio.run(_preload(bootstrap, topic, replies, args.requests, create=False))
-            asyncio.run(_wait_for(bootstrap, replies, args.requests, timeout=300, settle=0))
+            if args.offered:
+                asyncio.run(_offer(bootstrap, topic, replies, args.requests, args.offered))
+            else:
+                asyncio.run(_preload(bootstrap, topic, replies, args.requests, create=False))
+                asyncio.run(_wait_for(bootstrap, replies, args.requests, timeout=300, settle=0))
             elapsed = time.perf_counter() - started
             after = process.cpu_times()
             spy.send_signal(signal.SIGINT)
@@ -100,6 +111,28 @@ def main() -> None:
     per_request_us = cpu_s / args.requests * 1e6
     shares = _stages(samples_file)
     _report(args.requests, elapsed, per_request_us, shares)
+
+
+async def _offer(bootstrap: str, topic: str, replies: str, count: int, rate: float) -> None:
+    """`count` MLP requests at `rate` per second, open loop, until every result is back."""
+    rows = np.random.default_rng(0).standard_normal((1024, 1, MLP_FEATURES)).astype(np.float32)
+    report = await run_load(
+        bootstrap,
+        MLP_NAME,
+        lambda i: {"x": rows[i % len(rows)]},
+        count=count,
+        rate=rate,
+        topic=topic,
+        reply_topic=replies,
+        timeout_s=count / rate + 60,
+    )
+    if report.received < count:
+        raise SystemExit(f"{count - report.received} of {count} results never came")
+    latencies = report.latencies_ms
+    console.print(
+        f"offered {rate:,.0f}/s: p50 {np.percentile(latencies, 50):.1f} ms, "
+        f"p99 {np.percentile(latencies, 99):.1f} ms"
+    )
 
 
 def _py_spy() -> str:
