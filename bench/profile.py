@@ -110,7 +110,7 @@ def main() -> None:
     cpu_s = (after.user - before.user) + (after.system - before.system)
     per_request_us = cpu_s / args.requests * 1e6
     shares = _stages(samples_file)
-    _report(args.requests, elapsed, per_request_us, shares)
+    _report(args.requests, elapsed, per_request_us, shares, args.offered)
 
 
 async def _offer(bootstrap: str, topic: str, replies: str, count: int, rate: float) -> None:
@@ -170,7 +170,13 @@ def _stage(frames: list[str]) -> str:
     return "other"
 
 
-def _report(requests: int, elapsed: float, per_request_us: float, shares: Counter[str]) -> None:
+def _report(
+    requests: int,
+    elapsed: float,
+    per_request_us: float,
+    shares: Counter[str],
+    offered: float | None,
+) -> None:
     total = sum(shares.values()) or 1
     table = Table(title=f"Surge worker CPU per request ({requests:,} requests, one worker)")
     for column in ("stage", "share of samples", "µs per request"):
@@ -182,13 +188,17 @@ def _report(requests: int, elapsed: float, per_request_us: float, shares: Counte
         rows.append({"stage": stage, "share": share, "us_per_request": share * per_request_us})
     table.add_row("all", "100%", f"{per_request_us:.1f}")
     console.print(table)
-    console.print(f"drained in {elapsed:.2f} s: {requests / elapsed:,.0f} req/s")
+    if offered:
+        console.print(f"offered at {offered:,.0f}/s: {elapsed:.1f} s in all, client start included")
+    else:
+        console.print(f"drained in {elapsed:.2f} s: {requests / elapsed:,.0f} req/s")
     (OUT / "profile.json").write_text(
         json.dumps(
             {
                 "requests": requests,
                 "elapsed_s": elapsed,
                 "cpu_us_per_request": per_request_us,
+                "offered_per_s": offered,
                 "stages": rows,
             },
             indent=2,
