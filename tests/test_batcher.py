@@ -27,7 +27,7 @@ from surge.schemas import (
 )
 from surge.workers.batcher import _INLINE_AFTER, Batcher, ModelHung
 from surge.workers.batching import CallCost, best_run, group_by_shape, stack
-from surge.workers.intake import Job
+from surge.workers.intake import Job, RawRows
 from surge.workers.ledger import Ledger
 from surge.workers.replies import Replies
 from surge.workers.runtimes import DeviceFailed, TensorSpec
@@ -740,3 +740,90 @@ async def test_a_drain_can_leave_what_will_never_settle() -> None:
     ledger.settle(tickets[1])
     await asyncio.wait_for(drained, 1)
     assert ledger.offsets.committable() == {tickets[0].tp: 2}  # the third is left unread
+
+
+class _Doubles:
+    """Doubles a fixed-shape input, noting each batch's rows."""
+
+    inputs = (TensorSpec("x", "FP32", (4,)),)
+    outputs = (TensorSpec("y", "FP32", (4,)),)
+
+    def __init__(self) -> None:
+        self.batches: list[int] = []
+
+    def run(self, batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+        self.batches.append(len(batch["x"]))
+        return {"y": batch["x"] * 2}
+
+
+def _run_job(values: list[float], name: str = "run") -> Job:
+    """A run read together (`Intake.admit_all`): one single-row msgpack request per value."""
+    bodies = [np.full(4, value, np.float32).tobytes() for value in values]
+    tickets = [make_ticket(body, MSGPACK) for body in bodies]
+    for index, ticket in enumerate(tickets):
+        ticket.request_id = f"{name}-{index}"
+    return Job(tickets[0], {"x": RawRows(bodies, 0, 16)}, len(tickets), None, run=tickets)
+
+
+async def _until_outcomes(batcher: Batcher, answers: _Answers, count: int) -> None:
+    batcher.start(on_crash=pytest.fail)
+    async with asyncio.timeout(10):
+        while len(answers.answered) + len(answers.failed) < count:
+            await asyncio.sleep(0.01)
+    await batcher.close()
+
+
+async def test_a_run_is_taken_as_far_as_a_batch_has_room_and_each_request_gets_its_rows() -> None:
+    model, answers = _Doubles(), _Answers()
+    batcher = _batcher(model, answers, ModelConfig(max_batch_size=8, max_batch_delay_ms=1))
+    alone = Job(make_ticket(b"{}", MSGPACK), {"x": np.full((1, 4), -1, np.float32)}, 1, None)
+    alone.ticket.request_id = "alone"
+    batcher.put(alone)
+    batcher.put_all([_run_job([float(n) for n in range(20)]), _run_job([100.0] * 3, "next")])
+    await _until_outcomes(batcher, answers, 24)
+    assert model.batches == [8, 8, 8]  # the lone job, then the runs cut to fit
+    assert not answers.failed
+    assert len(answers.answered) == len({id(ticket) for ticket in answers.answered}) == 24
+    expected = {"alone": -2.0, **{f"run-{n}": 2.0 * n for n in range(20)}}
+    expected |= {f"next-{n}": 200.0 for n in range(3)}
+    for request_id, value in expected.items():
+        (output,) = decode_response(answers.bodies[request_id], MSGPACK).outputs
+        assert to_array(output).tolist() == [[value] * 4]
+
+
+async def test_a_failing_request_inside_a_run_is_found_by_halving_the_run() -> None:
+    answers = _Answers()
+    batcher = _refusing_batcher(_Refuses(ValueError), answers, budget=10)
+    batcher.put_all([_run_job([1.0, 1.0, 1.0, 1.0, 1.0, -1.0, 1.0, 1.0])])
+    await _until_outcomes(batcher, answers, 8)
+    assert len(answers.answered) == 7
+    assert "run-5" not in answers.bodies
+    assert [rejection.code for rejection in answers.failed] == [ErrorCode.MODEL_ERROR]
+
+
+async def test_a_run_past_its_deadline_in_the_queue_is_answered_expired_request_by_request() -> (
+    None
+):
+    model, answers = _Doubles(), _Answers()
+    batcher = _batcher(model, answers)
+    run = _run_job([1.0] * 5)
+    for ticket in run.tickets:
+        ticket.deadline_ms = 1
+    batcher.put_all([run])
+    await _until_outcomes(batcher, answers, 5)
+    assert not model.batches
+    assert [rejection.code for rejection in answers.failed] == [ErrorCode.EXPIRED] * 5
+
+
+async def test_a_failed_device_leaves_the_rest_of_a_run_to_a_new_process() -> None:
+    model, answers = _BreaksItsDevice(), _Answers()
+    batcher = _batcher(model, answers, ModelConfig(max_batch_size=2, max_batch_delay_ms=1))
+    batcher.put_all([_run_job([1.0] * 6)])
+    crashes: list[BaseException] = []
+    batcher.start(on_crash=crashes.append)
+    async with asyncio.timeout(10):
+        while not crashes:
+            await asyncio.sleep(0.01)
+        await batcher.close()
+    assert [r.code for r in answers.failed] == [ErrorCode.MODEL_ERROR] * 2
+    assert batcher.abandoned == 4  # requests, not queued jobs

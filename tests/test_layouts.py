@@ -14,10 +14,10 @@ from hypothesis import strategies as st
 from surge.producers.requests import request_body
 from surge.schemas import MSGPACK, ErrorCode
 from surge.workers import intake as intake_module
-from surge.workers.intake import _TOGETHER, Intake, Job, admit
+from surge.workers.intake import _TOGETHER, Intake, Job, RawRows, admit
 from surge.workers.layouts import MAX_FIXED_BYTES, Layout, learn
 from surge.workers.runtimes import TensorSpec
-from surge.workers.tickets import Rejection
+from surge.workers.tickets import Rejection, Ticket
 from tests.helpers import make_ticket
 
 SPECS = [TensorSpec("x", "FP32", (4,))]
@@ -34,6 +34,29 @@ def _outcome(result: Job | Rejection) -> tuple[object, ...]:
         return ("rejected", result.code)
     inputs = {name: bytes(data) for name, data in result.inputs.items()}
     return ("job", result.ticket.request_id, result.rows, inputs, result.outputs)
+
+
+def _outcomes(
+    tickets: list[Ticket], admitted: tuple[list[Job], list[Rejection | None]]
+) -> list[tuple[object, ...]]:
+    """Each ticket's outcome from `Intake.admit_all`, in the tickets' order: a run's requests
+    each with their own rows."""
+    jobs, rejected = admitted
+    outcomes: dict[int, tuple[object, ...]] = {}
+    for job in jobs:
+        for index, ticket in enumerate(job.tickets):
+            inputs = {
+                name: rows.bodies[index][rows.start : rows.end]
+                if isinstance(rows, RawRows)
+                else bytes(rows)
+                for name, rows in job.inputs.items()
+            }
+            outcomes[id(ticket)] = ("job", ticket.request_id, job.each, inputs, job.outputs)
+    assert len(outcomes) + sum(r is not None for r in rejected) == len(tickets)
+    return [
+        ("rejected", rejection.code) if rejection is not None else outcomes[id(ticket)]
+        for ticket, rejection in zip(tickets, rejected, strict=True)
+    ]
 
 
 def _both(intake: Intake, body: bytes) -> tuple[tuple[object, ...], tuple[object, ...]]:
@@ -202,8 +225,8 @@ def test_a_run_read_together_gives_what_each_body_gives_alone(
         body = bodies[which % count]
         body[at % len(body)] = value
     run = [bytes(body) for body in bodies]
-    admitted = intake.admit_all(_tickets(run))
-    assert [_outcome(result) for result in admitted] == _one_by_one(run)
+    tickets = _tickets(run)
+    assert _outcomes(tickets, intake.admit_all(tickets)) == _one_by_one(run)
 
 
 @settings(max_examples=200, suppress_health_check=[HealthCheck.too_slow])
@@ -230,8 +253,8 @@ def test_a_run_of_several_body_lengths_gives_what_each_body_gives_alone(
         body = bodies[which % len(bodies)]
         body[at % len(body)] = value
     run = [bytes(body) for body in bodies]
-    admitted = intake.admit_all(_tickets(run))
-    assert [_outcome(result) for result in admitted] == _one_by_one(run)
+    tickets = _tickets(run)
+    assert _outcomes(tickets, intake.admit_all(tickets)) == _one_by_one(run)
 
 
 def test_a_run_laid_out_alike_is_read_as_one_array(monkeypatch: pytest.MonkeyPatch) -> None:
@@ -240,10 +263,18 @@ def test_a_run_laid_out_alike_is_read_as_one_array(monkeypatch: pytest.MonkeyPat
     monkeypatch.setattr(intake_module, "admit", pytest.fail)  # no full decode
     monkeypatch.setattr(Layout, "read", pytest.fail)  # nor one body at a time
     numbers = range(1, _TOGETHER + 1)
-    admitted = intake.admit_all(_tickets([_body(f"req-{n:04d}", fill=float(n)) for n in numbers]))
-    assert [job.ticket.request_id for job in admitted] == [f"req-{n:04d}" for n in numbers]
-    rows = [np.frombuffer(job.inputs["x"], np.float32).tolist() for job in admitted]
-    assert rows == [[float(n)] * 4 for n in numbers]
+    tickets = _tickets([_body(f"req-{n:04d}", fill=float(n)) for n in numbers])
+    jobs, rejected = intake.admit_all(tickets)
+    assert rejected == [None] * len(tickets)
+    (job,) = jobs  # one job for the whole run
+    assert list(job.tickets) == tickets
+    assert (job.rows, job.each) == (len(tickets), 1)
+    assert [ticket.request_id for ticket in tickets] == [f"req-{n:04d}" for n in numbers]
+    rows = job.inputs["x"]
+    assert isinstance(rows, RawRows)
+    assert np.frombuffer(rows.block(), np.float32).reshape(-1, 4).tolist() == [
+        [float(n)] * 4 for n in numbers
+    ]
 
 
 def test_a_run_without_ids_or_with_ids_beyond_ascii_reads_as_each_alone() -> None:
@@ -254,8 +285,8 @@ def test_a_run_without_ids_or_with_ids_beyond_ascii_reads_as_each_alone() -> Non
     for run in ([no_id] * _TOGETHER, accented):
         intake = Intake(SPECS, [], **LIMITS)
         intake.admit(make_ticket(run[0], MSGPACK))
-        admitted = intake.admit_all(_tickets(run))
-        assert [_outcome(result) for result in admitted] == _one_by_one(run)
+        tickets = _tickets(run)
+        assert _outcomes(tickets, intake.admit_all(tickets)) == _one_by_one(run)
     layout = learn(accented[0])
     assert layout is not None
     assert layout.read_all(accented) is None  # UTF-8 past ASCII: one by one

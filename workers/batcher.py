@@ -13,7 +13,7 @@ import heapq
 import itertools
 import time
 from collections import deque
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterable, Sequence
 from concurrent.futures import Executor
 from typing import Any
 
@@ -127,6 +127,7 @@ class Batcher:
 
     @property
     def queued(self) -> int:
+        """Jobs queued (a run read together is one)."""
         return len(self._queue)
 
     @property
@@ -183,8 +184,7 @@ class Batcher:
                 await self._execute(jobs)
             except Exception as exc:  # a bug here must not strand the batch or kill the loop
                 log.exception("batch_failed", model=self.model, version=self.version)
-                for job in jobs:
-                    self._replies.error(job.ticket, Rejection(ErrorCode.INTERNAL, repr(exc)))
+                self._error(jobs, Rejection(ErrorCode.INTERNAL, repr(exc)))
             await asyncio.sleep(0)  # an inline batch awaited nothing: let the others move
 
     async def _next_batch(self) -> list[Job] | None:
@@ -223,18 +223,26 @@ class Batcher:
         rows = longest = 0
         now_ms = int(time.time() * 1000)
         queue = self._queue
-        while queue and (not jobs or rows + queue[0].rows <= limit):
+        while queue:
             if padded:
                 longest = max(longest, queue[0].length)
                 if jobs and (rows + queue[0].rows) * longest > self._max_padded:
                     break  # the rest waits for the next batch
             job = queue.popleft()
+            if rows + job.rows > limit:
+                # A run goes in as far as it fits, one request at least; another job waits
+                # for the next batch, unless this one is empty.
+                fits = (limit - rows) // job.each if len(job.run) > 1 else 0
+                if fits == 0 and jobs:
+                    queue.appendleft(job)
+                    break
+                if len(job.run) > 1:
+                    job, rest = job.split(max(fits, 1))
+                    queue.appendleft(rest)
             self._rows -= job.rows
-            deadline_ms = job.ticket.deadline_ms  # `Ticket.expired`, inline: once a request
+            deadline_ms = job.ticket.deadline_ms  # `Ticket.expired`, inline: a run shares it
             if deadline_ms is not None and now_ms >= deadline_ms:
-                self._replies.error(
-                    job.ticket, Rejection(ErrorCode.EXPIRED, "deadline passed in queue")
-                )
+                self._error([job], Rejection(ErrorCode.EXPIRED, "deadline passed in queue"))
                 continue
             jobs.append(job)
             rows += job.rows
@@ -301,7 +309,7 @@ class Batcher:
                 WATCH.call = None
             seconds = time.perf_counter() - started
         else:
-            outputs, seconds = await self._in_thread(batch, len(jobs), deadline)
+            outputs, seconds = await self._in_thread(batch, _requests(jobs), deadline)
         if seconds < self._inline_below:
             self._fast_streak += 1
             self._slow_calls = 0
@@ -328,7 +336,7 @@ class Batcher:
             )
         if time.monotonic() > deadline:  # on the loop, which could not cut it short
             raise _OverBudget(
-                f"batch of {len(jobs)} requests outlived its {self._budget:g}s budget"
+                f"batch of {_requests(jobs)} requests outlived its {self._budget:g}s budget"
             )
         return outputs, seconds
 
@@ -396,49 +404,47 @@ class Batcher:
                 # a failure splits it.
                 deadline = time.monotonic() + self._budget
                 await self._run(group if index == 0 else self._unexpired(group), deadline)
-            log.debug("batch_done", requests=len(jobs))
+            log.debug("batch_done", requests=_requests(jobs))
 
     @property
     def abandoned(self) -> int:
         """Requests this batcher will never answer: its device failed before they ran."""
-        return self._not_run + len(self._queue) if self._device_failed else 0
+        return self._not_run + _requests(self._queue) if self._device_failed else 0
 
     async def _run(self, jobs: list[Job], deadline: float) -> None:
         """Run one model call by the batch's deadline; on failure split the batch in halves
         to isolate the culprit."""
         if self._device_failed:
-            self._not_run += len(jobs)
+            self._not_run += _requests(jobs)
             return
         if not jobs:
             return
-        rows = [job.rows for job in jobs]
-        total = sum(rows)
+        total = sum(job.rows for job in jobs)
         try:
             if time.monotonic() >= deadline:  # spent by the calls of a batch split before
                 raise _OverBudget(f"batch outlived its {self._budget:g}s budget")
             outputs, seconds = await self._call(jobs, deadline)
             check_rows(outputs, total)
         except _OverBudget as exc:
-            log.error("batch_timeout", model=self.model, version=self.version, requests=len(jobs))
-            for job in jobs:
-                self._replies.error(job.ticket, Rejection(ErrorCode.TIMEOUT, str(exc)))
+            log.error(
+                "batch_timeout", model=self.model, version=self.version, requests=_requests(jobs)
+            )
+            self._error(jobs, Rejection(ErrorCode.TIMEOUT, str(exc)))
             return
         except DeviceFailed as exc:
             # Every later call fails too, and which request broke the device cannot be told
             # now: answer the batch, and stop the worker for a new process and context.
             log.error("device_failed", model=self.model, version=self.version, error=str(exc))
-            rejection = Rejection(ErrorCode.MODEL_ERROR, f"the device failed: {exc}")
-            for job in jobs:
-                self._replies.error(job.ticket, rejection)
+            self._error(jobs, Rejection(ErrorCode.MODEL_ERROR, f"the device failed: {exc}"))
             # What is still queued stays unanswered, uncommitted: the next owner serves it.
             self._device_failed = True
             self._on_crash(exc)
             return
         except Exception as exc:
-            if len(jobs) > 1:  # the failed call took time: deadlines are checked again
-                middle = len(jobs) // 2
-                await self._run(self._unexpired(jobs[:middle]), deadline)
-                await self._run(self._unexpired(jobs[middle:]), deadline)
+            if len(jobs) > 1 or len(jobs[0].run) > 1:
+                first, second = _halves(jobs)  # the failed call took time: deadlines anew
+                await self._run(self._unexpired(first), deadline)
+                await self._run(self._unexpired(second), deadline)
                 return
             ticket = jobs[0].ticket
             log.warning(
@@ -455,16 +461,23 @@ class Batcher:
             weight = _SPEED_WEIGHT if self._speed else 1.0
             self._speed += weight * (speed - self._speed)
         try:
-            self._answer(jobs, rows, outputs)
-            answered = len(jobs)
+            self._answer(jobs, outputs)
+            answered = _requests(jobs)
         except Exception as exc:  # outputs the wire cannot carry (an object array, say)
             log.warning("outputs_unencodable", model=self.model, error=repr(exc))
-            answered = sum(job.ticket.answered for job in jobs)
+            tickets = [ticket for job in jobs for ticket in job.tickets]
+            answered = sum(ticket.answered for ticket in tickets)
             rejection = Rejection(ErrorCode.MODEL_ERROR, f"outputs could not be encoded: {exc!r}")
-            for job in jobs:
-                if not job.ticket.answered:
-                    self._replies.error(job.ticket, rejection)
+            for ticket in tickets:
+                if not ticket.answered:
+                    self._replies.error(ticket, rejection)
         self._ok.inc(answered)
+
+    def _error(self, jobs: Sequence[Job], rejection: Rejection) -> None:
+        """The same error result for every request of these jobs."""
+        for job in jobs:
+            for ticket in job.tickets:
+                self._replies.error(ticket, rejection)
 
     def _unexpired(self, jobs: list[Job]) -> list[Job]:
         """The jobs still within their deadlines; the others are answered `expired`."""
@@ -473,15 +486,16 @@ class Batcher:
             return jobs
         live = []
         for job in jobs:
-            if job.ticket.expired(now_ms):
-                rejection = Rejection(ErrorCode.EXPIRED, "deadline passed before the model ran")
-                self._replies.error(job.ticket, rejection)
+            if job.ticket.expired(now_ms):  # a run's requests share their deadline
+                self._error(
+                    [job], Rejection(ErrorCode.EXPIRED, "deadline passed before the model ran")
+                )
             else:
                 live.append(job)
         return live
 
-    def _answer(self, jobs: list[Job], rows: list[int], outputs: dict[str, np.ndarray]) -> None:
-        """One response per job. Each output is converted once for the whole batch; msgpack
+    def _answer(self, jobs: list[Job], outputs: dict[str, np.ndarray]) -> None:
+        """One response per request. Each output is converted once for the whole batch; msgpack
         responses with every output are joined from frames (`ResponseFrames`), the others
         encoded from Structs (raw bytes for msgpack, lists for JSON)."""
         if self._follows:
@@ -490,17 +504,17 @@ class Batcher:
         if self._answer_alike(jobs, outputs):
             return
         names = list(outputs)
+        requests = [(ticket, job.each, job.outputs) for job in jobs for ticket in job.tickets]
+        rows = [count for _, count, _ in requests]
         framed: tuple[_Signature, _Raw, dict[int, ResponseFrames | None]] | None = None
         converted: dict[bool, dict[str, list[Tensor]]] = {}
         ok, ok_body = self._replies.ok, self._replies.ok_body
         model, version = self.model, self.version
         start = 0
-        for index, job in enumerate(jobs):
-            ticket = job.ticket
-            count = job.rows
+        for index, (ticket, count, wanted) in enumerate(requests):
             start += count
             binary = ticket.content_type == MSGPACK
-            if binary and job.outputs is None:
+            if binary and wanted is None:
                 if framed is None:  # for the first job that can use it
                     framed = self._framed(outputs)
                 frames = self._frames(framed, count)
@@ -518,22 +532,22 @@ class Batcher:
                 model_name=model,
                 model_version=version,
                 id=ticket.request_id,
-                outputs=[tensors[name][index] for name in job.outputs or names],
+                outputs=[tensors[name][index] for name in wanted or names],
             )
             ok(ticket, response)
 
     def _answer_alike(self, jobs: list[Job], outputs: dict[str, np.ndarray]) -> bool:
-        """Answer a batch of jobs alike (msgpack, every output, as many rows each) with
+        """Answer a batch of requests alike (msgpack, every output, as many rows each) with
         bodies built together (`ResponseFrames.bodies`); False if they are not alike."""
-        count = jobs[0].rows
-        for job in jobs:
-            if job.rows != count or job.outputs is not None or job.ticket.content_type != MSGPACK:
+        count = jobs[0].each
+        for job in jobs:  # a run's requests are alike
+            if job.each != count or job.outputs is not None or job.ticket.content_type != MSGPACK:
                 return False
         framed = self._framed(outputs)
         frames = self._frames(framed, count)
         if frames is None:
             return False
-        tickets = [job.ticket for job in jobs]
+        tickets = [ticket for job in jobs for ticket in job.tickets]
         bodies = frames.bodies([t.request_id for t in tickets], [view for view, _ in framed[1]])
         self._replies.ok_bodies(tickets, bodies)
         return True
@@ -605,3 +619,16 @@ class Batcher:
         if sum(size for *_, size in outputs) > _FRAMES_UP_TO:
             return None
         return ResponseFrames.cut(self.model, self.version, outputs)
+
+
+def _requests(jobs: Iterable[Job]) -> int:
+    return sum(len(job.run) or 1 for job in jobs)
+
+
+def _halves(jobs: list[Job]) -> tuple[list[Job], list[Job]]:
+    """A batch cut in two, by jobs, or a run of one job by its requests."""
+    if len(jobs) > 1:
+        middle = len(jobs) // 2
+        return jobs[:middle], jobs[middle:]
+    first, second = jobs[0].split(len(jobs[0].run) // 2)
+    return [first], [second]

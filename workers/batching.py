@@ -7,7 +7,7 @@ from collections.abc import Sequence
 
 import numpy as np
 
-from surge.workers.intake import Job
+from surge.workers.intake import Job, RawRows
 from surge.workers.runtimes import TensorSpec
 
 
@@ -33,7 +33,7 @@ def stack(jobs: Sequence[Job], specs: Sequence[TensorSpec]) -> dict[str, np.ndar
             # Raw rows: one join, one array (writable, so no runtime needs to copy it).
             batch[spec.name] = _rows(bytearray().join(parts), spec)
             continue
-        arrays = [_rows(part, spec) if type(part) is memoryview else part for part in parts]
+        arrays = [_array(part, spec) for part in parts]
         if len(arrays) == 1:
             batch[spec.name] = arrays[0]
         elif spec.pad_value is None or all(a.shape == arrays[0].shape for a in arrays):
@@ -43,7 +43,16 @@ def stack(jobs: Sequence[Job], specs: Sequence[TensorSpec]) -> dict[str, np.ndar
     return batch
 
 
-def _rows(raw: memoryview | bytearray, spec: TensorSpec) -> np.ndarray:
+def _array(part: np.ndarray | memoryview | RawRows, spec: TensorSpec) -> np.ndarray:
+    """A job's rows of one input as an array."""
+    if type(part) is memoryview:
+        return _rows(part, spec)
+    if type(part) is RawRows:
+        return _rows(part.block(), spec)
+    return part  # type: ignore[return-value]
+
+
+def _rows(raw: memoryview | bytearray | np.ndarray, spec: TensorSpec) -> np.ndarray:
     """Raw little-endian rows of a fixed-shape input as an array."""
     return np.frombuffer(raw, spec.dtype).reshape(-1, *spec.shape)
 

@@ -23,18 +23,69 @@ from surge.workers.runtimes import TensorSpec
 from surge.workers.tickets import Rejection, Ticket, fallback_id
 
 
+@dataclass(frozen=True, slots=True)
+class RawRows:
+    """A run's rows of one input: bytes [start, end) of each of its bodies, laid out alike.
+    Until the batch is stacked the bodies stay the only copy (`block` makes the other)."""
+
+    bodies: Sequence[bytes]
+    start: int
+    end: int
+
+    def block(self) -> np.ndarray:
+        """The rows as one contiguous uint8 array, a body's per row."""
+        joined = np.frombuffer(b"".join(self.bodies), np.uint8).reshape(len(self.bodies), -1)
+        return np.ascontiguousarray(joined[:, self.start : self.end])
+
+    def __getitem__(self, which: slice) -> RawRows:
+        return RawRows(self.bodies[which], self.start, self.end)
+
+
 @dataclass(slots=True, eq=False)
 class Job:
-    """A decoded, validated request waiting in a batch queue."""
+    """Decoded, validated requests waiting in a batch queue: one request, or a run of alike
+    requests read together (`run`)."""
 
-    ticket: Ticket
-    # Each with the request's rows as its first dimension. Raw bytes of a fixed-shape input
-    # stay a memoryview over the message, already checked to hold exactly `rows` rows: the
-    # batch joins them once (`batching.stack`) instead of making an array per request.
-    inputs: dict[str, np.ndarray | memoryview]
+    ticket: Ticket  # the request's; a run's first
+    # Each with the job's rows as its first dimension. Raw bytes of a fixed-shape input stay
+    # over the messages, already checked to hold exactly the rows they claim: a memoryview
+    # (one request) or `RawRows` (a run), joined once per batch (`batching.stack`) instead
+    # of made into an array per request.
+    inputs: dict[str, np.ndarray | memoryview | RawRows]
     rows: int
     outputs: tuple[str, ...] | None  # requested output names; None: all
     length: int = 0  # elements per row of its padded inputs, set by a batcher that pads
+    # A run's requests, in order, of `rows // len(run)` rows each, every output wanted; empty
+    # for a job of one request. A run stays one job (one queue entry, one ledger hold) until
+    # a batch takes part of it (`split`).
+    run: Sequence[Ticket] = ()
+
+    @property
+    def tickets(self) -> Sequence[Ticket]:
+        return self.run or (self.ticket,)
+
+    @property
+    def each(self) -> int:
+        """Rows per request."""
+        return self.rows // len(self.run) if self.run else self.rows
+
+    def split(self, count: int) -> tuple[Job, Job]:
+        """A run's first `count` requests, and the rest, as jobs of their own."""
+        assert 0 < count < len(self.run)
+        each = self.each
+        head, tail = self.run[:count], self.run[count:]
+        parts = [
+            Job(
+                tickets[0],
+                {name: rows[which] for name, rows in self.inputs.items()},  # type: ignore[index]
+                len(tickets) * each,
+                self.outputs,
+                self.length,
+                tickets,
+            )
+            for tickets, which in ((head, slice(None, count)), (tail, slice(count, None)))
+        ]
+        return parts[0], parts[1]
 
 
 class _Reject(Exception):
@@ -93,35 +144,64 @@ class Intake:
                 return Job(ticket, {self._laid_out: data}, layout.rows, None)
         return self._admit(ticket)
 
-    def admit_all(self, tickets: Sequence[Ticket]) -> list[Job | Rejection]:
+    def admit_all(self, tickets: Sequence[Ticket]) -> tuple[list[Job], list[Rejection | None]]:
         """`admit` for a run of tickets routed alike (`Router.clean_tickets`), each given its
-        id here. Bodies of one length that a learned layout reads are checked together, as
-        the rows of one array; the others, and any such group that is not laid out alike
-        throughout, go one by one."""
-        if self._laid_out is None or tickets[0].content_type != MSGPACK or len(tickets) < _TOGETHER:
-            return [self._admit_alone(ticket) for ticket in tickets]
-        lengths = [len(ticket.value) for ticket in tickets]
-        if min(lengths) == max(lengths):  # one producer's requests, usually
-            jobs = self._read_together(tickets)
-            return jobs if jobs is not None else [self._admit_alone(t) for t in tickets]
+        id here: the jobs to queue, in order, and each ticket's rejection (None if queued).
+        Bodies of one length that a learned layout reads are checked together, as the rows
+        of one array, and become one job (`Job.run`); the others, and any such group that is
+        not laid out alike throughout, go one by one."""
+        if self._laid_out is not None and tickets[0].content_type == MSGPACK:
+            lengths = [len(ticket.value) for ticket in tickets]
+            if len(tickets) >= _TOGETHER and min(lengths) == max(lengths):
+                run = self._read_together(tickets)  # one producer's requests, usually
+                if run is not None:
+                    return [run], [None] * len(tickets)
+            elif len(tickets) >= _TOGETHER:
+                return self._admit_by_length(tickets, lengths)
+        return self._admit_each(tickets)
+
+    def _admit_by_length(
+        self, tickets: Sequence[Ticket], lengths: Sequence[int]
+    ) -> tuple[list[Job], list[Rejection | None]]:
+        """Bodies of several lengths: each length's group read together where it can be, in
+        the order of the group's first ticket; the rest one by one."""
         by_length: dict[int, list[int]] = {}
         for index, length in enumerate(lengths):
             by_length.setdefault(length, []).append(index)
-        admitted: list[Job | Rejection] = [None] * len(tickets)  # type: ignore[list-item]
+        jobs: list[Job] = []
+        rejected: list[Rejection | None] = [None] * len(tickets)
         for members in by_length.values():
             group = [tickets[index] for index in members]
-            together = self._read_together(group) if len(group) >= _TOGETHER else None
-            for index, ticket, job in zip(members, group, together or group, strict=True):
-                admitted[index] = job if together else self._admit_alone(ticket)
-        return admitted
+            run = self._read_together(group) if len(group) >= _TOGETHER else None
+            if run is not None:
+                jobs.append(run)
+                continue
+            group_jobs, group_rejected = self._admit_each(group)
+            jobs += group_jobs
+            for index, rejection in zip(members, group_rejected, strict=True):
+                rejected[index] = rejection
+        return jobs, rejected
 
-    def _read_together(self, tickets: Sequence[Ticket]) -> list[Job] | None:
-        """Jobs for tickets with bodies of one length, read by its layout as one array; None
-        if it has none or some body is not laid out so."""
+    def _admit_each(self, tickets: Sequence[Ticket]) -> tuple[list[Job], list[Rejection | None]]:
+        jobs: list[Job] = []
+        rejected: list[Rejection | None] = []
+        for ticket in tickets:
+            job = self._admit_alone(ticket)
+            if type(job) is Job:
+                jobs.append(job)
+                rejected.append(None)
+            else:
+                rejected.append(job)  # type: ignore[arg-type]
+        return jobs, rejected
+
+    def _read_together(self, tickets: Sequence[Ticket]) -> Job | None:
+        """One job for tickets with bodies of one length, read by its layout as one array;
+        None if it has none or some body is not laid out so."""
         layout = self._layouts.get(len(tickets[0].value))
         if layout is None:
             return None
-        ids = layout.read_all([ticket.value for ticket in tickets])
+        bodies = [ticket.value for ticket in tickets]
+        ids = layout.read_all(bodies)
         if ids is None:
             return None
         if layout.id_at is None:
@@ -130,11 +210,12 @@ class Intake:
         else:
             for ticket, request_id in zip(tickets, ids, strict=True):
                 ticket.request_id = request_id
-        (start, end), rows, name = layout.data_at, layout.rows, self._laid_out
-        return [
-            Job(ticket, {name: memoryview(ticket.value)[start:end]}, rows, None)
-            for ticket in tickets
-        ]
+        (start, end), name = layout.data_at, self._laid_out
+        assert name is not None
+        run = list(tickets)
+        return Job(
+            run[0], {name: RawRows(bodies, start, end)}, len(run) * layout.rows, None, run=run
+        )
 
     def _admit_alone(self, ticket: Ticket) -> Job | Rejection:
         """`admit` for a ticket of a run, given its fallback id first (its body's, if any,

@@ -37,7 +37,6 @@ from surge.schemas import ErrorCode
 from surge.workers import metrics
 from surge.workers.acked import AckedWrites
 from surge.workers.batcher import ModelHung
-from surge.workers.intake import Job
 from surge.workers.ledger import Ledger
 from surge.workers.replies import Replies
 from surge.workers.repository import ModelRepository
@@ -458,21 +457,19 @@ class Worker:
             served = self._repository.resolve(tickets[0].model, tickets[0].version)
             if isinstance(served, Rejection):
                 return False
-            admitted = served.intake.admit_all(tickets)
+            jobs, rejected = served.intake.admit_all(tickets)
         except Exception:  # nothing is admitted yet: one by one, each answers for itself
             log.exception("run_failed", topic=tp.topic, partition=tp.partition)
             return False
         self._ledger.admit_all(tickets)
         try:
-            jobs = [job for job in admitted if type(job) is Job]
-            if len(jobs) < len(tickets):
-                for ticket, job in zip(tickets, admitted, strict=True):
-                    if type(job) is not Job:
-                        self._reject(ticket, job)
+            if rejected.count(None) < len(rejected):
+                for ticket, rejection in zip(tickets, rejected, strict=True):
+                    if rejection is not None:
+                        self._reject(ticket, rejection)
             row_bytes = served.intake.result_row_bytes
-            self._ledger.hold_all(
-                [job.ticket for job in jobs], [job.rows * row_bytes for job in jobs]
-            )
+            for job in jobs:
+                self._ledger.hold_all(job.tickets, [job.each * row_bytes] * len(job.tickets))
             served.batcher.put_all(jobs)
         except Exception as exc:  # a bug: each record admitted still gets its one outcome
             log.exception("accept_failed", topic=tp.topic, partition=tp.partition)
