@@ -827,3 +827,17 @@ async def test_a_failed_device_leaves_the_rest_of_a_run_to_a_new_process() -> No
         await batcher.close()
     assert [r.code for r in answers.failed] == [ErrorCode.MODEL_ERROR] * 2
     assert batcher.abandoned == 4  # requests, not queued jobs
+
+
+async def test_a_run_behind_a_job_over_a_preferred_size_waits_for_the_next_batch() -> None:
+    """The first job of a batch goes in whole, even past a preferred size; a run behind it
+    then has no room in that batch, and is not cut into requests that overfill it."""
+    model, answers = _Doubles(), _Answers()
+    config = ModelConfig(max_batch_size=64, max_batch_delay_ms=1, preferred_batch_sizes=[8])
+    batcher = _batcher(model, answers, config)
+    batcher.put(Job(make_ticket(b"{}", MSGPACK), {"x": np.ones((12, 4), np.float32)}, 12, None))
+    batcher.put_all([_run_job([1.0] * 30)])
+    await _until_outcomes(batcher, answers, 31)
+    assert model.batches[0] == 12
+    assert max(model.batches) <= 64
+    assert sum(model.batches) == 42

@@ -254,7 +254,10 @@ def test_a_run_of_several_body_lengths_gives_what_each_body_gives_alone(
         body[at % len(body)] = value
     run = [bytes(body) for body in bodies]
     tickets = _tickets(run)
-    assert _outcomes(tickets, intake.admit_all(tickets)) == _one_by_one(run)
+    admitted = intake.admit_all(tickets)
+    assert _outcomes(tickets, admitted) == _one_by_one(run)
+    firsts = [tickets.index(job.ticket) for job in admitted[0]]
+    assert firsts == sorted(firsts)  # queued in the order their requests came
 
 
 def test_a_run_laid_out_alike_is_read_as_one_array(monkeypatch: pytest.MonkeyPatch) -> None:

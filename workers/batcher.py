@@ -232,7 +232,7 @@ class Batcher:
             if rows + job.rows > limit:
                 # A run goes in as far as it fits, one request at least; another job waits
                 # for the next batch, unless this one is empty.
-                fits = (limit - rows) // job.each if len(job.run) > 1 else 0
+                fits = max(limit - rows, 0) // job.each if len(job.run) > 1 else 0
                 if fits == 0 and jobs:
                     queue.appendleft(job)
                     break

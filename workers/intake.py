@@ -163,24 +163,27 @@ class Intake:
     def _admit_by_length(
         self, tickets: Sequence[Ticket], lengths: Sequence[int]
     ) -> tuple[list[Job], list[Rejection | None]]:
-        """Bodies of several lengths: each length's group read together where it can be, in
-        the order of the group's first ticket; the rest one by one."""
+        """Bodies of several lengths: each length's group read together where it can be, the
+        rest one by one; the jobs in the order of their first tickets."""
         by_length: dict[int, list[int]] = {}
         for index, length in enumerate(lengths):
             by_length.setdefault(length, []).append(index)
-        jobs: list[Job] = []
+        placed: list[tuple[int, Job]] = []
         rejected: list[Rejection | None] = [None] * len(tickets)
         for members in by_length.values():
             group = [tickets[index] for index in members]
             run = self._read_together(group) if len(group) >= _TOGETHER else None
             if run is not None:
-                jobs.append(run)
+                placed.append((members[0], run))
                 continue
-            group_jobs, group_rejected = self._admit_each(group)
-            jobs += group_jobs
-            for index, rejection in zip(members, group_rejected, strict=True):
-                rejected[index] = rejection
-        return jobs, rejected
+            for index, ticket in zip(members, group, strict=True):
+                job = self._admit_alone(ticket)
+                if type(job) is Job:
+                    placed.append((index, job))
+                else:
+                    rejected[index] = job  # type: ignore[assignment]
+        placed.sort(key=lambda pair: pair[0])
+        return [job for _, job in placed], rejected
 
     def _admit_each(self, tickets: Sequence[Ticket]) -> tuple[list[Job], list[Rejection | None]]:
         jobs: list[Job] = []
