@@ -204,7 +204,8 @@ async def test_an_odd_length_request_is_not_starved_by_bucketing() -> None:
 
 
 class _Timed:
-    """A fixed-shape model that takes `delay` seconds and notes the thread it ran on."""
+    """A fixed-shape model that doubles its input in `delay` seconds, noting the thread it
+    ran on and each batch's rows."""
 
     inputs = (TensorSpec("x", "FP32", (4,)),)
     outputs = (TensorSpec("y", "FP32", (4,)),)
@@ -213,9 +214,11 @@ class _Timed:
         self.delay = 0.0
         self.delays: list[float] = []  # of the next calls, before `delay` again
         self.threads: list[str] = []
+        self.batches: list[int] = []
 
     def run(self, batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
         self.threads.append(threading.current_thread().name)
+        self.batches.append(len(batch["x"]))
         time.sleep(self.delays.pop(0) if self.delays else self.delay)
         return {"y": batch["x"] * 2}
 
@@ -642,15 +645,19 @@ def _refusing_batcher(model: _Refuses, answers: _Answers, budget: float) -> Batc
     return _batcher(model, answers, config, budget=budget)
 
 
-async def _one_batch(batcher: Batcher, answers: _Answers, bad: int, count: int = 8) -> None:
-    for i in range(count):
-        value = -1.0 if i == bad else 1.0
-        batcher.put(Job(make_ticket(b"{}"), {"x": np.full((1, 4), value, np.float32)}, 1, None))
+async def _until_outcomes(batcher: Batcher, answers: _Answers, count: int) -> None:
     batcher.start(on_crash=pytest.fail)
     async with asyncio.timeout(10):
         while len(answers.answered) + len(answers.failed) < count:
             await asyncio.sleep(0.01)
     await batcher.close()
+
+
+async def _one_batch(batcher: Batcher, answers: _Answers, bad: int, count: int = 8) -> None:
+    for i in range(count):
+        value = -1.0 if i == bad else 1.0
+        batcher.put(Job(make_ticket(b"{}"), {"x": np.full((1, 4), value, np.float32)}, 1, None))
+    await _until_outcomes(batcher, answers, count)
 
 
 async def test_a_timeout_error_a_model_raises_is_isolated_like_any_other_error() -> None:
@@ -708,25 +715,6 @@ class _BreaksItsDevice:
         raise DeviceFailed("cuda:0: CUDA error: device-side assert triggered")
 
 
-async def test_a_failed_device_answers_its_batch_and_leaves_the_queue_to_a_new_process() -> None:
-    model, answers = _BreaksItsDevice(), _Answers()
-    batcher = _batcher(model, answers, ModelConfig(max_batch_size=2, max_batch_delay_ms=1))
-    for _ in range(6):
-        batcher.put(Job(make_ticket(b"{}"), {"x": np.ones((1, 4), np.float32)}, 1, None))
-    crashes: list[BaseException] = []
-    batcher.start(on_crash=crashes.append)
-    async with asyncio.timeout(10):
-        while not crashes:
-            await asyncio.sleep(0.01)
-        await batcher.close()
-    assert model.calls == 1  # not split in halves: every later call would fail the same way
-    assert [type(exc) for exc in crashes] == [DeviceFailed]
-    assert [r.code for r in answers.failed] == [ErrorCode.MODEL_ERROR] * 2
-    assert "the device failed" in answers.failed[0].message
-    assert not answers.answered  # the other four are redelivered to the restarted worker
-    assert batcher.abandoned == 4  # shutdown does not wait for them
-
-
 async def test_a_drain_can_leave_what_will_never_settle() -> None:
     ledger = Ledger(100, 1 << 20)
     tickets = [make_ticket(b"{}") for _ in range(3)]
@@ -742,20 +730,6 @@ async def test_a_drain_can_leave_what_will_never_settle() -> None:
     assert ledger.offsets.committable() == {tickets[0].tp: 2}  # the third is left unread
 
 
-class _Doubles:
-    """Doubles a fixed-shape input, noting each batch's rows."""
-
-    inputs = (TensorSpec("x", "FP32", (4,)),)
-    outputs = (TensorSpec("y", "FP32", (4,)),)
-
-    def __init__(self) -> None:
-        self.batches: list[int] = []
-
-    def run(self, batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
-        self.batches.append(len(batch["x"]))
-        return {"y": batch["x"] * 2}
-
-
 def _run_job(values: list[float], name: str = "run") -> Job:
     """A run read together (`Intake.admit_all`): one single-row msgpack request per value."""
     bodies = [np.full(4, value, np.float32).tobytes() for value in values]
@@ -765,16 +739,8 @@ def _run_job(values: list[float], name: str = "run") -> Job:
     return Job(tickets[0], {"x": RawRows(bodies, 0, 16)}, len(tickets), None, run=tickets)
 
 
-async def _until_outcomes(batcher: Batcher, answers: _Answers, count: int) -> None:
-    batcher.start(on_crash=pytest.fail)
-    async with asyncio.timeout(10):
-        while len(answers.answered) + len(answers.failed) < count:
-            await asyncio.sleep(0.01)
-    await batcher.close()
-
-
 async def test_a_run_is_taken_as_far_as_a_batch_has_room_and_each_request_gets_its_rows() -> None:
-    model, answers = _Doubles(), _Answers()
+    model, answers = _Timed(), _Answers()
     batcher = _batcher(model, answers, ModelConfig(max_batch_size=8, max_batch_delay_ms=1))
     alone = Job(make_ticket(b"{}", MSGPACK), {"x": np.full((1, 4), -1, np.float32)}, 1, None)
     alone.ticket.request_id = "alone"
@@ -804,7 +770,7 @@ async def test_a_failing_request_inside_a_run_is_found_by_halving_the_run() -> N
 async def test_a_run_past_its_deadline_in_the_queue_is_answered_expired_request_by_request() -> (
     None
 ):
-    model, answers = _Doubles(), _Answers()
+    model, answers = _Timed(), _Answers()
     batcher = _batcher(model, answers)
     run = _run_job([1.0] * 5)
     for ticket in run.tickets:
@@ -815,24 +781,35 @@ async def test_a_run_past_its_deadline_in_the_queue_is_answered_expired_request_
     assert [rejection.code for rejection in answers.failed] == [ErrorCode.EXPIRED] * 5
 
 
-async def test_a_failed_device_leaves_the_rest_of_a_run_to_a_new_process() -> None:
+def _six_alone() -> list[Job]:
+    return [Job(make_ticket(b"{}"), {"x": np.ones((1, 4), np.float32)}, 1, None) for _ in range(6)]
+
+
+@pytest.mark.parametrize("queued", [_six_alone, lambda: [_run_job([1.0] * 6)]], ids=["jobs", "run"])
+async def test_a_failed_device_answers_its_batch_and_leaves_the_queue_to_a_new_process(
+    queued: Any,
+) -> None:
     model, answers = _BreaksItsDevice(), _Answers()
     batcher = _batcher(model, answers, ModelConfig(max_batch_size=2, max_batch_delay_ms=1))
-    batcher.put_all([_run_job([1.0] * 6)])
+    batcher.put_all(queued())
     crashes: list[BaseException] = []
     batcher.start(on_crash=crashes.append)
     async with asyncio.timeout(10):
         while not crashes:
             await asyncio.sleep(0.01)
         await batcher.close()
+    assert model.calls == 1  # not split in halves: every later call would fail the same way
+    assert [type(exc) for exc in crashes] == [DeviceFailed]
     assert [r.code for r in answers.failed] == [ErrorCode.MODEL_ERROR] * 2
-    assert batcher.abandoned == 4  # requests, not queued jobs
+    assert "the device failed" in answers.failed[0].message
+    assert not answers.answered  # the other four are redelivered to the restarted worker
+    assert batcher.abandoned == 4  # requests, not queued jobs: shutdown does not wait for them
 
 
 async def test_a_run_behind_a_job_over_a_preferred_size_waits_for_the_next_batch() -> None:
     """The first job of a batch goes in whole, even past a preferred size; a run behind it
     then has no room in that batch, and is not cut into requests that overfill it."""
-    model, answers = _Doubles(), _Answers()
+    model, answers = _Timed(), _Answers()
     config = ModelConfig(max_batch_size=64, max_batch_delay_ms=1, preferred_batch_sizes=[8])
     batcher = _batcher(model, answers, config)
     batcher.put(Job(make_ticket(b"{}", MSGPACK), {"x": np.ones((12, 4), np.float32)}, 12, None))
