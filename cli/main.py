@@ -9,6 +9,7 @@ import dataclasses
 import json
 import math
 import os
+import signal
 import sys
 from collections import Counter
 from collections.abc import Awaitable, Callable, Iterator
@@ -122,6 +123,9 @@ def _broker(args: argparse.Namespace) -> int:
         process = start_noida(args.data_dir, args.port)
     except (NoidaError, OSError) as exc:  # OSError: a --data-dir that cannot be made
         return _fail(str(exc))
+    # A service manager stops it with SIGTERM: the broker, in a process group of its own,
+    # would outlive this process (holding the port and its data) unless stopped here too.
+    signal.signal(signal.SIGTERM, signal.default_int_handler)
     print(
         f"embedded broker (noida-db) on 127.0.0.1:{args.port}, data in {args.data_dir}; "
         "Ctrl-C stops it"

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+import signal
 import subprocess
 import sys
 import time
@@ -11,6 +12,7 @@ from pathlib import Path
 
 import pytest
 
+from surge.broker import _port_taken
 from tests.conftest import WorkerProcess, topic_of, worker_env
 from tests.services import free_port
 
@@ -163,6 +165,31 @@ def test_broker_refuses_a_port_another_broker_holds(kafka: str, tmp_path: Path) 
     assert "embedded broker" not in out.stdout
     assert f"port {port} is already in use" in out.stderr
     assert "Traceback" not in out.stderr
+
+
+@pytest.mark.parametrize("stop", [signal.SIGTERM, signal.SIGINT], ids=["SIGTERM", "SIGINT"])
+def test_a_stopped_broker_command_stops_its_broker(tmp_path: Path, stop: signal.Signals) -> None:
+    """The broker runs in a process group of its own: stopped with SIGTERM (as a service
+    manager stops it) as with Ctrl-C, `surge broker` stops it, port and data with it."""
+    port = free_port()
+    data = tmp_path / "noida"
+    process = subprocess.Popen(
+        [sys.executable, "-m", "surge", "broker", "--port", str(port), "--data-dir", str(data)],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+    )
+    try:
+        assert process.stdout is not None
+        assert "embedded broker" in process.stdout.readline().decode()  # serving by now
+        process.send_signal(stop)
+        assert process.wait(30) == 0
+        deadline = time.monotonic() + 10
+        while _port_taken(port):
+            assert time.monotonic() < deadline, f"the broker still holds port {port}"
+            time.sleep(0.1)
+    finally:
+        process.kill()
+        process.wait()
 
 
 def test_demo_stops_at_once_when_its_worker_dies(tmp_path: Path) -> None:
