@@ -150,15 +150,15 @@ class Intake:
         Bodies of one length that a learned layout reads are checked together, as the rows
         of one array, and become one job (`Job.run`); the others, and any such group that is
         not laid out alike throughout, go one by one."""
-        if self._laid_out is not None and tickets[0].content_type == MSGPACK:
-            lengths = [len(ticket.value) for ticket in tickets]
-            if len(tickets) >= _TOGETHER and min(lengths) == max(lengths):
-                run = self._read_together(tickets)  # one producer's requests, usually
-                if run is not None:
-                    return [run], [None] * len(tickets)
-            elif len(tickets) >= _TOGETHER:
-                return self._admit_by_length(tickets, lengths)
-        return self._admit_each(tickets)
+        if self._laid_out is None or tickets[0].content_type != MSGPACK or len(tickets) < _TOGETHER:
+            return self._admit_each(tickets)
+        lengths = [len(ticket.value) for ticket in tickets]
+        if min(lengths) != max(lengths):
+            return self._admit_by_length(tickets, lengths)
+        run = self._read_together(tickets)  # one producer's requests, usually
+        if run is None:
+            return self._admit_each(tickets)
+        return [run], [None] * len(tickets)
 
     def _admit_by_length(
         self, tickets: Sequence[Ticket], lengths: Sequence[int]
