@@ -37,7 +37,7 @@ def _outcome(result: Job | Rejection) -> tuple[object, ...]:
 
 
 def _outcomes(
-    tickets: list[Ticket], admitted: tuple[list[Job], list[Rejection | None]]
+    tickets: list[Ticket], admitted: tuple[list[Job], list[tuple[Ticket, Rejection]]]
 ) -> list[tuple[object, ...]]:
     """Each ticket's outcome from `Intake.admit_all`, in the tickets' order: a run's requests
     each with their own rows."""
@@ -52,11 +52,10 @@ def _outcomes(
                 for name, rows in job.inputs.items()
             }
             outcomes[id(ticket)] = ("job", ticket.request_id, job.each, inputs, job.outputs)
-    assert len(outcomes) + sum(r is not None for r in rejected) == len(tickets)
-    return [
-        ("rejected", rejection.code) if rejection is not None else outcomes[id(ticket)]
-        for ticket, rejection in zip(tickets, rejected, strict=True)
-    ]
+    for ticket, rejection in rejected:
+        outcomes[id(ticket)] = ("rejected", rejection.code)
+    assert sum(len(job.tickets) for job in jobs) + len(rejected) == len(outcomes) == len(tickets)
+    return [outcomes[id(ticket)] for ticket in tickets]
 
 
 def _both(intake: Intake, body: bytes) -> tuple[tuple[object, ...], tuple[object, ...]]:
@@ -268,7 +267,7 @@ def test_a_run_laid_out_alike_is_read_as_one_array(monkeypatch: pytest.MonkeyPat
     numbers = range(1, _TOGETHER + 1)
     tickets = _tickets([_body(f"req-{n:04d}", fill=float(n)) for n in numbers])
     jobs, rejected = intake.admit_all(tickets)
-    assert rejected == [None] * len(tickets)
+    assert not rejected
     (job,) = jobs  # one job for the whole run
     assert list(job.tickets) == tickets
     assert (job.rows, job.each) == (len(tickets), 1)

@@ -72,20 +72,12 @@ class Job:
     def split(self, count: int) -> tuple[Job, Job]:
         """A run's first `count` requests, and the rest, as jobs of their own."""
         assert 0 < count < len(self.run)
-        each = self.each
-        head, tail = self.run[:count], self.run[count:]
-        parts = [
-            Job(
-                tickets[0],
-                {name: rows[which] for name, rows in self.inputs.items()},  # type: ignore[index]
-                len(tickets) * each,
-                self.outputs,
-                self.length,
-                tickets,
-            )
-            for tickets, which in ((head, slice(None, count)), (tail, slice(count, None)))
-        ]
-        return parts[0], parts[1]
+        return self._part(slice(None, count)), self._part(slice(count, None))
+
+    def _part(self, which: slice) -> Job:
+        tickets = self.run[which]
+        inputs = {name: rows[which] for name, rows in self.inputs.items()}  # type: ignore[index]
+        return Job(tickets[0], inputs, len(tickets) * self.each, self.outputs, self.length, tickets)
 
 
 class _Reject(Exception):
@@ -144,12 +136,14 @@ class Intake:
                 return Job(ticket, {self._laid_out: data}, layout.rows, None)
         return self._admit(ticket)
 
-    def admit_all(self, tickets: Sequence[Ticket]) -> tuple[list[Job], list[Rejection | None]]:
+    def admit_all(
+        self, tickets: Sequence[Ticket]
+    ) -> tuple[list[Job], list[tuple[Ticket, Rejection]]]:
         """`admit` for a run of tickets routed alike (`Router.clean_tickets`), each given its
-        id here: the jobs to queue, in order, and each ticket's rejection (None if queued).
-        Bodies of one length that a learned layout reads are checked together, as the rows
-        of one array, and become one job (`Job.run`); the others, and any such group that is
-        not laid out alike throughout, go one by one."""
+        id here: the jobs to queue, in order, and the tickets rejected, with why. Bodies of
+        one length that a learned layout reads are checked together, as the rows of one
+        array, and become one job (`Job.run`); the others, and any such group that is not
+        laid out alike throughout, go one by one."""
         if self._laid_out is None or tickets[0].content_type != MSGPACK or len(tickets) < _TOGETHER:
             return self._admit_each(tickets)
         lengths = [len(ticket.value) for ticket in tickets]
@@ -158,43 +152,41 @@ class Intake:
         run = self._read_together(tickets)  # one producer's requests, usually
         if run is None:
             return self._admit_each(tickets)
-        return [run], [None] * len(tickets)
+        return [run], []
 
     def _admit_by_length(
         self, tickets: Sequence[Ticket], lengths: Sequence[int]
-    ) -> tuple[list[Job], list[Rejection | None]]:
+    ) -> tuple[list[Job], list[tuple[Ticket, Rejection]]]:
         """Bodies of several lengths: each length's group read together where it can be, the
         rest one by one; the jobs in the order of their first tickets."""
-        by_length: dict[int, list[int]] = {}
-        for index, length in enumerate(lengths):
-            by_length.setdefault(length, []).append(index)
-        placed: list[tuple[int, Job]] = []
-        rejected: list[Rejection | None] = [None] * len(tickets)
-        for members in by_length.values():
-            group = [tickets[index] for index in members]
+        by_length: dict[int, list[Ticket]] = {}
+        for ticket, length in zip(tickets, lengths, strict=True):
+            by_length.setdefault(length, []).append(ticket)
+        jobs: list[Job] = []
+        rejected: list[tuple[Ticket, Rejection]] = []
+        for group in by_length.values():
             run = self._read_together(group) if len(group) >= _TOGETHER else None
             if run is not None:
-                placed.append((members[0], run))
+                jobs.append(run)
                 continue
-            for index, ticket in zip(members, group, strict=True):
-                job = self._admit_alone(ticket)
-                if type(job) is Job:
-                    placed.append((index, job))
-                else:
-                    rejected[index] = job  # type: ignore[assignment]
-        placed.sort(key=lambda pair: pair[0])
-        return [job for _, job in placed], rejected
+            group_jobs, group_rejected = self._admit_each(group)
+            jobs += group_jobs
+            rejected += group_rejected
+        position = {id(ticket): index for index, ticket in enumerate(tickets)}
+        jobs.sort(key=lambda job: position[id(job.ticket)])
+        return jobs, rejected
 
-    def _admit_each(self, tickets: Sequence[Ticket]) -> tuple[list[Job], list[Rejection | None]]:
+    def _admit_each(
+        self, tickets: Sequence[Ticket]
+    ) -> tuple[list[Job], list[tuple[Ticket, Rejection]]]:
         jobs: list[Job] = []
-        rejected: list[Rejection | None] = []
+        rejected: list[tuple[Ticket, Rejection]] = []
         for ticket in tickets:
             job = self._admit_alone(ticket)
             if type(job) is Job:
                 jobs.append(job)
-                rejected.append(None)
             else:
-                rejected.append(job)  # type: ignore[arg-type]
+                rejected.append((ticket, job))  # type: ignore[arg-type]
         return jobs, rejected
 
     def _read_together(self, tickets: Sequence[Ticket]) -> Job | None:

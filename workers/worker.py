@@ -463,10 +463,8 @@ class Worker:
             return False
         self._ledger.admit_all(tickets)
         try:
-            if rejected.count(None) < len(rejected):
-                for ticket, rejection in zip(tickets, rejected, strict=True):
-                    if rejection is not None:
-                        self._reject(ticket, rejection)
+            for ticket, rejection in rejected:
+                self._reject(ticket, rejection)
             row_bytes = served.intake.result_row_bytes
             for job in jobs:
                 self._ledger.hold_all(job.tickets, [job.each * row_bytes] * len(job.tickets))
