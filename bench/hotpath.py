@@ -32,10 +32,9 @@ from surge.config import load_settings
 from surge.examples import MLP_FEATURES, write_mlp
 from surge.workers.ledger import Ledger
 from surge.workers.logs import configure
-from surge.workers.partitioning import key_partitions
 from surge.workers.tasks import Outbox
 from surge.workers.worker import Worker, collect_young_less_often
-from surge.workers.writes import Write
+from surge.workers.writes import Records, Write, by_topic, split_by_key
 from tests.helpers import mlp_fetch, serving_worker
 
 console = Console()
@@ -56,21 +55,17 @@ class RecordBatches:
 
     async def run(self) -> None:
         while True:
-            writes: list[Write] = await self.outbox.take()
-            partitions = key_partitions([w.key for w in writes], list(range(PARTITIONS)))
-            groups: dict[int, list[Write]] = {}
-            for write, partition in zip(writes, partitions, strict=True):
-                groups.setdefault(partition, []).append(write)
+            items: list[Write | Records] = await self.outbox.take()
             now_ms = int(time.time() * 1000)
-            for group in groups.values():
-                batch = BatchBuilder(256 * 1024, 0)
-                for write in group:
-                    batch.append(
-                        key=write.key, value=write.value, timestamp=now_ms, headers=write.headers
-                    )
-                self.bytes += batch.size()
-            self.replies += len(writes)
-            self._ledger.settle_all([write.ticket for write in writes])
+            for records in by_topic(items).values():
+                for part in split_by_key(records, range(PARTITIONS)).values():
+                    batch = BatchBuilder(256 * 1024, 0)
+                    columns = zip(part.keys, part.values, part.headers, strict=True)
+                    for key, value, fields in columns:
+                        batch.append(key=key, value=value, timestamp=now_ms, headers=fields)
+                    self.bytes += batch.size()
+                self.replies += len(records)
+                self._ledger.settle_all(records.tickets)
 
 
 async def _assemble(model_root: Path) -> tuple[Worker, RecordBatches]:

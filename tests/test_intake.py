@@ -17,7 +17,7 @@ from surge.producers import request_body, request_headers
 from surge.schemas import MSGPACK, headers
 from surge.workers.ledger import Ledger
 from surge.workers.tasks import Outbox
-from surge.workers.writes import Write
+from surge.workers.writes import Records, Write
 from tests.helpers import mlp_fetch, serving_worker
 
 TOPIC = "requests"
@@ -44,7 +44,12 @@ class _Serving:
 
     async def _acknowledge(self) -> None:
         while True:
-            writes: list[Write] = await self.outbox.take()
+            items: list[Write | Records] = await self.outbox.take()
+            writes = [
+                write
+                for item in items
+                for write in (item.all_writes() if isinstance(item, Records) else [item])
+            ]
             self.written.extend(writes)
             self.ledger.settle_all([w.ticket for w in writes])
 

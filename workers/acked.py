@@ -22,6 +22,7 @@ from surge.workers.tasks import Outbox, supervised
 from surge.workers.writes import (
     RETRY_MAX_S,
     NoSuchTopic,
+    Records,
     RetryPolicy,
     Sent,
     TopicLookup,
@@ -58,7 +59,7 @@ class AckedWrites:
         self._retry = retry
         self._on_crash = on_crash
         self._outbox = Outbox()
-        self.put: Callable[[Write], None] = self._outbox.put
+        self.put: Callable[[Write | Records], None] = self._outbox.put
         self._task: asyncio.Task[None] | None = None
         self._side_sends: set[asyncio.Task[None]] = set()
         self._handing: dict[tuple[str, int], asyncio.Task[None]] = {}  # the last, per partition
@@ -79,10 +80,10 @@ class AckedWrites:
 
     async def _loop(self) -> None:
         while True:
-            writes: list[Write] = await self._outbox.take()
+            items: list[Write | Records] = await self._outbox.take()
             if self._stale and time.monotonic() - self._renewed_at > _RENEW_EVERY_S:
                 await self._renew()
-            groups, unknown = by_partition(self.producer, writes)
+            groups, unknown = by_partition(self.producer, items)
             for write in unknown:
                 # Waiting for an unknown topic's metadata can take request_timeout_ms: do it
                 # aside, so one bad reply topic never holds up everyone else's results.
@@ -104,11 +105,11 @@ class AckedWrites:
         if not task.cancelled() and (exc := task.exception()) is not None:
             self._on_crash(exc)  # a bug: its write would never settle, unseen
 
-    def _hand_over(self, key: tuple[str, int], writes: list[Write]) -> asyncio.Task[None] | None:
-        """Send a partition's writes after its earlier ones, in order; the task to wait for,
+    def _hand_over(self, key: tuple[str, int], records: Records) -> asyncio.Task[None] | None:
+        """Send a partition's records after its earlier ones, in order; the task to wait for,
         or None when the partition is still behind."""
         behind = self._handing.get(key)
-        task = asyncio.create_task(self._send(*key, writes, after=behind))
+        task = asyncio.create_task(self._send(*key, records, after=behind))
         self._handing[key] = task
         task.add_done_callback(functools.partial(self._handed, key))
         return None if behind else task
@@ -120,11 +121,11 @@ class AckedWrites:
             self._on_crash(exc)  # a bug: refusals come back as values, not raised
 
     async def _send(
-        self, topic: str, partition: int, writes: list[Write], after: asyncio.Task[None] | None
+        self, topic: str, partition: int, records: Records, after: asyncio.Task[None] | None
     ) -> None:
         if after is not None:
             await asyncio.wait([after])  # its outcome is its own
-        for sent in await send_batches(self.producer, topic, partition, writes):
+        for sent in await send_batches(self.producer, topic, partition, records):
             self._watch(sent)
 
     async def _look_up(self, write: Write) -> None:
@@ -147,21 +148,21 @@ class AckedWrites:
         self.put(write)
 
     def _watch(self, sent: Sent) -> None:
-        writes, delivery = sent
+        records, delivery = sent
         if isinstance(delivery, BaseException):
-            self._refused(writes, delivery)
+            self._refused(records, delivery)
             return
-        delivery.add_done_callback(lambda done: self._delivered(writes, done))
+        delivery.add_done_callback(lambda done: self._delivered(records, done))
 
-    def _delivered(self, writes: list[Write], delivery: asyncio.Future[Any]) -> None:
+    def _delivered(self, records: Records, delivery: asyncio.Future[Any]) -> None:
         exc = None if delivery.cancelled() else delivery.exception()
         if delivery.cancelled() or exc is not None:
             if isinstance(exc, KafkaError) and not exc.retriable:
                 self._stale = True  # the broker refused the batch for good: see `_renew`
-            self._refused(writes, exc or KafkaTimeoutError("delivery cancelled"))
+            self._refused(records, exc or KafkaTimeoutError("delivery cancelled"))
             return
-        self._ledger.settle_all([write.ticket for write in writes])
-        metrics.outcomes_durable("kafka", (write.ticket.received for write in writes))
+        self._ledger.settle_all(records.tickets)
+        metrics.outcomes_durable("kafka", (ticket.received for ticket in records.tickets))
 
     async def _renew(self) -> None:
         """aiokafka's idempotent producer keeps the sequence numbers of a batch the broker
@@ -181,14 +182,14 @@ class AckedWrites:
         log.info("producer_renewed")
         self._aside(_stop(retired))
 
-    def _refused(self, writes: list[Write], exc: BaseException) -> None:
-        if isinstance(exc, MessageSizeTooLargeError) and len(writes) > 1:
+    def _refused(self, records: Records, exc: BaseException) -> None:
+        if isinstance(exc, MessageSizeTooLargeError) and len(records) > 1:
             # The batch was over the topic's limit, not necessarily any one result in it.
-            for write in writes:
+            for write in records.all_writes():
                 write.alone = True
                 self.put(write)
             return
-        for write in writes:
+        for write in records.all_writes():
             self._failed(write, exc)
 
     def _failed(self, write: Write, exc: BaseException) -> None:

@@ -24,7 +24,14 @@ from surge.workers import metrics
 from surge.workers.ledger import Ledger
 from surge.workers.tasks import Outbox, supervised
 from surge.workers.tickets import Rejection, Ticket
-from surge.workers.writes import RETRY_FIRST_S, RETRY_MAX_S, Write, dead_letter
+from surge.workers.writes import (
+    RETRY_FIRST_S,
+    RETRY_MAX_S,
+    Headers,
+    Records,
+    Write,
+    dead_letter,
+)
 
 log = structlog.get_logger("surge.replies")
 
@@ -89,7 +96,7 @@ _UNAVAILABLE_CODES = tuple(
 class Replies:
     def __init__(
         self,
-        kafka: Callable[[Write], None],
+        kafka: Callable[[Write | Records], None],
         redis: Redis | None,
         ledger: Ledger,
         *,
@@ -108,7 +115,7 @@ class Replies:
         self._redis_box = Outbox()
         self._set_and_publish = redis.register_script(_SET_AND_PUBLISH) if redis else None
         # Result headers but the request id, by (status, content type, model, error code).
-        self._common_headers: dict[tuple[Any, ...], list[tuple[str, bytes | None]]] = {}
+        self._common_headers: dict[tuple[Any, ...], Headers] = {}
         self._task: asyncio.Task[None] | None = None
 
     def start(self) -> None:
@@ -135,31 +142,35 @@ class Replies:
 
     def ok_bodies(self, tickets: Sequence[Ticket], bodies: Sequence[bytes]) -> None:
         """`ok_body` for a batch's tickets, in order: their result headers decided once for
-        each model and content type, their bodies held in the ledger at once."""
-        writes: list[Write] = []
-        sizes: list[int] = []
+        each model and content type, their bodies held in the ledger at once, and the
+        results for each reply topic handed over as one `Records`."""
+        by_topic: dict[str, Records] = {}
+        records: Records | None = None
         content_type = model = None
-        common: list[tuple[str, bytes | None]] = []
+        common: Headers = []
         for ticket, body in zip(tickets, bodies, strict=True):
             reply_to = ticket.reply_to
             if ticket.answered or reply_to is None or reply_to == REPLY_TO_REDIS:
                 self.ok_body(ticket, body)  # the rarer ways, as one at a time takes them
                 continue
             ticket.answered = True
-            sizes.append(len(body))
+            if records is None or reply_to != records.topic:
+                records = by_topic.get(reply_to)
+                if records is None:
+                    records = by_topic[reply_to] = Records(reply_to)
             if ticket.content_type != content_type or ticket.model != model:
                 content_type, model = ticket.content_type, ticket.model
                 common = self._headers(Status.OK, content_type, model, None)
             raw_id = ticket.request_id.encode()
-            result_headers = [(headers.REQUEST_ID, raw_id), *common]
-            writes.append(
-                Write(ticket, reply_to, body, result_headers, False, ticket.key or raw_id)
-            )
-        # Held before they are handed over: a sink may settle a write at once.
-        self._ledger.hold_all([write.ticket for write in writes], sizes)
-        put = self._put
-        for write in writes:
-            put(write)
+            records.tickets.append(ticket)
+            records.keys.append(ticket.key or raw_id)
+            records.values.append(body)
+            records.headers.append([(headers.REQUEST_ID, raw_id), *common])
+        for records in by_topic.values():
+            records.writes = [None] * len(records.tickets)
+            # Held before they are handed over: a sink may settle them at once.
+            self._ledger.hold_all(records.tickets, list(map(len, records.values)))
+            self._put(records)
 
     def error(self, ticket: Ticket, rejection: Rejection) -> None:
         """An error result to the reply target, or a dead letter when there is none."""
@@ -192,7 +203,7 @@ class Replies:
 
     def _headers(
         self, status: Status, content_type: str, model: str | None, code: ErrorCode | None
-    ) -> list[tuple[str, bytes | None]]:
+    ) -> Headers:
         """A result's headers but its request id."""
         key = (status, content_type, model, code)
         common = self._common_headers.get(key)

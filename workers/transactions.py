@@ -36,6 +36,7 @@ from surge.workers import metrics
 from surge.workers.ledger import Ledger
 from surge.workers.writes import (
     NoSuchTopic,
+    Records,
     RetryPolicy,
     Sent,
     TopicLookup,
@@ -99,8 +100,12 @@ class Transactions:
         self._partitions: dict[TopicPartition, _Partition] = {}
         self._lookup = TopicLookup(producer_options, _METADATA_WAIT_S)
 
-    def buffer(self, write: Write) -> None:
+    def buffer(self, write: Write | Records) -> None:
         """Hold an outcome for its partition's next transaction; its offset may now commit."""
+        if isinstance(write, Records):  # outcomes of many partitions: each goes to its own
+            for one in write.all_writes():
+                self.buffer(one)
+            return
         state = self._partitions.get(write.ticket.tp)
         if state is None or state.fenced or not self._ledger.current(write.ticket):
             # Revoked since it was read (perhaps assigned again): whoever owns the partition
@@ -241,13 +246,14 @@ class Transactions:
                     continue
                 except KafkaError as exc:
                     delivery = exc
-            if isinstance(delivery, MessageSizeTooLargeError) and len(members) > 1:
+            batch = members.all_writes()  # each the Write it was buffered as
+            if isinstance(delivery, MessageSizeTooLargeError) and len(batch) > 1:
                 # The batch was over the topic's limit, not necessarily any one result in it:
                 # in the next transaction each goes in a batch of its own.
-                for write in members:
+                for write in batch:
                     write.alone = True
-                delivery = KafkaTimeoutError(f"a batch of {len(members)} over the size limit")
-            failures += [(w, delivery) for w in members]
+                delivery = KafkaTimeoutError(f"a batch of {len(batch)} over the size limit")
+            failures += [(w, delivery) for w in batch]
         return failures
 
     async def _has_topic(self, producer: AIOKafkaProducer, topic: str) -> bool:

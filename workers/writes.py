@@ -1,5 +1,5 @@
-"""Kafka writes: one record to produce and the ticket it settles, and the way many of them
-go out as record batches.
+"""Kafka writes: a record to produce and the ticket it settles (`Write`), a batch's records as
+columns (`Records`), and the way they go out as record batches.
 
 Per-message `send()` costs several times more than the model does for a small request, so
 writes are grouped by target (topic, partition) and enqueued as whole record batches. Both
@@ -11,8 +11,8 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import time
-from collections.abc import Callable
-from dataclasses import dataclass
+from collections.abc import Callable, Iterable, Sequence
+from dataclasses import dataclass, field
 from typing import Any
 
 import structlog
@@ -42,8 +42,9 @@ _DEAD_LETTER_HEADERS = (
     headers.SOURCE_OFFSET,
 )
 
-# The writes of one enqueued record batch, and its delivery future or the error that refused it.
-Sent = tuple[list["Write"], "asyncio.Future[Any] | BaseException"]
+Headers = list[tuple[str, bytes | None]]
+# The records of one enqueued record batch, and its delivery future or the error that refused it.
+Sent = tuple["Records", "asyncio.Future[Any] | BaseException"]
 
 
 @dataclass(slots=True)
@@ -53,7 +54,7 @@ class Write:
     ticket: Ticket
     topic: str
     value: bytes
-    headers: list[tuple[str, bytes | None]]
+    headers: Headers
     dead_letter: bool
     key: bytes = b""  # none given: the ticket's own (results join by key)
     first_failure: float | None = None  # monotonic time of the first failed attempt
@@ -66,62 +67,165 @@ class Write:
             self.key = self.ticket.key or self.ticket.request_id.encode()
 
 
+@dataclass(slots=True, eq=False)
+class Records:
+    """Records to produce to one topic, as columns, and the tickets they settle.
+
+    A batch's results travel as one of these, not as a `Write` each: per result that is a few
+    list appends instead of an object, from `Replies` to the record batch. A record that has a
+    `Write` (a retry, a dead letter) keeps it in `writes`, with its attempts' state; a first
+    attempt has None there, and gets a `Write` only if it fails (`write`).
+    """
+
+    topic: str
+    tickets: list[Ticket] = field(default_factory=list)
+    keys: list[bytes] = field(default_factory=list)
+    values: list[bytes] = field(default_factory=list)
+    headers: list[Headers] = field(default_factory=list)
+    writes: list[Write | None] = field(default_factory=list)
+
+    def __len__(self) -> int:
+        return len(self.tickets)
+
+    def add(self, write: Write) -> None:
+        self.tickets.append(write.ticket)
+        self.keys.append(write.key)
+        self.values.append(write.value)
+        self.headers.append(write.headers)
+        self.writes.append(write)
+
+    def extend(self, other: Records) -> None:
+        self.tickets += other.tickets
+        self.keys += other.keys
+        self.values += other.values
+        self.headers += other.headers
+        self.writes += other.writes
+
+    def pick(self, indices: list[int]) -> Records:
+        """The records at these positions, in their order."""
+        return Records(
+            self.topic,
+            [self.tickets[i] for i in indices],
+            [self.keys[i] for i in indices],
+            [self.values[i] for i in indices],
+            [self.headers[i] for i in indices],
+            [self.writes[i] for i in indices],
+        )
+
+    def part(self, start: int, end: int) -> Records:
+        if start == 0 and end == len(self.tickets):
+            return self
+        return Records(
+            self.topic,
+            self.tickets[start:end],
+            self.keys[start:end],
+            self.values[start:end],
+            self.headers[start:end],
+            self.writes[start:end],
+        )
+
+    def write(self, index: int) -> Write:
+        """The record's `Write`, made for it now if this is its first attempt."""
+        write = self.writes[index]
+        if write is None:
+            write = self.writes[index] = Write(
+                self.tickets[index],
+                self.topic,
+                self.values[index],
+                self.headers[index],
+                False,
+                self.keys[index],
+            )
+        return write
+
+    def all_writes(self) -> list[Write]:
+        return [self.write(index) for index in range(len(self.tickets))]
+
+
 def by_partition(
-    producer: AIOKafkaProducer, writes: list[Write]
-) -> tuple[dict[tuple[str, int], list[Write]], list[Write]]:
-    """Writes by the (topic, partition) Kafka's default partitioner gives their keys; writes to
-    topics whose metadata this producer does not hold yet come back apart."""
+    producer: AIOKafkaProducer, items: Iterable[Write | Records]
+) -> tuple[dict[tuple[str, int], Records], list[Write]]:
+    """Records by the (topic, partition) Kafka's default partitioner gives their keys; writes
+    to topics whose metadata this producer does not hold yet come back apart. `Records` given
+    are taken over, not copied."""
     cluster = producer.client.cluster
-    by_topic: dict[str, list[Write]] = {}
-    for write in writes:
-        by_topic.setdefault(write.topic, []).append(write)
-    groups: dict[tuple[str, int], list[Write]] = {}
+    groups: dict[tuple[str, int], Records] = {}
     unknown: list[Write] = []
-    for topic, members in by_topic.items():
+    for topic, records in by_topic(items).items():
         known = cluster.partitions_for_topic(topic)
         if not known:
-            unknown += members
+            unknown += records.all_writes()
             continue
-        chosen = key_partitions([w.key for w in members], sorted(known))
-        for write, partition in zip(members, chosen, strict=True):
-            groups.setdefault((topic, partition), []).append(write)
+        for partition, part in split_by_key(records, sorted(known)).items():
+            groups[topic, partition] = part
     return groups, unknown
 
 
+def by_topic(items: Iterable[Write | Records]) -> dict[str, Records]:
+    """The items' records by topic, in order; `Records` given are taken over, not copied."""
+    topics: dict[str, Records] = {}
+    for item in items:
+        records = topics.get(item.topic)
+        if isinstance(item, Records):
+            if records is None:
+                topics[item.topic] = item
+            else:
+                records.extend(item)
+            continue
+        if records is None:
+            records = topics[item.topic] = Records(item.topic)
+        records.add(item)
+    return topics
+
+
+def split_by_key(records: Records, partitions: Sequence[int]) -> dict[int, Records]:
+    """The records by the partition the default partitioner picks for their keys."""
+    chosen = key_partitions(records.keys, partitions)
+    first = chosen[0]
+    if chosen.count(first) == len(chosen):  # one partition: a client's reply topic, usually
+        return {first: records}
+    picks: dict[int, list[int]] = {}
+    for index, partition in enumerate(chosen):
+        picks.setdefault(partition, []).append(index)
+    return {partition: records.pick(indices) for partition, indices in picks.items()}
+
+
 async def send_batches(
-    producer: AIOKafkaProducer, topic: str, partition: int, writes: list[Write]
+    producer: AIOKafkaProducer, topic: str, partition: int, records: Records
 ) -> list[Sent]:
-    """Enqueue the writes of one partition as few record batches as fit."""
+    """Enqueue the records of one partition as few record batches as fit."""
     now_ms = int(time.time() * 1000)
     sent: list[Sent] = []
-    batch, members = producer.create_batch(), []
-    for write in writes:
-        fits = not write.alone and batch.append(
-            key=write.key, value=write.value, timestamp=now_ms, headers=write.headers
-        )
-        if not fits:  # full, or this one goes alone: ship what is in it and start the next
-            if members:
-                sent.append(await _send_batch(producer, batch, topic, partition, members))
-                batch, members = producer.create_batch(), []
-            # An empty batch takes any record; one over the broker's limit is refused there.
-            batch.append(key=write.key, value=write.value, timestamp=now_ms, headers=write.headers)
-            if write.alone:
-                sent.append(await _send_batch(producer, batch, topic, partition, [write]))
-                batch = producer.create_batch()
-                continue
-        members.append(write)
-    if members:
-        sent.append(await _send_batch(producer, batch, topic, partition, members))
+    batch, start = producer.create_batch(), 0  # `start`: the first record in `batch`
+    columns = zip(records.keys, records.values, records.headers, records.writes, strict=True)
+    for index, (key, value, fields, write) in enumerate(columns):
+        alone = write is not None and write.alone
+        if not alone and batch.append(key=key, value=value, timestamp=now_ms, headers=fields):
+            continue
+        # Full, or this one goes alone: ship what is in it and start the next.
+        if index > start:
+            part = records.part(start, index)
+            sent.append(await _send_batch(producer, batch, topic, partition, part))
+            batch, start = producer.create_batch(), index
+        # An empty batch takes any record; one over the broker's limit is refused there.
+        batch.append(key=key, value=value, timestamp=now_ms, headers=fields)
+        if alone:
+            part = records.part(index, index + 1)
+            sent.append(await _send_batch(producer, batch, topic, partition, part))
+            batch, start = producer.create_batch(), index + 1
+    if start < len(records):
+        part = records.part(start, len(records))
+        sent.append(await _send_batch(producer, batch, topic, partition, part))
     return sent
 
 
 async def _send_batch(
-    producer: AIOKafkaProducer, batch: Any, topic: str, partition: int, writes: list[Write]
+    producer: AIOKafkaProducer, batch: Any, topic: str, partition: int, records: Records
 ) -> Sent:
     try:
-        return writes, await producer.send_batch(batch, topic, partition=partition)
+        return records, await producer.send_batch(batch, topic, partition=partition)
     except KafkaError as exc:
-        return writes, exc
+        return records, exc
 
 
 class NoSuchTopic(KafkaError):

@@ -1,0 +1,98 @@
+"""A batch's results as one `Records`: split by partition and into record batches without
+losing, reordering or repeating any, and a `Write` made only for a record that needs one."""
+
+from __future__ import annotations
+
+import asyncio
+from types import SimpleNamespace
+from typing import Any
+
+from surge.workers.partitioning import key_partitions
+from surge.workers.writes import Records, Write, by_topic, send_batches, split_by_key
+from tests.helpers import make_ticket
+
+
+def _records(topic: str, count: int, start: int = 0) -> Records:
+    records = Records(topic)
+    for offset in range(start, start + count):
+        ticket = make_ticket(b"{}")
+        ticket.offset = offset
+        records.tickets.append(ticket)
+        records.keys.append(f"id-{offset}".encode())
+        records.values.append(f"result-{offset}".encode())
+        records.headers.append([("surge-request-id", f"id-{offset}".encode())])
+    records.writes = [None] * count
+    return records
+
+
+class _Producer:
+    """Record batches of at most `size` records, as plain objects: what went in each."""
+
+    def __init__(self, size: int) -> None:
+        self.size = size
+        self.sent: list[list[bytes]] = []
+
+    def create_batch(self) -> Any:
+        values: list[bytes] = []
+
+        def append(*, key: bytes, value: bytes, timestamp: int, headers: Any) -> bool:
+            if len(values) >= self.size:
+                return False
+            values.append(value)
+            return True
+
+        return SimpleNamespace(append=append, values=values)
+
+    async def send_batch(self, batch: Any, topic: str, partition: int) -> asyncio.Future[None]:
+        self.sent.append(batch.values)
+        return asyncio.get_running_loop().create_future()
+
+
+async def test_records_fill_record_batches_in_order_each_part_with_its_own_tickets() -> None:
+    records = _records("replies", 10)
+    lonely = records.write(4)
+    lonely.alone = True  # over the size limit in a batch with others before: alone now
+    producer = _Producer(size=3)
+    sent = await send_batches(producer, "replies", 0, records)  # type: ignore[arg-type]
+    expected = [[0, 1, 2], [3], [4], [5, 6, 7], [8, 9]]
+    assert producer.sent == [[f"result-{i}".encode() for i in batch] for batch in expected]
+    assert [[t.offset for t in part.tickets] for part, _ in sent] == expected
+    assert sent[2][0].writes == [lonely]  # its own Write, with its attempts' state
+
+
+def test_a_first_attempt_gets_a_write_only_when_asked_and_keeps_it() -> None:
+    records = _records("replies", 3)
+    assert records.writes == [None, None, None]
+    write = records.write(1)
+    assert (write.ticket, write.topic, write.key, write.value, write.headers) == (
+        records.tickets[1],
+        "replies",
+        b"id-1",
+        b"result-1",
+        records.headers[1],
+    )
+    assert not write.dead_letter
+    assert records.write(1) is write
+    assert records.all_writes()[1] is write
+
+
+def test_records_and_writes_join_by_topic_and_split_by_key_as_kafka_would() -> None:
+    first, other = _records("replies", 40), _records("other", 2, start=100)
+    retry = Write(make_ticket(b"{}"), "replies", b"again", [], dead_letter=False, key=b"id-x")
+    topics = by_topic([first, other, retry])
+    assert list(topics) == ["replies", "other"]
+    joined = topics["replies"]
+    assert joined is first  # taken over, not copied
+    assert joined.values[-1] == b"again"
+    assert joined.writes[-1] is retry
+
+    parts = split_by_key(joined, [0, 1, 2, 3])
+    chosen = key_partitions(joined.keys, [0, 1, 2, 3])
+    for partition, part in parts.items():
+        expected = [key for key, p in zip(joined.keys, chosen, strict=True) if p == partition]
+        assert part.keys == expected
+        assert [joined.keys.index(key) for key in part.keys] == sorted(
+            joined.keys.index(key) for key in part.keys
+        )
+    assert sum(map(len, parts.values())) == len(joined)
+    assert split_by_key(other, [0]) == {0: other}
