@@ -105,14 +105,15 @@ async def _first_result(
     """Wait for the worker to answer, or to exit: a start-up failure must not cost 120 s."""
     async with SurgeClient(bootstrap) as client:
         result = asyncio.ensure_future(client.predict(MLP_NAME, inputs, timeout=120))
-        # A Popen child cannot be awaited from this loop: look at it between waits.
-        while not (await asyncio.wait({result}, timeout=_WORKER_CHECK_S))[0]:
-            if worker.poll() is not None:
-                result.cancel()
-                with contextlib.suppress(asyncio.CancelledError):
-                    await result
-                return
-        result.result()
+        try:
+            # A Popen child cannot be awaited from this loop: look at it between waits.
+            while not (await asyncio.wait({result}, timeout=_WORKER_CHECK_S))[0]:
+                if worker.poll() is not None:
+                    return
+            result.result()
+        finally:  # the worker gone, or Ctrl-C: the request's outcome goes unread
+            result.cancel()
+            await asyncio.gather(result, return_exceptions=True)
 
 
 def _stop_worker(worker: subprocess.Popen[bytes]) -> None:

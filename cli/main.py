@@ -125,12 +125,13 @@ def _broker(args: argparse.Namespace) -> int:
         return _fail(str(exc))
     # A service manager stops it with SIGTERM: the broker, in a process group of its own,
     # would outlive this process (holding the port and its data) unless stopped here too.
-    signal.signal(signal.SIGTERM, signal.default_int_handler)
-    print(
-        f"embedded broker (noida-db) on 127.0.0.1:{args.port}, data in {args.data_dir}; "
-        "Ctrl-C stops it"
-    )
-    try:
+    _sigterm_as_ctrl_c()
+    try:  # a stop may come as soon as the line is out
+        print(
+            f"embedded broker (noida-db) on 127.0.0.1:{args.port}, data in {args.data_dir}; "
+            "Ctrl-C stops it",
+            flush=True,
+        )
         return process.wait()
     except KeyboardInterrupt:
         stop_noida(process)
@@ -295,6 +296,13 @@ def _explained(args: argparse.Namespace, run: Callable[[], int]) -> int:
         return _fail(f"Kafka at {args.bootstrap}: {exc}")
     except RedisError as exc:  # its URL may hold a password: not repeated here
         return _fail(f"Redis: {exc}")
+
+
+def _sigterm_as_ctrl_c() -> None:
+    """Take SIGTERM as Ctrl-C: a SIGINT raised in its place, so that an event loop running
+    then cancels its work as it does on Ctrl-C, rather than have KeyboardInterrupt thrown into
+    whichever task is running."""
+    signal.signal(signal.SIGTERM, lambda *_: signal.raise_signal(signal.SIGINT))
 
 
 def _fail(message: str) -> int:
@@ -589,10 +597,16 @@ def _demo(args: argparse.Namespace) -> int:
     from surge.broker import NoidaError
     from surge.demo import DemoError, run_demo
 
+    # Stopped with SIGTERM as with Ctrl-C: its worker, and its broker in a process group of its
+    # own, would otherwise outlive it (a port, tens of MB of data and a worker left behind).
+    _sigterm_as_ctrl_c()
     try:
         return run_demo(requests=args.requests, rate=args.rate)
     except (NoidaError, DemoError) as exc:
         return _fail(str(exc))
+    except KeyboardInterrupt:  # everything it started is stopped by now
+        print("demo interrupted", file=sys.stderr)
+        return 130  # 128 + SIGINT, as shells report it
 
 
 def _dlq(args: argparse.Namespace) -> int:

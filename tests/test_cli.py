@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import signal
@@ -10,6 +11,7 @@ import sys
 import time
 from pathlib import Path
 
+import psutil
 import pytest
 
 from surge.broker import _port_taken
@@ -190,6 +192,39 @@ def test_a_stopped_broker_command_stops_its_broker(tmp_path: Path, stop: signal.
     finally:
         process.kill()
         process.wait()
+
+
+def test_a_demo_stopped_with_sigterm_stops_what_it_started(tmp_path: Path) -> None:
+    """As with Ctrl-C: a service manager's or a CI runner's SIGTERM stops the demo's worker and
+    its embedded broker too, and removes the broker's data."""
+    env = os.environ | {"TMPDIR": str(tmp_path)}
+    demo = subprocess.Popen(
+        [sys.executable, "-m", "surge", "demo", "--requests", "2000000", "--rate", "10"],
+        env=env,
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.PIPE,
+    )
+    started: list[psutil.Process] = []
+    try:
+        parent = psutil.Process(demo.pid)
+        deadline = time.monotonic() + 60
+        while len(started := parent.children(recursive=True)) < 3:  # worker, noida-db (2)
+            assert demo.poll() is None, demo.stderr.read() if demo.stderr else ""
+            assert time.monotonic() < deadline, "the demo started no worker and broker"
+            time.sleep(0.2)
+        demo.send_signal(signal.SIGTERM)
+        assert demo.wait(60) == 130
+        assert demo.stderr is not None
+        stderr = demo.stderr.read().decode()
+        assert "Traceback" not in stderr, stderr
+        _, alive = psutil.wait_procs(started, timeout=15)
+        assert not alive, f"outlived the demo: {[p.cmdline() for p in alive]}"
+        assert not list(tmp_path.glob("surge-demo-*/broker"))
+    finally:
+        for process in [demo, *started]:  # failed: nothing left behind
+            with contextlib.suppress(psutil.NoSuchProcess):
+                process.kill()
+        demo.wait()
 
 
 def test_demo_stops_at_once_when_its_worker_dies(tmp_path: Path) -> None:
