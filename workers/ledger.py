@@ -42,14 +42,14 @@ class Ledger:
         """`admit` for a run of tickets of one partition, in the order of their offsets."""
         offsets = self.offsets
         token = offsets.track_all(tickets[0].tp, [ticket.offset for ticket in tickets])
-        size = 0
-        for ticket in tickets:
-            ticket.tracking = (
-                token if token is not None else offsets.track(ticket.tp, ticket.offset)
-            )
-            size += len(ticket.value)
+        if token is None:
+            for ticket in tickets:
+                ticket.tracking = offsets.track(ticket.tp, ticket.offset)
+        else:
+            for ticket in tickets:
+                ticket.tracking = token
         self.records += len(tickets)
-        self.bytes += size
+        self.bytes += sum([len(ticket.value) for ticket in tickets])
 
     def hold(self, ticket: Ticket, size: int) -> None:
         """The ticket's outcome takes `size` bytes until it is durable: first as expected

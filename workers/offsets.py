@@ -8,6 +8,7 @@ the newest record when all are finished: never beyond a request without a durabl
 from __future__ import annotations
 
 import itertools
+import operator
 from collections import deque
 from collections.abc import Iterable, Sequence
 from typing import Generic, TypeVar
@@ -57,7 +58,7 @@ class OffsetTracker(Generic[P]):
             state = self._partitions[partition] = _Partition(offsets[0])
         if offsets[0] < state.next_position:
             return None
-        if not all(a < b for a, b in itertools.pairwise(offsets)):
+        if not all(map(operator.lt, offsets, itertools.islice(offsets, 1, None))):
             return None
         state.pending.extend(offsets)
         state.next_position = offsets[-1] + 1

@@ -157,12 +157,15 @@ class Router:
             return None
         model, version, reply_to = route.model, route.version, route.reply_to
         content_type = route.content_type
-        tickets = [
+        values = [record.value or b"" for record in records]
+        if max(map(len, values)) > self._max_bytes:
+            return None
+        return [
             Ticket(
                 tp,
                 record.offset,
                 record.key,
-                record.value or b"",
+                value,
                 record.headers,
                 "",
                 model,
@@ -172,11 +175,8 @@ class Router:
                 deadline_ms,
                 received,
             )
-            for record in records
+            for record, value in zip(records, values, strict=True)
         ]
-        if max(len(ticket.value) for ticket in tickets) > self._max_bytes:
-            return None
-        return tickets
 
     def _read(self, topic: str, record_headers: Sequence[tuple[str, bytes | None]]) -> _Read:
         last = self._last
