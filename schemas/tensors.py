@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import itertools
 import math
-from collections.abc import Iterator, Sequence
+from collections.abc import Iterable, Iterator, Sequence
 from typing import Any
 
 import numpy as np
@@ -113,6 +113,8 @@ def _from_values(data: Any, dtype: np.dtype[Any], tensor: Tensor) -> np.ndarray:
         return values.astype(dtype)
     if dtype.kind in "iu" and (kind == "O" or (kind == "f" and np.abs(values).max() >= _EXACT)):
         return _exact_integers(data, dtype, tensor)
+    if kind in "iuf" and _holds_bools(data, values.ndim):  # numpy made true 1 beside numbers
+        kind = "b"
     if kind not in _TAKES[dtype.kind]:
         what = _KIND_NAMES.get(kind, "other values")
         raise TensorError(f"input {tensor.name!r}: data is not {tensor.datatype}: it holds {what}")
@@ -171,6 +173,15 @@ _KIND_NAMES = {"b": "true/false", "i": "numbers", "u": "numbers", "f": "numbers"
 
 def _numbers_or_null(data: Any) -> bool:
     return all(value is None or type(value) in (int, float) for value in _flat(data))
+
+
+def _holds_bools(data: list[Any], depth: int) -> bool:
+    """Whether lists nested `depth` deep (as evenly as an array's dimensions) hold true or
+    false anywhere; one pass, in C."""
+    values: Iterable[Any] = data
+    for _ in range(depth - 1):
+        values = itertools.chain.from_iterable(values)
+    return bool in map(type, values)
 
 
 def _flat(data: Any) -> Iterator[Any]:

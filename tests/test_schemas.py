@@ -83,6 +83,10 @@ def test_v2_json_from_other_clients_decodes() -> None:
         ({"name": "x", "shape": [2], "datatype": "BOOL", "data": ["false", 0.1]}, "not BOOL"),
         ({"name": "x", "shape": [1], "datatype": "BOOL", "data": [0.1]}, "not BOOL"),
         ({"name": "x", "shape": [2], "datatype": "INT32", "data": ["12", "7"]}, "text"),
+        # numpy takes true as 1 beside numbers
+        ({"name": "x", "shape": [1, 2], "datatype": "INT64", "data": [[True, 1]]}, "true/false"),
+        ({"name": "x", "shape": [2, 1], "datatype": "FP32", "data": [[0.5], [False]]}, "true/"),
+        ({"name": "x", "shape": [2], "datatype": "UINT8", "data": [True, True]}, "true/false"),
         ({"name": "x", "shape": [2], "datatype": "FP32", "data": ["nan", "inf"]}, "text"),
         ({"name": "x", "shape": [2], "datatype": "BYTES", "data": [{"a": 1}, None]}, "strings"),
         # numpy would keep the inner lists as elements
