@@ -113,6 +113,7 @@ class Records:
         )
 
     def part(self, start: int, end: int) -> Records:
+        """The records from `start` to `end`: these very records when that is all of them."""
         if start == 0 and end == len(self.tickets):
             return self
         return Records(
@@ -139,6 +140,7 @@ class Records:
         return write
 
     def all_writes(self) -> list[Write]:
+        """Every record's `Write`, made now for first attempts: for a refused record batch."""
         return [self.write(index) for index in range(len(self.tickets))]
 
 
