@@ -103,27 +103,18 @@ class Records:
 
     def pick(self, indices: list[int]) -> Records:
         """The records at these positions, in their order."""
-        return Records(
-            self.topic,
-            [self.tickets[i] for i in indices],
-            [self.keys[i] for i in indices],
-            [self.values[i] for i in indices],
-            [self.headers[i] for i in indices],
-            [self.writes[i] for i in indices],
-        )
+        return self._columns(lambda column: [column[i] for i in indices])
 
     def part(self, start: int, end: int) -> Records:
         """The records from `start` to `end`: these very records when that is all of them."""
         if start == 0 and end == len(self.tickets):
             return self
-        return Records(
-            self.topic,
-            self.tickets[start:end],
-            self.keys[start:end],
-            self.values[start:end],
-            self.headers[start:end],
-            self.writes[start:end],
-        )
+        return self._columns(lambda column: column[start:end])
+
+    def _columns(self, select: Callable[[list[Any]], list[Any]]) -> Records:
+        """Records of this topic with `select` of each column."""
+        columns = (self.tickets, self.keys, self.values, self.headers, self.writes)
+        return Records(self.topic, *map(select, columns))
 
     def write(self, index: int) -> Write:
         """The record's `Write`, made for it now if this is its first attempt."""
