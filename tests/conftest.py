@@ -166,7 +166,13 @@ class WorkerProcess:
     def terminate(self, timeout: float = 60) -> int:
         if self.process.poll() is None:
             self.process.send_signal(signal.SIGTERM)
-        return self.process.wait(timeout)
+        try:
+            return self.process.wait(timeout)
+        except subprocess.TimeoutExpired:  # say where it stood: the log goes with tmp_path
+            raise AssertionError(
+                f"worker still running {timeout:.0f} s after SIGTERM:\n"
+                + self.log.read_text(errors="replace")[-6000:]
+            ) from None
 
     def kill(self) -> None:
         if self.process.poll() is None:

@@ -267,6 +267,16 @@ def _stop_java_of(workdir: str) -> None:
             os.kill(int(proc.name), signal.SIGKILL)
 
 
+def _state(pid: int) -> str:
+    """What a process is doing, as the kernel sees it (state and wait channel)."""
+    try:
+        status = Path(f"/proc/{pid}/status").read_text().splitlines()
+        wchan = Path(f"/proc/{pid}/wchan").read_text()
+    except OSError as exc:
+        return repr(exc)
+    return f"{next(line for line in status if line.startswith('State'))}, waiting in {wchan}"
+
+
 def test_a_broker_run_from_the_command_line_stops_on_sigterm() -> None:
     process = subprocess.Popen(
         [sys.executable, "-m", "tests.services", "kafka"],
@@ -281,7 +291,14 @@ def test_a_broker_run_from_the_command_line_stops_on_sigterm() -> None:
         assert found, started
         port, workdir = int(found[1]), found[2]
         process.send_signal(signal.SIGTERM)
-        assert process.wait(60) == 0
+        try:
+            assert process.wait(60) == 0
+        except subprocess.TimeoutExpired:  # say where it stood: the log dir is removed after
+            log = Path(workdir, "broker.log")
+            tail = log.read_text(errors="replace")[-3000:] if log.exists() else "(no log)"
+            raise AssertionError(
+                f"still running 60 s after SIGTERM; {_state(process.pid)}; broker log:\n{tail}"
+            ) from None
         with pytest.raises(ConnectionRefusedError), socket.create_connection(("127.0.0.1", port)):
             pass
         assert not Path(workdir).exists()

@@ -595,6 +595,7 @@ class Worker:
         """Stop fetching, finish in-flight batches, publish, commit, leave the group. Each
         step runs even if one before it failed, all within shutdown_timeout_s."""
         log.info("worker_stopping", in_flight=self._ledger.records)
+        began = time.monotonic()
         self._consumer.pause(*self._consumer.assignment())
         for task in self._tasks:
             task.cancel()
@@ -607,17 +608,24 @@ class Worker:
             log.error("shutdown_timeout", unfinished=self._ledger.records)
         except Exception:
             log.exception("shutdown_drain_failed", unfinished=self._ledger.records)
-        steps = [self.commit, self._consumer.stop, self._replies.close]
+        steps = {
+            "commit": self.commit,
+            "leave_group": self._consumer.stop,
+            "replies": self._replies.close,
+        }
         if self._transactions is not None:
-            steps.append(self._transactions.close)
+            steps["transactions"] = self._transactions.close
         else:
             assert self._acked is not None
-            steps += [self._acked.close, self._acked.producer.stop]
-        for step in steps:
+            steps |= {"writes": self._acked.close, "producer": self._acked.producer.stop}
+        timings = {"drain": time.monotonic() - began}
+        for name, step in steps.items():
+            began = time.monotonic()
             try:  # commit, then leave the group: partitions move at once
                 await asyncio.wait_for(step(), _SHUTDOWN_STEP_S)
             except Exception:  # a commit caught in a rebalance must not keep the process up
-                log.exception("shutdown_step_failed", step=step.__name__)
+                log.exception("shutdown_step_failed", step=name)
+            timings[name] = time.monotonic() - began
         if self._redis is not None:
             with contextlib.suppress(Exception):  # a TLS close to a dead server can hang
                 await asyncio.wait_for(self._redis.aclose(), _SHUTDOWN_STEP_S)
@@ -626,7 +634,9 @@ class Worker:
             # exits without them (status 1), and what they held is redelivered.
             log.error("model_calls_outlived_shutdown", calls=running)
             self.hung = True
-        log.info("worker_stopped", unfinished=self._ledger.records)
+        # Each step's seconds: a stop that nears the orchestrator's grace period says where.
+        steps_s = {name: round(seconds, 3) for name, seconds in timings.items()}
+        log.info("worker_stopped", unfinished=self._ledger.records, steps_s=steps_s)
 
 
 class _Rebalance(ConsumerRebalanceListener):  # type: ignore[misc]
