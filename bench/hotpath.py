@@ -1,13 +1,16 @@
 """The Surge path alone, in one process, without a broker: where its µs per request go.
 
     python -m bench.hotpath [--requests 100000] [--rounds 5] [--profile | --instructions]
+                            [--aiokafka-records]
 
-Feeds aiokafka ConsumerRecords of msgpack MLP requests (8 partitions, fetches of 1,024)
-through the worker's own intake: route, admit, decode and validate, batch, run the model,
-split, encode, and build the reply record batches with aiokafka's batch builder. Each
-record batch counts as acknowledged once built, which settles its requests and moves the
-offsets. Fetching from and writing to Kafka are left out: `bench.compare` and
-`bench.profile` measure those. Reports the median CPU time per request (the process's, which
+Feeds fetches of msgpack MLP requests (8 partitions, 1,024 records a fetch, each partition's
+share one record batch as the broker returns it) through the worker's own path: unpack the
+record batches as the worker's consumer does (`workers/fetched.py`; `--aiokafka-records`:
+into aiokafka's ConsumerRecords instead, as any other consumer gets them), route, admit,
+decode and validate, batch, run the model, split, encode, and build the reply record batches
+with aiokafka's batch builder. Each record batch counts as acknowledged once built, which
+settles its requests and moves the offsets. The network is left out: `bench.compare` and
+`bench.profile` measure it. Reports the median CPU time per request (the process's, which
 a busy machine's other work does not inflate as it does wall time) and that minus the model's
 own; `--profile` adds a cProfile table of the top functions.
 
@@ -32,15 +35,21 @@ import subprocess
 import sys
 import time
 from pathlib import Path
+from typing import Any
 
 import numpy as np
+from aiokafka.consumer import fetcher
+from aiokafka.consumer.fetcher import READ_COMMITTED
 from aiokafka.producer.message_accumulator import BatchBuilder
+from aiokafka.record.default_records import DefaultRecordBatchBuilder
+from aiokafka.record.memory_records import MemoryRecords
 from aiokafka.structs import ConsumerRecord, TopicPartition
 from rich.console import Console
 
 from bench.common import scratch_dir
 from surge.config import load_settings
 from surge.examples import MLP_FEATURES, write_mlp
+from surge.workers.fetched import LeanPartitionRecords, lean_records
 from surge.workers.ledger import Ledger
 from surge.workers.logs import configure
 from surge.workers.tasks import Outbox
@@ -87,17 +96,51 @@ async def _assemble(model_root: Path) -> tuple[Worker, RecordBatches]:
     return await serving_worker(model_root, TOPIC, ledger, sink.outbox.put), sink
 
 
-def _records(count: int) -> list[dict[TopicPartition, list[ConsumerRecord[bytes, bytes]]]]:
-    """Fetches of FETCH records spread over the partitions, as getmany returns them."""
+Fetch = dict[TopicPartition, tuple[int, bytes]]  # partition -> (first offset, record batch)
+
+
+def _records(count: int) -> list[Fetch]:
+    """Fetches of FETCH records spread over the partitions, each partition's share one record
+    batch as a broker returns it."""
     rows = np.random.default_rng(0).standard_normal((1024, 1, MLP_FEATURES)).astype(np.float32)
     per_partition = FETCH // PARTITIONS
     return [
-        mlp_fetch(TOPIC, PARTITIONS, per_partition, first_offset=offset, rows=rows)
+        {
+            tp: (offset, _record_batch(records, offset))
+            for tp, records in mlp_fetch(
+                TOPIC, PARTITIONS, per_partition, first_offset=offset, rows=rows
+            ).items()
+        }
         for offset in range(0, count // PARTITIONS, per_partition)
     ]
 
 
-async def _drive(worker: Worker, sink: RecordBatches, fetches: list) -> float:
+def _record_batch(records: list[ConsumerRecord[bytes, bytes]], first: int) -> bytes:
+    builder = DefaultRecordBatchBuilder(2, 0, 0, -1, -1, -1, 1 << 24)
+    for record in records:
+        builder.append(
+            record.offset - first, record.timestamp, record.key, record.value, list(record.headers)
+        )
+    batch = bytearray(builder.build())
+    batch[:8] = first.to_bytes(8, "big")  # its base offset (outside the CRC)
+    return bytes(batch)
+
+
+def _unpacked(fetch: Fetch, lean: bool) -> dict[TopicPartition, list[Any]]:
+    """A fetch's records as the worker's consumer reads them (`fetched`), or as aiokafka
+    makes them for any other consumer."""
+    kind, marker = (
+        (LeanPartitionRecords, lean_records) if lean else (fetcher.PartitionRecords, None)
+    )
+    return {
+        tp: list(kind(tp, MemoryRecords(data), [], first, marker, None, True, READ_COMMITTED))
+        for tp, (first, data) in fetch.items()
+    }
+
+
+async def _drive(
+    worker: Worker, sink: RecordBatches, fetches: list[Fetch], lean: bool = True
+) -> float:
     """Feed every fetch as the consume loop does (pausing on a full ledger); CPU seconds."""
     ledger = worker._ledger
     draining = asyncio.create_task(sink.run())
@@ -105,30 +148,34 @@ async def _drive(worker: Worker, sink: RecordBatches, fetches: list) -> float:
     for fetch in fetches:
         if ledger.full:
             await ledger.room()
-        await worker.intake(fetch)
+        await worker.intake(_unpacked(fetch, lean))
     await ledger.drained()
     elapsed = time.process_time() - started
     draining.cancel()
     return elapsed
 
 
-async def _main(requests: int, rounds: int, profile: bool, built: int | None = None) -> None:
+async def _main(
+    requests: int, rounds: int, profile: bool, lean: bool, built: int | None = None
+) -> None:
     configure("warning")
     collect_young_less_often()  # as `surge worker` runs
     model_root = scratch_dir("surge-hotpath-")
     write_mlp(model_root)
     worker, sink = await _assemble(model_root)
-    await _drive(worker, sink, _records(20_000))  # warm: the model streak, caches, the allocator
+    # Warm: the model streak, caches, the allocator.
+    await _drive(worker, sink, _records(20_000), lean)
     gc.freeze()
     if built is not None:  # one of `--instructions`' runs: build `built`, serve `requests`
-        await _drive(worker, sink, _records(built)[: requests // FETCH])
+        await _drive(worker, sink, _records(built)[: requests // FETCH], lean)
         await worker._repository.close()
         return
     fetches = _records(requests)
     profiler = cProfile.Profile() if profile else None
     if profiler:
         profiler.enable()
-    elapsed = float(np.median([await _drive(worker, sink, fetches) for _ in range(rounds)]))
+    runs = [await _drive(worker, sink, fetches, lean) for _ in range(rounds)]
+    elapsed = float(np.median(runs))
     if profiler:
         profiler.disable()
     served = next(iter(worker._repository.served.values()))
@@ -166,15 +213,21 @@ def main() -> None:
     mode = parser.add_mutually_exclusive_group()
     mode.add_argument("--profile", action="store_true")
     mode.add_argument("--instructions", action="store_true", help="count them (valgrind)")
+    parser.add_argument(
+        "--aiokafka-records",
+        action="store_true",
+        help="unpack fetches into aiokafka's ConsumerRecords, as any other consumer gets them",
+    )
     parser.add_argument("--built", type=int, help=argparse.SUPPRESS)  # `--instructions`' runs
     args = parser.parse_args()
     if args.instructions:
-        _count_instructions(args.requests)
+        _count_instructions(args.requests, args.aiokafka_records)
         return
-    asyncio.run(_main(args.requests, args.rounds, args.profile, args.built))
+    lean = not args.aiokafka_records
+    asyncio.run(_main(args.requests, args.rounds, args.profile, lean, args.built))
 
 
-def _count_instructions(requests: int) -> None:
+def _count_instructions(requests: int, aiokafka_records: bool) -> None:
     """Instructions per request: two runs under cachegrind, over `requests` and twice as many
     of the same records, at once; the difference over the difference."""
     requests -= requests % FETCH  # whole fetches
@@ -187,6 +240,7 @@ def _count_instructions(requests: int) -> None:
                 f"--cachegrind-out-file={output}",
                 *(sys.executable, "-m", "bench.hotpath"),
                 *("--requests", str(count), "--built", str(counts[-1])),
+                *(["--aiokafka-records"] if aiokafka_records else []),
             ],
             stdout=subprocess.DEVNULL,
             stderr=subprocess.PIPE,

@@ -48,7 +48,7 @@ STAGES: list[tuple[str, tuple[str, ...]]] = [
         "record batches, produce",
         ("workers/writes.py", "workers/acked.py", "aiokafka/producer", "aiokafka/record"),
     ),
-    ("fetch + parse records", ("aiokafka/consumer", "aiokafka/protocol")),
+    ("fetch + parse records", ("aiokafka/consumer", "aiokafka/protocol", "workers/fetched.py")),
     ("batcher, ledger, offsets", ("workers/batcher.py", "workers/ledger.py", "workers/offsets")),
     ("consume loop", ("workers/worker.py",)),
     ("network, event loop", ("aiokafka/conn.py", "asyncio/", "selectors.py")),

@@ -19,10 +19,9 @@ from surge.schemas.headers import CONTENT_TYPES, REPLY_TO_REDIS
 
 
 class Record(Protocol):
-    """The parts of an aiokafka ConsumerRecord a worker reads."""
+    """The parts of a fetched record a worker reads (its topic and partition come with the
+    fetch): an aiokafka ConsumerRecord, or a record as its batch holds it (`fetched`)."""
 
-    topic: str
-    partition: int
     offset: int
     # ms since the epoch, the producer's (CreateTime) or the broker's; None or -1 when unset
     timestamp: int | None
@@ -115,7 +114,7 @@ class Router:
         # Consecutive records of one producer usually carry the very same headers (deadline
         # included): the last record's topic and headers, compared whole in C, and what they
         # decided.
-        self._last: tuple[str, tuple[Any, ...], _Read] | None = None
+        self._last: tuple[str, Sequence[tuple[str, bytes | None]], _Read] | None = None
 
     def ticket(
         self, record: Record, tp: TopicPartition, received: float
@@ -130,7 +129,7 @@ class Router:
             record.key,
             value,
             record.headers,
-            _fallback_id(record),
+            _fallback_id(record, tp),
             route.model,
             route.version,
             route.reply_to,
@@ -183,7 +182,7 @@ class Router:
         if last is not None and last[1] == record_headers and last[0] == topic:
             return last[2]
         read = self._read_headers(topic, record_headers)
-        self._last = (topic, tuple(record_headers), read)
+        self._last = (topic, record_headers, read)  # a record's own, never changed
         return read
 
     def _read_headers(
@@ -272,15 +271,15 @@ def _deadline(raw: bytes) -> tuple[int | None, Rejection | None]:
         )
 
 
-def unroutable(record: Record) -> Ticket:
+def unroutable(record: Record, tp: TopicPartition) -> Ticket:
     """A ticket for a record that routing itself failed on: its outcome is a dead letter."""
     return Ticket(
-        tp=TopicPartition(record.topic, record.partition),
+        tp=tp,
         offset=record.offset,
         key=record.key,
         value=record.value or b"",
         headers=[(k, v) for k, v in record.headers if isinstance(k, str)],
-        request_id=_fallback_id(record),
+        request_id=_fallback_id(record, tp),
         model=None,
         version=None,
         reply_to=None,
@@ -299,9 +298,9 @@ def run_end(records: Sequence[Record], start: int) -> int:
     return end
 
 
-def _fallback_id(record: Record) -> str:
+def _fallback_id(record: Record, tp: TopicPartition) -> str:
     """The Kafka key, else the record's position: stable across redeliveries."""
-    return _id_of(record.key, record.topic, record.partition, record.offset)
+    return _id_of(record.key, tp.topic, tp.partition, record.offset)
 
 
 def fallback_id(ticket: Ticket) -> str:

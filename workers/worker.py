@@ -2,7 +2,8 @@
 
 The hot path, top to bottom:
 
-    getmany ─► runs of records with the same headers (`run_end`)
+    getmany (records as their batches hold them: `fetched`)
+            ─► runs of records with the same headers (`run_end`)
             ─► Router.clean_tickets (headers only) ─► repository.resolve, once a run
             ─► intake.admit_all (decode + validate) ─► Ledger.admit_all ─► Batcher.put_all
       (a run that routing or its model refuses: the same steps record by record, `_accept`)
@@ -34,7 +35,7 @@ from redis.asyncio import Redis
 
 from surge.config import TOPIC_NAME, Settings, redis_url_for_bytes
 from surge.schemas import ErrorCode
-from surge.workers import metrics
+from surge.workers import fetched, metrics
 from surge.workers.acked import AckedWrites
 from surge.workers.batcher import ModelHung
 from surge.workers.ledger import Ledger
@@ -182,8 +183,10 @@ class Worker:
                     worker.topic_replication_factor,
                 )
             )
+        fetched.install()
         self._consumer = AIOKafkaConsumer(
             **kafka.client_options(),
+            key_deserializer=fetched.lean_records,  # records as their batches hold them
             group_id=worker.group_id,
             enable_auto_commit=False,
             auto_offset_reset=worker.auto_offset_reset,
@@ -483,8 +486,8 @@ class Worker:
         try:
             ticket, rejection = self._router.ticket(record, tp, received)
         except Exception as exc:
-            log.exception("routing_failed", topic=record.topic, offset=record.offset)
-            ticket, rejection = unroutable(record), Rejection(ErrorCode.INTERNAL, repr(exc))
+            log.exception("routing_failed", topic=tp.topic, offset=record.offset)
+            ticket, rejection = unroutable(record, tp), Rejection(ErrorCode.INTERNAL, repr(exc))
         self._ledger.admit(ticket)
         try:
             if rejection is None:

@@ -1,0 +1,182 @@
+"""Lean fetched records: the same records, positions and skips as aiokafka's own reader, over
+record batches built by aiokafka and over a real broker's fetches."""
+
+from __future__ import annotations
+
+import uuid
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pytest
+from aiokafka import AIOKafkaConsumer, AIOKafkaProducer, ConsumerRecord, TopicPartition
+from aiokafka.consumer.fetcher import READ_COMMITTED, READ_UNCOMMITTED, FetchResult
+from aiokafka.errors import CorruptRecordException
+from aiokafka.record.default_records import DefaultRecordBatchBuilder
+from aiokafka.record.memory_records import MemoryRecords
+
+from surge.producers import request_body, request_headers
+from surge.schemas import MSGPACK
+from surge.workers import fetched
+from tests.conftest import WorkerProcess, topic_of, worker_env
+from tests.helpers import create_topics, read_topic
+
+TP = TopicPartition("requests", 0)
+
+
+def _batches(sizes: list[int], first: int = 0) -> bytes:
+    """Record batches of these sizes, offsets running on from `first`, as a fetch holds them."""
+    data, offset = b"", first
+    for size in sizes:
+        builder = DefaultRecordBatchBuilder(2, 0, 0, -1, -1, -1, 1 << 20)
+        for i in range(size):
+            key = None if i % 3 == 0 else f"k{offset + i}".encode()
+            headers = [("h", f"{offset + i}".encode())] * (i % 3)
+            builder.append(i, timestamp=1_000 + i, key=key, value=b"v" * i, headers=headers)
+        batch = bytearray(builder.build())
+        batch[:8] = offset.to_bytes(8, "big")  # the base offset, which the CRC leaves out
+        data += bytes(batch)
+        offset += size
+    return data
+
+
+class _Position:
+    """A partition's assignment state, as a FetchResult reads and moves it."""
+
+    active = True
+    paused = False
+
+    def __init__(self, position: int) -> None:
+        self.position = position
+
+    def state_value(self, tp: TopicPartition) -> _Position:
+        return self
+
+    def consumed_to(self, position: int) -> None:
+        self.position = position
+
+
+def _drain(kind: Any, data: bytes, fetch_offset: int, take: int) -> tuple[list[Any], list[int]]:
+    """Every record of a fetch, taken `take` at a time as getmany takes them, and the
+    consumer's position after each take."""
+    position = _Position(fetch_offset)
+    deserializer = fetched.lean_records if kind is fetched.LeanPartitionRecords else None
+    records = kind(TP, MemoryRecords(data), [], fetch_offset, deserializer, None, True, 0)
+    result = FetchResult(TP, assignment=position, partition_records=records, backoff=0)
+    taken: list[Any] = []
+    positions = []
+    while result.has_more():
+        taken += result.getall(take)
+        positions.append(position.position)
+    return taken, positions
+
+
+def _fields(record: Any) -> tuple[Any, ...]:
+    return record.offset, record.timestamp, record.key, record.value, list(record.headers)
+
+
+@pytest.mark.parametrize("take", [1, 7, 10, 25, 1024])
+@pytest.mark.parametrize("fetch_offset", [100, 104])
+def test_lean_records_match_aiokafkas_records_and_positions(take: int, fetch_offset: int) -> None:
+    # A fetch may begin inside its first batch: the records before the position are skipped.
+    data = _batches([10, 1, 14], first=100)
+    ours, our_positions = _drain(fetched.LeanPartitionRecords, data, fetch_offset, take)
+    theirs, their_positions = _drain(fetched._AIOKAFKA, data, fetch_offset, take)
+    assert [_fields(r) for r in ours] == [_fields(r) for r in theirs]
+    assert ours[0].offset == fetch_offset
+    assert ours[-1].offset == 124
+    assert our_positions == their_positions
+    assert not isinstance(ours[0], ConsumerRecord)
+
+
+def test_a_corrupt_batch_raises_as_aiokafkas_reader_does() -> None:
+    data = bytearray(_batches([3, 3]))
+    data[-1] ^= 0xFF  # inside the second batch's last record
+    records = fetched.LeanPartitionRecords(
+        TP, MemoryRecords(bytes(data)), [], 0, fetched.lean_records, None, True, READ_UNCOMMITTED
+    )
+    taken = []
+    with pytest.raises(CorruptRecordException):
+        taken.extend(records)
+    assert [r.offset for r in taken] == [0, 1, 2]
+
+
+def test_install_keeps_other_consumers_as_aiokafka_makes_them() -> None:
+    assert fetched.install()
+    assert fetched.install()
+    from aiokafka.consumer import fetcher
+
+    args = (TP, MemoryRecords(_batches([2])), [], 0)
+    lean = fetcher.PartitionRecords(*args, fetched.lean_records, None, True, READ_COMMITTED)
+    plain = fetcher.PartitionRecords(*args, None, None, True, READ_COMMITTED)
+    assert type(lean) is fetched.LeanPartitionRecords
+    assert type(plain) is fetched._AIOKAFKA
+    assert isinstance(next(plain), ConsumerRecord)
+
+
+@pytest.mark.integration
+async def test_a_worker_reads_lean_records_and_skips_aborted_transactions(
+    kafka: str, model_root: Path, worker_processes: Callable[[dict[str, str]], WorkerProcess]
+) -> None:
+    """Requests of an aborted transaction between committed ones: only the committed are
+    answered, each once, by a worker whose consumer reads lean records."""
+    env = worker_env(kafka, model_root, None)
+    topic, replies = topic_of(env, "mlp"), f"test.replies.{uuid.uuid4().hex[:8]}"
+    await create_topics(kafka, topic, partitions=1)
+    await create_topics(kafka, replies, partitions=1)
+    route = request_headers(model="mlp", content_type=MSGPACK, reply_to=replies)
+    producer = AIOKafkaProducer(bootstrap_servers=kafka, transactional_id=uuid.uuid4().hex)
+    await producer.start()
+    try:
+        for round_, commit in enumerate([True, False, True, False, True]):
+            async with producer.transaction() if commit else _aborted(producer):
+                for i in range(20):
+                    request_id = f"{round_}-{i}"
+                    body = request_body({"x": np.ones((1, 32), np.float32)}, request_id, MSGPACK)
+                    await producer.send(topic, body, key=request_id.encode(), headers=route)
+    finally:
+        await producer.stop()
+    worker = worker_processes(env)
+    answered = await read_topic(kafka, replies, until=60, timeout=60)
+    assert sorted(answered) == sorted(f"{r}-{i}" for r in (0, 2, 4) for i in range(20))
+    assert all(len(results) == 1 for results in answered.values())
+    assert worker.terminate() == 0
+    assert not any(e.get("event") == "lean_records_unavailable" for e in worker.events())
+
+
+class _aborted:
+    """A transaction that is aborted at the end of its block."""
+
+    def __init__(self, producer: AIOKafkaProducer) -> None:
+        self._producer = producer
+
+    async def __aenter__(self) -> None:
+        await self._producer.begin_transaction()
+
+    async def __aexit__(self, *exc: object) -> None:
+        await self._producer.abort_transaction()
+
+
+async def test_a_plain_consumer_beside_a_worker_still_gets_consumer_records(kafka: str) -> None:
+    fetched.install()
+    topic = f"test.plain.{uuid.uuid4().hex[:8]}"
+    await create_topics(kafka, topic, partitions=1)
+    producer = AIOKafkaProducer(bootstrap_servers=kafka)
+    await producer.start()
+    await producer.send_and_wait(topic, b"v", key=b"k")
+    await producer.stop()
+    for deserializer, kind in [(None, ConsumerRecord), (fetched.lean_records, None)]:
+        consumer = AIOKafkaConsumer(
+            topic,
+            bootstrap_servers=kafka,
+            auto_offset_reset="earliest",
+            key_deserializer=deserializer,
+        )
+        await consumer.start()
+        try:
+            [records] = (await consumer.getmany(timeout_ms=10_000)).values()
+        finally:
+            await consumer.stop()
+        assert (records[0].key, records[0].value) == (b"k", b"v")
+        assert isinstance(records[0], ConsumerRecord) == (kind is ConsumerRecord)
