@@ -54,18 +54,20 @@ from surge.workers.ledger import Ledger
 from surge.workers.logs import configure
 from surge.workers.tasks import Outbox
 from surge.workers.worker import Worker, collect_young_less_often
-from surge.workers.writes import Records, Write, by_topic, split_by_key
+from surge.workers.writes import Records, Write, by_topic, send_batches, split_by_key
 from tests.helpers import mlp_fetch, serving_worker
 
 console = Console()
 PARTITIONS = 8
 FETCH = 1024
 TOPIC = "requests"
+_BATCH_BYTES = 256 * 1024  # the worker producer's max_batch_size
 
 
 class RecordBatches:
     """The at-least-once sink without the network: writes grouped by the partition of their
-    key, built into record batches, then settled as if acknowledged."""
+    key and built into record batches by the worker's own `send_batches`, then settled as if
+    acknowledged."""
 
     def __init__(self, ledger: Ledger) -> None:
         self._ledger = ledger
@@ -76,16 +78,17 @@ class RecordBatches:
     async def run(self) -> None:
         while True:
             items: list[Write | Records] = await self.outbox.take()
-            now_ms = int(time.time() * 1000)
             for records in by_topic(items).values():
-                for part in split_by_key(records, range(PARTITIONS)).values():
-                    batch = BatchBuilder(256 * 1024, 0)
-                    columns = zip(part.keys, part.values, part.headers, strict=True)
-                    for key, value, fields in columns:
-                        batch.append(key=key, value=value, timestamp=now_ms, headers=fields)
-                    self.bytes += batch.size()
+                for partition, part in split_by_key(records, range(PARTITIONS)).items():
+                    await send_batches(self, records.topic, partition, part)  # type: ignore[arg-type]
                 self.replies += len(records)
                 self._ledger.settle_all(records.tickets)
+
+    def create_batch(self) -> BatchBuilder:  # as the worker's producer makes them
+        return BatchBuilder(_BATCH_BYTES, 0)
+
+    async def send_batch(self, batch: BatchBuilder, topic: str, partition: int) -> None:
+        self.bytes += batch.size()
 
 
 async def _assemble(model_root: Path) -> tuple[Worker, RecordBatches]:

@@ -4,8 +4,9 @@ losing, reordering or repeating any, and a `Write` made only for a record that n
 from __future__ import annotations
 
 import asyncio
-from types import SimpleNamespace
-from typing import Any
+
+from aiokafka.producer.message_accumulator import BatchBuilder
+from aiokafka.record.memory_records import MemoryRecords
 
 from surge.workers.partitioning import key_partitions
 from surge.workers.writes import Records, Write, by_topic, send_batches, split_by_key
@@ -20,32 +21,40 @@ def _records(topic: str, count: int, start: int = 0) -> Records:
         records.tickets.append(ticket)
         records.keys.append(f"id-{offset}".encode())
         records.values.append(f"result-{offset}".encode())
-        records.headers.append([("surge-request-id", f"id-{offset}".encode())])
+        records.headers.append(_headers(offset))
     records.writes = [None] * count
     return records
 
 
 class _Producer:
-    """Record batches of at most `size` records, as plain objects: what went in each."""
+    """Real record batches sized to hold `size` of `_records`' records: what went in each,
+    read back from their bytes."""
 
     def __init__(self, size: int) -> None:
-        self.size = size
+        probe, sizes = BatchBuilder(1 << 20, 0), []
+        for record in range(size + 1):
+            probe.append(key=b"id-0", value=b"result-0", timestamp=0, headers=_headers(record))
+            sizes.append(probe.size())
+        self.batch_bytes = (sizes[-2] + sizes[-1]) // 2  # room for `size`, not one more
         self.sent: list[list[bytes]] = []
 
-    def create_batch(self) -> Any:
-        values: list[bytes] = []
+    def create_batch(self) -> BatchBuilder:
+        return BatchBuilder(self.batch_bytes, 0)
 
-        def append(*, key: bytes, value: bytes, timestamp: int, headers: Any) -> bool:
-            if len(values) >= self.size:
-                return False
-            values.append(value)
-            return True
-
-        return SimpleNamespace(append=append, values=values)
-
-    async def send_batch(self, batch: Any, topic: str, partition: int) -> asyncio.Future[None]:
-        self.sent.append(batch.values)
+    async def send_batch(
+        self, batch: BatchBuilder, topic: str, partition: int
+    ) -> asyncio.Future[None]:
+        count = batch.record_count()  # the producer's sequence numbers move by this
+        records = MemoryRecords(bytes(batch._build()))
+        batch_records = list(records.next_batch())
+        assert not records.has_next()
+        assert [record.offset for record in batch_records] == list(range(count))
+        self.sent.append([record.value for record in batch_records])
         return asyncio.get_running_loop().create_future()
+
+
+def _headers(offset: int) -> list[tuple[str, bytes]]:
+    return [("surge-request-id", f"id-{offset}".encode())]
 
 
 async def test_records_fill_record_batches_in_order_each_part_with_its_own_tickets() -> None:
