@@ -25,11 +25,12 @@ from tests.helpers import create_topics, read_topic
 TP = TopicPartition("requests", 0)
 
 
-def _batches(sizes: list[int], first: int = 0) -> bytes:
-    """Record batches of these sizes, offsets running on from `first`, as a fetch holds them."""
+def _batches(sizes: list[int], first: int = 0, compression: int = 0) -> bytes:
+    """Record batches of these sizes, offsets running on from `first`, as a fetch holds them
+    (`compression`: Kafka's codec id, 0 for none)."""
     data, offset = b"", first
     for size in sizes:
-        builder = DefaultRecordBatchBuilder(2, 0, 0, -1, -1, -1, 1 << 20)
+        builder = DefaultRecordBatchBuilder(2, compression, 0, -1, -1, -1, 1 << 20)
         for i in range(size):
             key = None if i % 3 == 0 else f"k{offset + i}".encode()
             headers = [("h", f"{offset + i}".encode())] * (i % 3)
@@ -78,9 +79,12 @@ def _fields(record: Any) -> tuple[Any, ...]:
 
 @pytest.mark.parametrize("take", [1, 7, 10, 25, 1024])
 @pytest.mark.parametrize("fetch_offset", [100, 104])
-def test_lean_records_match_aiokafkas_records_and_positions(take: int, fetch_offset: int) -> None:
+@pytest.mark.parametrize("compression", [0, 1], ids=["plain", "gzip"])
+def test_lean_records_match_aiokafkas_records_and_positions(
+    take: int, fetch_offset: int, compression: int
+) -> None:
     # A fetch may begin inside its first batch: the records before the position are skipped.
-    data = _batches([10, 1, 14], first=100)
+    data = _batches([10, 1, 14], first=100, compression=compression)
     ours, our_positions = _drain(fetched.LeanPartitionRecords, data, fetch_offset, take)
     theirs, their_positions = _drain(fetched._AIOKAFKA, data, fetch_offset, take)
     assert [_fields(r) for r in ours] == [_fields(r) for r in theirs]

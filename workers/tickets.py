@@ -12,6 +12,7 @@ from collections.abc import Collection, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any, NamedTuple, Protocol
 
+import msgspec
 from aiokafka import TopicPartition
 
 from surge.schemas import JSON, ErrorCode, headers
@@ -36,9 +37,13 @@ class Rejection:
     message: str
 
 
-@dataclass(slots=True, eq=False)
-class Ticket:
-    """One consumed record: where it came from, where its outcome goes, and its progress."""
+class Ticket(msgspec.Struct, eq=False, gc=False):
+    """One consumed record: where it came from, where its outcome goes, and its progress.
+
+    A Struct, not a dataclass: one is made per record, and its constructor runs in C (a
+    third of a dataclass's time). Compared by identity. Untracked by the garbage collector
+    (`gc=False`): nothing it holds refers back to it, and thousands are in flight at once,
+    which the collector's young generation would otherwise scan again and again."""
 
     tp: TopicPartition
     offset: int
