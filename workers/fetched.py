@@ -86,10 +86,10 @@ class LeanPartitionRecords(_AIOKAFKA):  # type: ignore[misc,valid-type]
             taken = list(batch)
             if taken and taken[0].offset < start:  # offsets ascend within a batch
                 taken = [record for record in taken if record.offset >= start]
-            self.next_fetch_offset = start
             if not taken:
                 self.next_fetch_offset = batch.next_offset
                 continue
+            self.next_fetch_offset = start  # until the first of `taken` is handed over
             self._batch, self._left, self._after = taken, iter(taken), batch.next_offset
             yield self._left
 
