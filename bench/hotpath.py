@@ -41,9 +41,8 @@ import numpy as np
 from aiokafka.consumer import fetcher
 from aiokafka.consumer.fetcher import READ_COMMITTED
 from aiokafka.producer.message_accumulator import BatchBuilder
-from aiokafka.record.default_records import DefaultRecordBatchBuilder
 from aiokafka.record.memory_records import MemoryRecords
-from aiokafka.structs import ConsumerRecord, TopicPartition
+from aiokafka.structs import TopicPartition
 from rich.console import Console
 
 from bench.common import scratch_dir
@@ -55,7 +54,7 @@ from surge.workers.logs import configure
 from surge.workers.tasks import Outbox
 from surge.workers.worker import Worker, collect_young_less_often
 from surge.workers.writes import Records, Write, by_topic, send_batches, split_by_key
-from tests.helpers import mlp_fetch, serving_worker
+from tests.helpers import mlp_fetch, record_batch, serving_worker
 
 console = Console()
 PARTITIONS = 8
@@ -109,24 +108,16 @@ def _records(count: int) -> list[Fetch]:
     per_partition = FETCH // PARTITIONS
     return [
         {
-            tp: (offset, _record_batch(records, offset))
+            tp: (
+                offset,
+                record_batch([(r.key, r.value, r.headers, r.timestamp) for r in records], offset),
+            )
             for tp, records in mlp_fetch(
                 TOPIC, PARTITIONS, per_partition, first_offset=offset, rows=rows
             ).items()
         }
         for offset in range(0, count // PARTITIONS, per_partition)
     ]
-
-
-def _record_batch(records: list[ConsumerRecord[bytes, bytes]], first: int) -> bytes:
-    builder = DefaultRecordBatchBuilder(2, 0, 0, -1, -1, -1, 1 << 24)
-    for record in records:
-        builder.append(
-            record.offset - first, record.timestamp, record.key, record.value, list(record.headers)
-        )
-    batch = bytearray(builder.build())
-    batch[:8] = first.to_bytes(8, "big")  # its base offset (outside the CRC)
-    return bytes(batch)
 
 
 def _unpacked(fetch: Fetch, lean: bool) -> dict[TopicPartition, list[Any]]:

@@ -17,6 +17,7 @@ import onnxruntime as ort
 from aiokafka import AIOKafkaConsumer, AIOKafkaProducer, TopicPartition
 from aiokafka.admin import AIOKafkaAdminClient, NewTopic
 from aiokafka.errors import TopicAlreadyExistsError
+from aiokafka.record.default_records import DefaultRecordBatchBuilder
 from aiokafka.structs import ConsumerRecord
 from redis.asyncio import Redis
 
@@ -251,6 +252,21 @@ async def serving_worker(
     worker._ledger = ledger
     await worker.serve_models(kafka_sink)
     return worker
+
+
+def record_batch(
+    records: Iterable[tuple[bytes | None, bytes | None, Sequence[tuple[str, bytes]], int]],
+    first_offset: int,
+    compression: int = 0,
+) -> bytes:
+    """One record batch of (key, value, headers, timestamp) records, offsets from
+    `first_offset`, as a broker returns it in a fetch (`compression`: Kafka's codec id)."""
+    builder = DefaultRecordBatchBuilder(2, compression, 0, -1, -1, -1, 1 << 24)
+    for delta, (key, value, fields, timestamp) in enumerate(records):
+        builder.append(delta, timestamp, key, value, list(fields))
+    batch = bytearray(builder.build())
+    batch[:8] = first_offset.to_bytes(8, "big")  # the base offset, which the CRC leaves out
+    return bytes(batch)
 
 
 def mlp_fetch(

@@ -13,14 +13,13 @@ import pytest
 from aiokafka import AIOKafkaConsumer, AIOKafkaProducer, ConsumerRecord, TopicPartition
 from aiokafka.consumer.fetcher import READ_COMMITTED, READ_UNCOMMITTED, FetchResult
 from aiokafka.errors import CorruptRecordException
-from aiokafka.record.default_records import DefaultRecordBatchBuilder
 from aiokafka.record.memory_records import MemoryRecords
 
 from surge.producers import request_body, request_headers
 from surge.schemas import MSGPACK
 from surge.workers import fetched
 from tests.conftest import WorkerProcess, topic_of, worker_env
-from tests.helpers import create_topics, read_topic
+from tests.helpers import create_topics, read_topic, record_batch
 
 TP = TopicPartition("requests", 0)
 
@@ -30,14 +29,16 @@ def _batches(sizes: list[int], first: int = 0, compression: int = 0) -> bytes:
     (`compression`: Kafka's codec id, 0 for none)."""
     data, offset = b"", first
     for size in sizes:
-        builder = DefaultRecordBatchBuilder(2, compression, 0, -1, -1, -1, 1 << 20)
-        for i in range(size):
-            key = None if i % 3 == 0 else f"k{offset + i}".encode()
-            headers = [("h", f"{offset + i}".encode())] * (i % 3)
-            builder.append(i, timestamp=1_000 + i, key=key, value=b"v" * i, headers=headers)
-        batch = bytearray(builder.build())
-        batch[:8] = offset.to_bytes(8, "big")  # the base offset, which the CRC leaves out
-        data += bytes(batch)
+        records = [
+            (
+                None if i % 3 == 0 else f"k{offset + i}".encode(),
+                b"v" * i,
+                [("h", f"{offset + i}".encode())] * (i % 3),
+                1_000 + i,
+            )
+            for i in range(size)
+        ]
+        data += record_batch(records, offset, compression)
         offset += size
     return data
 
