@@ -301,7 +301,10 @@ def _explained(args: argparse.Namespace, run: Callable[[], int]) -> int:
 def _sigterm_as_ctrl_c() -> None:
     """Take SIGTERM as Ctrl-C: a SIGINT raised in its place, so that an event loop running
     then cancels its work as it does on Ctrl-C, rather than have KeyboardInterrupt thrown into
-    whichever task is running."""
+    whichever task is running. A shell starts a background job (`surge broker &` in a script,
+    `nohup`) with SIGINT ignored: Ctrl-C is taken back then, or a SIGTERM would do nothing."""
+    if signal.getsignal(signal.SIGINT) == signal.SIG_IGN:
+        signal.signal(signal.SIGINT, signal.default_int_handler)
     signal.signal(signal.SIGTERM, lambda *_: signal.raise_signal(signal.SIGINT))
 
 

@@ -28,6 +28,12 @@ from tests.services import KafkaBroker, NoidaBroker, RedisServer
 
 ROOT = Path(__file__).resolve().parent.parent
 
+# Run in the background by a shell (nohup, `&` in a script), the suite would start with SIGINT
+# ignored and hand that on to every command it starts, and those that check Ctrl-C would
+# ignore it. Commands start with the default, as from a terminal.
+if signal.getsignal(signal.SIGINT) == signal.SIG_IGN:
+    signal.signal(signal.SIGINT, signal.default_int_handler)
+
 
 @pytest.fixture(scope="session")
 def kafka() -> Iterator[str]:

@@ -169,8 +169,20 @@ def test_broker_refuses_a_port_another_broker_holds(kafka: str, tmp_path: Path) 
     assert "Traceback" not in out.stderr
 
 
-@pytest.mark.parametrize("stop", [signal.SIGTERM, signal.SIGINT], ids=["SIGTERM", "SIGINT"])
-def test_a_stopped_broker_command_stops_its_broker(tmp_path: Path, stop: signal.Signals) -> None:
+@pytest.mark.parametrize(
+    ("stop", "started_with"),
+    [
+        (signal.SIGTERM, signal.SIG_DFL),
+        (signal.SIGINT, signal.SIG_DFL),
+        # As a shell starts a background job (`surge broker &` in a script, nohup): Ctrl-C
+        # ignored, which SIGTERM, taken as Ctrl-C, must not inherit.
+        (signal.SIGTERM, signal.SIG_IGN),
+    ],
+    ids=["SIGTERM", "SIGINT", "SIGTERM-in-the-background"],
+)
+def test_a_stopped_broker_command_stops_its_broker(
+    tmp_path: Path, stop: signal.Signals, started_with: signal.Handlers
+) -> None:
     """The broker runs in a process group of its own: stopped with SIGTERM (as a service
     manager stops it) as with Ctrl-C, `surge broker` stops it, port and data with it."""
     port = free_port()
@@ -179,6 +191,7 @@ def test_a_stopped_broker_command_stops_its_broker(tmp_path: Path, stop: signal.
         [sys.executable, "-m", "surge", "broker", "--port", str(port), "--data-dir", str(data)],
         stdout=subprocess.PIPE,
         stderr=subprocess.PIPE,
+        preexec_fn=lambda: signal.signal(signal.SIGINT, started_with),
     )
     try:
         assert process.stdout is not None
