@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import gc
 import math
 import time
 import uuid
@@ -73,6 +74,8 @@ async def run_load(
     topic: str | None = None,
     reply_topic: str | None = None,
     timeout_s: float = 120.0,
+    linger_ms: float = 0.0,
+    pause_gc: bool = True,
     kafka_options: Mapping[str, Any] | None = None,
     on_first_send: Callable[[], None] | None = None,
     on_last_result: Callable[[], None] | None = None,
@@ -80,9 +83,12 @@ async def run_load(
     """Send `count` requests (at `rate` per second, or as fast as possible) and collect results.
     Kafka results go to `reply_topic`, an existing topic that outlives the run (see
     `shared_reply_topic()`), or to a topic of the run's own. One request first, untimed,
-    primes the path (see `_PRIMING`). `on_first_send` runs once every request is encoded, just
-    before the first timed one goes out; `on_last_result` as the last result comes in (if it
-    does)."""
+    primes the path (see `_PRIMING`). At a `rate`, a request goes out `linger_ms` after it
+    was due, with every other request due by then, as a Kafka producer's `linger.ms` holds
+    it (0: at once, at the next 1 ms tick); its latency counts from when it was due, the wait
+    included. Python's cyclic garbage collector pauses while a run is timed (`pause_gc`).
+    `on_first_send` runs once every request is encoded, just before the first timed one goes
+    out; `on_last_result` as the last result comes in (if it does)."""
     if not count:  # nothing to send, no result to wait for
         return LoadReport(offered_rate=rate, sent=0, elapsed_s=0.0, latencies_ms=np.empty(0))
     kafka = {"bootstrap_servers": bootstrap_servers, **(kafka_options or {})}
@@ -140,6 +146,7 @@ async def run_load(
         raise
     request_topic = topic or f"surge.requests.{model}"
     route = request_headers(model=model, content_type=content_type, reply_to=reply_to)
+    collecting = gc.isenabled()
     try:
         partitions = sorted(await producer.partitions_for(request_topic))
         # Where `send()` would put each request: Kafka's default partitioner, by key.
@@ -150,8 +157,14 @@ async def run_load(
         await producer.send_and_wait(request_topic, body, key=priming.encode(), headers=route)
         with contextlib.suppress(TimeoutError):  # the timed requests will show what is wrong
             await asyncio.wait_for(primed.wait(), min(timeout_s, _PRIMING_WAIT_S))
+        # No cyclic garbage collection while timing, as timeit does: a full collection walks
+        # every object the process holds (50-65 ms in a benchmark that has imported torch),
+        # and the results that arrive meanwhile would count it as the worker's latency.
+        if pause_gc:
+            gc.disable()
         if on_first_send is not None:
             on_first_send()
+        linger_s = linger_ms / 1000
         started = time.perf_counter()
         deliveries: list[asyncio.Future[Any]] = []
         sent = 0
@@ -160,12 +173,16 @@ async def run_load(
                 due = min(count, sent + _BURST_CHUNK)
             else:
                 now = time.perf_counter()
-                due = min(count, int((now - started) * rate) + 1)
-                if due <= sent:
-                    # Until the next request is due: at low rates, a wake-up every tick would
-                    # cost this process more CPU than the requests it sends.
-                    await asyncio.sleep(max(_TICK_S, started + sent / rate - now))
+                # The oldest request not sent yet leaves once it has lingered: every send
+                # costs the generator, the broker and the worker's fetch a wake-up each,
+                # whatever it holds.
+                send_at = started + sent / rate + linger_s
+                if now < send_at:
+                    # At low rates, a wake-up every tick would cost this process more CPU
+                    # than the requests it sends.
+                    await asyncio.sleep(max(_TICK_S, send_at - now))
                     continue
+                due = min(count, int((now - started) * rate) + 1)
             # Latency counts from when a request was due (open loop: a generator that falls
             # behind does not hide its delay), or, in a burst, from this round's start.
             if rate is None:
@@ -196,6 +213,8 @@ async def run_load(
             delivery_ms=delivered[~np.isnan(delivered)],
         )
     finally:
+        if collecting:
+            gc.enable()
         await producer.stop()
         await collector()
 

@@ -1,9 +1,11 @@
 """The load generator behind `surge demo` and the benchmarks, on real Kafka and a real worker:
-runs that share a long-lived reply topic each count their own results, once."""
+runs that share a long-lived reply topic each count their own results, once; requests go out
+as they fall due or as a producer's linger holds them, timed from when they were due."""
 
 from __future__ import annotations
 
 import asyncio
+import gc
 import time
 import uuid
 from collections.abc import Callable
@@ -11,6 +13,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+from aiokafka import AIOKafkaConsumer
 from aiokafka.admin import AIOKafkaAdminClient
 
 from surge.producers.load import run_load, shared_reply_topic
@@ -36,7 +39,18 @@ async def test_runs_sharing_a_reply_topic_count_only_their_own_results(
     await create_topics(kafka, replies, partitions=2)
     load = {"topic": topic, "reply_topic": replies, "timeout_s": 60}
 
-    first = await run_load(kafka, "mlp", _inputs, count=300, **load)
+    collecting: list[bool] = []
+    first = await run_load(
+        kafka,
+        "mlp",
+        _inputs,
+        count=300,
+        on_first_send=lambda: collecting.append(gc.isenabled()),
+        **load,
+    )
+    # No cyclic collection while timing; the process's own setting is back afterwards.
+    assert collecting == [False]
+    assert gc.isenabled()
     # Two at once on the same topic: each reads the other's results too, and must skip them.
     burst, steady = await asyncio.gather(
         run_load(kafka, "mlp", _inputs, count=500, **load),
@@ -50,6 +64,46 @@ async def test_runs_sharing_a_reply_topic_count_only_their_own_results(
         assert len(report.delivery_ms) == count
     assert steady.offered_rate == 1000
     assert 0.15 < steady.elapsed_s < 10  # 200 at 1,000/s: paced, not a burst
+
+
+async def test_a_lingering_run_sends_due_requests_together_and_times_them_from_due(
+    kafka: str, model_root: Path, run_worker: Callable[..., object]
+) -> None:
+    settings = make_settings(kafka, model_root, None)
+    await run_worker(settings)  # type: ignore[misc]
+    topic = settings.worker.topic_prefix + "mlp"
+    replies = f"test.load.{uuid.uuid4().hex[:8]}"
+    await create_topics(kafka, replies, partitions=1)
+    load = {"topic": topic, "reply_topic": replies, "timeout_s": 60, "count": 200, "rate": 500}
+
+    first = time.time() * 1000
+    at_once = await run_load(kafka, "mlp", _inputs, **load)
+    second = time.time() * 1000
+    lingering = await run_load(kafka, "mlp", _inputs, linger_ms=50, **load)
+
+    assert at_once.received == lingering.received == 200
+    # Each send's records are stamped as they are appended, within a millisecond. Over 0.4 s,
+    # a request every 2 ms goes out alone; with a 50 ms linger, a send carries those due in
+    # the last 50 ms, so its oldest has waited 50 ms and the others less.
+    stamps = await _create_times(kafka, topic)
+    assert len({t for t in stamps if first <= t < second}) > 60
+    assert len({t for t in stamps if t >= second}) < 15
+    assert lingering.percentile(99) > 40
+    assert lingering.percentile(50) > at_once.percentile(50) + 10
+
+
+async def _create_times(kafka: str, topic: str) -> list[int]:
+    """The create time (ms) of every record on `topic`."""
+    consumer = AIOKafkaConsumer(topic, bootstrap_servers=kafka, auto_offset_reset="earliest")
+    await consumer.start()
+    try:
+        stamps: list[int] = []
+        while fetched := await consumer.getmany(timeout_ms=2000):
+            for records in fetched.values():
+                stamps += [r.timestamp for r in records]
+        return stamps
+    finally:
+        await consumer.stop()
 
 
 def test_a_shared_reply_topic_lives_as_long_as_its_block(kafka: str) -> None:
