@@ -29,14 +29,21 @@ def _inputs(i: int) -> dict[str, np.ndarray]:
     return {"x": ROWS[i % len(ROWS)]}
 
 
+async def _served(
+    kafka: str, model_root: Path, run_worker: Callable[..., object], *, reply_partitions: int
+) -> tuple[str, str]:
+    """A worker serving the MLP: its request topic, and a new reply topic."""
+    settings = make_settings(kafka, model_root, None)
+    await run_worker(settings)  # type: ignore[misc]
+    replies = f"test.load.{uuid.uuid4().hex[:8]}"
+    await create_topics(kafka, replies, partitions=reply_partitions)
+    return settings.worker.topic_prefix + "mlp", replies
+
+
 async def test_runs_sharing_a_reply_topic_count_only_their_own_results(
     kafka: str, model_root: Path, run_worker: Callable[..., object]
 ) -> None:
-    settings = make_settings(kafka, model_root, None)
-    await run_worker(settings)  # type: ignore[misc]
-    topic = settings.worker.topic_prefix + "mlp"
-    replies = f"test.load.{uuid.uuid4().hex[:8]}"
-    await create_topics(kafka, replies, partitions=2)
+    topic, replies = await _served(kafka, model_root, run_worker, reply_partitions=2)
     load = {"topic": topic, "reply_topic": replies, "timeout_s": 60}
 
     collecting: list[bool] = []
@@ -69,11 +76,7 @@ async def test_runs_sharing_a_reply_topic_count_only_their_own_results(
 async def test_a_lingering_run_sends_due_requests_together_and_times_them_from_due(
     kafka: str, model_root: Path, run_worker: Callable[..., object]
 ) -> None:
-    settings = make_settings(kafka, model_root, None)
-    await run_worker(settings)  # type: ignore[misc]
-    topic = settings.worker.topic_prefix + "mlp"
-    replies = f"test.load.{uuid.uuid4().hex[:8]}"
-    await create_topics(kafka, replies, partitions=1)
+    topic, replies = await _served(kafka, model_root, run_worker, reply_partitions=1)
     load = {"topic": topic, "reply_topic": replies, "timeout_s": 60, "count": 200, "rate": 500}
 
     first = time.time() * 1000
