@@ -314,9 +314,9 @@ def main() -> None:
 
             # The whole sweep runs `rounds` times over (drift hits every phase alike); each
             # phase reports its median round. Every round ends at half of the first burst's
-            # peak, where the latency target is set: sent as soon as due, then by publishers
+            # peak, where the latency target is set: sent as soon as due, and by publishers
             # that linger as Kafka's clients do by default (a send a tick costs the generator,
-            # the broker and the worker a wake-up each).
+            # the broker and the worker a wake-up each), the two in turn first.
             sweep = [(f"{r:,.0f}/s", int(r * args.seconds), r) for r in rates]
             paired: list[dict[str, float]] = []
             for round_number in range(1, args.rounds + 1):
@@ -325,10 +325,9 @@ def main() -> None:
                 for name, count, rate in sweep:
                     phase(round_number, name, count, rate)
                 half = runs["burst"][0][0].throughput / 2
-                phase(round_number, _HALF, int(half * args.seconds), half)
-                phase(
-                    round_number, _HALF_LINGERING, int(half * args.seconds), half, KAFKA_LINGER_MS
-                )
+                halves = [(_HALF, 0.0), (_HALF_LINGERING, KAFKA_LINGER_MS)]
+                for name, linger_ms in halves if round_number % 2 else halves[::-1]:
+                    phase(round_number, name, int(half * args.seconds), half, linger_ms)
             phases = [(name, *_median_round(name, done)) for name, done in runs.items()]
         finally:
             worker.stop()

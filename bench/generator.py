@@ -18,6 +18,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import json
+import math
 import statistics
 from dataclasses import dataclass
 from pathlib import Path
@@ -44,6 +45,7 @@ SETTINGS = (
     Setting("GC paused", pause_gc=True, linger_ms=0),
     Setting(f"GC paused, {KAFKA_LINGER_MS:g} ms linger", pause_gc=True, linger_ms=KAFKA_LINGER_MS),
 )
+Runs = dict[tuple[float, str], list[dict[str, float]]]  # by rate and setting, each round's
 _FIGURES = ("p50_ms", "p99_ms", "p999_ms", "generator_cpu", "worker_cpu", "broker_cpu", "busy")
 
 
@@ -60,7 +62,7 @@ def main() -> None:
     rates = [float(r) for r in args.rates.split(",")]
     model_root = scratch_dir("surge-bench-models-")
     workload.write(model_root)
-    runs: dict[tuple[float, str], list[dict[str, float]]] = {}
+    runs: Runs = {}
     with kafka_broker(None) as bootstrap, shared_reply_topic(bootstrap) as replies:
         worker = WorkerProcess(bootstrap, model_root)
         try:
@@ -84,6 +86,11 @@ def main() -> None:
                     )
                 )
                 shares = cpu.since()
+                if report.received < report.sent:  # the percentiles cover only those received
+                    console.print(
+                        f"  [red]{setting.name} at {rate:,.0f}/s: "
+                        f"{report.sent - report.received:,} results lost[/red]"
+                    )
                 return {
                     "p50_ms": report.percentile(50),
                     "p99_ms": report.percentile(99),
@@ -110,7 +117,7 @@ def main() -> None:
     _report(args.model, rates, runs)
 
 
-def _report(model: str, rates: list[float], runs: dict[tuple[float, str], list]) -> None:
+def _report(model: str, rates: list[float], runs: Runs) -> None:
     table = Table(title=f"The load generator's share of the latency ({model}, median rounds)")
     for column in ("offered", "generator", "p50 ms", "p99 ms", "p99 of each round", "p999 ms"):
         table.add_column(column, justify="right")
@@ -120,7 +127,8 @@ def _report(model: str, rates: list[float], runs: dict[tuple[float, str], list])
     for rate in rates:
         for setting in SETTINGS:
             done = runs[(rate, setting.name)]
-            median = {k: statistics.median(run[k] for run in done) for k in _FIGURES}
+            # No broker CPU for a broker that is not a local process.
+            median = {k: statistics.median(run.get(k, math.nan) for run in done) for k in _FIGURES}
             medians[f"{rate:g} {setting.name}"] = median
             table.add_row(
                 f"{rate:,.0f}/s",
@@ -140,7 +148,7 @@ def _report(model: str, rates: list[float], runs: dict[tuple[float, str], list])
     _plot(rates, runs, out.with_suffix(".png"), model)
 
 
-def _plot(rates: list[float], runs: dict[tuple[float, str], list], path: Path, model: str) -> None:
+def _plot(rates: list[float], runs: Runs, path: Path, model: str) -> None:
     import matplotlib
 
     matplotlib.use("Agg")

@@ -86,9 +86,13 @@ async def run_load(
     primes the path (see `_PRIMING`). At a `rate`, a request goes out `linger_ms` after it
     was due, with every other request due by then, as a Kafka producer's `linger.ms` holds
     it (0: at once, at the next 1 ms tick); its latency counts from when it was due, the wait
-    included. Python's cyclic garbage collector pauses while a run is timed (`pause_gc`).
-    `on_first_send` runs once every request is encoded, just before the first timed one goes
-    out; `on_last_result` as the last result comes in (if it does)."""
+    included. (A producer also sends a partition's batch early once it holds `batch.size`,
+    16 KiB by default; this waits out the linger whatever it holds.) Python's cyclic garbage
+    collector pauses while a run is timed (`pause_gc`). `on_first_send` runs once every
+    request is encoded, just before the first timed one goes out; `on_last_result` as the
+    last result comes in (if it does)."""
+    if linger_ms < 0:
+        raise ValueError(f"linger_ms must be 0 or more, not {linger_ms}")
     if not count:  # nothing to send, no result to wait for
         return LoadReport(offered_rate=rate, sent=0, elapsed_s=0.0, latencies_ms=np.empty(0))
     kafka = {"bootstrap_servers": bootstrap_servers, **(kafka_options or {})}
@@ -146,7 +150,7 @@ async def run_load(
         raise
     request_topic = topic or f"surge.requests.{model}"
     route = request_headers(model=model, content_type=content_type, reply_to=reply_to)
-    collecting = gc.isenabled()
+    paused = False
     try:
         partitions = sorted(await producer.partitions_for(request_topic))
         # Where `send()` would put each request: Kafka's default partitioner, by key.
@@ -161,7 +165,8 @@ async def run_load(
         # every object the process holds (50-65 ms in a benchmark that has imported torch),
         # and the results that arrive meanwhile would count it as the worker's latency.
         if pause_gc:
-            gc.disable()
+            _pause_gc()
+            paused = True
         if on_first_send is not None:
             on_first_send()
         linger_s = linger_ms / 1000
@@ -213,10 +218,32 @@ async def run_load(
             delivery_ms=delivered[~np.isnan(delivered)],
         )
     finally:
-        if collecting:
-            gc.enable()
+        if paused:
+            _resume_gc()
         await producer.stop()
         await collector()
+
+
+# Runs timing at once in this process (the collector is the process's), and whether the
+# collector ran before the first of them paused it.
+_gc_pauses = 0
+_gc_was_enabled = False
+
+
+def _pause_gc() -> None:
+    global _gc_pauses, _gc_was_enabled
+    if _gc_pauses == 0:
+        _gc_was_enabled = gc.isenabled()
+        gc.disable()
+    _gc_pauses += 1
+
+
+def _resume_gc() -> None:
+    """The last of the runs timing at once gives the collector back as it found it."""
+    global _gc_pauses
+    _gc_pauses -= 1
+    if _gc_pauses == 0 and _gc_was_enabled:
+        gc.enable()
 
 
 async def send_batches(

@@ -38,6 +38,7 @@ class Reply:
     key: bytes | None
     value: bytes
     headers: dict[str, bytes]
+    timestamp: int  # ms: the create time a producer stamps, or the broker's append time
 
 
 async def create_topics(
@@ -118,7 +119,7 @@ async def _read_into(
 ) -> None:
     for records in (await consumer.getmany(timeout_ms=wait_ms, max_records=5000)).values():
         for r in records:
-            reply = Reply(r.key, r.value, dict(r.headers))
+            reply = Reply(r.key, r.value, dict(r.headers), r.timestamp)
             seen[_key(reply, key_of)].append(reply)
 
 

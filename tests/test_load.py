@@ -13,12 +13,12 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-from aiokafka import AIOKafkaConsumer
 from aiokafka.admin import AIOKafkaAdminClient
 
+from surge.producers import load as load_module
 from surge.producers.load import run_load, shared_reply_topic
 from tests.conftest import make_settings
-from tests.helpers import create_topics
+from tests.helpers import create_topics, read_to_end
 
 pytestmark = pytest.mark.integration
 
@@ -73,6 +73,24 @@ async def test_runs_sharing_a_reply_topic_count_only_their_own_results(
     assert 0.15 < steady.elapsed_s < 10  # 200 at 1,000/s: paced, not a burst
 
 
+def test_runs_timed_at_once_give_the_collector_back_when_the_last_ends() -> None:
+    assert gc.isenabled()
+    load_module._pause_gc()
+    load_module._pause_gc()
+    load_module._resume_gc()
+    assert not gc.isenabled()  # the other run is still timing
+    load_module._resume_gc()
+    assert gc.isenabled()
+
+    gc.disable()  # a caller that runs without the collector keeps it off
+    try:
+        load_module._pause_gc()
+        load_module._resume_gc()
+        assert not gc.isenabled()
+    finally:
+        gc.enable()
+
+
 async def test_a_lingering_run_sends_due_requests_together_and_times_them_from_due(
     kafka: str, model_root: Path, run_worker: Callable[..., object]
 ) -> None:
@@ -97,16 +115,8 @@ async def test_a_lingering_run_sends_due_requests_together_and_times_them_from_d
 
 async def _create_times(kafka: str, topic: str) -> list[int]:
     """The create time (ms) of every record on `topic`."""
-    consumer = AIOKafkaConsumer(topic, bootstrap_servers=kafka, auto_offset_reset="earliest")
-    await consumer.start()
-    try:
-        stamps: list[int] = []
-        while fetched := await consumer.getmany(timeout_ms=2000):
-            for records in fetched.values():
-                stamps += [r.timestamp for r in records]
-        return stamps
-    finally:
-        await consumer.stop()
+    by_key = await read_to_end(kafka, topic, key_of=None)
+    return [record.timestamp for records in by_key.values() for record in records]
 
 
 def test_a_shared_reply_topic_lives_as_long_as_its_block(kafka: str) -> None:
