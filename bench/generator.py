@@ -123,13 +123,13 @@ def _report(model: str, rates: list[float], runs: Runs) -> None:
         table.add_column(column, justify="right")
     for column in ("generator CPU", "worker CPU", "broker CPU", "machine busy"):
         table.add_column(column, justify="right")
-    medians: dict[str, dict[str, float]] = {}
+    medians: dict[tuple[float, str], dict[str, float]] = {}
     for rate in rates:
         for setting in SETTINGS:
             done = runs[(rate, setting.name)]
             # No broker CPU for a broker that is not a local process.
             median = {k: statistics.median(run.get(k, math.nan) for run in done) for k in _FIGURES}
-            medians[f"{rate:g} {setting.name}"] = median
+            medians[(rate, setting.name)] = median
             table.add_row(
                 f"{rate:,.0f}/s",
                 setting.name,
@@ -143,12 +143,19 @@ def _report(model: str, rates: list[float], runs: Runs) -> None:
     OUT.mkdir(exist_ok=True)
     out = OUT / f"generator-{model}"
     out.with_suffix(".json").write_text(
-        json.dumps({"medians": medians, "runs": {f"{r:g} {s}": v for (r, s), v in runs.items()}})
+        json.dumps(
+            {
+                "medians": {f"{r:g} {s}": v for (r, s), v in medians.items()},
+                "runs": {f"{r:g} {s}": v for (r, s), v in runs.items()},
+            }
+        )
     )
-    _plot(rates, runs, out.with_suffix(".png"), model)
+    _plot(rates, medians, out.with_suffix(".png"), model)
 
 
-def _plot(rates: list[float], runs: Runs, path: Path, model: str) -> None:
+def _plot(
+    rates: list[float], medians: dict[tuple[float, str], dict[str, float]], path: Path, model: str
+) -> None:
     import matplotlib
 
     matplotlib.use("Agg")
@@ -156,13 +163,9 @@ def _plot(rates: list[float], runs: Runs, path: Path, model: str) -> None:
 
     fig, (left, right) = plt.subplots(1, 2, figsize=(11, 4))
     for setting in SETTINGS:
-        p99 = [statistics.median(run["p99_ms"] for run in runs[(r, setting.name)]) for r in rates]
-        cpu = [
-            statistics.median(run["generator_cpu"] for run in runs[(r, setting.name)])
-            for r in rates
-        ]
-        left.plot(rates, p99, "o-", label=setting.name)
-        right.plot(rates, cpu, "o-", label=setting.name)
+        median = [medians[(rate, setting.name)] for rate in rates]
+        left.plot(rates, [m["p99_ms"] for m in median], "o-", label=setting.name)
+        right.plot(rates, [m["generator_cpu"] for m in median], "o-", label=setting.name)
     left.set(xlabel="offered load (req/s)", ylabel="p99 latency (ms)", title=f"{model}: p99")
     right.set(xlabel="offered load (req/s)", ylabel="share of a core", title="generator CPU")
     left.legend()
