@@ -9,6 +9,7 @@ import os
 import re
 import shutil
 import signal
+import socket
 import subprocess
 import sys
 import tempfile
@@ -23,10 +24,12 @@ import onnxruntime as ort
 import psutil
 from aiokafka import AIOKafkaConsumer, AIOKafkaProducer
 from aiokafka.admin import AIOKafkaAdminClient, NewTopic
+from prometheus_client.metrics_core import Metric
 from prometheus_client.parser import text_string_to_metric_families
 from rich.console import Console
 
 from surge.producers import SurgeClient
+from surge.workers.runtimes.devices import cuda_device_count
 from tests.services import KAFKA_GC, KafkaBroker, free_port
 
 OUT = Path(__file__).parent / "out"
@@ -214,12 +217,40 @@ def batch_rows(batches: list[dict[str, np.ndarray]]) -> int:
     return sum(next(iter(b.values())).shape[0] for b in batches)
 
 
+def pool_members(processes: int | str) -> int:
+    """How many processes `surge worker --processes` starts: one per visible GPU for "gpus"
+    (one, on the CPU, where none is visible), else the number given."""
+    if processes != "gpus":
+        return int(processes)
+    visible = os.environ.get("CUDA_VISIBLE_DEVICES")
+    return len(visible.split(",")) if visible else max(1, cuda_device_count())
+
+
+def free_ports(count: int) -> int:
+    """The first of `count` consecutive loopback ports that are free now."""
+    while True:
+        first = free_port()
+        if first + count - 1 > 65535:
+            continue
+        with contextlib.ExitStack() as held:
+            try:
+                for port in range(first + 1, first + count):
+                    taken = held.enter_context(socket.socket())
+                    taken.bind(("127.0.0.1", port))
+            except OSError:
+                continue
+        return first
+
+
 class WorkerProcess:
     def __init__(
         self, bootstrap: str, model_root: Path, *, processes: int | str = 1, **env: str
     ) -> None:
         self.bootstrap = bootstrap
-        self.metrics_port = free_port()
+        # A pool's members serve metrics on consecutive ports from this one (`surge.pool`):
+        # batch and latency figures add up over all of them.
+        self.members = pool_members(processes)
+        self.metrics_port = free_ports(self.members)
         self.log = Path(tempfile.mkstemp(prefix="surge-bench-worker-", suffix=".log")[1])
         self.process = subprocess.Popen(
             [sys.executable, "-m", "surge", "worker", "--processes", str(processes)],
@@ -265,7 +296,7 @@ class WorkerProcess:
     def batch_totals(self) -> dict[str, float]:
         """Model calls so far: their number, rows and seconds (from the worker's metrics)."""
         totals = {"batches": 0.0, "rows": 0.0, "seconds": 0.0}
-        for family in text_string_to_metric_families(self._metrics()):
+        for family in self._metric_families():
             for sample in family.samples:
                 if sample.name == "surge_batch_rows_count":
                     totals["batches"] += sample.value
@@ -284,7 +315,7 @@ class WorkerProcess:
             "surge_outcome_seconds_bucket": "outcome",
         }
         buckets: dict[str, dict[float, float]] = {"age": {}, "outcome": {}}
-        for family in text_string_to_metric_families(self._metrics()):
+        for family in self._metric_families():
             for sample in family.samples:
                 if sample.name in names:
                     counts = buckets[names[sample.name]]
@@ -292,9 +323,13 @@ class WorkerProcess:
                     counts[bound] = counts.get(bound, 0.0) + sample.value
         return buckets
 
-    def _metrics(self) -> str:
-        url = f"http://127.0.0.1:{self.metrics_port}/metrics"
-        return urllib.request.urlopen(url, timeout=5).read().decode()
+    def _metric_families(self) -> Iterator[Metric]:
+        """Every member's metric families, one member after another."""
+        for port in range(self.metrics_port, self.metrics_port + self.members):
+            url = f"http://127.0.0.1:{port}/metrics"
+            yield from text_string_to_metric_families(
+                urllib.request.urlopen(url, timeout=5).read().decode()
+            )
 
     def stop(self) -> None:
         self.process.send_signal(signal.SIGTERM)

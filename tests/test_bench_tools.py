@@ -1,17 +1,37 @@
 """The benchmarks' own instruments: the broker's GC pauses, a process's CPU and CPU wait,
-which local process serves a bootstrap address, and a worker process that fails early."""
+which local process serves a bootstrap address, a worker process that fails early, and a
+pool's batch figures summed over its members."""
 
 from __future__ import annotations
 
+import asyncio
+import json
 import os
 import socket
 import time
+import urllib.request
+import uuid
 from pathlib import Path
 
 import numpy as np
 import pytest
+from prometheus_client.parser import text_string_to_metric_families
 
-from bench.common import WorkerProcess, gc_pauses, gc_pauses_ms, listener_pid, scheduling
+from bench.common import (
+    WorkerProcess,
+    free_ports,
+    gc_pauses,
+    gc_pauses_ms,
+    listener_pid,
+    pool_members,
+    scheduling,
+)
+from surge.config import load_settings
+from surge.pool import member_envs
+from surge.producers import request_body, request_headers
+from surge.schemas import MSGPACK
+from tests.conftest import topic_of, worker_env
+from tests.helpers import create_topics, publish, read_topic
 
 # Lines of a real G1 log (`-Xlog:gc`): pauses, and concurrent phases that are not pauses.
 _G1_LOG = """\
@@ -64,3 +84,64 @@ def test_a_worker_that_exits_fails_the_wait_at_once_with_its_log(
     with pytest.raises(RuntimeError, match=r"exited \(2\)(.|\n)*fetch_ahead_s"):
         worker.first_result("mlp", {"x": np.zeros((1, 32), np.float32)}, timeout_s=60)
     assert time.monotonic() - started < 30
+
+
+def test_the_bench_counts_a_pool_s_members_as_the_pool_starts_them(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    settings = load_settings(env={"SURGE_METRICS__PORT": "9400"})
+    for visible in ("2,5", "1"):
+        monkeypatch.setenv("CUDA_VISIBLE_DEVICES", visible)
+        assert pool_members("gpus") == len(member_envs(settings, "gpus"))
+    assert pool_members(3) == pool_members("3") == len(member_envs(settings, "3"))
+    first = free_ports(3)
+    for port in range(first, first + 3):
+        with socket.socket() as s:
+            s.bind(("127.0.0.1", port))  # free, all three
+
+
+def _member_rows(port: int) -> float:
+    text = urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=5).read().decode()
+    return sum(
+        sample.value
+        for family in text_string_to_metric_families(text)
+        for sample in family.samples
+        if sample.name == "surge_batch_rows_sum"
+    )
+
+
+@pytest.mark.integration
+async def test_a_pool_s_batch_figures_add_up_over_its_members(
+    kafka: str, model_root: Path, tmp_path: Path
+) -> None:
+    env = worker_env(kafka, model_root, None)
+    topic, run = topic_of(env, "mlp"), uuid.uuid4().hex[:8]
+    replies = f"test.replies.{run}"
+    await create_topics(kafka, topic, replies)
+    worker = WorkerProcess(kafka, model_root, processes=2, **env)
+    try:
+        # Both members hold partitions: the last two assignments split the topic's four.
+        deadline = time.monotonic() + 90
+        while True:
+            lines = worker.log.read_text(errors="replace").splitlines()
+            events = [json.loads(line) for line in lines if line.startswith("{")]
+            held = [e["partitions"] for e in events if e.get("event") == "partitions_assigned"]
+            if len(held) >= 2 and all(held[-2:]) and len({*held[-2], *held[-1]}) == 4:
+                break
+            assert time.monotonic() < deadline, "\n".join(lines[-30:])
+            await asyncio.sleep(0.2)
+        x = {"x": np.ones((1, 32), np.float32)}
+        route = request_headers(model="mlp", content_type=MSGPACK, reply_to=replies)
+        await publish(
+            kafka,
+            [
+                (topic, f"{run}-{i}".encode(), request_body(x, f"{run}-{i}", MSGPACK), route)
+                for i in range(400)
+            ],
+        )
+        assert len(await read_topic(kafka, replies, until=400)) == 400
+        each = [_member_rows(worker.metrics_port + i) for i in range(2)]
+        assert all(rows > 0 for rows in each), each
+        assert worker.batch_totals()["rows"] == sum(each) == 400
+    finally:
+        worker.stop()
