@@ -94,6 +94,19 @@ async def publish(
         await producer.stop()
 
 
+def mlp_requests(
+    topic: str, run: str, count: int, reply_to: str
+) -> list[tuple[str, bytes, bytes, Headers]]:
+    """`count` msgpack MLP requests to `topic`, keyed and identified `{run}-{i}`, each
+    answered to `reply_to`: records for `publish`."""
+    x = {"x": np.ones((1, MLP_FEATURES), np.float32)}
+    route = request_headers(model="mlp", content_type=MSGPACK, reply_to=reply_to)
+    return [
+        (topic, f"{run}-{i}".encode(), request_body(x, f"{run}-{i}", MSGPACK), route)
+        for i in range(count)
+    ]
+
+
 @contextlib.asynccontextmanager
 async def _from_beginning(bootstrap: str, topic: str) -> AsyncIterator[AIOKafkaConsumer]:
     """A read_committed consumer assigned every partition of `topic`, at its beginning."""

@@ -28,10 +28,8 @@ from bench.common import (
 )
 from surge.config import load_settings
 from surge.pool import member_envs
-from surge.producers import request_body, request_headers
-from surge.schemas import MSGPACK
 from tests.conftest import topic_of, worker_env
-from tests.helpers import create_topics, publish, read_topic
+from tests.helpers import create_topics, mlp_requests, publish, read_topic
 
 # Lines of a real G1 log (`-Xlog:gc`): pauses, and concurrent phases that are not pauses.
 _G1_LOG = """\
@@ -111,9 +109,7 @@ def _member_rows(port: int) -> float:
 
 
 @pytest.mark.integration
-async def test_a_pool_s_batch_figures_add_up_over_its_members(
-    kafka: str, model_root: Path, tmp_path: Path
-) -> None:
+async def test_a_pool_s_batch_figures_add_up_over_its_members(kafka: str, model_root: Path) -> None:
     env = worker_env(kafka, model_root, None)
     topic, run = topic_of(env, "mlp"), uuid.uuid4().hex[:8]
     replies = f"test.replies.{run}"
@@ -130,15 +126,7 @@ async def test_a_pool_s_batch_figures_add_up_over_its_members(
                 break
             assert time.monotonic() < deadline, "\n".join(lines[-30:])
             await asyncio.sleep(0.2)
-        x = {"x": np.ones((1, 32), np.float32)}
-        route = request_headers(model="mlp", content_type=MSGPACK, reply_to=replies)
-        await publish(
-            kafka,
-            [
-                (topic, f"{run}-{i}".encode(), request_body(x, f"{run}-{i}", MSGPACK), route)
-                for i in range(400)
-            ],
-        )
+        await publish(kafka, mlp_requests(topic, run, 400, replies))
         assert len(await read_topic(kafka, replies, until=400)) == 400
         each = [_member_rows(worker.metrics_port + i) for i in range(2)]
         assert all(rows > 0 for rows in each), each

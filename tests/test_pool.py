@@ -12,16 +12,13 @@ import time
 import uuid
 from pathlib import Path
 
-import numpy as np
 import pytest
 
 from surge.config import load_settings
 from surge.pool import member_envs
-from surge.producers import request_body, request_headers
-from surge.schemas import MSGPACK
 from surge.workers.runtimes.devices import cuda_device_count
 from tests.conftest import ROOT, topic_of, worker_env
-from tests.helpers import create_topics, publish, read_topic
+from tests.helpers import create_topics, mlp_requests, publish, read_topic
 
 pytestmark = pytest.mark.integration
 
@@ -62,13 +59,7 @@ async def test_a_pool_serves_restarts_and_drains(
     try:
         started = _wait(log, "pool_member_started", 2)
         _wait(log, "worker_started", 2)
-        x = {"x": np.ones((1, 32), np.float32)}
-        route = request_headers(model="mlp", content_type=MSGPACK, reply_to=replies)
-        records = [
-            (topic, f"{run}-{i}".encode(), request_body(x, f"{run}-{i}", MSGPACK), route)
-            for i in range(400)
-        ]
-        await publish(kafka, records)
+        await publish(kafka, mlp_requests(topic, run, 400, replies))
         assert len(await read_topic(kafka, replies, until=400)) == 400
 
         os.kill(int(started[0]["pid"]), signal.SIGKILL)  # type: ignore[call-overload]
