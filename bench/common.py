@@ -28,8 +28,8 @@ from prometheus_client.metrics_core import Metric
 from prometheus_client.parser import text_string_to_metric_families
 from rich.console import Console
 
+from surge.pool import member_devices
 from surge.producers import SurgeClient
-from surge.workers.runtimes.devices import cuda_device_count
 from tests.services import KAFKA_GC, KafkaBroker, free_port
 
 OUT = Path(__file__).parent / "out"
@@ -217,15 +217,6 @@ def batch_rows(batches: list[dict[str, np.ndarray]]) -> int:
     return sum(next(iter(b.values())).shape[0] for b in batches)
 
 
-def pool_members(processes: int | str) -> int:
-    """How many processes `surge worker --processes` starts: one per visible GPU for "gpus"
-    (one, on the CPU, where none is visible), else the number given."""
-    if processes != "gpus":
-        return int(processes)
-    visible = os.environ.get("CUDA_VISIBLE_DEVICES")
-    return len(visible.split(",")) if visible else max(1, cuda_device_count())
-
-
 def free_ports(count: int) -> int:
     """The first of `count` consecutive loopback ports that are free now."""
     while True:
@@ -249,7 +240,7 @@ class WorkerProcess:
         self.bootstrap = bootstrap
         # A pool's members serve metrics on consecutive ports from this one (`surge.pool`):
         # batch and latency figures add up over all of them.
-        self.members = pool_members(processes)
+        self.members = len(member_devices(str(processes)))
         self.metrics_port = free_ports(self.members)
         self.log = Path(tempfile.mkstemp(prefix="surge-bench-worker-", suffix=".log")[1])
         self.process = subprocess.Popen(

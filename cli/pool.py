@@ -45,20 +45,23 @@ class _Member:
         log.info("pool_member_started", member=self.index, pid=self.process.pid, **self._env)
 
 
+def member_devices(processes: str) -> list[dict[str, str]]:
+    """One environment per member, with its GPU: a member per visible GPU for "gpus" (one,
+    on the CPU, where none is visible), else `processes` members."""
+    if processes != "gpus":
+        return [{} for _ in range(int(processes))]
+    from surge.workers.runtimes.devices import cuda_device_count
+
+    visible = os.environ.get("CUDA_VISIBLE_DEVICES")
+    devices = visible.split(",") if visible else [str(i) for i in range(cuda_device_count())]
+    return [{"CUDA_VISIBLE_DEVICES": device} for device in devices] or [{}]
+
+
 def member_envs(settings: Settings, processes: str) -> list[dict[str, str]]:
     """The environment of each member: its GPU, and its own metrics port."""
-    if processes == "gpus":
-        from surge.workers.runtimes.devices import cuda_device_count
-
-        visible = os.environ.get("CUDA_VISIBLE_DEVICES")
-        devices = visible.split(",") if visible else [str(i) for i in range(cuda_device_count())]
-        if not devices:
-            log.warning("pool_no_gpu", note="no GPU visible: one member, on the CPU")
-            envs = [{}]
-        else:
-            envs = [{"CUDA_VISIBLE_DEVICES": device} for device in devices]
-    else:
-        envs = [{} for _ in range(int(processes))]
+    envs = member_devices(processes)
+    if processes == "gpus" and "CUDA_VISIBLE_DEVICES" not in envs[0]:
+        log.warning("pool_no_gpu", note="no GPU visible: one member, on the CPU")
     port = settings.metrics.port
     if port and port + len(envs) - 1 > 65535:
         raise ValueError(
