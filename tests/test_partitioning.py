@@ -24,3 +24,17 @@ def test_request_ids_of_one_length_hash_together() -> None:
     partitions = [0, 1, 2, 3, 4, 5, 6, 7]
     expected = [DefaultPartitioner()(key, partitions, partitions) for key in keys]
     assert key_partitions(keys, partitions) == expected
+
+
+@given(st.lists(st.binary(min_size=0, max_size=12), min_size=1, max_size=8))
+def test_one_key_hashes_as_the_default_partitioner_does(keys: list[bytes]) -> None:
+    partitions = list(range(7))
+    expected = [DefaultPartitioner()(key, partitions, partitions) for key in keys]
+    assert [key_partitions([key], partitions)[0] for key in keys] == expected
+
+
+def test_keys_of_mixed_lengths_hash_by_length_in_blocks_and_one_by_one() -> None:
+    keys = [f"r-{i}".encode() for i in range(200)] + [b"x" * 9, b"y" * 33, b"", b"z" * 33]
+    partitions = list(range(12))
+    expected = [DefaultPartitioner()(key, partitions, partitions) for key in keys]
+    assert key_partitions(keys, partitions) == expected
