@@ -4,9 +4,12 @@ the model runs."""
 from __future__ import annotations
 
 import asyncio
+import os
+import sys
 import threading
 import time
 from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
 from typing import Any
 
 import numpy as np
@@ -263,6 +266,58 @@ async def test_a_model_proven_fast_runs_inline_until_its_batches_are_slow() -> N
     await _serve(batcher, answers, 2)
     assert model.threads[-2:] == [main, "model_0"]
     await batcher.close()
+    assert not answers.failed
+
+
+class _Spinning(_Timed):
+    """A model whose call takes `cpu_s` of its own thread's CPU time, noting each call's
+    clock time."""
+
+    def __init__(self, cpu_s: float) -> None:
+        super().__init__()
+        self.cpu_s = cpu_s
+        self.clock: list[float] = []
+
+    def run(self, batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+        started, cpu = time.perf_counter(), time.thread_time()
+        self.threads.append(threading.current_thread().name)
+        while time.thread_time() - cpu < self.cpu_s:
+            pass
+        self.clock.append(time.perf_counter() - started)
+        return {"y": batch["x"] * 2}
+
+
+@pytest.mark.skipif(
+    not Path("/proc/thread-self/schedstat").exists(), reason="needs Linux's scheduler statistics"
+)
+async def test_a_model_slowed_by_a_busy_machine_stays_inline() -> None:
+    """Another process on the model's CPU doubles its calls' clock time: that is the
+    machine's doing, not the model's, and the model stays on the loop."""
+    model, answers = _Spinning(cpu_s=0.02), _Answers()
+    config = ModelConfig(max_batch_size=8, max_batch_delay_ms=0, inline_below_ms=30)
+    batcher = _batcher(model, answers, config)
+    main = threading.current_thread().name
+    batcher.start(on_crash=pytest.fail)
+    await _serve(batcher, answers, _INLINE_AFTER + 1)  # proven on the thread, now inline
+    assert model.threads[-1] == main
+    affinity = os.sched_getaffinity(0)
+    cpu = min(affinity)
+    os.sched_setaffinity(0, {cpu})
+    spin = f"import os\nos.sched_setaffinity(0, {{{cpu}}})\nprint(flush=True)\nwhile True: pass"
+    busy = await asyncio.create_subprocess_exec(
+        sys.executable, "-c", spin, stdout=asyncio.subprocess.PIPE
+    )
+    try:
+        assert busy.stdout is not None
+        await busy.stdout.readline()  # spinning on this CPU from now on
+        await _serve(batcher, answers, 4)
+        await batcher.close()
+    finally:
+        busy.kill()
+        await busy.wait()
+        os.sched_setaffinity(0, affinity)
+    assert model.threads[-4:] == [main] * 4
+    assert min(model.clock[-4:]) > 0.03  # every call on the loop slower than inline_below_ms
     assert not answers.failed
 
 

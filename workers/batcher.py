@@ -32,7 +32,7 @@ from surge.schemas import (
     raw_rows,
     row_tensors,
 )
-from surge.workers import metrics
+from surge.workers import cpu_wait, metrics
 from surge.workers.batching import CallCost, best_run, check_rows, group_by_shape, stack
 from surge.workers.inline import WATCH
 from surge.workers.intake import Job
@@ -301,6 +301,7 @@ class Batcher:
             # A call this short costs less than the thread hand-off and the GIL convoy that
             # follows it. Only sizes the streak has covered run here: a bigger batch proves
             # itself on the thread first.
+            waited = cpu_wait.waited_s()
             started = time.perf_counter()
             WATCH.call = (self._label, started, self._budget)  # a hang ends the process
             try:
@@ -308,9 +309,11 @@ class Batcher:
             finally:
                 WATCH.call = None
             seconds = time.perf_counter() - started
+            own = seconds - (cpu_wait.waited_s() - waited)
         else:
-            outputs, seconds = await self._in_thread(batch, _requests(jobs), deadline)
-        if seconds < self._inline_below:
+            outputs, seconds, own = await self._in_thread(batch, _requests(jobs), deadline)
+        # Judged by its own time: what the machine gave its CPU to others is not the model's.
+        if own < self._inline_below:
             self._fast_streak += 1
             self._slow_calls = 0
             self._proven_elements = max(self._proven_elements, elements)
@@ -322,7 +325,7 @@ class Batcher:
             if (
                 not proven
                 or self._slow_calls >= _SLOW_CALLS
-                or seconds >= _FAR_SLOWER * self._inline_below
+                or own >= _FAR_SLOWER * self._inline_below
             ):
                 self._fast_streak = self._proven_elements = self._slow_calls = 0
         if proven != (self._fast_streak >= _INLINE_AFTER):
@@ -342,18 +345,21 @@ class Batcher:
 
     async def _in_thread(
         self, batch: dict[str, np.ndarray], requests: int, deadline: float
-    ) -> tuple[dict[str, np.ndarray], float]:
+    ) -> tuple[dict[str, np.ndarray], float, float]:
         """Run in the executor by the batch's deadline, which waiting for a thread still held
-        by a call that blew its budget counts against too."""
+        by a call that blew its budget counts against too. The outputs, the call's time, and
+        that time less its thread's waits for a CPU."""
         loop = asyncio.get_running_loop()
         started = asyncio.Event()
         clock: list[float] = []
 
         def call() -> dict[str, np.ndarray]:
             clock.append(time.perf_counter())
+            waited = cpu_wait.waited_s()
             loop.call_soon_threadsafe(started.set)
             outputs = self._runtime.run(batch)
             clock.append(time.perf_counter())  # the call's own time, not the loop's delay
+            clock.append(cpu_wait.waited_s() - waited)
             return outputs
 
         future = loop.run_in_executor(self._executor, call)
@@ -383,7 +389,8 @@ class Batcher:
             raise _OverBudget(
                 f"batch of {requests} requests outlived its {self._budget:g}s budget"
             ) from None
-        return outputs, clock[1] - clock[0]
+        seconds = clock[1] - clock[0]
+        return outputs, seconds, seconds - clock[2]
 
     def _call_ended(self, _: asyncio.Future[Any]) -> None:
         self.calls_running -= 1
