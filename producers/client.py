@@ -281,12 +281,14 @@ class SurgeClient:
         ids = [uuid.uuid4().hex for _ in batch]
         futures = [self._waiting.setdefault(i, loop.create_future()) for i in ids]
         pubsub = None  # the Redis subscription this call made, to undo
+        subscribing = False  # ... however far it got
         refused: dict[int, KafkaError] = {}  # by position: requests Kafka did not take
         try:
             try:
                 async with asyncio.timeout_at(deadline):
                     reply_to = await self._closable(self._reply_channel(via))
                     if via == "redis":
+                        subscribing = True
                         pubsub = await self._closable(self._subscribe_now(ids))
                     refused = await self._closable(
                         self._send_all(model, batch, ids, version, reply_to, deadline_ms, topic)
@@ -314,8 +316,8 @@ class SurgeClient:
         finally:
             for request_id in ids:
                 self._waiting.pop(request_id, None)
-            if pubsub is not None:
-                await self._tidy(self._unsubscribe(ids, pubsub))
+            if subscribing:  # cut short while subscribing, too: on the connection in hand
+                await self._tidy(self._unsubscribe(ids, pubsub or self._pubsub))
         results = [
             refused[n] if n in refused else _outcome(i, f, timeout)
             for n, (i, f) in enumerate(zip(ids, futures, strict=True))
@@ -486,13 +488,15 @@ class SurgeClient:
         async for record in consumer:
             try:
                 fields = {k: v or b"" for k, v in record.headers}
-                request_id = fields.get(headers.REQUEST_ID, b"").decode()
+                request_id = fields.get(headers.REQUEST_ID, b"").decode(errors="replace")
                 if request_id in self._waiting:
-                    status = fields.get(headers.STATUS, b"error").decode()
+                    status = fields.get(headers.STATUS, b"error").decode(errors="replace")
                     content_type = (
-                        fields.get(headers.CONTENT_TYPE, b"").decode() or self.content_type
+                        fields.get(headers.CONTENT_TYPE, b"").decode(errors="replace")
+                        or self.content_type
                     )
-                    self._resolve(request_id, read_result(record.value, content_type, status))
+                    result = _read_result(record.value or b"", content_type, request_id, status)
+                    self._resolve(request_id, result)
             except Exception:  # one unreadable record must not stop the reader
                 log.exception("unreadable_result", topic=record.topic, offset=record.offset)
 
@@ -560,13 +564,13 @@ class SurgeClient:
             await self._subscribe(ids, pubsub)
         return pubsub
 
-    async def _unsubscribe(self, ids: list[str], pubsub: Any) -> None:
+    async def _unsubscribe(self, ids: list[str], pubsub: Any | None) -> None:
         channels = [self._redis_prefix + i for i in ids]
         for channel in channels:
             self._subscribed.pop(channel, None)
         # A closed or replaced connection took these subscriptions with it; calling it would
         # only open a new one.
-        if not self._closed and pubsub is self._pubsub:
+        if not self._closed and pubsub is not None and pubsub is self._pubsub:
             await pubsub.unsubscribe(*channels)
 
     async def _read_redis(self) -> None:
@@ -606,13 +610,20 @@ class SurgeClient:
             log.exception("unreadable_result", channel=message.get("channel"))
 
 
-def _read_result(body: bytes, content_type: str, request_id: str) -> Result:
-    """A result read from Redis. One that cannot be read is its caller's error result: as an
+def _read_result(
+    body: bytes, content_type: str, request_id: str, status: str | None = None
+) -> Result:
+    """A result read from a reply topic (with its `surge-status`) or from Redis (`status`
+    None: the body tells). One that cannot be read is its caller's error result: as an
     exception it would leave the caller to time out, or fail the results read with it."""
     try:
-        return read_redis_result(body, content_type)
+        if content_type not in headers.CONTENT_TYPES:
+            raise ValueError(f"unknown content type {content_type!r}")
+        if status is None:
+            return read_redis_result(body, content_type)
+        return read_result(body, content_type, status)
     except (DecodeError, ValueError) as exc:  # UnicodeDecodeError and TensorError included
-        message = f"the result stored for {request_id} is not {content_type}: {exc}"
+        message = f"the result for {request_id} could not be read as {content_type}: {exc}"
         return PredictionError(ErrorCode.BAD_ENCODING, message, request_id)
 
 

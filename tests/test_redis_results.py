@@ -356,3 +356,34 @@ async def test_a_result_in_redis_the_client_cannot_read_is_its_error_result(
         assert by_id[request_id].code == ErrorCode.BAD_ENCODING
         assert request_id in by_id[request_id].message
     assert by_id[readable].code == ErrorCode.UNKNOWN_MODEL
+
+
+async def test_a_call_whose_deadline_lands_while_it_subscribes_leaves_no_subscription(
+    kafka: str, redis_url: str
+) -> None:
+    """Deadlines of a few milliseconds for thousands of requests run out while Redis is
+    still confirming their subscriptions: none of them is left behind, in the client or on
+    the server."""
+    topic = f"surge.requests.short-{uuid.uuid4().hex[:8]}"
+    await create_topics(kafka, topic)
+    x = {"x": np.ones((1, 4), np.float32)}
+    redis = Redis.from_url(redis_url)
+    try:
+        async with SurgeClient(kafka, redis_url=redis_url) as client:
+            await client.predict_many(
+                "mlp", [x], via="redis", topic=topic, timeout=2, return_exceptions=True
+            )
+            for timeout in (0.002, 0.005, 0.01, 0.02):
+                results = await client.predict_many(
+                    "mlp",
+                    [x] * 2000,
+                    via="redis",
+                    topic=topic,
+                    timeout=timeout,
+                    return_exceptions=True,
+                )
+                assert all(isinstance(result, TimeoutError) for result in results)
+                assert not client._subscribed
+            assert await redis.pubsub_channels("surge:result:*") == []
+    finally:
+        await redis.aclose()
