@@ -63,9 +63,9 @@ def main(argv: list[str] | None = None) -> None:
     predict.add_argument("--datatype", default="float32", help=_DATATYPE_HELP)
     predict.add_argument("--version")
     predict.add_argument("--topic", help="request topic (default: surge.requests.<model>)")
-    predict.add_argument("--bootstrap", default="127.0.0.1:9092")
+    predict.add_argument("--bootstrap", type=_bootstrap, default="127.0.0.1:9092")
     predict.add_argument("--via", choices=["kafka", "redis"], default="kafka")
-    predict.add_argument("--redis-url")
+    predict.add_argument("--redis-url", type=_redis_url)
     predict.add_argument("--redis-prefix", default=_REDIS_PREFIX, help=_REDIS_PREFIX_HELP)
     predict.add_argument("--timeout", type=_seconds, default=30.0, help="seconds")
 
@@ -87,7 +87,9 @@ def main(argv: list[str] | None = None) -> None:
     lag = commands.add_parser("lag", help="a worker group's lag per topic: what to scale on")
     lag.add_argument("-c", "--config", type=Path, help="the workers' settings: bootstrap, group")
     lag.add_argument("--group", help="consumer group (default: the settings' group_id)")
-    lag.add_argument("--bootstrap", help="bootstrap servers (default: the settings')")
+    lag.add_argument(
+        "--bootstrap", type=_bootstrap, help="bootstrap servers (default: the settings')"
+    )
     lag.add_argument("--json", action="store_true", help="one JSON object per topic")
 
     demo = commands.add_parser("demo", help="broker + worker + example model + a burst, in one go")
@@ -99,14 +101,16 @@ def main(argv: list[str] | None = None) -> None:
     for action, text in (("inspect", "summarise by reason"), ("replay", "re-publish to source")):
         sub = dlq_commands.add_parser(action, help=text)
         sub.add_argument("--topic", default="surge.dead-letters")
-        sub.add_argument("--bootstrap", default="127.0.0.1:9092")
+        sub.add_argument("--bootstrap", type=_bootstrap, default="127.0.0.1:9092")
     replay = dlq_commands.choices["replay"]
     replay.add_argument("--reason", action="append", default=[], help="error code; repeatable")
     replay.add_argument("--id", action="append", default=[], help="request id; repeatable")
     replay.add_argument("--since", type=_utc_time, help=_TIME_HELP)
     replay.add_argument("--until", type=_utc_time, help=_TIME_HELP)
     replay.add_argument("--reply-to", help="replace each request's surge-reply-to")
-    replay.add_argument("--redis-url", help="to find results already written to Redis")
+    replay.add_argument(
+        "--redis-url", type=_redis_url, help="to find results already written to Redis"
+    )
     replay.add_argument("--redis-prefix", default=_REDIS_PREFIX, help=_REDIS_PREFIX_HELP)
     replay.add_argument("--dry-run", action="store_true")
 
@@ -166,6 +170,24 @@ def _positive_int(value: str) -> int:
     if value.isdigit() and int(value) >= 1:
         return int(value)
     raise argparse.ArgumentTypeError(f"{value!r} is not a positive whole number")
+
+
+def _bootstrap(value: str) -> str:
+    from surge.config import check_bootstrap
+
+    try:
+        return check_bootstrap(value)
+    except ValueError as exc:
+        raise argparse.ArgumentTypeError(str(exc)) from None
+
+
+def _redis_url(value: str) -> str:
+    from surge.config import check_redis_url
+
+    try:
+        return check_redis_url(value)
+    except ValueError as exc:
+        raise argparse.ArgumentTypeError(str(exc)) from None
 
 
 def _seconds(value: str) -> float:
@@ -328,9 +350,9 @@ def _file_arguments(parser: argparse.ArgumentParser, *, window: int) -> None:
     parser.add_argument("input", type=Path, help='lines of named arrays, e.g. {"x": [[0.1, 0.2]]}')
     parser.add_argument("--datatype", default="float32", help=_DATATYPE_HELP)
     parser.add_argument("--topic", help="request topic (default: surge.requests.<model>)")
-    parser.add_argument("--bootstrap", default="127.0.0.1:9092")
+    parser.add_argument("--bootstrap", type=_bootstrap, default="127.0.0.1:9092")
     parser.add_argument("--via", choices=["kafka", "redis"], default="kafka")
-    parser.add_argument("--redis-url")
+    parser.add_argument("--redis-url", type=_redis_url)
     parser.add_argument("--redis-prefix", default=_REDIS_PREFIX, help=_REDIS_PREFIX_HELP)
     parser.add_argument(
         "--window", type=_positive_int, default=window, help="lines per batch of requests"

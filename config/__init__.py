@@ -12,6 +12,8 @@ from surge.config.settings import (
     RedisSettings,
     Settings,
     WorkerSettings,
+    check_bootstrap,
+    check_redis_url,
     redis_url_for_bytes,
 )
 
@@ -29,6 +31,8 @@ __all__ = [
     "Settings",
     "TensorConfig",
     "WorkerSettings",
+    "check_bootstrap",
+    "check_redis_url",
     "convert",
     "load_settings",
     "read_toml",

@@ -34,6 +34,7 @@ class KafkaSettings(msgspec.Struct, kw_only=True, forbid_unknown_fields=True):
     max_request_size: Positive = 1_048_576
 
     def __post_init__(self) -> None:
+        check_bootstrap(self.bootstrap_servers)
         if self.security_protocol.startswith("SASL") and self.sasl_mechanism is None:
             raise ValueError(f"security_protocol {self.security_protocol} needs sasl_mechanism")
         if self.security_protocol in ("SSL", "SASL_SSL"):
@@ -68,6 +69,31 @@ class KafkaSettings(msgspec.Struct, kw_only=True, forbid_unknown_fields=True):
         return context
 
 
+def check_bootstrap(servers: str) -> str:
+    """`servers` if it is `host[:port]` entries, comma-separated (an IPv6 host in brackets
+    when it has a port), as every Kafka client reads them; else a ValueError that says why."""
+    for entry in map(str.strip, servers.split(",")):
+        if entry.startswith("["):  # [::1]:9092
+            host, _, rest = entry[1:].partition("]")
+            port = rest.removeprefix(":") if rest else None
+        elif entry.count(":") == 1:
+            host, port = entry.split(":")
+        else:  # a host alone (port 9092), or an IPv6 address without one
+            host, port = entry, None
+        if not host:
+            raise ValueError(f"bootstrap servers {servers!r}: an entry without a host")
+        if port is not None and not (port.isdigit() and 0 < int(port) < 65536):
+            raise ValueError(f"bootstrap servers {servers!r}: {port!r} is not a port")
+    return servers
+
+
+def check_redis_url(url: str) -> str:
+    """`url` if it names a Redis server the way redis-py reads one; else a ValueError."""
+    if not url.startswith(("redis://", "rediss://", "unix://")):
+        raise ValueError(f"redis url {url!r} must start with redis://, rediss:// or unix://")
+    return url
+
+
 def _readable(settings: object, *fields: str) -> None:
     """Each of these file fields that is set names a file this process can read."""
     for name in fields:
@@ -88,10 +114,8 @@ class RedisSettings(msgspec.Struct, kw_only=True, forbid_unknown_fields=True):
     socket_timeout_s: Annotated[float, msgspec.Meta(gt=0)] = 5.0  # a hung connection is retried
 
     def __post_init__(self) -> None:
-        if self.url and not self.url.startswith(("redis://", "rediss://", "unix://")):
-            raise ValueError(
-                f"redis url {self.url!r} must start with redis://, rediss:// or unix://"
-            )
+        if self.url:
+            check_redis_url(self.url)
         if self.url.startswith("rediss://"):
             _readable(self, "ssl_ca_certs", "ssl_certfile", "ssl_keyfile")
 

@@ -141,6 +141,52 @@ def test_predict_refuses_a_timeout_that_is_not_a_positive_number(
     assert "Traceback" not in out.stderr
 
 
+@pytest.mark.parametrize(
+    ("command", "message"),
+    [
+        pytest.param(
+            ("predict", "mlp", "-i", "x=[[1]]", "--bootstrap", "host:notaport"),
+            "argument --bootstrap: bootstrap servers 'host:notaport': 'notaport' is not a port",
+            id="predict-port",
+        ),
+        pytest.param(
+            ("dlq", "inspect", "--bootstrap", "a:1,:"),
+            "argument --bootstrap: bootstrap servers 'a:1,:': an entry without a host",
+            id="dlq-empty-entry",
+        ),
+        pytest.param(
+            ("lag", "--bootstrap", "host:70000"),
+            "'70000' is not a port",
+            id="lag-port-range",
+        ),
+        pytest.param(
+            ("predict", "mlp", "-i", "x=[[1]]", "--via", "redis", "--redis-url", "localhost"),
+            "argument --redis-url: redis url 'localhost' must start with redis://",
+            id="redis-scheme",
+        ),
+        pytest.param(
+            ("dlq", "replay", "--dry-run", "--redis-url", "notaurl"),
+            "argument --redis-url: redis url 'notaurl' must start with redis://",
+            id="replay-redis-scheme",
+        ),
+    ],
+)
+def test_an_address_no_client_could_use_is_refused_in_one_line(
+    command: tuple[str, ...], message: str
+) -> None:
+    out = surge(*command)
+    assert out.returncode == 2, out.stdout + out.stderr
+    assert message in out.stderr
+    assert "Traceback" not in out.stderr
+
+
+def test_a_worker_s_bootstrap_servers_are_checked_at_start_up() -> None:
+    out = surge("worker", env={"SURGE_KAFKA__BOOTSTRAP_SERVERS": "kafka:x"})
+    assert out.returncode == 2, out.stdout + out.stderr
+    assert "kafka: bootstrap servers 'kafka:x': 'x' is not a port" in out.stderr
+    assert "Traceback" not in out.stderr
+
+
 def test_predict_explains_an_unreachable_broker() -> None:
     out = surge("predict", "mlp", "--bootstrap", f"127.0.0.1:{free_port()}", "--timeout", "5")
     assert out.returncode == 2, out.stdout + out.stderr
