@@ -23,8 +23,11 @@ class SyncClient:
     """`SurgeClient` with blocking methods. Use as a context manager, or call `close()`."""
 
     def __init__(self, *args: Any, **kwargs: Any) -> None:
-        self._closed = False
+        self._closing = self._closed = False
         self._calls: set[concurrent.futures.Future[Any]] = set()  # under way, on any thread
+        # Held from a call's closed check until its future is in `_calls`, and by close()
+        # as it ends calls: a call is either refused or among those close() waits for.
+        self._lock = threading.Lock()
         self._loop = asyncio.new_event_loop()
         self._thread = threading.Thread(
             target=self._loop.run_forever, name="surge-client", daemon=True
@@ -42,11 +45,12 @@ class SyncClient:
         return client
 
     def _call(self, coroutine: Coroutine[Any, Any, T]) -> T:
-        if self._closed:
-            coroutine.close()
-            raise ClientClosed("the client is closed")
-        future = asyncio.run_coroutine_threadsafe(coroutine, self._loop)
-        self._calls.add(future)
+        with self._lock:
+            if self._closed:
+                coroutine.close()
+                raise ClientClosed("the client is closed")
+            future = asyncio.run_coroutine_threadsafe(coroutine, self._loop)
+            self._calls.add(future)
         try:
             return future.result()
         except concurrent.futures.CancelledError:
@@ -67,13 +71,17 @@ class SyncClient:
 
     def close(self) -> None:
         """Calls under way on other threads raise ClientClosed. Closing again does nothing."""
-        if self._closed:
-            return
+        with self._lock:
+            if self._closing:
+                return
+            self._closing = True
         try:
             self._call(self._client.close())
         finally:
-            self._closed = True
-            _, running = concurrent.futures.wait(list(self._calls), timeout=_CLOSE_WAIT_S)
+            with self._lock:
+                self._closed = True
+                calls = list(self._calls)
+            _, running = concurrent.futures.wait(calls, timeout=_CLOSE_WAIT_S)
             for future in running:
                 future.cancel()
             self._stop_loop()

@@ -7,6 +7,7 @@ import asyncio
 import threading
 import time
 import uuid
+from typing import Any
 
 import numpy as np
 import pytest
@@ -139,3 +140,37 @@ def test_a_sync_client_closed_from_another_thread_fails_its_callers_at_once(
     with pytest.raises(ClientClosed):
         client.predict("nobody", X, timeout=1)
     client.close()  # again: nothing
+
+
+def test_a_sync_call_starting_as_the_client_closes_fails_at_once(
+    kafka: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A call that has passed the closed check but not handed its coroutine over yet, when
+    another thread closes the client: it is failed with the others, not stranded on a
+    stopped loop."""
+    client = SyncClient(kafka)
+    handing_over = threading.Event()
+    submit = asyncio.run_coroutine_threadsafe
+
+    def slow_submit(coroutine: Any, loop: asyncio.AbstractEventLoop) -> Any:
+        if threading.current_thread().name == "caller":
+            handing_over.set()
+            time.sleep(0.5)  # close() runs meanwhile
+        return submit(coroutine, loop)
+
+    monkeypatch.setattr("surge.producers.sync.asyncio.run_coroutine_threadsafe", slow_submit)
+    outcome: list[BaseException] = []
+
+    def call() -> None:
+        try:
+            client.predict("nobody", X, timeout=5, topic=f"test.{uuid.uuid4().hex[:8]}")
+        except BaseException as exc:
+            outcome.append(exc)
+
+    caller = threading.Thread(target=call, name="caller")
+    caller.start()
+    assert handing_over.wait(5)
+    client.close()
+    caller.join(10)
+    assert not caller.is_alive(), "the caller was left blocked"
+    assert [type(exc) for exc in outcome] == [ClientClosed]
