@@ -150,6 +150,44 @@ async def test_a_batch_padded_to_a_long_request_stays_within_the_element_limit()
     assert max(batch.size for batch in model.batches) <= 1000
 
 
+class _Images:
+    """Records every batch it runs: inputs of two padded dimensions (an image, say)."""
+
+    inputs = (TensorSpec("pixels", "FP32", (-1, -1), pad_value=0),)
+    outputs = (TensorSpec("embedding", "FP32", (2,)),)
+
+    def __init__(self) -> None:
+        self.batches: list[np.ndarray] = []
+
+    def run(self, batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+        self.batches.append(batch["pixels"])
+        return {"embedding": np.zeros((len(batch["pixels"]), 2), np.float32)}
+
+
+@pytest.mark.parametrize(
+    "shapes",
+    [
+        pytest.param([(1, 500, 1), (1, 1, 500)], id="tall-and-wide"),
+        pytest.param([(1, 0, 20_000), (1, 20_000, 0)], id="empty-ones"),
+        pytest.param([(1, 30, 10), (1, 10, 30), (1, 20, 20)], id="mixed"),
+    ],
+)
+async def test_a_batch_padded_in_two_dimensions_stays_within_the_element_limit(
+    shapes: list[tuple[int, ...]],
+) -> None:
+    """Padding makes every dimension the batch's largest: a tall image and a wide one, each
+    small, would pad together to a square of the largest of both."""
+    model, answers = _Images(), _Answers()
+    config = ModelConfig(max_batch_size=8, max_batch_delay_ms=20)
+    batcher = _batcher(model, answers, config, max_elements=1000)
+    for shape in shapes:
+        batcher.put(Job(make_ticket(b"{}"), {"pixels": np.ones(shape, np.float32)}, 1, None))
+    batcher.start(on_crash=pytest.fail)
+    await batcher.close()
+    assert len(answers.answered) == len(shapes)
+    assert max(batch.size for batch in model.batches) <= 1000
+
+
 class _PerToken:
     """Ten times each token id: an output as long as its padded input."""
 

@@ -11,6 +11,7 @@ import asyncio
 import contextlib
 import heapq
 import itertools
+import math
 import time
 from collections import deque
 from collections.abc import Callable, Iterable, Sequence
@@ -103,8 +104,8 @@ class Batcher:
         self._slow_calls = 0  # consecutive batches that did not
         self._proven_elements = 0  # the largest batch (input elements) of the streak
         self._padded = [spec.name for spec in runtime.inputs if spec.pad_value is not None]
-        # Padded, a batch holds rows × its longest row: one long request could make a batch
-        # of max_batch_size rows its length, far past what any request may hold.
+        # Padded, a batch holds rows × each dimension's largest size: one long request could
+        # make a batch of max_batch_size rows its length, far past what any request may hold.
         self._max_padded = max_elements
         # Outputs cut back per request to the length of the padded input they follow.
         self._follows = {spec.name: spec.follows for spec in runtime.outputs if spec.follows}
@@ -220,14 +221,17 @@ class Batcher:
         if padded and len(self._queue) > 1 and self._bucket_window > 1:
             limit = self._bucket(limit)
         jobs: list[Job] = []
-        rows = longest = 0
+        rows = 0
+        dims: dict[str, tuple[int, ...]] = {}  # each padded input's largest size, by dimension
         now_ms = int(time.time() * 1000)
         queue = self._queue
         while queue:
             if padded:
-                longest = max(longest, queue[0].length)
-                if jobs and (rows + queue[0].rows) * longest > self._max_padded:
+                # What padding will allocate: every dimension as large as the batch's largest.
+                grown = _grown(dims, queue[0], self._padded)
+                if jobs and (rows + queue[0].rows) * _row_elements(grown) > self._max_padded:
                     break  # the rest waits for the next batch
+                dims = grown
             job = queue.popleft()
             if rows + job.rows > limit:
                 # A run goes in as far as it fits, one request at least; another job waits
@@ -626,6 +630,23 @@ class Batcher:
         if sum(size for *_, size in outputs) > _FRAMES_UP_TO:
             return None
         return ResponseFrames.cut(self.model, self.version, outputs)
+
+
+def _grown(
+    dims: dict[str, tuple[int, ...]], job: Job, names: list[str]
+) -> dict[str, tuple[int, ...]]:
+    """Each padded input's largest size by dimension (past the rows), with `job` in too."""
+    grown = {}
+    for name in names:
+        shape = job.inputs[name].shape[1:]
+        seen = dims.get(name)
+        grown[name] = shape if seen is None else tuple(map(max, seen, shape))
+    return grown
+
+
+def _row_elements(dims: dict[str, tuple[int, ...]]) -> int:
+    """Elements of one padded row: of every padded input together."""
+    return sum(math.prod(shape) for shape in dims.values())
 
 
 def _requests(jobs: Iterable[Job]) -> int:
