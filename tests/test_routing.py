@@ -107,6 +107,32 @@ def test_headers_routing_does_not_read_need_not_be_utf8() -> None:
     assert ticket.headers[-1] == ("traceparent", b"\xff\xfe")  # kept for the dead letter
 
 
+@pytest.mark.parametrize(
+    ("header", "code"),
+    [
+        ("surge-model", ErrorCode.INVALID_REQUEST),
+        ("surge-version", ErrorCode.INVALID_REQUEST),
+        ("content-type", ErrorCode.INVALID_REQUEST),
+        ("surge-deadline-ms", ErrorCode.INVALID_REQUEST),
+        ("surge-reply-to", ErrorCode.INVALID_REPLY_TO),
+    ],
+)
+def test_a_routing_header_too_long_for_any_route_is_refused_and_never_kept(
+    header: str, code: ErrorCode
+) -> None:
+    """Routes are kept by their headers' values: a megabyte-long model name must not be."""
+    router = _router()
+    record = _Record("shared", {"surge-reply-to": "out", "surge-model": "mlp"})
+    record.headers = [(k, v) for k, v in record.headers if k != header]
+    record.headers.append((header, b"1" * 1_000_000))
+    ticket, rejection = router.ticket(record, TopicPartition("shared", 0), received=0.0)  # type: ignore[arg-type]
+    assert rejection is not None
+    assert rejection.code is code
+    assert rejection.message == f"header {header!r} is over 255 bytes"
+    assert all(len(raw or b"") <= 255 for _, routing in router._routes for _, raw in routing)
+    assert all(len(value or "") <= 255 for value in (ticket.model, ticket.version, ticket.reply_to))
+
+
 def test_ids_fall_back_to_the_record_position() -> None:
     ticket, _ = _ticket(_Record("shared", {}, key=None))
     assert ticket.request_id == "shared-0-7"

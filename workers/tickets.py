@@ -72,6 +72,10 @@ _ROUTING = frozenset(
     (headers.MODEL, headers.VERSION, headers.REPLY_TO, headers.DEADLINE_MS, headers.CONTENT_TYPE)
 )
 _ROUTE_CACHE = 1024
+# A routing header's value at most: a topic name's limit and more than any model name or
+# version needs. Routes are cached by their headers' values, and a model's name goes into
+# each of its results' headers: unbounded, a few records could pin gigabytes there.
+MAX_ROUTING_BYTES = 255
 
 
 @dataclass(frozen=True, slots=True)
@@ -204,6 +208,8 @@ class Router:
         return _Read(self._cached_route(topic, routing), deadline_ms, bad_deadline)
 
     def _cached_route(self, topic: str, routing: list[tuple[str, bytes | None]]) -> Route:
+        if any(raw is not None and len(raw) > MAX_ROUTING_BYTES for _, raw in routing):
+            return self._route(topic, routing)  # refused, and not worth keeping
         key = (topic, tuple(routing))
         try:
             route = self._routes.get(key)
@@ -218,9 +224,12 @@ class Router:
 
     def _route(self, topic: str, routing: list[tuple[str, bytes | None]]) -> Route:
         fields: dict[str, str] = {}
-        undecodable = None
+        undecodable = oversized = None
         for name, raw in routing:
             if raw is None:  # a null value is the same as absent
+                continue
+            if len(raw) > MAX_ROUTING_BYTES:  # refused below, and read no further
+                oversized = name
                 continue
             try:
                 fields[name] = raw.decode()
@@ -231,6 +240,19 @@ class Router:
         content_type = fields.get(headers.CONTENT_TYPE, JSON)
         supported = content_type in CONTENT_TYPES
         reply_to, rejection = self._reply_target(fields.get(headers.REPLY_TO))
+        if oversized == headers.REPLY_TO:  # asked for, unusable: as a topic not allowed
+            reply_to, rejection = (
+                None,
+                Rejection(
+                    ErrorCode.INVALID_REPLY_TO,
+                    f"header {oversized!r} is over {MAX_ROUTING_BYTES} bytes",
+                ),
+            )
+        if not rejection and oversized:
+            rejection = Rejection(
+                ErrorCode.INVALID_REQUEST,
+                f"header {oversized!r} is over {MAX_ROUTING_BYTES} bytes",
+            )
         if not rejection and undecodable:
             rejection = Rejection(ErrorCode.INVALID_REQUEST, f"header {undecodable!r} is not UTF-8")
         if not rejection and not supported:
@@ -263,6 +285,11 @@ class Router:
 
 def _deadline(raw: bytes) -> tuple[int | None, Rejection | None]:
     """The deadline header's value (epoch ms), or why it is unusable."""
+    if len(raw) > MAX_ROUTING_BYTES:
+        return None, Rejection(
+            ErrorCode.INVALID_REQUEST,
+            f"header {headers.DEADLINE_MS!r} is over {MAX_ROUTING_BYTES} bytes",
+        )
     try:
         return int(raw.decode()), None
     except UnicodeDecodeError:
