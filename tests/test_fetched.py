@@ -13,6 +13,8 @@ import pytest
 from aiokafka import AIOKafkaConsumer, AIOKafkaProducer, ConsumerRecord, TopicPartition
 from aiokafka.consumer.fetcher import READ_COMMITTED, READ_UNCOMMITTED, FetchResult
 from aiokafka.errors import CorruptRecordException
+from aiokafka.producer import message_accumulator
+from aiokafka.record import default_records
 from aiokafka.record.memory_records import MemoryRecords
 
 from surge.producers import request_body, request_headers
@@ -64,7 +66,8 @@ def _drain(kind: Any, data: bytes, fetch_offset: int, take: int) -> tuple[list[A
     consumer's position after each take."""
     position = _Position(fetch_offset)
     deserializer = fetched.lean_records if kind is fetched.LeanPartitionRecords else None
-    records = kind(TP, MemoryRecords(data), [], fetch_offset, deserializer, None, True, 0)
+    read = fetched.Fetched(data) if deserializer else MemoryRecords(data)
+    records = kind(TP, read, [], fetch_offset, deserializer, None, True, 0)
     result = FetchResult(TP, assignment=position, partition_records=records, backoff=0)
     taken: list[Any] = []
     positions = []
@@ -99,7 +102,7 @@ def test_a_corrupt_batch_raises_as_aiokafkas_reader_does() -> None:
     data = bytearray(_batches([3, 3]))
     data[-1] ^= 0xFF  # inside the second batch's last record
     records = fetched.LeanPartitionRecords(
-        TP, MemoryRecords(bytes(data)), [], 0, fetched.lean_records, None, True, READ_UNCOMMITTED
+        TP, fetched.Fetched(bytes(data)), [], 0, fetched.lean_records, None, True, READ_UNCOMMITTED
     )
     taken = []
     with pytest.raises(CorruptRecordException):
@@ -107,12 +110,51 @@ def test_a_corrupt_batch_raises_as_aiokafkas_reader_does() -> None:
     assert [r.offset for r in taken] == [0, 1, 2]
 
 
+class _RawName(str):
+    """A header name as a client other than Java's may write it: bytes that are not UTF-8."""
+
+    def encode(self, *args: object, **kwargs: object) -> bytes:
+        return b"trace\xff\xfe"
+
+
+def _with_raw_name(first: int, compression: int = 0) -> bytes:
+    """A record batch of three records, the second with a header name that is not UTF-8."""
+    builder = default_records._DefaultRecordBatchBuilderPy(2, compression, 0, -1, -1, -1, 1 << 20)
+    for delta in range(3):
+        fields = [("surge-model", b"mlp")]
+        if delta == 1:
+            fields.append((_RawName("x"), b"1"))
+        builder.append(delta, 1_000 + delta, f"k{delta}".encode(), b"v" * delta, fields)
+    batch = bytearray(builder.build())
+    batch[:8] = first.to_bytes(8, "big")
+    return bytes(batch)
+
+
+@pytest.mark.parametrize("compression", [0, 1], ids=["plain", "gzip"])
+def test_a_header_name_that_is_not_utf8_is_read_as_javas_client_reads_it(
+    compression: int,
+) -> None:
+    """aiokafka's C reader refuses the whole batch; read again, the odd name has its invalid
+    bytes replaced, and every record and position is as if it had been UTF-8."""
+    data = _batches([2], first=0) + _with_raw_name(2, compression) + _batches([2], first=5)
+    with pytest.raises(UnicodeDecodeError):
+        _drain(fetched._AIOKAFKA, data, 0, 1024)
+    ours, positions = _drain(fetched.LeanPartitionRecords, data, 0, 2)
+    assert [r.offset for r in ours] == list(range(7))
+    assert positions == [2, 4, 6, 7]
+    odd = ours[3]
+    assert (odd.key, odd.value, odd.timestamp) == (b"k1", b"v", 1_001)
+    assert odd.headers == [("surge-model", b"mlp"), ("trace\ufffd\ufffd", b"1")]
+    assert ours[2].headers == [("surge-model", b"mlp")]
+
+
 def test_install_keeps_other_consumers_as_aiokafka_makes_them() -> None:
     assert fetched.install()
     assert fetched.install()
     from aiokafka.consumer import fetcher
 
-    args = (TP, MemoryRecords(_batches([2])), [], 0)
+    assert fetcher.MemoryRecords is fetched.Fetched
+    args = (TP, fetcher.MemoryRecords(_batches([2])), [], 0)
     lean = fetcher.PartitionRecords(*args, fetched.lean_records, None, True, READ_COMMITTED)
     plain = fetcher.PartitionRecords(*args, None, None, True, READ_COMMITTED)
     assert type(lean) is fetched.LeanPartitionRecords
@@ -148,6 +190,45 @@ async def test_a_worker_reads_lean_records_and_skips_aborted_transactions(
     assert all(len(results) == 1 for results in answered.values())
     assert worker.terminate() == 0
     assert not any(e.get("event") == "lean_records_unavailable" for e in worker.events())
+
+
+@pytest.mark.integration
+async def test_a_request_with_a_header_name_that_is_not_utf8_is_answered_as_are_those_after_it(
+    kafka: str,
+    model_root: Path,
+    worker_processes: Callable[[dict[str, str]], WorkerProcess],
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """A header name Java's client could not write, but others can: it must not stop the
+    partition, for this worker or the next."""
+    env = worker_env(kafka, model_root, None)
+    topic, replies = topic_of(env, "mlp"), f"test.replies.{uuid.uuid4().hex[:8]}"
+    await create_topics(kafka, topic, replies, partitions=1)
+    route = request_headers(model="mlp", content_type=MSGPACK, reply_to=replies)
+    x = {"x": np.ones((1, 32), np.float32)}
+    # aiokafka's Python record builder, which encodes a header name with its own `encode`.
+    monkeypatch.setattr(
+        message_accumulator,
+        "DefaultRecordBatchBuilder",
+        default_records._DefaultRecordBatchBuilderPy,
+    )
+    producer = AIOKafkaProducer(bootstrap_servers=kafka, acks="all")
+    await producer.start()
+    try:
+        batch = producer.create_batch()
+        for request_id in ("before", "odd", "after"):
+            fields = [*route, (_RawName("x"), b"1")] if request_id == "odd" else route
+            body = request_body(x, request_id, MSGPACK)
+            assert batch.append(key=request_id.encode(), value=body, timestamp=None, headers=fields)
+        await (await producer.send_batch(batch, topic, partition=0))
+    finally:
+        await producer.stop()
+    worker = worker_processes(env)
+    answered = await read_topic(kafka, replies, until=3, timeout=60)
+    assert sorted(answered) == ["after", "before", "odd"]
+    assert all(r.headers["surge-status"] == b"ok" for [r] in answered.values())
+    assert worker.terminate() == 0
+    assert any(e.get("event") == "header_name_not_utf8" for e in worker.events())
 
 
 class _aborted:

@@ -7,6 +7,11 @@ in C (offset, timestamp, key, value, headers), unpacked a record batch at a time
 over by a C iterator. They carry no topic or partition: `getmany` gives those as the key of
 their list. Every other consumer in the process gets its records as aiokafka makes them.
 
+A record batch the C reader refuses for a header name that is not UTF-8 (some clients write
+any bytes there, and the broker keeps them) is read again in Python, with such names decoded
+as Kafka's Java client decodes them, invalid bytes replaced: one odd header must not stop a
+partition for good.
+
 Where aiokafka's fetcher is not built as this expects (another release), `install` leaves it
 alone and `lean_records` only passes keys through: the records are `ConsumerRecord`s again.
 """
@@ -21,10 +26,60 @@ from typing import Any
 import structlog
 from aiokafka.consumer import fetcher
 from aiokafka.errors import CorruptRecordException
+from aiokafka.record import default_records
 
 log = structlog.get_logger("surge.fetched")
 
 _AIOKAFKA = fetcher.PartitionRecords
+_MEMORY_RECORDS = fetcher.MemoryRecords
+_BATCH_HEADER = 12  # a record batch's base offset (8 bytes) and length (4), before the rest
+
+
+class Fetched:
+    """A partition's fetched bytes, read by aiokafka's `MemoryRecords`, with the bytes of the
+    record batch read last: for reading that batch again another way."""
+
+    __slots__ = ("_next", "_view", "last", "records")
+
+    def __init__(self, raw: bytes) -> None:
+        self.records = _MEMORY_RECORDS(raw)
+        self._view = memoryview(raw)
+        self._next = 0  # where the next batch begins
+        self.last = self._view[:0]
+
+    def has_next(self) -> bool:
+        return self.records.has_next()  # type: ignore[no-any-return]
+
+    def size_in_bytes(self) -> int:
+        return self.records.size_in_bytes()  # type: ignore[no-any-return]
+
+    def next_batch(self) -> Any:
+        batch = self.records.next_batch()
+        start = self._next
+        length = int.from_bytes(self._view[start + 8 : start + _BATCH_HEADER], "big")
+        self._next = start + _BATCH_HEADER + length
+        self.last = self._view[start : self._next]
+        return batch
+
+
+class _Replacing(bytearray):
+    """Bytes whose slices decode invalid UTF-8 as replacement characters."""
+
+    def __getitem__(self, index: Any) -> Any:
+        item = super().__getitem__(index)
+        return _Replacing(item) if isinstance(index, slice) else item
+
+    def decode(self, encoding: str = "utf-8", errors: str = "replace") -> str:
+        return super().decode(encoding, "replace")
+
+
+def read_leniently(raw: bytes | memoryview) -> list[Any]:
+    """A record batch's records, header names that are not UTF-8 decoded with replacement
+    characters; aiokafka's Python reader reads the rest, and refuses what it refuses."""
+    batch = default_records._DefaultRecordBatchPy(raw)
+    batch._maybe_uncompress()
+    batch._buffer = _Replacing(batch._buffer)
+    return list(batch)
 
 
 def lean_records(key: bytes | None) -> bytes | None:
@@ -83,7 +138,11 @@ class LeanPartitionRecords(_AIOKAFKA):  # type: ignore[misc,valid-type]
                 self.next_fetch_offset = batch.next_offset
                 continue
             start = self.next_fetch_offset
-            taken = list(batch)
+            try:
+                taken = list(batch)
+            except UnicodeDecodeError:  # a header name that is not UTF-8
+                log.warning("header_name_not_utf8", partition=str(self._tp), at=batch.base_offset)
+                taken = read_leniently(self._records.last)
             if taken and taken[0].offset < start:  # offsets ascend within a batch
                 taken = [record for record in taken if record.offset >= start]
             if not taken:
@@ -95,10 +154,11 @@ class LeanPartitionRecords(_AIOKAFKA):  # type: ignore[misc,valid-type]
 
 
 def _partition_records(
-    tp: Any, records: Any, aborted: Any, fetch_offset: int, key_deserializer: Any, *rest: Any
+    tp: Any, records: Fetched, aborted: Any, fetch_offset: int, key_deserializer: Any, *rest: Any
 ) -> Any:
-    kind = LeanPartitionRecords if key_deserializer is lean_records else _AIOKAFKA
-    return kind(tp, records, aborted, fetch_offset, key_deserializer, *rest)
+    if key_deserializer is lean_records:
+        return LeanPartitionRecords(tp, records, aborted, fetch_offset, key_deserializer, *rest)
+    return _AIOKAFKA(tp, records.records, aborted, fetch_offset, key_deserializer, *rest)
 
 
 def install() -> bool:
@@ -106,8 +166,14 @@ def install() -> bool:
     whether it does."""
     methods = ("_unpack_records", "_consume_aborted_up_to", "_contains_abort_marker")
     found = fetcher.PartitionRecords in (_AIOKAFKA, _partition_records)
-    if not found or not all(hasattr(_AIOKAFKA, name) for name in methods):
+    reader = default_records._DefaultRecordBatchPy
+    if (
+        not found
+        or not all(hasattr(_AIOKAFKA, name) for name in methods)
+        or not hasattr(reader, "_maybe_uncompress")
+    ):
         log.warning("lean_records_unavailable", reason="aiokafka's fetcher is not as expected")
         return False
     fetcher.PartitionRecords = _partition_records
+    fetcher.MemoryRecords = Fetched
     return True
