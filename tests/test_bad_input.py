@@ -211,3 +211,42 @@ async def test_a_failing_request_is_isolated_from_its_batch(kafka: str, served: 
 async def _assert_fully_committed(kafka: str, worker: Worker, topic: str) -> None:
     """Every record of the topic has a durable outcome and its offset is committed."""
     await wait_committed(kafka, worker.settings.worker.group_id, topic, timeout=10)
+
+
+async def test_a_dead_letter_too_large_for_its_topic_keeps_the_evidence_and_lands(
+    kafka: str, model_root: Path, run_worker: Callable[[Settings], Worker]
+) -> None:
+    """A request its topic takes, whose dead letter (it, plus why and where from) the
+    dead-letter topic does not: first its value goes, then its own headers, and the letter
+    lands rather than stop the worker and the partition for good."""
+    settings = make_settings(
+        kafka,
+        model_root,
+        None,
+        SURGE_WORKER__REPLY_RETRY_S="0.5",
+        SURGE_WORKER__DEAD_LETTER_TOPIC=f"test.dlq.{uuid.uuid4().hex[:6]}",
+    )
+    topic, dead_letters = settings.worker.topic_prefix + "mlp", settings.worker.dead_letter_topic
+    limit = {"max.message.bytes": "40000"}
+    await create_topics(kafka, topic, dead_letters, partitions=1, configs=limit)
+    worker = await run_worker(settings)
+    original = _json("big", np.ones((1, 32), np.float32))
+    cases = {  # no reply target: each one's outcome is a dead letter
+        "big-value": (original + b" " * 39_600, _route(None)),
+        "big-headers": (b"{}", [*_route(None), ("x-trace", b"t" * 39_750)]),
+    }
+    await publish(kafka, [(topic, key.encode(), body, h) for key, (body, h) in cases.items()])
+    letters = await read_topic(kafka, dead_letters, until=len(cases), key_of=None, timeout=30)
+    by_key = {reply.key.decode(): reply for replies in letters.values() for reply in replies}
+    assert set(by_key) == set(cases)
+    assert by_key["big-value"].value == b""
+    assert by_key["big-value"].headers[headers.ERROR_MESSAGE].startswith(b"original value of")
+    assert by_key["big-value"].headers[headers.CONTENT_TYPE] == JSON.encode()  # its own, kept
+    assert by_key["big-headers"].value == b""
+    assert by_key["big-headers"].headers[headers.ERROR_MESSAGE].startswith(b"original headers of")
+    assert "x-trace" not in by_key["big-headers"].headers
+    for letter in by_key.values():
+        assert letter.headers[headers.ERROR_CODE] == ErrorCode.INVALID_REPLY_TO.encode()
+        assert letter.headers[headers.SOURCE_TOPIC] == topic.encode()
+        assert letter.headers[headers.SOURCE_OFFSET] in (b"0", b"1")
+    assert not worker.failed

@@ -307,6 +307,23 @@ def dead_letter(ticket: Ticket, rejection: Rejection, topic: str) -> Write:
     return Write(ticket, topic, ticket.value, letter_headers, dead_letter=True)
 
 
+def _slim(letter: Write) -> None:
+    """A dead letter the topic refused as too large loses the original's value, then, if it
+    is still too large, the original's headers: the evidence of what went wrong and where
+    it came from stays (the source topic, partition and offset find the rest)."""
+    if letter.value:
+        note = f"original value of {len(letter.value)} bytes dropped: too large for the topic"
+        letter.headers.append((headers.ERROR_MESSAGE, note.encode()))
+        letter.value = b""
+        return
+    theirs = [(k, v) for k, v in letter.headers if k not in _DEAD_LETTER_HEADERS]
+    if theirs:
+        size = sum(len(k) + len(v or b"") for k, v in theirs)
+        note = f"original headers of {size} bytes dropped: too large for the topic"
+        ours = [(k, v) for k, v in letter.headers if k in _DEAD_LETTER_HEADERS]
+        letter.headers = [*ours, (headers.ERROR_MESSAGE, note.encode())]
+
+
 class RetryPolicy:
     """What a refused write becomes: the same write again later, or a dead letter.
 
@@ -341,11 +358,8 @@ class RetryPolicy:
             # The dead-letter topic itself has refused this for minutes: a restart (and a
             # redelivery of the request) beats a worker that only retries.
             self._on_crash(exc)
-        if write.dead_letter and isinstance(exc, MessageSizeTooLargeError) and write.value:
-            # Original bytes plus our headers overflow the limit: keep the evidence, not the body.
-            note = f"original value of {len(write.value)} bytes dropped: too large for the topic"
-            write.headers.append((headers.ERROR_MESSAGE, note.encode()))
-            write.value = b""
+        if write.dead_letter and isinstance(exc, MessageSizeTooLargeError):
+            _slim(write)
         metrics.REPLY_RETRIES.labels("kafka").inc()
         log.warning(
             "kafka_write_retry",
