@@ -3,6 +3,9 @@ against max_in_flight_bytes, until each result is durable (or its partition is g
 
 from __future__ import annotations
 
+import asyncio
+import contextlib
+
 from surge.schemas import ErrorCode
 from surge.workers.ledger import Ledger
 from surge.workers.replies import Replies
@@ -67,3 +70,12 @@ def test_an_outcome_decided_then_released_frees_its_result_too() -> None:
     assert (ledger.records, ledger.bytes) == (0, 0)
     ledger.settle(ticket)  # settling a released ticket again changes nothing
     assert (ledger.records, ledger.bytes) == (0, 0)
+
+
+async def test_callers_that_stop_waiting_for_progress_leave_no_waiter_behind() -> None:
+    """An idle worker asks for progress every few seconds, and gives up waiting each time."""
+    ledger = Ledger(max_records=10, max_bytes=1 << 20)
+    for _ in range(100):
+        with contextlib.suppress(TimeoutError):
+            await asyncio.wait_for(ledger.progress(), 0.001)
+    assert not ledger._waiters

@@ -123,8 +123,8 @@ class Ledger:
         self._waiters.append(waiter)
         try:
             await waiter
-        finally:  # a caller that gave up (timeout) leaves nothing behind
-            if not waiter.done():
+        finally:  # a caller that gave up (a timeout cancelled the waiter) leaves nothing behind
+            if waiter in self._waiters:
                 self._waiters.remove(waiter)
 
     async def room(self) -> None:
