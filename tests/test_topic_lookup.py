@@ -6,18 +6,26 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import time
 import uuid
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Callable
+from pathlib import Path
+from typing import Any
 
+import numpy as np
 import pytest
 from aiokafka import AIOKafkaProducer
+from aiokafka.admin import AIOKafkaAdminClient
 from aiokafka.errors import KafkaError
 
+from surge.config import Settings
+from surge.producers import SurgeClient
 from surge.schemas import ErrorCode, headers
 from surge.workers import writes
 from surge.workers.acked import AckedWrites
 from surge.workers.ledger import Ledger
 from surge.workers.writes import RetryPolicy, TopicLookup, Write
+from tests.conftest import make_settings
 from tests.helpers import create_topics, make_ticket, read_topic
 from tests.services import KafkaBroker, free_port
 
@@ -229,3 +237,50 @@ async def test_a_result_its_topic_refuses_leaves_later_results_to_that_partition
     assert len(written) == 6
     letters = await read_topic(kafka, dead_letters, until=1, key_of=None)
     assert [v[0].headers[headers.ERROR_CODE] for v in letters.values()] == [b"reply_failed"]
+
+
+def test_topics_not_used_lately_are_forgotten(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(writes, "METADATA_MAX_IDLE_S", 0.05)
+    recent = writes.RecentTopics()
+    assert recent.forget_idle() is None  # nothing used: nothing forgotten
+    recent.used(["a", "b"])
+    assert recent.forget_idle() is None  # all in use
+    time.sleep(0.06)
+    recent.used(["b", "c"])
+    assert recent.forget_idle() == {"b", "c"}
+    assert "a" not in recent
+    time.sleep(0.06)
+    assert recent.forget_idle() == set()
+    assert recent.forget_idle() is None
+
+
+async def test_a_client_s_deleted_reply_topic_stays_deleted_once_the_worker_forgets_it(
+    kafka: str,
+    model_root: Path,
+    run_worker: Callable[[Settings], Any],
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """Each client makes a reply topic and deletes it as it closes. A worker's producer that
+    kept asking about it would bring it back at its next metadata refresh, on a cluster
+    that creates topics on demand (Kafka's default)."""
+    monkeypatch.setattr(writes, "METADATA_MAX_IDLE_S", 1.0)  # forgotten after 1 s, checked at 0.2
+    settings = make_settings(kafka, model_root, None)
+    topic = settings.worker.topic_prefix + "mlp"
+    await create_topics(kafka, topic)
+    worker = await run_worker(settings)
+    x = {"x": np.ones((1, 32), np.float32)}
+    gone = []
+    for _ in range(3):
+        async with SurgeClient(kafka, topic_prefix=settings.worker.topic_prefix) as client:
+            await client.predict("mlp", x, timeout=30)
+            gone.append(client.reply_topic)
+        await asyncio.sleep(1.5)  # idle long enough to be forgotten
+    assert worker._acked is not None
+    await worker._acked.producer.client.force_metadata_update()
+    await asyncio.sleep(0.5)
+    admin = AIOKafkaAdminClient(bootstrap_servers=kafka)
+    await admin.start()
+    try:
+        assert set(gone).isdisjoint(await admin.list_topics())
+    finally:
+        await admin.close()

@@ -22,6 +22,7 @@ from surge.workers.tasks import Outbox, supervised
 from surge.workers.writes import (
     RETRY_MAX_S,
     NoSuchTopic,
+    RecentTopics,
     Records,
     RetryPolicy,
     Sent,
@@ -63,6 +64,7 @@ class AckedWrites:
         self._task: asyncio.Task[None] | None = None
         self._side_sends: set[asyncio.Task[None]] = set()
         self._handing: dict[tuple[str, int], asyncio.Task[None]] = {}  # the last, per partition
+        self._topics = RecentTopics()  # written to lately
 
     def start(self) -> None:
         self._task = supervised(self._loop(), "acked-writes", self._on_crash)
@@ -84,6 +86,7 @@ class AckedWrites:
             if self._stale and time.monotonic() - self._renewed_at > _RENEW_EVERY_S:
                 await self._renew()
             groups, unknown = by_partition(self.producer, items)
+            self._topics.used(topic for topic, _ in groups)
             for write in unknown:
                 # Waiting for an unknown topic's metadata can take request_timeout_ms: do it
                 # aside, so one bad reply topic never holds up everyone else's results.
@@ -94,6 +97,14 @@ class AckedWrites:
             waits = [task for key, group in groups.items() if (task := self._hand_over(key, group))]
             if waits:
                 await asyncio.wait(waits, timeout=_HAND_OVER_S)
+
+    async def forget_idle_topics(self) -> None:
+        """Ask the cluster no more about topics not written to lately (`RecentTopics`), but
+        the dead-letter topic: none would mean every topic of the cluster, to aiokafka."""
+        recent = self._topics.forget_idle()
+        if recent is not None:
+            self.producer.client.set_topics({*recent, self._retry.dead_letter_topic})
+        await self._lookup.forget_idle()
 
     def _aside(self, coroutine: Any) -> None:
         task = asyncio.create_task(coroutine)
@@ -134,6 +145,7 @@ class AckedWrites:
         one by one instead, the first results to a new reply topic would race the record
         batches to its partitions, and aiokafka gives a batch up as timed out when it keeps
         finding another one queued there ahead of it."""
+        self._topics.used([write.topic])  # kept in the producer's metadata meanwhile
         try:
             # Failed before: perhaps on a topic deleted since it was looked up.
             exists = await self._lookup.exists(write.topic, fresh=write.first_failure is not None)

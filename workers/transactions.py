@@ -36,6 +36,7 @@ from surge.workers import metrics
 from surge.workers.ledger import Ledger
 from surge.workers.writes import (
     NoSuchTopic,
+    RecentTopics,
     Records,
     RetryPolicy,
     Sent,
@@ -66,7 +67,16 @@ _RECORD_ERRORS = (
 class _Partition:
     """One input partition: its producer and the outcomes waiting for a transaction."""
 
-    __slots__ = ("committed", "fenced", "lock", "producer", "started", "uncertain", "writes")
+    __slots__ = (
+        "committed",
+        "fenced",
+        "lock",
+        "producer",
+        "started",
+        "topics",
+        "uncertain",
+        "writes",
+    )
 
     def __init__(self) -> None:
         self.lock = asyncio.Lock()  # one transaction at a time; revocation waits for it
@@ -78,6 +88,7 @@ class _Partition:
         self.uncertain: int | None = None
         self.started = False  # a producer was fenced in for this ownership once already
         self.committed: int | None = None  # the group's offset as this owner last knew it
+        self.topics = RecentTopics()  # its producer wrote to lately
 
 
 class Transactions:
@@ -149,6 +160,15 @@ class Transactions:
         await self.revoke(list(self._partitions))
         await self._lookup.close()
 
+    async def forget_idle_topics(self) -> None:
+        """Ask the cluster no more about topics not written to lately (`RecentTopics`), but
+        the dead-letter topic: none would mean every topic of the cluster, to aiokafka."""
+        for state in list(self._partitions.values()):
+            recent = state.topics.forget_idle()
+            if recent is not None and state.producer is not None:
+                state.producer.client.set_topics({*recent, self._retry.dead_letter_topic})
+        await self._lookup.forget_idle()
+
     # -- one partition --------------------------------------------------------------------
 
     async def _commit(self, tp: TopicPartition, position: int) -> bool:
@@ -168,6 +188,7 @@ class Transactions:
                 if state.uncertain is not None:
                     await self._read_back(tp, state)
                 writes = [w for w in state.writes if w.ticket.offset < position]
+                state.topics.used({w.topic for w in writes})
                 await producer.begin_transaction()
                 # Bounded: with idempotence aiokafka retries a stuck batch forever. Until the
                 # commit is sent, giving up is safe (the next producer aborts the rest).

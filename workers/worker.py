@@ -35,7 +35,7 @@ from redis.asyncio import Redis
 
 from surge.config import TOPIC_NAME, Settings, redis_url_for_bytes
 from surge.schemas import ErrorCode
-from surge.workers import fetched, metrics
+from surge.workers import fetched, metrics, writes
 from surge.workers.acked import AckedWrites
 from surge.workers.batcher import ModelHung
 from surge.workers.ledger import Ledger
@@ -207,6 +207,7 @@ class Worker:
         self._tasks = [
             supervised(self._commit_loop(), "commit", self._crashed),
             supervised(self._reload_loop(), "reload", self._crashed),
+            supervised(self._forget_loop(), "forget-topics", self._crashed),
         ]
         log.info(
             "worker_started",
@@ -531,6 +532,14 @@ class Worker:
             await asyncio.sleep(interval)  # coalesce many settlements into one commit
             if not await self.commit():
                 await asyncio.sleep(_COMMIT_BACKOFF_S)  # a broker or group in trouble
+
+    async def _forget_loop(self) -> None:
+        """Now and then, the producers stop asking the cluster about the topics they have
+        not written to lately (`RecentTopics`)."""
+        outcomes = self._transactions or self._acked
+        while outcomes is not None:
+            await asyncio.sleep(writes.METADATA_MAX_IDLE_S / 5)
+            await outcomes.forget_idle_topics()
 
     async def commit(self) -> bool:
         """Commit each assigned partition's settled prefix; False if some of it failed."""

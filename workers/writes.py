@@ -225,6 +225,42 @@ class NoSuchTopic(KafkaError):
     retriable = False
 
 
+# A topic not written to (or looked up) for this long leaves a client's metadata, as Java's
+# producer forgets one after `metadata.max.idle.ms`.
+METADATA_MAX_IDLE_S = 300.0
+
+
+class RecentTopics:
+    """The topics a Kafka client used lately: the only ones it should keep asking about.
+
+    aiokafka's client names every topic it ever looked up in each metadata request, with
+    topic creation allowed. A worker answering clients that each make a reply topic and
+    delete it when done would ask about ever more topics, and on a cluster that creates
+    topics on demand (Kafka's default) bring the deleted ones back at every refresh.
+    """
+
+    def __init__(self) -> None:
+        self._last: dict[str, float] = {}  # monotonic time of each topic's latest use
+
+    def __contains__(self, topic: str) -> bool:
+        return topic in self._last
+
+    def used(self, topics: Iterable[str]) -> None:
+        now = time.monotonic()
+        for topic in topics:
+            self._last[topic] = now
+
+    def forget_idle(self) -> set[str] | None:
+        """Forget the topics not used within the idle time; those still used, or None when
+        none was forgotten."""
+        now = time.monotonic()
+        recent = {topic for topic, at in self._last.items() if now - at < METADATA_MAX_IDLE_S}
+        if len(recent) == len(self._last):
+            return None
+        self._last = {topic: self._last[topic] for topic in recent}
+        return recent
+
+
 class TopicLookup:
     """Whether a topic exists, asked of a client of its own. A producer asked about a missing
     topic keeps asking, and while it does aiokafka can drop the leaders of its other topics
@@ -236,11 +272,13 @@ class TopicLookup:
         self._client: AIOKafkaProducer | None = None
         self._starting = asyncio.Lock()  # a burst of lookups starts one client, not one each
         self._found: set[str] = set()
+        self._asked = RecentTopics()
 
     async def exists(self, topic: str, *, fresh: bool = False) -> bool:
         """Raises KafkaError when the cluster cannot be asked (the next call asks again).
         `fresh`: ask the cluster again about a topic found before, which may have been
         deleted since (a client's own reply topic goes with the client)."""
+        self._asked.used([topic])
         if topic in self._found and not fresh:
             return True
         self._found.discard(topic)
@@ -258,6 +296,23 @@ class TopicLookup:
             return False
         self._found.add(topic)
         return True
+
+    async def forget_idle(self) -> None:
+        """Ask no more about the topics not asked about lately (`RecentTopics`): with none
+        left, the client goes (the next lookup starts another)."""
+        recent = self._asked.forget_idle()
+        if recent is None:
+            return
+        self._found &= recent
+        if self._client is None:
+            return
+        if recent:
+            self._client.client.set_topics(recent)
+            return
+        async with self._starting:
+            client, self._client = self._client, None
+        if client is not None:
+            await client.stop()
 
     async def _started(self) -> AIOKafkaProducer:
         async with self._starting:
@@ -335,7 +390,7 @@ class RetryPolicy:
     def __init__(
         self, dead_letter_topic: str, retry_s: float, on_crash: Callable[[BaseException], None]
     ) -> None:
-        self._dead_letter_topic = dead_letter_topic
+        self.dead_letter_topic = dead_letter_topic
         self._retry_s = retry_s
         self._on_crash = on_crash
 
@@ -353,7 +408,7 @@ class RetryPolicy:
             # The reply target refuses this result (too large, not authorised, no such topic).
             reason = f"result could not be written to {write.topic!r}: {exc!r}"
             rejection = Rejection(ErrorCode.REPLY_FAILED, reason)
-            return dead_letter(write.ticket, rejection, self._dead_letter_topic)
+            return dead_letter(write.ticket, rejection, self.dead_letter_topic)
         if write.dead_letter and waited > self._retry_s * _GIVE_UP_FACTOR:
             # The dead-letter topic itself has refused this for minutes: a restart (and a
             # redelivery of the request) beats a worker that only retries.
