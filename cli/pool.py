@@ -52,9 +52,12 @@ def member_devices(processes: str) -> list[dict[str, str]]:
         return [{} for _ in range(int(processes))]
     from surge.workers.runtimes.devices import cuda_device_count
 
+    # As many as the driver sees: of a CUDA_VISIBLE_DEVICES list, the first that many (it
+    # stops at the first entry that names no GPU), none on a machine without one.
+    count = cuda_device_count()
     visible = os.environ.get("CUDA_VISIBLE_DEVICES")
-    devices = visible.split(",") if visible else [str(i) for i in range(cuda_device_count())]
-    return [{"CUDA_VISIBLE_DEVICES": device} for device in devices] or [{}]
+    devices = visible.split(",")[:count] if visible else [str(i) for i in range(count)]
+    return [{"CUDA_VISIBLE_DEVICES": device.strip()} for device in devices] or [{}]
 
 
 def member_envs(settings: Settings, processes: str) -> list[dict[str, str]]:

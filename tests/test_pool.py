@@ -16,7 +16,7 @@ import pytest
 
 from surge.config import load_settings
 from surge.pool import member_envs
-from surge.workers.runtimes.devices import cuda_device_count
+from surge.workers.runtimes import devices
 from tests.conftest import ROOT, topic_of, worker_env
 from tests.helpers import create_topics, mlp_requests, publish, read_topic
 
@@ -77,15 +77,19 @@ def test_one_member_per_visible_gpu_each_with_its_own_metrics_port(
     monkeypatch: pytest.MonkeyPatch,
 ) -> None:
     settings = load_settings(env={"SURGE_METRICS__PORT": "9400"})
+    seen = 2  # GPUs the driver sees, of those CUDA_VISIBLE_DEVICES lists
+    monkeypatch.setattr(devices, "cuda_device_count", lambda: seen)
     monkeypatch.setenv("CUDA_VISIBLE_DEVICES", "2,5")
     envs = member_envs(settings, "gpus")
     assert [e["CUDA_VISIBLE_DEVICES"] for e in envs] == ["2", "5"]
     assert [e["SURGE_METRICS__PORT"] for e in envs] == ["9400", "9401"]
+    seen = 1  # the list names a GPU this node does not have
+    assert [e["CUDA_VISIBLE_DEVICES"] for e in member_envs(settings, "gpus")] == ["2"]
+    seen = 0  # no GPU at all, whatever the list says: one member, on the CPU
+    cpu_only = [{"SURGE_POOL_MEMBER": "0", "SURGE_METRICS__PORT": "9400"}]
+    assert member_envs(settings, "gpus") == cpu_only
     monkeypatch.setenv("CUDA_VISIBLE_DEVICES", "")
-    if cuda_device_count() == 0:  # no GPU: one member, on the CPU
-        assert member_envs(settings, "gpus") == [
-            {"SURGE_POOL_MEMBER": "0", "SURGE_METRICS__PORT": "9400"}
-        ]
+    assert member_envs(settings, "gpus") == cpu_only
     assert len(member_envs(settings, "3")) == 3
     last = load_settings(env={"SURGE_METRICS__PORT": "65535"})
     with pytest.raises(ValueError, match="up to 65536"):
