@@ -291,3 +291,46 @@ async def test_a_version_that_failed_is_tried_again_after_a_while(
     await repository.reconcile()
     assert _served(repository) == [("mlp", 1)]
     await repository.close()
+
+
+class _FailingDevice:
+    """A runtime whose calls fail as a CUDA context left unusable makes them fail, from
+    `rows` rows on."""
+
+    def __init__(self, inner: runtimes.Runtime, rows: int) -> None:
+        self._inner, self._rows = inner, rows
+        self.kind, self.device = inner.kind, "cuda:0"
+        self.inputs, self.outputs = inner.inputs, inner.outputs
+
+    def run(self, batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+        if len(next(iter(batch.values()))) >= self._rows:
+            raise runtimes.DeviceFailed("cuda:0: CUDA error: device-side assert triggered")
+        return self._inner.run(batch)
+
+    def close(self) -> None:
+        self._inner.close()
+
+
+@pytest.mark.parametrize("rows", [1, 64], ids=["one-row", "larger-batch"])
+async def test_a_device_failing_while_a_model_warms_up_restarts_the_worker(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, rows: int
+) -> None:
+    """Every later model would fail on that device too: a new process, not a model refused."""
+    load = runtimes.load
+    monkeypatch.setattr(
+        repository_module.runtimes, "load", lambda *args: _FailingDevice(load(*args), rows)
+    )
+    write_mlp(tmp_path)
+    crashes: list[BaseException] = []
+    repository = ModelRepository(
+        tmp_path,
+        [],
+        replies=None,  # type: ignore[arg-type]
+        time_budget_s=5,
+        max_tensor_elements=1 << 22,
+        on_crash=crashes.append,
+    )
+    await repository.reconcile(settle_s=0)
+    assert _served(repository) == []
+    assert [type(exc) for exc in crashes] == [runtimes.DeviceFailed]
+    await repository.close()

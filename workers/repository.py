@@ -332,6 +332,11 @@ class ModelRepository:
             runtime = await asyncio.to_thread(runtimes.load, source.artifact, source.config)
             if source.config.warmup:
                 await self._warm_up(source, runtime)
+        except runtimes.DeviceFailed as exc:
+            # The process's CUDA context is unusable now, for every model: a new process.
+            log.error("device_failed", model=source.name, version=source.version, error=str(exc))
+            self._on_crash(exc)
+            return None
         except Exception as exc:  # a bad model file must not take the worker down
             log.error(
                 "model_load_failed", model=source.name, version=source.version, error=repr(exc)
@@ -377,7 +382,7 @@ class ModelRepository:
             try:
                 await asyncio.to_thread(runtimes.warm_up, runtime, [size])
             except Exception as exc:
-                if size == sizes[0]:
+                if size == sizes[0] or isinstance(exc, runtimes.DeviceFailed):
                     raise
                 log.warning("warmup_failed", model=source.name, rows=size, error=repr(exc)[:300])
                 return
