@@ -235,6 +235,31 @@ async def test_a_replacement_still_being_copied_in_keeps_the_old_version(tmp_pat
     await repository.close()
 
 
+async def test_a_version_whose_model_file_is_being_replaced_keeps_serving(tmp_path: Path) -> None:
+    """Weights copied in before the model file, or a download under a temporary name: for a
+    moment the version has no model file, and it is being written to, not removed."""
+    write_mlp(tmp_path)
+    _age(tmp_path / "mlp")
+    repository = _repository(tmp_path)
+    await repository.reconcile()
+    version = tmp_path / "mlp" / "1"
+    model = (version / "model.onnx").read_bytes()
+    (version / "model.onnx").unlink()
+    (version / "model.onnx.part").write_bytes(model[:100])
+    await repository.reconcile()
+    assert _served(repository) == [("mlp", 1)], "unloaded while its file was being replaced"
+    (version / "model.onnx.part").rename(version / "model.onnx")
+    (version / "model.onnx").write_bytes(model)
+    _age(version)
+    await repository.reconcile()
+    assert _served(repository) == [("mlp", 1)]
+    (version / "model.onnx").unlink()  # gone for good: unloaded once it has settled
+    _age(version)
+    await repository.reconcile()
+    assert _served(repository) == []
+    await repository.close()
+
+
 async def test_a_version_that_failed_is_tried_again_once_any_of_its_files_changes(
     tmp_path: Path,
 ) -> None:

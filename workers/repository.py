@@ -114,9 +114,14 @@ def _scan_model(model_dir: Path, now_ns: int, settle_s: float, result: Scan) -> 
     found: dict[int, VersionSource] = {}
     for version_dir in model_dir.iterdir():
         artifact = runtimes.find_artifact(version_dir)
-        if artifact is None:
-            continue
         version = _version_number(version_dir.name)
+        if artifact is None:
+            # Its model file not there yet (weights copied first, a download under another
+            # name) but written to lately: a version arriving, or being replaced.
+            if version is not None and version_dir.is_dir():
+                if now_ns - _files_stamp(version_dir)[1] < settle_s * 1e9:  # noqa: SIM102
+                    result.settling.add((name, version))
+            continue
         if version is None:
             result.problems.append(
                 f"{version_dir}: a version directory is named by a number, without leading zeros"
