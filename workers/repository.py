@@ -118,9 +118,8 @@ def _scan_model(model_dir: Path, now_ns: int, settle_s: float, result: Scan) -> 
         if artifact is None:
             # Its model file not there yet (weights copied first, a download under another
             # name) but written to lately: a version arriving, or being replaced.
-            if version is not None and version_dir.is_dir():
-                if now_ns - _files_stamp(version_dir)[1] < settle_s * 1e9:  # noqa: SIM102
-                    result.settling.add((name, version))
+            if version is not None and _written_lately(version_dir, now_ns, settle_s):
+                result.settling.add((name, version))
             continue
         if version is None:
             result.problems.append(
@@ -146,6 +145,11 @@ def _version_number(name: str) -> int | None:
     if not (name.isascii() and name.isdigit()) or str(int(name)) != name:
         return None
     return int(name)
+
+
+def _written_lately(version_dir: Path, now_ns: int, settle_s: float) -> bool:
+    """Whether a directory, or a file under it, changed within `settle_s`."""
+    return version_dir.is_dir() and now_ns - _files_stamp(version_dir)[1] < settle_s * 1e9
 
 
 def _files_stamp(version_dir: Path) -> tuple[int, int]:
