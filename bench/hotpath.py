@@ -48,7 +48,7 @@ from rich.console import Console
 from bench.common import scratch_dir
 from surge.config import load_settings
 from surge.examples import MLP_FEATURES, write_mlp
-from surge.workers.fetched import LeanPartitionRecords, lean_records
+from surge.workers.fetched import Fetched, LeanPartitionRecords, lean_records
 from surge.workers.ledger import Ledger
 from surge.workers.logs import configure
 from surge.workers.tasks import Outbox
@@ -123,11 +123,13 @@ def _records(count: int) -> list[Fetch]:
 def _unpacked(fetch: Fetch, lean: bool) -> dict[TopicPartition, list[Any]]:
     """A fetch's records as the worker's consumer reads them (`fetched`), or as aiokafka
     makes them for any other consumer."""
-    kind, marker = (
-        (LeanPartitionRecords, lean_records) if lean else (fetcher.PartitionRecords, None)
+    kind, marker, read = (
+        (LeanPartitionRecords, lean_records, Fetched)
+        if lean
+        else (fetcher.PartitionRecords, None, MemoryRecords)
     )
     return {
-        tp: list(kind(tp, MemoryRecords(data), [], first, marker, None, True, READ_COMMITTED))
+        tp: list(kind(tp, read(data), [], first, marker, None, True, READ_COMMITTED))
         for tp, (first, data) in fetch.items()
     }
 
