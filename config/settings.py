@@ -6,7 +6,7 @@ import os
 import re
 import ssl
 from typing import Annotated, Any, Literal
-from urllib.parse import parse_qsl, urlencode, urlsplit
+from urllib.parse import parse_qsl, urlencode
 
 import msgspec
 
@@ -218,8 +218,7 @@ class Settings(msgspec.Struct, kw_only=True, forbid_unknown_fields=True):
 def redis_url_for_bytes(url: str) -> str:
     """`url` without a `decode_responses` option: redis-py lets one in the URL override the
     client's own, and Surge reads results and script replies as bytes."""
-    parts = urlsplit(url)
-    query = [
-        (k, v) for k, v in parse_qsl(parts.query, keep_blank_values=True) if k != "decode_responses"
-    ]
-    return parts._replace(query=urlencode(query)).geturl()
+    # Only the query is rebuilt: urlunsplit would write `unix:///path` back as `unix:/path`.
+    base, _, query = url.partition("?")
+    kept = [(k, v) for k, v in parse_qsl(query, keep_blank_values=True) if k != "decode_responses"]
+    return f"{base}?{urlencode(kept)}" if kept else base

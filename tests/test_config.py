@@ -5,6 +5,7 @@ from __future__ import annotations
 from pathlib import Path
 
 import pytest
+from redis.asyncio import Redis
 
 from surge.config import (
     CONFIG_DIR,
@@ -13,6 +14,7 @@ from surge.config import (
     WorkerSettings,
     convert,
     load_settings,
+    redis_url_for_bytes,
 )
 
 
@@ -232,3 +234,19 @@ def test_an_input_follows_another_padded_input(mask: dict[str, object], error: s
         convert({"inputs": chained}, ModelConfig, "m")
     good = [_IDS, {**_IDS, "name": "mask", "follows": "ids"}]
     assert convert({"inputs": good}, ModelConfig, "m").inputs[1].follows == "ids"
+
+
+@pytest.mark.parametrize(
+    ("url", "expected"),
+    [
+        ("unix:///run/redis.sock?db=2", "unix:///run/redis.sock?db=2"),
+        ("unix:///run/redis.sock?decode_responses=true&db=2", "unix:///run/redis.sock?db=2"),
+        ("redis://:pw@host:6380/1?decode_responses=yes", "redis://:pw@host:6380/1"),
+        ("rediss://host", "rediss://host"),
+    ],
+)
+def test_a_redis_url_keeps_all_but_decode_responses_and_still_names_its_server(
+    url: str, expected: str
+) -> None:
+    assert redis_url_for_bytes(url) == expected
+    Redis.from_url(expected)  # redis-py reads it (no connection is made yet)
