@@ -387,3 +387,69 @@ async def test_a_call_whose_deadline_lands_while_it_subscribes_leaves_no_subscri
             assert await redis.pubsub_channels("surge:result:*") == []
     finally:
         await redis.aclose()
+
+
+class _Endpoint:
+    """A name for the Redis primary (a Kubernetes Service, a DNS name) as a TCP proxy: new
+    connections go to the server it names now, established ones stay where they went."""
+
+    def __init__(self, port: int) -> None:
+        self.port = port
+        self._server: asyncio.Server | None = None
+
+    async def start(self) -> str:
+        self._server = await asyncio.start_server(self._forward, "127.0.0.1", 0)
+        return f"redis://127.0.0.1:{self._server.sockets[0].getsockname()[1]}/0"
+
+    async def _forward(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        upstream_reader, upstream_writer = await asyncio.open_connection("127.0.0.1", self.port)
+        await asyncio.gather(_pipe(reader, upstream_writer), _pipe(upstream_reader, writer))
+
+    def close(self) -> None:
+        if self._server is not None:
+            self._server.close()
+
+
+async def _pipe(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+    with contextlib.suppress(OSError):
+        while data := await reader.read(65536):
+            writer.write(data)
+            await writer.drain()
+    writer.close()
+
+
+async def test_results_go_to_the_new_primary_after_a_failover() -> None:
+    """The old primary, now a replica, answers READONLY on the connections the worker holds
+    to it: each try after one goes out on new connections, which the name leads to the new
+    primary."""
+    old, new = RedisServer().start(), RedisServer().start()
+    endpoint = _Endpoint(old.port)
+    url = await endpoint.start()
+    redis = Redis.from_url(url, socket_timeout=5)
+    replies = Replies(
+        lambda _: None,
+        redis,
+        Ledger(max_records=100, max_bytes=1 << 20),
+        dead_letter_topic="dead",
+        redis_ttl_s=60,
+        redis_prefix="r:",
+        on_crash=pytest.fail,
+    )
+    try:
+        ticket = SimpleNamespace(request_id="before")
+        assert await replies._write_redis([(ticket, b"1")]) == []  # type: ignore[list-item]
+        demoted = Redis.from_url(old.url)
+        await demoted.execute_command("REPLICAOF", "127.0.0.1", str(new.port))
+        await demoted.aclose()
+        endpoint.port = new.port
+        ticket = SimpleNamespace(request_id="after")
+        refused = await asyncio.wait_for(replies._write_redis([(ticket, b"2")]), 10)  # type: ignore[list-item]
+        assert refused == []
+        promoted = Redis.from_url(new.url)
+        assert await promoted.get("r:after") == b"2"
+        await promoted.aclose()
+    finally:
+        await redis.aclose()
+        endpoint.close()
+        old.close()
+        new.close()

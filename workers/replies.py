@@ -281,6 +281,11 @@ class Replies:
             log.warning(
                 "redis_write_retry", error=_describe(error), results=len(items), retry_in=delay
             )
+            # The next try on new connections: one to a primary that a failover made a replica
+            # answers READONLY for as long as it stays open, while the name it was reached by
+            # now leads to the new primary.
+            assert self._redis is not None
+            await self._redis.connection_pool.disconnect()
             await asyncio.sleep(delay)
             delay = min(delay * 2, RETRY_MAX_S)
 
