@@ -219,6 +219,25 @@ async def test_lag_of_an_offset_lost_to_retention_follows_the_reset_policy(kafka
     assert (latest.records, latest.oldest_s, latest.uncommitted) == (0, None, 0)  # its end
 
 
+async def test_lag_of_an_offset_past_the_log_s_end_follows_the_reset_policy(kafka: str) -> None:
+    """An offset the log lost the records below (an unclean election, say): the group's
+    consumers reset, and read what the policy says they will."""
+    run = uuid.uuid4().hex[:8]
+    topic, group = f"test.lag.{run}", run
+    await create_topics(kafka, topic, partitions=1)
+    producer = AIOKafkaProducer(bootstrap_servers=kafka)
+    await producer.start()
+    for _ in range(5):
+        await producer.send_and_wait(topic, b"x", partition=0)
+    await producer.stop()
+    await _commit(kafka, group, {TopicPartition(topic, 0): 50})
+    kafka_options = {"bootstrap_servers": kafka}
+    [earliest] = await group_lag(kafka_options, group, [topic], reset="earliest")
+    assert earliest.records == 5  # every record, from the log's start
+    [latest] = await group_lag(kafka_options, group, [topic], reset="latest")
+    assert latest.records == 0
+
+
 async def test_surge_lag_shows_configured_topics_the_group_has_not_committed_on(
     kafka: str, tmp_path: Path
 ) -> None:

@@ -154,8 +154,9 @@ async def _partition_lags(
 
 def _start(committed: int | None, first: int, end: int, reset: Reset) -> int:
     """Where the group's consumer reads a partition from: its committed offset while the log
-    holds it, else where it resets to (as it does on an out-of-range offset)."""
-    if committed is not None and committed >= first:
+    holds it, else where it resets to (as it does on an out-of-range offset: before the log's
+    start, or past its end after the log lost records)."""
+    if committed is not None and first <= committed <= end:
         return committed
     return end if reset == "latest" else first
 
