@@ -42,6 +42,16 @@ def test_worker_refuses_a_bad_config_with_one_line_per_field(tmp_path: Path) -> 
     assert "worker.colour: unknown field" in out.stderr
 
 
+def test_worker_refuses_a_redis_url_option_redis_py_does_not_know_at_start_up() -> None:
+    """Not at its first Redis result, after taking requests in, and again at every restart."""
+    env = {"SURGE_METRICS__PORT": "0", "SURGE_REDIS__URL": "redis://127.0.0.1:9/0?timeout=5"}
+    out = surge("worker", env=env)
+    assert out.returncode == 1, out.stdout + out.stderr
+    assert "redis url: " in out.stderr
+    assert "'timeout'" in out.stderr
+    assert "Traceback" not in out.stderr
+
+
 def test_predict_prints_the_result(
     kafka: str, model_root: Path, worker_processes: type[WorkerProcess]
 ) -> None:

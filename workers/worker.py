@@ -70,6 +70,20 @@ class _CannotStart(Exception):
     """Start-up cannot finish for a reason the operator fixes, said in one line."""
 
 
+def _redis_client(settings: Settings) -> Redis:
+    """The client for Redis results. An option its URL gives that redis-py does not know
+    fails here, not at the first result (and again after every restart)."""
+    try:
+        redis = Redis.from_url(
+            redis_url_for_bytes(settings.redis.url), **settings.redis.client_options()
+        )
+        pool = redis.connection_pool
+        pool.connection_class(**pool.connection_kwargs)  # built, not connected
+    except (TypeError, ValueError) as exc:
+        raise _CannotStart(f"redis url: {exc}") from None
+    return redis
+
+
 class _StoppedStarting(Exception):
     """A stop request came while start-up waited on the cluster."""
 
@@ -120,13 +134,7 @@ class Worker:
             metrics.serve(self.settings.metrics.port)
         except OSError as exc:
             raise _CannotStart(f"metrics port {self.settings.metrics.port}: {exc}") from None
-        self._redis = (
-            Redis.from_url(
-                redis_url_for_bytes(self.settings.redis.url), **self.settings.redis.client_options()
-            )
-            if self.settings.redis.url
-            else None
-        )
+        self._redis = _redis_client(self.settings) if self.settings.redis.url else None
         if self._redis is not None:
             self._opened.append(self._redis.aclose)
         self._ledger = Ledger(worker.max_in_flight, worker.max_in_flight_bytes)
