@@ -2,10 +2,13 @@
 
 from __future__ import annotations
 
+import asyncio
 import os
 import shutil
+import threading
 import time
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import onnx
@@ -359,3 +362,70 @@ async def test_a_device_failing_while_a_model_warms_up_restarts_the_worker(
     assert _served(repository) == []
     assert [type(exc) for exc in crashes] == [runtimes.DeviceFailed]
     await repository.close()
+
+
+class _Answers:
+    """Results, as the batcher hands them over: error codes kept."""
+
+    def __init__(self) -> None:
+        self.errors: list[ErrorCode] = []
+
+    def error(self, ticket: Any, rejection: Rejection) -> None:
+        self.errors.append(rejection.code)
+
+    def ok_bodies(self, tickets: Any, bodies: Any) -> None:
+        pass
+
+
+class _Stuck:
+    """A runtime whose call on a row whose first value is 13 runs until `release` is set."""
+
+    def __init__(self, inner: runtimes.Runtime, release: threading.Event) -> None:
+        self._inner, self._release = inner, release
+        self.kind, self.device = inner.kind, inner.device
+        self.inputs, self.outputs = inner.inputs, inner.outputs
+
+    def run(self, batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+        if (next(iter(batch.values()))[:, 0] == 13).any():
+            self._release.wait()
+        return self._inner.run(batch)
+
+    def close(self) -> None:
+        self._inner.close()
+
+
+async def test_a_call_still_running_after_its_version_is_unloaded_is_still_counted(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A worker stopping reads the count to tell a clean exit from a hung one: a thread that
+    keeps the process from exiting must not drop out of it with its version."""
+    release = threading.Event()
+    load = runtimes.load
+    monkeypatch.setattr(repository_module.runtimes, "load", lambda *a: _Stuck(load(*a), release))
+    write_mlp(tmp_path)
+    answers = _Answers()
+    repository = ModelRepository(
+        tmp_path,
+        [],
+        replies=answers,  # type: ignore[arg-type]
+        time_budget_s=0.5,
+        max_tensor_elements=1 << 22,
+    )
+    await repository.reconcile(settle_s=0)
+    served = repository.served[("mlp", 1)]
+    x = np.zeros((1, 32), np.float32)
+    x[0, 0] = 13
+    served.batcher.put(Job(make_ticket(b"{}"), {"x": x}, 1, None))
+    try:
+        await asyncio.sleep(0.2)
+        assert repository.calls_running == 1
+        await repository.close()  # as at shutdown: the batch times out, the version unloads
+        assert answers.errors == [ErrorCode.TIMEOUT]
+        assert repository.calls_running == 1
+    finally:
+        release.set()
+    for _ in range(100):
+        if not repository.calls_running:
+            break
+        await asyncio.sleep(0.02)
+    assert repository.calls_running == 0

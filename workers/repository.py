@@ -198,6 +198,8 @@ class ModelRepository:
         self._failed: dict[tuple[str, int], tuple[tuple[int, int, int], float]] = {}
         self._draining: set[asyncio.Task[None]] = set()
         self._retiring: set[ServedVersion] = set()  # until unloaded
+        # Unloaded, with a call still running on one of their threads (past its budget).
+        self._lingering: set[Batcher] = set()
         self._problems: set[str] = set()
         self._queued_models: set[str] = set()  # those with a surge_queued_seconds sample
 
@@ -409,14 +411,18 @@ class ModelRepository:
         served.executor.shutdown(wait=False)
         await asyncio.to_thread(served.runtime.close)
         self._retiring.discard(served)
+        if served.batcher.calls_running:
+            self._lingering.add(served.batcher)
         log.info("model_unloaded", model=served.source.name, version=served.source.version)
 
     @property
     def calls_running(self) -> int:
-        """Model calls on executor threads that have not returned, over every version still
-        loaded (one that outlived a shutdown would keep the process from exiting)."""
-        versions = [*self._served.values(), *self._retiring]
-        return sum(served.batcher.calls_running for served in versions)
+        """Model calls on executor threads that have not returned, over every version loaded
+        or unloaded with one still running (one that outlived a shutdown would keep the
+        process from exiting)."""
+        self._lingering = {batcher for batcher in self._lingering if batcher.calls_running}
+        loaded = [served.batcher for served in (*self._served.values(), *self._retiring)]
+        return sum(batcher.calls_running for batcher in (*loaded, *self._lingering))
 
     async def close(self) -> None:
         """Drain every served version (on shutdown)."""
