@@ -453,3 +453,51 @@ async def test_results_go_to_the_new_primary_after_a_failover() -> None:
         endpoint.close()
         old.close()
         new.close()
+
+
+async def _throttled_pipe(
+    reader: asyncio.StreamReader, writer: asyncio.StreamWriter, rate: float
+) -> None:
+    with contextlib.suppress(OSError):
+        while data := await reader.read(16384):
+            writer.write(data)
+            await writer.drain()
+            await asyncio.sleep(len(data) / rate)
+    writer.close()
+
+
+async def test_results_too_many_for_one_call_over_a_slow_link_go_in_smaller_calls() -> None:
+    """A call that outlasts the socket timeout on a slow link would time out at every try:
+    it is split until its parts get through."""
+    server = RedisServer().start()
+
+    async def forward(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        upstream_reader, upstream_writer = await asyncio.open_connection("127.0.0.1", server.port)
+        await asyncio.gather(
+            _throttled_pipe(reader, upstream_writer, 400_000),  # bytes/s towards Redis
+            _pipe(upstream_reader, writer),
+        )
+
+    proxy = await asyncio.start_server(forward, "127.0.0.1", 0)
+    port = proxy.sockets[0].getsockname()[1]
+    redis = Redis.from_url(f"redis://127.0.0.1:{port}/0", socket_timeout=1)
+    replies = Replies(
+        lambda _: None,
+        redis,
+        Ledger(max_records=1_000, max_bytes=1 << 30),
+        dead_letter_topic="dead",
+        redis_ttl_s=60,
+        redis_prefix="slow:",
+        on_crash=pytest.fail,
+    )
+    items = [(SimpleNamespace(request_id=f"r{i}"), bytes(10_000)) for i in range(80)]  # 800 kB
+    try:
+        refused = await asyncio.wait_for(replies._write_redis(items), 30)  # type: ignore[arg-type]
+        assert refused == []
+        direct = Redis.from_url(server.url)
+        assert len(await direct.keys("slow:*")) == 80
+        await direct.aclose()
+    finally:
+        await redis.aclose()
+        proxy.close()
+        server.close()

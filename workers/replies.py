@@ -41,6 +41,9 @@ _REDIS_CHUNK = 512  # results per script call
 # ... and about this many bytes of them: a script call is one command, which Redis reads whole
 # before it runs it (a pipeline's commands run as they arrive).
 _REDIS_CHUNK_BYTES = 4 << 20
+# A call of more than this that times out is split in two: on a slow link the whole would time
+# out at every try. A smaller one timing out means Redis itself is not answering.
+_SPLIT_ON_TIMEOUT_BYTES = 64 << 10
 # KEYS: result keys; ARGV: their bodies, then the TTL. The first result of an id wins and only
 # it is announced: a redelivered request never produces a second visible result (nor a second
 # notification). A result is stored and announced, or neither: one whose PUBLISH is refused (a
@@ -253,16 +256,20 @@ class Replies:
                     keys=keys, args=[*(b for _, b in items), self._ttl]
                 )
             except (RedisError, OSError) as exc:
-                if not _unavailable(exc):
-                    if len(items) == 1:
-                        return [*refused, *_refused([(items[0][0], exc)])]
+                # Halved to find the results Redis refuses; and halved when a call this large
+                # timed out, which on a slow link it would at every try.
+                too_slow = isinstance(exc, redis_errors.TimeoutError) and (
+                    sum(len(body) for _, body in items) > _SPLIT_ON_TIMEOUT_BYTES
+                )
+                if (too_slow or not _unavailable(exc)) and len(items) > 1:
                     half = len(items) // 2
-                    first, second = items[:half], items[half:]
                     return [
                         *refused,
-                        *await self._write_redis(first),
-                        *await self._write_redis(second),
+                        *await self._write_redis(items[:half]),
+                        *await self._write_redis(items[half:]),
                     ]
+                if not _unavailable(exc):
+                    return [*refused, *_refused([(items[0][0], exc)])]
                 error, waiting = exc, items
             else:
                 # Results refused one by one: those Redis cannot take now wait with the others.
