@@ -167,6 +167,9 @@ class WorkerSettings(msgspec.Struct, kw_only=True, forbid_unknown_fields=True):
     # Bounds a hung model call in an executor thread (where every model runs until it has
     # proved faster than its inline_below_ms), not the consumer's max.poll.interval.
     batch_time_budget_s: Annotated[float, msgspec.Meta(gt=0)] = 60.0
+    # A model version not loaded and warmed up by then is a failed load (tried again once its
+    # files change): one that hangs must not keep every other model from loading.
+    model_load_timeout_s: Annotated[float, msgspec.Meta(gt=0)] = 300.0
     # A result its reply topic keeps refusing this long becomes a dead letter (reply_failed).
     reply_retry_s: Annotated[float, msgspec.Meta(gt=0)] = 60.0
     max_poll_interval_ms: Positive = 300_000

@@ -429,3 +429,48 @@ async def test_a_call_still_running_after_its_version_is_unloaded_is_still_count
             break
         await asyncio.sleep(0.02)
     assert repository.calls_running == 0
+
+
+async def test_a_model_that_hangs_loading_fails_its_load_and_the_others_load(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Its warm-up never returns: past the load timeout it is a failed load, the models after
+    it load, and its thread counts as running until it ends."""
+    release = threading.Event()
+    load = runtimes.load
+
+    def loaded(path: Path, config: ModelConfig) -> runtimes.Runtime:
+        runtime = load(path, config)
+        return _Stuck(runtime, release) if "aaa" in str(path) else runtime
+
+    monkeypatch.setattr(repository_module.runtimes, "load", loaded)
+    write_mlp(tmp_path)
+    shutil.copytree(tmp_path / "mlp", tmp_path / "aaa")  # loads first, by name
+    warm_up = runtimes.warm_up
+
+    def warm_up_13(runtime: runtimes.Runtime, sizes: list[int]) -> None:
+        if isinstance(runtime, _Stuck):  # a row that hangs it, as some input may
+            runtime.run({"x": np.full((1, 32), 13, np.float32)})
+        warm_up(runtime, sizes)
+
+    monkeypatch.setattr(repository_module.runtimes, "warm_up", warm_up_13)
+    repository = ModelRepository(
+        tmp_path,
+        [],
+        replies=None,  # type: ignore[arg-type]
+        time_budget_s=5,
+        max_tensor_elements=1 << 22,
+        load_timeout_s=0.5,
+    )
+    try:
+        await asyncio.wait_for(repository.reconcile(settle_s=0), 10)
+        assert _served(repository) == [("mlp", 1)]
+        assert repository.calls_running == 1  # the stuck load's thread
+    finally:
+        release.set()
+    for _ in range(100):
+        if not repository.calls_running:
+            break
+        await asyncio.sleep(0.02)
+    assert repository.calls_running == 0
+    await repository.close()

@@ -10,9 +10,10 @@ from __future__ import annotations
 import asyncio
 import time
 from collections.abc import Callable, Collection
-from concurrent.futures import ThreadPoolExecutor
+from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any, TypeVar
 
 import structlog
 
@@ -25,6 +26,8 @@ from surge.workers.replies import Replies
 from surge.workers.tickets import Rejection
 
 log = structlog.get_logger("surge.repository")
+
+T = TypeVar("T")
 
 # A file younger than this may still be being written: wait for the next scan.
 SETTLE_S = 1.0
@@ -182,6 +185,7 @@ class ModelRepository:
         time_budget_s: float,
         max_tensor_elements: int,
         on_crash: Callable[[BaseException], None] = lambda exc: None,
+        load_timeout_s: float = 300.0,
     ) -> None:
         self.root = root
         self._max_elements = max_tensor_elements
@@ -189,6 +193,11 @@ class ModelRepository:
         self._names = frozenset(names)
         self._replies = replies
         self._budget = time_budget_s
+        self._load_timeout_s = load_timeout_s
+        # Loads and warm-ups run here; those that outlived load_timeout_s are kept in `_stuck`
+        # until their thread returns (one that never does keeps the process from exiting).
+        self._loader = ThreadPoolExecutor(thread_name_prefix="model-load")
+        self._stuck: set[Future[Any]] = set()
         self._served: dict[tuple[str, int], ServedVersion] = {}
         # Requests of unloaded versions that will never be answered (their device failed):
         # left uncommitted, for the partition's next owner.
@@ -340,9 +349,18 @@ class ModelRepository:
         )
         started = time.perf_counter()
         try:
-            runtime = await asyncio.to_thread(runtimes.load, source.artifact, source.config)
-            if source.config.warmup:
-                await self._warm_up(source, runtime)
+            async with asyncio.timeout(self._load_timeout_s):
+                runtime = await self._off_loop(runtimes.load, source.artifact, source.config)
+                if source.config.warmup:
+                    await self._warm_up(source, runtime)
+        except TimeoutError:
+            log.error(
+                "model_load_failed",
+                model=source.name,
+                version=source.version,
+                error=f"not loaded and warmed up within {self._load_timeout_s:g}s",
+            )
+            return None
         except runtimes.DeviceFailed as exc:
             # The process's CUDA context is unusable now, for every model: a new process.
             log.error("device_failed", model=source.name, version=source.version, error=str(exc))
@@ -391,12 +409,24 @@ class ModelRepository:
         sizes = sorted({1, *config.preferred_batch_sizes, config.max_batch_size})
         for size in sizes:
             try:
-                await asyncio.to_thread(runtimes.warm_up, runtime, [size])
+                await self._off_loop(runtimes.warm_up, runtime, [size])
             except Exception as exc:
                 if size == sizes[0] or isinstance(exc, runtimes.DeviceFailed):
                     raise
                 log.warning("warmup_failed", model=source.name, rows=size, error=repr(exc)[:300])
                 return
+
+    async def _off_loop(self, call: Callable[..., T], *args: Any) -> T:
+        """`call(*args)` on a loader thread; one cut short by the load timeout is kept in
+        `_stuck` while it runs on."""
+        future = self._loader.submit(call, *args)
+        try:
+            return await asyncio.wrap_future(future)
+        except asyncio.CancelledError:
+            if not future.done():
+                self._stuck.add(future)
+                future.add_done_callback(self._stuck.discard)
+            raise
 
     def _retire(self, served: ServedVersion) -> None:
         """Stop routing to it now; unload once its queued and running batches finish."""
@@ -418,11 +448,12 @@ class ModelRepository:
     @property
     def calls_running(self) -> int:
         """Model calls on executor threads that have not returned, over every version loaded
-        or unloaded with one still running (one that outlived a shutdown would keep the
-        process from exiting)."""
+        or unloaded with one still running, and loads past their timeout (one that outlived a
+        shutdown would keep the process from exiting)."""
         self._lingering = {batcher for batcher in self._lingering if batcher.calls_running}
         loaded = [served.batcher for served in (*self._served.values(), *self._retiring)]
-        return sum(batcher.calls_running for batcher in (*loaded, *self._lingering))
+        calls = sum(batcher.calls_running for batcher in (*loaded, *self._lingering))
+        return calls + len(self._stuck)
 
     async def close(self) -> None:
         """Drain every served version (on shutdown)."""
@@ -432,3 +463,4 @@ class ModelRepository:
         for served in retired:
             self._retire(served)
         await asyncio.gather(*self._draining)
+        self._loader.shutdown(wait=False)

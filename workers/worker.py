@@ -246,6 +246,7 @@ class Worker:
             time_budget_s=worker.batch_time_budget_s,
             max_tensor_elements=worker.max_tensor_elements,
             on_crash=self._crashed,
+            load_timeout_s=worker.model_load_timeout_s,
         )
         self._opened.append(self._repository.close)
         await self._repository.reconcile(settle_s=0)
