@@ -194,15 +194,21 @@ async def test_lag_reads_transactional_requests_as_the_workers_do(kafka: str) ->
     assert (done.records, done.oldest_s, done.age_unknown) == (0, None, False)
 
 
-async def test_lag_of_an_offset_lost_to_retention_follows_the_reset_policy(kafka: str) -> None:
+async def _five_records(kafka: str) -> tuple[str, str]:
+    """A topic of one partition holding five records, and a group name of its own."""
     run = uuid.uuid4().hex[:8]
-    topic, group = f"test.lag.{run}", run
+    topic = f"test.lag.{run}"
     await create_topics(kafka, topic, partitions=1)
     producer = AIOKafkaProducer(bootstrap_servers=kafka)
     await producer.start()
     for _ in range(5):
         await producer.send_and_wait(topic, b"x", partition=0)
     await producer.stop()
+    return topic, run
+
+
+async def test_lag_of_an_offset_lost_to_retention_follows_the_reset_policy(kafka: str) -> None:
+    topic, group = await _five_records(kafka)
     tp = TopicPartition(topic, 0)
     await _commit(kafka, group, {tp: 1})
     admin = AIOKafkaAdminClient(bootstrap_servers=kafka)
@@ -222,14 +228,7 @@ async def test_lag_of_an_offset_lost_to_retention_follows_the_reset_policy(kafka
 async def test_lag_of_an_offset_past_the_log_s_end_follows_the_reset_policy(kafka: str) -> None:
     """An offset the log lost the records below (an unclean election, say): the group's
     consumers reset, and read what the policy says they will."""
-    run = uuid.uuid4().hex[:8]
-    topic, group = f"test.lag.{run}", run
-    await create_topics(kafka, topic, partitions=1)
-    producer = AIOKafkaProducer(bootstrap_servers=kafka)
-    await producer.start()
-    for _ in range(5):
-        await producer.send_and_wait(topic, b"x", partition=0)
-    await producer.stop()
+    topic, group = await _five_records(kafka)
     await _commit(kafka, group, {TopicPartition(topic, 0): 50})
     kafka_options = {"bootstrap_servers": kafka}
     [earliest] = await group_lag(kafka_options, group, [topic], reset="earliest")

@@ -424,11 +424,7 @@ async def test_a_call_still_running_after_its_version_is_unloaded_is_still_count
         assert repository.calls_running == 1
     finally:
         release.set()
-    for _ in range(100):
-        if not repository.calls_running:
-            break
-        await asyncio.sleep(0.02)
-    assert repository.calls_running == 0
+    await _until_no_call_runs(repository)
 
 
 async def test_a_model_that_hangs_loading_fails_its_load_and_the_others_load(
@@ -468,9 +464,14 @@ async def test_a_model_that_hangs_loading_fails_its_load_and_the_others_load(
         assert repository.calls_running == 1  # the stuck load's thread
     finally:
         release.set()
+    await _until_no_call_runs(repository)
+    await repository.close()
+
+
+async def _until_no_call_runs(repository: ModelRepository) -> None:
+    """Until the threads let go run to their end (2 s at most)."""
     for _ in range(100):
         if not repository.calls_running:
-            break
+            return
         await asyncio.sleep(0.02)
     assert repository.calls_running == 0
-    await repository.close()
