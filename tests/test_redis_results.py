@@ -426,15 +426,7 @@ async def test_results_go_to_the_new_primary_after_a_failover() -> None:
     endpoint = _Endpoint(old.port)
     url = await endpoint.start()
     redis = Redis.from_url(url, socket_timeout=5)
-    replies = Replies(
-        lambda _: None,
-        redis,
-        Ledger(max_records=100, max_bytes=1 << 20),
-        dead_letter_topic="dead",
-        redis_ttl_s=60,
-        redis_prefix="r:",
-        on_crash=pytest.fail,
-    )
+    replies = _replies(redis, "r:")
     try:
         ticket = SimpleNamespace(request_id="before")
         assert await replies._write_redis([(ticket, b"1")]) == []  # type: ignore[list-item]
@@ -481,15 +473,7 @@ async def test_results_too_many_for_one_call_over_a_slow_link_go_in_smaller_call
     proxy = await asyncio.start_server(forward, "127.0.0.1", 0)
     port = proxy.sockets[0].getsockname()[1]
     redis = Redis.from_url(f"redis://127.0.0.1:{port}/0", socket_timeout=1)
-    replies = Replies(
-        lambda _: None,
-        redis,
-        Ledger(max_records=1_000, max_bytes=1 << 30),
-        dead_letter_topic="dead",
-        redis_ttl_s=60,
-        redis_prefix="slow:",
-        on_crash=pytest.fail,
-    )
+    replies = _replies(redis, "slow:")
     items = [(SimpleNamespace(request_id=f"r{i}"), bytes(10_000)) for i in range(80)]  # 800 kB
     try:
         refused = await asyncio.wait_for(replies._write_redis(items), 30)  # type: ignore[arg-type]
