@@ -48,6 +48,12 @@ class TensorConfig(msgspec.Struct, kw_only=True, forbid_unknown_fields=True):
             raise ValueError(f"tensor {self.name!r}: value_range bounds must be numbers")
         if not low <= high:
             raise ValueError(f"tensor {self.name!r}: value_range {[low, high]} is empty")
+        limits = _integer_limits(self.datatype)
+        if limits is not None and not limits[0] <= low <= high <= limits[1]:  # inf too
+            raise ValueError(
+                f"tensor {self.name!r}: value_range {[low, high]} is not within "
+                f"{self.datatype}'s {list(limits)}"
+            )
         if self.pad_value is not None and not low <= self.pad_value <= high:
             # Padding goes into the model as any value does.
             raise ValueError(
@@ -56,16 +62,24 @@ class TensorConfig(msgspec.Struct, kw_only=True, forbid_unknown_fields=True):
             )
 
 
+def _integer_limits(datatype: str) -> tuple[int, int] | None:
+    """The lowest and highest value of an integer datatype (BOOL's 0 and 1), else None."""
+    if datatype == "BOOL":
+        return 0, 1
+    if integer := re.fullmatch(r"(U?)INT(8|16|32|64)", datatype):
+        bits, unsigned = int(integer[2]), bool(integer[1])
+        return (0, 2**bits - 1) if unsigned else (-(2 ** (bits - 1)), 2 ** (bits - 1) - 1)
+    return None
+
+
 def _holds(datatype: str, value: float) -> bool:
     """Whether a number is exactly a value of a datatype."""
     if datatype == "BOOL":
         return value in (0, 1)
     if datatype == "BYTES":
         return False
-    if integer := re.fullmatch(r"(U?)INT(8|16|32|64)", datatype):
-        bits, unsigned = int(integer[2]), bool(integer[1])
-        low, high = (0, 2**bits - 1) if unsigned else (-(2 ** (bits - 1)), 2 ** (bits - 1) - 1)
-        return value.is_integer() and low <= value <= high
+    if limits := _integer_limits(datatype):
+        return value.is_integer() and limits[0] <= value <= limits[1]
     if datatype == "FP16":
         return not abs(value) > 65504  # larger is inf (NaN passes: it pads as NaN)
     return True
@@ -78,7 +92,7 @@ class ModelConfig(msgspec.Struct, kw_only=True, forbid_unknown_fields=True):
     # declared. ONNX models carry their precision in the file.
     precision: Literal["fp32", "fp16", "bf16"] = "fp32"
     max_batch_size: Positive = 64
-    max_batch_delay_ms: Annotated[float, msgspec.Meta(ge=0)] = 2.0
+    max_batch_delay_ms: Annotated[float, msgspec.Meta(ge=0, le=60_000)] = 2.0
     preferred_batch_sizes: list[Positive] = []
     instances: Positive = 1  # batches of this model run concurrently
     # With a backlog of padded inputs, how many batches' worth of the queue length bucketing
@@ -109,6 +123,9 @@ class ModelConfig(msgspec.Struct, kw_only=True, forbid_unknown_fields=True):
         if too_big:
             raise ValueError(f"preferred_batch_sizes {too_big} exceed max_batch_size")
         for kind, tensors in (("input", self.inputs), ("output", self.outputs)):
+            names = [tensor.name for tensor in tensors]
+            if twice := sorted({name for name in names if names.count(name) > 1}):
+                raise ValueError(f"{kind}s {twice} are declared more than once")
             for tensor in tensors:
                 if tensor.follows is not None:
                     self._check_follows(kind, tensor)

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import math
+import re
 from pathlib import Path
 
 import pytest
@@ -160,6 +162,52 @@ def test_a_pad_value_the_datatype_cannot_hold_is_a_config_error(
 def test_a_pad_value_the_datatype_holds_is_taken(datatype: str, pad_value: float) -> None:
     tensor = {"name": "ids", "datatype": datatype, "shape": [-1], "pad_value": pad_value}
     assert convert({"inputs": [tensor]}, ModelConfig, "m").inputs[0].pad_value == pad_value
+
+
+@pytest.mark.parametrize(
+    ("config", "error"),
+    [
+        pytest.param(
+            {
+                "inputs": [
+                    {
+                        "name": "ids",
+                        "datatype": "INT64",
+                        "shape": [-1],
+                        "value_range": [-math.inf, 9],
+                    }
+                ]
+            },
+            "value_range [-inf, 9.0] is not within INT64's",
+            id="inf-bound-on-integers",
+        ),
+        pytest.param(
+            {
+                "inputs": [
+                    {"name": "ids", "datatype": "UINT8", "shape": [-1], "value_range": [-1, 255]}
+                ]
+            },
+            "value_range [-1.0, 255.0] is not within UINT8's [0, 255]",
+            id="bound-outside-the-type",
+        ),
+        pytest.param({"max_batch_delay_ms": math.inf}, "max_batch_delay_ms", id="endless-delay"),
+        pytest.param(
+            {"inputs": [{"name": "x", "datatype": "FP32", "shape": [4]}] * 2},
+            "inputs ['x'] are declared more than once",
+            id="one-input-twice",
+        ),
+    ],
+)
+def test_a_model_config_no_request_could_be_served_by_is_refused_at_load(
+    config: dict[str, object], error: str
+) -> None:
+    with pytest.raises(ConfigError, match=re.escape(error)):
+        convert(config, ModelConfig, "m")
+
+
+def test_an_unbounded_range_on_floats_is_taken() -> None:
+    tensor = {"name": "x", "datatype": "FP32", "shape": [4], "value_range": [-math.inf, 1]}
+    assert convert({"inputs": [tensor]}, ModelConfig, "m").inputs[0].value_range == (-math.inf, 1)
 
 
 def test_tls_files_are_checked_at_start_up(tmp_path: Path) -> None:
