@@ -99,11 +99,8 @@ class AckedWrites:
                 await asyncio.wait(waits, timeout=_HAND_OVER_S)
 
     async def forget_idle_topics(self) -> None:
-        """Ask the cluster no more about topics not written to lately (`RecentTopics`), but
-        the dead-letter topic: none would mean every topic of the cluster, to aiokafka."""
-        recent = self._topics.forget_idle()
-        if recent is not None:
-            self.producer.client.set_topics({*recent, self._retry.dead_letter_topic})
+        """Ask the cluster no more about topics not written to lately (`RecentTopics`)."""
+        self._topics.forget_idle_in(self.producer.client, self._retry.dead_letter_topic)
         await self._lookup.forget_idle()
 
     def _aside(self, coroutine: Any) -> None:

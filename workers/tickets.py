@@ -241,18 +241,9 @@ class Router:
         supported = content_type in CONTENT_TYPES
         reply_to, rejection = self._reply_target(fields.get(headers.REPLY_TO))
         if oversized == headers.REPLY_TO:  # asked for, unusable: as a topic not allowed
-            reply_to, rejection = (
-                None,
-                Rejection(
-                    ErrorCode.INVALID_REPLY_TO,
-                    f"header {oversized!r} is over {MAX_ROUTING_BYTES} bytes",
-                ),
-            )
+            reply_to, rejection = None, _too_long(oversized, ErrorCode.INVALID_REPLY_TO)
         if not rejection and oversized:
-            rejection = Rejection(
-                ErrorCode.INVALID_REQUEST,
-                f"header {oversized!r} is over {MAX_ROUTING_BYTES} bytes",
-            )
+            rejection = _too_long(oversized, ErrorCode.INVALID_REQUEST)
         if not rejection and undecodable:
             rejection = Rejection(ErrorCode.INVALID_REQUEST, f"header {undecodable!r} is not UTF-8")
         if not rejection and not supported:
@@ -283,13 +274,14 @@ class Router:
         return target, None
 
 
+def _too_long(header: str, code: ErrorCode) -> Rejection:
+    return Rejection(code, f"header {header!r} is over {MAX_ROUTING_BYTES} bytes")
+
+
 def _deadline(raw: bytes) -> tuple[int | None, Rejection | None]:
     """The deadline header's value (epoch ms), or why it is unusable."""
     if len(raw) > MAX_ROUTING_BYTES:
-        return None, Rejection(
-            ErrorCode.INVALID_REQUEST,
-            f"header {headers.DEADLINE_MS!r} is over {MAX_ROUTING_BYTES} bytes",
-        )
+        return None, _too_long(headers.DEADLINE_MS, ErrorCode.INVALID_REQUEST)
     try:
         return int(raw.decode()), None
     except UnicodeDecodeError:

@@ -161,12 +161,10 @@ class Transactions:
         await self._lookup.close()
 
     async def forget_idle_topics(self) -> None:
-        """Ask the cluster no more about topics not written to lately (`RecentTopics`), but
-        the dead-letter topic: none would mean every topic of the cluster, to aiokafka."""
+        """Ask the cluster no more about topics not written to lately (`RecentTopics`)."""
         for state in list(self._partitions.values()):
-            recent = state.topics.forget_idle()
-            if recent is not None and state.producer is not None:
-                state.producer.client.set_topics({*recent, self._retry.dead_letter_topic})
+            client = state.producer.client if state.producer is not None else None
+            state.topics.forget_idle_in(client, self._retry.dead_letter_topic)
         await self._lookup.forget_idle()
 
     # -- one partition --------------------------------------------------------------------

@@ -17,6 +17,7 @@ from typing import Any
 
 import structlog
 from aiokafka import AIOKafkaProducer
+from aiokafka.client import AIOKafkaClient
 from aiokafka.errors import (
     KafkaError,
     KafkaTimeoutError,
@@ -259,6 +260,13 @@ class RecentTopics:
             return None
         self._last = {topic: self._last[topic] for topic in recent}
         return recent
+
+    def forget_idle_in(self, client: AIOKafkaClient | None, keep: str) -> None:
+        """`forget_idle`, and have `client` ask only about the topics still used and `keep`
+        (none would mean every topic of the cluster, to aiokafka)."""
+        recent = self.forget_idle()
+        if recent is not None and client is not None:
+            client.set_topics({*recent, keep})
 
 
 class TopicLookup:
