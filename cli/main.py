@@ -481,7 +481,7 @@ def _shadow(args: argparse.Namespace) -> int:
         )
         _show_shadow(report, live, args.candidate, args.window)
         # Nothing compared against another version is no evidence the candidate is fine.
-        return 1 if report.failed or (report.requests and not report.both_ok) else 0
+        return 1 if report.failed or not report.both_ok else 0
 
     try:
         return _with_file(args, send)
@@ -491,15 +491,24 @@ def _shadow(args: argparse.Namespace) -> int:
 
 def _show_shadow(report: ShadowReport, live: str, candidate: str, window: int) -> None:
     from rich.console import Console
+    from rich.markup import escape
     from rich.table import Table
 
     console = Console(width=None if sys.stdout.isatty() else 200)  # piped: don't squeeze it
+    live, candidate = escape(live), escape(candidate)  # as typed: not markup
     console.print(
         f"{report.requests:,} requests ({report.bad_lines:,} bad lines skipped): "
         f"{report.both_ok:,} answered by both, {report.candidate_failed:,} failed on "
         f"{candidate} only, {report.live_failed:,} on {live} only, "
         f"{report.both_failed:,} on both"
     )
+    for what, reasons in (
+        ("bad lines", report.bad_line_reasons),
+        (f"failed on {live}", report.live_errors),
+        (f"failed on {candidate}", report.candidate_errors),
+    ):
+        for reason, count in reasons.most_common(3):
+            console.print(f"  {what}: {count:,} × {escape(reason)}", highlight=False)
     _show_versions(console, report, live, candidate)
     table = Table(
         "output",
@@ -514,7 +523,7 @@ def _show_shadow(report: ShadowReport, live: str, candidate: str, window: int) -
     for name, diff in report.outputs.items():
         agreement = diff.top_agreement
         table.add_row(
-            name,
+            escape(name),
             f"{diff.rows:,}",
             f"{diff.max_abs:.3g}",
             f"{diff.mean_abs:.3g}",
@@ -524,7 +533,7 @@ def _show_shadow(report: ShadowReport, live: str, candidate: str, window: int) -
             f"{diff.mismatched:,}",
         )
     console.print(table)
-    if report.live_seconds:
+    if report.live_seconds and report.candidate_seconds:
         console.print(
             f"a window of {window}, median time until all answered: {live} "
             f"{np.median(report.live_seconds) * 1000:.0f} ms, {candidate} "
@@ -558,7 +567,9 @@ def _show_versions(console: Console, report: ShadowReport, live: str, candidate:
 
 
 def _versions(counts: Counter[str]) -> str:
-    return ", ".join(f"{version} ({count:,})" for version, count in sorted(counts.items()))
+    from rich.markup import escape
+
+    return ", ".join(f"{escape(v)} ({count:,})" for v, count in sorted(counts.items()))
 
 
 def _lag(args: argparse.Namespace) -> int:
@@ -643,10 +654,15 @@ def _dlq(args: argparse.Namespace) -> int:
         return _fail(f"Kafka at {args.bootstrap}: {exc}")
     except OSError as exc:
         return _fail(f"Kafka at {args.bootstrap} or Redis: {exc or type(exc).__name__}")
+    except KeyboardInterrupt:
+        # A replay stopped part way: a rerun skips what was answered or marked replayed.
+        print(f"dlq {args.action} interrupted", file=sys.stderr)
+        return 130  # 128 + SIGINT, as shells report it
 
 
 def _dlq_action(args: argparse.Namespace) -> int:
     from rich.console import Console
+    from rich.markup import escape
     from rich.table import Table
 
     from surge.producers import dead_letters
@@ -657,18 +673,21 @@ def _dlq_action(args: argparse.Namespace) -> int:
     console = Console(width=None if sys.stdout.isatty() else 200)  # piped: don't squeeze it
     if args.action == "inspect":
         table = Table(title=f"{args.topic}: {len(letters):,} dead letters")
-        for column in ("reason", "count", "source topics", "first", "last"):
+        for column in ("reason", "count", "replayed", "source topics", "first", "last"):
             table.add_column(column, no_wrap=True)
         table.add_column("example")
+        # Every text here comes from the records (a client's header, repeated in a message):
+        # printed as it is, never read as markup.
         for code, entry in sorted(dead_letters.summarise(letters).items()):
             sources = ", ".join(f"{t} ({n})" for t, n in entry["sources"].most_common(3))
             table.add_row(
-                code,
+                escape(code),
                 f"{entry['count']:,}",
-                sources,
+                f"{entry['replayed']:,}",
+                escape(sources),
                 _iso(entry["first_ms"]),
                 _iso(entry["last_ms"]),
-                entry["example"] or "",
+                escape(entry["example"] or ""),
             )
         console.print(table)
         return 0
@@ -678,6 +697,7 @@ def _dlq_action(args: argparse.Namespace) -> int:
     report = asyncio.run(
         dead_letters.replay(
             args.bootstrap,
+            args.topic,
             chosen,
             reply_to=args.reply_to,
             redis_url=args.redis_url,
@@ -688,10 +708,18 @@ def _dlq_action(args: argparse.Namespace) -> int:
     verb = "would replay" if args.dry_run else "replayed"
     console.print(
         f"selected {report.selected:,}: {verb} {report.replayed:,}, skipped "
-        f"{report.already_answered:,} already answered, {report.repeated:,} repeated, "
-        f"{report.unroutable:,} without a source topic, {report.without_body:,} without a body, "
-        f"{report.without_reply_to:,} without a reply target"
+        f"{report.already_answered:,} already answered, {report.replayed_before:,} replayed "
+        f"before, {report.repeated:,} repeated, {report.unroutable:,} without a source topic, "
+        f"{report.without_body:,} without a body, {report.without_reply_to:,} without a reply "
+        f"target, {report.refused.total():,} refused by Kafka"
     )
+    for reason, count in report.refused.most_common():
+        console.print(f"[red]{count:,} refused by Kafka: {escape(reason)}[/red]")
+    if report.unmarked:
+        console.print(
+            f"[yellow]{report.unmarked:,} replayed but not marked so in {escape(args.topic)}: "
+            "a later replay may send them again before they are answered[/yellow]"
+        )
     if report.without_reply_to:
         console.print(
             f"[yellow]{report.without_reply_to:,} have no surge-reply-to: pass --reply-to to "

@@ -1,5 +1,6 @@
 """Dead-letter tooling: summarise a dead-letter topic, and replay selected records to their
-source topic once the cause is fixed, skipping requests that already have a result."""
+source topic once the cause is fixed, skipping requests that already have a result and
+letters replayed before (each replay leaves a marker record in the dead-letter topic)."""
 
 from __future__ import annotations
 
@@ -13,6 +14,7 @@ from typing import Any
 
 from aiokafka import AIOKafkaConsumer, AIOKafkaProducer, TopicPartition
 from aiokafka.admin import AIOKafkaAdminClient
+from aiokafka.errors import KafkaError
 from redis.asyncio import Redis
 
 from surge.schemas import DecodeError, decode_request, headers
@@ -41,11 +43,26 @@ class TopicMissing(TopicUnreadable):
 
 
 @dataclass
+class Record:
+    """A record as read back from a topic."""
+
+    headers: list[tuple[str, bytes]]
+    key: bytes | None
+    value: bytes  # b"" when read without values
+    timestamp_ms: int
+    partition: int
+    offset: int
+
+
+@dataclass
 class DeadLetter:
     key: bytes | None
     value: bytes
     headers: list[tuple[str, bytes]]
     timestamp_ms: int
+    partition: int = -1  # where it lies in the dead-letter topic
+    offset: int = -1
+    replayed: bool = False  # a replay re-published it before (its marker is in the topic)
     fields: dict[str, str] = field(default_factory=dict)
 
     def __post_init__(self) -> None:
@@ -54,6 +71,20 @@ class DeadLetter:
     @property
     def code(self) -> str:
         return self.fields.get(headers.ERROR_CODE, "unknown")
+
+    @property
+    def message(self) -> str | None:
+        """Every `surge-error` in order: the cause first, then what was dropped to fit."""
+        notes = [
+            (v or b"").decode(errors="replace")
+            for k, v in self.headers
+            if k == headers.ERROR_MESSAGE
+        ]
+        return "; ".join(notes) if notes else None
+
+    @property
+    def position(self) -> bytes:
+        return f"{self.partition}:{self.offset}".encode()
 
     @property
     def source_topic(self) -> str | None:
@@ -87,9 +118,9 @@ async def read_all(
     *,
     values: bool = True,
     stall_s: float = STALL_S,
-) -> list[tuple[dict[str, str], bytes | None, bytes, int]]:
-    """Every record of a topic up to its current end: (headers, key, value, timestamp); with
-    `values` false, each value is b"" (a scan for headers need not hold the bodies). Raises
+) -> list[Record]:
+    """Every record of a topic up to its current end; with `values` false, each value is b""
+    (a scan for headers need not hold the bodies). Raises
     TopicMissing for a topic that does not exist (without creating it), TopicUnreadable when
     no partition moves for `stall_s` seconds before the end."""
     options = {"bootstrap_servers": bootstrap, **(kafka_options or {})}
@@ -133,7 +164,7 @@ async def read_to_end(
     *,
     values: bool = True,
     stall_s: float = STALL_S,
-) -> list[tuple[dict[str, str], bytes | None, bytes, int]]:
+) -> list[Record]:
     """The records of the consumer's assigned partitions from their positions up to `ends`;
     raises TopicUnreadable when no partition moves for `stall_s` seconds."""
     loop = asyncio.get_running_loop()
@@ -144,7 +175,15 @@ async def read_to_end(
     while remaining:
         for batch in (await consumer.getmany(*remaining, timeout_ms=_FETCH_MS)).values():
             records.extend(
-                (r.headers, r.key, r.value if values else b"", r.timestamp) for r in batch
+                Record(
+                    list(r.headers),
+                    r.key,
+                    (r.value or b"") if values else b"",
+                    r.timestamp,
+                    r.partition,
+                    r.offset,
+                )
+                for r in batch
             )
         moved = False
         for tp in list(remaining):
@@ -164,16 +203,29 @@ async def read_to_end(
 async def load(
     bootstrap: str, topic: str, *, values: bool = True, **options: Any
 ) -> list[DeadLetter]:
-    """The topic's dead letters; with `values` false, without their bodies (each b""), which
-    a summary does not need and which may be up to a message's size each."""
+    """The topic's dead letters, each marked if a replay re-published it before; with
+    `values` false, without their bodies (each b""), which a summary does not need and which
+    may be up to a message's size each."""
+    records = await read_all(bootstrap, topic, options, values=values)
+    replayed = {v for r in records for k, v in r.headers if k == headers.REPLAYED}
     return [
-        DeadLetter(key, value or b"", list(hdrs), ts)
-        for hdrs, key, value, ts in await read_all(bootstrap, topic, options, values=values)
+        DeadLetter(
+            r.key,
+            r.value,
+            r.headers,
+            r.timestamp_ms,
+            r.partition,
+            r.offset,
+            replayed=f"{r.partition}:{r.offset}".encode() in replayed,
+        )
+        for r in records
+        if not any(k == headers.REPLAYED for k, _ in r.headers)
     ]
 
 
 def summarise(letters: Iterable[DeadLetter]) -> dict[str, dict[str, Any]]:
-    """Per reason code: count, source topics, first and last time, one example message."""
+    """Per reason code: count, source topics, first and last time, one example message, and
+    how many were replayed."""
     summary: dict[str, dict[str, Any]] = {}
     for letter in letters:
         entry = summary.setdefault(
@@ -183,10 +235,12 @@ def summarise(letters: Iterable[DeadLetter]) -> dict[str, dict[str, Any]]:
                 "sources": Counter(),
                 "first_ms": letter.timestamp_ms,
                 "last_ms": letter.timestamp_ms,
-                "example": letter.fields.get(headers.ERROR_MESSAGE),
+                "example": letter.message,
+                "replayed": 0,
             },
         )
         entry["count"] += 1
+        entry["replayed"] += letter.replayed
         entry["sources"][letter.source_topic or "?"] += 1
         entry["first_ms"] = min(entry["first_ms"], letter.timestamp_ms)
         entry["last_ms"] = max(entry["last_ms"], letter.timestamp_ms)
@@ -228,15 +282,21 @@ class ReplayReport:
     # No surge-reply-to and no `reply_to` given: no result to look for, so every replay
     # would run the request again.
     without_reply_to: int = 0
+    replayed_before: int = 0  # re-published by an earlier replay (its marker is in the topic)
+    # Refused by Kafka (e.g. too large for the source topic), by reason: not replayed.
+    refused: Counter[str] = field(default_factory=Counter)
+    # Replayed, but the marker that says so was refused: a later replay may send it again.
+    unmarked: int = 0
 
     @property
     def not_replayable(self) -> int:
         """Letters selected that could not be replayed (answered and repeated ones need not)."""
-        return self.unroutable + self.without_body + self.without_reply_to
+        return self.unroutable + self.without_body + self.without_reply_to + self.refused.total()
 
 
 async def replay(
     bootstrap: str,
+    topic: str,
     letters: list[DeadLetter],
     *,
     reply_to: str | None = None,
@@ -245,10 +305,13 @@ async def replay(
     dry_run: bool = False,
     kafka_options: Mapping[str, Any] | None = None,
 ) -> ReplayReport:
-    """Re-publish letters to their source topics; skip requests that have a result already
-    (any result in their reply topic, an error included, or any value in Redis) and repeats
-    of one request within the selection. Letters with no reply target are skipped unless
-    `reply_to` gives one. The original `surge-deadline-ms` is dropped."""
+    """Re-publish letters (read from the dead-letter `topic`) to their source topics; skip
+    requests that have a result already (any result in their reply topic, an error included,
+    or any value in Redis), letters an earlier replay re-published (answered or not yet), and
+    repeats of one request within the selection. Letters with no reply target are skipped
+    unless `reply_to` gives one. The original `surge-deadline-ms` is dropped. Each letter
+    Kafka acknowledges gets a marker in `topic`; one Kafka refuses is counted and the rest go
+    on."""
     answered = await _answered(
         bootstrap, letters, reply_to, redis_url, redis_prefix, kafka_options or {}
     )
@@ -262,11 +325,14 @@ async def replay(
     )
     try:
         await producer.start()
-        deliveries = []
+        sent: list[tuple[DeadLetter, asyncio.Future[Any]]] = []
         for letter in letters:
             request_id = letter.request_id
             if request_id in answered:
                 report.already_answered += 1
+                continue
+            if letter.replayed:  # answered since, or still queued behind others
+                report.replayed_before += 1
                 continue
             if not (reply_to or letter.reply_to):
                 report.without_reply_to += 1
@@ -288,18 +354,53 @@ async def replay(
             if reply_to:
                 record_headers = [(k, v) for k, v in record_headers if k != headers.REPLY_TO]
                 record_headers.append((headers.REPLY_TO, reply_to.encode()))
-            report.replayed += 1
-            if not dry_run:
-                deliveries.append(
-                    await producer.send(
-                        letter.source_topic, letter.value, key=letter.key, headers=record_headers
-                    )
+            if dry_run:
+                report.replayed += 1
+                continue
+            try:
+                delivery = await producer.send(
+                    letter.source_topic, letter.value, key=letter.key, headers=record_headers
                 )
-        for delivery in deliveries:
-            await delivery
+            except KafkaError as exc:  # e.g. over the producer's max_request_size
+                report.refused[type(exc).__name__] += 1
+                continue
+            sent.append((letter, delivery))
+        await _mark(producer, topic, sent, report)
     finally:
         await producer.stop()
     return report
+
+
+async def _mark(
+    producer: AIOKafkaProducer,
+    topic: str,
+    sent: list[tuple[DeadLetter, asyncio.Future[Any]]],
+    report: ReplayReport,
+) -> None:
+    """Once Kafka has each replayed letter, a marker for it in the dead-letter topic, so that
+    a later replay skips it even before a worker answers it."""
+    markers = []
+    for letter, delivery in sent:
+        try:
+            await delivery
+        except KafkaError as exc:  # e.g. too large for the source topic
+            report.refused[type(exc).__name__] += 1
+            continue
+        report.replayed += 1
+        markers.append(
+            await producer.send(
+                topic,
+                b"",
+                key=letter.key,
+                partition=letter.partition,
+                headers=[(headers.REPLAYED, letter.position)],
+            )
+        )
+    for marker in markers:
+        try:
+            await marker
+        except KafkaError:
+            report.unmarked += 1
 
 
 async def _answered(
@@ -333,10 +434,10 @@ async def _answered(
             records = await read_all(bootstrap, target, kafka_options, values=False)
         except TopicMissing:  # a client's own reply topic goes when the client closes
             continue
-        for record_headers, *_ in records:
+        for record in records:
             # Any result counts, an error too, as in Redis: the request was answered, and
             # answering it again would give its caller two results.
-            request_id = (dict(record_headers).get(headers.REQUEST_ID) or b"").decode()
+            request_id = (dict(record.headers).get(headers.REQUEST_ID) or b"").decode()
             if request_id in ids:
                 answered.add(request_id)
     return answered

@@ -23,7 +23,7 @@ import numpy as np
 from aiokafka.errors import MessageSizeTooLargeError
 
 from surge.producers.client import Result, SurgeClient
-from surge.producers.requests import Prediction
+from surge.producers.requests import Prediction, PredictionError
 from surge.producers.scoring import (
     MAX_REQUEST_SIZE,
     BadLine,
@@ -69,6 +69,11 @@ class ShadowReport:
     candidate_failed: int = 0  # the candidate failed, the live side answered
     both_failed: int = 0
     too_large: int = 0  # of the failed: Kafka refused a side's request as too large
+    # Why each side failed, and why lines were skipped: "code: message" (or the exception's
+    # class and text) and how often.
+    live_errors: Counter[str] = field(default_factory=Counter)
+    candidate_errors: Counter[str] = field(default_factory=Counter)
+    bad_line_reasons: Counter[str] = field(default_factory=Counter)
     live_versions: Counter[str] = field(default_factory=Counter)  # of the answers, per side
     candidate_versions: Counter[str] = field(default_factory=Counter)
     outputs: dict[str, OutputDiff] = field(default_factory=dict)
@@ -111,6 +116,9 @@ async def compare_lines(
         parsed = [parse_line(line, dtype, limit) for line in chunk]
         requests = [inputs for inputs in parsed if not isinstance(inputs, BadLine)]
         report.bad_lines += len(parsed) - len(requests)
+        report.bad_line_reasons.update(p.reason for p in parsed if isinstance(p, BadLine))
+        if not requests:  # nothing to send, nothing timed
+            continue
         (live_results, live_s), (candidate_results, candidate_s) = await asyncio.gather(
             _timed(client, model, requests, live, live_topic, timeout, via),
             _timed(client, model, requests, candidate, candidate_topic, timeout, via),
@@ -182,6 +190,15 @@ def _count_failure(
         report.both_failed += 1
     if any(isinstance(result, MessageSizeTooLargeError) for result in (live, candidate)):
         report.too_large += 1
+    for result, errors in ((live, report.live_errors), (candidate, report.candidate_errors)):
+        if isinstance(result, Exception):
+            errors[_reason(result)] += 1
+
+
+def _reason(error: Exception) -> str:
+    if isinstance(error, PredictionError):
+        return f"{error.code}: {error.message}"
+    return f"{type(error).__name__}: {error}" if str(error) else type(error).__name__
 
 
 def _compare_output(expected: np.ndarray, got: np.ndarray | None, diff: OutputDiff) -> None:

@@ -25,6 +25,9 @@ ERROR_MESSAGE = "surge-error"
 SOURCE_TOPIC = "surge-source-topic"
 SOURCE_PARTITION = "surge-source-partition"
 SOURCE_OFFSET = "surge-source-offset"
+# A record `surge dlq replay` adds to a dead-letter topic once it has re-published a letter:
+# "<partition>:<offset>" of that letter. It carries no body and is no dead letter itself.
+REPLAYED = "surge-replayed"
 
 # `surge-reply-to: redis` sends the result to Redis instead of a Kafka topic.
 REPLY_TO_REDIS = "redis"

@@ -24,6 +24,7 @@ from surge.schemas import MSGPACK, headers
 from surge.workers import Worker
 from tests.conftest import make_settings
 from tests.helpers import create_topics, publish, read_topic
+from tests.helpers import read_to_end as read_results
 from tests.services import free_port
 from tests.test_cli import surge
 
@@ -258,9 +259,7 @@ async def test_reading_gives_up_when_a_partition_stops_short_of_its_end(kafka: s
     record = request_headers(model="mlp", content_type=MSGPACK, reply_to="r")
     await publish(kafka, [(topic, b"k", b"body", record)] * 3)
     headers_only = await read_all(kafka, topic, values=False)
-    assert [(dict(h)["surge-model"], value) for h, _, value, _ in headers_only] == [
-        (b"mlp", b"")
-    ] * 3
+    assert [(dict(r.headers)["surge-model"], r.value) for r in headers_only] == [(b"mlp", b"")] * 3
 
     consumer = AIOKafkaConsumer(bootstrap_servers=kafka, enable_auto_commit=False)
     await consumer.start()
@@ -294,3 +293,94 @@ async def test_replay_looks_for_redis_results_under_the_workers_key_prefix(
     )
     assert "would replay 1" in out.stdout, out.stdout + out.stderr
     assert "1 already answered" in out.stdout
+
+
+def _letters(
+    run: str, source: str, count: int, reply_to: str, body_size: int = 0
+) -> list[tuple[str, bytes, bytes, list[tuple[str, bytes]]]]:
+    """Dead letters as a worker writes them: (topic, key, value, headers), minus the topic."""
+    x = {"x": np.ones((1, 32), np.float32)}
+    letters = []
+    for i in range(count):
+        request_id = f"{run}-{i}"
+        value = request_body(x, request_id, MSGPACK) + b" " * body_size
+        route = request_headers(model="mlp", content_type=MSGPACK, reply_to=reply_to)
+        evidence = [
+            (headers.ERROR_CODE, b"invalid_reply_to"),
+            (headers.ERROR_MESSAGE, b"no reply target"),
+            (headers.SOURCE_TOPIC, source.encode()),
+            (headers.SOURCE_PARTITION, b"0"),
+            (headers.SOURCE_OFFSET, str(i).encode()),
+        ]
+        letters.append((request_id.encode(), value, [*route, *evidence]))
+    return letters
+
+
+async def test_a_second_replay_before_any_answer_sends_nothing_twice(kafka: str) -> None:
+    """No worker answers: a result cannot tell what was replayed, the replay's marker does."""
+    run = uuid.uuid4().hex[:8]
+    dead_letters, source, replies = f"test.dlq.{run}", f"test.src.{run}", f"test.replies.{run}"
+    await create_topics(kafka, dead_letters, source, replies)
+    letters = _letters(run, source, 3, replies)
+    await publish(kafka, [(dead_letters, k, v, h) for k, v, h in letters])
+
+    common = ("--topic", dead_letters, "--bootstrap", kafka)
+    first = surge("dlq", "replay", *common)
+    assert "replayed 3" in first.stdout, first.stdout + first.stderr
+    again = surge("dlq", "replay", *common)
+    assert again.returncode == 0, again.stdout + again.stderr
+    assert "replayed 0" in again.stdout, again.stdout
+    assert "3 replayed before" in again.stdout
+    replayed = await read_results(kafka, source, key_of=None)
+    assert {k: len(v) for k, v in replayed.items()} == {f"{run}-{i}": 1 for i in range(3)}
+    inspect = surge("dlq", "inspect", *common)
+    assert re.search(r"invalid_reply_to\s*│\s*3\s*│\s*3\s*│", inspect.stdout), inspect.stdout
+
+
+async def test_a_letter_kafka_refuses_is_reported_and_the_others_are_replayed(
+    kafka: str,
+) -> None:
+    run = uuid.uuid4().hex[:8]
+    dead_letters, source, replies = f"test.dlq.{run}", f"test.src.{run}", f"test.replies.{run}"
+    await create_topics(kafka, dead_letters, replies)
+    await create_topics(kafka, source, configs={"max.message.bytes": "20000"})
+    small, large = _letters(run, source, 3, replies), _letters(f"{run}x", source, 1, replies)
+    large = [(k, v + b" " * 50_000, h) for k, v, h in large]
+    await publish(kafka, [(dead_letters, k, v, h) for k, v, h in small[:1] + large + small[1:]])
+
+    out = surge("dlq", "replay", "--topic", dead_letters, "--bootstrap", kafka)
+    assert out.returncode == 1, out.stdout + out.stderr  # one could not be replayed
+    assert "replayed 3" in out.stdout, out.stdout
+    assert "1 refused by Kafka" in out.stdout
+    assert "MessageSizeTooLargeError" in out.stdout
+    replayed = await read_results(kafka, source, key_of=None)
+    assert sorted(replayed) == sorted(f"{run}-{i}" for i in range(3))
+
+
+async def test_inspect_prints_messages_as_written_not_as_markup(kafka: str) -> None:
+    """A worker's message repeats a client's header: `[/]` in it is text, not a closing tag."""
+    dead_letters = f"test.dlq.{uuid.uuid4().hex[:8]}"
+    await create_topics(kafka, dead_letters, partitions=1)
+    letter = [
+        (headers.ERROR_CODE, b"invalid_reply_to"),
+        (headers.ERROR_MESSAGE, b"reply topic 'replies[/]' is not allowed"),
+        (headers.SOURCE_TOPIC, b"surge.requests.[red]mlp"),
+    ]
+    await publish(kafka, [(dead_letters, b"k", b"x", letter)])
+    out = surge("dlq", "inspect", "--topic", dead_letters, "--bootstrap", kafka)
+    assert out.returncode == 0, out.stderr
+    assert "'replies[/]' is not allowed" in out.stdout
+    assert "surge.requests.[red]mlp" in out.stdout
+
+
+async def test_inspect_shows_the_cause_before_what_was_dropped_to_fit(kafka: str) -> None:
+    dead_letters = f"test.dlq.{uuid.uuid4().hex[:8]}"
+    await create_topics(kafka, dead_letters, partitions=1)
+    letter = [
+        (headers.ERROR_CODE, b"reply_failed"),
+        (headers.ERROR_MESSAGE, b"the cause"),
+        (headers.ERROR_MESSAGE, b"original value of 9 bytes dropped"),
+    ]
+    await publish(kafka, [(dead_letters, b"k", b"", letter)])
+    out = surge("dlq", "inspect", "--topic", dead_letters, "--bootstrap", kafka)
+    assert "the cause; original value of 9 bytes dropped" in out.stdout, out.stdout

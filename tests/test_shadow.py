@@ -126,7 +126,11 @@ async def test_a_candidate_version_is_compared_with_the_live_one_request_by_requ
     assert other.live_versions == Counter({"1": 300})
     assert other.candidate_versions == Counter({"2": 300})
     assert (missing.requests, missing.candidate_failed, missing.both_ok) == (10, 10, 0)
-    assert len(other.live_seconds) == len(other.candidate_seconds) == 4
+    # Three windows of requests; the fourth held only the bad line: nothing sent, not timed.
+    assert len(other.live_seconds) == len(other.candidate_seconds) == 3
+    assert other.bad_line_reasons.total() == 1
+    ((reason, count),) = missing.candidate_errors.items()
+    assert (reason.split(":")[0], count) == ("unknown_version", 10)
 
     source = tmp_path / "requests.jsonl"
     source.write_text("\n".join(lines) + "\n")
@@ -148,6 +152,21 @@ async def test_a_candidate_version_is_compared_with_the_live_one_request_by_requ
     )  # fmt: skip
     assert failing.returncode == 1, failing.stdout + failing.stderr  # the candidate failed
     assert "5 failed on 9 only" in failing.stdout
+    assert "failed on 9: 5 × unknown_version" in failing.stdout  # and why
+
+
+@pytest.mark.integration
+async def test_a_run_that_compared_nothing_fails_and_says_why(kafka: str, tmp_path: Path) -> None:
+    source = tmp_path / "requests.jsonl"
+    source.write_text('{"x": [[1.5, 2.5]]}\nnot json\n')
+    shown = await asyncio.to_thread(
+        surge, "shadow", "mlp", str(source), "--candidate", "2", "--datatype", "int64",
+        "--bootstrap", kafka,
+    )  # fmt: skip
+    assert shown.returncode == 1, shown.stdout + shown.stderr
+    assert "0 requests (2 bad lines skipped)" in shown.stdout
+    assert "bad lines: 1 ×" in shown.stdout
+    assert "median time" not in shown.stdout  # no window was sent
 
 
 @pytest.mark.integration
