@@ -1,21 +1,23 @@
 """Surge against hand-written peers: same broker, same model, same machine, one run.
 
-    python -m bench.compare [--bootstrap HOST:PORT] [--requests 50000] [--faust-requests 10000]
+    python -m bench.compare [--bootstrap HOST:PORT] [--requests 200000] [--faust-requests 10000]
                             [--rounds 3] [--only KIND,...]
 
 Every contender drains its own copy of the same burst of msgpack MLP requests (queued before
 it starts, keyed by request id and spread over 8 partitions by Kafka's default partitioner,
 as a client's send() would) and writes one reply per request to its own reply topic.
-Every contender takes up to 1,024 records per fetch. Throughput is distinct requests answered
-over the span of their reply timestamps, less those stamped at its very start (computed
-before it: a record batch's, or under exactly-once a whole first transaction's), so process
-start-up and model loading are left out for everyone. Also measured, as the limits: ONNX
-Runtime alone at its best batch size, and the broker with one aiokafka client doing the same
-work and nothing else (drain the same burst, write each record straight back as record
-batches: no decode, no model, no commits; once a round, its median reported). Contenders run
-in turn, `--rounds` times over, and each reports its median round; CPU per request is the
-contender's own processes' share of a core while its replies come in, over its throughput.
-Prints a table, writes bench/out/compare.json and bench/out/compare.png.
+Every contender takes up to 1,024 records per fetch. Throughput is the distinct requests
+answered `ok` over the span of their reply timestamps (first to last), less those stamped in
+the span's first millisecond (computed before it opened), so process start-up and model
+loading are left out for everyone. Also measured, as the limits: ONNX Runtime alone at its
+best batch size, and the broker with one aiokafka client doing the same work and nothing else
+(drain the same burst, write each record straight back as record batches: no decode, no
+model, no commits; once a round, its median reported). Contenders run in turn, `--rounds`
+times over, each round in an order rotated by one, so that none always follows the same
+one; each reports its median throughput and median CPU per request over the rounds, and
+"Surge ÷ this" is the median of the ratios of the two in the same round. CPU per request is
+the contender's own processes' share of a core while its replies come in, over its
+throughput. Prints a table, writes bench/out/compare.json and bench/out/compare.png.
 """
 
 from __future__ import annotations
@@ -30,7 +32,7 @@ import sys
 import tempfile
 import time
 from collections.abc import Callable
-from dataclasses import asdict, dataclass, replace
+from dataclasses import asdict, dataclass
 from pathlib import Path
 
 import numpy as np
@@ -52,11 +54,11 @@ from surge.examples import MLP_FEATURES, write_mlp
 from surge.producers import request_body, request_headers
 from surge.producers.load import send_batches
 from surge.schemas import MSGPACK
+from surge.schemas.headers import STATUS
 from surge.workers.partitioning import key_partitions
 
 console = Console()
 PARTITIONS = 8
-_FIRST_REPLIES_MS = 10
 _POLL_S = 0.02  # reply counts and CPU sampled this often while a contender drains
 
 
@@ -90,6 +92,7 @@ class Result:
     requests: int
     answered: int
     duplicated: int
+    failed: int  # replies with a status other than ok
     seconds: float
     throughput: float
     cpu_us_per_request: float  # the contender's processes, user + system, while draining
@@ -100,7 +103,7 @@ def main() -> None:
         description=__doc__, formatter_class=argparse.RawTextHelpFormatter
     )
     parser.add_argument("--bootstrap", help="use this Kafka cluster instead of starting one")
-    parser.add_argument("--requests", type=int, default=50_000)
+    parser.add_argument("--requests", type=int, default=200_000)
     parser.add_argument("--faust-requests", type=int, default=10_000)
     parser.add_argument(
         "--rounds", type=int, default=3, help="runs per contender, interleaved; medians reported"
@@ -123,25 +126,46 @@ def main() -> None:
                 f"  round {round_ + 1}, broker alone (drain and write back, no model): "
                 f"{broker_rates[-1]:,.0f} msg/s"
             )
-            for contender in chosen:
+            turn = round_ % len(chosen)
+            for contender in chosen[turn:] + chosen[:turn]:
                 count = args.faust_requests if contender.kind == "faust" else args.requests
                 result = _run(contender, bootstrap, model_root, model_path, count)
                 console.print(
                     f"  round {round_ + 1}, {contender.name}: {result.throughput:,.0f} req/s, "
                     f"{result.cpu_us_per_request:.1f} µs CPU/req "
-                    f"({result.answered:,}/{count:,} answered, {result.duplicated} duplicated)"
+                    f"({result.answered:,}/{count:,} answered ok, {result.failed} failed, "
+                    f"{result.duplicated} duplicated)"
                 )
                 rounds[contender.kind].append(result)
-    results = [_median(runs) for runs in rounds.values()]
     direct = max(direct_throughput(model_path, b, threads=1) for b in (64, 128, 256, 512))
-    _report(results, float(np.median(broker_rates)), direct, broker_name(args.bootstrap))
+    _report(rounds, float(np.median(broker_rates)), direct, broker_name(args.bootstrap))
 
 
-def _median(runs: list[Result]) -> Result:
-    """The round of median throughput, carrying the median CPU cost over all rounds."""
+@dataclass
+class Summary:
+    """A contender over the rounds: medians, and Surge's throughput over its, round by round."""
+
+    result: Result  # its round of median throughput (the lower middle one for an even count)
+    throughput: float  # median over the rounds
+    cpu_us_per_request: float
+    surge_ratios: list[float]  # Surge ÷ this, in each round
+
+    @property
+    def surge_ratio(self) -> float:
+        return float(np.median(self.surge_ratios)) if self.surge_ratios else float("nan")
+
+
+def summarise(runs: list[Result], surge: list[Result] | None) -> Summary:
     ranked = sorted(runs, key=lambda r: r.throughput)
-    cpu = float(np.nanmedian([r.cpu_us_per_request for r in runs]))
-    return replace(ranked[len(ranked) // 2], cpu_us_per_request=cpu)
+    ratios = []
+    if surge is not None:
+        ratios = [s.throughput / r.throughput for s, r in zip(surge, runs, strict=True)]
+    return Summary(
+        ranked[(len(ranked) - 1) // 2],
+        float(np.median([r.throughput for r in runs])),
+        float(np.nanmedian([r.cpu_us_per_request for r in runs])),
+        [x for x in ratios if np.isfinite(x)],
+    )
 
 
 def _run(
@@ -165,11 +189,14 @@ def _run(
         )
     finally:
         stop()
-    stamps, answered, duplicated = asyncio.run(_reply_stamps(bootstrap, replies))
-    # The span opens just after the first replies: those were computed before it (a record
-    # batch's, or under exactly-once a whole first transaction's, stamped within a few ms).
-    opens = min(stamps, default=0) + _FIRST_REPLIES_MS
-    before = sum(stamp <= opens for stamp in stamps)
+    try:
+        stamps, answered, duplicated, failed = asyncio.run(_reply_stamps(bootstrap, replies))
+    finally:
+        asyncio.run(_delete_topics(bootstrap, [topic, replies]))
+    # The replies stamped in the span's first millisecond (a record batch's, or a first
+    # transaction's) were computed before it opened: they are not counted over it.
+    opens = min(stamps, default=0)
+    before = sum(stamp == opens for stamp in stamps)
     seconds = (max(stamps) - opens) / 1000 if stamps else float("nan")
     throughput = (answered - before) / seconds if answered > before and seconds > 0 else 0.0
     return Result(
@@ -179,6 +206,7 @@ def _run(
         count,
         answered,
         duplicated,
+        failed,
         seconds,
         throughput,
         meter.us_per_request(throughput),
@@ -318,8 +346,11 @@ async def _wait_for(
         await consumer.stop()
 
 
-async def _reply_stamps(bootstrap: str, topic: str) -> tuple[list[int], int, int]:
-    """(reply timestamps, distinct request ids answered, duplicate replies), read_committed."""
+async def _reply_stamps(
+    bootstrap: str, topic: str, *, statuses: bool = True
+) -> tuple[list[int], int, int, int]:
+    """(timestamps of the ok replies, distinct request ids answered ok, duplicate ok replies,
+    replies of another status), read_committed; without `statuses`, every record is ok."""
     consumer = AIOKafkaConsumer(
         bootstrap_servers=bootstrap, isolation_level="read_committed", enable_auto_commit=False
     )
@@ -329,13 +360,16 @@ async def _reply_stamps(bootstrap: str, topic: str) -> tuple[list[int], int, int
         consumer.assign(partitions)
         await consumer.seek_to_beginning(*partitions)
         ends = await consumer.end_offsets(partitions)
-        stamps, keys = [], set()
+        stamps, keys, failed = [], set(), 0
         while [tp for tp in partitions if await consumer.position(tp) < ends[tp]]:
             for records in (await consumer.getmany(timeout_ms=500, max_records=10_000)).values():
                 for record in records:
+                    if statuses and (STATUS, b"ok") not in record.headers:
+                        failed += 1
+                        continue
                     stamps.append(record.timestamp)
                     keys.add(record.key)
-        return stamps, len(keys), len(stamps) - len(keys)
+        return stamps, len(keys), len(stamps) - len(keys), failed
     finally:
         await consumer.stop()
 
@@ -373,13 +407,29 @@ async def _broker_alone(bootstrap: str, count: int) -> float:
     finally:
         await producer.stop()
         await consumer.stop()
-    stamps, _, _ = await _reply_stamps(bootstrap, replies)
-    return len(stamps) / ((max(stamps) - min(stamps)) / 1000)
+    try:
+        stamps, _, _, _ = await _reply_stamps(bootstrap, replies, statuses=False)
+    finally:
+        await _delete_topics(bootstrap, [topic, replies])
+    opens = min(stamps)
+    return sum(stamp > opens for stamp in stamps) / ((max(stamps) - opens) / 1000)
 
 
-def _report(results: list[Result], broker_rate: float, direct: float, broker: str) -> None:
-    by_kind = {r.kind: r for r in results}
-    surge = by_kind.get("surge")
+async def _delete_topics(bootstrap: str, topics: list[str]) -> None:
+    """A run's topics, once read: the next contender finds the broker as this one did."""
+    admin = AIOKafkaAdminClient(bootstrap_servers=bootstrap)
+    await admin.start()
+    try:
+        await admin.delete_topics(topics)
+    finally:
+        await admin.close()
+
+
+def _report(
+    rounds: dict[str, list[Result]], broker_rate: float, direct: float, broker: str
+) -> None:
+    surge = rounds.get("surge")
+    summaries = [summarise(runs, surge) for runs in rounds.values()]
     table = Table(title=f"MLP, msgpack, {broker}, one process each, same machine and run")
     # End to end, a worker can go no faster than the slower of its broker and its model.
     limit = min(broker_rate, direct)
@@ -387,23 +437,27 @@ def _report(results: list[Result], broker_rate: float, direct: float, broker: st
         "worker",
         "guarantees",
         "requests",
-        "throughput",
-        "Surge ÷ this",
+        "median throughput",
+        "Surge ÷ this (rounds)",
         "of the limit",
         "CPU µs/req",
     )
     for column in columns:
         table.add_column(column, justify="right")
-    for r in results:
-        ratio = f"{surge.throughput / r.throughput:.2f}×" if surge and r.throughput else "—"
+    for summary in summaries:
+        r = summary.result
+        ratio = "—"
+        if summary.surge_ratios:
+            each = ", ".join(f"{x:.2f}" for x in summary.surge_ratios)
+            ratio = f"{summary.surge_ratio:.2f}× ({each})"
         table.add_row(
             r.name,
             r.guarantees,
             f"{r.requests:,}",
-            f"{r.throughput:,.0f}/s",
+            f"{summary.throughput:,.0f}/s",
             ratio,
-            f"{r.throughput / limit:.0%}",
-            f"{r.cpu_us_per_request:.1f}",
+            f"{summary.throughput / limit:.0%}",
+            f"{summary.cpu_us_per_request:.1f}",
         )
     console.print(table)
     console.print(
@@ -416,7 +470,18 @@ def _report(results: list[Result], broker_rate: float, direct: float, broker: st
     (OUT / "compare.json").write_text(
         json.dumps(
             {
-                "results": [asdict(r) for r in results],
+                "results": [
+                    {
+                        "name": s.result.name,
+                        "kind": s.result.kind,
+                        "median_throughput": s.throughput,
+                        "median_cpu_us_per_request": s.cpu_us_per_request,
+                        "surge_ratio": s.surge_ratio,
+                        "surge_ratios": s.surge_ratios,
+                        "rounds": [asdict(r) for r in rounds[s.result.kind]],
+                    }
+                    for s in summaries
+                ],
                 "broker_msgs_per_s": broker_rate,
                 "direct_rows_per_s": direct,
                 "limit_per_s": limit,
@@ -424,20 +489,20 @@ def _report(results: list[Result], broker_rate: float, direct: float, broker: st
             indent=2,
         )
     )
-    _plot(results)
+    _plot(summaries)
 
 
-def _plot(results: list[Result]) -> None:
+def _plot(summaries: list[Summary]) -> None:
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
     fig, axis = plt.subplots(figsize=(9, 4))
-    names = [r.name for r in results]
-    colours = ["tab:orange" if r.kind.startswith("surge") else "tab:grey" for r in results]
-    axis.barh(names, [r.throughput for r in results], color=colours)
-    axis.set(xlabel="requests/s (log)", xscale="log", title="Draining the same burst")
+    names = [s.result.name for s in summaries]
+    colours = ["tab:orange" if s.result.kind.startswith("surge") else "tab:grey" for s in summaries]
+    axis.barh(names, [s.throughput for s in summaries], color=colours)
+    axis.set(xlabel="requests/s (log), median round", xscale="log", title="Draining the same burst")
     axis.invert_yaxis()
     fig.tight_layout()
     fig.savefig(OUT / "compare.png", dpi=120)

@@ -510,6 +510,7 @@ def _report(
                 "offered": report.offered_rate,
                 "sent": report.sent,
                 "received": report.received,
+                "statuses": dict(report.statuses),
                 "throughput": report.throughput,
                 "p50_ms": report.percentile(50),
                 "p99_ms": report.percentile(99),
@@ -520,6 +521,13 @@ def _report(
             }
         )
     console.print(table)
+    for name, report, _ in phases:  # the latencies above are of the results received
+        failed = report.received - report.statuses.get("ok", 0)
+        if report.received < report.sent or failed:
+            console.print(
+                f"[red]{name}: {report.sent - report.received:,} of {report.sent:,} results "
+                f"lost, {failed:,} not ok ({dict(report.statuses)})[/red]"
+            )
     burst = phases[0][1].throughput
     for name, half, half_stats in phases:
         if name not in (_HALF, _HALF_LINGERING):

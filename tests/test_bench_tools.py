@@ -123,3 +123,19 @@ async def test_a_pool_s_batch_figures_add_up_over_its_members(kafka: str, model_
         assert worker.batch_totals()["rows"] == sum(each) == 400
     finally:
         worker.stop()
+
+
+def test_compare_pairs_surge_with_each_contender_round_by_round() -> None:
+    from bench.compare import Result, summarise
+
+    def result(throughput: float) -> Result:
+        return Result("x", "x", "none", 10, 10, 0, 0, 1.0, throughput, 10.0)
+
+    loop = [result(100.0), result(50.0), result(200.0)]
+    surge = [result(60.0), result(90.0), result(150.0)]
+    summary = summarise(loop, surge)
+    assert summary.throughput == 100.0
+    assert summary.surge_ratios == [0.6, 1.8, 0.75]
+    # Paired by round, not the ratio of the medians (90 ÷ 100).
+    assert summary.surge_ratio == 0.75
+    assert summarise(surge, surge).surge_ratio == 1.0
