@@ -1,6 +1,7 @@
 """Results count against `max_in_flight_bytes` from the moment their request is queued until
 they are durable: a model whose outputs are far larger than its requests stops fetching on
-the size of its results, and every request is still answered once."""
+the size of its results, and every request is still answered once. Neither bound is passed
+by the rest of a fetch (up to `max_poll_records` records): what does not fit is read again."""
 
 from __future__ import annotations
 
@@ -37,7 +38,6 @@ async def test_large_results_pause_fetching_and_are_all_answered(
         root,
         None,
         SURGE_WORKER__MAX_IN_FLIGHT_BYTES=str(BOUND),
-        SURGE_WORKER__MAX_POLL_RECORDS="16",
     )
     topic, run = settings.worker.topic_prefix + "wide", uuid.uuid4().hex[:8]
     replies = f"test.replies.{run}"
@@ -69,9 +69,37 @@ async def test_large_results_pause_fetching_and_are_all_answered(
     assert all(len(answers) == 1 for answers in results.values())
     assert all(len(r.value) > RESULT for [r] in results.values())
     # A queued request counts its outputs' bytes before they exist: the worker took in no
-    # more than the bound's worth of results plus the fetch that reached it.
-    assert peak_bytes >= BOUND, "the results never reached the bound: the test did not load"
-    assert peak_records <= BOUND // RESULT + 16, peak_records
-    assert peak_bytes <= 2 * BOUND, peak_bytes
+    # more than the bound's worth of results, and a fetch of 400 did not pass it.
+    assert peak_bytes >= BOUND - 2 * RESULT, "the results never neared the bound: no load"
+    assert peak_records <= BOUND // RESULT + 1, peak_records
+    assert peak_bytes <= BOUND + RESULT, peak_bytes
     await asyncio.sleep(0.2)
     assert (worker._ledger.records, worker._ledger.bytes) == (0, 0)
+
+
+async def test_a_fetch_takes_no_more_records_than_the_bound_has_room_for(
+    kafka: str, model_root: Path, run_worker: Callable[[Settings], Worker]
+) -> None:
+    settings = make_settings(kafka, model_root, None, SURGE_WORKER__MAX_IN_FLIGHT="20")
+    topic, run = settings.worker.topic_prefix + "mlp", uuid.uuid4().hex[:8]
+    replies = f"test.replies.{run}"
+    await create_topics(kafka, topic, replies, partitions=2)
+    route = request_headers(model="mlp", content_type=MSGPACK, reply_to=replies)
+    x = {"x": np.ones((1, 32), np.float32)}
+    ids = [f"{run}-{i}" for i in range(2000)]
+    await publish(kafka, [(topic, i.encode(), request_body(x, i, MSGPACK), route) for i in ids])
+    worker = await run_worker(settings)
+    peak = 0
+
+    async def sample() -> None:
+        nonlocal peak
+        while True:
+            peak = max(peak, worker._ledger.records)
+            await asyncio.sleep(0)
+
+    sampler = asyncio.create_task(sample())
+    results = await read_topic(kafka, replies, until=len(ids), timeout=120)
+    sampler.cancel()
+    assert sorted(results) == sorted(ids)
+    assert all(len(answers) == 1 for answers in results.values())
+    assert 10 <= peak <= 20, peak

@@ -6,11 +6,14 @@ from __future__ import annotations
 import asyncio
 import contextlib
 
+from aiokafka.errors import TopicAuthorizationFailedError
+from prometheus_client import REGISTRY
+
 from surge.schemas import ErrorCode
 from surge.workers.ledger import Ledger
 from surge.workers.replies import Replies
 from surge.workers.tickets import Rejection
-from surge.workers.writes import Write
+from surge.workers.writes import RetryPolicy, Write
 from tests.helpers import make_ticket
 
 
@@ -31,12 +34,12 @@ def test_a_result_waiting_to_be_written_counts_against_the_bytes_bound() -> None
     replies = _replies(ledger, writes)
     ticket = make_ticket(b"x" * 100)
     ledger.admit(ticket)
-    assert ledger.bytes == 100
+    assert ledger.bytes == 101  # its value and its one-byte key
     assert not ledger.full
 
     replies.ok_body(ticket, b"r" * 2_000)  # a model with large outputs
 
-    assert ledger.bytes == 2_100
+    assert ledger.bytes == 2_101
     assert ledger.full, "a worker whose results pile up must stop fetching"
     ledger.settle_all([write.ticket for write in writes])
     assert (ledger.records, ledger.bytes) == (0, 0)
@@ -65,11 +68,32 @@ def test_an_outcome_decided_then_released_frees_its_result_too() -> None:
     ledger.admit(ticket)
     replies.ok_body(ticket, b"r" * 500)
     ledger.finish(ticket)
-    assert ledger.bytes == 510  # decided, still in memory
+    assert ledger.bytes == 511  # decided, still in memory
     ledger.release(ticket)
     assert (ledger.records, ledger.bytes) == (0, 0)
     ledger.settle(ticket)  # settling a released ticket again changes nothing
     assert (ledger.records, ledger.bytes) == (0, 0)
+
+
+def test_a_record_counts_with_its_key_and_headers() -> None:
+    """A record's headers can be as large as its value: a bound on values alone would let
+    20,000 records with a megabyte of headers each in."""
+    ledger = Ledger(max_records=100, max_bytes=1 << 20)
+    ticket = make_ticket(b"{}")
+    ticket.key, ticket.headers = b"k" * 10, [("h", b"v" * (1 << 20))]
+    ledger.admit(ticket)
+    assert ledger.bytes == 2 + 10 + 1 + (1 << 20)
+    assert ledger.full
+    ledger.settle(ticket)
+    assert (ledger.records, ledger.bytes) == (0, 0)
+
+
+def test_room_is_counted_in_records_of_a_size_and_never_below_one() -> None:
+    ledger = Ledger(max_records=10, max_bytes=1_000)
+    assert ledger.room_for(50, 100) == 10
+    assert ledger.room_for(50, 300) == 3
+    assert ledger.room_for(2, 0) == 2
+    assert ledger.room_for(50, 5_000) == 1  # larger than the whole bound: alone
 
 
 async def test_callers_that_stop_waiting_for_progress_leave_no_waiter_behind() -> None:
@@ -79,3 +103,24 @@ async def test_callers_that_stop_waiting_for_progress_leave_no_waiter_behind() -
         with contextlib.suppress(TimeoutError):
             await asyncio.wait_for(ledger.progress(), 0.001)
     assert not ledger._waiters
+
+
+def test_an_error_result_its_target_refuses_counts_once_as_an_error() -> None:
+    """surge_errors_total counts requests; the refused write is a dead letter, counted there."""
+
+    def count(metric: str, code: str) -> float:
+        return REGISTRY.get_sample_value(metric, {"code": code}) or 0.0
+
+    before = {code: count("surge_errors_total", code) for code in ("invalid_input", "reply_failed")}
+    letters = count("surge_dead_letters_total", "reply_failed")
+    ledger, writes = Ledger(max_records=100, max_bytes=1 << 20), []
+    ticket = make_ticket(b"{}")
+    ledger.admit(ticket)
+    _replies(ledger, writes).error(ticket, Rejection(ErrorCode.INVALID_INPUT, "bad"))
+    letter = RetryPolicy("dead", 60, lambda exc: None).after(
+        writes[0], TopicAuthorizationFailedError()
+    )
+    assert letter.dead_letter
+    assert count("surge_errors_total", "invalid_input") == before["invalid_input"] + 1
+    assert count("surge_errors_total", "reply_failed") == before["reply_failed"]
+    assert count("surge_dead_letters_total", "reply_failed") == letters + 1

@@ -133,6 +133,18 @@ def test_a_routing_header_too_long_for_any_route_is_refused_and_never_kept(
     assert all(len(value or "") <= 255 for value in (ticket.model, ticket.version, ticket.reply_to))
 
 
+def test_a_repeated_routing_header_is_read_once_by_its_last_value() -> None:
+    """A route is kept by its headers' values: thousands of repeats of one must not be."""
+    router = _router()
+    record = _Record("shared", {"surge-reply-to": "out", "surge-model": "mlp"})
+    record.headers += [("surge-version", b"9" * 254)] * 4000 + [("surge-version", b"2")]
+    ticket, rejection = router.ticket(record, TopicPartition("shared", 0), received=0.0)  # type: ignore[arg-type]
+    assert rejection is None
+    assert ticket.version == "2"
+    ((_, routing),) = router._routes
+    assert sorted(name for name, _ in routing) == ["surge-model", "surge-reply-to", "surge-version"]
+
+
 def test_ids_fall_back_to_the_record_position() -> None:
     ticket, _ = _ticket(_Record("shared", {}, key=None))
     assert ticket.request_id == "shared-0-7"

@@ -103,3 +103,16 @@ def test_a_metrics_port_in_use_fails_start_up_in_one_line(
     assert len(failed) == 1, _output(worker)
     assert f"metrics port {port}" in str(failed[0]["error"])
     assert "Traceback" not in _output(worker)
+
+
+@pytest.mark.integration
+def test_a_topic_the_cluster_will_not_create_fails_start_up_in_one_line(
+    kafka: str, model_root: Path, worker_processes: Callable[[dict[str, str]], WorkerProcess]
+) -> None:
+    env = worker_env(kafka, model_root, None, SURGE_WORKER__TOPIC_REPLICATION_FACTOR="3")
+    worker = worker_processes(env)
+    assert worker.process.wait(60) == 1
+    failed = [e for e in worker.events() if e.get("event") == "startup_failed"]
+    assert len(failed) == 1, _output(worker)
+    assert "cannot create topic" in str(failed[0]["error"])
+    assert "Traceback" not in _output(worker)

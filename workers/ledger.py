@@ -12,7 +12,7 @@ from collections.abc import Iterable, Sequence
 from aiokafka import TopicPartition
 
 from surge.workers.offsets import OffsetTracker
-from surge.workers.tickets import Ticket
+from surge.workers.tickets import Ticket, headers_size
 
 
 class Ledger:
@@ -33,23 +33,37 @@ class Ledger:
         """Below the low-water mark (half of each bound): hysteresis against pause flapping."""
         return self.records <= self._max_records // 2 and self.bytes <= self._max_bytes // 2
 
+    def room_for(self, count: int, each: int) -> int:
+        """How many of `count` records of `each` bytes fit under both bounds: at least one,
+        so that a record larger than the whole bound still goes through, alone."""
+        records = self._max_records - self.records
+        fits = records if each <= 0 else min(records, (self._max_bytes - self.bytes) // each)
+        return max(1, min(count, fits))
+
     def admit(self, ticket: Ticket) -> None:
+        """Track the ticket's record; it counts against the bounds with all it holds: its
+        value, key and headers (a record's headers can be as large as its value)."""
         ticket.tracking = self.offsets.track(ticket.tp, ticket.offset)
+        ticket.size = len(ticket.value) + len(ticket.key or b"") + headers_size(ticket.headers)
         self.records += 1
-        self.bytes += len(ticket.value)
+        self.bytes += ticket.size
 
     def admit_all(self, tickets: Sequence[Ticket]) -> None:
-        """`admit` for a run of tickets of one partition, in the order of their offsets."""
+        """`admit` for a run of tickets of one partition with the same headers, in the order
+        of their offsets."""
         offsets = self.offsets
         token = offsets.track_all(tickets[0].tp, [ticket.offset for ticket in tickets])
-        if token is None:
-            for ticket in tickets:
+        each = headers_size(tickets[0].headers)
+        total = 0
+        for ticket in tickets:
+            if token is None:
                 ticket.tracking = offsets.track(ticket.tp, ticket.offset)
-        else:
-            for ticket in tickets:
+            else:
                 ticket.tracking = token
+            ticket.size = size = len(ticket.value) + len(ticket.key or b"") + each
+            total += size
         self.records += len(tickets)
-        self.bytes += sum([len(ticket.value) for ticket in tickets])
+        self.bytes += total
 
     def hold(self, ticket: Ticket, size: int) -> None:
         """The ticket's outcome takes `size` bytes until it is durable: first as expected
@@ -80,7 +94,7 @@ class Ledger:
                 ticket.settled = True
                 finish(ticket.tp, ticket.offset, ticket.tracking)
                 records += 1
-                size += len(ticket.value) + ticket.held
+                size += ticket.size + ticket.held
         self.records -= records
         self.bytes -= size
         self._wake()
@@ -108,7 +122,7 @@ class Ledger:
 
     def _release(self, ticket: Ticket) -> None:
         self.records -= 1
-        self.bytes -= len(ticket.value) + ticket.held
+        self.bytes -= ticket.size + ticket.held
 
     def _wake(self) -> None:
         if self._waiters:

@@ -14,11 +14,15 @@ RESULTS = Counter(
 )
 ERRORS = Counter(
     "surge_errors_total",
-    "Error results and dead letters, by error code (expired, timeout, model_error...)",
+    "Requests answered with an error (a result, or a dead letter where there is no reply "
+    "target), by error code (expired, timeout, model_error...): once per request",
     ["code"],
 )
 DEAD_LETTERS = Counter(
-    "surge_dead_letters_total", "Records sent to the dead-letter topic", ["code"]
+    "surge_dead_letters_total",
+    "Records sent to the dead-letter topic, by error code (reply_failed: a result, ok or "
+    "not, its reply target refused)",
+    ["code"],
 )
 BATCH_ROWS = Histogram(
     "surge_batch_rows",

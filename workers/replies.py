@@ -179,10 +179,10 @@ class Replies:
         """An error result to the reply target, or a dead letter when there is none."""
         if not self._first_outcome(ticket):
             return
+        _ERRORS[rejection.code].inc()  # once per request: a result refused later is not
         if ticket.reply_to is None:
             self._put(dead_letter(ticket, rejection, self._dead_letter_topic))
             return
-        _ERRORS[rejection.code].inc()  # a dead letter counts itself
         status = Status.EXPIRED if rejection.code is ErrorCode.EXPIRED else Status.ERROR
         body = ErrorResponse(error=rejection.message, code=rejection.code, id=ticket.request_id)
         self._deliver(ticket, status, encode(body, ticket.content_type), rejection.code)

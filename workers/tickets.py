@@ -60,6 +60,7 @@ class Ticket(msgspec.Struct, eq=False, gc=False):
     answered: bool = False  # an outcome was handed to Replies: never a second one
     settled: bool = False  # that outcome is durable
     held: int = 0  # bytes of its outcome, expected or encoded, in memory until it is durable
+    size: int = 0  # bytes of the record it holds (value, key, headers), counted while in flight
     tracking: object = None  # the offset tracker's token for this record's partition
 
     def expired(self, now_ms: int) -> bool:
@@ -197,15 +198,18 @@ class Router:
     def _read_headers(
         self, topic: str, record_headers: Sequence[tuple[str, bytes | None]]
     ) -> _Read:
-        routing, deadline = [], None
-        for pair in record_headers:
-            if pair[0] in _ROUTING:
-                if pair[0] == headers.DEADLINE_MS:
-                    deadline = pair[1]
+        # The last value of each routing header decides (as Java's `lastHeader` reads them):
+        # so a route's key holds four short values at most, however many a record repeats.
+        routing: dict[str, bytes | None] = {}
+        deadline = None
+        for name, value in record_headers:
+            if name in _ROUTING:
+                if name == headers.DEADLINE_MS:
+                    deadline = value
                 else:
-                    routing.append(pair)
+                    routing[name] = value
         deadline_ms, bad_deadline = (None, None) if deadline is None else _deadline(deadline)
-        return _Read(self._cached_route(topic, routing), deadline_ms, bad_deadline)
+        return _Read(self._cached_route(topic, list(routing.items())), deadline_ms, bad_deadline)
 
     def _cached_route(self, topic: str, routing: list[tuple[str, bytes | None]]) -> Route:
         if any(raw is not None and len(raw) > MAX_ROUTING_BYTES for _, raw in routing):
@@ -311,6 +315,11 @@ def unroutable(record: Record, tp: TopicPartition) -> Ticket:
         deadline_ms=None,
         received=time.monotonic(),
     )
+
+
+def headers_size(record_headers: Sequence[tuple[str, bytes | None]]) -> int:
+    """About what a record's headers take: their names and values."""
+    return sum([len(name) + len(value or b"") for name, value in record_headers])
 
 
 def run_end(records: Sequence[Record], start: int) -> int:

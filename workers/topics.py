@@ -13,6 +13,10 @@ from surge.config import KafkaSettings
 log = structlog.get_logger("surge.topics")
 
 
+class CannotCreateTopic(Exception):
+    """The cluster refused to create a topic (replication factor, policy, authorisation)."""
+
+
 async def ensure_topics(
     kafka: KafkaSettings, names: Iterable[str], partitions: int, replication_factor: int
 ) -> None:
@@ -28,7 +32,7 @@ async def ensure_topics(
         response = await admin.create_topics(topics)
         for topic, code, message in response.topic_errors:
             if code not in (0, TopicAlreadyExistsError.errno):  # another worker may win a race
-                raise RuntimeError(f"cannot create topic {topic!r}: error {code} {message}")
+                raise CannotCreateTopic(f"cannot create topic {topic!r}: error {code} {message}")
         log.info("topics_created", topics=missing, partitions=partitions)
     finally:
         await admin.close()

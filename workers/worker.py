@@ -43,7 +43,7 @@ from surge.workers.replies import Replies
 from surge.workers.repository import ModelRepository
 from surge.workers.tasks import supervised
 from surge.workers.tickets import Record, Rejection, Router, Ticket, run_end, unroutable
-from surge.workers.topics import ensure_topics
+from surge.workers.topics import CannotCreateTopic, ensure_topics
 from surge.workers.transactions import Transactions
 from surge.workers.writes import RetryPolicy, TopicLookup, Write
 
@@ -115,7 +115,7 @@ class Worker:
     async def run(self) -> None:
         try:
             await self._start()
-        except (_CannotStart, _StoppedStarting, KafkaError) as exc:
+        except (_CannotStart, _StoppedStarting, KafkaError, CannotCreateTopic) as exc:
             await self._abandon_start(exc)
             return
         try:
@@ -361,6 +361,7 @@ class Worker:
     async def _consume(self) -> None:
         consumer = self._consumer
         max_records = self.settings.worker.max_poll_records
+        max_in_flight = self.settings.worker.max_in_flight
         full = False  # the ledger's bounds reached: every partition waits for half to drain
         while not self._stopping.is_set():
             if not self._topics:  # no models yet: until a reload finds some, or a stop
@@ -392,9 +393,11 @@ class Worker:
                 # Bounded: during a rebalance getmany waits for the assignment, and a stop
                 # request must still be noticed. A timeout scope, not a task: nothing else
                 # runs between getmany's assignment check and the intake below.
+                # No more records than the bound has room for: the rest wait in the consumer.
+                room = max(1, min(max_records, max_in_flight - self._ledger.records))
                 async with asyncio.timeout(_FETCH_RETRY_S):
                     batches = await consumer.getmany(
-                        timeout_ms=0 if idle else _GETMANY_TIMEOUT_MS, max_records=max_records
+                        timeout_ms=0 if idle else _GETMANY_TIMEOUT_MS, max_records=room
                     )
             except TimeoutError:
                 continue
@@ -433,7 +436,10 @@ class Worker:
     async def intake(self, fetched: Mapping[TopicPartition, Sequence[Record]]) -> None:
         """Take in one fetch: each partition's records, in order. A partition revoked while
         this runs (it yields between partitions) keeps the rest of its records unread here:
-        its offsets are committed up to what was taken, and its next owner reads on."""
+        its offsets are committed up to what was taken, and its next owner reads on. Once
+        the ledger is full, the records not taken yet are fetched again later: the bounds
+        are passed by one record, or by a run of records whose results (or values) turn out
+        larger than their first one's."""
         self._revoked.clear()
         now_ms = int(time.time() * 1000)
         for tp, records in fetched.items():
@@ -447,33 +453,45 @@ class Worker:
             received = time.monotonic()
             start = 0
             while start < len(records):
+                if self._ledger.full:
+                    self._consumer.seek(tp, records[start].offset)  # read again once there is room
+                    break
                 end = run_end(records, start)
                 run = records[start:end]
-                if not self._accept_run(run, tp, received, now_ms):
+                taken = self._accept_run(run, tp, received, now_ms)
+                if taken is None:
                     for record in run:
                         self._accept(record, tp, received, now_ms)
-                start = end
+                    taken = len(run)
+                start += taken
             await asyncio.sleep(0)  # let replies and batches move between partitions
 
     def _accept_run(
         self, run: Sequence[Record], tp: TopicPartition, received: float, now_ms: int
-    ) -> bool:
+    ) -> int | None:
         """Records with the same headers, taken in together: one route, one model, their
-        bodies read as one array where they are laid out alike (`Intake.admit_all`). False
-        leaves them all to `_accept`: a route, a deadline or a model that rejects them (the
-        same for all), or a record too large, is answered there."""
+        bodies read as one array where they are laid out alike (`Intake.admit_all`). Takes
+        as many as the ledger has room for, judged by the first (at least one), and says how
+        many. None leaves them all to `_accept`: a route, a deadline or a model that rejects
+        them (the same for all), or a record too large, is answered there."""
         try:
             tickets = self._router.clean_tickets(run, tp, received)
             if tickets is None or tickets[0].expired(now_ms):
-                return False
+                return None
             assert tickets[0].model is not None
             served = self._repository.resolve(tickets[0].model, tickets[0].version)
             if isinstance(served, Rejection):
-                return False
+                return None
+            # Each holds its record and, once queued, a result of a row or more.
+            first = tickets[0]
+            each = len(first.value) + len(first.key or b"") + served.intake.result_row_bytes
+            fits = self._ledger.room_for(len(tickets), each)
+            if fits < len(tickets):
+                del tickets[fits:]
             jobs, rejected = served.intake.admit_all(tickets)
         except Exception:  # nothing is admitted yet: one by one, each answers for itself
             log.exception("run_failed", topic=tp.topic, partition=tp.partition)
-            return False
+            return None
         self._ledger.admit_all(tickets)
         try:
             for ticket, rejection in rejected:
@@ -488,7 +506,7 @@ class Worker:
             for ticket in tickets:
                 if not ticket.answered:
                     self._reject(ticket, rejection)
-        return True
+        return len(tickets)
 
     def _accept(self, record: Record, tp: TopicPartition, received: float, now_ms: int) -> None:
         """Every record leaves here with an outcome queued (or, on a bug, unsettled and so

@@ -349,7 +349,6 @@ class TopicLookup:
 def dead_letter(ticket: Ticket, rejection: Rejection, topic: str) -> Write:
     """The original bytes and headers, plus why and where they came from."""
     metrics.DEAD_LETTERS.labels(rejection.code).inc()
-    metrics.ERRORS.labels(rejection.code).inc()
     log.info(
         "dead_letter",
         request_id=ticket.request_id,
