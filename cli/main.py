@@ -63,7 +63,7 @@ def main(argv: list[str] | None = None) -> None:
     predict.add_argument("--datatype", default="float32", help=_DATATYPE_HELP)
     predict.add_argument("--version")
     predict.add_argument("--topic", help="request topic (default: surge.requests.<model>)")
-    predict.add_argument("--bootstrap", type=_bootstrap, default="127.0.0.1:9092")
+    _connection_arguments(predict)
     predict.add_argument("--via", choices=["kafka", "redis"], default="kafka")
     predict.add_argument("--redis-url", type=_redis_url)
     predict.add_argument("--redis-prefix", default=_REDIS_PREFIX, help=_REDIS_PREFIX_HELP)
@@ -101,7 +101,7 @@ def main(argv: list[str] | None = None) -> None:
     for action, text in (("inspect", "summarise by reason"), ("replay", "re-publish to source")):
         sub = dlq_commands.add_parser(action, help=text)
         sub.add_argument("--topic", default="surge.dead-letters")
-        sub.add_argument("--bootstrap", type=_bootstrap, default="127.0.0.1:9092")
+        _connection_arguments(sub)
     replay = dlq_commands.choices["replay"]
     replay.add_argument("--reason", action="append", default=[], help="error code; repeatable")
     replay.add_argument("--id", action="append", default=[], help="request id; repeatable")
@@ -117,7 +117,37 @@ def main(argv: list[str] | None = None) -> None:
     commands.add_parser("schema", help="print JSON Schema of the wire contract")
 
     args = parser.parse_args(argv)
+    if args.command in ("predict", "score", "shadow", "dlq") and (failed := _connect(args)):
+        sys.exit(failed)
     sys.exit(_COMMANDS[args.command](args))
+
+
+def _connection_arguments(parser: argparse.ArgumentParser) -> None:
+    """How a client command reaches the cluster: a worker's settings file (its [kafka] table:
+    bootstrap servers, TLS, SASL) and an address that overrides its bootstrap servers."""
+    parser.add_argument(
+        "-c", "--config", type=Path, help="TOML settings whose [kafka] table to connect with"
+    )
+    parser.add_argument(
+        "--bootstrap",
+        type=_bootstrap,
+        help="bootstrap servers (default: the settings', else 127.0.0.1:9092)",
+    )
+
+
+def _connect(args: argparse.Namespace) -> int:
+    """Resolve `args.bootstrap` and `args.kafka_options` (TLS, SASL...) from the settings
+    (`-c`, and SURGE_KAFKA__* variables) and `--bootstrap`; nonzero: the exit status."""
+    from surge.config import ConfigError, load_settings
+
+    try:
+        options = load_settings(args.config).kafka.client_options()
+    except (ConfigError, OSError, ValueError) as exc:  # OSError, ValueError: TLS files
+        return _fail(str(exc))
+    configured = options.pop("bootstrap_servers")
+    args.bootstrap = args.bootstrap or configured
+    args.kafka_options = options
+    return 0
 
 
 def _broker(args: argparse.Namespace) -> int:
@@ -243,7 +273,10 @@ def _predict(args: argparse.Namespace) -> int:
 
     async def run() -> int:
         async with SurgeClient(
-            args.bootstrap, redis_url=args.redis_url, redis_prefix=args.redis_prefix
+            args.bootstrap,
+            redis_url=args.redis_url,
+            redis_prefix=args.redis_prefix,
+            kafka_options=args.kafka_options,
         ) as client:
             try:
                 result = await client.predict(
@@ -350,7 +383,7 @@ def _file_arguments(parser: argparse.ArgumentParser, *, window: int) -> None:
     parser.add_argument("input", type=Path, help='lines of named arrays, e.g. {"x": [[0.1, 0.2]]}')
     parser.add_argument("--datatype", default="float32", help=_DATATYPE_HELP)
     parser.add_argument("--topic", help="request topic (default: surge.requests.<model>)")
-    parser.add_argument("--bootstrap", type=_bootstrap, default="127.0.0.1:9092")
+    _connection_arguments(parser)
     parser.add_argument("--via", choices=["kafka", "redis"], default="kafka")
     parser.add_argument("--redis-url", type=_redis_url)
     parser.add_argument("--redis-prefix", default=_REDIS_PREFIX, help=_REDIS_PREFIX_HELP)
@@ -379,7 +412,10 @@ def _with_file(
 
     async def run() -> int:
         async with SurgeClient(
-            args.bootstrap, redis_url=args.redis_url, redis_prefix=args.redis_prefix
+            args.bootstrap,
+            redis_url=args.redis_url,
+            redis_prefix=args.redis_prefix,
+            kafka_options=args.kafka_options,
         ) as client:
             return await send(client, file_lines(source))
 
@@ -669,7 +705,9 @@ def _dlq_action(args: argparse.Namespace) -> int:
 
     # A summary reads headers only: the bodies, up to a message's size each, stay unread.
     inspecting = args.action == "inspect"
-    letters = asyncio.run(dead_letters.load(args.bootstrap, args.topic, values=not inspecting))
+    letters = asyncio.run(
+        dead_letters.load(args.bootstrap, args.topic, values=not inspecting, **args.kafka_options)
+    )
     console = Console(width=None if sys.stdout.isatty() else 200)  # piped: don't squeeze it
     if args.action == "inspect":
         table = Table(title=f"{args.topic}: {len(letters):,} dead letters")
@@ -703,6 +741,7 @@ def _dlq_action(args: argparse.Namespace) -> int:
             redis_url=args.redis_url,
             redis_prefix=args.redis_prefix,
             dry_run=args.dry_run,
+            kafka_options=args.kafka_options,
         )
     )
     verb = "would replay" if args.dry_run else "replayed"

@@ -270,6 +270,10 @@ def select(
     return chosen
 
 
+# A letter chosen for replay, and the headers it goes out with.
+_Chosen = tuple[DeadLetter, list[tuple[str, bytes]]]
+
+
 @dataclass
 class ReplayReport:
     selected: int
@@ -320,87 +324,103 @@ async def replay(
         targets = [reply_to or letter.reply_to for letter in letters]
         report.unverified = targets.count(headers.REPLY_TO_REDIS)
     seen: set[str] = set()
-    producer = AIOKafkaProducer(
-        bootstrap_servers=bootstrap, acks="all", enable_idempotence=True, **(kafka_options or {})
-    )
+    chosen: list[_Chosen] = []
+    for letter in letters:
+        request_id = letter.request_id
+        if request_id in answered:
+            report.already_answered += 1
+            continue
+        if letter.replayed:  # answered since, or still queued behind others
+            report.replayed_before += 1
+            continue
+        if not (reply_to or letter.reply_to):
+            report.without_reply_to += 1
+            continue
+        if request_id in seen:
+            report.repeated += 1
+            continue
+        if not letter.source_topic:
+            report.unroutable += 1
+            continue
+        if not letter.value:  # replayed, an empty body would only earn a bad_encoding
+            report.without_body += 1
+            continue
+        seen.add(request_id)
+        # The original deadline has long passed: replayed, the request runs again.
+        record_headers = [
+            (k, v) for k, v in letter.headers if k not in _ADDED and k != headers.DEADLINE_MS
+        ]
+        if reply_to:
+            record_headers = [(k, v) for k, v in record_headers if k != headers.REPLY_TO]
+            record_headers.append((headers.REPLY_TO, reply_to.encode()))
+        chosen.append((letter, record_headers))
+    if dry_run:
+        report.replayed = len(chosen)
+        return report
+    options = {"bootstrap_servers": bootstrap, **(kafka_options or {})}
+    failed = await _publish(options, topic, chosen, report, together=True)
+    if failed:
+        # An idempotent producer fails the batches queued behind one the broker refused
+        # (out of sequence): alone, on a fresh producer, each is judged on its own.
+        failed = await _publish(options, topic, [(f[0], f[1]) for f in failed], report)
+    for _, _, exc in failed:
+        report.refused[type(exc).__name__] += 1
+    return report
+
+
+async def _publish(
+    options: Mapping[str, Any],
+    topic: str,
+    chosen: list[_Chosen],
+    report: ReplayReport,
+    *,
+    together: bool = False,
+) -> list[tuple[DeadLetter, list[tuple[str, bytes]], Exception]]:
+    """Send each chosen letter to its source topic (all at once, or one after another), and
+    for each that Kafka acknowledges, a marker to the dead-letter `topic`, so that a later
+    replay skips it even before a worker answers it. Returns those Kafka refused."""
+    producer = AIOKafkaProducer(**options, acks="all", enable_idempotence=True)
+    failed: list[tuple[DeadLetter, list[tuple[str, bytes]], Exception]] = []
+    markers: list[asyncio.Future[Any]] = []
+
+    async def settle(item: _Chosen, delivery: asyncio.Future[Any]) -> None:
+        letter, record_headers = item
+        try:
+            await delivery
+        except KafkaError as exc:  # e.g. too large for the source topic
+            failed.append((letter, record_headers, exc))
+            return
+        report.replayed += 1
+        marker = [(headers.REPLAYED, letter.position)]
+        where = {"key": letter.key, "partition": letter.partition}
+        markers.append(await producer.send(topic, b"", headers=marker, **where))
+
     try:
         await producer.start()
-        sent: list[tuple[DeadLetter, asyncio.Future[Any]]] = []
-        for letter in letters:
-            request_id = letter.request_id
-            if request_id in answered:
-                report.already_answered += 1
-                continue
-            if letter.replayed:  # answered since, or still queued behind others
-                report.replayed_before += 1
-                continue
-            if not (reply_to or letter.reply_to):
-                report.without_reply_to += 1
-                continue
-            if request_id in seen:
-                report.repeated += 1
-                continue
-            if not letter.source_topic:
-                report.unroutable += 1
-                continue
-            if not letter.value:  # replayed, an empty body would only earn a bad_encoding
-                report.without_body += 1
-                continue
-            seen.add(request_id)
-            # The original deadline has long passed: replayed, the request runs again.
-            record_headers = [
-                (k, v) for k, v in letter.headers if k not in _ADDED and k != headers.DEADLINE_MS
-            ]
-            if reply_to:
-                record_headers = [(k, v) for k, v in record_headers if k != headers.REPLY_TO]
-                record_headers.append((headers.REPLY_TO, reply_to.encode()))
-            if dry_run:
-                report.replayed += 1
-                continue
+        sent = []
+        for letter, record_headers in chosen:
+            assert letter.source_topic is not None
             try:
                 delivery = await producer.send(
                     letter.source_topic, letter.value, key=letter.key, headers=record_headers
                 )
             except KafkaError as exc:  # e.g. over the producer's max_request_size
-                report.refused[type(exc).__name__] += 1
+                failed.append((letter, record_headers, exc))
                 continue
-            sent.append((letter, delivery))
-        await _mark(producer, topic, sent, report)
+            if together:
+                sent.append(((letter, record_headers), delivery))
+            else:
+                await settle((letter, record_headers), delivery)
+        for item, delivery in sent:
+            await settle(item, delivery)
+        for marker in markers:
+            try:
+                await marker
+            except KafkaError:
+                report.unmarked += 1
     finally:
         await producer.stop()
-    return report
-
-
-async def _mark(
-    producer: AIOKafkaProducer,
-    topic: str,
-    sent: list[tuple[DeadLetter, asyncio.Future[Any]]],
-    report: ReplayReport,
-) -> None:
-    """Once Kafka has each replayed letter, a marker for it in the dead-letter topic, so that
-    a later replay skips it even before a worker answers it."""
-    markers = []
-    for letter, delivery in sent:
-        try:
-            await delivery
-        except KafkaError as exc:  # e.g. too large for the source topic
-            report.refused[type(exc).__name__] += 1
-            continue
-        report.replayed += 1
-        markers.append(
-            await producer.send(
-                topic,
-                b"",
-                key=letter.key,
-                partition=letter.partition,
-                headers=[(headers.REPLAYED, letter.position)],
-            )
-        )
-    for marker in markers:
-        try:
-            await marker
-        except KafkaError:
-            report.unmarked += 1
+    return failed
 
 
 async def _answered(

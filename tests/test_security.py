@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import uuid
 from collections.abc import Callable, Iterator
 from pathlib import Path
@@ -16,6 +17,7 @@ from surge.producers import SurgeClient
 from surge.workers import Worker
 from tests.conftest import worker_env
 from tests.services import KafkaBroker, RedisServer
+from tests.test_cli import surge
 
 pytestmark = pytest.mark.integration
 
@@ -61,7 +63,10 @@ async def test_redis_replies_with_a_password(
 
 
 async def test_kafka_sasl_plain(
-    sasl_kafka: KafkaBroker, model_root: Path, run_worker: Callable[[Settings], Worker]
+    sasl_kafka: KafkaBroker,
+    model_root: Path,
+    run_worker: Callable[[Settings], Worker],
+    tmp_path: Path,
 ) -> None:
     env = worker_env(
         sasl_kafka.sasl_bootstrap,
@@ -87,6 +92,21 @@ async def test_kafka_sasl_plain(
     ) as client:
         result = await client.predict("mlp", {"x": np.ones((1, 32), np.float32)}, timeout=30)
     assert result.model_name == "mlp"
+
+    # The command-line clients connect as the workers' settings say.
+    config = tmp_path / "surge.toml"
+    config.write_text(
+        f'[kafka]\nbootstrap_servers = "{sasl_kafka.sasl_bootstrap}"\n'
+        'security_protocol = "SASL_PLAINTEXT"\nsasl_mechanism = "PLAIN"\n'
+        'sasl_username = "surge"\nsasl_password = "surge-secret"\n'
+    )
+    topic = worker.settings.worker.topic_prefix + "mlp"
+    one = ("-i", f"x={[[1.0] * 32]}", "--topic", topic, "--timeout", "30")
+    answered = await asyncio.to_thread(surge, "predict", "mlp", *one, "-c", str(config))
+    assert answered.returncode == 0, answered.stdout + answered.stderr
+    assert '"model_name": "mlp"' in answered.stdout
+    letters = await asyncio.to_thread(surge, "dlq", "inspect", "-c", str(config))
+    assert letters.returncode == 0, letters.stdout + letters.stderr
 
 
 @pytest.fixture
