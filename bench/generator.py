@@ -118,7 +118,8 @@ def main() -> None:
 
 
 def _report(model: str, rates: list[float], runs: Runs) -> None:
-    table = Table(title=f"The load generator's share of the latency ({model}, median rounds)")
+    # Each figure is the median of its own rounds (of an even number, the middle two's mean).
+    table = Table(title=f"The load generator's share of the latency ({model}, medians)")
     for column in ("offered", "generator", "p50 ms", "p99 ms", "p99 of each round", "p999 ms"):
         table.add_column(column, justify="right")
     for column in ("generator CPU", "worker CPU", "broker CPU", "machine busy"):

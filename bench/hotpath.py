@@ -137,13 +137,16 @@ def _unpacked(fetch: Fetch, lean: bool) -> dict[TopicPartition, list[Any]]:
 async def _drive(
     worker: Worker, sink: RecordBatches, fetches: list[Fetch], lean: bool = True
 ) -> float:
-    """Feed every fetch as the consume loop does (pausing on a full ledger); CPU seconds."""
+    """Feed every fetch as the consume loop does (pausing on a full ledger, and fetching no
+    more than it has room for); CPU seconds."""
     ledger = worker._ledger
     draining = asyncio.create_task(sink.run())
     started = time.process_time()
     for fetch in fetches:
         if ledger.full:
             await ledger.room()
+        while ledger.room_for(FETCH, 0) < FETCH:
+            await ledger.progress()
         await worker.intake(_unpacked(fetch, lean))
     await ledger.drained()
     elapsed = time.process_time() - started
