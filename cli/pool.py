@@ -4,7 +4,9 @@ Each member is a plain `surge worker` process in the same consumer group, so Kaf
 the partitions over them; with `gpus`, member i sees only the i-th visible GPU
 (`CUDA_VISIBLE_DEVICES`), so "cuda:0" in every model config means its own device. The pool
 restarts a member that dies (with back-off), forwards SIGTERM/SIGINT so every member drains
-and commits, and exits once all have stopped.
+and commits, and exits once all have stopped. A member that keeps dying (5 times within 10
+minutes) stops the whole pool, with status 1: its supervisor (Kubernetes, systemd) sees the
+failure, where endless restarts in here would hide it and rebalance the group each time.
 """
 
 from __future__ import annotations
@@ -14,6 +16,7 @@ import signal
 import subprocess
 import sys
 import time
+from collections import deque
 from pathlib import Path
 
 import structlog
@@ -28,6 +31,8 @@ _RESTART_FIRST_S = 1.0
 _RESTART_MAX_S = 30.0
 _STABLE_S = 60.0  # a member up this long restarts after a crash without back-off
 _KILL_MARGIN_S = 10.0  # past a member's own bounds on its shutdown
+_GIVE_UP_FAILURES = 5
+_GIVE_UP_WINDOW_S = 600.0
 
 
 class _Member:
@@ -37,6 +42,12 @@ class _Member:
         self.started = 0.0
         self.backoff = _RESTART_FIRST_S
         self.restart_at = 0.0
+        self._exits: deque[float] = deque(maxlen=_GIVE_UP_FAILURES)
+
+    def exited(self, now: float) -> bool:
+        """Note that it stopped on its own at `now`; whether it has done so too often."""
+        self._exits.append(now)
+        return len(self._exits) == _GIVE_UP_FAILURES and now - self._exits[0] <= _GIVE_UP_WINDOW_S
 
     def start(self) -> None:
         pool = {"SURGE_POOL_PID": str(os.getpid())}  # a member outliving the pool stops
@@ -87,7 +98,7 @@ def run_pool(settings: Settings, processes: str, config: Path | None) -> int:
         print(exc, file=sys.stderr)
         return 2
     members = [_Member(i, argv, env) for i, env in enumerate(envs)]
-    stopping = False
+    stopping = gave_up = False
     signalled: set[int] = set()  # pids told to stop
 
     def stop(signum: int, _frame: object) -> None:
@@ -104,7 +115,9 @@ def run_pool(settings: Settings, processes: str, config: Path | None) -> int:
         for member in members:
             if stopping:
                 break
-            _supervise(member)
+            if _supervise(member):
+                log.error("pool_gave_up", member=member.index, exits=_GIVE_UP_FAILURES)
+                stopping = gave_up = True
     _terminate(members, signalled)  # a member restarted as the signal came in
     # A member's own shutdown is bounded by this (each step within its limit); past it,
     # something in it hangs and only SIGKILL ends it.
@@ -112,9 +125,11 @@ def run_pool(settings: Settings, processes: str, config: Path | None) -> int:
     deadline = time.monotonic() + bound
     codes = [_stopped(member, deadline) for member in members if member.process is not None]
     log.info("pool_stopped", exit_codes=codes)
-    # Stopped as asked: by its own shutdown, or by the SIGTERM itself before it could set up
-    # its handler. A member that had died before (waiting to restart) was already reported.
-    return 0 if all(code in (0, -signal.SIGTERM, None) for code in codes) else 1
+    # Stopped as asked: by its own shutdown, or by the signal itself (SIGTERM, or a terminal's
+    # Ctrl-C, which reaches members too) before it could set up its handler. A member that had
+    # died before (waiting to restart) was already reported.
+    stopped = (0, -signal.SIGTERM, -signal.SIGINT, None)
+    return 0 if not gave_up and all(code in stopped for code in codes) else 1
 
 
 def _stopped(member: _Member, deadline: float) -> int | None:
@@ -140,20 +155,25 @@ def _terminate(members: list[_Member], signalled: set[int]) -> None:
             process.send_signal(signal.SIGTERM)
 
 
-def _supervise(member: _Member) -> None:
-    """Restart a member that stopped on its own, backing off while it keeps failing."""
+def _supervise(member: _Member) -> bool:
+    """Restart a member that stopped on its own, backing off while it keeps failing; True
+    when it has stopped too often to try again."""
     assert member.process is not None
     now = time.monotonic()
     if member.restart_at:
         if now >= member.restart_at:
             member.restart_at = 0.0
             member.start()
-        return
+        return False
     code = member.process.poll()
     if code is None:
-        return
+        return False
+    if member.exited(now):
+        log.error("pool_member_exited", member=member.index, code=code)
+        return True
     if now - member.started > _STABLE_S:
         member.backoff = _RESTART_FIRST_S
     log.error("pool_member_exited", member=member.index, code=code, restart_in=member.backoff)
     member.restart_at = now + member.backoff
     member.backoff = min(member.backoff * 2, _RESTART_MAX_S)
+    return False

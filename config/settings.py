@@ -10,7 +10,8 @@ from urllib.parse import parse_qsl, urlencode
 
 import msgspec
 
-Positive = Annotated[int, msgspec.Meta(ge=1)]
+# Kafka's protocol carries these (timeouts, sizes, counts) as 32-bit integers.
+Positive = Annotated[int, msgspec.Meta(ge=1, le=2**31 - 1)]
 NonNegative = Annotated[float, msgspec.Meta(ge=0)]
 Port = Annotated[int, msgspec.Meta(ge=0, le=65535)]
 # What Kafka accepts as a topic name (and a prefix of one).
@@ -37,6 +38,10 @@ class KafkaSettings(msgspec.Struct, kw_only=True, forbid_unknown_fields=True):
         check_bootstrap(self.bootstrap_servers)
         if self.security_protocol.startswith("SASL") and self.sasl_mechanism is None:
             raise ValueError(f"security_protocol {self.security_protocol} needs sasl_mechanism")
+        if self.sasl_mechanism and not (self.sasl_username and self.sasl_password):
+            raise ValueError(
+                f"sasl_mechanism {self.sasl_mechanism} needs sasl_username and sasl_password"
+            )
         if self.security_protocol in ("SSL", "SASL_SSL"):
             _readable(self, "ssl_cafile", "ssl_certfile", "ssl_keyfile")
             try:  # at start-up, not at the first connection
@@ -173,7 +178,9 @@ class WorkerSettings(msgspec.Struct, kw_only=True, forbid_unknown_fields=True):
     # A result its reply topic keeps refusing this long becomes a dead letter (reply_failed).
     reply_retry_s: Annotated[float, msgspec.Meta(gt=0)] = 60.0
     max_poll_interval_ms: Positive = 300_000
-    session_timeout_ms: Positive = 10_000
+    # Heartbeats go every third of it; brokers refuse one under group.min.session.timeout.ms
+    # (6 s by default).
+    session_timeout_ms: Annotated[int, msgspec.Meta(ge=1_000, le=2**31 - 1)] = 10_000
     max_poll_records: Positive = 1024
     # A fetch returns once it holds fetch_min_bytes, or after fetch_max_wait_ms. With one byte,
     # a record arriving ends a waiting fetch at once, so the wait bounds only empty fetches:
@@ -199,6 +206,11 @@ class WorkerSettings(msgspec.Struct, kw_only=True, forbid_unknown_fields=True):
             re.compile(self.reply_topic_pattern)
         except re.error as exc:
             raise ValueError(f"reply_topic_pattern is not a regular expression: {exc}") from None
+        consumed = {*self.shared_topics, *self.topics.values()}
+        if self.dead_letter_topic in consumed:  # its letters would be consumed again, forever
+            raise ValueError(
+                f"dead_letter_topic {self.dead_letter_topic!r} is also a request topic"
+            )
 
 
 class LogSettings(msgspec.Struct, kw_only=True, forbid_unknown_fields=True):
@@ -216,6 +228,16 @@ class Settings(msgspec.Struct, kw_only=True, forbid_unknown_fields=True):
     worker: WorkerSettings = msgspec.field(default_factory=WorkerSettings)
     log: LogSettings = msgspec.field(default_factory=LogSettings)
     metrics: MetricsSettings = msgspec.field(default_factory=MetricsSettings)
+
+    def __post_init__(self) -> None:
+        # A fetch waits up to fetch_max_wait_ms for records; a request not answered within
+        # request_timeout_ms closes the connection: every idle fetch would, and reconnect.
+        wait, timeout = self.worker.fetch_max_wait_ms, self.kafka.request_timeout_ms
+        if wait + 1_000 > timeout:
+            raise ValueError(
+                f"worker.fetch_max_wait_ms ({wait}) must be at least 1000 under "
+                f"kafka.request_timeout_ms ({timeout})"
+            )
 
 
 def redis_url_for_bytes(url: str) -> str:

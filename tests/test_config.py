@@ -71,6 +71,48 @@ def test_cross_field_checks() -> None:
         convert({"device": "tpu"}, ModelConfig, "m")
 
 
+@pytest.mark.parametrize(
+    ("env", "error"),
+    [
+        pytest.param(
+            {"SURGE_KAFKA__SECURITY_PROTOCOL": "SASL_SSL", "SURGE_KAFKA__SASL_MECHANISM": "PLAIN"},
+            "needs sasl_username and sasl_password",
+            id="sasl-without-credentials",
+        ),
+        pytest.param(
+            {"SURGE_WORKER__FETCH_MAX_WAIT_MS": "60000"},
+            r"fetch_max_wait_ms \(60000\) must be at least 1000 under kafka.request_timeout_ms",
+            id="fetch-wait-past-the-request-timeout",
+        ),
+        pytest.param(
+            {"SURGE_WORKER__SHARED_TOPICS": '["surge.dead-letters"]'},
+            "is also a request topic",
+            id="dead-letters-consumed",
+        ),
+        pytest.param(
+            {"SURGE_WORKER__TOPICS": '{"mlp": "dlq"}', "SURGE_WORKER__DEAD_LETTER_TOPIC": "dlq"},
+            "is also a request topic",
+            id="dead-letters-a-model-s-topic",
+        ),
+        pytest.param(
+            {"SURGE_WORKER__COMMIT_INTERVAL_MS": "3000000000"},
+            "commit_interval_ms: Expected `int` <= 2147483647",
+            id="past-kafka-s-int32",
+        ),
+        pytest.param(
+            {"SURGE_WORKER__SESSION_TIMEOUT_MS": "300"},
+            "session_timeout_ms: Expected `int` >= 1000",
+            id="session-shorter-than-a-heartbeat-needs",
+        ),
+    ],
+)
+def test_settings_that_would_fail_once_running_are_refused_at_start_up(
+    env: dict[str, str], error: str
+) -> None:
+    with pytest.raises(ConfigError, match=error):
+        load_settings(env=env)
+
+
 def test_sasl_and_tls_pass_through(tmp_path: Path) -> None:
     ca = tmp_path / "ca.pem"
     ca.write_text("read by Redis's client when it connects")

@@ -81,3 +81,17 @@ def test_the_autoscaler_watches_what_the_workers_consume(manifests: dict[str, An
     assert metric == metrics.RECORD_AGE._name
     assert re.search(r'topic="([^"]+)"', query)[1] == kafka["topic"]
     float(triggers["prometheus"]["metadata"]["threshold"])
+
+
+def test_readiness_is_probed_where_the_worker_says_it_can_serve(manifests: dict[str, Any]) -> None:
+    (container,) = manifests["deployment"]["spec"]["template"]["spec"]["containers"]
+    probe = container["readinessProbe"]["httpGet"]
+    assert probe["path"] == "/ready"
+    ports = {p["name"]: p["containerPort"] for p in container["ports"]}
+    assert ports[probe["port"]] == manifests["settings"].metrics.port
+
+
+def test_compose_starts_a_worker_again_when_it_exits_to_start_afresh() -> None:
+    with (ROOT / "docker-compose.kafka.yml").open() as f:
+        compose = yaml.safe_load(f)
+    assert compose["services"]["worker"]["restart"] == "on-failure"

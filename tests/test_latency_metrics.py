@@ -3,7 +3,10 @@ in (from their timestamps), and how long each takes from intake to a durable out
 
 from __future__ import annotations
 
+import asyncio
 import time
+import urllib.error
+import urllib.request
 import uuid
 from collections.abc import Callable
 from pathlib import Path
@@ -20,6 +23,7 @@ from surge.schemas.headers import REPLY_TO_REDIS
 from surge.workers import Worker
 from tests.conftest import make_settings
 from tests.helpers import create_topics, read_redis, read_topic
+from tests.services import free_port
 
 pytestmark = pytest.mark.integration
 
@@ -82,3 +86,28 @@ async def test_record_age_and_outcome_time(
         seconds = _sample("surge_outcome_seconds_sum", labels) - before[target, "sum"]
         assert writes >= 1, target
         assert 0 < seconds / writes < 30, target
+
+
+async def test_ready_answers_200_while_serving_and_503_once_stopping(
+    kafka: str, model_root: Path
+) -> None:
+    """A readiness probe paces a rollout: /ready says when the worker can take work."""
+    port = free_port()
+    worker = Worker(make_settings(kafka, model_root, None, SURGE_METRICS__PORT=str(port)))
+    task = asyncio.create_task(worker.run())
+    try:
+        await asyncio.wait_for(worker.ready.wait(), 60)
+        assert await asyncio.to_thread(_status, f"http://127.0.0.1:{port}/ready") == 200
+        assert await asyncio.to_thread(_status, f"http://127.0.0.1:{port}/metrics") == 200
+    finally:
+        worker.stop()
+        await asyncio.wait_for(task, 90)
+    assert await asyncio.to_thread(_status, f"http://127.0.0.1:{port}/ready") == 503
+
+
+def _status(url: str) -> int:
+    try:
+        with urllib.request.urlopen(url, timeout=5) as response:
+            return response.status
+    except urllib.error.HTTPError as error:
+        return error.code

@@ -15,7 +15,7 @@ from pathlib import Path
 import pytest
 
 from surge.config import load_settings
-from surge.pool import member_envs
+from surge.pool import _Member, member_envs
 from surge.workers.runtimes import devices
 from tests.conftest import ROOT, topic_of, worker_env
 from tests.helpers import create_topics, mlp_requests, publish, read_topic
@@ -133,3 +133,12 @@ def _running(pid: int) -> bool:
         return False
     with open(f"/proc/{pid}/stat") as f:  # a zombie (exited, not reaped) is not running
         return f.read().split()[2] != "Z"
+
+
+def test_a_member_that_keeps_exiting_gives_the_pool_up() -> None:
+    member = _Member(0, ["true"], {})
+    assert not any(member.exited(now) for now in (0.0, 100.0, 200.0, 300.0))
+    assert member.exited(400.0)  # the fifth exit within ten minutes
+
+    spread = _Member(1, ["true"], {})
+    assert not any(spread.exited(now) for now in (0.0, 200.0, 400.0, 600.0, 800.0, 1000.0))

@@ -2,10 +2,14 @@
 
 from __future__ import annotations
 
+import threading
 import time
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
+from socketserver import ThreadingMixIn
+from typing import Any
+from wsgiref.simple_server import WSGIRequestHandler, WSGIServer, make_server
 
-from prometheus_client import Counter, Gauge, Histogram, start_http_server
+from prometheus_client import Counter, Gauge, Histogram, make_wsgi_app
 
 RESULTS = Counter(
     "surge_results_total",
@@ -79,7 +83,40 @@ def outcomes_durable(target: str, received: Iterable[float]) -> None:
         _OUTCOMES[target].observe(time.monotonic() - oldest)
 
 
+# Ready once started (models loaded, consumer up), until a stop begins: `/ready` answers 200
+# then, 503 otherwise, for a readiness probe to pace a rollout by.
+_READY = threading.Event()
+
+
+def set_ready(ready: bool) -> None:
+    if ready:
+        _READY.set()
+    else:
+        _READY.clear()
+
+
 def serve(port: int) -> None:
-    """Expose /metrics on `port` (0: do nothing)."""
-    if port:
-        start_http_server(port)
+    """Expose /metrics and /ready on `port` (0: do nothing), from a thread of their own."""
+    if not port:
+        return
+    metrics = make_wsgi_app()
+
+    def app(environ: dict[str, Any], start_response: Callable[..., Any]) -> Iterable[bytes]:
+        if environ.get("PATH_INFO") != "/ready":
+            return metrics(environ, start_response)  # type: ignore[no-any-return]
+        ready = _READY.is_set()
+        status = "200 OK" if ready else "503 Service Unavailable"
+        start_response(status, [("Content-Type", "text/plain; charset=utf-8")])
+        return [b"ready\n" if ready else b"starting or stopping\n"]
+
+    server = make_server("0.0.0.0", port, app, _ThreadingServer, handler_class=_Quiet)
+    threading.Thread(target=server.serve_forever, name="metrics", daemon=True).start()
+
+
+class _ThreadingServer(ThreadingMixIn, WSGIServer):
+    daemon_threads = True  # a slow scraper never holds up the process's exit
+
+
+class _Quiet(WSGIRequestHandler):
+    def log_message(self, format: str, *args: Any) -> None:
+        """Not a line per scrape on stderr."""

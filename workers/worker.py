@@ -122,6 +122,7 @@ class Worker:
             for hook in self.ready_hooks:
                 hook()
             self.ready.set()
+            metrics.set_ready(True)
             await self._consume()
         finally:
             await self._shutdown()
@@ -634,6 +635,7 @@ class Worker:
         """Stop fetching, finish in-flight batches, publish, commit, leave the group. Each
         step runs even if one before it failed, all within shutdown_timeout_s."""
         log.info("worker_stopping", in_flight=self._ledger.records)
+        metrics.set_ready(False)
         began = time.monotonic()
         self._consumer.pause(*self._consumer.assignment())
         for task in self._tasks:
