@@ -1,5 +1,8 @@
-# A Surge worker. CPU by default; onnxruntime-gpu uses CUDA when the container is given a GPU.
+# A Surge worker, on the CPU. For GPUs, build with `--build-arg EXTRAS=[gpu]` (CUDA and cuDNN
+# come as wheels; the host needs the NVIDIA driver and container toolkit), and `[gpu,torch]`
+# to serve PyTorch models as well.
 FROM python:3.11-slim
+ARG EXTRAS=""
 
 WORKDIR /opt/surge
 COPY pyproject.toml README.md ./
@@ -8,7 +11,7 @@ COPY config config
 COPY schemas schemas
 COPY producers producers
 COPY workers workers
-RUN pip install --no-cache-dir . && mkdir -p /models
+RUN pip install --no-cache-dir ".${EXTRAS}" && mkdir -p /models
 
 ENV SURGE_WORKER__MODEL_ROOT=/models \
     SURGE_LOG__FORMAT=json

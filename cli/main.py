@@ -107,7 +107,9 @@ def main(argv: list[str] | None = None) -> None:
     replay.add_argument("--id", action="append", default=[], help="request id; repeatable")
     replay.add_argument("--since", type=_utc_time, help=_TIME_HELP)
     replay.add_argument("--until", type=_utc_time, help=_TIME_HELP)
-    replay.add_argument("--reply-to", help="replace each request's surge-reply-to")
+    replay.add_argument(
+        "--reply-to", type=_reply_to, help="replace each request's surge-reply-to (or: redis)"
+    )
     replay.add_argument(
         "--redis-url", type=_redis_url, help="to find results already written to Redis"
     )
@@ -200,6 +202,16 @@ def _positive_int(value: str) -> int:
     if value.isdigit() and int(value) >= 1:
         return int(value)
     raise argparse.ArgumentTypeError(f"{value!r} is not a positive whole number")
+
+
+def _reply_to(value: str) -> str:
+    import re
+
+    from surge.config import TOPIC_NAME
+
+    if value == "redis" or re.fullmatch(TOPIC_NAME, value):
+        return value
+    raise argparse.ArgumentTypeError(f"{value!r} is no Kafka topic name (nor 'redis')")
 
 
 def _bootstrap(value: str) -> str:

@@ -2,7 +2,9 @@
 
 Each member is a plain `surge worker` process in the same consumer group, so Kafka spreads
 the partitions over them; with `gpus`, member i sees only the i-th visible GPU
-(`CUDA_VISIBLE_DEVICES`), so "cuda:0" in every model config means its own device. The pool
+(`CUDA_VISIBLE_DEVICES`), so "cuda:0" in every model config means its own device; with N
+members, member i runs on the i-th of N shares of the pool's CPUs, so that a runtime sizing
+its threads to the CPUs it sees does not have N members each take every core. The pool
 restarts a member that dies (with back-off), forwards SIGTERM/SIGINT so every member drains
 and commits, and exits once all have stopped. A member that keeps dying (5 times within 10
 minutes) stops the whole pool, with status 1: its supervisor (Kubernetes, systemd) sees the
@@ -36,8 +38,10 @@ _GIVE_UP_WINDOW_S = 600.0
 
 
 class _Member:
-    def __init__(self, index: int, argv: list[str], env: dict[str, str]) -> None:
-        self.index, self._argv, self._env = index, argv, env
+    def __init__(
+        self, index: int, argv: list[str], env: dict[str, str], cpus: set[int] | None = None
+    ) -> None:
+        self.index, self._argv, self._env, self._cpus = index, argv, env, cpus
         self.process: subprocess.Popen[bytes] | None = None
         self.started = 0.0
         self.backoff = _RESTART_FIRST_S
@@ -51,9 +55,17 @@ class _Member:
 
     def start(self) -> None:
         pool = {"SURGE_POOL_PID": str(os.getpid())}  # a member outliving the pool stops
-        self.process = subprocess.Popen(self._argv, env=os.environ | self._env | pool)
+        cpus = self._cpus
+        # Set in the child before it runs: every thread it starts inherits the share.
+        pin = None if cpus is None else lambda: os.sched_setaffinity(0, cpus)
+        self.process = subprocess.Popen(
+            self._argv, env=os.environ | self._env | pool, preexec_fn=pin
+        )
         self.started = time.monotonic()
-        log.info("pool_member_started", member=self.index, pid=self.process.pid, **self._env)
+        shown = {} if cpus is None else {"cpus": sorted(cpus)}
+        log.info(
+            "pool_member_started", member=self.index, pid=self.process.pid, **self._env, **shown
+        )
 
 
 def member_devices(processes: str) -> list[dict[str, str]]:
@@ -69,6 +81,20 @@ def member_devices(processes: str) -> list[dict[str, str]]:
     visible = os.environ.get("CUDA_VISIBLE_DEVICES")
     devices = visible.split(",")[:count] if visible else [str(i) for i in range(count)]
     return [{"CUDA_VISIBLE_DEVICES": device.strip()} for device in devices] or [{}]
+
+
+def member_cpus(count: int) -> list[set[int]]:
+    """The pool's CPUs in `count` contiguous shares (one each, round the CPUs, if fewer)."""
+    cpus = sorted(os.sched_getaffinity(0))
+    if count >= len(cpus):
+        return [{cpus[i % len(cpus)]} for i in range(count)]
+    size, extra = divmod(len(cpus), count)
+    shares, start = [], 0
+    for i in range(count):
+        end = start + size + (i < extra)
+        shares.append(set(cpus[start:end]))
+        start = end
+    return shares
 
 
 def member_envs(settings: Settings, processes: str) -> list[dict[str, str]]:
@@ -97,7 +123,13 @@ def run_pool(settings: Settings, processes: str, config: Path | None) -> int:
     except ValueError as exc:  # a setting the user can fix: one line, as for any other
         print(exc, file=sys.stderr)
         return 2
-    members = [_Member(i, argv, env) for i, env in enumerate(envs)]
+    # CPU members share the CPUs; GPU members each drive their own device.
+    shares: list[set[int] | None] = (
+        [None] * len(envs) if processes == "gpus" else list(member_cpus(len(envs)))
+    )
+    members = [
+        _Member(i, argv, env, cpus) for i, (env, cpus) in enumerate(zip(envs, shares, strict=True))
+    ]
     stopping = gave_up = False
     signalled: set[int] = set()  # pids told to stop
 

@@ -179,6 +179,11 @@ def test_predict_refuses_a_timeout_that_is_not_a_positive_number(
             "argument --redis-url: redis url 'notaurl' must start with redis://",
             id="replay-redis-scheme",
         ),
+        pytest.param(
+            ("dlq", "replay", "--dry-run", "--reply-to", "bad topic!"),
+            "argument --reply-to: 'bad topic!' is no Kafka topic name (nor 'redis')",
+            id="replay-reply-to",
+        ),
     ],
 )
 def test_an_address_no_client_could_use_is_refused_in_one_line(

@@ -15,7 +15,7 @@ from pathlib import Path
 import pytest
 
 from surge.config import load_settings
-from surge.pool import _Member, member_envs
+from surge.pool import _Member, member_cpus, member_envs
 from surge.workers.runtimes import devices
 from tests.conftest import ROOT, topic_of, worker_env
 from tests.helpers import create_topics, mlp_requests, publish, read_topic
@@ -59,6 +59,10 @@ async def test_a_pool_serves_restarts_and_drains(
     try:
         started = _wait(log, "pool_member_started", 2)
         _wait(log, "worker_started", 2)
+        # Each member runs on its own share of the CPUs, not on every core.
+        shares = [os.sched_getaffinity(int(e["pid"])) for e in started]  # type: ignore[call-overload]
+        assert shares[0] | shares[1] == os.sched_getaffinity(0)
+        assert not shares[0] & shares[1]
         await publish(kafka, mlp_requests(topic, run, 400, replies))
         assert len(await read_topic(kafka, replies, until=400)) == 400
 
@@ -133,6 +137,15 @@ def _running(pid: int) -> bool:
         return False
     with open(f"/proc/{pid}/stat") as f:  # a zombie (exited, not reaped) is not running
         return f.read().split()[2] != "Z"
+
+
+def test_cpu_members_share_the_pool_s_cpus_in_contiguous_shares(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    monkeypatch.setattr(os, "sched_getaffinity", lambda pid: {0, 1, 2, 3, 4, 6, 7})
+    assert member_cpus(1) == [{0, 1, 2, 3, 4, 6, 7}]
+    assert member_cpus(3) == [{0, 1, 2}, {3, 4}, {6, 7}]
+    assert member_cpus(9)[6:] == [{7}, {0}, {1}]  # more members than CPUs: round them
 
 
 def test_a_member_that_keeps_exiting_gives_the_pool_up() -> None:
