@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 import os
 import shutil
@@ -20,6 +21,10 @@ class NoidaError(RuntimeError):
     """noida-db could not start; the message says why, for the user."""
 
 
+class PortInUse(NoidaError):
+    """Something else listens on the port asked for."""
+
+
 def _binary() -> str:
     found = shutil.which("noida-db") or str(Path(sys.executable).with_name("noida-db"))
     if not Path(found).exists():
@@ -27,13 +32,19 @@ def _binary() -> str:
     return found
 
 
-def start_noida(data_dir: Path, port: int, *, timeout: float = 30) -> subprocess.Popen[bytes]:
-    """Start noida-db's Kafka endpoint in its own process group, ready to serve."""
+def start_noida(
+    data_dir: Path, port: int, *, timeout: float = 30, log_path: Path | None = None
+) -> subprocess.Popen[bytes]:
+    """Start noida-db's Kafka endpoint in its own process group, ready to serve; its output
+    goes to `log_path` (default: noida.log in `data_dir`). Interrupted while it starts, it
+    stops the broker again: in a session of its own, a terminal's Ctrl-C never reaches it."""
+    if not 1 <= port <= 65535:
+        raise NoidaError(f"port {port} is not a TCP port (1-65535)")
     # Another broker on the port would answer the readiness check in noida-db's place.
     if _port_taken(port):
-        raise NoidaError(f"port {port} is already in use: pick another with --port")
+        raise PortInUse(f"port {port} is already in use")
     data_dir.mkdir(parents=True, exist_ok=True)
-    log_path = data_dir / "noida.log"
+    log_path = log_path or data_dir / "noida.log"
     with log_path.open("ab") as log:
         process = subprocess.Popen(
             [
@@ -51,12 +62,15 @@ def start_noida(data_dir: Path, port: int, *, timeout: float = 30) -> subprocess
             start_new_session=True,  # its console script runs the real binary as a child
         )
     deadline = time.monotonic() + timeout
-    # Alive first: only the process we started may count as ready.
-    while process.poll() is None and not asyncio.run(_serves_metadata(f"127.0.0.1:{port}")):
-        if time.monotonic() > deadline:
-            stop_noida(process)
-            raise NoidaError(f"noida-db did not start within {timeout:g}s; see {log_path}")
-        time.sleep(0.2)
+    try:
+        # Alive first: only the process we started may count as ready.
+        while process.poll() is None and not asyncio.run(_serves_metadata(f"127.0.0.1:{port}")):
+            if time.monotonic() > deadline:
+                raise NoidaError(f"noida-db did not start within {timeout:g}s; see {log_path}")
+            time.sleep(0.2)
+    except BaseException:  # not ready in time, or Ctrl-C: nothing left behind
+        stop_noida(process)
+        raise
     if process.returncode is not None:
         tail = "\n".join(log_path.read_text(errors="replace").splitlines()[-5:])
         raise NoidaError(
@@ -65,15 +79,31 @@ def start_noida(data_dir: Path, port: int, *, timeout: float = 30) -> subprocess
     return process
 
 
-def stop_noida(process: subprocess.Popen[bytes]) -> None:
-    """SIGTERM the whole group: noida-db saves its state on a clean stop."""
+def stop_noida(process: subprocess.Popen[bytes], *, timeout: float = 15) -> None:
+    """SIGTERM the whole group and wait until all of it is gone (SIGKILL past `timeout`):
+    noida-db saves its state on a clean stop, in the real binary its console script runs as
+    a child, which outlives the script by the time that takes."""
+    group = process.pid  # its own session: the group has the script's pid
+    with contextlib.suppress(ProcessLookupError):
+        os.killpg(group, signal.SIGTERM)
+    deadline = time.monotonic() + timeout
+    while _group_alive(group):
+        if time.monotonic() > deadline:
+            with contextlib.suppress(ProcessLookupError):
+                os.killpg(group, signal.SIGKILL)
+            break
+        process.poll()  # reap the script, or the group looks alive while it is a zombie
+        time.sleep(0.05)
+    with contextlib.suppress(subprocess.TimeoutExpired):
+        process.wait(5)
+
+
+def _group_alive(group: int) -> bool:
     try:
-        os.killpg(process.pid, signal.SIGTERM)
-        process.wait(15)
+        os.killpg(group, 0)
     except ProcessLookupError:
-        pass
-    except subprocess.TimeoutExpired:
-        os.killpg(process.pid, signal.SIGKILL)
+        return False
+    return True
 
 
 def _port_taken(port: int) -> bool:

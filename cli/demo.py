@@ -18,7 +18,9 @@ import sys
 import tempfile
 import time
 import urllib.request
+from collections.abc import Coroutine
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 from prometheus_client.parser import text_string_to_metric_families
@@ -54,7 +56,8 @@ def run_demo(*, requests: int, rate: float) -> int:
         cleanup.callback(shutil.rmtree, workdir / "broker", ignore_errors=True)
         cleanup.callback(shutil.rmtree, workdir / "models", ignore_errors=True)
         with console.status("starting the embedded broker (noida-db)"):
-            broker = start_noida(workdir / "broker", port)
+            # Its log beside the worker's: kept, while the broker's data goes.
+            broker = start_noida(workdir / "broker", port, log_path=workdir / "noida.log")
         cleanup.callback(stop_noida, broker)
         write_mlp(workdir / "models")
         env = os.environ | {
@@ -90,13 +93,34 @@ def run_demo(*, requests: int, rate: float) -> int:
         with shared_reply_topic(bootstrap) as replies:  # one for both phases, as a client keeps
             load = functools.partial(run_load, bootstrap, MLP_NAME, inputs, reply_topic=replies)
             with console.status(f"burst: {requests:,} requests published at once"):
-                burst = asyncio.run(load(count=requests))
+                burst = asyncio.run(_while_alive(worker, worker_log, load(count=requests)))
             with console.status(f"steady load: {rate:,.0f} requests/s for 5 s"):
-                steady = asyncio.run(load(count=int(rate * 5), rate=rate))
+                steady_load = load(count=max(1, int(rate * 5)), rate=rate)
+                steady = asyncio.run(_while_alive(worker, worker_log, steady_load))
         batches = _batch_sizes(metrics_port)
     _print_summary(ready_s, burst, steady, batches)
     console.print(f"worker log: {worker_log}")
-    return 0 if burst.received == burst.sent and steady.received == steady.sent else 1
+    served = all(report.statuses.get("ok", 0) == report.sent for report in (burst, steady))
+    return 0 if served else 1
+
+
+async def _while_alive(
+    worker: subprocess.Popen[bytes], worker_log: Path, phase: Coroutine[Any, Any, LoadReport]
+) -> LoadReport:
+    """Run a load phase, unless the worker exits meanwhile: then stop at once and say so,
+    rather than wait out the phase's timeout for results that cannot come."""
+    running = asyncio.ensure_future(phase)
+    try:
+        while not (await asyncio.wait({running}, timeout=_WORKER_CHECK_S))[0]:
+            if worker.poll() is not None:
+                raise DemoError(
+                    f"the worker exited with status {worker.returncode} while serving; "
+                    f"see {worker_log}"
+                )
+        return running.result()
+    finally:
+        running.cancel()
+        await asyncio.gather(running, return_exceptions=True)
 
 
 async def _first_result(
@@ -127,8 +151,13 @@ def _stop_worker(worker: subprocess.Popen[bytes]) -> None:
 
 
 def _batch_sizes(port: int) -> dict[str, float]:
-    """Rows per model call, from the worker's Prometheus histogram: bucket -> share of batches."""
-    text = urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=5).read().decode()
+    """Rows per model call, from the worker's Prometheus histogram: bucket -> share of batches
+    (none if the worker no longer answers)."""
+    try:
+        with urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=5) as response:
+            text = response.read().decode()
+    except OSError:
+        return {}
     buckets: list[tuple[float, float]] = []
     for family in text_string_to_metric_families(text):
         if family.name == "surge_batch_rows":
@@ -156,13 +185,15 @@ def _print_summary(
     ready_s: float, burst: LoadReport, steady: LoadReport, batches: dict[str, float]
 ) -> None:
     table = Table(title="Surge demo: MLP 32→256→256→10 on the embedded broker")
-    for column in ("phase", "requests", "results", "throughput", "p50", "p99"):
+    for column in ("phase", "requests", "results", "not ok", "throughput", "p50", "p99"):
         table.add_column(column, justify="right")
     for name, report in (("burst", burst), (f"steady {steady.offered_rate:,.0f}/s", steady)):
+        failed = report.received - report.statuses.get("ok", 0)
         table.add_row(
             name,
             f"{report.sent:,}",
             f"{report.received:,}",
+            f"{failed:,}" if failed else "0",
             f"{report.throughput:,.0f} req/s",
             f"{report.percentile(50):.1f} ms",
             f"{report.percentile(99):.1f} ms",

@@ -38,7 +38,7 @@ def main(argv: list[str] | None = None) -> None:
     commands = parser.add_subparsers(dest="command", required=True)
 
     broker = commands.add_parser("broker", help="run the embedded zero-set-up broker (noida-db)")
-    broker.add_argument("--port", type=int, default=9092)
+    broker.add_argument("--port", type=_port, default=9092)
     broker.add_argument("--data-dir", type=Path, default=Path(".noida-db"))
 
     worker = commands.add_parser("worker", help="run a worker pool member")
@@ -93,8 +93,10 @@ def main(argv: list[str] | None = None) -> None:
     lag.add_argument("--json", action="store_true", help="one JSON object per topic")
 
     demo = commands.add_parser("demo", help="broker + worker + example model + a burst, in one go")
-    demo.add_argument("--requests", type=int, default=20_000)
-    demo.add_argument("--rate", type=float, default=2_000.0, help="steady-load phase, requests/s")
+    demo.add_argument("--requests", type=_positive_int, default=20_000)
+    demo.add_argument(
+        "--rate", type=_positive_rate, default=2_000.0, help="steady-load phase, requests/s"
+    )
 
     dlq = commands.add_parser("dlq", help="inspect or replay a dead-letter topic")
     dlq_commands = dlq.add_subparsers(dest="action", required=True)
@@ -153,15 +155,20 @@ def _connect(args: argparse.Namespace) -> int:
 
 
 def _broker(args: argparse.Namespace) -> int:
-    from surge.broker import NoidaError, start_noida, stop_noida
+    from surge.broker import NoidaError, PortInUse, start_noida, stop_noida
 
+    # A service manager stops it with SIGTERM: the broker, in a process group of its own,
+    # would outlive this process (holding the port and its data) unless stopped here too,
+    # while it starts as much as once it serves.
+    _sigterm_as_ctrl_c()
     try:
         process = start_noida(args.data_dir, args.port)
+    except PortInUse as exc:
+        return _fail(f"{exc}: pick another with --port")
     except (NoidaError, OSError) as exc:  # OSError: a --data-dir that cannot be made
         return _fail(str(exc))
-    # A service manager stops it with SIGTERM: the broker, in a process group of its own,
-    # would outlive this process (holding the port and its data) unless stopped here too.
-    _sigterm_as_ctrl_c()
+    except KeyboardInterrupt:  # stopped while starting: start_noida stopped it again
+        return 130  # 128 + SIGINT, as shells report it
     try:  # a stop may come as soon as the line is out
         print(
             f"embedded broker (noida-db) on 127.0.0.1:{args.port}, data in {args.data_dir}; "
@@ -196,6 +203,22 @@ def _processes(value: str) -> str:
     if value == "gpus" or (value.isdigit() and int(value) >= 1):
         return value
     raise argparse.ArgumentTypeError(f"{value!r} is neither a positive number nor 'gpus'")
+
+
+def _port(value: str) -> int:
+    if value.isdigit() and 1 <= int(value) <= 65535:
+        return int(value)
+    raise argparse.ArgumentTypeError(f"{value!r} is not a TCP port (1-65535)")
+
+
+def _positive_rate(value: str) -> float:
+    try:
+        rate = float(value)
+    except ValueError:
+        rate = math.nan
+    if math.isfinite(rate) and rate > 0:
+        return rate
+    raise argparse.ArgumentTypeError(f"{value!r} is not a positive number of requests a second")
 
 
 def _positive_int(value: str) -> int:

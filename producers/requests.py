@@ -13,6 +13,7 @@ from surge.schemas import (
     InferenceRequest,
     InferenceResponse,
     Status,
+    TensorError,
     decode_error,
     decode_response,
     encode,
@@ -41,12 +42,39 @@ class PredictionError(Exception):
 
 
 def request_body(inputs: Mapping[str, np.ndarray], request_id: str, content_type: str) -> bytes:
+    """The encoded request; raises TensorError for inputs no worker would take, here rather
+    than in an error result later."""
     binary = content_type == MSGPACK
-    request = InferenceRequest(
-        id=request_id,
-        inputs=[from_array(name, np.asarray(a), binary=binary) for name, a in inputs.items()],
-    )
-    return encode(request, content_type)
+    tensors = []
+    for name, value in inputs.items():
+        array = np.asarray(value)
+        _check_input(name, array, binary)
+        tensors.append(from_array(name, array, binary=binary))
+    return encode(InferenceRequest(id=request_id, inputs=tensors), content_type)
+
+
+def _check_input(name: object, array: np.ndarray, binary: bool) -> None:
+    if not isinstance(name, str) or not name:
+        raise TensorError(f"input names are non-empty strings, not {name!r}")
+    if array.ndim == 0:
+        raise TensorError(f"input {name!r}: a scalar; inputs are arrays, e.g. [{array.item()!r}]")
+    if array.dtype.kind != "O":
+        return
+    for value in array.ravel().tolist():
+        if isinstance(value, str):
+            continue
+        if not isinstance(value, bytes):
+            raise TensorError(
+                f"input {name!r}: an array of objects holds strings or bytes, not "
+                f"{type(value).__name__} (give numbers a numeric dtype)"
+            )
+        if not binary:
+            try:
+                value.decode()
+            except UnicodeDecodeError:
+                raise TensorError(
+                    f"input {name!r}: bytes that are not UTF-8 need msgpack; JSON carries text"
+                ) from None
 
 
 def request_headers(

@@ -193,10 +193,12 @@ def _flat(data: Any) -> Iterator[Any]:
 
 
 def from_array(name: str, array: np.ndarray, *, binary: bool) -> Tensor:
-    """A wire tensor for an array: raw little-endian bytes when `binary`, else a flat list."""
+    """A wire tensor for an array: raw little-endian bytes when `binary`, else a flat list.
+    BYTES values stay bytes in msgpack, which carries them; JSON has text only."""
     datatype = datatype_of(array.dtype)
     if datatype == "BYTES":
-        data: list[Any] | bytes = [_text(v) for v in array.ravel().tolist()]
+        values = array.ravel().tolist()
+        data: list[Any] | bytes = values if binary else [_text(v) for v in values]
     elif binary:
         data = np.ascontiguousarray(array, dtype=DATATYPES[datatype]).tobytes()
     else:

@@ -179,6 +179,15 @@ def test_predict_refuses_a_timeout_that_is_not_a_positive_number(
             "argument --redis-url: redis url 'notaurl' must start with redis://",
             id="replay-redis-scheme",
         ),
+        pytest.param(("broker", "--port", "70000"), "'70000' is not a TCP port", id="broker-port"),
+        pytest.param(
+            ("demo", "--requests", "-1"), "'-1' is not a positive whole number", id="demo-count"
+        ),
+        pytest.param(
+            ("demo", "--rate", "nan"),
+            "'nan' is not a positive number of requests a second",
+            id="demo-rate",
+        ),
         pytest.param(
             ("dlq", "replay", "--dry-run", "--reply-to", "bad topic!"),
             "argument --reply-to: 'bad topic!' is no Kafka topic name (nor 'redis')",
@@ -215,9 +224,9 @@ def test_demo_runs_end_to_end_on_the_embedded_broker(tmp_path: Path) -> None:
     assert out.returncode == 0, out.stdout + out.stderr
     assert "2,000 │   2,000" in out.stdout  # every request of the burst got its result
     assert "rows per model call" in out.stdout
-    # The broker's data and the model go; the worker's log, which the summary names, stays.
+    # The broker's data and the model go; the logs, which the messages name, stay.
     (workdir,) = tmp_path.glob("surge-demo-*")
-    assert [p.name for p in workdir.iterdir()] == ["worker.log"]
+    assert sorted(p.name for p in workdir.iterdir()) == ["noida.log", "worker.log"]
     assert f"worker log: {workdir / 'worker.log'}" in out.stdout.replace("\n", "")
 
 
@@ -311,8 +320,40 @@ def test_demo_stops_at_once_when_its_worker_dies(tmp_path: Path) -> None:
     assert "Traceback" not in out.stderr
     (log,) = tmp_path.glob("surge-demo-*/worker.log")
     assert f"exited with status 2 before serving; see {log}" in out.stderr
-    # noida-db runs in a session of its own: nothing started from the demo may outlive it.
-    deadline = time.monotonic() + 15  # it saves its state on the way out
-    while subprocess.run(["pgrep", "-f", str(tmp_path)], stdout=subprocess.DEVNULL).returncode == 0:
-        assert time.monotonic() < deadline, "noida-db outlived the demo"
-        time.sleep(0.2)
+    # noida-db runs in a session of its own: nothing started from the demo may outlive it,
+    # not even for the time it takes to save its state.
+    leftover = subprocess.run(["pgrep", "-af", str(tmp_path)], capture_output=True, text=True)
+    assert leftover.returncode == 1, f"outlived the demo: {leftover.stdout}"
+
+
+def test_a_broker_command_stopped_while_its_broker_starts_leaves_nothing_behind(
+    tmp_path: Path,
+) -> None:
+    data = tmp_path / "noida"
+    process = subprocess.Popen(
+        [
+            sys.executable,
+            "-m",
+            "surge",
+            "broker",
+            "--port",
+            str(free_port()),
+            "--data-dir",
+            str(data),
+        ],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+    )
+    try:
+        parent = psutil.Process(process.pid)
+        deadline = time.monotonic() + 30
+        while not parent.children(recursive=True):  # noida-db launched, not serving yet
+            assert time.monotonic() < deadline, "no broker was started"
+            time.sleep(0.01)
+        process.send_signal(signal.SIGTERM)
+        assert process.wait(30) in (0, 130)  # 0: it was serving already, and stopped
+        leftover = subprocess.run(["pgrep", "-af", str(data)], capture_output=True, text=True)
+        assert leftover.returncode == 1, f"outlived `surge broker`: {leftover.stdout}"
+    finally:
+        process.kill()
+        process.wait()

@@ -9,6 +9,7 @@ import msgspec
 import numpy as np
 import pytest
 
+from surge.producers import request_body
 from surge.schemas import (
     JSON,
     MSGPACK,
@@ -199,3 +200,29 @@ def test_json_schema_covers_the_contract() -> None:
     )
     codes = schema["$defs"]["ErrorCode"]["enum"]
     assert set(codes) == {code.value for code in ErrorCode}
+
+
+@pytest.mark.parametrize(
+    ("inputs", "content_type", "error"),
+    [
+        pytest.param({"x": np.float32(1.0)}, MSGPACK, "a scalar", id="scalar"),
+        pytest.param({1: np.ones(2)}, MSGPACK, "input names are non-empty strings", id="name"),
+        pytest.param({"t": np.array([1.5, 2], dtype=object)}, MSGPACK, "not float", id="objects"),
+        pytest.param({"t": np.array([None], dtype=object)}, JSON, "not NoneType", id="none"),
+        pytest.param(
+            {"t": np.array([b"\xff\xd8"], dtype=object)}, JSON, "need msgpack", id="binary"
+        ),
+    ],
+)
+def test_a_request_no_worker_would_take_is_refused_as_it_is_built(
+    inputs: dict[Any, np.ndarray], content_type: str, error: str
+) -> None:
+    with pytest.raises(TensorError, match=error):
+        request_body(inputs, "r", content_type)
+
+
+def test_binary_values_cross_msgpack_as_they_are() -> None:
+    jpeg = b"\xff\xd8\xff\xe0"
+    body = request_body({"image": np.array([jpeg, "text"], dtype=object)}, "r", MSGPACK)
+    (tensor,) = decode_request(body, MSGPACK).inputs
+    assert to_array(tensor).tolist() == [jpeg, "text"]
