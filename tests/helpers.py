@@ -324,3 +324,28 @@ def mlp_fetch(
             )
         fetch[TopicPartition(topic, partition)] = records
     return fetch
+
+
+class PeakInFlight:
+    """The most records and bytes a ledger held while the block ran, sampled every
+    `every_s` (0: every turn of the event loop)."""
+
+    def __init__(self, ledger: Ledger, every_s: float = 0.0) -> None:
+        self._ledger, self._every_s = ledger, every_s
+        self.records = self.bytes = 0
+        self._sampler: asyncio.Task[None] | None = None
+
+    async def __aenter__(self) -> PeakInFlight:
+        self._sampler = asyncio.create_task(self._sample())
+        return self
+
+    async def __aexit__(self, *exc: object) -> None:
+        assert self._sampler is not None
+        self._sampler.cancel()
+        await asyncio.gather(self._sampler, return_exceptions=True)
+
+    async def _sample(self) -> None:
+        while True:
+            self.records = max(self.records, self._ledger.records)
+            self.bytes = max(self.bytes, self._ledger.bytes)
+            await asyncio.sleep(self._every_s)

@@ -357,30 +357,43 @@ async def test_a_letter_kafka_refuses_is_reported_and_the_others_are_replayed(
     assert sorted(replayed) == sorted(f"{run}-{i}" for i in range(3))
 
 
-async def test_inspect_prints_messages_as_written_not_as_markup(kafka: str) -> None:
-    """A worker's message repeats a client's header: `[/]` in it is text, not a closing tag."""
+async def _inspect_one(kafka: str, letter_headers: list[tuple[str, bytes]]) -> str:
+    """`surge dlq inspect` of a topic holding one letter with these headers: its output."""
     dead_letters = f"test.dlq.{uuid.uuid4().hex[:8]}"
     await create_topics(kafka, dead_letters, partitions=1)
-    letter = [
-        (headers.ERROR_CODE, b"invalid_reply_to"),
-        (headers.ERROR_MESSAGE, b"reply topic 'replies[/]' is not allowed"),
-        (headers.SOURCE_TOPIC, b"surge.requests.[red]mlp"),
-    ]
-    await publish(kafka, [(dead_letters, b"k", b"x", letter)])
+    await publish(kafka, [(dead_letters, b"k", b"x", letter_headers)])
     out = surge("dlq", "inspect", "--topic", dead_letters, "--bootstrap", kafka)
     assert out.returncode == 0, out.stderr
-    assert "'replies[/]' is not allowed" in out.stdout
-    assert "surge.requests.[red]mlp" in out.stdout
+    return out.stdout
 
 
-async def test_inspect_shows_the_cause_before_what_was_dropped_to_fit(kafka: str) -> None:
-    dead_letters = f"test.dlq.{uuid.uuid4().hex[:8]}"
-    await create_topics(kafka, dead_letters, partitions=1)
-    letter = [
-        (headers.ERROR_CODE, b"reply_failed"),
-        (headers.ERROR_MESSAGE, b"the cause"),
-        (headers.ERROR_MESSAGE, b"original value of 9 bytes dropped"),
-    ]
-    await publish(kafka, [(dead_letters, b"k", b"", letter)])
-    out = surge("dlq", "inspect", "--topic", dead_letters, "--bootstrap", kafka)
-    assert "the cause; original value of 9 bytes dropped" in out.stdout, out.stdout
+@pytest.mark.parametrize(
+    ("letter_headers", "expected"),
+    [
+        pytest.param(
+            [
+                (headers.ERROR_CODE, b"invalid_reply_to"),
+                (headers.ERROR_MESSAGE, b"reply topic 'replies[/]' is not allowed"),
+                (headers.SOURCE_TOPIC, b"surge.requests.[red]mlp"),
+            ],
+            ["'replies[/]' is not allowed", "surge.requests.[red]mlp"],
+            # A worker's message repeats a client's header: `[/]` in it is no closing tag.
+            id="text-not-markup",
+        ),
+        pytest.param(
+            [
+                (headers.ERROR_CODE, b"reply_failed"),
+                (headers.ERROR_MESSAGE, b"the cause"),
+                (headers.ERROR_MESSAGE, b"original value of 9 bytes dropped"),
+            ],
+            ["the cause; original value of 9 bytes dropped"],
+            id="the-cause-before-what-was-dropped-to-fit",
+        ),
+    ],
+)
+async def test_inspect_shows_what_a_letter_says_as_it_says_it(
+    kafka: str, letter_headers: list[tuple[str, bytes]], expected: list[str]
+) -> None:
+    shown = await _inspect_one(kafka, letter_headers)
+    for text in expected:
+        assert text in shown, shown

@@ -3,7 +3,6 @@ backlog stays in Kafka, not in one worker, and every request of it is still serv
 
 from __future__ import annotations
 
-import asyncio
 import uuid
 from collections.abc import Callable
 from pathlib import Path
@@ -16,7 +15,7 @@ from surge.producers import request_body, request_headers
 from surge.schemas import MSGPACK
 from surge.workers.worker import Worker
 from tests.conftest import make_settings
-from tests.helpers import create_topics, publish, read_topic
+from tests.helpers import PeakInFlight, create_topics, publish, read_topic
 from tests.models import write_steady
 
 pytestmark = pytest.mark.integration
@@ -60,22 +59,13 @@ async def test_a_backlog_stays_in_kafka_past_fetch_ahead_and_is_all_served(
     bound = AHEAD_S * batcher._speed + POLL_RECORDS + 3 * 4
     backlog = max(300, int(4 * bound))
 
-    peak = 0
-
-    async def sample() -> None:
-        nonlocal peak
-        while True:
-            peak = max(peak, worker._ledger.records)
-            await asyncio.sleep(0.002)
-
-    sampler = asyncio.create_task(sample())
-    await publish(kafka, _requests(topic, replies, run, warm, backlog))
-    results = await read_topic(kafka, replies, until=warm + backlog, timeout=120)
-    sampler.cancel()
+    async with PeakInFlight(worker._ledger, every_s=0.002) as peak:
+        await publish(kafka, _requests(topic, replies, run, warm, backlog))
+        results = await read_topic(kafka, replies, until=warm + backlog, timeout=120)
 
     expected = {f"{run}-{i}" for i in range(warm + backlog)}
     assert set(results) == expected
     assert all(len(replies) == 1 for replies in results.values())
     assert all(r.headers["surge-status"] == b"ok" for [r] in results.values())
     # The speed estimate moves as the backlog runs: allow it half as much again.
-    assert 0 < peak <= 1.5 * bound, (peak, bound, backlog)
+    assert 0 < peak.records <= 1.5 * bound, (peak.records, bound, backlog)
