@@ -326,16 +326,19 @@ def mlp_fetch(
     return fetch
 
 
-class PeakInFlight:
-    """The most records and bytes a ledger held while the block ran, sampled every
-    `every_s` (0: every turn of the event loop)."""
+class Peaks:
+    """The largest value each reader gave while the block ran, sampled every `every_s` (0:
+    every turn of the event loop): `Peaks(records=lambda: ledger.records)["records"]`."""
 
-    def __init__(self, ledger: Ledger, every_s: float = 0.0) -> None:
-        self._ledger, self._every_s = ledger, every_s
-        self.records = self.bytes = 0
+    def __init__(self, every_s: float = 0.0, **readers: Callable[[], float]) -> None:
+        self._every_s, self._readers = every_s, readers
+        self._peaks = dict.fromkeys(readers, 0.0)
         self._sampler: asyncio.Task[None] | None = None
 
-    async def __aenter__(self) -> PeakInFlight:
+    def __getitem__(self, name: str) -> float:
+        return self._peaks[name]
+
+    async def __aenter__(self) -> Peaks:
         self._sampler = asyncio.create_task(self._sample())
         return self
 
@@ -346,6 +349,6 @@ class PeakInFlight:
 
     async def _sample(self) -> None:
         while True:
-            self.records = max(self.records, self._ledger.records)
-            self.bytes = max(self.bytes, self._ledger.bytes)
+            for name, read in self._readers.items():
+                self._peaks[name] = max(self._peaks[name], read())
             await asyncio.sleep(self._every_s)

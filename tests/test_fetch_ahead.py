@@ -9,13 +9,14 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+from prometheus_client import REGISTRY
 
 from surge.config import Settings
 from surge.producers import request_body, request_headers
 from surge.schemas import MSGPACK
 from surge.workers.worker import Worker
 from tests.conftest import make_settings
-from tests.helpers import PeakInFlight, create_topics, publish, read_topic
+from tests.helpers import Peaks, create_topics, publish, read_topic
 from tests.models import write_steady
 
 pytestmark = pytest.mark.integration
@@ -59,7 +60,11 @@ async def test_a_backlog_stays_in_kafka_past_fetch_ahead_and_is_all_served(
     bound = AHEAD_S * batcher._speed + POLL_RECORDS + 3 * 4
     backlog = max(300, int(4 * bound))
 
-    async with PeakInFlight(worker._ledger, every_s=0.002) as peak:
+    def stopped() -> float:  # what an operator sees: fetching for the model stopped
+        return REGISTRY.get_sample_value("surge_fetch_stopped", {"model": "steady"}) or 0.0
+
+    peaks = Peaks(0.002, records=lambda: worker._ledger.records, stopped=stopped)
+    async with peaks as peak:
         await publish(kafka, _requests(topic, replies, run, warm, backlog))
         results = await read_topic(kafka, replies, until=warm + backlog, timeout=120)
 
@@ -68,4 +73,6 @@ async def test_a_backlog_stays_in_kafka_past_fetch_ahead_and_is_all_served(
     assert all(len(replies) == 1 for replies in results.values())
     assert all(r.headers["surge-status"] == b"ok" for [r] in results.values())
     # The speed estimate moves as the backlog runs: allow it half as much again.
-    assert 0 < peak.records <= 1.5 * bound, (peak.records, bound, backlog)
+    assert 0 < peak["records"] <= 1.5 * bound, (peak["records"], bound, backlog)
+    assert peak["stopped"] == 1
+    assert stopped() == 0  # fetching again, once the backlog ran

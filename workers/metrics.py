@@ -72,6 +72,11 @@ IN_FLIGHT_BYTES = Gauge(
     "Bytes of those records and of their encoded outcomes not yet durable (max_in_flight_bytes)",
 )
 PAUSED = Gauge("surge_paused", "1 while partitions are paused for backpressure")
+FETCH_STOPPED = Gauge(
+    "surge_fetch_stopped",
+    "1 while a model's topics are not fetched: fetch_ahead_s of its work is queued here",
+    ["model"],
+)
 REPLY_RETRIES = Counter("surge_reply_retries_total", "Result writes retried", ["target"])
 
 

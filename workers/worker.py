@@ -422,6 +422,8 @@ class Worker:
         ahead = self._repository.ahead(worker.fetch_ahead_s, self._ahead, worker.fetch_resume_s)
         if ahead != self._ahead:
             log.debug("fetching_ahead_stopped", models=sorted(ahead))
+            for model in ahead ^ self._ahead:
+                metrics.FETCH_STOPPED.labels(model).set(model in ahead)
             self._ahead = ahead
         if not ahead:
             return set()
