@@ -159,7 +159,8 @@ def summarise(runs: list[Result], surge: list[Result] | None) -> Summary:
     ranked = sorted(runs, key=lambda r: r.throughput)
     ratios = []
     if surge is not None:
-        ratios = [s.throughput / r.throughput for s, r in zip(surge, runs, strict=True)]
+        pairs = zip(surge, runs, strict=True)
+        ratios = [s.throughput / r.throughput for s, r in pairs if r.throughput]
     return Summary(
         ranked[(len(ranked) - 1) // 2],
         float(np.median([r.throughput for r in runs])),

@@ -137,8 +137,9 @@ def _unpacked(fetch: Fetch, lean: bool) -> dict[TopicPartition, list[Any]]:
 async def _drive(
     worker: Worker, sink: RecordBatches, fetches: list[Fetch], lean: bool = True
 ) -> float:
-    """Feed every fetch as the consume loop does (pausing on a full ledger, and fetching no
-    more than it has room for); CPU seconds."""
+    """Feed every fetch as the consume loop does, pausing on a full ledger; and, where the
+    worker would fetch fewer records than a whole fetch, waiting until a whole one fits (so
+    max_in_flight must be at least a fetch); CPU seconds."""
     ledger = worker._ledger
     draining = asyncio.create_task(sink.run())
     started = time.process_time()

@@ -20,7 +20,7 @@ import time
 import urllib.request
 from collections.abc import Coroutine
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar
 
 import numpy as np
 from prometheus_client.parser import text_string_to_metric_families
@@ -33,7 +33,8 @@ from surge.producers import SurgeClient
 from surge.producers.load import LoadReport, run_load, shared_reply_topic
 
 console = Console()
-_WORKER_CHECK_S = 0.5  # how often the first-result wait looks at the worker process
+T = TypeVar("T")
+_WORKER_CHECK_S = 0.5  # how often a phase looks at the worker process
 
 
 def _free_port() -> int:
@@ -81,14 +82,9 @@ def run_demo(*, requests: int, rate: float) -> int:
         with console.status("worker starting: waiting for its first result"):
             started = time.perf_counter()
             try:
-                asyncio.run(_first_result(bootstrap, inputs(0), worker))
+                asyncio.run(_first_result(bootstrap, inputs(0), worker, worker_log))
             except TimeoutError:
                 raise DemoError(f"no result from the worker in time; see {worker_log}") from None
-            if worker.returncode is not None:
-                raise DemoError(
-                    f"the worker exited with status {worker.returncode} before serving; "
-                    f"see {worker_log}"
-                )
             ready_s = time.perf_counter() - started
         with shared_reply_topic(bootstrap) as replies:  # one for both phases, as a client keeps
             load = functools.partial(run_load, bootstrap, MLP_NAME, inputs, reply_topic=replies)
@@ -105,39 +101,38 @@ def run_demo(*, requests: int, rate: float) -> int:
 
 
 async def _while_alive(
-    worker: subprocess.Popen[bytes], worker_log: Path, phase: Coroutine[Any, Any, LoadReport]
-) -> LoadReport:
-    """Run a load phase, unless the worker exits meanwhile: then stop at once and say so,
-    rather than wait out the phase's timeout for results that cannot come."""
+    worker: subprocess.Popen[bytes],
+    worker_log: Path,
+    phase: Coroutine[Any, Any, T],
+    *,
+    when: str = "while serving",
+) -> T:
+    """Run a phase, unless the worker exits meanwhile: then stop at once and say so, rather
+    than wait out the phase's timeout for results that cannot come."""
     running = asyncio.ensure_future(phase)
     try:
+        # A Popen child cannot be awaited from this loop: look at it between waits.
         while not (await asyncio.wait({running}, timeout=_WORKER_CHECK_S))[0]:
             if worker.poll() is not None:
                 raise DemoError(
-                    f"the worker exited with status {worker.returncode} while serving; "
-                    f"see {worker_log}"
+                    f"the worker exited with status {worker.returncode} {when}; see {worker_log}"
                 )
         return running.result()
-    finally:
+    finally:  # the worker gone, or Ctrl-C: what the phase was waiting for goes unread
         running.cancel()
         await asyncio.gather(running, return_exceptions=True)
 
 
 async def _first_result(
-    bootstrap: str, inputs: dict[str, np.ndarray], worker: subprocess.Popen[bytes]
+    bootstrap: str,
+    inputs: dict[str, np.ndarray],
+    worker: subprocess.Popen[bytes],
+    worker_log: Path,
 ) -> None:
     """Wait for the worker to answer, or to exit: a start-up failure must not cost 120 s."""
     async with SurgeClient(bootstrap) as client:
-        result = asyncio.ensure_future(client.predict(MLP_NAME, inputs, timeout=120))
-        try:
-            # A Popen child cannot be awaited from this loop: look at it between waits.
-            while not (await asyncio.wait({result}, timeout=_WORKER_CHECK_S))[0]:
-                if worker.poll() is not None:
-                    return
-            result.result()
-        finally:  # the worker gone, or Ctrl-C: the request's outcome goes unread
-            result.cancel()
-            await asyncio.gather(result, return_exceptions=True)
+        first = client.predict(MLP_NAME, inputs, timeout=120)
+        await _while_alive(worker, worker_log, first, when="before serving")
 
 
 def _stop_worker(worker: subprocess.Popen[bytes]) -> None:

@@ -60,8 +60,8 @@ class DeadLetter:
     value: bytes
     headers: list[tuple[str, bytes]]
     timestamp_ms: int
-    partition: int = -1  # where it lies in the dead-letter topic
-    offset: int = -1
+    partition: int  # where it lies in the dead-letter topic
+    offset: int
     replayed: bool = False  # a replay re-published it before (its marker is in the topic)
     fields: dict[str, str] = field(default_factory=dict)
 
@@ -208,19 +208,14 @@ async def load(
     may be up to a message's size each."""
     records = await read_all(bootstrap, topic, options, values=values)
     replayed = {v for r in records for k, v in r.headers if k == headers.REPLAYED}
-    return [
-        DeadLetter(
-            r.key,
-            r.value,
-            r.headers,
-            r.timestamp_ms,
-            r.partition,
-            r.offset,
-            replayed=f"{r.partition}:{r.offset}".encode() in replayed,
-        )
+    letters = [
+        DeadLetter(r.key, r.value, r.headers, r.timestamp_ms, r.partition, r.offset)
         for r in records
         if not any(k == headers.REPLAYED for k, _ in r.headers)
     ]
+    for letter in letters:
+        letter.replayed = letter.position in replayed
+    return letters
 
 
 def summarise(letters: Iterable[DeadLetter]) -> dict[str, dict[str, Any]]:
@@ -392,8 +387,11 @@ async def _publish(
             return
         report.replayed += 1
         marker = [(headers.REPLAYED, letter.position)]
-        where = {"key": letter.key, "partition": letter.partition}
-        markers.append(await producer.send(topic, b"", headers=marker, **where))
+        try:
+            where = {"key": letter.key, "partition": letter.partition}
+            markers.append(await producer.send(topic, b"", headers=marker, **where))
+        except KafkaError:  # replayed all the same: the report says a rerun may send it again
+            report.unmarked += 1
 
     try:
         await producer.start()

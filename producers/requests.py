@@ -58,7 +58,7 @@ def _check_input(name: object, array: np.ndarray, binary: bool) -> None:
         raise TensorError(f"input names are non-empty strings, not {name!r}")
     if array.ndim == 0:
         raise TensorError(f"input {name!r}: a scalar; inputs are arrays, e.g. [{array.item()!r}]")
-    if array.dtype.kind != "O":
+    if array.dtype.kind not in "OS":  # objects, or numpy's fixed-size bytes
         return
     for value in array.ravel().tolist():
         if isinstance(value, str):

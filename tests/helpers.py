@@ -225,14 +225,21 @@ async def wait_committed(bootstrap: str, group: str, topic: str, timeout: float 
         await asyncio.sleep(0.1)
 
 
-def make_ticket(body: bytes, content_type: str = "application/json") -> Ticket:
-    """A ticket as the router would make it for a record with this body."""
+def make_ticket(
+    body: bytes,
+    content_type: str = "application/json",
+    *,
+    key: bytes = b"k",
+    headers: list[tuple[str, bytes]] | None = None,
+) -> Ticket:
+    """A ticket as the router would make it for a record with this body, key and headers."""
+    headers = headers or []
     return Ticket(
         tp=TopicPartition("t", 0),
         offset=0,
-        key=b"k",
+        key=key,
         value=body,
-        headers=[],
+        headers=headers,
         request_id="k",
         model="m",
         version=None,
@@ -240,6 +247,7 @@ def make_ticket(body: bytes, content_type: str = "application/json") -> Ticket:
         content_type=content_type,
         deadline_ms=None,
         received=time.monotonic(),
+        size=len(body) + len(key) + sum(len(k) + len(v) for k, v in headers),
     )
 
 

@@ -79,8 +79,7 @@ def test_a_record_counts_with_its_key_and_headers() -> None:
     """A record's headers can be as large as its value: a bound on values alone would let
     20,000 records with a megabyte of headers each in."""
     ledger = Ledger(max_records=100, max_bytes=1 << 20)
-    ticket = make_ticket(b"{}")
-    ticket.key, ticket.headers = b"k" * 10, [("h", b"v" * (1 << 20))]
+    ticket = make_ticket(b"{}", key=b"k" * 10, headers=[("h", b"v" * (1 << 20))])
     ledger.admit(ticket)
     assert ledger.bytes == 2 + 10 + 1 + (1 << 20)
     assert ledger.full

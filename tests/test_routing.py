@@ -145,6 +145,13 @@ def test_a_repeated_routing_header_is_read_once_by_its_last_value() -> None:
     assert sorted(name for name, _ in routing) == ["surge-model", "surge-reply-to", "surge-version"]
 
 
+def test_a_ticket_holds_the_size_of_its_value_key_and_headers() -> None:
+    record = _Record("surge.requests.mlp", {"surge-reply-to": "out"})
+    record.headers.append(("trace", b"t" * 1000))
+    ticket, _ = _ticket(record)
+    assert ticket.size == 2 + 1 + len("surge-reply-to") + 3 + len("trace") + 1000
+
+
 def test_ids_fall_back_to_the_record_position() -> None:
     ticket, _ = _ticket(_Record("shared", {}, key=None))
     assert ticket.request_id == "shared-0-7"

@@ -212,6 +212,7 @@ def test_json_schema_covers_the_contract() -> None:
         pytest.param(
             {"t": np.array([b"\xff\xd8"], dtype=object)}, JSON, "need msgpack", id="binary"
         ),
+        pytest.param({"t": np.array([b"\xff\xd8"])}, JSON, "need msgpack", id="binary-fixed"),
     ],
 )
 def test_a_request_no_worker_would_take_is_refused_as_it_is_built(

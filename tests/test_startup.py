@@ -13,7 +13,10 @@ from pathlib import Path
 import pytest
 from prometheus_client import start_http_server
 
-from tests.conftest import WorkerProcess, worker_env
+from surge.config import Settings
+from surge.examples import write_mlp
+from surge.workers import Worker
+from tests.conftest import WorkerProcess, make_settings, worker_env
 from tests.services import free_port
 
 DELIVERIES = ["at_least_once", "exactly_once"]
@@ -116,3 +119,18 @@ def test_a_topic_the_cluster_will_not_create_fails_start_up_in_one_line(
     assert len(failed) == 1, _output(worker)
     assert "cannot create topic" in str(failed[0]["error"])
     assert "Traceback" not in _output(worker)
+
+
+@pytest.mark.integration
+async def test_a_model_whose_topic_would_be_the_dead_letter_topic_is_not_consumed_there(
+    kafka: str, tmp_path: Path, run_worker: Callable[[Settings], Worker]
+) -> None:
+    """Its letters would be consumed and dead-lettered again, for ever."""
+    root = tmp_path / "models"
+    write_mlp(root)
+    (root / "mlp").rename(root / "letters")
+    prefix = make_settings(kafka, root, None).worker.topic_prefix
+    letters = f"{prefix}letters"
+    env = {"SURGE_WORKER__TOPIC_PREFIX": prefix, "SURGE_WORKER__DEAD_LETTER_TOPIC": letters}
+    worker = await run_worker(make_settings(kafka, root, None, **env))
+    assert letters not in worker._topics

@@ -12,7 +12,7 @@ from collections.abc import Iterable, Sequence
 from aiokafka import TopicPartition
 
 from surge.workers.offsets import OffsetTracker
-from surge.workers.tickets import Ticket, headers_size
+from surge.workers.tickets import Ticket
 
 
 class Ledger:
@@ -34,36 +34,32 @@ class Ledger:
         return self.records <= self._max_records // 2 and self.bytes <= self._max_bytes // 2
 
     def room_for(self, count: int, each: int) -> int:
-        """How many of `count` records of `each` bytes fit under both bounds: at least one,
-        so that a record larger than the whole bound still goes through, alone."""
+        """How many of `count` records of `each` bytes fit under both bounds; at least one
+        (of a `count` above 0), so that a record larger than the whole bound still goes
+        through, alone."""
         records = self._max_records - self.records
         fits = records if each <= 0 else min(records, (self._max_bytes - self.bytes) // each)
-        return max(1, min(count, fits))
+        return min(count, max(1, fits))
 
     def admit(self, ticket: Ticket) -> None:
-        """Track the ticket's record; it counts against the bounds with all it holds: its
-        value, key and headers (a record's headers can be as large as its value)."""
+        """Track the ticket's record; it counts against the bounds with all it holds
+        (`Ticket.size`)."""
         ticket.tracking = self.offsets.track(ticket.tp, ticket.offset)
-        ticket.size = len(ticket.value) + len(ticket.key or b"") + headers_size(ticket.headers)
         self.records += 1
         self.bytes += ticket.size
 
     def admit_all(self, tickets: Sequence[Ticket]) -> None:
-        """`admit` for a run of tickets of one partition with the same headers, in the order
-        of their offsets."""
+        """`admit` for a run of tickets of one partition, in the order of their offsets."""
         offsets = self.offsets
         token = offsets.track_all(tickets[0].tp, [ticket.offset for ticket in tickets])
-        each = headers_size(tickets[0].headers)
-        total = 0
-        for ticket in tickets:
-            if token is None:
+        if token is None:
+            for ticket in tickets:
                 ticket.tracking = offsets.track(ticket.tp, ticket.offset)
-            else:
+        else:
+            for ticket in tickets:
                 ticket.tracking = token
-            ticket.size = size = len(ticket.value) + len(ticket.key or b"") + each
-            total += size
         self.records += len(tickets)
-        self.bytes += total
+        self.bytes += sum([ticket.size for ticket in tickets])
 
     def hold(self, ticket: Ticket, size: int) -> None:
         """The ticket's outcome takes `size` bytes until it is durable: first as expected

@@ -5,11 +5,11 @@ from __future__ import annotations
 import threading
 import time
 from collections.abc import Callable, Iterable
-from socketserver import ThreadingMixIn
 from typing import Any
-from wsgiref.simple_server import WSGIRequestHandler, WSGIServer, make_server
+from wsgiref.simple_server import WSGIRequestHandler, make_server
 
 from prometheus_client import Counter, Gauge, Histogram, make_wsgi_app
+from prometheus_client.exposition import ThreadingWSGIServer
 
 RESULTS = Counter(
     "surge_results_total",
@@ -114,12 +114,8 @@ def serve(port: int) -> None:
         start_response(status, [("Content-Type", "text/plain; charset=utf-8")])
         return [b"ready\n" if ready else b"starting or stopping\n"]
 
-    server = make_server("0.0.0.0", port, app, _ThreadingServer, handler_class=_Quiet)
+    server = make_server("0.0.0.0", port, app, ThreadingWSGIServer, handler_class=_Quiet)
     threading.Thread(target=server.serve_forever, name="metrics", daemon=True).start()
-
-
-class _ThreadingServer(ThreadingMixIn, WSGIServer):
-    daemon_threads = True  # a slow scraper never holds up the process's exit
 
 
 class _Quiet(WSGIRequestHandler):

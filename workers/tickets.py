@@ -60,7 +60,9 @@ class Ticket(msgspec.Struct, eq=False, gc=False):
     answered: bool = False  # an outcome was handed to Replies: never a second one
     settled: bool = False  # that outcome is durable
     held: int = 0  # bytes of its outcome, expected or encoded, in memory until it is durable
-    size: int = 0  # bytes of the record it holds (value, key, headers), counted while in flight
+    # Bytes of the record it holds (value, key, headers' names and values): counted against
+    # max_in_flight_bytes while in flight, as a record's headers can be as large as its value.
+    size: int = 0
     tracking: object = None  # the offset tracker's token for this record's partition
 
     def expired(self, now_ms: int) -> bool:
@@ -97,6 +99,7 @@ class _Read(NamedTuple):
     route: Route
     deadline_ms: int | None
     bad_deadline: Rejection | None
+    headers_size: int  # bytes of the headers' names and values: held while in flight
 
 
 class Router:
@@ -131,7 +134,7 @@ class Router:
     ) -> tuple[Ticket, Rejection | None]:
         """The record's ticket (`tp` its partition, `received` when its fetch came in), with
         the reason it cannot be served, if any."""
-        route, deadline_ms, bad_deadline = self._read(tp.topic, record.headers)
+        route, deadline_ms, bad_deadline, held = self._read(tp.topic, record.headers)
         value = record.value or b""
         ticket = Ticket(
             tp,
@@ -146,6 +149,7 @@ class Router:
             route.content_type,
             deadline_ms,
             received,
+            size=len(value) + len(record.key or b"") + held,
         )
         if route.rejection:
             return ticket, route.rejection
@@ -161,7 +165,7 @@ class Router:
         """Tickets for a run of records with the same headers (`run_end`) when routing finds
         nothing wrong with any of them, each without its id (`fallback_id` or the body's);
         None: some record must go the record-by-record way, for its rejection."""
-        route, deadline_ms, bad_deadline = self._read(tp.topic, records[0].headers)
+        route, deadline_ms, bad_deadline, held = self._read(tp.topic, records[0].headers)
         if route.rejection or bad_deadline or route.late_rejection:
             return None
         model, version, reply_to = route.model, route.version, route.reply_to
@@ -183,6 +187,7 @@ class Router:
                 content_type,
                 deadline_ms,
                 received,
+                size=len(value) + len(record.key or b"") + held,
             )
             for record, value in zip(records, values, strict=True)
         ]
@@ -198,18 +203,21 @@ class Router:
     def _read_headers(
         self, topic: str, record_headers: Sequence[tuple[str, bytes | None]]
     ) -> _Read:
-        # The last value of each routing header decides (as Java's `lastHeader` reads them):
-        # so a route's key holds four short values at most, however many a record repeats.
-        routing: dict[str, bytes | None] = {}
-        deadline = None
-        for name, value in record_headers:
+        routing, deadline, size = [], None, 0
+        for pair in record_headers:
+            name, value = pair
+            size += len(name) + len(value or b"")
             if name in _ROUTING:
                 if name == headers.DEADLINE_MS:
                     deadline = value
                 else:
-                    routing[name] = value
+                    routing.append(pair)
+        if len(routing) > len(_ROUTING) - 1:
+            # A name repeated: the last value decides (as Java's `lastHeader` reads them), and
+            # a route's key holds four short values at most, however many a record repeats.
+            routing = list(dict(routing).items())
         deadline_ms, bad_deadline = (None, None) if deadline is None else _deadline(deadline)
-        return _Read(self._cached_route(topic, list(routing.items())), deadline_ms, bad_deadline)
+        return _Read(self._cached_route(topic, routing), deadline_ms, bad_deadline, size)
 
     def _cached_route(self, topic: str, routing: list[tuple[str, bytes | None]]) -> Route:
         if any(raw is not None and len(raw) > MAX_ROUTING_BYTES for _, raw in routing):
@@ -230,7 +238,8 @@ class Router:
         fields: dict[str, str] = {}
         undecodable = oversized = None
         for name, raw in routing:
-            if raw is None:  # a null value is the same as absent
+            if raw is None:  # a null value is the same as absent (the last value decides)
+                fields.pop(name, None)
                 continue
             if len(raw) > MAX_ROUTING_BYTES:  # refused below, and read no further
                 oversized = name
@@ -314,12 +323,8 @@ def unroutable(record: Record, tp: TopicPartition) -> Ticket:
         content_type=JSON,
         deadline_ms=None,
         received=time.monotonic(),
+        size=len(record.value or b"") + len(record.key or b""),
     )
-
-
-def headers_size(record_headers: Sequence[tuple[str, bytes | None]]) -> int:
-    """About what a record's headers take: their names and values."""
-    return sum([len(name) + len(value or b"") for name, value in record_headers])
 
 
 def run_end(records: Sequence[Record], start: int) -> int:

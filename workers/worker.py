@@ -291,12 +291,13 @@ class Worker:
 
     def _topic_models(self) -> dict[str, str | None]:
         """Request topic -> model it carries (None for shared topics, routed by header). A
-        model whose name makes no topic Kafka accepts is served on shared topics only."""
+        model whose name makes no topic Kafka accepts, or makes the dead-letter topic (whose
+        letters would be consumed again, for ever), is served on shared topics only."""
         worker = self.settings.worker
         topics: dict[str, str | None] = {}
         for name in self._repository.model_names():
             topic = worker.topics.get(name, worker.topic_prefix + name)
-            if _TOPIC.fullmatch(topic):
+            if _TOPIC.fullmatch(topic) and topic != worker.dead_letter_topic:
                 topics[topic] = name
             elif name not in self._untopical:  # said once
                 self._untopical.add(name)
@@ -362,7 +363,6 @@ class Worker:
     async def _consume(self) -> None:
         consumer = self._consumer
         max_records = self.settings.worker.max_poll_records
-        max_in_flight = self.settings.worker.max_in_flight
         full = False  # the ledger's bounds reached: every partition waits for half to drain
         while not self._stopping.is_set():
             if not self._topics:  # no models yet: until a reload finds some, or a stop
@@ -394,8 +394,8 @@ class Worker:
                 # Bounded: during a rebalance getmany waits for the assignment, and a stop
                 # request must still be noticed. A timeout scope, not a task: nothing else
                 # runs between getmany's assignment check and the intake below.
-                # No more records than the bound has room for: the rest wait in the consumer.
-                room = max(1, min(max_records, max_in_flight - self._ledger.records))
+                # No more records than the bound has room for: the rest are fetched later.
+                room = self._ledger.room_for(max_records, 0)
                 async with asyncio.timeout(_FETCH_RETRY_S):
                     batches = await consumer.getmany(
                         timeout_ms=0 if idle else _GETMANY_TIMEOUT_MS, max_records=room
@@ -441,13 +441,17 @@ class Worker:
         this runs (it yields between partitions) keeps the rest of its records unread here:
         its offsets are committed up to what was taken, and its next owner reads on. Once
         the ledger is full, the records not taken yet are fetched again later: the bounds
-        are passed by one record, or by a run of records whose results (or values) turn out
-        larger than their first one's."""
+        are passed by what one run of records holds beyond what its first record promised
+        (a run's records share their headers; one whose route or model rejects it, answered
+        record by record, is taken whole)."""
         self._revoked.clear()
         now_ms = int(time.time() * 1000)
         for tp, records in fetched.items():
             if tp in self._revoked:
                 log.info("fetch_left_to_next_owner", partition=f"{tp.topic}:{tp.partition}")
+                continue
+            if records and self._ledger.full:  # read again, and timed, once there is room
+                self._consumer.seek(tp, records[0].offset)
                 continue
             stamped = records[0].timestamp if records else None
             if stamped is not None and stamped > 0:  # v0 records carry none, some -1
@@ -486,8 +490,7 @@ class Worker:
             if isinstance(served, Rejection):
                 return None
             # Each holds its record and, once queued, a result of a row or more.
-            first = tickets[0]
-            each = len(first.value) + len(first.key or b"") + served.intake.result_row_bytes
+            each = tickets[0].size + served.intake.result_row_bytes
             fits = self._ledger.room_for(len(tickets), each)
             if fits < len(tickets):
                 del tickets[fits:]
