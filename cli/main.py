@@ -85,11 +85,8 @@ def main(argv: list[str] | None = None) -> None:
     shadow.add_argument("--candidate-topic", help="the candidate's topic (default: --topic's)")
 
     lag = commands.add_parser("lag", help="a worker group's lag per topic: what to scale on")
-    lag.add_argument("-c", "--config", type=Path, help="the workers' settings: bootstrap, group")
+    _connection_arguments(lag)
     lag.add_argument("--group", help="consumer group (default: the settings' group_id)")
-    lag.add_argument(
-        "--bootstrap", type=_bootstrap, help="bootstrap servers (default: the settings')"
-    )
     lag.add_argument("--json", action="store_true", help="one JSON object per topic")
 
     demo = commands.add_parser("demo", help="broker + worker + example model + a burst, in one go")
@@ -121,7 +118,7 @@ def main(argv: list[str] | None = None) -> None:
     commands.add_parser("schema", help="print JSON Schema of the wire contract")
 
     args = parser.parse_args(argv)
-    if args.command in ("predict", "score", "shadow", "dlq") and (failed := _connect(args)):
+    if args.command in ("predict", "score", "shadow", "dlq", "lag") and (failed := _connect(args)):
         sys.exit(failed)
     sys.exit(_COMMANDS[args.command](args))
 
@@ -140,12 +137,13 @@ def _connection_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def _connect(args: argparse.Namespace) -> int:
-    """Resolve `args.bootstrap` and `args.kafka_options` (TLS, SASL...) from the settings
-    (`-c`, and SURGE_KAFKA__* variables) and `--bootstrap`; nonzero: the exit status."""
+    """Resolve `args.settings` (`-c`, and SURGE_* variables), and from them and `--bootstrap`
+    `args.bootstrap` and `args.kafka_options` (TLS, SASL...); nonzero: the exit status."""
     from surge.config import ConfigError, load_settings
 
     try:
-        options = load_settings(args.config).kafka.client_options()
+        args.settings = load_settings(args.config)
+        options = args.settings.kafka.client_options()
     except (ConfigError, OSError, ValueError) as exc:  # OSError, ValueError: TLS files
         return _fail(str(exc))
     configured = options.pop("bootstrap_servers")
@@ -644,17 +642,10 @@ def _versions(counts: Counter[str]) -> str:
 
 
 def _lag(args: argparse.Namespace) -> int:
-    from surge.config import ConfigError, load_settings
     from surge.workers.lag import configured_topics, group_lag
 
-    try:
-        settings = load_settings(args.config)
-    except ConfigError as exc:
-        return _fail(str(exc))
-    kafka = settings.kafka.client_options()
-    if args.bootstrap:
-        kafka["bootstrap_servers"] = args.bootstrap
-    args.bootstrap = kafka["bootstrap_servers"]  # for the messages of `_explained`
+    settings = args.settings
+    kafka = {"bootstrap_servers": args.bootstrap, **args.kafka_options}
     group = args.group or settings.worker.group_id
     reset = settings.worker.auto_offset_reset
 
