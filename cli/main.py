@@ -127,7 +127,7 @@ def _connection_arguments(parser: argparse.ArgumentParser) -> None:
     """How a client command reaches the cluster: a worker's settings file (its [kafka] table:
     bootstrap servers, TLS, SASL) and an address that overrides its bootstrap servers."""
     parser.add_argument(
-        "-c", "--config", type=Path, help="TOML settings whose [kafka] table to connect with"
+        "-c", "--config", type=Path, help="the workers' TOML settings ([kafka]; lag: group too)"
     )
     parser.add_argument(
         "--bootstrap",
