@@ -28,6 +28,7 @@ from rich.console import Console
 from rich.table import Table
 
 from surge.broker import start_noida, stop_noida
+from surge.config.loader import ENV_PREFIX
 from surge.examples import MLP_FEATURES, MLP_NAME, write_mlp
 from surge.producers import SurgeClient
 from surge.producers.load import LoadReport, run_load, shared_reply_topic
@@ -61,7 +62,9 @@ def run_demo(*, requests: int, rate: float) -> int:
             broker = start_noida(workdir / "broker", port, log_path=workdir / "noida.log")
         cleanup.callback(stop_noida, broker)
         write_mlp(workdir / "models")
-        env = os.environ | {
+        # The demo's own settings only: a SURGE_ variable of the user's (a cluster's address,
+        # SASL, a TLS file) would send its worker elsewhere or stop it.
+        env = {k: v for k, v in os.environ.items() if not k.startswith(ENV_PREFIX)} | {
             "SURGE_KAFKA__BOOTSTRAP_SERVERS": bootstrap,
             "SURGE_WORKER__MODEL_ROOT": str(workdir / "models"),
             "SURGE_WORKER__GROUP_ID": "surge-demo",

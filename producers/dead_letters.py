@@ -7,7 +7,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 from collections import Counter
-from collections.abc import Iterable, Mapping
+from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass, field
 from datetime import datetime
 from typing import Any
@@ -117,10 +117,11 @@ async def read_all(
     kafka_options: Mapping[str, Any] | None = None,
     *,
     values: bool = True,
+    keep: Callable[[Record], bool] | None = None,
     stall_s: float = STALL_S,
 ) -> list[Record]:
-    """Every record of a topic up to its current end; with `values` false, each value is b""
-    (a scan for headers need not hold the bodies). Raises
+    """Every record of a topic up to its current end, or those `keep` approves; with `values`
+    false, each value is b"" (a scan for headers need not hold the bodies). Raises
     TopicMissing for a topic that does not exist (without creating it), TopicUnreadable when
     no partition moves for `stall_s` seconds before the end."""
     options = {"bootstrap_servers": bootstrap, **(kafka_options or {})}
@@ -139,7 +140,7 @@ async def read_all(
         ends = await consumer.end_offsets(partitions)
         for tp, start in (await consumer.beginning_offsets(partitions)).items():
             consumer.seek(tp, start)  # explicit: seek_to_beginning resolves lazily
-        return await read_to_end(consumer, ends, values=values, stall_s=stall_s)
+        return await read_to_end(consumer, ends, values=values, keep=keep, stall_s=stall_s)
     finally:
         await consumer.stop()
 
@@ -163,10 +164,12 @@ async def read_to_end(
     ends: Mapping[TopicPartition, int],
     *,
     values: bool = True,
+    keep: Callable[[Record], bool] | None = None,
     stall_s: float = STALL_S,
 ) -> list[Record]:
-    """The records of the consumer's assigned partitions from their positions up to `ends`;
-    raises TopicUnreadable when no partition moves for `stall_s` seconds."""
+    """The records of the consumer's assigned partitions from their positions up to `ends`
+    (those `keep` approves, when given: the others are never held together); raises
+    TopicUnreadable when no partition moves for `stall_s` seconds."""
     loop = asyncio.get_running_loop()
     records = []
     remaining = {tp for tp, end in ends.items() if end > 0}
@@ -174,7 +177,7 @@ async def read_to_end(
     stalled_after = loop.time() + stall_s
     while remaining:
         for batch in (await consumer.getmany(*remaining, timeout_ms=_FETCH_MS)).values():
-            records.extend(
+            read = (
                 Record(
                     list(r.headers),
                     r.key,
@@ -185,6 +188,7 @@ async def read_to_end(
                 )
                 for r in batch
             )
+            records.extend(read if keep is None else filter(keep, read))
         moved = False
         for tp in list(remaining):
             position = await consumer.position(tp)
@@ -448,14 +452,20 @@ async def _answered(
                 finally:
                     await redis.aclose()
             continue
+
+        # Any result counts, an error too, as in Redis: the request was answered, and
+        # answering it again would give its caller two results. A shared reply topic may
+        # hold millions of results: only those of the letters' requests are kept.
+        def ours(record: Record, ids: set[str] = ids) -> bool:
+            return _request_id(record) in ids
+
         try:
-            records = await read_all(bootstrap, target, kafka_options, values=False)
+            records = await read_all(bootstrap, target, kafka_options, values=False, keep=ours)
         except TopicMissing:  # a client's own reply topic goes when the client closes
             continue
-        for record in records:
-            # Any result counts, an error too, as in Redis: the request was answered, and
-            # answering it again would give its caller two results.
-            request_id = (dict(record.headers).get(headers.REQUEST_ID) or b"").decode()
-            if request_id in ids:
-                answered.add(request_id)
+        answered |= {_request_id(record) for record in records}
     return answered
+
+
+def _request_id(result: Record) -> str:
+    return (dict(result.headers).get(headers.REQUEST_ID) or b"").decode(errors="replace")

@@ -337,6 +337,33 @@ async def test_a_second_replay_before_any_answer_sends_nothing_twice(kafka: str)
     assert re.search(r"invalid_reply_to\s*│\s*3\s*│\s*3\s*│", inspect.stdout), inspect.stdout
 
 
+async def test_replay_looks_through_a_busy_reply_topic_holding_only_its_own_results(
+    kafka: str,
+) -> None:
+    """A shared reply topic holds everyone's results: the scan for answered requests keeps
+    those of the letters' requests and drops the rest as it reads."""
+    run = uuid.uuid4().hex[:8]
+    source = f"test.src.{run}"
+    await create_topics(kafka, source)
+    peaks, outs = {}, {}
+    for busy in (False, True):
+        dead_letters, replies = f"test.dlq.{run}.{busy}", f"test.replies.{run}.{busy}"
+        await create_topics(kafka, dead_letters, replies, partitions=1)
+        letters = _letters(f"{run}-{busy}", source, 3, replies)
+        await publish(kafka, [(dead_letters, k, v, h) for k, v, h in letters])
+        # Others' results with 10 kB of headers each: 60 MB, were they all held.
+        trace = ("trace", b"x" * 10_000)
+        others = [[(headers.REQUEST_ID, f"other-{i}".encode()), trace] for i in range(6_000)]
+        ours = [(headers.REQUEST_ID, f"{run}-{busy}-0".encode())]
+        await publish(kafka, [(replies, None, b"", h) for h in [*others[: 6_000 * busy], ours]])
+        replay = ("dlq", "replay", "--topic", dead_letters, "--bootstrap", kafka, "--dry-run")
+        peaks[busy] = await asyncio.to_thread(_peak_rss_kb, *replay)
+        outs[busy] = surge(*replay).stdout
+    assert peaks[True] - peaks[False] < 25_000, peaks
+    for out in outs.values():
+        assert "would replay 2, skipped 1 already answered" in out, out
+
+
 async def test_a_letter_kafka_refuses_is_reported_and_the_others_are_replayed(
     kafka: str,
 ) -> None:
