@@ -120,7 +120,11 @@ def main(argv: list[str] | None = None) -> None:
     args = parser.parse_args(argv)
     if args.command in ("predict", "score", "shadow", "dlq", "lag") and (failed := _connect(args)):
         sys.exit(failed)
-    sys.exit(_COMMANDS[args.command](args))
+    try:
+        sys.exit(_COMMANDS[args.command](args))
+    except KeyboardInterrupt:  # Ctrl-C where a command has nothing of its own to say
+        print(f"{args.command} interrupted", file=sys.stderr)
+        sys.exit(130)  # 128 + SIGINT, as shells report it
 
 
 def _connection_arguments(parser: argparse.ArgumentParser) -> None:

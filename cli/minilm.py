@@ -48,9 +48,15 @@ _INPUT = """
 name = "{name}"
 datatype = "INT64"
 shape = [-1]
+max_shape = [{longest}]
 pad_value = 0
 value_range = [0, {high}]{follows}
 """
+
+
+def _longest() -> int:
+    """The most tokens a request may hold: the model has positions for no more."""
+    return json.loads((model_dir() / "config.json").read_text())["max_position_embeddings"]
 
 
 def _input_ranges() -> dict[str, int]:
@@ -119,9 +125,11 @@ def write_minilm(
     (directory / str(version)).mkdir(parents=True, exist_ok=True)
     path = directory / str(version) / artifact
     # The mask and the segment ids are as long as the token ids, request by request.
+    longest = _longest()
     inputs = "".join(
         _INPUT.format(
             name=name,
+            longest=longest,
             high=high,
             follows="" if name == MINILM_INPUTS[0] else f'\nfollows = "{MINILM_INPUTS[0]}"',
         )

@@ -5,6 +5,7 @@ from __future__ import annotations
 import contextlib
 import json
 import os
+import re
 import tomllib
 from collections.abc import Iterator, Mapping
 from pathlib import Path
@@ -16,6 +17,7 @@ from surge.config.settings import Settings
 
 T = TypeVar("T", bound=msgspec.Struct)
 ENV_PREFIX = "SURGE_"
+_SERVICE_LINK = re.compile(r"(tcp|udp|sctp)://")
 
 
 class ConfigError(ValueError):
@@ -79,10 +81,12 @@ def env_overrides(env: Mapping[str, str]) -> dict[str, dict[str, Any]]:
 def _misspelt(env: Mapping[str, str]) -> Iterator[str]:
     """Variables that name a setting with one underscore where two belong, such as
     `SURGE_WORKER_GROUP_ID`: ignored, they would leave the setting silently at its default.
-    (Other `SURGE_` variables, naming no setting, are not the settings' business.)"""
+    (Other `SURGE_` variables, naming no setting, are not the settings' business; nor are
+    Kubernetes' service links: a Service `surge-metrics` puts `SURGE_METRICS_PORT=tcp://…`
+    into every pod of its namespace.)"""
     tables = {f.encode_name: f.type for f in msgspec.structs.fields(Settings)}
-    for name in env:
-        if not name.startswith(ENV_PREFIX) or "__" in name:
+    for name, value in env.items():
+        if not name.startswith(ENV_PREFIX) or "__" in name or _SERVICE_LINK.match(value):
             continue
         rest = name[len(ENV_PREFIX) :].lower()
         for table, struct in tables.items():

@@ -31,15 +31,34 @@ class TensorConfig(msgspec.Struct, kw_only=True, forbid_unknown_fields=True):
     # (per-token scores, say) is cut back to each request's own length; an input (an
     # attention mask) must have that input's length in every request.
     follows: str | None = None
+    # The largest size of each variable dimension (-1: any), as `shape` lists them: a
+    # transformer's positions, say. A longer request is refused alone; in a padded batch it
+    # would fail every request it shares the batch with.
+    max_shape: list[Dim] | None = None
 
     def __post_init__(self) -> None:
         if self.value_range is not None:
             self._check_range(*self.value_range)
+        if self.max_shape is not None:
+            self._check_max_shape(self.max_shape)
         if self.pad_value is not None and not _holds(self.datatype, self.pad_value):
             # numpy would pad with another value: -1 as UINT8 is 255, 0.5 as INT32 is 0.
             raise ValueError(
                 f"tensor {self.name!r}: pad_value {self.pad_value:g} is not a {self.datatype} value"
             )
+
+    def _check_max_shape(self, max_shape: list[int]) -> None:
+        if len(max_shape) != len(self.shape):
+            raise ValueError(
+                f"tensor {self.name!r}: max_shape {max_shape} has not the {len(self.shape)} "
+                f"dimensions of shape {self.shape}"
+            )
+        for size, largest in zip(self.shape, max_shape, strict=True):
+            if largest != -1 and (size != -1 or largest == 0):
+                raise ValueError(
+                    f"tensor {self.name!r}: max_shape {max_shape} bounds only shape "
+                    f"{self.shape}'s variable (-1) dimensions, each at 1 or more (-1: any)"
+                )
 
     def _check_range(self, low: float, high: float) -> None:
         if self.datatype == "BYTES":

@@ -170,8 +170,9 @@ class WorkerSettings(msgspec.Struct, kw_only=True, forbid_unknown_fields=True):
     max_message_bytes: Positive = 1_048_576
     max_tensor_elements: Positive = 1 << 22
     # Bounds a hung model call in an executor thread (where every model runs until it has
-    # proved faster than its inline_below_ms), not the consumer's max.poll.interval.
-    batch_time_budget_s: Annotated[float, msgspec.Meta(gt=0)] = 60.0
+    # proved faster than its inline_below_ms), not the consumer's max.poll.interval. With
+    # fetch_ahead_s, within shutdown_timeout_s: a stop then finishes the batch running.
+    batch_time_budget_s: Annotated[float, msgspec.Meta(gt=0)] = 20.0
     # A model version not loaded and warmed up by then is a failed load (tried again once its
     # files change): one that hangs must not keep every other model from loading.
     model_load_timeout_s: Annotated[float, msgspec.Meta(gt=0)] = 300.0
@@ -191,6 +192,13 @@ class WorkerSettings(msgspec.Struct, kw_only=True, forbid_unknown_fields=True):
     commit_interval_ms: Positive = 200
     reload_interval_s: Annotated[float, msgspec.Meta(gt=0)] = 2.0
     shutdown_timeout_s: Annotated[float, msgspec.Meta(gt=0)] = 30.0
+
+    @property
+    def stop_cuts_batches(self) -> bool:
+        """A stop may give up on a batch still within its budget (and on what is queued
+        behind it): later requests of its partitions, answered but not committed, are then
+        answered again by the next owner."""
+        return self.batch_time_budget_s + self.fetch_ahead_s > self.shutdown_timeout_s
 
     @property
     def fetch_resume_s(self) -> float:

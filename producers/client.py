@@ -84,6 +84,7 @@ class SurgeClient:
         self._producer: AIOKafkaProducer | None = None
         self._renewal: asyncio.Task[None] | None = None  # of the producer: `_renew_producer`
         self._replies: AIOKafkaConsumer | None = None
+        self._replies_reader: asyncio.Task[None] | None = None
         self._redis: Redis | None = None
         self._pubsub: Any = None
         self._redis_reader: asyncio.Task[None] | None = None
@@ -196,35 +197,40 @@ class SurgeClient:
         topic: str | None = None,
     ) -> str:
         """Publish one request without waiting for its result; returns its id."""
-        delivery = await self._send(
-            model, inputs, version, request_id, reply_to, deadline_ms, topic
-        )
-        try:
-            await delivery[1]
-        except KafkaError as exc:
-            self._delivery_failed(exc)
-            raise
-        return delivery[0]
+        request_id = request_id or uuid.uuid4().hex
+        body = request_body(inputs, request_id, self.content_type)
+
+        async def publish() -> str:
+            delivery = await self._send(
+                model, body, version, request_id, reply_to, deadline_ms, topic
+            )
+            try:
+                await delivery
+            except KafkaError as exc:
+                self._delivery_failed(exc)
+                raise
+            return request_id
+
+        return await self._closable(publish())
 
     async def _send(
         self,
         model: str,
-        inputs: Mapping[str, np.ndarray],
+        body: bytes,
         version: str | int | None,
-        request_id: str | None,
+        request_id: str,
         reply_to: str | None,
         deadline_ms: int | None,
         topic: str | None,
-    ) -> tuple[str, asyncio.Future[Any]]:
+    ) -> asyncio.Future[Any]:
         assert self._producer is not None, "call start() first"
         if self._closed:
             raise ClientClosed("the client is closed")
         if (renewal := self._renewal) is not None:  # the producer breaks no more requests
             await asyncio.shield(renewal)
-        request_id = request_id or uuid.uuid4().hex
-        delivery = await self._producer.send(
+        return await self._producer.send(
             topic or self._topic_prefix + model,
-            request_body(inputs, request_id, self.content_type),
+            body,
             key=request_id.encode(),
             headers=request_headers(
                 model=model,
@@ -234,7 +240,6 @@ class SurgeClient:
                 deadline_ms=deadline_ms,
             ),
         )
-        return request_id, delivery
 
     # -- awaiting results -------------------------------------------------------------------
 
@@ -267,7 +272,8 @@ class SurgeClient:
         topic: str | None = None,
         return_exceptions: bool = False,
     ) -> list[Result]:
-        """Send many requests and await all results, in order, all within `timeout`. With
+        """Send many requests and await all results, in order, all within `timeout`; raises
+        TensorError, before sending any, if one holds inputs no worker would take. With
         `return_exceptions`, a failed, timed-out or abandoned request yields its
         PredictionError, TimeoutError or ClientClosed in place instead of raising, and one
         that Kafka refused (a MessageSizeTooLargeError, say) its KafkaError: the others'
@@ -275,10 +281,17 @@ class SurgeClient:
         batch = list(batch)
         if not batch:
             return []
+        if self._closed:
+            raise ClientClosed("the client is closed")
         loop = asyncio.get_running_loop()
         deadline = loop.time() + timeout
         deadline_ms = int((time.time() + timeout) * 1000)  # nobody waits longer: don't compute it
         ids = [uuid.uuid4().hex for _ in batch]
+        # All encoded before any is sent: inputs no worker would take raise TensorError here,
+        # before a worker computes the rest of the batch for a caller no longer waiting.
+        bodies = [
+            request_body(inputs, i, self.content_type) for i, inputs in zip(ids, batch, strict=True)
+        ]
         futures = [self._waiting.setdefault(i, loop.create_future()) for i in ids]
         pubsub = None  # the Redis subscription this call made, to undo
         subscribing = False  # ... however far it got
@@ -291,7 +304,7 @@ class SurgeClient:
                         subscribing = True
                         pubsub = await self._closable(self._subscribe_now(ids))
                     refused = await self._closable(
-                        self._send_all(model, batch, ids, version, reply_to, deadline_ms, topic)
+                        self._send_all(model, bodies, ids, version, reply_to, deadline_ms, topic)
                     )
             except (TimeoutError, ClientClosed):
                 if not return_exceptions:
@@ -301,14 +314,16 @@ class SurgeClient:
             else:
                 if refused and not return_exceptions:
                     raise refused[min(refused)]
+                # Only those sent can be answered: the others' results are their refusals.
+                sent_ids = [i for n, i in enumerate(ids) if n not in refused]
                 sent = [f for n, f in enumerate(futures) if n not in refused]
                 if pubsub is not None:
-                    pubsub = await self._await_redis(ids, futures, deadline, pubsub)
+                    pubsub = await self._await_redis(sent_ids, sent, deadline, pubsub)
                 elif sent:
                     await asyncio.wait(sent, timeout=max(0.0, deadline - loop.time()))
                 late = not all(f.done() for f in sent)
                 if late and pubsub is not None:
-                    await self._tidy(self._fetch_missed(ids, futures))
+                    await self._tidy(self._fetch_missed(sent_ids, sent))
         except Exception as exc:
             if self._closed and not isinstance(exc, ClientClosed):
                 raise ClientClosed("the client was closed during the request") from exc
@@ -382,7 +397,7 @@ class SurgeClient:
     async def _send_all(
         self,
         model: str,
-        batch: list[Mapping[str, np.ndarray]],
+        bodies: list[bytes],
         ids: list[str],
         version: str | int | None,
         reply_to: str,
@@ -393,15 +408,13 @@ class SurgeClient:
         record over the topic's max.message.bytes, say) fails those requests, not the rest."""
         refused: dict[int, KafkaError] = {}
         deliveries: dict[int, asyncio.Future[Any]] = {}
-        for n, (request_id, inputs) in enumerate(zip(ids, batch, strict=True)):
+        for n, (request_id, body) in enumerate(zip(ids, bodies, strict=True)):
             try:
-                sent = await self._send(
-                    model, inputs, version, request_id, reply_to, deadline_ms, topic
+                deliveries[n] = await self._send(
+                    model, body, version, request_id, reply_to, deadline_ms, topic
                 )
             except KafkaError as exc:  # refused before it went out: over max_request_size
                 refused[n] = exc
-            else:
-                deliveries[n] = sent[1]
         outcomes = await asyncio.gather(*deliveries.values(), return_exceptions=True)
         for n, outcome in zip(deliveries, outcomes, strict=True):
             if isinstance(outcome, KafkaError):
@@ -444,6 +457,12 @@ class SurgeClient:
                 if self._redis is None:
                     await self._start_redis()
                 return headers.REPLY_TO_REDIS
+            if self._replies is not None and self._replies_reader_dead():
+                # Its reader died on an error (no right to read the topic, say): start
+                # afresh, from the topic's end, rather than leave every call to time out.
+                replies, self._replies = self._replies, None
+                with contextlib.suppress(KafkaError):
+                    await replies.stop()
             if self._replies is None:
                 await self._start_reply_topic()
             return self.reply_topic
@@ -482,23 +501,34 @@ class SurgeClient:
             await consumer.stop()
             raise
         self._replies = consumer
-        self._readers.append(asyncio.create_task(self._read_reply_topic(consumer)))
+        self._replies_reader = asyncio.create_task(self._read_reply_topic(consumer))
+        self._readers = [task for task in self._readers if not task.done()]
+        self._readers.append(self._replies_reader)
+
+    def _replies_reader_dead(self) -> bool:
+        return self._replies_reader is not None and self._replies_reader.done()
 
     async def _read_reply_topic(self, consumer: AIOKafkaConsumer) -> None:
-        async for record in consumer:
-            try:
-                fields = {k: v or b"" for k, v in record.headers}
-                request_id = fields.get(headers.REQUEST_ID, b"").decode(errors="replace")
-                if request_id in self._waiting:
-                    status = fields.get(headers.STATUS, b"error").decode(errors="replace")
-                    content_type = (
-                        fields.get(headers.CONTENT_TYPE, b"").decode(errors="replace")
-                        or self.content_type
-                    )
-                    result = _read_result(record.value or b"", content_type, request_id, status)
-                    self._resolve(request_id, result)
-            except Exception:  # one unreadable record must not stop the reader
-                log.exception("unreadable_result", topic=record.topic, offset=record.offset)
+        try:
+            async for record in consumer:
+                self._on_reply(record)
+        except KafkaError as exc:  # the next call starts a new reader
+            log.warning("reply_reader_lost", topic=self.reply_topic, error=repr(exc))
+
+    def _on_reply(self, record: Any) -> None:
+        try:
+            fields = {k: v or b"" for k, v in record.headers}
+            request_id = fields.get(headers.REQUEST_ID, b"").decode(errors="replace")
+            if request_id in self._waiting:
+                status = fields.get(headers.STATUS, b"error").decode(errors="replace")
+                content_type = (
+                    fields.get(headers.CONTENT_TYPE, b"").decode(errors="replace")
+                    or self.content_type
+                )
+                result = _read_result(record.value or b"", content_type, request_id, status)
+                self._resolve(request_id, result)
+        except Exception:  # one unreadable record must not stop the reader
+            log.exception("unreadable_result", topic=record.topic, offset=record.offset)
 
     async def _start_redis(self) -> None:
         if not self._redis_url:

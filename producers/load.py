@@ -93,6 +93,8 @@ async def run_load(
     last result comes in (if it does)."""
     if linger_ms < 0:
         raise ValueError(f"linger_ms must be 0 or more, not {linger_ms}")
+    if rate is not None and not (0 < rate < math.inf):  # NaN too
+        raise ValueError(f"rate must be a positive number of requests per second, not {rate}")
     if not count:  # nothing to send, no result to wait for
         return LoadReport(offered_rate=rate, sent=0, elapsed_s=0.0, latencies_ms=np.empty(0))
     kafka = {"bootstrap_servers": bootstrap_servers, **(kafka_options or {})}

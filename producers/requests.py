@@ -9,6 +9,7 @@ import numpy as np
 
 from surge.schemas import (
     MSGPACK,
+    DecodeError,
     ErrorCode,
     InferenceRequest,
     InferenceResponse,
@@ -104,11 +105,15 @@ def read_result(body: bytes, content_type: str, status: str) -> Prediction | Pre
 
 
 def read_redis_result(body: bytes, content_type: str) -> Prediction | PredictionError:
-    """Redis values carry no headers: an error body is told apart by its `code` field."""
+    """Redis values carry no headers: an error body is told apart by its `code` field. A body
+    that is neither raises why it is no result (the likelier of the two readings)."""
     try:
         return _prediction(decode_response(body, content_type))
-    except Exception:
-        error = decode_error(body, content_type)
+    except Exception as not_a_result:
+        try:
+            error = decode_error(body, content_type)
+        except DecodeError:
+            raise not_a_result from None
         return PredictionError(error.code, error.error, error.id)
 
 

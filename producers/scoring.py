@@ -30,6 +30,7 @@ from surge.schemas import Tensor, TensorError, datatype_of, to_array
 BAD_LINE = "bad_line"  # the error code of a line that is no request
 TOO_LARGE = "too_large"  # Kafka refused the request as larger than its topic takes
 SEND_FAILED = "failed"  # Kafka refused the request for another reason
+NO_RESULT = "timeout"  # no result within the timeout
 MAX_REQUEST_SIZE = 1_048_576  # the producer's default `max_request_size`, in bytes
 Line = str | bytes  # bytes are decoded line by line: one that is not UTF-8 is one bad line
 
@@ -278,7 +279,7 @@ def _result(result: Prediction | Exception) -> dict[str, Any]:
     if isinstance(result, KafkaError):
         return send_failure(result)
     return {
-        "code": "timeout" if isinstance(result, TimeoutError) else "failed",
+        "code": NO_RESULT if isinstance(result, TimeoutError) else SEND_FAILED,
         "error": str(result),
     }
 
@@ -295,12 +296,21 @@ def send_failure(exc: KafkaError) -> dict[str, str]:
 
 
 def json_values(array: np.ndarray) -> Any:
-    """An output as JSON values: NaN and ±infinity, which JSON cannot write, become null,
-    as the worker writes them in JSON results."""
+    """An output as JSON values, as the worker writes them in JSON results: NaN and
+    ±infinity, which JSON cannot write, become null; bytes become text (invalid UTF-8
+    replaced)."""
     values = array.tolist()
     if array.dtype.kind == "f" and not np.isfinite(array).all():
         return _finite_or_null(values)
+    if array.dtype.kind in "OS":
+        return _text(values)
     return values
+
+
+def _text(values: Any) -> Any:
+    if isinstance(values, list):
+        return [_text(value) for value in values]
+    return values.decode("utf-8", "replace") if isinstance(values, bytes) else values
 
 
 def _finite_or_null(values: Any) -> Any:
@@ -315,7 +325,7 @@ def _write(lines: list[dict[str, Any]], out: TextIO, report: ScoreReport) -> Non
         report.lines += 1
         if "outputs" in line:
             report.ok += 1
-        elif line["code"] == "timeout":
+        elif line["code"] == NO_RESULT and "id" not in line:  # the worker's "timeout" has one
             report.timed_out += 1
         else:
             report.errors += 1

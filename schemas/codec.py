@@ -21,6 +21,20 @@ _error_decoders = {
     JSON: msgspec.json.Decoder(ErrorResponse),
     MSGPACK: msgspec.msgpack.Decoder(ErrorResponse),
 }
+
+
+class _ErrorAnyCode(msgspec.Struct):
+    """An error body read with its code as text: a code added after this version."""
+
+    error: str
+    code: str
+    id: str | None = None
+
+
+_error_any_code_decoders = {
+    JSON: msgspec.json.Decoder(_ErrorAnyCode),
+    MSGPACK: msgspec.msgpack.Decoder(_ErrorAnyCode),
+}
 _encoders: dict[str, msgspec.json.Encoder | msgspec.msgpack.Encoder] = {
     JSON: msgspec.json.Encoder(),
     MSGPACK: msgspec.msgpack.Encoder(),
@@ -32,20 +46,31 @@ ValidationError = msgspec.ValidationError
 
 def decode_request(body: bytes, content_type: str) -> InferenceRequest:
     """Decode a request body; raises `DecodeError` (or its subclass `ValidationError`)."""
+    return _decode(_request_decoders[content_type], body)
+
+
+def decode_response(body: bytes, content_type: str) -> InferenceResponse:
+    """Decode a result body; raises as `decode_request` does."""
+    return _decode(_response_decoders[content_type], body)
+
+
+def decode_error(body: bytes, content_type: str) -> ErrorResponse:
+    """Decode an error body; raises as `decode_request` does. A code this version does not
+    know (a newer worker's) is kept as its text, with the worker's message."""
     try:
-        return _request_decoders[content_type].decode(body)
+        return _decode(_error_decoders[content_type], body)
+    except ValidationError:
+        error = _decode(_error_any_code_decoders[content_type], body)
+        return ErrorResponse(error.error, error.code, error.id)  # type: ignore[arg-type]
+
+
+def _decode(decoder: msgspec.json.Decoder | msgspec.msgpack.Decoder, body: bytes) -> Any:
+    try:
+        return decoder.decode(body)
     except RecursionError:  # hostile nesting: a validation error like any other
         raise ValidationError("structure nested too deeply") from None
     except UnicodeDecodeError as exc:  # msgpack strings that are not UTF-8
         raise DecodeError(f"invalid UTF-8 in a string: {exc.reason}") from None
-
-
-def decode_response(body: bytes, content_type: str) -> InferenceResponse:
-    return _response_decoders[content_type].decode(body)
-
-
-def decode_error(body: bytes, content_type: str) -> ErrorResponse:
-    return _error_decoders[content_type].decode(body)
 
 
 def encode(message: Any, content_type: str) -> bytes:

@@ -114,6 +114,10 @@ def _from_values(data: Any, dtype: np.dtype[Any], tensor: Tensor) -> np.ndarray:
     if dtype.kind in "iu" and (kind == "O" or (kind == "f" and np.abs(values).max() >= _EXACT)):
         return _exact_integers(data, dtype, tensor)
     if kind in "iuf" and _holds_bools(data, values.ndim):  # numpy made true 1 beside numbers
+        if dtype.kind == "b":  # numpy would make 2 and 0.5 true too
+            raise TensorError(
+                f"input {tensor.name!r}: data is not BOOL: it holds numbers beside true and false"
+            )
         kind = "b"
     if kind not in _TAKES[dtype.kind]:
         what = _KIND_NAMES.get(kind, "other values")

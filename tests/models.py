@@ -1,4 +1,4 @@
-"""Test models built in code: TorchScript models that refuse some inputs."""
+"""Test models built in code: TorchScript models that refuse some inputs, and others."""
 
 from __future__ import annotations
 
@@ -112,3 +112,22 @@ def write_wide(model_root: Path) -> Path:
     inputs, outputs = config.read_text().split("[[outputs]]")
     config.write_text(inputs + "[[outputs]]" + outputs.replace("[4]", "[16384]"))
     return path
+
+
+def write_echo_text(model_root: Path) -> Path:
+    """An ONNX graph that returns its string input: text in, the same text out."""
+    import onnx
+    from onnx import TensorProto, helper
+
+    graph = helper.make_graph(
+        [helper.make_node("Identity", ["text"], ["echo"])],
+        "echo",
+        [helper.make_tensor_value_info("text", TensorProto.STRING, ["batch", 1])],
+        [helper.make_tensor_value_info("echo", TensorProto.STRING, ["batch", 1])],
+    )
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
+    model.ir_version = 8
+    version = model_root / "echo" / "1"
+    version.mkdir(parents=True)
+    onnx.save(model, version / "model.onnx")
+    return version

@@ -15,13 +15,13 @@ import numpy as np
 import pytest
 
 from surge.config import Settings
-from surge.producers import read_result
+from surge.producers import SurgeClient, read_result
 from surge.producers.requests import Prediction, PredictionError
 from surge.schemas import JSON, MSGPACK, ErrorCode, headers
 from surge.workers import Worker
 from tests.conftest import make_settings
 from tests.helpers import create_topics, publish, read_topic, wait_committed
-from tests.models import write_picky
+from tests.models import write_echo_text, write_picky
 
 pytestmark = pytest.mark.integration
 
@@ -250,3 +250,25 @@ async def test_a_dead_letter_too_large_for_its_topic_keeps_the_evidence_and_land
         assert letter.headers[headers.SOURCE_TOPIC] == topic.encode()
         assert letter.headers[headers.SOURCE_OFFSET] in (b"0", b"1")
     assert not worker.failed
+
+
+async def test_a_string_input_reads_bytes_as_their_text_and_refuses_bytes_that_are_not(
+    kafka: str, model_root: Path, run_worker: Callable[[Settings], Worker]
+) -> None:
+    """msgpack carries BYTES values as bytes; a model's string input takes text."""
+    write_echo_text(model_root)
+    settings = make_settings(kafka, model_root, None)
+    await run_worker(settings)
+    topic = settings.worker.topic_prefix + "echo"
+    texts = [b"hello", "h\u00e9llo", "h\u00e9llo".encode(), b"\xff\xfe"]
+    batch = [{"text": np.array([[text]], dtype=object)} for text in texts]
+    async with SurgeClient(kafka) as client:
+        results = await client.predict_many(
+            "echo", batch, timeout=30, topic=topic, return_exceptions=True
+        )
+    echoed = [r.outputs["echo"].tolist() for r in results[:3] if isinstance(r, Prediction)]
+    assert echoed == [[["hello"]], [["h\u00e9llo"]], [["h\u00e9llo"]]], results
+    refused = results[3]
+    assert isinstance(refused, PredictionError), refused
+    assert refused.code == ErrorCode.INVALID_INPUT
+    assert "not UTF-8" in refused.message

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
 import json
 import os
@@ -9,6 +10,7 @@ import signal
 import subprocess
 import sys
 import time
+import uuid
 from pathlib import Path
 
 import psutil
@@ -16,6 +18,7 @@ import pytest
 
 from surge.broker import _port_taken
 from tests.conftest import WorkerProcess, topic_of, worker_env
+from tests.helpers import read_topic
 from tests.services import free_port
 
 pytestmark = pytest.mark.integration
@@ -312,9 +315,15 @@ def test_a_demo_stopped_with_sigterm_stops_what_it_started(tmp_path: Path) -> No
 
 
 def test_demo_stops_at_once_when_its_worker_dies(tmp_path: Path) -> None:
+    # A worker that exits at once, as one refusing to start does. TMPDIR holds the demo's
+    # own files.
+    site = tmp_path / "site"
+    site.mkdir()
+    (site / "sitecustomize.py").write_text(
+        "import os, sys\nif sys.argv[1:2] == ['worker']:\n    os._exit(2)\n"
+    )
+    env = {"PYTHONPATH": str(site), "TMPDIR": str(tmp_path)}
     started = time.monotonic()
-    # An unknown setting: the worker refuses to start. TMPDIR holds the demo's own files.
-    env = {"SURGE_WORKER__BOGUS": "1", "TMPDIR": str(tmp_path)}
     out = surge("demo", "--requests", "10", "--rate", "10", env=env, timeout=90)
     assert time.monotonic() - started < 30
     assert out.returncode == 2, out.stdout + out.stderr
@@ -358,3 +367,25 @@ def test_a_broker_command_stopped_while_its_broker_starts_leaves_nothing_behind(
     finally:
         process.kill()
         process.wait()
+
+
+def test_ctrl_c_while_a_prediction_waits_is_one_line(kafka: str) -> None:
+    """No worker answers: the call waits until Ctrl-C, which ends it without a traceback."""
+    topic = f"test.unserved.{uuid.uuid4().hex[:8]}"
+    predict = ("predict", "mlp", "-i", "x=[[1]]", "--topic", topic, "--timeout", "120")
+    process = subprocess.Popen(
+        [sys.executable, "-m", "surge", *predict, "--bootstrap", kafka],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
+    try:  # sent: waiting for its result now
+        assert asyncio.run(read_topic(kafka, topic, until=1, timeout=60, key_of=None))
+        process.send_signal(signal.SIGINT)
+        _, stderr = process.communicate(timeout=30)
+    finally:
+        process.kill()
+        process.wait()
+    assert process.returncode == 130, stderr
+    assert "Traceback" not in stderr
+    assert stderr.strip().endswith("predict interrupted"), stderr

@@ -1,16 +1,20 @@
 """Sending requests: a request Kafka refuses for good fails alone, and later requests to its
-partition still go out."""
+partition still go out; a batch with an input no worker would take sends nothing; a closed
+client refuses calls, and closing ends a send under way."""
 
 from __future__ import annotations
 
+import asyncio
+import time
 import uuid
 
 import numpy as np
 import pytest
 from aiokafka.errors import MessageSizeTooLargeError
 
-from surge.producers import SurgeClient
-from tests.helpers import create_topics, read_topic
+from surge.producers import ClientClosed, SurgeClient
+from surge.schemas import TensorError
+from tests.helpers import create_topics, read_to_end, read_topic
 
 pytestmark = pytest.mark.integration
 
@@ -30,3 +34,45 @@ async def test_a_request_over_the_topic_limit_leaves_later_ones_to_its_partition
         sent += [await client.submit("mlp", small, topic=topic) for _ in range(3)]
     assert len(await read_topic(kafka, topic, until=6, key_of=None)) == 6
     assert len(sent) == 6
+
+
+async def test_a_batch_with_an_input_no_worker_would_take_sends_none_of_it(kafka: str) -> None:
+    """Refused before anything goes out: no request of the batch is computed for nobody."""
+    topic = f"test.mixed.{uuid.uuid4().hex[:8]}"
+    await create_topics(kafka, topic, partitions=1)
+    good = {"x": np.ones((1, 8), np.float32)}
+    bad = {"x": np.array([[1, 2]], dtype=object)}  # objects hold strings or bytes
+    async with SurgeClient(kafka) as client:
+        with pytest.raises(TensorError, match="holds strings or bytes"):
+            await client.predict_many("mlp", [good, bad], topic=topic, return_exceptions=True)
+        await client.submit("mlp", good, topic=topic)  # a marker: what came before it
+    assert len(await read_to_end(kafka, topic, key_of=None)) == 1
+
+
+async def test_calls_after_close_say_the_client_is_closed(kafka: str) -> None:
+    client = SurgeClient(kafka)
+    await client.start()
+    await client.close()
+    x = {"x": np.ones((1, 8), np.float32)}
+    with pytest.raises(ClientClosed):
+        await client.predict_many("mlp", [x], timeout=5, return_exceptions=True)
+    with pytest.raises(ClientClosed):
+        await client.submit("mlp", x)
+
+
+async def test_close_ends_a_submit_waiting_for_a_topic_that_does_not_exist(
+    strict_kafka: str,
+) -> None:
+    """The cluster creates no topics: the send waits for metadata that never comes."""
+    x = {"x": np.ones((1, 8), np.float32)}
+    async with SurgeClient(strict_kafka) as client:
+        submit = asyncio.create_task(
+            client.submit("mlp", x, topic=f"test.missing.{uuid.uuid4().hex[:8]}")
+        )
+        await asyncio.sleep(1.0)
+        assert not submit.done()
+        started = time.monotonic()
+        await client.close()
+        with pytest.raises(ClientClosed):
+            await submit
+        assert time.monotonic() - started < 3

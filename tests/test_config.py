@@ -281,6 +281,15 @@ def test_a_setting_named_with_one_underscore_too_few_is_an_error() -> None:
     with pytest.raises(ConfigError, match="did you mean SURGE_WORKER__GROUP_ID"):
         load_settings(env={"SURGE_WORKER_GROUP_ID": "scoring"})
     assert load_settings(env={"SURGE_KAFKA_CACHE": "/cache", "SURGE_POOL_MEMBER": "1"})
+    # Kubernetes' link to a Service named surge-metrics, in every pod of its namespace.
+    linked = load_settings(env={"SURGE_METRICS_PORT": "tcp://10.96.0.5:9400"})
+    assert linked.metrics.port == 0
+
+
+def test_settings_that_let_a_stop_cut_a_batch_short_are_told_apart() -> None:
+    assert not load_settings(env={}).worker.stop_cuts_batches  # the defaults finish them
+    slow = load_settings(env={"SURGE_WORKER__BATCH_TIME_BUDGET_S": "60"})
+    assert slow.worker.stop_cuts_batches
 
 
 _IDS = {"name": "ids", "datatype": "INT64", "shape": [-1], "pad_value": 0}

@@ -149,3 +149,10 @@ async def test_a_run_of_no_requests_returns_at_once(kafka: str) -> None:
     report = await run_load(kafka, "mlp", _inputs, count=0, timeout_s=30)
     assert report.received == 0
     assert time.monotonic() - started < 15
+
+
+@pytest.mark.parametrize("rate", [0.0, -5.0, float("nan"), float("inf")])
+async def test_a_rate_that_is_no_positive_number_is_refused(kafka: str, rate: float) -> None:
+    """0 would divide by zero; a negative rate would send the first request for ever."""
+    with pytest.raises(ValueError, match="rate must be a positive number"):
+        await run_load(kafka, "mlp", _inputs, count=3, rate=rate)

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import time
 import uuid
 from collections.abc import Callable
 from pathlib import Path
@@ -16,10 +17,17 @@ from urllib.parse import urlsplit
 import msgspec
 import numpy as np
 import pytest
+from aiokafka.errors import MessageSizeTooLargeError
 from redis.asyncio import Redis
 
 from surge.config import Settings
-from surge.producers import PredictionError, SurgeClient, request_body, request_headers
+from surge.producers import (
+    Prediction,
+    PredictionError,
+    SurgeClient,
+    request_body,
+    request_headers,
+)
 from surge.schemas import MSGPACK, ErrorCode, headers
 from surge.workers.ledger import Ledger
 from surge.workers.replies import Replies, _chunks_by_size
@@ -485,3 +493,30 @@ async def test_results_too_many_for_one_call_over_a_slow_link_go_in_smaller_call
         await redis.aclose()
         proxy.close()
         server.close()
+
+
+@pytest.mark.integration
+async def test_a_request_kafka_refuses_does_not_hold_its_call_to_the_timeout(
+    kafka: str, redis_url: str, model_root: Path, run_worker: Callable[[Settings], Any]
+) -> None:
+    """Its refusal is its result: the call ends once the others are answered."""
+    settings = make_settings(kafka, model_root, redis_url)
+    topic = settings.worker.topic_prefix + "mlp"
+    await create_topics(kafka, topic, configs={"max.message.bytes": "3000"})
+    await run_worker(settings)
+    small, large = {"x": np.ones((1, 32), np.float32)}, {"x": np.ones((1, 2000), np.float32)}
+    async with SurgeClient(kafka, redis_url=redis_url) as client:
+        started = time.monotonic()
+        results = await client.predict_many(
+            "mlp",
+            [small] * 12 + [large] + [small] * 12,
+            via="redis",
+            topic=topic,
+            timeout=30,
+            return_exceptions=True,
+        )
+    assert time.monotonic() - started < 15, results
+    assert isinstance(results[12], MessageSizeTooLargeError), results
+    # Kafka refuses a record batch whole: one that shared the large one's batch goes with it.
+    assert all(isinstance(r, Prediction | MessageSizeTooLargeError) for r in results), results
+    assert any(isinstance(r, Prediction) for r in results), results

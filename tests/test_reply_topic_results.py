@@ -6,14 +6,19 @@ from __future__ import annotations
 import asyncio
 import time
 import uuid
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
 
 import msgspec
 import numpy as np
 import pytest
 from aiokafka import AIOKafkaProducer
 
+from surge.config import Settings
 from surge.producers import PredictionError, SurgeClient
 from surge.schemas import MSGPACK, ErrorCode, headers
+from tests.conftest import make_settings
 from tests.helpers import create_topics, read_topic
 
 pytestmark = pytest.mark.integration
@@ -61,3 +66,21 @@ async def test_a_result_on_the_reply_topic_the_client_cannot_read_is_its_error_r
         assert request_id in by_id[request_id].message
     assert by_id[foreign].message.endswith("unknown content type 'application/xml'")
     assert by_id[readable].code == ErrorCode.UNKNOWN_MODEL
+
+
+async def test_a_reply_reader_that_ended_is_replaced_by_the_next_call(
+    kafka: str, model_root: Path, run_worker: Callable[[Settings], Any]
+) -> None:
+    """A reader ends on an error it cannot read past (no right to read the topic, say):
+    the next call starts another rather than wait out its timeout."""
+    settings = make_settings(kafka, model_root, None)
+    await run_worker(settings)
+    topic = settings.worker.topic_prefix + "mlp"
+    x = {"x": np.ones((1, 32), np.float32)}
+    async with SurgeClient(kafka) as client:
+        await client.predict("mlp", x, topic=topic, timeout=30)
+        assert client._replies is not None
+        await client._replies.stop()  # its reader ends, as on such an error
+        started = time.monotonic()
+        await client.predict("mlp", x, topic=topic, timeout=20)
+        assert time.monotonic() - started < 10

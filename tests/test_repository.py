@@ -56,6 +56,22 @@ async def test_a_broken_new_version_leaves_the_old_one_serving(tmp_path: Path) -
     await repository.close()
 
 
+async def test_a_version_is_asked_for_as_its_directory_is_named(tmp_path: Path) -> None:
+    write_mlp(tmp_path, 10)
+    repository = _repository(tmp_path)
+    await repository.reconcile(settle_s=0)
+    try:
+        resolved = repository.resolve("mlp", "10")
+        assert not isinstance(resolved, Rejection)
+        assert resolved.source.version == 10
+        for asked in ("1_0", "+10", " 10", "010", "\u0661\u0660"):  # int() takes each as 10
+            resolved = repository.resolve("mlp", asked)
+            assert isinstance(resolved, Rejection), asked
+            assert resolved.code == ErrorCode.UNKNOWN_VERSION
+    finally:
+        await repository.close()
+
+
 async def test_a_broken_newest_version_at_start_up_leaves_the_one_before_serving(
     tmp_path: Path,
 ) -> None:
@@ -193,6 +209,30 @@ async def test_a_model_root_gone_for_a_moment_unloads_nothing(tmp_path: Path) ->
     (tmp_path / "elsewhere").rename(root)
     await repository.reconcile(settle_s=0)
     assert repository.served == {("mlp", 1): served}  # not reloaded either
+    await repository.close()
+
+
+async def test_a_model_root_that_cannot_be_listed_unloads_nothing(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Permission taken away, or a network mount gone stale: said, not raised."""
+    write_mlp(tmp_path)
+    repository = _repository(tmp_path)
+    await repository.reconcile(settle_s=0)
+    served = repository.served[("mlp", 1)]
+    iterdir = Path.iterdir
+
+    def refuse(path: Path) -> Any:
+        if path == tmp_path:
+            raise PermissionError(13, "Permission denied", str(path))
+        return iterdir(path)
+
+    monkeypatch.setattr(Path, "iterdir", refuse)
+    found = scan(tmp_path, settle_s=0)
+    assert found.root_missing
+    assert found.problems == [f"cannot read model root {tmp_path}: Permission denied"]
+    await repository.reconcile(settle_s=0)
+    assert repository.served == {("mlp", 1): served}
     await repository.close()
 
 
@@ -461,7 +501,7 @@ async def test_a_model_that_hangs_loading_fails_its_load_and_the_others_load(
     try:
         await asyncio.wait_for(repository.reconcile(settle_s=0), 10)
         assert _served(repository) == [("mlp", 1)]
-        assert repository.calls_running == 1  # the stuck load's thread
+        assert (repository.calls_running, repository.loads_running) == (0, 1)
     finally:
         release.set()
     await _until_no_call_runs(repository)
@@ -471,7 +511,7 @@ async def test_a_model_that_hangs_loading_fails_its_load_and_the_others_load(
 async def _until_no_call_runs(repository: ModelRepository) -> None:
     """Until the threads let go run to their end (2 s at most)."""
     for _ in range(100):
-        if not repository.calls_running:
+        if not repository.calls_running + repository.loads_running:
             return
         await asyncio.sleep(0.02)
-    assert repository.calls_running == 0
+    assert repository.calls_running + repository.loads_running == 0

@@ -230,6 +230,23 @@ def test_an_onnx_graph_with_a_fixed_batch_dimension_loads_only_at_that_size(
         runtimes.load(_fixed_batch_mlp(tmp_path, 4), ModelConfig(max_batch_size=4))
 
 
+def test_a_model_whose_outputs_are_not_batch_first_fails_its_warm_up(tmp_path: Path) -> None:
+    """Time-major, its rows could not be split by request: a batch of one says so at load."""
+    graph = onnx.helper.make_graph(
+        [onnx.helper.make_node("Transpose", ["x"], ["y"], perm=[1, 0])],
+        "time_major",
+        [onnx.helper.make_tensor_value_info("x", onnx.TensorProto.FLOAT, ["batch", 4])],
+        [onnx.helper.make_tensor_value_info("y", onnx.TensorProto.FLOAT, [4, "batch"])],
+    )
+    model = onnx.helper.make_model(graph, opset_imports=[onnx.helper.make_opsetid("", 17)])
+    model.ir_version = 8
+    onnx.save(model, tmp_path / "model.onnx")
+    runtime = runtimes.load(tmp_path / "model.onnx", ModelConfig())
+    with pytest.raises(ValueError, match=r"'y' has shape \[4, 1\] for a batch of 1: outputs"):
+        runtimes.warm_up(runtime, [1, 4])
+    runtimes.warm_up(runtimes.load(write_mlp(tmp_path / "mlp"), ModelConfig()), [1, 4])
+
+
 def test_onnx_models_refuse_a_precision_setting(tmp_path: Path) -> None:
     with pytest.raises(ValueError, match="PyTorch"):
         runtimes.load(write_mlp(tmp_path), ModelConfig(precision="fp16"))

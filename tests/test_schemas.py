@@ -9,7 +9,7 @@ import msgspec
 import numpy as np
 import pytest
 
-from surge.producers import request_body
+from surge.producers import read_redis_result, request_body
 from surge.schemas import (
     JSON,
     MSGPACK,
@@ -20,6 +20,7 @@ from surge.schemas import (
     TensorTooLarge,
     decode_error,
     decode_request,
+    decode_response,
     encode,
     from_array,
     json_schema,
@@ -88,6 +89,10 @@ def test_v2_json_from_other_clients_decodes() -> None:
         ({"name": "x", "shape": [1, 2], "datatype": "INT64", "data": [[True, 1]]}, "true/false"),
         ({"name": "x", "shape": [2, 1], "datatype": "FP32", "data": [[0.5], [False]]}, "true/"),
         ({"name": "x", "shape": [2], "datatype": "UINT8", "data": [True, True]}, "true/false"),
+        # ... and would make 2, 0.5 and -3 true beside true and false
+        ({"name": "x", "shape": [2], "datatype": "BOOL", "data": [True, 2]}, "numbers beside"),
+        ({"name": "x", "shape": [2], "datatype": "BOOL", "data": [False, -3]}, "numbers beside"),
+        ({"name": "x", "shape": [2, 1], "datatype": "BOOL", "data": [[True], [0.5]]}, "beside"),
         ({"name": "x", "shape": [2], "datatype": "FP32", "data": ["nan", "inf"]}, "text"),
         ({"name": "x", "shape": [2], "datatype": "BYTES", "data": [{"a": 1}, None]}, "strings"),
         # numpy would keep the inner lists as elements
@@ -227,3 +232,24 @@ def test_binary_values_cross_msgpack_as_they_are() -> None:
     body = request_body({"image": np.array([jpeg, "text"], dtype=object)}, "r", MSGPACK)
     (tensor,) = decode_request(body, MSGPACK).inputs
     assert to_array(tensor).tolist() == [jpeg, "text"]
+
+
+def test_an_error_code_added_later_is_read_with_the_workers_message() -> None:
+    body = msgspec.msgpack.encode({"error": "quota spent", "code": "over_quota", "id": "7"})
+    error = decode_error(body, MSGPACK)
+    assert (error.code, error.error, error.id) == ("over_quota", "quota spent", "7")
+    with pytest.raises(msgspec.ValidationError):  # anything else amiss is still refused
+        decode_error(msgspec.msgpack.encode({"code": "over_quota"}), MSGPACK)
+
+
+@pytest.mark.parametrize("decode", [decode_request, decode_response])
+def test_hostile_nesting_is_a_validation_error_in_every_body(decode: Any) -> None:
+    body = b'{"parameters": {"p": ' + b"[" * 200_000 + b"]" * 200_000 + b"}}"
+    with pytest.raises(msgspec.ValidationError, match="nested too deeply"):
+        decode(body, JSON)
+
+
+def test_a_redis_value_that_is_no_result_says_why_as_a_result() -> None:
+    body = msgspec.msgpack.encode({"model_name": "m", "id": "7", "outputs": "nope"})
+    with pytest.raises(msgspec.ValidationError, match="outputs"):
+        read_redis_result(body, MSGPACK)

@@ -22,8 +22,11 @@ from surge.config import Settings
 from surge.producers import SurgeClient, request_body, request_headers
 from surge.producers.scoring import (
     BadLine,
+    ScoreReport,
+    _write,
     chunks,
     file_lines,
+    json_values,
     parse_line,
     request_limit,
     score_lines,
@@ -334,3 +337,18 @@ async def test_ctrl_c_stops_a_run_in_one_line_and_keeps_what_it_wrote(
         assert f"results so far in {partial}" in stderr
         assert not results.exists()  # only a finished run has a file by that name
         assert [json.loads(line)["line"] for line in partial.read_text().splitlines()] == [1, 2]
+
+
+def test_bytes_outputs_are_written_as_text_as_the_worker_writes_them_in_json() -> None:
+    assert json_values(np.array([[b"ab", b"\xff"]], dtype=object)) == [["ab", "\ufffd"]]
+    assert json_values(np.array([b"ab", b"c"])) == ["ab", "c"]
+
+
+def test_a_workers_timeout_result_counts_as_an_error_not_as_no_result() -> None:
+    report = ScoreReport()
+    lines = [
+        {"line": 1, "id": "a", "code": "timeout", "error": "the batch outlived its budget"},
+        {"line": 2, "code": "timeout", "error": "no result for b within 30s"},
+    ]
+    _write(lines, io.StringIO(), report)
+    assert (report.errors, report.timed_out) == (1, 1)

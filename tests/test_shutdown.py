@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import asyncio
 import shutil
+import time
 import uuid
 from collections.abc import Callable
 from pathlib import Path
@@ -169,9 +170,12 @@ async def test_a_worker_without_models_stops_at_once(
 async def test_a_worker_stopped_while_its_models_load_joins_no_group(
     kafka: str, tmp_path: Path, worker_processes: Callable[[dict[str, str]], WorkerProcess]
 ) -> None:
-    """Joining only to leave again would cost every other member of the group two rebalances."""
+    """Joining only to leave again would cost every other member of the group two rebalances;
+    and the stop does not wait for the loads to end."""
     root = tmp_path / "models"
-    write_slow(root)  # seconds of warm-up
+    write_slow(root)  # one to two seconds a call: seven warm-up sizes take 7-14 s
+    config = root / "slow" / "config.toml"
+    config.write_text("preferred_batch_sizes = [2, 4, 8, 16, 32]\n" + config.read_text())
     env = worker_env(kafka, root, None)
     topic = topic_of(env, "slow")
     await create_topics(kafka, topic)
@@ -193,7 +197,9 @@ async def test_a_worker_stopped_while_its_models_load_joins_no_group(
         rebalances.clear()
         worker = worker_processes(env)
         await asyncio.to_thread(worker.wait_for, "model_loading")
+        started = time.monotonic()
         assert await asyncio.to_thread(worker.terminate, 120) == 0
+        assert time.monotonic() - started < 5, "waited for the loads"
         assert "worker_stopped" in [e.get("event") for e in worker.events()]
         for _ in range(40):  # heartbeats would bring a rebalance by now
             await member.getmany(timeout_ms=200)

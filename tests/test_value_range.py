@@ -1,5 +1,6 @@
-"""Inputs with a `value_range` (token ids within the vocabulary, say): a request holding a
-value outside it is refused on its own, by every way a request is read, before any batch."""
+"""Inputs with a `value_range` (token ids within the vocabulary, say) or a `max_shape` (no
+more tokens than the model has positions): a request holding a value outside it, or longer,
+is refused on its own, by every way a request is read, before any batch."""
 
 from __future__ import annotations
 
@@ -89,3 +90,29 @@ def test_warm_up_feeds_values_the_model_accepts() -> None:
     Model.inputs = (TensorSpec("ids", "INT64", (-1,), value_range=(0.5, 10)),)
     warm_up(Model(), [1])  # type: ignore[arg-type]
     assert seen[1].tolist() == [[1]]  # the lowest whole number in range, not 0
+
+
+LONG = TensorSpec("ids", "INT64", (-1,), pad_value=0, max_shape=(8,))
+
+
+@pytest.mark.parametrize("content_type", [MSGPACK, JSON])
+def test_a_request_longer_than_the_model_takes_is_refused(content_type: str) -> None:
+    """In a padded batch it would fail every request it shares the batch with."""
+    assert isinstance(_admit(LONG, np.zeros((2, 8), np.int64), content_type), Job)
+    result = _admit(LONG, np.zeros((1, 9), np.int64), content_type)
+    assert isinstance(result, Rejection)
+    assert result.code == ErrorCode.INVALID_INPUT
+    assert "has shape [1, 9], the model takes at most ['batch', 8]" in result.message
+
+
+def test_max_shape_bounds_variable_dimensions_only() -> None:
+    tensor = {"name": "ids", "datatype": "INT64", "shape": [-1, 4]}
+    config = convert({"inputs": [tensor | {"max_shape": [512, -1]}]}, ModelConfig, "m")
+    assert TensorSpec.from_config(config.inputs[0]).max_shape == (512, -1)
+    for bad, message in [
+        ([512], "has not the 2 dimensions"),
+        ([512, 4], "bounds only shape"),
+        ([0, -1], "each at 1 or more"),
+    ]:
+        with pytest.raises(ConfigError, match=message):
+            convert({"inputs": [tensor | {"max_shape": bad}]}, ModelConfig, "m")

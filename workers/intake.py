@@ -310,6 +310,8 @@ def _admit(
             except TensorError as exc:
                 raise _Reject(ErrorCode.INVALID_INPUT, str(exc)) from None
             _check_shape(spec, array.shape)
+            if spec.text:
+                array = _as_text(spec, array)
             count, arrays[spec.name] = array.shape[0], array
         if rows not in (-1, count):
             raise _Reject(ErrorCode.INVALID_INPUT, "inputs disagree on the batch dimension")
@@ -370,6 +372,32 @@ def _check_shape(spec: TensorSpec, shape: tuple[int, ...]) -> None:
             ErrorCode.INVALID_INPUT,
             f"input {spec.name!r} has shape {list(shape)}, the model takes {expected}",
         )
+    if spec.max_shape is not None and any(
+        got > most >= 0 for most, got in zip(spec.max_shape, shape[1:], strict=True)
+    ):
+        most = ["batch", *(d if d >= 0 else "any" for d in spec.max_shape)]
+        raise _Reject(
+            ErrorCode.INVALID_INPUT,
+            f"input {spec.name!r} has shape {list(shape)}, the model takes at most {most}",
+        )
+
+
+def _as_text(spec: TensorSpec, array: np.ndarray) -> np.ndarray:
+    """A string input's values as text: msgpack carries BYTES as bytes, which the model would
+    read as their repr ("b'...'")."""
+    values = array.ravel().tolist()
+    if not any(type(value) is bytes for value in values):
+        return array
+    try:
+        texts = [value.decode() if type(value) is bytes else value for value in values]
+    except UnicodeDecodeError:
+        raise _Reject(
+            ErrorCode.INVALID_INPUT,
+            f"input {spec.name!r} holds bytes that are not UTF-8: the model takes text",
+        ) from None
+    converted = np.empty(len(texts), dtype=object)
+    converted[:] = texts
+    return converted.reshape(array.shape)
 
 
 def _check_follows(spec: TensorSpec, shape: tuple[int, ...], source: tuple[int, ...]) -> None:

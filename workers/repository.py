@@ -85,7 +85,13 @@ def scan(root: Path, names: Collection[str] = (), settle_s: float = SETTLE_S) ->
         result.root_missing = True
         return result
     now_ns = time.time_ns()
-    for model_dir in sorted(p for p in root.iterdir() if p.is_dir()):
+    try:
+        model_dirs = sorted(p for p in root.iterdir() if p.is_dir())
+    except OSError as exc:  # no right to list it, a stale network mount: as if missing
+        result.problems.append(f"cannot read model root {root}: {exc.strerror or exc}")
+        result.root_missing = True
+        return result
+    for model_dir in model_dirs:
         name = model_dir.name
         if names and name not in names:
             continue
@@ -220,10 +226,9 @@ class ModelRepository:
             if served is None:
                 return Rejection(ErrorCode.UNKNOWN_MODEL, f"model {model!r} is not served here")
             return served
-        try:
-            served = self._served.get((model, int(version)))
-        except ValueError:
-            served = None
+        # As directories are named: int() would take "1_0" as 10, " 3" and "+3" as 3.
+        number = _version_number(version)
+        served = None if number is None else self._served.get((model, number))
         if served is None:
             if model not in self._latest:
                 return Rejection(ErrorCode.UNKNOWN_MODEL, f"model {model!r} is not served here")
@@ -448,12 +453,17 @@ class ModelRepository:
     @property
     def calls_running(self) -> int:
         """Model calls on executor threads that have not returned, over every version loaded
-        or unloaded with one still running, and loads past their timeout (one that outlived a
-        shutdown would keep the process from exiting)."""
+        or unloaded with one still running (one that outlived a shutdown hung: it would keep
+        the process from exiting)."""
         self._lingering = {batcher for batcher in self._lingering if batcher.calls_running}
         loaded = [served.batcher for served in (*self._served.values(), *self._retiring)]
-        calls = sum(batcher.calls_running for batcher in (*loaded, *self._lingering))
-        return calls + len(self._stuck)
+        return sum(batcher.calls_running for batcher in (*loaded, *self._lingering))
+
+    @property
+    def loads_running(self) -> int:
+        """Loads and warm-ups cut short (past their timeout, or by a stop) whose threads run
+        on: they too would keep the process from exiting, though nothing hung."""
+        return len(self._stuck)
 
     async def close(self) -> None:
         """Drain every served version (on shutdown)."""

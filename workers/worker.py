@@ -96,6 +96,9 @@ class Worker:
         self.ready_hooks: list[Callable[[], None]] = []  # run once started, before consuming
         self.failed = False  # set when a background task crashed: exit non-zero
         self.hung = False  # a model call never returned: its thread cannot be joined
+        # Threads left running (a hung call, a load cut short) that Python would wait for at
+        # exit, as long as they take: the process leaves without them.
+        self.threads_left = False
         self._untopical: set[str] = set()  # models without a topic of their own
         self._tasks: list[asyncio.Task[None]] = []
         # Partitions being given away since the fetch in hand was returned: the rest of
@@ -182,7 +185,8 @@ class Worker:
             self._acked.start()
             self._opened.append(self._acked.close)
             kafka_sink = self._acked.put
-        await self.serve_models(kafka_sink)
+        # Loads take up to model_load_timeout_s each: a stop request must not wait for them all.
+        await self._unless_stopped(self.serve_models(kafka_sink))
         if worker.create_topics:
             await self._unless_stopped(
                 ensure_topics(
@@ -218,6 +222,15 @@ class Worker:
             supervised(self._reload_loop(), "reload", self._crashed),
             supervised(self._forget_loop(), "forget-topics", self._crashed),
         ]
+        if worker.stop_cuts_batches:
+            log.warning(
+                "stop_may_cut_batches",
+                batch_time_budget_s=worker.batch_time_budget_s,
+                fetch_ahead_s=worker.fetch_ahead_s,
+                shutdown_timeout_s=worker.shutdown_timeout_s,
+                hint="a batch a stop gives up on has its partitions' later results answered "
+                "again: shutdown_timeout_s (and the grace period) at least the other two",
+            )
         log.info(
             "worker_started",
             group=worker.group_id,
@@ -286,6 +299,9 @@ class Worker:
             with contextlib.suppress(Exception):
                 await asyncio.wait_for(close(), _SHUTDOWN_STEP_S)
         self._opened.clear()
+        repository = getattr(self, "_repository", None)
+        if repository is not None and repository.calls_running + repository.loads_running:
+            self.threads_left = True  # a load cut short, still running on its thread
         if stopped:
             log.info("worker_stopped", unfinished=0, while_starting=True)
 
@@ -344,7 +360,8 @@ class Worker:
         """A background task died: stop cleanly; what it left unsettled is redelivered."""
         log.error("background_task_failed", error=repr(exc))
         self.failed = True
-        self.hung = self.hung or isinstance(exc, ModelHung)
+        if isinstance(exc, ModelHung):
+            self.hung = self.threads_left = True
         self.stop()
 
     def _make_router(self) -> Router:
@@ -679,7 +696,10 @@ class Worker:
             # Python would wait for their threads at exit, as long as they take: the process
             # exits without them (status 1), and what they held is redelivered.
             log.error("model_calls_outlived_shutdown", calls=running)
-            self.hung = True
+            self.hung = self.threads_left = True
+        if loading := self._repository.loads_running:  # a reload's, cut short: no failure
+            log.warning("model_loads_outlived_shutdown", loads=loading)
+            self.threads_left = True
         # Each step's seconds: a stop that nears the orchestrator's grace period says where.
         steps_s = {name: round(seconds, 3) for name, seconds in timings.items()}
         log.info("worker_stopped", unfinished=self._ledger.records, steps_s=steps_s)
@@ -766,9 +786,9 @@ async def serve(settings: Settings) -> None:
     await worker.run()
     if watch is not None:
         watch.cancel()
-    if worker.hung:  # the interpreter would wait for the hung thread at exit, forever
+    if worker.threads_left:  # the interpreter would wait for those threads at exit
         sys.stdout.flush()
         sys.stderr.flush()
-        os._exit(1)
+        os._exit(1 if worker.hung or worker.failed else 0)
     if worker.failed:
         sys.exit(1)

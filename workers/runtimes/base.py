@@ -24,6 +24,8 @@ class TensorSpec:
     pad_value: float | None = None
     value_range: tuple[float, float] | None = None  # inputs: the values a request may hold
     follows: str | None = None  # outputs: cut back per request to this padded input's length
+    text: bool = False  # BYTES the model reads as UTF-8 strings (ONNX string tensors)
+    max_shape: tuple[int, ...] | None = None  # inputs: the largest sizes, -1 for any
     # Elements and bytes per row of a fixed-shape numeric tensor (0 otherwise): such rows
     # travel as raw bytes from the request to the batch, joined once per batch.
     row_elements: int = field(init=False, compare=False)
@@ -50,6 +52,7 @@ class TensorSpec:
             config.pad_value,
             config.value_range,
             config.follows,
+            max_shape=None if config.max_shape is None else tuple(config.max_shape),
         )
 
 
@@ -103,7 +106,9 @@ class Runtime(Protocol):
 
 
 def warm_up(runtime: Runtime, batch_sizes: Sequence[int]) -> None:
-    """Run zero-filled batches so first requests don't pay for lazy allocation and kernel choice."""
+    """Run zero-filled batches so first requests don't pay for lazy allocation and kernel
+    choice; raises ValueError for a model whose outputs do not have a row per batch row
+    first (time-major, say): its rows could not be told apart by request."""
     for rows in batch_sizes:
         inputs = {}
         for spec in runtime.inputs:
@@ -111,7 +116,12 @@ def warm_up(runtime: Runtime, batch_sizes: Sequence[int]) -> None:
                 return  # no meaningful zero value: skip warm-up rather than guess
             dims = tuple(1 if d < 0 else d for d in spec.shape)
             inputs[spec.name] = np.full((rows, *dims), _accepted(spec), dtype=spec.dtype)
-        runtime.run(inputs)
+        for name, output in runtime.run(inputs).items():
+            if not output.shape or output.shape[0] != rows:
+                raise ValueError(
+                    f"output {name!r} has shape {list(output.shape)} for a batch of {rows}: "
+                    "outputs have the batch dimension first"
+                )
 
 
 def _accepted(spec: TensorSpec) -> float:

@@ -8,6 +8,7 @@ ONNX Runtime and copied back once, instead of staged through pageable memory at 
 from __future__ import annotations
 
 import ctypes
+import dataclasses
 import functools
 import threading
 from collections.abc import Mapping, Sequence
@@ -184,14 +185,19 @@ def _check_batch_dimension(declared: list[ort.NodeArg], max_batch_size: int) -> 
 
 
 def _specs(configured: list, declared: list[ort.NodeArg]) -> tuple[TensorSpec, ...]:
-    """Specs from config.toml when given (for padding values), else from the model's graph."""
+    """Specs from config.toml when given (for padding values), else from the model's graph.
+    String tensors take text: onnxruntime would pass a bytes value on as its repr."""
+    strings = {arg.name for arg in declared if arg.type == "tensor(string)"}
     if configured:
-        return tuple(TensorSpec.from_config(c) for c in configured)
-    specs = []
-    for arg in declared:
-        datatype = _DATATYPES.get(arg.type)
-        if datatype is None:
-            raise ValueError(f"tensor {arg.name!r} has unsupported type {arg.type}")
-        dims = tuple(d if isinstance(d, int) and d >= 0 else -1 for d in arg.shape[1:])
-        specs.append(TensorSpec(arg.name, datatype, dims))
-    return tuple(specs)
+        specs = [TensorSpec.from_config(c) for c in configured]
+    else:
+        specs = []
+        for arg in declared:
+            datatype = _DATATYPES.get(arg.type)
+            if datatype is None:
+                raise ValueError(f"tensor {arg.name!r} has unsupported type {arg.type}")
+            dims = tuple(d if isinstance(d, int) and d >= 0 else -1 for d in arg.shape[1:])
+            specs.append(TensorSpec(arg.name, datatype, dims))
+    return tuple(
+        dataclasses.replace(spec, text=True) if spec.name in strings else spec for spec in specs
+    )

@@ -115,16 +115,15 @@ def load_module(path: Path, device: str) -> torch.nn.Module:
     """A `torch.export` archive or a TorchScript file, on `device`.
 
     An exported graph names the device of every tensor it creates (a transformer's position
-    ids and attention masks, say) as it was when exported, usually the CPU: moving only its
-    weights would leave those behind, so the graph itself is rewritten for the device.
+    ids and attention masks, say) as it was when exported: moving only its weights would
+    leave those behind, so the graph itself is rewritten for the device, the CPU included.
     TorchScript's traced graphs keep such devices too, and cannot be rewritten: a graph
     traced for another device is served as it is, with a warning that says why its
     calls fail (trace it on the device that serves it, or ship a torch.export archive).
     """
     if path.suffix == ".pt2":
-        program = torch.export.load(str(path))
-        if device != "cpu":
-            program = move_to_device_pass(program, device)
+        # The CPU too: an archive exported on a GPU serves where none is left.
+        program = move_to_device_pass(torch.export.load(str(path)), device)
         return program.module()
     module = torch.jit.load(str(path), map_location=device).eval()
     # `cuda:1` is another device than the `cuda:0` a graph was traced on; `cuda` means 0.
