@@ -134,6 +134,8 @@ class ModelConfig(msgspec.Struct, kw_only=True, forbid_unknown_fields=True):
     def __post_init__(self) -> None:
         if ranged := [o.name for o in self.outputs if o.value_range is not None]:
             raise ValueError(f"outputs {ranged}: value_range applies to inputs")
+        if bounded := [o.name for o in self.outputs if o.max_shape is not None]:
+            raise ValueError(f"outputs {bounded}: max_shape applies to inputs")
         if not re.fullmatch(r"auto|cpu|cuda(:[0-9]+)?", self.device):
             raise ValueError(f"device {self.device!r} must be auto, cpu, cuda or cuda:<n>")
         if self.version_policy == "specific" and not self.versions:

@@ -196,7 +196,8 @@ class SurgeClient:
         deadline_ms: int | None = None,
         topic: str | None = None,
     ) -> str:
-        """Publish one request without waiting for its result; returns its id."""
+        """Publish one request without waiting for its result; returns its id. Cut short by
+        close() (ClientClosed), a request already handed to the producer may still go out."""
         request_id = request_id or uuid.uuid4().hex
         body = request_body(inputs, request_id, self.content_type)
 
@@ -512,7 +513,7 @@ class SurgeClient:
         try:
             async for record in consumer:
                 self._on_reply(record)
-        except KafkaError as exc:  # the next call starts a new reader
+        except Exception as exc:  # the next call starts a new reader
             log.warning("reply_reader_lost", topic=self.reply_topic, error=repr(exc))
 
     def _on_reply(self, record: Any) -> None:

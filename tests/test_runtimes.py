@@ -18,7 +18,7 @@ from structlog.testing import capture_logs
 from surge.config import ModelConfig, TensorConfig
 from surge.examples import MLP_FEATURES, mlp_model, write_mlp
 from surge.schemas import row_tensors, to_array
-from surge.workers import runtimes
+from surge.workers import ModelRepository, runtimes
 from surge.workers.batching import check_rows, group_by_shape, stack
 from surge.workers.intake import Job
 from surge.workers.runtimes import TensorSpec, devices, torch_runtime
@@ -231,20 +231,39 @@ def test_an_onnx_graph_with_a_fixed_batch_dimension_loads_only_at_that_size(
 
 
 def test_a_model_whose_outputs_are_not_batch_first_fails_its_warm_up(tmp_path: Path) -> None:
-    """Time-major, its rows could not be split by request: a batch of one says so at load."""
+    """Time-major, its rows could not be split by request: said at load. At one row its
+    variable time dimension, warmed at 1, hides it: a larger size tells."""
     graph = onnx.helper.make_graph(
         [onnx.helper.make_node("Transpose", ["x"], ["y"], perm=[1, 0])],
         "time_major",
-        [onnx.helper.make_tensor_value_info("x", onnx.TensorProto.FLOAT, ["batch", 4])],
-        [onnx.helper.make_tensor_value_info("y", onnx.TensorProto.FLOAT, [4, "batch"])],
+        [onnx.helper.make_tensor_value_info("x", onnx.TensorProto.FLOAT, ["batch", "time"])],
+        [onnx.helper.make_tensor_value_info("y", onnx.TensorProto.FLOAT, ["time", "batch"])],
     )
     model = onnx.helper.make_model(graph, opset_imports=[onnx.helper.make_opsetid("", 17)])
     model.ir_version = 8
-    onnx.save(model, tmp_path / "model.onnx")
-    runtime = runtimes.load(tmp_path / "model.onnx", ModelConfig())
-    with pytest.raises(ValueError, match=r"'y' has shape \[4, 1\] for a batch of 1: outputs"):
+    (tmp_path / "time_major" / "1").mkdir(parents=True)
+    onnx.save(model, tmp_path / "time_major" / "1" / "model.onnx")
+    runtime = runtimes.load(tmp_path / "time_major" / "1" / "model.onnx", ModelConfig())
+    runtimes.warm_up(runtime, [1])
+    with pytest.raises(runtimes.NotBatchFirst, match=r"'y' has shape \[1, 4\] for a batch of 4"):
         runtimes.warm_up(runtime, [1, 4])
-    runtimes.warm_up(runtimes.load(write_mlp(tmp_path / "mlp"), ModelConfig()), [1, 4])
+    runtimes.warm_up(runtimes.load(write_mlp(tmp_path), ModelConfig()), [1, 4])
+
+
+async def test_a_model_whose_outputs_are_not_batch_first_is_not_served(tmp_path: Path) -> None:
+    test_a_model_whose_outputs_are_not_batch_first_fails_its_warm_up(tmp_path)
+    repository = ModelRepository(
+        tmp_path,
+        [],
+        replies=None,
+        time_budget_s=5,
+        max_tensor_elements=1 << 22,  # type: ignore[arg-type]
+    )
+    try:
+        await repository.reconcile(settle_s=0)
+        assert sorted(repository.served) == [("mlp", 1)]
+    finally:
+        await repository.close()
 
 
 def test_onnx_models_refuse_a_precision_setting(tmp_path: Path) -> None:

@@ -116,3 +116,6 @@ def test_max_shape_bounds_variable_dimensions_only() -> None:
     ]:
         with pytest.raises(ConfigError, match=message):
             convert({"inputs": [tensor | {"max_shape": bad}]}, ModelConfig, "m")
+    output = {"name": "y", "datatype": "FP32", "shape": [-1], "max_shape": [8]}
+    with pytest.raises(ConfigError, match="max_shape applies to inputs"):
+        convert({"outputs": [output]}, ModelConfig, "m")

@@ -409,14 +409,18 @@ class ModelRepository:
 
     async def _warm_up(self, source: VersionSource, runtime: runtimes.Runtime) -> None:
         """Warm the batch sizes it will see. Failing at one row means a broken model; failing
-        larger (out of memory, say) only means those batches will be split when they come."""
+        larger (out of memory, say) only means those batches will be split when they come,
+        unless its outputs proved not batch-first (a variable dimension of 1 hides that at
+        one row)."""
         config = source.config
         sizes = sorted({1, *config.preferred_batch_sizes, config.max_batch_size})
         for size in sizes:
             try:
                 await self._off_loop(runtimes.warm_up, runtime, [size])
             except Exception as exc:
-                if size == sizes[0] or isinstance(exc, runtimes.DeviceFailed):
+                if size == sizes[0] or isinstance(
+                    exc, runtimes.DeviceFailed | runtimes.NotBatchFirst
+                ):
                     raise
                 log.warning("warmup_failed", model=source.name, rows=size, error=repr(exc)[:300])
                 return

@@ -300,7 +300,8 @@ class Worker:
                 await asyncio.wait_for(close(), _SHUTDOWN_STEP_S)
         self._opened.clear()
         repository = getattr(self, "_repository", None)
-        if repository is not None and repository.calls_running + repository.loads_running:
+        if repository is not None and (loading := repository.loads_running):
+            log.warning("model_loads_outlived_shutdown", loads=loading)
             self.threads_left = True  # a load cut short, still running on its thread
         if stopped:
             log.info("worker_stopped", unfinished=0, while_starting=True)
@@ -697,7 +698,9 @@ class Worker:
             # exits without them (status 1), and what they held is redelivered.
             log.error("model_calls_outlived_shutdown", calls=running)
             self.hung = self.threads_left = True
-        if loading := self._repository.loads_running:  # a reload's, cut short: no failure
+        if loading := self._repository.loads_running:
+            # Loads cut short by the stop, or past model_load_timeout_s before it: a failed
+            # load was said when it failed, and a stop asked for is no failure (status 0).
             log.warning("model_loads_outlived_shutdown", loads=loading)
             self.threads_left = True
         # Each step's seconds: a stop that nears the orchestrator's grace period says where.

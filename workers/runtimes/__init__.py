@@ -5,7 +5,13 @@ from __future__ import annotations
 from pathlib import Path
 
 from surge.config import ModelConfig
-from surge.workers.runtimes.base import DeviceFailed, Runtime, TensorSpec, warm_up
+from surge.workers.runtimes.base import (
+    DeviceFailed,
+    NotBatchFirst,
+    Runtime,
+    TensorSpec,
+    warm_up,
+)
 
 # The file a version directory must hold, and the runtime that reads it, in order of preference.
 ARTIFACTS = {"model.onnx": "onnx", "model.pt2": "torch", "model.pt": "torch"}
@@ -33,4 +39,13 @@ def load(path: Path, config: ModelConfig) -> Runtime:
     return TorchRuntime(path, config)
 
 
-__all__ = ["ARTIFACTS", "DeviceFailed", "Runtime", "TensorSpec", "find_artifact", "load", "warm_up"]
+__all__ = [
+    "ARTIFACTS",
+    "DeviceFailed",
+    "NotBatchFirst",
+    "Runtime",
+    "TensorSpec",
+    "find_artifact",
+    "load",
+    "warm_up",
+]

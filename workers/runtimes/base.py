@@ -105,10 +105,14 @@ class Runtime(Protocol):
     def close(self) -> None: ...
 
 
+class NotBatchFirst(ValueError):
+    """A model whose outputs do not have a row per batch row first (time-major, say): its
+    rows could not be told apart by request, at any batch size."""
+
+
 def warm_up(runtime: Runtime, batch_sizes: Sequence[int]) -> None:
     """Run zero-filled batches so first requests don't pay for lazy allocation and kernel
-    choice; raises ValueError for a model whose outputs do not have a row per batch row
-    first (time-major, say): its rows could not be told apart by request."""
+    choice; raises NotBatchFirst for a model whose outputs are not batch-first."""
     for rows in batch_sizes:
         inputs = {}
         for spec in runtime.inputs:
@@ -118,7 +122,7 @@ def warm_up(runtime: Runtime, batch_sizes: Sequence[int]) -> None:
             inputs[spec.name] = np.full((rows, *dims), _accepted(spec), dtype=spec.dtype)
         for name, output in runtime.run(inputs).items():
             if not output.shape or output.shape[0] != rows:
-                raise ValueError(
+                raise NotBatchFirst(
                     f"output {name!r} has shape {list(output.shape)} for a batch of {rows}: "
                     "outputs have the batch dimension first"
                 )
