@@ -686,7 +686,10 @@ def _show_lag(lags: list[TopicLag], group: str, reset: str) -> None:
             f"(auto_offset_reset = {reset})"
         )
     if any(lag.age_unknown for lag in lags):
-        console.print("unknown: the oldest waiting record of a partition could not be read")
+        console.print(
+            "unknown: the oldest waiting record of a partition could not be read in time, "
+            "or carries no timestamp"
+        )
 
 
 def _age(lag: TopicLag) -> str:

@@ -225,6 +225,30 @@ async def test_lag_of_an_offset_lost_to_retention_follows_the_reset_policy(kafka
     assert (latest.records, latest.oldest_s, latest.uncommitted) == (0, None, 0)  # its end
 
 
+async def test_records_lost_to_retention_while_lag_is_read_still_count_as_waiting(
+    kafka: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The log start moves past the committed offset between finding it and reading there:
+    the fetch resets as the group's own would, to the new start, not to the end."""
+    topic, group = await _five_records(kafka)
+    tp = TopicPartition(topic, 0)
+    await _commit(kafka, group, {tp: 1})
+    admin = AIOKafkaAdminClient(bootstrap_servers=kafka)
+    await admin.start()
+    try:
+        await admin.delete_records({tp: RecordsToDelete(before_offset=3)})
+    finally:
+        await admin.close()
+
+    async def as_before(self: AIOKafkaConsumer, partitions: list[TopicPartition]) -> dict:
+        return dict.fromkeys(partitions, 0)  # read before the deletion: 1 is still held
+
+    monkeypatch.setattr(AIOKafkaConsumer, "beginning_offsets", as_before)
+    [lag] = await group_lag({"bootstrap_servers": kafka}, group, [topic], reset="earliest")
+    assert lag.records > 0
+    assert lag.oldest_s is not None  # the first record left, at offset 3, was read
+
+
 async def test_lag_of_an_offset_past_the_log_s_end_follows_the_reset_policy(kafka: str) -> None:
     """An offset the log lost the records below (an unclean election, say): the group's
     consumers reset, and read what the policy says they will."""

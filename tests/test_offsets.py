@@ -82,6 +82,20 @@ def test_forgotten_partitions_ignore_late_outcomes() -> None:
     assert tracker.pending() == 0
 
 
+def test_a_commit_answered_after_its_partition_was_forgotten_holds_nothing_back() -> None:
+    """Revoked while its commit of 8 was in flight, assigned again after the log restarted
+    lower (a reset after retention): its new positions are offered from the first."""
+    tracker: OffsetTracker[str] = OffsetTracker()
+    tracker.track("p", 7)
+    tracker.finish("p", 7)
+    offered = tracker.committable()
+    tracker.forget(["p"])
+    tracker.committed(offered)  # the answer comes back now
+    tracker.track("p", 5)
+    tracker.finish("p", 5)
+    assert tracker.committable() == {"p": 6}
+
+
 def test_an_offset_going_backwards_restarts_the_partition() -> None:
     tracker: OffsetTracker[str] = OffsetTracker()
     tracker.track("p", 5)

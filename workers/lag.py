@@ -88,7 +88,14 @@ async def group_lag(
     `auto_offset_reset`: where it starts a partition without a committed offset the log
     holds. The oldest waiting records are read for up to `read_s` seconds."""
     admin = AIOKafkaAdminClient(**kafka)
-    consumer = AIOKafkaConsumer(**kafka, enable_auto_commit=False, isolation_level="read_committed")
+    consumer = AIOKafkaConsumer(
+        **kafka,
+        enable_auto_commit=False,
+        isolation_level="read_committed",
+        # Retention moving the log start past a position between finding it and reading
+        # there resets it as the group would reset: aiokafka's default, the end, shows none.
+        auto_offset_reset=reset,
+    )
     try:
         await admin.start()
         await consumer.start()

@@ -107,9 +107,10 @@ class OffsetTracker(Generic[P]):
         return moves
 
     def committed(self, positions: dict[P, int]) -> None:
-        """Record positions the broker has accepted."""
+        """Record positions the broker has accepted, of partitions still tracked: a commit
+        answered after its partition was forgotten would hold back a later assignment's."""
         for partition, position in positions.items():
-            if position > self._committed.get(partition, -1):
+            if partition in self._partitions and position > self._committed.get(partition, -1):
                 self._committed[partition] = position
 
     def forget(self, partitions: Iterable[P]) -> None:

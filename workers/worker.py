@@ -341,14 +341,28 @@ class Worker:
         outcomes move no offset and commit nothing."""
         self._revoked |= partitions
         try:
-            await asyncio.wait_for(self._ledger.drained(partitions), drain_s)
-        except TimeoutError:
-            log.warning("revoke_drain_timeout", partitions=len(partitions))
-        with contextlib.suppress(TimeoutError):  # commit what did settle, in any case
-            await asyncio.wait_for(self.commit(), _SHUTDOWN_STEP_S)
+            try:
+                await asyncio.wait_for(self._ledger.drained(partitions), drain_s)
+            except TimeoutError:
+                log.warning("revoke_drain_timeout", partitions=len(partitions))
+            with contextlib.suppress(TimeoutError):  # commit what did settle, in any case
+                await asyncio.wait_for(self.commit(), _SHUTDOWN_STEP_S)
+        except Exception:  # a bug: kept, their state would commit a later owner's work
+            log.exception("revoke_failed", partitions=len(partitions))
+        # (Cancelled, by a stop under way: its own drain and commit take these too.)
         self._ledger.offsets.forget(partitions)
         if self._transactions is not None:
-            await self._transactions.revoke(partitions)
+            await self._revoke_transactions(partitions)
+
+    async def _revoke_transactions(self, partitions: set[TopicPartition]) -> None:
+        """Drop the revoked partitions' transactions, bounded: one stuck on a coordinator
+        that stopped answering would hold the rebalance until the group evicted this member,
+        alive but serving nothing. A restart instead; the next owner fences what was open."""
+        try:
+            assert self._transactions is not None
+            await asyncio.wait_for(self._transactions.revoke(partitions), _SHUTDOWN_STEP_S)
+        except TimeoutError:
+            self._crashed(TimeoutError("transactions of revoked partitions did not end"))
 
     def _subscribe(self, topics: dict[str, str | None]) -> None:
         if topics:
