@@ -207,7 +207,8 @@ async def _five_records(kafka: str) -> tuple[str, str]:
     return topic, run
 
 
-async def test_lag_of_an_offset_lost_to_retention_follows_the_reset_policy(kafka: str) -> None:
+async def _committed_then_lost_to_retention(kafka: str) -> tuple[str, str]:
+    """Five records, the group committed at 1, then the records below 3 deleted."""
     topic, group = await _five_records(kafka)
     tp = TopicPartition(topic, 0)
     await _commit(kafka, group, {tp: 1})
@@ -217,6 +218,11 @@ async def test_lag_of_an_offset_lost_to_retention_follows_the_reset_policy(kafka
         await admin.delete_records({tp: RecordsToDelete(before_offset=3)})
     finally:
         await admin.close()
+    return topic, group
+
+
+async def test_lag_of_an_offset_lost_to_retention_follows_the_reset_policy(kafka: str) -> None:
+    topic, group = await _committed_then_lost_to_retention(kafka)
 
     kafka_options = {"bootstrap_servers": kafka}
     [earliest] = await group_lag(kafka_options, group, [topic], reset="earliest")
@@ -230,15 +236,7 @@ async def test_records_lost_to_retention_while_lag_is_read_still_count_as_waitin
 ) -> None:
     """The log start moves past the committed offset between finding it and reading there:
     the fetch resets as the group's own would, to the new start, not to the end."""
-    topic, group = await _five_records(kafka)
-    tp = TopicPartition(topic, 0)
-    await _commit(kafka, group, {tp: 1})
-    admin = AIOKafkaAdminClient(bootstrap_servers=kafka)
-    await admin.start()
-    try:
-        await admin.delete_records({tp: RecordsToDelete(before_offset=3)})
-    finally:
-        await admin.close()
+    topic, group = await _committed_then_lost_to_retention(kafka)
 
     async def as_before(self: AIOKafkaConsumer, partitions: list[TopicPartition]) -> dict:
         return dict.fromkeys(partitions, 0)  # read before the deletion: 1 is still held
