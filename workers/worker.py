@@ -96,9 +96,6 @@ class Worker:
         self.ready_hooks: list[Callable[[], None]] = []  # run once started, before consuming
         self.failed = False  # set when a background task crashed: exit non-zero
         self.hung = False  # a model call never returned: its thread cannot be joined
-        # Threads left running (a hung call, a load cut short) that Python would wait for at
-        # exit, as long as they take: the process leaves without them.
-        self.threads_left = False
         self._untopical: set[str] = set()  # models without a topic of their own
         self._tasks: list[asyncio.Task[None]] = []
         # Partitions being given away since the fetch in hand was returned: the rest of
@@ -110,6 +107,13 @@ class Worker:
         self._ahead: set[str] = set()  # models with enough queued that fetching for them stops
         # What start-up opened, to close should it not finish (`_shutdown` closes the rest).
         self._opened: list[Callable[[], Awaitable[object]]] = []
+
+    @property
+    def threads_left(self) -> bool:
+        """Model calls or loads still running on their threads (a hung call, a load cut
+        short), which Python would wait for at exit, as long as they take."""
+        repository = getattr(self, "_repository", None)  # none before start-up made it
+        return repository is not None and bool(repository.calls_running + repository.loads_running)
 
     def stop(self) -> None:
         """Begin a graceful shutdown (safe to call from a signal handler)."""
@@ -302,7 +306,6 @@ class Worker:
         repository = getattr(self, "_repository", None)
         if repository is not None and (loading := repository.loads_running):
             log.warning("model_loads_outlived_shutdown", loads=loading)
-            self.threads_left = True  # a load cut short, still running on its thread
         if stopped:
             log.info("worker_stopped", unfinished=0, while_starting=True)
 
@@ -375,8 +378,7 @@ class Worker:
         """A background task died: stop cleanly; what it left unsettled is redelivered."""
         log.error("background_task_failed", error=repr(exc))
         self.failed = True
-        if isinstance(exc, ModelHung):
-            self.hung = self.threads_left = True
+        self.hung = self.hung or isinstance(exc, ModelHung)
         self.stop()
 
     def _make_router(self) -> Router:
@@ -711,12 +713,11 @@ class Worker:
             # Python would wait for their threads at exit, as long as they take: the process
             # exits without them (status 1), and what they held is redelivered.
             log.error("model_calls_outlived_shutdown", calls=running)
-            self.hung = self.threads_left = True
+            self.hung = True
         if loading := self._repository.loads_running:
             # Loads cut short by the stop, or past model_load_timeout_s before it: a failed
             # load was said when it failed, and a stop asked for is no failure (status 0).
             log.warning("model_loads_outlived_shutdown", loads=loading)
-            self.threads_left = True
         # Each step's seconds: a stop that nears the orchestrator's grace period says where.
         steps_s = {name: round(seconds, 3) for name, seconds in timings.items()}
         log.info("worker_stopped", unfinished=self._ledger.records, steps_s=steps_s)
