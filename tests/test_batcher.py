@@ -336,7 +336,11 @@ async def test_a_model_slowed_by_a_busy_machine_stays_inline() -> None:
     batcher = _batcher(model, answers, config)
     main = threading.current_thread().name
     batcher.start(on_crash=pytest.fail)
-    await _serve(batcher, answers, _INLINE_AFTER + 1)  # proven on the thread, now inline
+    # Proven on the thread, now inline; on a busy machine one slow call restarts the proof.
+    for _ in range(5):
+        await _serve(batcher, answers, _INLINE_AFTER + 1)
+        if model.threads[-1] == main:
+            break
     assert model.threads[-1] == main
     affinity = os.sched_getaffinity(0)
     cpu = min(affinity)
