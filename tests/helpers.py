@@ -7,7 +7,7 @@ import contextlib
 import json
 import time
 from collections import defaultdict
-from collections.abc import AsyncIterator, Callable, Iterable, Sequence
+from collections.abc import AsyncIterator, Callable, Collection, Iterable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Literal
@@ -194,8 +194,11 @@ async def read_redis(
         await redis.aclose()
 
 
-async def committed_lag(bootstrap: str, group: str, topic: str) -> int:
-    """End offsets minus the group's committed offsets, summed over the topic's partitions."""
+async def committed_lag(
+    bootstrap: str, group: str, topic: str, only: Collection[int] | None = None
+) -> int:
+    """End offsets minus the group's committed offsets, summed over the topic's partitions
+    (those numbered in `only`, if given)."""
     admin = AIOKafkaAdminClient(bootstrap_servers=bootstrap)
     consumer = AIOKafkaConsumer(bootstrap_servers=bootstrap)
     await admin.start()
@@ -206,7 +209,8 @@ async def committed_lag(bootstrap: str, group: str, topic: str) -> int:
             await consumer._client.force_metadata_update()
             consumer._client.add_topic(topic)
             await asyncio.sleep(0.05)
-        partitions = [TopicPartition(topic, p) for p in consumer.partitions_for_topic(topic)]
+        numbers = consumer.partitions_for_topic(topic)
+        partitions = [TopicPartition(topic, p) for p in numbers if only is None or p in only]
         ends = await consumer.end_offsets(partitions)
         return sum(
             ends[tp] - max(committed[tp].offset if tp in committed else 0, 0) for tp in partitions
@@ -216,11 +220,17 @@ async def committed_lag(bootstrap: str, group: str, topic: str) -> int:
         await admin.close()
 
 
-async def wait_committed(bootstrap: str, group: str, topic: str, timeout: float = 30) -> None:
-    """Wait until the group has committed every record of the topic; fail if it never does
-    (a stuck partition)."""
+async def wait_committed(
+    bootstrap: str,
+    group: str,
+    topic: str,
+    timeout: float = 30,
+    only: Collection[int] | None = None,
+) -> None:
+    """Wait until the group has committed every record of the topic (of its partitions
+    numbered in `only`, if given); fail if it never does (a stuck partition)."""
     deadline = time.monotonic() + timeout
-    while (lag := await committed_lag(bootstrap, group, topic)) > 0:
+    while (lag := await committed_lag(bootstrap, group, topic, only)) > 0:
         assert time.monotonic() < deadline, f"{lag} records never committed: a partition is stuck"
         await asyncio.sleep(0.1)
 

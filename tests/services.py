@@ -125,11 +125,15 @@ class KafkaBroker:
         sasl_users: dict[str, str] | None = None,
         tls: bool = False,
         auto_create_topics: bool = True,
+        joining: KafkaBroker | None = None,
+        properties: Sequence[str] = (),
     ) -> None:
         """`sasl_users` adds a SASL_PLAINTEXT listener (mechanism PLAIN) with these users;
         `tls` an SSL listener whose certificate `ca_file` signs; `auto_create_topics=False`
         makes topics exist only once created, as on most production clusters. `gc`: the JVM's
-        collector options; its pauses are logged to `gc.log` in the workdir."""
+        collector options; its pauses are logged to `gc.log` in the workdir. `joining`: this
+        one is a second broker (no controller) of that one's cluster. `properties`: more
+        server settings, as `name=value`."""
         self.workdir = Path(workdir or tempfile.mkdtemp(prefix="surge-kafka-"))
         self.port = free_port()
         self.controller_port = free_port()
@@ -165,11 +169,23 @@ class KafkaBroker:
                 "listener.name.ssl.ssl.keystore.type=PEM",
                 f"listener.name.ssl.ssl.keystore.location={keystore}",
             ]
+        self.cluster_id = joining.cluster_id if joining else uuid.uuid4().hex[:22]
+        if joining is None:
+            node = [
+                "process.roles=broker,controller",
+                "node.id=1",
+                f"controller.quorum.voters=1@127.0.0.1:{self.controller_port}",
+                f"listeners={','.join(listeners)},CONTROLLER://127.0.0.1:{self.controller_port}",
+            ]
+        else:
+            node = [
+                "process.roles=broker",
+                "node.id=2",
+                f"controller.quorum.voters=1@127.0.0.1:{joining.controller_port}",
+                f"listeners={','.join(listeners)}",
+            ]
         settings = [
-            "process.roles=broker,controller",
-            "node.id=1",
-            f"controller.quorum.voters=1@127.0.0.1:{self.controller_port}",
-            f"listeners={','.join(listeners)},CONTROLLER://127.0.0.1:{self.controller_port}",
+            *node,
             f"advertised.listeners={','.join(listeners)}",
             "controller.listener.names=CONTROLLER",
             "inter.broker.listener.name=PLAINTEXT",
@@ -186,6 +202,7 @@ class KafkaBroker:
             "num.network.threads=2",
             "num.io.threads=2",
             *extra,
+            *properties,
         ]
         self._config.write_text("\n".join(settings) + "\n")
         self._java(
@@ -193,7 +210,7 @@ class KafkaBroker:
                 "kafka.tools.StorageTool",
                 "format",
                 "-t",
-                uuid.uuid4().hex[:22],
+                self.cluster_id,
                 "-c",
                 str(self._config),
             ],

@@ -1,5 +1,6 @@
 """At-least-once writes: a partition whose batches the producer cannot take (its leader gone,
-until they expire) holds up no other partition's results."""
+until they expire) holds up no other partition's results, and a batch never acknowledged is
+given up on after reply_retry_s."""
 
 from __future__ import annotations
 
@@ -22,6 +23,11 @@ class _Producer:
         self.client = SimpleNamespace(cluster=SimpleNamespace(partitions_for_topic=lambda _: {0}))
         self._stuck = stuck
         self._in_flight = False
+        self.sent: list[str] = []  # the topics of the batches it took
+        self.stopped = False
+
+    async def stop(self) -> None:
+        self.stopped = True
 
     def create_batch(self) -> Any:
         return SimpleNamespace(append=lambda **_: True)
@@ -33,6 +39,7 @@ class _Producer:
         elif self._in_flight:
             await asyncio.Event().wait()  # never taken
         self._in_flight = self._in_flight or topic == self._stuck
+        self.sent.append(topic)
         return delivery
 
 
@@ -97,3 +104,39 @@ async def test_a_bug_sending_a_result_aside_stops_the_worker() -> None:
         assert [repr(exc) for exc in crashes] == ["RuntimeError('a bug')"]
     finally:
         await acked.close()
+
+
+async def test_a_batch_never_acknowledged_is_dead_lettered_on_a_new_producer() -> None:
+    """aiokafka retries a retriable refusal forever: after reply_retry_s the worker gives the
+    batch up, dead-letters its results, and replaces the producer that still holds it."""
+    ledger = Ledger(100, 1 << 20)
+    crashes: list[BaseException] = []
+    stuck = _Producer("stuck")
+    fresh: list[_Producer] = []
+
+    async def new_producer() -> Any:
+        fresh.append(_Producer("stuck"))
+        return fresh[-1]
+
+    acked = AckedWrites(
+        stuck,  # type: ignore[arg-type]
+        ledger,
+        RetryPolicy("dead", 0.3, crashes.append),
+        crashes.append,
+        TopicLookup({}, 1),
+        new_producer,
+    )
+    ticket = make_ticket(b"{}")
+    ledger.admit(ticket)
+    acked.start()
+    try:
+        acked.put(Write(ticket, "stuck", b"result", [], dead_letter=False))
+        async with asyncio.timeout(3):
+            while not ticket.settled:
+                await ledger.progress()
+    finally:
+        await acked.close()
+    assert not crashes
+    assert stuck.sent == ["stuck"]
+    assert stuck.stopped
+    assert [producer.sent for producer in fresh] == [["dead"]]

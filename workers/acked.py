@@ -1,15 +1,15 @@
 """At-least-once Kafka writes: drained from an outbox into one record batch per target
 partition, each ticket settled once its batch is acknowledged. A refused write is retried
-with back-off or becomes a dead letter (`RetryPolicy`). The exactly-once counterpart is
-`Transactions`."""
+with back-off or becomes a dead letter (`RetryPolicy`), and so is one left unacknowledged
+for `reply_retry_s`. The exactly-once counterpart is `Transactions`."""
 
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import functools
 import time
 from collections.abc import Awaitable, Callable
+from dataclasses import dataclass
 from typing import Any
 
 import structlog
@@ -22,6 +22,7 @@ from surge.workers.tasks import Outbox, supervised
 from surge.workers.writes import (
     RETRY_MAX_S,
     NoSuchTopic,
+    NotAcknowledged,
     RecentTopics,
     Records,
     RetryPolicy,
@@ -30,6 +31,7 @@ from surge.workers.writes import (
     Write,
     by_partition,
     send_batches,
+    stop_producer,
 )
 
 log = structlog.get_logger("surge.replies")
@@ -38,6 +40,15 @@ log = structlog.get_logger("surge.replies")
 # partitions whose earlier batch is still in flight: those wait a round trip.
 _HAND_OVER_S = 0.5
 _RENEW_EVERY_S = 1.0  # at most: a topic refusing every batch must not churn producers
+
+
+@dataclass(slots=True)
+class _Unacked:
+    """A record batch enqueued and not acknowledged yet."""
+
+    records: Records
+    sent_at: float  # monotonic
+    producer: AIOKafkaProducer
 
 
 class AckedWrites:
@@ -65,18 +76,27 @@ class AckedWrites:
         self._side_sends: set[asyncio.Task[None]] = set()
         self._handing: dict[tuple[str, int], asyncio.Task[None]] = {}  # the last, per partition
         self._topics = RecentTopics()  # written to lately
+        self._unacked: dict[asyncio.Future[Any], _Unacked] = {}  # oldest first
+        self._overdue_task: asyncio.Task[None] | None = None
+        self._renewing = asyncio.Lock()
 
     def start(self) -> None:
         self._task = supervised(self._loop(), "acked-writes", self._on_crash)
+        self._overdue_task = supervised(self._watch_overdue(), "overdue-writes", self._on_crash)
 
     async def close(self) -> None:
+        if self._overdue_task is not None:
+            self._overdue_task.cancel()
         if self._task is not None:
             self._task.cancel()
         handing = list(self._handing.values())
         for task in handing:
             task.cancel()
         await asyncio.gather(
-            *filter(None, [self._task]), *self._side_sends, *handing, return_exceptions=True
+            *filter(None, [self._task, self._overdue_task]),
+            *self._side_sends,
+            *handing,
+            return_exceptions=True,
         )
         await self._lookup.close()
 
@@ -133,8 +153,9 @@ class AckedWrites:
     ) -> None:
         if after is not None:
             await asyncio.wait([after])  # its outcome is its own
-        for sent in await send_batches(self.producer, topic, partition, records):
-            self._watch(sent)
+        producer = self.producer  # renewal may replace it while these go out
+        for sent in await send_batches(producer, topic, partition, records):
+            self._watch(sent, producer)
 
     async def _look_up(self, write: Write) -> None:
         """A write to a topic this producer holds no metadata for: once the topic is found
@@ -156,15 +177,18 @@ class AckedWrites:
             return
         self.put(write)
 
-    def _watch(self, sent: Sent) -> None:
+    def _watch(self, sent: Sent, producer: AIOKafkaProducer) -> None:
         records, delivery = sent
         if isinstance(delivery, BaseException):
             self._refused(records, delivery)
             return
+        self._unacked[delivery] = _Unacked(records, time.monotonic(), producer)
         delivery.add_done_callback(lambda done: self._delivered(records, done))
 
     def _delivered(self, records: Records, delivery: asyncio.Future[Any]) -> None:
         exc = None if delivery.cancelled() else delivery.exception()
+        if self._unacked.pop(delivery, None) is None:
+            return  # given up on as overdue: its records went on without it
         if delivery.cancelled() or exc is not None:
             if isinstance(exc, KafkaError) and not exc.retriable:
                 self._stale = True  # the broker refused the batch for good: see `_renew`
@@ -173,23 +197,57 @@ class AckedWrites:
         self._ledger.settle_all(records.tickets)
         metrics.outcomes_durable("kafka", (ticket.received for ticket in records.tickets))
 
-    async def _renew(self) -> None:
+    async def _watch_overdue(self) -> None:
+        period = min(1.0, self._retry.retry_s / 10)
+        while True:
+            await asyncio.sleep(period)
+            oldest = next(iter(self._unacked.values()), None)
+            if oldest is not None and time.monotonic() - oldest.sent_at >= self._retry.retry_s:
+                await self._give_up_on(oldest.producer)
+
+    async def _give_up_on(self, producer: AIOKafkaProducer) -> None:
+        """A record batch unacknowledged for `reply_retry_s`: aiokafka's idempotent producer
+        retries a retriable refusal forever (a partition short of in-sync replicas answers
+        one to every attempt), and it sends one request per broker at a time, so the batch
+        slows every other partition of that broker too. Everything that producer holds is
+        given up on: overdue writes become dead letters, the others go out again (they may
+        have been written already: at least once), on a new producer if one can be made."""
+        abandoned = [
+            (delivery, unacked)
+            for delivery, unacked in self._unacked.items()
+            if unacked.producer is producer
+        ]
+        for delivery, _ in abandoned:
+            del self._unacked[delivery]
+        log.warning("kafka_writes_overdue", batches=len(abandoned))
+        try:
+            await self._renew(retiring=producer)
+        finally:  # whatever happened there, the records go on
+            for _, unacked in abandoned:
+                self._refused(unacked.records, NotAcknowledged(unacked.sent_at))
+
+    async def _renew(self, *, retiring: AIOKafkaProducer | None = None) -> None:
         """aiokafka's idempotent producer keeps the sequence numbers of a batch the broker
         refused for good (over the topic's size limit, say), so every later batch to that
         partition fails as out of order. A new producer (a new producer id) starts every
-        partition afresh; the old one finishes what it has in flight."""
-        self._stale = False
-        self._renewed_at = time.monotonic()
-        if self._new_producer is None:
-            return
-        try:
-            fresh = await self._new_producer()
-        except KafkaError as exc:  # the cluster unreachable now: the next refusal tries again
-            log.warning("producer_renewal_failed", error=repr(exc))
-            return
-        retired, self.producer = self.producer, fresh
+        partition afresh; the old one finishes what it has in flight (`reply_retry_s` at
+        most). `retiring`: a producer whose writes were given up on, replaced if it is still
+        the one in use, and closed at once."""
+        async with self._renewing:  # one at a time: each retires the producer it replaces
+            if retiring is not None and retiring is not self.producer:
+                return  # replaced already: closed once its time to finish is up
+            self._stale = False
+            self._renewed_at = time.monotonic()
+            if self._new_producer is None:
+                return
+            try:
+                fresh = await self._new_producer()
+            except KafkaError as exc:  # the cluster unreachable: the next refusal tries again
+                log.warning("producer_renewal_failed", error=repr(exc))
+                return
+            retired, self.producer = self.producer, fresh
         log.info("producer_renewed")
-        self._aside(_stop(retired))
+        self._aside(stop_producer(retired, 0 if retiring is not None else self._retry.retry_s))
 
     def _refused(self, records: Records, exc: BaseException) -> None:
         if isinstance(exc, MessageSizeTooLargeError) and len(records) > 1:
@@ -208,8 +266,3 @@ class AckedWrites:
             return
         asyncio.get_running_loop().call_later(write.retry_in, self.put, write)
         write.retry_in = min(write.retry_in * 2, RETRY_MAX_S)
-
-
-async def _stop(producer: AIOKafkaProducer) -> None:
-    with contextlib.suppress(KafkaError):  # its own writes' outcomes are already handled
-        await producer.stop()

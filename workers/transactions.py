@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import time
 from collections.abc import Awaitable, Callable, Iterable
 from typing import Any
 
@@ -36,6 +37,7 @@ from surge.workers import metrics
 from surge.workers.ledger import Ledger
 from surge.workers.writes import (
     NoSuchTopic,
+    NotAcknowledged,
     RecentTopics,
     Records,
     RetryPolicy,
@@ -44,12 +46,15 @@ from surge.workers.writes import (
     Write,
     by_partition,
     send_batches,
+    stop_producer,
 )
 
 log = structlog.get_logger("surge.transactions")
 
 _METADATA_WAIT_S = 2.0  # a reply topic without metadata by then fails this round, not the loop
 _CLOSE_S = 10.0
+_ACK_MARGIN_S = 1.0  # of a transaction's send limit, left for giving up on what it sent
+_ROUND_S = 5.0  # a commit round waits no longer for its transactions (`Transactions.commit`)
 
 
 # Refusals of a record by its target (retried, then dead-lettered by the retry policy).
@@ -107,8 +112,12 @@ class Transactions:
         self._ledger = ledger
         self._retry = retry
         self._options = producer_options
-        self._send_limit_s = producer_options.get("request_timeout_ms", 30_000) / 1000 + 5
+        request_timeout_s = producer_options.get("request_timeout_ms", 30_000) / 1000
+        self._send_limit_s = request_timeout_s + 5
+        # How long a transaction waits for its writes to be acknowledged: within the send limit.
+        self._ack_wait_s = min(retry.retry_s, request_timeout_s)
         self._partitions: dict[TopicPartition, _Partition] = {}
+        self._running: dict[TopicPartition, asyncio.Task[bool]] = {}  # the latest transactions
         self._lookup = TopicLookup(producer_options, _METADATA_WAIT_S)
 
     def buffer(self, write: Write | Records) -> None:
@@ -148,9 +157,26 @@ class Transactions:
         return {tp: self._partitions[tp].committed for tp in partitions}
 
     async def commit(self, positions: dict[TopicPartition, int]) -> dict[TopicPartition, int]:
-        """One transaction per partition, concurrently; returns the positions committed."""
-        done = await asyncio.gather(*(self._commit(tp, p) for tp, p in positions.items()))
-        return {tp: p for (tp, p), ok in zip(positions.items(), done, strict=True) if ok}
+        """One transaction per partition, concurrently; returns the positions committed.
+
+        A transaction that wrote to a partition refusing every write (one short of in-sync
+        replicas) can be neither committed nor aborted until that partition recovers: Kafka
+        writes the transaction's markers there. Its input partition waits, and the others go
+        on: a round waits `_ROUND_S` at most, and skips partitions whose transaction from an
+        earlier round is still running. A transaction that ends after its round is reported
+        by a later one (its offset is committed again, in an empty transaction)."""
+        started: dict[TopicPartition, asyncio.Task[bool]] = {}
+        for tp, position in positions.items():
+            running = self._running.get(tp)
+            if running is None or running.done():
+                started[tp] = self._running[tp] = asyncio.create_task(self._commit(tp, position))
+        if started:
+            await asyncio.wait(started.values(), timeout=_ROUND_S)
+        return {
+            tp: positions[tp]
+            for tp, task in started.items()
+            if task.done() and not task.cancelled() and task.exception() is None and task.result()
+        }
 
     async def revoke(self, partitions: Iterable[TopicPartition]) -> None:
         """Give partitions up: drop what was not committed (the next owner redoes it)."""
@@ -170,12 +196,13 @@ class Transactions:
     # -- one partition --------------------------------------------------------------------
 
     async def _commit(self, tp: TopicPartition, position: int) -> bool:
+        """A task of its own, so never cancelled half-way (a shutdown cancelling the commit
+        loop): a transaction whose commit went out but whose writes were kept would send
+        them again."""
         state = self._partitions.get(tp)
         if state is None:
             return False
-        # Never cancelled half-way (a shutdown cancelling the commit loop): a transaction
-        # whose commit went out but whose writes were kept would send them again.
-        return await asyncio.shield(self._transaction(tp, state, position))
+        return await self._transaction(tp, state, position)
 
     async def _transaction(self, tp: TopicPartition, state: _Partition, position: int) -> bool:
         async with state.lock:
@@ -190,11 +217,17 @@ class Transactions:
                 await producer.begin_transaction()
                 # Bounded: with idempotence aiokafka retries a stuck batch forever. Until the
                 # commit is sent, giving up is safe (the next producer aborts the rest).
-                async with asyncio.timeout(self._send_limit_s):
-                    failures = await self._produce(producer, writes)
+                give_up_at = asyncio.get_running_loop().time() + self._send_limit_s
+                async with asyncio.timeout_at(give_up_at):
+                    failures = await self._produce(producer, writes, give_up_at - _ACK_MARGIN_S)
                     if failures:
                         self._refused(state, failures)
-                        await producer.abort_transaction()
+                        if any(isinstance(exc, NotAcknowledged) for _, exc in failures):
+                            # The producer would go on retrying those inside the next
+                            # transaction: a new one aborts this transaction instead.
+                            await self._stop(state, at_once=True)
+                        else:
+                            await producer.abort_transaction()
                         return False
                     await producer.send_offsets_to_transaction({tp: position}, self._group_id)
                 state.uncertain = position
@@ -236,9 +269,10 @@ class Transactions:
         state.uncertain = None
 
     async def _produce(
-        self, producer: AIOKafkaProducer, writes: list[Write]
+        self, producer: AIOKafkaProducer, writes: list[Write], acks_by: float
     ) -> list[tuple[Write, BaseException]]:
-        """Send the writes inside the open transaction; the ones that failed, and why."""
+        """Send the writes inside the open transaction; the ones that failed, and why.
+        `acks_by`: the latest event-loop time to wait for acknowledgements until."""
         failures: list[tuple[Write, BaseException]] = []
         groups, unknown = by_partition(producer, writes)
         for topic in {w.topic for w in unknown}:
@@ -253,17 +287,29 @@ class Transactions:
             groups, unknown = by_partition(producer, writes)
         if unknown:  # metadata lost meanwhile: this round fails, none are dropped
             return [(w, KafkaTimeoutError(w.topic)) for w in unknown]
+        sent_at = time.monotonic()
         sent: list[Sent] = []
         for batches in await asyncio.gather(
             *(send_batches(producer, *key, group) for key, group in groups.items())
         ):
             sent += batches
+        # A record batch the cluster does not acknowledge in time is a failure of its records,
+        # retried and then dead-lettered as in at-least-once: never failing, it would hold
+        # every later result of this partition back.
+        pending = [delivery for _, delivery in sent if not isinstance(delivery, BaseException)]
+        if pending:
+            wait_s = min(self._ack_wait_s, acks_by - asyncio.get_running_loop().time())
+            await asyncio.wait(pending, timeout=max(wait_s, 0))
         for members, delivery in sent:
             if not isinstance(delivery, BaseException):
-                try:
-                    await delivery
+                if not delivery.done():
+                    delivery.add_done_callback(_outcome_seen)  # failed when its producer stops
+                    delivery = NotAcknowledged(sent_at)
+                elif delivery.cancelled():
+                    delivery = KafkaTimeoutError("delivery cancelled")
+                elif (exc := delivery.exception()) is None:
                     continue
-                except KafkaError as exc:
+                else:
                     delivery = exc
             batch = members.all_writes()  # each the Write it was buffered as
             if isinstance(delivery, MessageSizeTooLargeError) and len(batch) > 1:
@@ -323,7 +369,7 @@ class Transactions:
                     raise ProducerFenced(f"{tp} was committed at {committed} by another owner")
             except BaseException:
                 with contextlib.suppress(Exception):
-                    await asyncio.wait_for(producer.stop(), _CLOSE_S)
+                    await stop_producer(producer, _CLOSE_S)
                 raise
             state.started, state.committed = True, committed
             state.producer = producer
@@ -336,16 +382,24 @@ class Transactions:
         async with state.lock:
             if self._partitions.get(tp) is state:
                 del self._partitions[tp]
+                self._running.pop(tp, None)
             self._release(state.writes)
             state.writes = []
             await self._stop(state)
 
-    async def _stop(self, state: _Partition) -> None:
+    async def _stop(self, state: _Partition, *, at_once: bool = False) -> None:
+        """Stop the partition's producer: `at_once`, without waiting for what it holds."""
         producer, state.producer = state.producer, None
         if producer is not None:
             with contextlib.suppress(Exception):
-                await asyncio.wait_for(producer.stop(), _CLOSE_S)
+                await stop_producer(producer, 0 if at_once else _CLOSE_S)
 
     def _release(self, writes: list[Write]) -> None:
         for write in writes:
             self._ledger.release(write.ticket)
+
+
+def _outcome_seen(delivery: asyncio.Future[Any]) -> None:
+    """Mark a delivery's outcome as seen: nothing waits for it any more."""
+    if not delivery.cancelled():
+        delivery.exception()

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import itertools
 import time
 from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass, field
@@ -23,6 +24,7 @@ from aiokafka.errors import (
     KafkaTimeoutError,
     MessageSizeTooLargeError,
     OutOfOrderSequenceNumber,
+    ProducerClosed,
 )
 
 from surge.schemas import ErrorCode, headers
@@ -222,6 +224,59 @@ async def _send_batch(
         return records, exc
 
 
+async def stop_producer(producer: AIOKafkaProducer, within_s: float) -> None:
+    """Stop a producer, letting it deliver what it holds for up to `within_s`; past that it is
+    closed with whatever is left undelivered. With idempotence aiokafka retries a batch on a
+    retriable error forever (a partition short of in-sync replicas answers one to every
+    attempt), and `stop()` would wait for it as long."""
+    stopping = asyncio.ensure_future(producer.stop())  # closed at its first step, even at 0 s
+    if (await asyncio.wait([stopping], timeout=within_s))[0]:
+        with contextlib.suppress(KafkaError):  # its writes' outcomes are handled elsewhere
+            stopping.result()
+        return
+    stopping.cancel()
+    # aiokafka (pinned) offers no public way to drop what a producer holds: end its
+    # connections and its sender, then fail the batches it still holds.
+    try:
+        with contextlib.suppress(KafkaError):
+            await producer.client.close()
+        sender = producer._sender
+        closing = asyncio.ensure_future(sender.close())
+        if not (await asyncio.wait([closing], timeout=_SENDER_CLOSE_S))[0]:
+            # A request the closed client cut off can wait for a metadata update that will
+            # never come, and the sender for that request: cancelled again, it waits no more.
+            sender.sender_task.cancel()
+            await asyncio.wait([closing], timeout=_SENDER_CLOSE_S)
+        if closing.done() and not closing.cancelled():
+            closing.exception()  # seen: nothing is left to do with it
+    finally:
+        _fail_held(producer, KafkaTimeoutError("producer closed before delivering"))
+
+
+_SENDER_CLOSE_S = 1.0
+
+
+def _fail_held(producer: AIOKafkaProducer, exc: KafkaError) -> None:
+    """Fail every batch a closed producer still holds, waking whoever waits for room behind
+    them (a retriable error: a send refused so is tried again)."""
+    held = producer._message_accumulator
+    batches = {*itertools.chain(*held._batches.values()), *held._pending_batches}
+    held._pending_batches |= batches  # a batch's callback takes it from there once it is done
+    for batch in batches:
+        batch.failure(exc)
+        for future in (batch.future, batch._drain_waiter):
+            if future.done() and not future.cancelled():
+                future.exception()  # seen here: a waiter still gets it
+
+
+class NotAcknowledged(KafkaTimeoutError):
+    """A write the cluster has not acknowledged in time (`reply_retry_s`)."""
+
+    def __init__(self, sent_at: float) -> None:
+        super().__init__(f"not acknowledged in {time.monotonic() - sent_at:.3g}s")
+        self.sent_at = sent_at  # monotonic
+
+
 class NoSuchTopic(KafkaError):
     retriable = False
 
@@ -401,17 +456,22 @@ class RetryPolicy:
         self._retry_s = retry_s
         self._on_crash = on_crash
 
+    @property
+    def retry_s(self) -> float:
+        return self._retry_s
+
     def after(self, write: Write, exc: BaseException) -> Write:
         now = time.monotonic()
         if write.first_failure is None:
-            write.first_failure = now
-        # Out of order: written after a batch the broker refused for good, by a producer
-        # that is being replaced (`AckedWrites._renew`); the next attempt goes on the new one.
-        transient = isinstance(exc, KafkaTimeoutError | OutOfOrderSequenceNumber) or (
-            isinstance(exc, KafkaError) and exc.retriable
-        )
+            # Never acknowledged: failing since it was sent.
+            write.first_failure = exc.sent_at if isinstance(exc, NotAcknowledged) else now
+        # Out of order (written after a batch the broker refused for good) or closed: sent by
+        # a producer being replaced (`AckedWrites._renew`); the next attempt goes on the new one.
+        transient = isinstance(
+            exc, KafkaTimeoutError | OutOfOrderSequenceNumber | ProducerClosed
+        ) or (isinstance(exc, KafkaError) and exc.retriable)
         waited = now - write.first_failure
-        if not write.dead_letter and (not transient or waited > self._retry_s):
+        if not write.dead_letter and (not transient or waited >= self._retry_s):
             # The reply target refuses this result (too large, not authorised, no such topic).
             reason = f"result could not be written to {write.topic!r}: {exc!r}"
             rejection = Rejection(ErrorCode.REPLY_FAILED, reason)
