@@ -11,7 +11,9 @@ import signal
 import socket
 import subprocess
 import sys
+import threading
 import time
+from collections.abc import Iterator
 from pathlib import Path
 
 from aiokafka.admin import AIOKafkaAdminClient
@@ -45,7 +47,7 @@ def start_noida(
         raise PortInUse(f"port {port} is already in use")
     data_dir.mkdir(parents=True, exist_ok=True)
     log_path = log_path or data_dir / "noida.log"
-    with log_path.open("ab") as log:
+    with _ctrl_c_held() as held, log_path.open("ab") as log:
         process = subprocess.Popen(
             [
                 _binary(),
@@ -63,6 +65,8 @@ def start_noida(
         )
     deadline = time.monotonic() + timeout
     try:
+        if held:
+            signal.raise_signal(signal.SIGINT)  # as it would have been, now there is a pid
         # Alive first: only the process we started may count as ready.
         while process.poll() is None and not asyncio.run(_serves_metadata(f"127.0.0.1:{port}")):
             if time.monotonic() > deadline:
@@ -77,6 +81,22 @@ def start_noida(
             f"noida-db exited with status {process.returncode}; the end of {log_path}:\n{tail}"
         )
     return process
+
+
+@contextlib.contextmanager
+def _ctrl_c_held() -> Iterator[list[int]]:
+    """Hold Ctrl-C (and SIGTERM taken as Ctrl-C) back while noida-db's process is made: one
+    that came between the fork and `Popen` returning would leave a broker whose pid no one
+    knows. The signals held are listed in what it yields."""
+    held: list[int] = []
+    if threading.current_thread() is not threading.main_thread():  # signals go to main
+        yield held
+        return
+    previous = signal.signal(signal.SIGINT, lambda signum, _: held.append(signum))
+    try:
+        yield held
+    finally:
+        signal.signal(signal.SIGINT, previous)
 
 
 def stop_noida(process: subprocess.Popen[bytes], *, timeout: float = 15) -> None:
