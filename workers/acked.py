@@ -219,7 +219,9 @@ class AckedWrites:
         ]
         for delivery, _ in abandoned:
             del self._unacked[delivery]
-        log.warning("kafka_writes_overdue", batches=len(abandoned))
+        overdue_at = time.monotonic() - self._retry.retry_s
+        overdue = {u.records.topic for _, u in abandoned if u.sent_at <= overdue_at}
+        log.warning("kafka_writes_overdue", batches=len(abandoned), topics=sorted(overdue))
         try:
             await self._renew(retiring=producer)
         finally:  # whatever happened there, the records go on
