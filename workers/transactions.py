@@ -45,6 +45,7 @@ from surge.workers.writes import (
     TopicLookup,
     Write,
     by_partition,
+    seen,
     send_batches,
     stop_producer,
 )
@@ -175,7 +176,7 @@ class Transactions:
         return {
             tp: positions[tp]
             for tp, task in started.items()
-            if task.done() and not task.cancelled() and task.exception() is None and task.result()
+            if task.done() and task.result()  # a bug raised there surfaces, as in `gather`
         }
 
     async def revoke(self, partitions: Iterable[TopicPartition]) -> None:
@@ -303,7 +304,7 @@ class Transactions:
         for members, delivery in sent:
             if not isinstance(delivery, BaseException):
                 if not delivery.done():
-                    delivery.add_done_callback(_outcome_seen)  # failed when its producer stops
+                    delivery.add_done_callback(seen)  # failed when its producer stops
                     delivery = NotAcknowledged(sent_at)
                 elif delivery.cancelled():
                     delivery = KafkaTimeoutError("delivery cancelled")
@@ -397,9 +398,3 @@ class Transactions:
     def _release(self, writes: list[Write]) -> None:
         for write in writes:
             self._ledger.release(write.ticket)
-
-
-def _outcome_seen(delivery: asyncio.Future[Any]) -> None:
-    """Mark a delivery's outcome as seen: nothing waits for it any more."""
-    if not delivery.cancelled():
-        delivery.exception()

@@ -224,6 +224,9 @@ async def _send_batch(
         return records, exc
 
 
+_SENDER_CLOSE_S = 1.0  # for a closed producer's sender to end, twice at most
+
+
 async def stop_producer(producer: AIOKafkaProducer, within_s: float) -> None:
     """Stop a producer, letting it deliver what it holds for up to `within_s`; past that it is
     closed with whatever is left undelivered. With idempotence aiokafka retries a batch on a
@@ -247,13 +250,16 @@ async def stop_producer(producer: AIOKafkaProducer, within_s: float) -> None:
             # never come, and the sender for that request: cancelled again, it waits no more.
             sender.sender_task.cancel()
             await asyncio.wait([closing], timeout=_SENDER_CLOSE_S)
-        if closing.done() and not closing.cancelled():
-            closing.exception()  # seen: nothing is left to do with it
+        seen(closing)  # nothing is left to do with it
     finally:
         _fail_held(producer, KafkaTimeoutError("producer closed before delivering"))
 
 
-_SENDER_CLOSE_S = 1.0
+def seen(future: asyncio.Future[Any]) -> None:
+    """Mark a finished future's outcome as seen, so that asyncio does not report an error
+    no one retrieved; whoever awaits it still gets it. Fit for `add_done_callback`."""
+    if future.done() and not future.cancelled():
+        future.exception()
 
 
 def _fail_held(producer: AIOKafkaProducer, exc: KafkaError) -> None:
@@ -264,9 +270,8 @@ def _fail_held(producer: AIOKafkaProducer, exc: KafkaError) -> None:
     held._pending_batches |= batches  # a batch's callback takes it from there once it is done
     for batch in batches:
         batch.failure(exc)
-        for future in (batch.future, batch._drain_waiter):
-            if future.done() and not future.cancelled():
-                future.exception()  # seen here: a waiter still gets it
+        seen(batch.future)
+        seen(batch._drain_waiter)
 
 
 class NotAcknowledged(KafkaTimeoutError):
@@ -453,12 +458,8 @@ class RetryPolicy:
         self, dead_letter_topic: str, retry_s: float, on_crash: Callable[[BaseException], None]
     ) -> None:
         self.dead_letter_topic = dead_letter_topic
-        self._retry_s = retry_s
+        self.retry_s = retry_s
         self._on_crash = on_crash
-
-    @property
-    def retry_s(self) -> float:
-        return self._retry_s
 
     def after(self, write: Write, exc: BaseException) -> Write:
         now = time.monotonic()
@@ -471,12 +472,12 @@ class RetryPolicy:
             exc, KafkaTimeoutError | OutOfOrderSequenceNumber | ProducerClosed
         ) or (isinstance(exc, KafkaError) and exc.retriable)
         waited = now - write.first_failure
-        if not write.dead_letter and (not transient or waited >= self._retry_s):
+        if not write.dead_letter and (not transient or waited >= self.retry_s):
             # The reply target refuses this result (too large, not authorised, no such topic).
             reason = f"result could not be written to {write.topic!r}: {exc!r}"
             rejection = Rejection(ErrorCode.REPLY_FAILED, reason)
             return dead_letter(write.ticket, rejection, self.dead_letter_topic)
-        if write.dead_letter and waited > self._retry_s * _GIVE_UP_FACTOR:
+        if write.dead_letter and waited > self.retry_s * _GIVE_UP_FACTOR:
             # The dead-letter topic itself has refused this for minutes: a restart (and a
             # redelivery of the request) beats a worker that only retries.
             self._on_crash(exc)
