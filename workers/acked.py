@@ -30,6 +30,7 @@ from surge.workers.writes import (
     TopicLookup,
     Write,
     by_partition,
+    seen,
     send_batches,
     stop_producer,
 )
@@ -183,12 +184,15 @@ class AckedWrites:
             self._refused(records, delivery)
             return
         self._unacked[delivery] = _Unacked(records, time.monotonic(), producer)
-        delivery.add_done_callback(lambda done: self._delivered(records, done))
+        delivery.add_done_callback(self._delivered)
 
-    def _delivered(self, records: Records, delivery: asyncio.Future[Any]) -> None:
+    def _delivered(self, delivery: asyncio.Future[Any]) -> None:
+        unacked = self._unacked.pop(delivery, None)
+        if unacked is None:  # given up on as overdue: its records went on without it
+            seen(delivery)
+            return
+        records = unacked.records
         exc = None if delivery.cancelled() else delivery.exception()
-        if self._unacked.pop(delivery, None) is None:
-            return  # given up on as overdue: its records went on without it
         if delivery.cancelled() or exc is not None:
             if isinstance(exc, KafkaError) and not exc.retriable:
                 self._stale = True  # the broker refused the batch for good: see `_renew`
