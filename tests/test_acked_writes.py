@@ -8,6 +8,8 @@ import asyncio
 from types import SimpleNamespace
 from typing import Any
 
+from aiokafka.errors import CorruptRecordException
+
 from surge.workers.acked import AckedWrites
 from surge.workers.ledger import Ledger
 from surge.workers.writes import RetryPolicy, TopicLookup, Write
@@ -19,9 +21,10 @@ class _Producer:
     one topic whose first batch it never sends, so that every later one waits to be taken
     (as for a partition whose leader is gone, until its batch expires)."""
 
-    def __init__(self, stuck: str) -> None:
+    def __init__(self, stuck: str, refused: str | None = None) -> None:
         self.client = SimpleNamespace(cluster=SimpleNamespace(partitions_for_topic=lambda _: {0}))
         self._stuck = stuck
+        self._refused = refused  # a topic whose every batch is refused for good
         self._in_flight = False
         self.sent: list[str] = []  # the topics of the batches it took
         self.stopped = False
@@ -34,7 +37,9 @@ class _Producer:
 
     async def send_batch(self, batch: Any, topic: str, partition: int) -> asyncio.Future[None]:
         delivery = asyncio.get_running_loop().create_future()
-        if topic != self._stuck:
+        if topic == self._refused:
+            delivery.set_exception(CorruptRecordException())
+        elif topic != self._stuck:
             delivery.set_result(None)
         elif self._in_flight:
             await asyncio.Event().wait()  # never taken
@@ -140,3 +145,81 @@ async def test_a_batch_never_acknowledged_is_dead_lettered_on_a_new_producer() -
     assert stuck.sent == ["stuck"]
     assert stuck.stopped
     assert [producer.sent for producer in fresh] == [["dead"]]
+
+
+class _Quarantining:
+    """At-least-once writes with a reply_retry_s of 0.3 s over plain producers: the first
+    never acknowledges a batch to "stuck"; those made later take `stuck` and `refused` as
+    given, in turn."""
+
+    def __init__(self, *made: tuple[str, str | None]) -> None:
+        self.ledger = Ledger(100, 1 << 20)
+        self.crashes: list[BaseException] = []
+        self.first = _Producer("stuck")
+        self.made: list[_Producer] = []
+        kinds = iter(made)
+
+        async def new_producer() -> Any:
+            self.made.append(_Producer(*next(kinds)))
+            return self.made[-1]
+
+        self.acked = AckedWrites(
+            self.first,  # type: ignore[arg-type]
+            self.ledger,
+            RetryPolicy("dead", 0.3, self.crashes.append),
+            self.crashes.append,
+            TopicLookup({}, 1),
+            new_producer,
+        )
+
+    async def settled(self, topic: str) -> None:
+        """Write a result to `topic`, and wait for it to be settled (or dead-lettered)."""
+        ticket = make_ticket(b"{}")
+        self.ledger.admit(ticket)
+        self.acked.put(Write(ticket, topic, b"result", [], dead_letter=False))
+        async with asyncio.timeout(3):
+            while not ticket.settled:
+                await self.ledger.progress()
+
+
+async def test_a_partition_given_up_on_is_written_apart_until_it_takes_a_write() -> None:
+    """Once a partition's batch has been given up on, its writes go on a producer of their
+    own: given up on again, that one alone is replaced, and the shared producer goes on
+    untouched. Its first acknowledged write sends the partition back to the shared one."""
+    writes = _Quarantining(("none", None), ("stuck", None), ("none", None))
+    writes.acked.start()
+    try:
+        await writes.settled("stuck")  # given up on: dead-lettered, the shared one replaced
+        shared = writes.made[0]
+        await asyncio.gather(writes.settled("stuck"), writes.settled("healthy"))
+        await writes.settled("stuck")  # on a new quarantine producer, which takes it
+        await writes.settled("stuck")  # back on the shared producer
+    finally:
+        await writes.acked.close()
+    assert not writes.crashes
+    assert (writes.first.sent, writes.first.stopped) == (["stuck"], True)
+    assert writes.acked.producer is shared
+    assert not shared.stopped
+    assert shared.sent == ["dead", "healthy", "dead", "stuck"]
+    quarantines = [(p.sent, p.stopped) for p in writes.made[1:]]
+    assert quarantines == [(["stuck"], True), (["stuck"], True)]
+
+
+async def test_a_write_refused_for_good_in_quarantine_replaces_that_producer_alone() -> None:
+    """aiokafka fails every later batch to a partition where one was refused for good: the
+    quarantine producer is replaced then, not the shared one."""
+    writes = _Quarantining(("none", None), ("none", "stuck"), ("none", None))
+    writes.acked.start()
+    try:
+        await writes.settled("stuck")  # given up on: the partition quarantined
+        shared = writes.made[0]
+        await writes.settled("stuck")  # refused for good: dead-lettered, its producer retired
+        await writes.settled("stuck")  # on a new quarantine producer, which takes it
+    finally:
+        await writes.acked.close()
+    assert not writes.crashes
+    assert writes.acked.producer is shared
+    assert not shared.stopped
+    assert shared.sent == ["dead", "dead"]
+    quarantines = [(p.sent, p.stopped) for p in writes.made[1:]]
+    assert quarantines == [(["stuck"], True), (["stuck"], True)]

@@ -1,7 +1,8 @@
 """At-least-once Kafka writes: drained from an outbox into one record batch per target
 partition, each ticket settled once its batch is acknowledged. A refused write is retried
 with back-off or becomes a dead letter (`RetryPolicy`), and so is one left unacknowledged
-for `reply_retry_s`. The exactly-once counterpart is `Transactions`."""
+for `reply_retry_s`; the partitions of such writes are then written on a producer of their own
+until they take one. The exactly-once counterpart is `Transactions`."""
 
 from __future__ import annotations
 
@@ -41,6 +42,9 @@ log = structlog.get_logger("surge.replies")
 # partitions whose earlier batch is still in flight: those wait a round trip.
 _HAND_OVER_S = 0.5
 _RENEW_EVERY_S = 1.0  # at most: a topic refusing every batch must not churn producers
+# For the quarantine producer's writes to end when the writer closes: those it has not
+# delivered by then are not settled, and their requests are consumed again.
+_QUARANTINE_STOP_S = 1.0
 
 
 @dataclass(slots=True)
@@ -48,6 +52,7 @@ class _Unacked:
     """A record batch enqueued and not acknowledged yet."""
 
     records: Records
+    partition: int
     sent_at: float  # monotonic
     producer: AIOKafkaProducer
 
@@ -76,10 +81,21 @@ class AckedWrites:
         self._task: asyncio.Task[None] | None = None
         self._side_sends: set[asyncio.Task[None]] = set()
         self._handing: dict[tuple[str, int], asyncio.Task[None]] = {}  # the last, per partition
+        self._sending: set[asyncio.Task[None]] = set()  # every hand-over still running
         self._topics = RecentTopics()  # written to lately
         self._unacked: dict[asyncio.Future[Any], _Unacked] = {}  # oldest first
         self._overdue_task: asyncio.Task[None] | None = None
         self._renewing = asyncio.Lock()
+        # Partitions whose writes were given up on as overdue, and the producer they are
+        # written on until one of their batches is acknowledged (`_release`). A partition
+        # that answers every write with a retriable error slows all of its producer's writes
+        # to that broker (see `_give_up_on`), and giving the shared producer up every
+        # `reply_retry_s` would write the other partitions' results in flight at that moment
+        # once more each time.
+        self._quarantined: set[tuple[str, int]] = set()
+        self._quarantine: AIOKafkaProducer | None = None  # started when first wanted
+        self._quarantine_failed_at = -_RENEW_EVERY_S  # monotonic: its last start that failed
+        self._opening_quarantine = asyncio.Lock()
 
     def start(self) -> None:
         self._task = supervised(self._loop(), "acked-writes", self._on_crash)
@@ -90,7 +106,9 @@ class AckedWrites:
             self._overdue_task.cancel()
         if self._task is not None:
             self._task.cancel()
-        handing = list(self._handing.values())
+        # Every hand-over, not only each partition's last: one chained ahead may be starting
+        # the quarantine producer, which must not outlive this.
+        handing = list(self._sending)
         for task in handing:
             task.cancel()
         await asyncio.gather(
@@ -99,6 +117,8 @@ class AckedWrites:
             *handing,
             return_exceptions=True,
         )
+        if self._quarantine is not None:
+            await stop_producer(self._quarantine, _QUARANTINE_STOP_S)
         await self._lookup.close()
 
     async def _loop(self) -> None:
@@ -121,7 +141,11 @@ class AckedWrites:
 
     async def forget_idle_topics(self) -> None:
         """Ask the cluster no more about topics not written to lately (`RecentTopics`)."""
-        self._topics.forget_idle_in(self.producer.client, self._retry.dead_letter_topic)
+        clients = [p.client for p in filter(None, [self.producer, self._quarantine])]
+        recent = self._topics.forget_idle_in(clients, self._retry.dead_letter_topic)
+        if recent is not None and self._quarantined:
+            self._quarantined = {key for key in self._quarantined if key[0] in recent}
+            metrics.QUARANTINED.set(len(self._quarantined))
         await self._lookup.forget_idle()
 
     def _aside(self, coroutine: Any) -> None:
@@ -140,10 +164,12 @@ class AckedWrites:
         behind = self._handing.get(key)
         task = asyncio.create_task(self._send(*key, records, after=behind))
         self._handing[key] = task
+        self._sending.add(task)
         task.add_done_callback(functools.partial(self._handed, key))
         return None if behind else task
 
     def _handed(self, key: tuple[str, int], task: asyncio.Task[None]) -> None:
+        self._sending.discard(task)
         if self._handing.get(key) is task:
             del self._handing[key]
         if not task.cancelled() and (exc := task.exception()) is not None:
@@ -154,9 +180,26 @@ class AckedWrites:
     ) -> None:
         if after is not None:
             await asyncio.wait([after])  # its outcome is its own
-        producer = self.producer  # renewal may replace it while these go out
+        # Taken once: renewal may replace it while these go out.
+        if (topic, partition) in self._quarantined:
+            producer = await self._quarantine_producer()
+        else:
+            producer = self.producer
         for sent in await send_batches(producer, topic, partition, records):
-            self._watch(sent, producer)
+            self._watch(sent, partition, producer)
+
+    async def _quarantine_producer(self) -> AIOKafkaProducer:
+        """The producer for quarantined partitions, started if there is none; the shared one
+        if none can be (tried again after `_RENEW_EVERY_S`)."""
+        async with self._opening_quarantine:
+            failed_lately = time.monotonic() - self._quarantine_failed_at < _RENEW_EVERY_S
+            if self._quarantine is None and self._new_producer is not None and not failed_lately:
+                try:
+                    self._quarantine = await self._new_producer()
+                except KafkaError as exc:  # the cluster unreachable
+                    self._quarantine_failed_at = time.monotonic()
+                    log.warning("quarantine_producer_failed", error=repr(exc))
+            return self._quarantine or self.producer
 
     async def _look_up(self, write: Write) -> None:
         """A write to a topic this producer holds no metadata for: once the topic is found
@@ -178,12 +221,12 @@ class AckedWrites:
             return
         self.put(write)
 
-    def _watch(self, sent: Sent, producer: AIOKafkaProducer) -> None:
+    def _watch(self, sent: Sent, partition: int, producer: AIOKafkaProducer) -> None:
         records, delivery = sent
         if isinstance(delivery, BaseException):
             self._refused(records, delivery)
             return
-        self._unacked[delivery] = _Unacked(records, time.monotonic(), producer)
+        self._unacked[delivery] = _Unacked(records, partition, time.monotonic(), producer)
         delivery.add_done_callback(self._delivered)
 
     def _delivered(self, delivery: asyncio.Future[Any]) -> None:
@@ -195,9 +238,15 @@ class AckedWrites:
         exc = None if delivery.cancelled() else delivery.exception()
         if delivery.cancelled() or exc is not None:
             if isinstance(exc, KafkaError) and not exc.retriable:
-                self._stale = True  # the broker refused the batch for good: see `_renew`
+                # The broker refused the batch for good: see `_renew`.
+                if unacked.producer is self._quarantine:
+                    self._retire_quarantine(self._retry.retry_s)
+                else:
+                    self._stale = True
             self._refused(records, exc or KafkaTimeoutError("delivery cancelled"))
             return
+        if self._quarantined:
+            self._release(records.topic, unacked.partition)
         self._ledger.settle_all(records.tickets)
         metrics.outcomes_durable("kafka", (ticket.received for ticket in records.tickets))
 
@@ -224,10 +273,27 @@ class AckedWrites:
         for delivery, _ in abandoned:
             del self._unacked[delivery]
         overdue_at = time.monotonic() - self._retry.retry_s
-        overdue = {u.records.topic for _, u in abandoned if u.sent_at <= overdue_at}
-        log.warning("kafka_writes_overdue", batches=len(abandoned), topics=sorted(overdue))
+        overdue = {(u.records.topic, u.partition) for _, u in abandoned if u.sent_at <= overdue_at}
+        topics = sorted({topic for topic, _ in overdue})
+        log.warning(
+            "kafka_writes_overdue",
+            batches=len(abandoned),
+            topics=topics,
+            producer="quarantine" if producer is self._quarantine else "shared",
+        )
+        # Every partition of those topics: the others may be refusing too with no batch
+        # overdue yet, and each found out later would cost the shared producer again. One
+        # that is not goes back at its first acknowledgement.
+        for topic in topics:
+            partitions = producer.client.cluster.partitions_for_topic(topic) or ()
+            overdue.update((topic, partition) for partition in partitions)
+        self._quarantined |= overdue
+        metrics.QUARANTINED.set(len(self._quarantined))
         try:
-            await self._renew(retiring=producer)
+            if producer is self._quarantine:
+                self._retire_quarantine(0)
+            else:
+                await self._renew(retiring=producer)
         finally:  # whatever happened there, the records go on
             for _, unacked in abandoned:
                 self._refused(unacked.records, NotAcknowledged(unacked.sent_at))
@@ -254,6 +320,26 @@ class AckedWrites:
             retired, self.producer = self.producer, fresh
         log.info("producer_renewed")
         self._aside(stop_producer(retired, 0 if retiring is not None else self._retry.retry_s))
+
+    def _retire_quarantine(self, within_s: float) -> None:
+        """Stop the quarantine producer (a new one is started when next wanted), letting it
+        deliver for `within_s`: its partitions alone are held up meanwhile."""
+        assert self._quarantine is not None
+        retired, self._quarantine = self._quarantine, None
+        self._aside(stop_producer(retired, within_s))
+
+    def _release(self, topic: str, partition: int) -> None:
+        """A quarantined partition took a write: back to the shared producer once the
+        quarantine producer holds none of its writes, so that none overtakes another."""
+        key = (topic, partition)
+        if key not in self._quarantined:
+            return
+        holding = (u for u in self._unacked.values() if u.producer is self._quarantine)
+        if any((u.records.topic, u.partition) == key for u in holding):
+            return
+        self._quarantined.discard(key)
+        metrics.QUARANTINED.set(len(self._quarantined))
+        log.info("partition_released", topic=topic, partition=partition)
 
     def _refused(self, records: Records, exc: BaseException) -> None:
         if isinstance(exc, MessageSizeTooLargeError) and len(records) > 1:

@@ -78,6 +78,11 @@ FETCH_STOPPED = Gauge(
     ["model"],
 )
 REPLY_RETRIES = Counter("surge_reply_retries_total", "Result writes retried", ["target"])
+QUARANTINED = Gauge(
+    "surge_quarantined_partitions",
+    "Reply partitions written on a producer of their own since their writes went unacknowledged "
+    "for reply_retry_s, until one is acknowledged (at least once)",
+)
 
 
 def outcomes_durable(target: str, received: Iterable[float]) -> None:

@@ -191,7 +191,7 @@ class Transactions:
         """Ask the cluster no more about topics not written to lately (`RecentTopics`)."""
         for state in list(self._partitions.values()):
             client = state.producer.client if state.producer is not None else None
-            state.topics.forget_idle_in(client, self._retry.dead_letter_topic)
+            state.topics.forget_idle_in([client], self._retry.dead_letter_topic)
         await self._lookup.forget_idle()
 
     # -- one partition --------------------------------------------------------------------

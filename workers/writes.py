@@ -321,12 +321,16 @@ class RecentTopics:
         self._last = {topic: self._last[topic] for topic in recent}
         return recent
 
-    def forget_idle_in(self, client: AIOKafkaClient | None, keep: str) -> None:
-        """`forget_idle`, and have `client` ask only about the topics still used and `keep`
+    def forget_idle_in(
+        self, clients: Iterable[AIOKafkaClient | None], keep: str
+    ) -> set[str] | None:
+        """`forget_idle`, and have the clients ask only about the topics still used and `keep`
         (none would mean every topic of the cluster, to aiokafka)."""
         recent = self.forget_idle()
-        if recent is not None and client is not None:
-            client.set_topics({*recent, keep})
+        if recent is not None:
+            for client in filter(None, clients):
+                client.set_topics({*recent, keep})
+        return recent
 
 
 class TopicLookup:
