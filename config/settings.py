@@ -117,6 +117,9 @@ class RedisSettings(msgspec.Struct, kw_only=True, forbid_unknown_fields=True):
     result_ttl_s: Positive = 3600
     key_prefix: str = "surge:result:"
     socket_timeout_s: Annotated[float, msgspec.Meta(gt=0)] = 5.0  # a hung connection is retried
+    # Replicas each result must reach (Redis WAIT) before its request counts as answered and
+    # its offset may be committed: a failover then loses none. 0: the primary's word.
+    min_replicas: Annotated[int, msgspec.Meta(ge=0, le=64)] = 0
 
     def __post_init__(self) -> None:
         if self.url:
@@ -130,6 +133,8 @@ class RedisSettings(msgspec.Struct, kw_only=True, forbid_unknown_fields=True):
             "password": self.password,
             "socket_timeout": self.socket_timeout_s,
             "socket_connect_timeout": self.socket_timeout_s,
+            # WAIT counts the writes of the connection it is sent on: the results' own.
+            "single_connection_client": self.min_replicas > 0 or None,
         }
         if self.url.startswith("rediss://"):
             options |= {

@@ -355,10 +355,18 @@ def make_certificates(directory: Path) -> Path:
 
 class RedisServer:
     def __init__(
-        self, *, password: str | None = None, persistent: bool = False, tls: bool = False
+        self,
+        *,
+        password: str | None = None,
+        persistent: bool = False,
+        tls: bool = False,
+        replica_of: RedisServer | None = None,
+        options: Sequence[str] = (),
     ) -> None:
         self.port = free_port()
         self.password = password
+        self.replica_of = replica_of  # a plain primary on this machine
+        self.options = options  # more redis-server arguments
         self.persistent = persistent  # an append-only file: a restart keeps the data
         self.tls = tls  # TLS only, certificates in workdir/tls (ca.pem signs server.pem)
         self.workdir = Path(tempfile.mkdtemp(prefix="surge-redis-"))
@@ -394,6 +402,9 @@ class RedisServer:
         ]
         if self.password:
             args += ["--requirepass", self.password]
+        if self.replica_of is not None:
+            args += ["--replicaof", "127.0.0.1", str(self.replica_of.port)]
+        args += self.options
         if self.tls:
             certs = make_certificates(self.workdir / "tls")
             args[args.index("--port") + 1] = "0"

@@ -32,7 +32,14 @@ from surge.schemas import MSGPACK, ErrorCode, headers
 from surge.workers.ledger import Ledger
 from surge.workers.replies import Replies, _chunks_by_size
 from tests.conftest import make_settings
-from tests.helpers import create_topics, publish, read_redis, read_topic, wait_committed
+from tests.helpers import (
+    committed_lag,
+    create_topics,
+    publish,
+    read_redis,
+    read_topic,
+    wait_committed,
+)
 from tests.services import RedisServer
 
 
@@ -51,7 +58,9 @@ def test_chunks_keep_order_and_stay_under_the_limit() -> None:
     ]
 
 
-def _replies(redis: Redis, prefix: str) -> Replies:
+def _replies(
+    redis: Redis, prefix: str, *, min_replicas: int = 0, timeout_s: float = 5.0
+) -> Replies:
     return Replies(
         lambda _: None,
         redis,
@@ -60,6 +69,8 @@ def _replies(redis: Redis, prefix: str) -> Replies:
         redis_ttl_s=60,
         redis_prefix=prefix,
         on_crash=lambda exc: None,
+        redis_min_replicas=min_replicas,
+        redis_timeout_s=timeout_s,
     )
 
 
@@ -177,6 +188,102 @@ async def test_a_full_redis_is_waited_for_not_refused() -> None:
             assert len(await redis.keys("full:*")) == 10
         finally:
             await asyncio.gather(admin.aclose(), redis.aclose())
+
+
+@pytest.mark.integration
+async def test_results_are_answered_once_the_replicas_they_must_reach_have_them() -> None:
+    """min_replicas: a result counts as stored once WAIT says enough replicas have it, so a
+    failover loses none whose request was committed; until then it is tried again."""
+    with RedisServer() as primary:
+        replica = RedisServer(replica_of=primary).start()
+        redis = Redis.from_url(primary.url, single_connection_client=True)
+        replies = _replies(redis, "surge:result:", min_replicas=1, timeout_s=1.0)
+        try:
+            items = [(SimpleNamespace(request_id=f"r{i}"), b"x") for i in range(10)]
+            async with asyncio.timeout(30):  # the replica's first sync included
+                assert await replies._write_redis(items) == []  # type: ignore[arg-type]
+            replica.close()
+            later = [(SimpleNamespace(request_id=f"s{i}"), b"y") for i in range(10)]
+            write = asyncio.ensure_future(replies._write_redis(later))  # type: ignore[arg-type]
+            await asyncio.sleep(2)
+            assert not write.done()  # stored on the primary, where no replica has it
+            assert len(await read_redis(primary.url, [t.request_id for t, _ in later])) == 10
+            replica = RedisServer(replica_of=primary).start()
+            assert await asyncio.wait_for(write, 30) == []
+            copy = Redis.from_url(replica.url)
+            try:
+                assert await copy.get("surge:result:s9") == b"y"
+            finally:
+                await copy.aclose()
+        finally:
+            await redis.aclose()
+            replica.close()
+
+
+@pytest.mark.integration
+async def test_a_result_stored_before_on_another_connection_is_waited_for_too() -> None:
+    """WAIT counts its own connection's writes only: a result stored by an earlier connection
+    (before a reconnect) is written again on this one, so its WAIT covers it."""
+    with RedisServer() as primary:
+        replica = RedisServer(replica_of=primary, options=["--enable-debug-command", "yes"])
+        replica.start()
+        redis = Redis.from_url(primary.url, single_connection_client=True)
+        earlier, lagging = Redis.from_url(primary.url), Redis.from_url(replica.url)
+        replies = _replies(redis, "surge:result:", min_replicas=1, timeout_s=1.0)
+        try:
+            async with asyncio.timeout(30):  # the replica's first sync
+                while await earlier.wait(1, 100) < 1:
+                    await earlier.set("probe", b"")
+            asleep = asyncio.ensure_future(lagging.execute_command("DEBUG", "SLEEP", "2"))
+            await asyncio.sleep(0.2)  # the replica takes nothing in now
+            await earlier.set("surge:result:r0", b"first")
+            started = time.monotonic()
+            item = (SimpleNamespace(request_id="r0"), b"again")
+            assert await replies._write_redis([item]) == []  # type: ignore[list-item]
+            assert time.monotonic() - started > 1  # answered once the replica woke
+            await asleep
+            assert await lagging.get("surge:result:r0") == b"first"
+        finally:
+            await asyncio.gather(redis.aclose(), earlier.aclose(), lagging.aclose())
+            replica.close()
+
+
+async def test_a_worker_commits_no_request_whose_result_a_replica_lacks(
+    kafka: str, model_root: Path, run_worker: Callable[[Settings], Any]
+) -> None:
+    """End to end with `min_replicas = 1`: while the only replica is down, results are stored
+    on the primary but their requests stay uncommitted; once a replica is back, all are."""
+    with RedisServer() as primary:
+        replica = RedisServer(replica_of=primary).start()
+        try:
+            settings = make_settings(kafka, model_root, primary.url, SURGE_REDIS__MIN_REPLICAS="1")
+            topic = settings.worker.topic_prefix + "mlp"
+            group = settings.worker.group_id
+            await create_topics(kafka, topic)
+            await run_worker(settings)
+            route = request_headers(
+                model="mlp", content_type=MSGPACK, reply_to=headers.REPLY_TO_REDIS
+            )
+            x = {"x": np.ones((1, 32), np.float32)}
+
+            async def send(ids: list[str]) -> None:
+                records = [(topic, i.encode(), request_body(x, i, MSGPACK), route) for i in ids]
+                await publish(kafka, records)
+
+            first = [f"a{i}" for i in range(50)]
+            await send(first)
+            await wait_committed(kafka, group, topic, timeout=60)
+            replica.close()
+            second = [f"b{i}" for i in range(50)]
+            await send(second)
+            assert len(await read_redis(primary.url, second, timeout=10)) == 50
+            await asyncio.sleep(2)
+            assert await committed_lag(kafka, group, topic) == 50
+            replica = RedisServer(replica_of=primary).start()
+            await wait_committed(kafka, group, topic, timeout=60)
+            assert len(await read_redis(replica.url, first + second, timeout=10)) == 100
+        finally:
+            replica.close()
 
 
 @pytest.mark.integration

@@ -49,9 +49,13 @@ _SPLIT_ON_TIMEOUT_BYTES = 64 << 10
 # notification). A result is stored and announced, or neither: one whose PUBLISH is refused (a
 # channel the ACL forbids) is deleted again, and comes back in the reply, [index, error, ...],
 # with any other result Redis refused, to be dead-lettered. One call for many results: a
-# command costs redis-py more than this loop costs Redis.
+# command costs redis-py more than this loop costs Redis. With `touch`, a result already there
+# has its TTL set again: a write replicated like any other, so that a WAIT after this call
+# counts it even on a connection other than the one that stored it (WAIT waits for the
+# replication of its own connection's writes only).
 _SET_AND_PUBLISH = """
 local ttl = ARGV[#KEYS + 1]
+local touch = ARGV[#KEYS + 2] == '1'
 local refused = {}
 for i = 1, #KEYS do
     local set = redis.pcall('SET', KEYS[i], ARGV[i], 'NX', 'EX', ttl)
@@ -62,6 +66,8 @@ for i = 1, #KEYS do
         if failed then
             redis.call('DEL', KEYS[i])
         end
+    elseif not set and touch then
+        redis.pcall('EXPIRE', KEYS[i], ttl)
     end
     if failed then
         refused[#refused + 1] = i
@@ -107,6 +113,8 @@ class Replies:
         redis_ttl_s: int,
         redis_prefix: str,
         on_crash: Callable[[BaseException], None],
+        redis_min_replicas: int = 0,
+        redis_timeout_s: float = 5.0,
     ) -> None:
         self._put = kafka  # AckedWrites.put (at-least-once) or Transactions.buffer
         self._redis = redis
@@ -114,6 +122,9 @@ class Replies:
         self._dead_letter_topic = dead_letter_topic
         self._ttl = redis_ttl_s
         self._prefix = redis_prefix
+        self._min_replicas = redis_min_replicas
+        # How long WAIT may take: within the socket timeout, or the client gives up first.
+        self._replicas_wait_ms = max(1, int(redis_timeout_s * 1000 / 2))
         self._on_crash = on_crash
         self._redis_box = Outbox()
         self._set_and_publish = redis.register_script(_SET_AND_PUBLISH) if redis else None
@@ -252,9 +263,11 @@ class Replies:
         while True:
             keys = [self._prefix + ticket.request_id for ticket, _ in items]
             try:
+                touch = int(self._min_replicas > 0)
                 reply = await self._set_and_publish(
-                    keys=keys, args=[*(b for _, b in items), self._ttl]
+                    keys=keys, args=[*(b for _, b in items), self._ttl, touch]
                 )
+                replicas = await self._replicated()
             except (RedisError, OSError) as exc:
                 # Halved to find the results Redis refuses; and halved when a call this large
                 # timed out, which on a slow link it would at every try.
@@ -281,6 +294,14 @@ class Replies:
                         error = ResponseError(text)
                     else:
                         refused += _refused([(items[index - 1][0], ResponseError(text))])
+                if not waiting and replicas < self._min_replicas:
+                    # Stored, not yet where they must be: tried again (SET NX keeps them as
+                    # they are, and announces none twice), then waited for again.
+                    dropped = set(reply[0::2])
+                    waiting = [item for i, item in enumerate(items, 1) if i not in dropped]
+                    error = ResponseError(
+                        f"NOREPLICAS {replicas} of {self._min_replicas} replicas have the results"
+                    )
                 if not waiting:
                     return refused
             items = waiting
@@ -295,6 +316,14 @@ class Replies:
             await self._redis.connection_pool.disconnect()
             await asyncio.sleep(delay)
             delay = min(delay * 2, RETRY_MAX_S)
+
+    async def _replicated(self) -> int:
+        """How many replicas have every write of this connection so far: WAIT, for up to
+        half the socket timeout; nothing asked when none is required."""
+        if not self._min_replicas:
+            return 0
+        assert self._redis is not None
+        return int(await self._redis.wait(self._min_replicas, self._replicas_wait_ms))
 
 
 def _unavailable(exc: BaseException) -> bool:

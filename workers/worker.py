@@ -254,6 +254,8 @@ class Worker:
             redis_ttl_s=redis.result_ttl_s,
             redis_prefix=redis.key_prefix,
             on_crash=self._crashed,
+            redis_min_replicas=redis.min_replicas,
+            redis_timeout_s=redis.socket_timeout_s,
         )
         self._replies.start()
         self._opened.append(self._replies.close)
