@@ -132,6 +132,11 @@ def test_sasl_and_tls_pass_through(tmp_path: Path) -> None:
     assert options["sasl_plain_username"] == "u"
     redis = settings.redis.client_options()
     assert (redis["password"], redis["ssl_ca_certs"]) == ("secret", str(ca))
+    assert "single_connection_client" not in redis  # a pool, unless WAIT needs one connection
+    waiting = load_settings(
+        env={"SURGE_REDIS__URL": "redis://h/0", "SURGE_REDIS__MIN_REPLICAS": "1"}
+    )
+    assert waiting.redis.client_options()["single_connection_client"] is True
 
 
 @pytest.mark.parametrize("device", ["cuda:x", "cudafoo", "cuda:-1", "gpu", "CPU"])

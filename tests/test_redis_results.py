@@ -221,6 +221,32 @@ async def test_results_are_answered_once_the_replicas_they_must_reach_have_them(
 
 
 @pytest.mark.integration
+async def test_a_wait_refused_leaves_the_results_stored_and_waiting_not_refused() -> None:
+    """A WAIT that fails (an ACL without it, a proxy that lacks it) says nothing about the
+    results, which are stored: they wait, and none becomes a dead letter."""
+    with RedisServer() as primary:
+        replica = RedisServer(replica_of=primary).start()
+        user, password = await _restricted_user(primary.url, "surge:result:*")
+        admin = Redis.from_url(primary.url)
+        await admin.execute_command("ACL", "SETUSER", user, "-wait")
+        redis = Redis.from_url(
+            primary.url, username=user, password=password, single_connection_client=True
+        )
+        replies = _replies(redis, "surge:result:", min_replicas=1, timeout_s=1.0)
+        try:
+            items = [(SimpleNamespace(request_id=f"r{i}"), b"x") for i in range(20)]
+            write = asyncio.ensure_future(replies._write_redis(items))  # type: ignore[arg-type]
+            await asyncio.sleep(1.5)
+            assert not write.done()
+            assert len(await read_redis(primary.url, [f"r{i}" for i in range(20)])) == 20
+            await admin.execute_command("ACL", "SETUSER", user, "+wait")
+            assert await asyncio.wait_for(write, 30) == []  # none refused
+        finally:
+            await asyncio.gather(redis.aclose(), admin.aclose())
+            replica.close()
+
+
+@pytest.mark.integration
 async def test_a_result_stored_before_on_another_connection_is_waited_for_too() -> None:
     """WAIT counts its own connection's writes only: a result stored by an earlier connection
     (before a reconnect) is written again on this one, so its WAIT covers it."""

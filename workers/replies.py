@@ -267,7 +267,6 @@ class Replies:
                 reply = await self._set_and_publish(
                     keys=keys, args=[*(b for _, b in items), self._ttl, touch]
                 )
-                replicas = await self._replicated()
             except (RedisError, OSError) as exc:
                 # Halved to find the results Redis refuses; and halved when a call this large
                 # timed out, which on a slow link it would at every try.
@@ -294,14 +293,13 @@ class Replies:
                         error = ResponseError(text)
                     else:
                         refused += _refused([(items[index - 1][0], ResponseError(text))])
-                if not waiting and replicas < self._min_replicas:
-                    # Stored, not yet where they must be: tried again (SET NX keeps them as
-                    # they are, and announces none twice), then waited for again.
+                if self._min_replicas and (short := await self._short_of_replicas(waiting)):
+                    # Stored, not yet where they must be (or, with some waiting, perhaps not
+                    # where the next try goes): all tried again, SET NX keeping them as they
+                    # are and announcing none twice, then waited for again.
                     dropped = set(reply[0::2])
                     waiting = [item for i, item in enumerate(items, 1) if i not in dropped]
-                    error = ResponseError(
-                        f"NOREPLICAS {replicas} of {self._min_replicas} replicas have the results"
-                    )
+                    error = error or short
                 if not waiting:
                     return refused
             items = waiting
@@ -313,17 +311,30 @@ class Replies:
             # answers READONLY for as long as it stays open, while the name it was reached by
             # now leads to the new primary.
             assert self._redis is not None
-            await self._redis.connection_pool.disconnect()
+            if not isinstance(error, _ShortOfReplicas):  # the connection itself is fine
+                await self._redis.connection_pool.disconnect()
             await asyncio.sleep(delay)
             delay = min(delay * 2, RETRY_MAX_S)
 
-    async def _replicated(self) -> int:
-        """How many replicas have every write of this connection so far: WAIT, for up to
-        half the socket timeout; nothing asked when none is required."""
-        if not self._min_replicas:
-            return 0
+    async def _short_of_replicas(self, waiting: list[tuple[Ticket, bytes]]) -> Exception | None:
+        """Why the results of the call just made are not safe yet, or None: WAIT, for up to
+        half the socket timeout, says how many replicas have every write of this connection
+        so far. A WAIT that fails (refused by an ACL, a proxy that lacks it, a timeout) leaves
+        them waiting like too few replicas: they are stored, so never refused for it."""
+        if waiting:
+            return _ShortOfReplicas("results waiting: replicas not asked")
         assert self._redis is not None
-        return int(await self._redis.wait(self._min_replicas, self._replicas_wait_ms))
+        try:
+            replicas = int(await self._redis.wait(self._min_replicas, self._replicas_wait_ms))
+        except (RedisError, OSError) as exc:
+            return _ShortOfReplicas(f"WAIT failed: {_describe(exc)}")
+        if replicas < self._min_replicas:
+            return _ShortOfReplicas(f"{replicas} of {self._min_replicas} replicas have them")
+        return None
+
+
+class _ShortOfReplicas(Exception):
+    """Results stored on the primary, and not yet known to be on `min_replicas` replicas."""
 
 
 def _unavailable(exc: BaseException) -> bool:

@@ -32,6 +32,8 @@ import structlog
 from aiokafka import AIOKafkaConsumer, AIOKafkaProducer, ConsumerRebalanceListener, TopicPartition
 from aiokafka.errors import KafkaError
 from redis.asyncio import Redis
+from redis.asyncio.retry import Retry
+from redis.backoff import NoBackoff
 
 from surge.config import TOPIC_NAME, Settings, redis_url_for_bytes
 from surge.schemas import ErrorCode
@@ -73,10 +75,13 @@ class _CannotStart(Exception):
 def _redis_client(settings: Settings) -> Redis:
     """The client for Redis results. An option its URL gives that redis-py does not know
     fails here, not at the first result (and again after every restart)."""
+    options = settings.redis.client_options()
+    if settings.redis.min_replicas:
+        # A command redis-py tried again would go on a new connection, whose WAIT counts none
+        # of the results' writes: never tried again within redis-py (`Replies` does it).
+        options["retry"] = Retry(NoBackoff(), 0)
     try:
-        redis = Redis.from_url(
-            redis_url_for_bytes(settings.redis.url), **settings.redis.client_options()
-        )
+        redis = Redis.from_url(redis_url_for_bytes(settings.redis.url), **options)
         pool = redis.connection_pool
         pool.connection_class(**pool.connection_kwargs)  # built, not connected
     except (TypeError, ValueError) as exc:
