@@ -125,6 +125,7 @@ class Replies:
         self._min_replicas = redis_min_replicas
         # How long WAIT may take: within the socket timeout, or the client gives up first.
         self._replicas_wait_ms = max(1, int(redis_timeout_s * 1000 / 2))
+        self._touch = int(redis_min_replicas > 0)  # see _SET_AND_PUBLISH
         self._on_crash = on_crash
         self._redis_box = Outbox()
         self._set_and_publish = redis.register_script(_SET_AND_PUBLISH) if redis else None
@@ -263,9 +264,8 @@ class Replies:
         while True:
             keys = [self._prefix + ticket.request_id for ticket, _ in items]
             try:
-                touch = int(self._min_replicas > 0)
                 reply = await self._set_and_publish(
-                    keys=keys, args=[*(b for _, b in items), self._ttl, touch]
+                    keys=keys, args=[*(b for _, b in items), self._ttl, self._touch]
                 )
             except (RedisError, OSError) as exc:
                 # Halved to find the results Redis refuses; and halved when a call this large
@@ -293,13 +293,14 @@ class Replies:
                         error = ResponseError(text)
                     else:
                         refused += _refused([(items[index - 1][0], ResponseError(text))])
-                if self._min_replicas and (short := await self._short_of_replicas(waiting)):
-                    # Stored, not yet where they must be (or, with some waiting, perhaps not
-                    # where the next try goes): all tried again, SET NX keeping them as they
-                    # are and announcing none twice, then waited for again.
-                    dropped = set(reply[0::2])
-                    waiting = [item for i, item in enumerate(items, 1) if i not in dropped]
-                    error = error or short
+                if self._min_replicas:
+                    error = error or await self._short_of_replicas()
+                    if error is not None:
+                        # Stored, not yet where they must be (or, with some waiting, perhaps
+                        # not where the next try goes): all tried again, SET NX keeping them
+                        # as they are and announcing none twice, then waited for again.
+                        dropped = set(reply[0::2])
+                        waiting = [item for i, item in enumerate(items, 1) if i not in dropped]
                 if not waiting:
                     return refused
             items = waiting
@@ -316,13 +317,11 @@ class Replies:
             await asyncio.sleep(delay)
             delay = min(delay * 2, RETRY_MAX_S)
 
-    async def _short_of_replicas(self, waiting: list[tuple[Ticket, bytes]]) -> Exception | None:
+    async def _short_of_replicas(self) -> Exception | None:
         """Why the results of the call just made are not safe yet, or None: WAIT, for up to
         half the socket timeout, says how many replicas have every write of this connection
         so far. A WAIT that fails (refused by an ACL, a proxy that lacks it, a timeout) leaves
         them waiting like too few replicas: they are stored, so never refused for it."""
-        if waiting:
-            return _ShortOfReplicas("results waiting: replicas not asked")
         assert self._redis is not None
         try:
             replicas = int(await self._redis.wait(self._min_replicas, self._replicas_wait_ms))
