@@ -221,6 +221,32 @@ async def test_results_are_answered_once_the_replicas_they_must_reach_have_them(
 
 
 @pytest.mark.integration
+async def test_results_redis_cannot_take_yet_wait_when_replicas_are_required_too() -> None:
+    """With min_replicas, a result Redis answers "try later" for (OOM here; READONLY or
+    NOREPLICAS in a failover) is written again like the others, never counted as stored."""
+    with RedisServer() as primary:
+        replica = RedisServer(replica_of=primary).start()
+        admin = Redis.from_url(primary.url)
+        redis = Redis.from_url(primary.url, single_connection_client=True)
+        replies = _replies(redis, "surge:result:", min_replicas=1, timeout_s=1.0)
+        try:
+            first = [(SimpleNamespace(request_id="r0"), b"x")]
+            async with asyncio.timeout(30):  # the replica's first sync included
+                assert await replies._write_redis(first) == []  # type: ignore[arg-type]
+            await admin.config_set("maxmemory", "1")  # and no eviction: every SET refused
+            items = [(SimpleNamespace(request_id=f"r{i}"), b"x") for i in range(10)]
+            write = asyncio.ensure_future(replies._write_redis(items))  # type: ignore[arg-type]
+            await asyncio.sleep(1)
+            assert not write.done(), "settled results Redis never stored"
+            await admin.config_set("maxmemory", "0")
+            assert await asyncio.wait_for(write, 30) == []
+            assert len(await read_redis(replica.url, [f"r{i}" for i in range(10)])) == 10
+        finally:
+            await asyncio.gather(redis.aclose(), admin.aclose())
+            replica.close()
+
+
+@pytest.mark.integration
 async def test_a_wait_refused_leaves_the_results_stored_and_waiting_not_refused() -> None:
     """A WAIT that fails (an ACL without it, a proxy that lacks it) says nothing about the
     results, which are stored: they wait, and none becomes a dead letter."""

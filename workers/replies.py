@@ -285,7 +285,7 @@ class Replies:
                 error, waiting = exc, items
             else:
                 # Results refused one by one: those Redis cannot take now wait with the others.
-                waiting, error = [], None
+                waiting, error, dropped = [], None, set()
                 for index, message in zip(reply[0::2], reply[1::2], strict=True):
                     text = message.decode(errors="replace")
                     if text.startswith(_UNAVAILABLE_CODES):
@@ -293,13 +293,13 @@ class Replies:
                         error = ResponseError(text)
                     else:
                         refused += _refused([(items[index - 1][0], ResponseError(text))])
+                        dropped.add(index)
                 if self._min_replicas:
                     error = error or await self._short_of_replicas()
                     if error is not None:
                         # Stored, not yet where they must be (or, with some waiting, perhaps
-                        # not where the next try goes): all tried again, SET NX keeping them
-                        # as they are and announcing none twice, then waited for again.
-                        dropped = set(reply[0::2])
+                        # not where the next try goes): all but the refused tried again, SET
+                        # NX keeping those stored as they are and announcing none twice.
                         waiting = [item for i, item in enumerate(items, 1) if i not in dropped]
                 if not waiting:
                     return refused
