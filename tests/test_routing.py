@@ -145,6 +145,30 @@ def test_a_repeated_routing_header_is_read_once_by_its_last_value() -> None:
     assert sorted(name for name, _ in routing) == ["surge-model", "surge-reply-to", "surge-version"]
 
 
+@pytest.mark.parametrize("others", [0, 3])
+@pytest.mark.parametrize(
+    "values",
+    [[b"\xff", b"out"], [b"o" * 300, b"out"], [b"out", b"\xff"], [b"out", b"o" * 300]],
+)
+def test_the_last_value_of_a_repeated_header_decides_however_many_others_come_with_it(
+    values: list[bytes], others: int
+) -> None:
+    """A record that repeats a header is routed as one carrying its last value alone: an
+    unusable value followed by a usable one is replaced by it, and the other way round,
+    whether the record repeats other routing headers or not."""
+
+    def routed(reply_to: list[bytes]) -> tuple[str | None, Rejection | None]:
+        record = _Record("surge.requests.mlp", {})
+        record.headers = [("surge-reply-to", value) for value in reply_to]
+        record.headers += [("surge-model", b"mlp")] * others
+        ticket, rejection = _ticket(record, redis=False)
+        return ticket.reply_to, rejection
+
+    assert routed(values) == routed(values[-1:])
+    if values[-1] == b"out":
+        assert routed(values) == ("out", None)
+
+
 def test_a_ticket_holds_the_size_of_its_value_key_and_headers() -> None:
     record = _Record("surge.requests.mlp", {"surge-reply-to": "out"})
     record.headers.append(("trace", b"t" * 1000))

@@ -236,18 +236,23 @@ class Router:
 
     def _route(self, topic: str, routing: list[tuple[str, bytes | None]]) -> Route:
         fields: dict[str, str] = {}
-        undecodable = oversized = None
+        # Headers whose value is unusable: over the size limit (True) or not UTF-8 (False).
+        # The last value of a name decides, whether the values before it were usable or not.
+        unusable: dict[str, bool] = {}
         for name, raw in routing:
-            if raw is None:  # a null value is the same as absent (the last value decides)
-                fields.pop(name, None)
+            fields.pop(name, None)
+            unusable.pop(name, None)
+            if raw is None:  # a null value is the same as absent
                 continue
             if len(raw) > MAX_ROUTING_BYTES:  # refused below, and read no further
-                oversized = name
+                unusable[name] = True
                 continue
             try:
                 fields[name] = raw.decode()
             except UnicodeDecodeError:
-                undecodable = name
+                unusable[name] = False
+        oversized = next((name for name, over in unusable.items() if over), None)
+        undecodable = next((name for name, over in unusable.items() if not over), None)
         model = fields.get(headers.MODEL) or self._topic_models.get(topic)
         version = fields.get(headers.VERSION) or None
         content_type = fields.get(headers.CONTENT_TYPE, JSON)
