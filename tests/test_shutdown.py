@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import asyncio
 import shutil
+import threading
 import time
 import uuid
 from collections.abc import Callable
@@ -13,10 +14,11 @@ from pathlib import Path
 import numpy as np
 import pytest
 from aiokafka import AIOKafkaConsumer, ConsumerRebalanceListener, TopicPartition
+from structlog.testing import capture_logs
 
-from surge.producers import request_body, request_headers
+from surge.producers import SurgeClient, request_body, request_headers
 from surge.schemas import MSGPACK, headers
-from surge.workers import Worker
+from surge.workers import Worker, repository
 from tests.conftest import WorkerProcess, make_settings, topic_of, worker_env
 from tests.helpers import create_topics, publish, read_topic, wait_committed
 from tests.models import write_hangs, write_slow
@@ -206,3 +208,86 @@ async def test_a_worker_stopped_while_its_models_load_joins_no_group(
         assert rebalances == []
     finally:
         await member.stop()
+
+
+class _HungScans:
+    """`repository.scan` as on a network mount that stopped answering: from the `after`-th
+    call on, each blocks until released (a stat on such a mount never returns)."""
+
+    def __init__(self, after: int) -> None:
+        self.calls = 0
+        self.after = after
+        self.stuck = threading.Event()
+        self.released = threading.Event()
+        self._scan = repository.scan
+
+    def __call__(self, *args: object) -> repository.Scan:
+        self.calls += 1
+        if self.calls >= self.after:
+            self.stuck.set()
+            self.released.wait()
+        return self._scan(*args)  # type: ignore[arg-type]
+
+
+@pytest.fixture
+def hung_scans(monkeypatch: pytest.MonkeyPatch) -> Callable[[int], _HungScans]:
+    made: list[_HungScans] = []
+
+    def make(after: int) -> _HungScans:
+        made.append(_HungScans(after))
+        monkeypatch.setattr(repository, "scan", made[-1])
+        return made[-1]
+
+    yield make
+    for scans in made:  # the test process must not wait for them at exit
+        scans.released.set()
+
+
+async def test_a_scan_hung_on_the_model_root_is_said_and_keeps_no_stop_waiting(
+    kafka: str,
+    model_root: Path,
+    hung_scans: Callable[[int], _HungScans],
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """A hot-reload scan that never returns (the model root on a mount that stopped
+    answering) leaves the models loaded serving, is logged once it has taken SCAN_SLOW_S,
+    and does not hold a stop: the process exits without its thread (`threads_left`)."""
+    monkeypatch.setattr(repository, "SCAN_SLOW_S", 0.5)
+    scans = hung_scans(2)  # the start-up scan reads the root; the first reload hangs
+    settings = make_settings(kafka, model_root, None, SURGE_WORKER__RELOAD_INTERVAL_S="0.2")
+    topic = settings.worker.topic_prefix + "mlp"
+    await create_topics(kafka, topic)
+    worker = Worker(settings)
+    with capture_logs() as logs:
+        running = asyncio.create_task(worker.run())
+        await asyncio.wait_for(worker.ready.wait(), 60)
+        assert await asyncio.to_thread(scans.stuck.wait, 30)
+        async with SurgeClient(kafka) as client:
+            x = {"x": np.ones((1, 32), np.float32)}
+            answer = await client.predict("mlp", x, timeout=30, topic=topic)
+        assert answer.outputs
+        async with asyncio.timeout(10):
+            while not any(e["event"] == "model_scan_slow" for e in logs):
+                await asyncio.sleep(0.05)
+        worker.stop()
+        await asyncio.wait_for(running, 30)
+    assert worker.threads_left, "exit would wait for the scan's thread"
+    assert [e["event"] for e in logs].count("model_scan_slow") == 1
+    assert any(e["event"] == "model_scan_outlived_shutdown" for e in logs)
+    scans.released.set()
+    async with asyncio.timeout(10):
+        while worker.threads_left:
+            await asyncio.sleep(0.05)
+
+
+async def test_a_stop_while_the_first_scan_hangs_ends_the_start_up(
+    kafka: str, model_root: Path, hung_scans: Callable[[int], _HungScans]
+) -> None:
+    scans = hung_scans(1)
+    worker = Worker(make_settings(kafka, model_root, None))
+    running = asyncio.create_task(worker.run())
+    assert await asyncio.to_thread(scans.stuck.wait, 30)
+    worker.stop()
+    await asyncio.wait_for(running, 15)
+    assert not worker.ready.is_set()
+    assert worker.threads_left

@@ -34,6 +34,9 @@ SETTLE_S = 1.0
 # A version that failed to load is tried again when its files change, or after this long (a
 # cause outside its files, such as a GPU short of memory, may have passed).
 RETRY_FAILED_S = 60.0
+# A scan still running after this long is said once: a hung network mount holds hot reload
+# (the models loaded keep serving) and, unnoticed, would leave an operator guessing.
+SCAN_SLOW_S = 30.0
 
 
 @dataclass(frozen=True, slots=True)
@@ -204,6 +207,10 @@ class ModelRepository:
         # until their thread returns (one that never does keeps the process from exiting).
         self._loader = ThreadPoolExecutor(thread_name_prefix="model-load")
         self._stuck: set[Future[Any]] = set()
+        # Scans run one at a time on a thread of their own: a stat on a hung mount never
+        # returns, and that thread must not be one that asyncio waits for at exit.
+        self._scanner = ThreadPoolExecutor(1, thread_name_prefix="model-scan")
+        self._scanning: Future[Scan] | None = None
         self._served: dict[tuple[str, int], ServedVersion] = {}
         # Requests of unloaded versions that will never be answered (their device failed):
         # left uncommitted, for the partition's next owner.
@@ -274,7 +281,7 @@ class ModelRepository:
         A model none of whose wanted versions loads, and none of whose versions serves yet (at
         start-up, say), is served by its newest older version that loads.
         """
-        found = await asyncio.to_thread(scan, self.root, self._names, settle_s)
+        found = await self._scan(settle_s)
         for problem in set(found.problems) - self._problems:  # say it once, not every scan
             log.error("model_config_invalid", problem=problem)
         self._problems = set(found.problems)
@@ -339,6 +346,18 @@ class ModelRepository:
         else:
             self._failed.pop(key, None)
         return served
+
+    async def _scan(self, settle_s: float) -> Scan:
+        """`scan()` off the event loop; one that takes longer than SCAN_SLOW_S is logged, and
+        waited for. A caller cancelled meanwhile leaves its thread running (`scans_running`)."""
+        self._scanning = self._scanner.submit(scan, self.root, self._names, settle_s)
+        found = asyncio.wrap_future(self._scanning)
+        began = time.monotonic()
+        if not (await asyncio.wait([found], timeout=SCAN_SLOW_S))[0]:
+            log.error("model_scan_slow", root=str(self.root), waited_s=SCAN_SLOW_S)
+            await found
+            log.info("model_scan_done", root=str(self.root), took_s=time.monotonic() - began)
+        return found.result()
 
     def _update_routes(self) -> None:
         """Point each model at its highest served version. Called before any retirement, so
@@ -469,6 +488,12 @@ class ModelRepository:
         on: they too would keep the process from exiting, though nothing hung."""
         return len(self._stuck)
 
+    @property
+    def scans_running(self) -> int:
+        """A scan whose caller was cancelled (by a stop) while its thread, stuck on the file
+        system, runs on: it too would keep the process from exiting."""
+        return int(self._scanning is not None and not self._scanning.done())
+
     async def close(self) -> None:
         """Drain every served version (on shutdown)."""
         retired = list(self._served.values())
@@ -478,3 +503,4 @@ class ModelRepository:
             self._retire(served)
         await asyncio.gather(*self._draining)
         self._loader.shutdown(wait=False)
+        self._scanner.shutdown(wait=False)

@@ -115,10 +115,13 @@ class Worker:
 
     @property
     def threads_left(self) -> bool:
-        """Model calls or loads still running on their threads (a hung call, a load cut
-        short), which Python would wait for at exit, as long as they take."""
+        """Model calls, loads or a scan of the model root still running on their threads (a
+        hung call, a load cut short, a hung mount), which Python would wait for at exit, as
+        long as they take."""
         repository = getattr(self, "_repository", None)  # none before start-up made it
-        return repository is not None and bool(repository.calls_running + repository.loads_running)
+        if repository is None:
+            return False
+        return bool(repository.calls_running + repository.loads_running + repository.scans_running)
 
     def stop(self) -> None:
         """Begin a graceful shutdown (safe to call from a signal handler)."""
@@ -313,6 +316,8 @@ class Worker:
         repository = getattr(self, "_repository", None)
         if repository is not None and (loading := repository.loads_running):
             log.warning("model_loads_outlived_shutdown", loads=loading)
+        if repository is not None and repository.scans_running:
+            log.warning("model_scan_outlived_shutdown", root=str(repository.root))
         if stopped:
             log.info("worker_stopped", unfinished=0, while_starting=True)
 
@@ -725,6 +730,8 @@ class Worker:
             # Loads cut short by the stop, or past model_load_timeout_s before it: a failed
             # load was said when it failed, and a stop asked for is no failure (status 0).
             log.warning("model_loads_outlived_shutdown", loads=loading)
+        if self._repository.scans_running:  # said as slow already, if it was
+            log.warning("model_scan_outlived_shutdown", root=str(self._repository.root))
         # Each step's seconds: a stop that nears the orchestrator's grace period says where.
         steps_s = {name: round(seconds, 3) for name, seconds in timings.items()}
         log.info("worker_stopped", unfinished=self._ledger.records, steps_s=steps_s)
