@@ -8,6 +8,7 @@ import os
 import sys
 import threading
 import time
+from concurrent.futures import CancelledError as FutureCancelled
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any
@@ -720,6 +721,44 @@ async def test_a_call_still_running_a_budget_after_it_timed_out_is_reported_hung
         await batcher.close()
 
 
+class _LateExecutor(ThreadPoolExecutor):
+    """A thread that takes a call and then waits `delay` before running it (held off the
+    GIL, say): the call is no longer queued, and not started either."""
+
+    def __init__(self, delay: float) -> None:
+        super().__init__(1, thread_name_prefix="model")
+        self.delay = delay
+
+    def submit(self, fn: Any, /, *args: Any, **kwargs: Any) -> Any:
+        def late() -> Any:
+            time.sleep(self.delay)
+            return fn(*args, **kwargs)
+
+        return super().submit(late)
+
+
+async def test_a_call_taken_by_its_thread_at_the_deadline_is_counted_until_it_returns() -> None:
+    """Too late to cancel, it runs: it counts as running (a retired model is not closed under
+    it, the exit status knows of it) and is watched for a hang like any call past its budget."""
+    answers = _Answers()
+    config = ModelConfig(max_batch_size=8, max_batch_delay_ms=1, inline_below_ms=0)
+    batcher = _batcher(_Refuses(ValueError), answers, config, budget=0.5)
+    batcher._executor = _LateExecutor(delay=0.7)  # past the deadline, not two budgets
+    crashes: list[BaseException] = []
+    batcher.start(on_crash=crashes.append)
+    batcher.put(Job(make_ticket(b"{}"), {"x": np.ones((1, 4), np.float32)}, 1, None))
+    async with asyncio.timeout(10):
+        while not answers.failed:
+            await asyncio.sleep(0.01)
+    assert [rejection.code for rejection in answers.failed] == [ErrorCode.TIMEOUT]
+    assert batcher.calls_running == 1  # in the model now, or about to be
+    async with asyncio.timeout(10):
+        while batcher.calls_running:
+            await asyncio.sleep(0.01)
+    await batcher.close()
+    assert crashes == []  # returned within two budgets of its deadline: not hung
+
+
 class _Refuses:
     """Raises `error` for a batch holding a negative value, after `delay` seconds."""
 
@@ -757,10 +796,14 @@ async def _one_batch(batcher: Batcher, answers: _Answers, bad: int, count: int =
     await _until_outcomes(batcher, answers, count)
 
 
-async def test_a_timeout_error_a_model_raises_is_isolated_like_any_other_error() -> None:
-    """Only the budget running out answers a whole batch `timeout`."""
+@pytest.mark.parametrize("error", [TimeoutError, FutureCancelled, asyncio.CancelledError])
+async def test_a_timeout_or_cancellation_a_model_raises_is_isolated_like_any_other_error(
+    error: type[Exception],
+) -> None:
+    """Only the budget running out answers a whole batch `timeout`; a cancellation raised in
+    the model's thread is the model's error, not the end of the batch loop."""
     answers = _Answers()
-    await _one_batch(_refusing_batcher(_Refuses(TimeoutError), answers, budget=10), answers, bad=5)
+    await _one_batch(_refusing_batcher(_Refuses(error), answers, budget=10), answers, bad=5)
     assert len(answers.answered) == 7
     assert [rejection.code for rejection in answers.failed] == [ErrorCode.MODEL_ERROR]
 

@@ -15,6 +15,7 @@ import math
 import time
 from collections import deque
 from collections.abc import Callable, Iterable, Sequence
+from concurrent.futures import CancelledError as FutureCancelled
 from concurrent.futures import Executor
 from typing import Any
 
@@ -361,24 +362,30 @@ class Batcher:
             clock.append(time.perf_counter())
             waited = cpu_wait.waited_s()
             loop.call_soon_threadsafe(started.set)
-            outputs = self._runtime.run(batch)
+            try:
+                outputs = self._runtime.run(batch)
+            except (FutureCancelled, asyncio.CancelledError) as exc:
+                # Carried back, it would read as this batch's own cancellation and end the
+                # loop with the batch unanswered: a model error like any other.
+                raise RuntimeError(f"the model raised {exc!r}") from exc
             clock.append(time.perf_counter())  # the call's own time, not the loop's delay
             clock.append(cpu_wait.waited_s() - waited)
             return outputs
 
-        future = loop.run_in_executor(self._executor, call)
+        queued = self._executor.submit(call)
+        future = asyncio.wrap_future(queued)
         self.calls_running += 1
         future.add_done_callback(self._call_ended)
         try:
             async with asyncio.timeout_at(deadline):
                 await started.wait()
         except TimeoutError:
-            if not clock:  # still queued: it never runs
-                future.cancel()
+            if queued.cancel():  # still queued: it never runs
                 raise _OverBudget(
                     f"model busy for over {self._budget:g}s with an earlier batch"
                 ) from None
-            # It started at the last moment: over budget like any call running at the deadline.
+            # Taken by a thread at the last moment (perhaps not in the model yet): over budget
+            # like any call running at the deadline, and watched for a hang like one.
         budget = asyncio.timeout_at(deadline)
         try:
             async with budget:

@@ -35,10 +35,17 @@ class Outbox:
 def supervised(
     loop: Coroutine[Any, Any, None], name: str, on_crash: Callable[[BaseException], None]
 ) -> asyncio.Task[None]:
-    """Run a background loop; if it ever raises, `on_crash` hears of it."""
+    """Run a background loop; if it ever raises, or ends cancelled with no one having asked
+    (a CancelledError raised inside it), `on_crash` hears of it."""
 
     def check(task: asyncio.Task[None]) -> None:
-        if not task.cancelled() and (exc := task.exception()) is not None:
+        if task.cancelled():
+            if task.cancelling():  # stopped on purpose
+                return
+            exc: BaseException | None = asyncio.CancelledError(f"{name} ended cancelled")
+        else:
+            exc = task.exception()
+        if exc is not None:
             log.error("background_loop_crashed", task=name, error=repr(exc))
             on_crash(exc)
 
