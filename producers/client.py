@@ -83,6 +83,7 @@ class SurgeClient:
         self._redis_prefix = redis_prefix
         self._producer: AIOKafkaProducer | None = None
         self._renewal: asyncio.Task[None] | None = None  # of the producer: `_renew_producer`
+        self._retiring: set[asyncio.Task[None]] = set()  # replaced producers, being stopped
         self._replies: AIOKafkaConsumer | None = None
         self._replies_reader: asyncio.Task[None] | None = None
         self._redis: Redis | None = None
@@ -139,8 +140,11 @@ class SurgeClient:
             log.warning("producer_renewal_failed", error=repr(exc))
         finally:
             self._renewal = None
-        if retired is not None:
-            await retired.stop()  # what it has in flight finishes first
+        if retired is not None:  # what it has in flight finishes first; close() waits for it
+            stopping = asyncio.ensure_future(retired.stop())
+            self._retiring.add(stopping)
+            stopping.add_done_callback(self._retiring.discard)
+            await stopping
 
     async def close(self) -> None:
         """Release everything; a failure closing one resource does not leak the others.
@@ -165,6 +169,8 @@ class SurgeClient:
             steps.append(self._redis.aclose())
         if self._renewal is not None:
             await asyncio.gather(self._renewal, return_exceptions=True)
+        if self._retiring:
+            await asyncio.gather(*self._retiring, return_exceptions=True)
         if self._producer is not None:
             steps.append(self._producer.stop())
         for step in steps:

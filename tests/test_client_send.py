@@ -36,6 +36,34 @@ async def test_a_request_over_the_topic_limit_leaves_later_ones_to_its_partition
     assert len(sent) == 6
 
 
+async def test_close_waits_for_the_producer_a_refusal_replaced(kafka: str) -> None:
+    """The producer replaced after a refusal stops in the background (its records in flight
+    go out first): a close meanwhile waits for that stop rather than leave it pending."""
+    topic = f"test.small.{uuid.uuid4().hex[:8]}"
+    await create_topics(kafka, topic, partitions=1, configs={"max.message.bytes": "3000"})
+    client = SurgeClient(kafka)
+    await client.start()
+    try:
+        replaced = client._producer
+        assert replaced is not None
+        flush = replaced.stop
+
+        async def slow_stop() -> None:  # as a stop that has records in flight to flush
+            await asyncio.sleep(1)
+            await flush()
+
+        replaced.stop = slow_stop  # type: ignore[method-assign]
+        with pytest.raises(MessageSizeTooLargeError):
+            await client.submit("mlp", {"x": np.ones((1, 2000), np.float32)}, topic=topic)
+        async with asyncio.timeout(30):
+            while client._producer is replaced:  # the new one in place, the old one stopping
+                await asyncio.sleep(0)
+    finally:
+        await client.close()
+    pending = [t for t in asyncio.all_tasks() if "_renew_producer" in repr(t.get_coro())]
+    assert pending == []
+
+
 async def test_a_batch_with_an_input_no_worker_would_take_sends_none_of_it(kafka: str) -> None:
     """Refused before anything goes out: no request of the batch is computed for nobody."""
     topic = f"test.mixed.{uuid.uuid4().hex[:8]}"
