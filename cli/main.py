@@ -783,7 +783,8 @@ def _dlq_action(args: argparse.Namespace) -> int:
         f"{report.already_answered:,} already answered, {report.replayed_before:,} replayed "
         f"before, {report.repeated:,} repeated, {report.unroutable:,} without a source topic, "
         f"{report.without_body:,} without a body, {report.without_reply_to:,} without a reply "
-        f"target, {report.refused.total():,} refused by Kafka"
+        f"target, {report.reply_topic_gone:,} whose reply topic is gone, "
+        f"{report.refused.total():,} refused by Kafka"
     )
     for reason, count in report.refused.most_common():
         console.print(f"[red]{count:,} refused by Kafka: {escape(reason)}[/red]")
@@ -796,6 +797,11 @@ def _dlq_action(args: argparse.Namespace) -> int:
         console.print(
             f"[yellow]{report.without_reply_to:,} have no surge-reply-to: pass --reply-to to "
             "replay them[/yellow]"
+        )
+    if report.reply_topic_gone:
+        console.print(
+            f"[yellow]{report.reply_topic_gone:,} reply to a topic that no longer exists (a "
+            "client's own, gone when it closed): pass --reply-to to replay them[/yellow]"
         )
     if report.unverified:
         console.print(

@@ -6,7 +6,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-from collections import Counter
+from collections import Counter, deque
 from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass, field
 from datetime import datetime
@@ -32,6 +32,9 @@ _ADDED = {
 # still reads to its end.
 STALL_S = 30.0
 _FETCH_MS = 500
+# A replay stopped part way (Ctrl-C) still sends what its producer holds, as it stops: this
+# long at most for those records' acknowledgements and their markers.
+_INTERRUPTED_SETTLE_S = 15.0
 
 
 class TopicUnreadable(Exception):
@@ -286,6 +289,9 @@ class ReplayReport:
     # would run the request again.
     without_reply_to: int = 0
     replayed_before: int = 0  # re-published by an earlier replay (its marker is in the topic)
+    # Their reply topic no longer exists (a client's own, deleted as it closed): replayed,
+    # each would be computed again for nobody and come back as a new dead letter.
+    reply_topic_gone: int = 0
     # Refused by Kafka (e.g. too large for the source topic), by reason: not replayed.
     refused: Counter[str] = field(default_factory=Counter)
     # Replayed, but the marker that says so was refused: a later replay may send it again.
@@ -294,7 +300,8 @@ class ReplayReport:
     @property
     def not_replayable(self) -> int:
         """Letters selected that could not be replayed (answered and repeated ones need not)."""
-        return self.unroutable + self.without_body + self.without_reply_to + self.refused.total()
+        skipped = self.unroutable + self.without_body + self.without_reply_to
+        return skipped + self.reply_topic_gone + self.refused.total()
 
 
 async def replay(
@@ -311,11 +318,12 @@ async def replay(
     """Re-publish letters (read from the dead-letter `topic`) to their source topics; skip
     requests that have a result already (any result in their reply topic, an error included,
     or any value in Redis), letters an earlier replay re-published (answered or not yet), and
-    repeats of one request within the selection. Letters with no reply target are skipped
-    unless `reply_to` gives one. The original `surge-deadline-ms` is dropped. Each letter
-    Kafka acknowledges gets a marker in `topic`; one Kafka refuses is counted and the rest go
-    on."""
-    answered = await _answered(
+    repeats of one request within the selection. Letters with no reply target, or whose
+    reply topic no longer exists, are skipped unless `reply_to` gives one. The original
+    `surge-deadline-ms` is dropped. Each letter Kafka acknowledges gets a marker in `topic`;
+    one Kafka refuses is counted and the rest go on. Stopped part way (cancelled), a replay
+    still marks what its producer sends as it stops."""
+    answered, gone = await _answered(
         bootstrap, letters, reply_to, redis_url, redis_prefix, kafka_options or {}
     )
     report = ReplayReport(len(letters), 0, 0, 0, 0)
@@ -334,6 +342,9 @@ async def replay(
             continue
         if not (reply_to or letter.reply_to):
             report.without_reply_to += 1
+            continue
+        if not reply_to and letter.reply_to in gone:
+            report.reply_topic_gone += 1
             continue
         if request_id in seen:
             report.repeated += 1
@@ -385,7 +396,8 @@ async def _publish(
     async def settle(item: _Chosen, delivery: asyncio.Future[Any]) -> None:
         letter, record_headers = item
         try:
-            await delivery
+            # Shielded: a stop part way must not cancel it, as the producer still sends it.
+            await asyncio.shield(delivery)
         except KafkaError as exc:  # e.g. too large for the source topic
             failed.append((letter, record_headers, exc))
             return
@@ -397,9 +409,20 @@ async def _publish(
         except KafkaError:  # replayed all the same: the report says a rerun may send it again
             report.unmarked += 1
 
+    async def settle_all() -> None:
+        while unsettled:
+            await settle(*unsettled[0])
+            unsettled.popleft()
+        for marker in markers:
+            try:
+                await asyncio.shield(marker)
+            except KafkaError:
+                report.unmarked += 1
+        markers.clear()
+
+    unsettled: deque[tuple[_Chosen, asyncio.Future[Any]]] = deque()  # handed to the producer
     try:
         await producer.start()
-        sent = []
         for letter, record_headers in chosen:
             assert letter.source_topic is not None
             try:
@@ -409,17 +432,17 @@ async def _publish(
             except KafkaError as exc:  # e.g. over the producer's max_request_size
                 failed.append((letter, record_headers, exc))
                 continue
-            if together:
-                sent.append(((letter, record_headers), delivery))
-            else:
-                await settle((letter, record_headers), delivery)
-        for item, delivery in sent:
-            await settle(item, delivery)
-        for marker in markers:
-            try:
-                await marker
-            except KafkaError:
-                report.unmarked += 1
+            unsettled.append(((letter, record_headers), delivery))
+            if not together:
+                await settle_all()
+        await settle_all()
+    except asyncio.CancelledError:
+        # Stopped part way: the producer sends what it holds as it stops, so each of those
+        # records Kafka takes gets its marker now, or a rerun would send it again.
+        with contextlib.suppress(TimeoutError):
+            async with asyncio.timeout(_INTERRUPTED_SETTLE_S):
+                await settle_all()
+        raise
     finally:
         await producer.stop()
     return failed
@@ -432,15 +455,16 @@ async def _answered(
     redis_url: str | None,
     redis_prefix: str,
     kafka_options: Mapping[str, Any],
-) -> set[str]:
+) -> tuple[set[str], set[str]]:
     """Request ids among `letters` that already have a result where they would reply, or
-    where they first asked to."""
+    where they first asked to; and the reply topics among those that no longer exist."""
     targets: dict[str, set[str]] = {}
     for letter in letters:
         # Sent elsewhere now, a request may still have been answered where it first asked.
         for target in {reply_to, letter.reply_to} - {None, ""}:
             targets.setdefault(target, set()).add(letter.request_id)
     answered: set[str] = set()
+    gone: set[str] = set()
     for target, ids in targets.items():
         if target == headers.REPLY_TO_REDIS:
             if redis_url:
@@ -462,9 +486,10 @@ async def _answered(
         try:
             records = await read_all(bootstrap, target, kafka_options, values=False, keep=ours)
         except TopicMissing:  # a client's own reply topic goes when the client closes
+            gone.add(target)
             continue
         answered |= {_request_id(record) for record in records}
-    return answered
+    return answered, gone
 
 
 def _request_id(result: Record) -> str:

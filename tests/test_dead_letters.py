@@ -18,6 +18,7 @@ from aiokafka.admin import AIOKafkaAdminClient
 from redis.asyncio import Redis
 
 from surge.config import Settings
+from surge.producers import dead_letters as dlq
 from surge.producers import request_body, request_headers
 from surge.producers.dead_letters import TopicUnreadable, read_all, read_to_end
 from surge.schemas import MSGPACK, headers
@@ -335,6 +336,59 @@ async def test_a_second_replay_before_any_answer_sends_nothing_twice(kafka: str)
     assert {k: len(v) for k, v in replayed.items()} == {f"{run}-{i}": 1 for i in range(3)}
     inspect = surge("dlq", "inspect", *common)
     assert re.search(r"invalid_reply_to\s*│\s*3\s*│\s*3\s*│", inspect.stdout), inspect.stdout
+
+
+async def test_a_replay_stopped_part_way_marks_every_letter_it_sent(kafka: str) -> None:
+    """Ctrl-C part way: the producer still sends what it holds as it stops, so each of those
+    gets its marker too, and a rerun sends the others only."""
+    run = uuid.uuid4().hex[:8]
+    dead_letters, source, replies = f"test.dlq.{run}", f"test.src.{run}", f"test.replies.{run}"
+    await create_topics(kafka, dead_letters, source, replies, partitions=1)
+    count = 5000
+    letters = _letters(run, source, count, replies)
+    await publish(kafka, [(dead_letters, k, v, h) for k, v, h in letters])
+    chosen = await dlq.load(kafka, dead_letters)
+    replay = asyncio.create_task(dlq.replay(kafka, dead_letters, chosen))
+    watcher = AIOKafkaConsumer(bootstrap_servers=kafka)
+    await watcher.start()
+    try:
+        tp = TopicPartition(source, 0)
+        async with asyncio.timeout(60):
+            while not (await watcher.end_offsets([tp]))[tp]:  # the first replayed is in
+                await asyncio.sleep(0.005)
+    finally:
+        await watcher.stop()
+    replay.cancel()
+    with pytest.raises(asyncio.CancelledError):
+        await replay  # stopped part way, not finished first
+    sent = await read_results(kafka, source, key_of=None)
+    marked = [r for r in await read_all(kafka, dead_letters) if headers.REPLAYED in dict(r.headers)]
+    assert sent
+    assert len(marked) == len(sent)
+    rerun = surge("dlq", "replay", "--topic", dead_letters, "--bootstrap", kafka)
+    assert f"replayed {count - len(sent):,}" in rerun.stdout, rerun.stdout + rerun.stderr
+    replayed = await read_results(kafka, source, key_of=None)
+    assert {k: len(v) for k, v in replayed.items()} == {f"{run}-{i}": 1 for i in range(count)}
+
+
+async def test_replay_skips_letters_whose_reply_topic_is_gone_unless_given_one(
+    kafka: str,
+) -> None:
+    """A client's own reply topic goes when it closes: replayed, its requests would be
+    computed for nobody and come back as new dead letters, at every replay."""
+    run = uuid.uuid4().hex[:8]
+    dead_letters, source = f"test.dlq.{run}", f"test.src.{run}"
+    await create_topics(kafka, dead_letters, source)
+    letters = _letters(run, source, 3, f"surge.replies.{run}")  # never created
+    await publish(kafka, [(dead_letters, k, v, h) for k, v, h in letters])
+    common = ("--topic", dead_letters, "--bootstrap", kafka)
+    out = surge("dlq", "replay", *common)
+    assert out.returncode == 1, out.stdout + out.stderr
+    assert "replayed 0" in out.stdout, out.stdout
+    assert "3 whose reply topic is gone" in out.stdout
+    assert "pass --reply-to" in out.stdout
+    given = surge("dlq", "replay", *common, "--reply-to", f"test.replies.{run}", "--dry-run")
+    assert "would replay 3" in given.stdout, given.stdout + given.stderr
 
 
 async def test_replay_looks_through_a_busy_reply_topic_holding_only_its_own_results(
