@@ -6,6 +6,7 @@ import argparse
 import asyncio
 import contextlib
 import dataclasses
+import itertools
 import json
 import math
 import os
@@ -74,6 +75,11 @@ def main(argv: list[str] | None = None) -> None:
     )
     _file_arguments(score, window=512)
     score.add_argument("-o", "--output", type=Path, help="result lines (default: stdout)")
+    score.add_argument(
+        "--resume",
+        action="store_true",
+        help="continue a run that did not finish, after the lines its OUTPUT.partial holds",
+    )
     score.add_argument("--version")
 
     shadow = commands.add_parser(
@@ -481,6 +487,16 @@ def _leftover(partial: Path | None) -> Path | None:
     return None
 
 
+def _answered_lines(partial: Path) -> int:
+    """The result lines a run that did not finish wrote, all complete: a line cut short (the
+    process killed as it wrote) is cut off, to be answered again."""
+    with partial.open("r+b") as results:
+        written = results.read()
+        complete = written.rfind(b"\n") + 1
+        results.truncate(complete)
+    return written.count(b"\n", 0, complete)
+
+
 def _score(args: argparse.Namespace) -> int:
     from rich.console import Console
 
@@ -491,6 +507,16 @@ def _score(args: argparse.Namespace) -> int:
     partial = args.output and args.output.with_name(args.output.name + ".partial")
     if partial and any(_overwrites(args.input, path) for path in (args.output, partial)):
         return _fail(f"{args.output}: that would overwrite the input; choose another -o")
+    if args.resume and not partial:
+        return _fail("--resume continues the results file of an earlier run: give it with -o")
+    done = 0  # lines a run before this one answered, in its results file
+    if kept := _leftover(partial):
+        if not args.resume:
+            return _fail(
+                f"{kept} holds the results of a run that did not finish: --resume continues "
+                "after them, or remove it to start again"
+            )
+        done = _answered_lines(kept)
     report = ScoreReport()
 
     async def send(client: SurgeClient, lines: Iterator[bytes]) -> int:
@@ -498,11 +524,11 @@ def _score(args: argparse.Namespace) -> int:
         with contextlib.ExitStack() as files:
             sink = sys.stdout
             if partial:
-                sink = files.enter_context(partial.open("w", encoding="utf-8"))
+                sink = files.enter_context(partial.open("a" if done else "w", encoding="utf-8"))
             await score_lines(
                 client,
                 args.model,
-                lines,
+                itertools.islice(lines, done, None),
                 sink,
                 dtype=args.datatype,
                 window=args.window,
@@ -511,11 +537,13 @@ def _score(args: argparse.Namespace) -> int:
                 via=args.via,
                 topic=args.topic,
                 report=report,
+                first_line=done + 1,
             )
         if partial:
             os.replace(partial, args.output)
+        resumed = f"resumed after {done:,} lines: " if done else ""
         Console(stderr=True).print(
-            f"{report.lines:,} lines in {report.seconds:.1f} s ({report.rate:,.0f}/s): "
+            f"{resumed}{report.lines:,} lines in {report.seconds:.1f} s ({report.rate:,.0f}/s): "
             f"{report.ok:,} ok, {report.errors:,} errors, {report.timed_out:,} timed out"
         )
         return 0 if report.ok == report.lines else 1

@@ -122,18 +122,20 @@ async def score_lines(
     topic: str | None = None,
     max_request_size: int = MAX_REQUEST_SIZE,
     report: ScoreReport | None = None,
+    first_line: int = 1,
 ) -> ScoreReport:
     """Send each line as a request and write one JSON result line per input line, in order:
     `{"line": n, "id": ..., "outputs": {...}}`, or `{"line": n, "code": ..., "error": ...}`.
     `window` lines per `predict_many` call, `in_flight` calls at once; each call's requests
     must be answered within `timeout`. `max_request_size` is the client producer's: a line
     whose request exceeds it is a bad line. `report`, if given, is filled in as lines are
-    written, so a caller can tell how far an interrupted run got."""
+    written, so a caller can tell how far an interrupted run got. `first_line` numbers the
+    first of `lines` (a run resumed after the lines a run before it wrote)."""
     report = report if report is not None else ScoreReport()
     limit = request_limit(client, model, (version,), max_request_size)
     started = time.perf_counter()
     pending: deque[asyncio.Task[list[dict[str, Any]]]] = deque()
-    numbered = 0
+    numbered = first_line - 1
     try:
         for chunk in chunks(lines, window):
             parsed = [parse_line(line, dtype, limit) for line in chunk]

@@ -246,6 +246,36 @@ async def test_surge_score_writes_a_result_line_per_input_line(
 
 
 @pytest.mark.integration
+async def test_a_run_that_did_not_finish_is_resumed_not_overwritten(
+    kafka: str, model_root: Path, run_worker: Callable[[Settings], Worker], tmp_path: Path
+) -> None:
+    """The results file of an interrupted run is kept: a rerun refuses to start over it, and
+    `--resume` answers the lines after its last complete one, numbered as the file's."""
+    source, results, where = await _served_files(kafka, model_root, run_worker, tmp_path)
+    row = json.dumps({"x": [[0.5] * 32]})
+    source.write_text("\n".join(["{oops", row, row, row, row]) + "\n")
+    partial = tmp_path / "out.jsonl.partial"
+    earlier = '{"line": 1, "code": "bad_line", "error": "earlier"}\n{"line": 2, "id": "a"}\n'
+    partial.write_text(earlier + '{"line": 3, "i')  # killed as it wrote line 3
+    refused = surge("score", "mlp", str(source), "-o", str(results), *where)
+    assert refused.returncode == 2, refused.stderr
+    assert f"{partial} holds the results of a run that did not finish" in refused.stderr
+    assert partial.read_text().startswith(earlier)
+
+    resumed = await asyncio.to_thread(
+        surge, "score", "mlp", str(source), "-o", str(results), "--resume", *where
+    )
+    assert resumed.returncode == 0, resumed.stderr
+    assert "resumed after 2 lines: 3 lines" in resumed.stderr
+    written = results.read_text()
+    assert written.startswith(earlier)  # kept as they were
+    lines = [json.loads(line) for line in written.splitlines()]
+    assert [line["line"] for line in lines] == [1, 2, 3, 4, 5]
+    assert all("outputs" in line for line in lines[2:])
+    assert not partial.exists()
+
+
+@pytest.mark.integration
 async def test_surge_score_reads_a_file_that_is_not_all_utf8_line_by_line(
     kafka: str, model_root: Path, run_worker: Callable[[Settings], Worker], tmp_path: Path
 ) -> None:
