@@ -119,6 +119,7 @@ class Transactions:
         self._ack_wait_s = min(retry.retry_s, request_timeout_s)
         self._partitions: dict[TopicPartition, _Partition] = {}
         self._running: dict[TopicPartition, asyncio.Task[bool]] = {}  # the latest transactions
+        self._began: dict[TopicPartition, float] = {}  # when each of those started (loop time)
         self._lookup = TopicLookup(producer_options, _METADATA_WAIT_S)
 
     def buffer(self, write: Write | Records) -> None:
@@ -171,12 +172,26 @@ class Transactions:
             running = self._running.get(tp)
             if running is None or running.done():
                 started[tp] = self._running[tp] = asyncio.create_task(self._commit(tp, position))
+                self._began[tp] = asyncio.get_running_loop().time()
         if started:
             await asyncio.wait(started.values(), timeout=_ROUND_S)
         return {
             tp: positions[tp]
             for tp, task in started.items()
             if task.done() and task.result()  # a bug raised there surfaces, as in `gather`
+        }
+
+    @property
+    def overdue(self) -> set[TopicPartition]:
+        """Input partitions whose transaction has outlived its round and still runs (one that
+        wrote to a partition refusing every write waits for that partition): the worker stops
+        fetching them, or the outcomes they would hold meanwhile, counted in flight until
+        committed, would fill its bounds and stop every other partition too."""
+        late = asyncio.get_running_loop().time() - _ROUND_S
+        return {
+            tp
+            for tp, task in self._running.items()
+            if not task.done() and self._began.get(tp, late) <= late
         }
 
     async def revoke(self, partitions: Iterable[TopicPartition]) -> None:
@@ -384,6 +399,7 @@ class Transactions:
             if self._partitions.get(tp) is state:
                 del self._partitions[tp]
                 self._running.pop(tp, None)
+                self._began.pop(tp, None)
             self._release(state.writes)
             state.writes = []
             await self._stop(state)

@@ -427,7 +427,7 @@ class Worker:
                 log.info("resumed", in_flight=self._ledger.records)
             assigned = consumer.assignment()
             ahead = self._fetched_ahead(assigned)  # also when full: it updates the gauges
-            stopped = assigned if full else (self._held | ahead) & assigned
+            stopped = assigned if full else (self._held | ahead | self._overdue()) & assigned
             self._pause_only(stopped)
             idle = bool(assigned) and stopped == assigned  # nothing to fetch
             if idle:  # until outcomes free room, but getmany keeps max.poll.interval alive
@@ -474,6 +474,11 @@ class Worker:
         if not ahead:
             return set()
         return {tp for tp in assigned if self._topics.get(tp.topic) in ahead}
+
+    def _overdue(self) -> set[TopicPartition]:
+        """Exactly once, the partitions whose transaction is held up (`Transactions.overdue`):
+        they wait, and the others go on."""
+        return set() if self._transactions is None else self._transactions.overdue
 
     def _pause_only(self, partitions: set[TopicPartition]) -> None:
         """Pause these partitions and resume the others."""

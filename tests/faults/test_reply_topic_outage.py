@@ -89,7 +89,7 @@ async def _in_sync(admin: AIOKafkaAdminClient) -> int:
 
 
 def _settings(
-    bootstrap: str, model_root: Path, run: str, delivery: str, retry_s: float
+    bootstrap: str, model_root: Path, run: str, delivery: str, retry_s: float, **extra: str
 ) -> tuple[Settings, str, str]:
     """A worker's settings for this run, its reply topic and its dead-letter topic."""
     replies, dead_letters = f"test.replies.{run}", f"dlq.{run}"
@@ -100,6 +100,7 @@ def _settings(
         SURGE_WORKER__DELIVERY=delivery,
         SURGE_WORKER__DEAD_LETTER_TOPIC=dead_letters,
         SURGE_WORKER__REPLY_RETRY_S=str(retry_s),
+        **extra,
     )
     return settings, replies, dead_letters
 
@@ -126,7 +127,12 @@ async def test_results_a_reply_topic_never_acknowledges_are_dead_lettered(
     bootstrap, down = cluster
     run = uuid.uuid4().hex[:8]
     retry_s = 5.0
-    settings, replies, dead_letters = _settings(bootstrap, model_root, run, delivery, retry_s)
+    # A bound that partition 0 would pass half of (a full worker resumes below half) if it
+    # took in both waves (110 requests, then 100) while its results wait: it must not stop
+    # the other partitions.
+    settings, replies, dead_letters = _settings(
+        bootstrap, model_root, run, delivery, retry_s, SURGE_WORKER__MAX_IN_FLIGHT="300"
+    )
     topic = settings.worker.topic_prefix + "mlp"
     await create_topics(bootstrap, topic, replies, dead_letters)
     await run_worker(settings)
