@@ -10,9 +10,11 @@ from typing import Any
 
 from aiokafka.errors import CorruptRecordException
 
+from surge.schemas import ErrorCode, headers
 from surge.workers.acked import AckedWrites
 from surge.workers.ledger import Ledger
-from surge.workers.writes import RetryPolicy, TopicLookup, Write
+from surge.workers.tickets import Rejection
+from surge.workers.writes import RetryPolicy, TopicLookup, Write, dead_letter
 from tests.helpers import make_ticket
 
 
@@ -223,3 +225,12 @@ async def test_a_write_refused_for_good_in_quarantine_replaces_that_producer_alo
     assert shared.sent == ["dead", "dead"]
     quarantines = [(p.sent, p.stopped) for p in writes.made[1:]]
     assert quarantines == [(["stuck"], True), (["stuck"], True)]
+
+
+def test_a_dead_letters_error_header_is_cut_at_a_characters_end() -> None:
+    """The reason is kept to 1,024 bytes of UTF-8 that a strict reader still decodes."""
+    reason = "x" + "é" * 1000  # two bytes each: 1,024 falls inside one
+    letter = dead_letter(make_ticket(b"{}"), Rejection(ErrorCode.MODEL_ERROR, reason), "dlq")
+    message = dict(letter.headers)[headers.ERROR_MESSAGE]
+    assert len(message) == 1023
+    assert message.decode() == reason[:512]

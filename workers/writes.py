@@ -425,12 +425,18 @@ def dead_letter(ticket: Ticket, rejection: Rejection, topic: str) -> Write:
     letter_headers = [(k, v) for k, v in ticket.headers if k not in _DEAD_LETTER_HEADERS]
     letter_headers += [
         (headers.ERROR_CODE, rejection.code.encode()),
-        (headers.ERROR_MESSAGE, rejection.message.encode()[:1024]),
+        (headers.ERROR_MESSAGE, _cut(rejection.message, 1024)),
         (headers.SOURCE_TOPIC, ticket.tp.topic.encode()),
         (headers.SOURCE_PARTITION, str(ticket.tp.partition).encode()),
         (headers.SOURCE_OFFSET, str(ticket.offset).encode()),
     ]
     return Write(ticket, topic, ticket.value, letter_headers, dead_letter=True)
+
+
+def _cut(text: str, limit: int) -> bytes:
+    """`text` as UTF-8, cut to `limit` bytes at a character's end: a reader that decodes
+    strictly must not fail on the evidence."""
+    return text.encode()[:limit].decode(errors="ignore").encode()
 
 
 def _slim(letter: Write) -> None:
