@@ -643,7 +643,10 @@ class Worker:
                 failed=len(positions) - len(committed),
                 seconds=round(time.perf_counter() - started, 4),
             )
-            return len(committed) == len(positions)
+            # A partition whose transaction waits on a reply partition is no failure of the
+            # round: backing off would delay every other partition's results.
+            held = self._transactions.overdue
+            return all(tp in committed or tp in held for tp in positions)
         try:
             await self._consumer.commit(positions)
         except KafkaError as exc:  # e.g. a rebalance under way: the next commit carries it
