@@ -409,6 +409,8 @@ async def _publish(
         except KafkaError:  # replayed all the same: the report says a rerun may send it again
             report.unmarked += 1
 
+    unsettled: deque[tuple[_Chosen, asyncio.Future[Any]]] = deque()  # handed to the producer
+
     async def settle_all() -> None:
         while unsettled:
             await settle(*unsettled[0])
@@ -420,7 +422,6 @@ async def _publish(
                 report.unmarked += 1
         markers.clear()
 
-    unsettled: deque[tuple[_Chosen, asyncio.Future[Any]]] = deque()  # handed to the producer
     try:
         await producer.start()
         for letter, record_headers in chosen:

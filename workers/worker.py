@@ -313,11 +313,7 @@ class Worker:
             with contextlib.suppress(Exception):
                 await asyncio.wait_for(close(), _SHUTDOWN_STEP_S)
         self._opened.clear()
-        repository = getattr(self, "_repository", None)
-        if repository is not None and (loading := repository.loads_running):
-            log.warning("model_loads_outlived_shutdown", loads=loading)
-        if repository is not None and repository.scans_running:
-            log.warning("model_scan_outlived_shutdown", root=str(repository.root))
+        _say_threads_outliving(getattr(self, "_repository", None))
         if stopped:
             log.info("worker_stopped", unfinished=0, while_starting=True)
 
@@ -734,12 +730,7 @@ class Worker:
             # exits without them (status 1), and what they held is redelivered.
             log.error("model_calls_outlived_shutdown", calls=running)
             self.hung = True
-        if loading := self._repository.loads_running:
-            # Loads cut short by the stop, or past model_load_timeout_s before it: a failed
-            # load was said when it failed, and a stop asked for is no failure (status 0).
-            log.warning("model_loads_outlived_shutdown", loads=loading)
-        if self._repository.scans_running:  # said as slow already, if it was
-            log.warning("model_scan_outlived_shutdown", root=str(self._repository.root))
+        _say_threads_outliving(self._repository)
         # Each step's seconds: a stop that nears the orchestrator's grace period says where.
         steps_s = {name: round(seconds, 3) for name, seconds in timings.items()}
         log.info("worker_stopped", unfinished=self._ledger.records, steps_s=steps_s)
@@ -796,6 +787,18 @@ class _Rebalance(ConsumerRebalanceListener):  # type: ignore[misc]
         worker._ledger.offsets.forget(assigned)
         worker._held -= assigned
         consumer.resume(*assigned)
+
+
+def _say_threads_outliving(repository: ModelRepository | None) -> None:
+    """Loads cut short by the stop (or past model_load_timeout_s before it) and a scan stuck
+    on the file system, whose threads the process exits without: a failed load or a slow
+    scan was said when it happened, and a stop asked for is no failure (status 0)."""
+    if repository is None:
+        return
+    if loading := repository.loads_running:
+        log.warning("model_loads_outlived_shutdown", loads=loading)
+    if repository.scans_running:
+        log.warning("model_scan_outlived_shutdown", root=str(repository.root))
 
 
 async def _stop_without(pool: int, worker: Worker) -> None:
