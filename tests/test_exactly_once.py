@@ -12,8 +12,8 @@ from types import SimpleNamespace
 
 import numpy as np
 import pytest
-from aiokafka import AIOKafkaConsumer, TopicPartition
-from aiokafka.errors import GroupCoordinatorNotAvailableError
+from aiokafka import AIOKafkaConsumer, AIOKafkaProducer, TopicPartition
+from aiokafka.errors import GroupCoordinatorNotAvailableError, ProducerFenced
 
 from surge.config import Settings
 from surge.producers import request_body, request_headers
@@ -158,6 +158,58 @@ async def test_a_zombie_commits_nothing_once_its_partition_has_a_new_owner(kafka
         await zombie.close()
         await heir.close()
     assert sorted(await read_to_end(kafka, owners.out, key_of=None)) == ["from-heir"]
+
+
+async def test_a_worker_of_the_former_id_scheme_is_fenced_as_the_partition_is_taken(
+    kafka: str,
+) -> None:
+    """A rolling upgrade: the partition's last owner ran Surge 0.1 (id `<group>.<topic>.
+    <partition>`) and is cut off with a transaction open. The new owner aborts it at once, so
+    `read_committed` readers are not held up, and fences that worker."""
+    async with _owners(kafka) as owners:
+        tp = owners.tp
+        former = AIOKafkaProducer(
+            bootstrap_servers=kafka, transactional_id=f"{owners.group}.{tp.topic}.{tp.partition}"
+        )
+        await former.start()
+        try:
+            await former.begin_transaction()
+            await (await former.send(owners.out, b"result", key=b"from-former-owner"))
+            heir, heir_ledger = owners.owner()
+            await heir.assign([tp])
+            with pytest.raises(ProducerFenced):
+                await former.commit_transaction()
+        finally:
+            await former.stop()
+        owners.answer(heir, heir_ledger, 0, "from-heir")
+        assert await heir.commit({tp: 1}) == {tp: 1}
+        await heir.close()
+        assert not owners.crashes
+    results = await read_to_end(kafka, owners.out, key_of=None, timeout=10)
+    assert sorted(results) == ["from-heir"]
+
+
+async def test_groups_whose_former_ids_were_one_do_not_fence_each_other(kafka: str) -> None:
+    """Group `g` reading topic `x.in` and group `g.x` reading `in` had one transactional id."""
+    run = uuid.uuid4().hex[:8]
+    out = f"test.out.{run}"
+    pairs = [(f"test-{run}", f"x.in.{run}"), (f"test-{run}.x", f"in.{run}")]
+    await create_topics(kafka, out, *(topic for _, topic in pairs), partitions=1)
+    async with contextlib.AsyncExitStack() as stack:
+        sinks = []
+        for group, topic in pairs:
+            offsets = await stack.enter_async_context(_group_offsets(kafka, group))
+            owners = _Owners(kafka, group, TopicPartition(topic, 0), out, offsets)
+            transactions, ledger = owners.owner()
+            stack.push_async_callback(transactions.close)
+            await transactions.assign([owners.tp])
+            sinks.append((owners, transactions, ledger))
+        for owners, transactions, ledger in sinks:
+            owners.answer(transactions, ledger, 0, owners.group)
+            assert await transactions.commit({owners.tp: 1}) == {owners.tp: 1}
+            assert not owners.crashes
+    results = await read_to_end(kafka, out, key_of=None)
+    assert sorted(results) == sorted(group for group, _ in pairs)
 
 
 async def test_a_worker_cut_off_while_its_partition_moved_does_not_take_it_back(

@@ -2,10 +2,11 @@
 transaction.
 
 Every assigned input partition gets its own transactional producer, with the id
-`<group>.<topic>.<partition>`. Whoever owns the partition next initialises the same id, which
-aborts what the previous owner left open and fences it: a worker that lost the partition
-without noticing (a zombie) can commit nothing more. aiokafka's `send_offsets_to_transaction`
-carries no group generation (KIP-447), so this per-partition id is what fences.
+`<group>:<topic>:<partition>` (`transactional_id`). Whoever owns the partition next
+initialises the same id, which aborts what the previous owner left open and fences it: a
+worker that lost the partition without noticing (a zombie) can commit nothing more. aiokafka's
+`send_offsets_to_transaction` carries no group generation (KIP-447), so this per-partition id
+is what fences.
 
 A transaction carries exactly the outcomes of the offsets it commits, those below the
 partition's settled prefix. Outcomes finished out of order wait for a later transaction, so a
@@ -68,6 +69,29 @@ _RECORD_ERRORS = (
     TopicAuthorizationFailedError,
     UnknownTopicOrPartitionError,
 )
+
+
+def transactional_id(group_id: str, tp: TopicPartition) -> str:
+    """A partition's id, distinct for every group, topic and partition: a topic's name holds
+    no colon, so the id read from the right gives each part back, whatever the group's name."""
+    return f"{group_id}:{tp.topic}:{tp.partition}"
+
+
+def _former_id(group_id: str, tp: TopicPartition) -> str:
+    """The id Surge 0.1 gave a partition, fenced too as a partition is taken, so that a worker
+    of that version still holding it (in a rolling upgrade) commits nothing more. Two groups
+    could share such an id (`a` reading topic `b.c`, and `a.b` reading `c`) and fence each
+    other's workers for good; this is why the id changed."""
+    return f"{group_id}.{tp.topic}.{tp.partition}"
+
+
+async def _fence_in(producer: AIOKafkaProducer) -> None:
+    """Start a transactional producer and wait for its producer id: the broker has then
+    fenced the id's previous holder and aborted its open transaction."""
+    await producer.start()
+    # An empty transaction waits for the producer id.
+    await producer.begin_transaction()
+    await producer.abort_transaction()
 
 
 class _Partition:
@@ -372,14 +396,12 @@ class Transactions:
         commits nothing more."""
         if state.producer is None:
             producer = AIOKafkaProducer(
-                **self._options, transactional_id=f"{self._group_id}.{tp.topic}.{tp.partition}"
+                **self._options, transactional_id=transactional_id(self._group_id, tp)
             )
             try:
-                await producer.start()
-                # An empty transaction waits for the producer id: the broker fences the
-                # previous owner of this id and aborts its open transaction.
-                await producer.begin_transaction()
-                await producer.abort_transaction()
+                await _fence_in(producer)
+                if not state.started:
+                    await self._fence_former(tp)
                 committed = await self._committed(tp)  # no one else can move it from now on
                 if state.started and committed not in (state.committed, state.uncertain):
                     raise ProducerFenced(f"{tp} was committed at {committed} by another owner")
@@ -390,6 +412,15 @@ class Transactions:
             state.started, state.committed = True, committed
             state.producer = producer
         return state.producer
+
+    async def _fence_former(self, tp: TopicPartition) -> None:
+        former = _former_id(self._group_id, tp)
+        producer = AIOKafkaProducer(**self._options, transactional_id=former)
+        try:
+            await _fence_in(producer)
+        finally:
+            with contextlib.suppress(Exception):
+                await stop_producer(producer, _CLOSE_S)
 
     async def _drop(self, tp: TopicPartition) -> None:
         state = self._partitions.get(tp)
