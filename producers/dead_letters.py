@@ -66,6 +66,9 @@ class DeadLetter:
     partition: int  # where it lies in the dead-letter topic
     offset: int
     replayed: bool = False  # a replay re-published it before (its marker is in the topic)
+    # A replay re-published its request before, from this letter or another letter of it (a
+    # request dead-lettered twice, redelivered after its first letter was written).
+    request_replayed: bool = False
     fields: dict[str, str] = field(default_factory=dict)
 
     def __post_init__(self) -> None:
@@ -222,6 +225,9 @@ async def load(
     ]
     for letter in letters:
         letter.replayed = letter.position in replayed
+    replayed_requests = {letter.request_id for letter in letters if letter.replayed}
+    for letter in letters:
+        letter.request_replayed = letter.request_id in replayed_requests
     return letters
 
 
@@ -288,7 +294,7 @@ class ReplayReport:
     # No surge-reply-to and no `reply_to` given: no result to look for, so every replay
     # would run the request again.
     without_reply_to: int = 0
-    replayed_before: int = 0  # re-published by an earlier replay (its marker is in the topic)
+    replayed_before: int = 0  # its request re-published by an earlier replay (a marker says)
     # Their reply topic no longer exists (a client's own, deleted as it closed): replayed,
     # each would be computed again for nobody and come back as a new dead letter.
     reply_topic_gone: int = 0
@@ -317,12 +323,12 @@ async def replay(
 ) -> ReplayReport:
     """Re-publish letters (read from the dead-letter `topic`) to their source topics; skip
     requests that have a result already (any result in their reply topic, an error included,
-    or any value in Redis), letters an earlier replay re-published (answered or not yet), and
-    repeats of one request within the selection. Letters with no reply target, or whose
-    reply topic no longer exists, are skipped unless `reply_to` gives one. The original
-    `surge-deadline-ms` is dropped. Each letter Kafka acknowledges gets a marker in `topic`;
-    one Kafka refuses is counted and the rest go on. Stopped part way (cancelled), a replay
-    still marks what its producer sends as it stops."""
+    or any value in Redis), letters of requests an earlier replay re-published (answered or
+    not yet), and repeats of one request within the selection. Letters with no reply
+    target, or whose reply topic no longer exists, are skipped unless `reply_to` gives one.
+    The original `surge-deadline-ms` is dropped. Each letter Kafka acknowledges gets a
+    marker in `topic`; one Kafka refuses is counted and the rest go on. Stopped part way
+    (cancelled), a replay still marks what its producer sends as it stops."""
     answered, gone = await _answered(
         bootstrap, letters, reply_to, redis_url, redis_prefix, kafka_options or {}
     )
@@ -337,7 +343,7 @@ async def replay(
         if request_id in answered:
             report.already_answered += 1
             continue
-        if letter.replayed:  # answered since, or still queued behind others
+        if letter.request_replayed:  # answered since, or still queued behind others
             report.replayed_before += 1
             continue
         if not (reply_to or letter.reply_to):
