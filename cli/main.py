@@ -24,6 +24,7 @@ if TYPE_CHECKING:  # the commands import what they use when they run: `surge --h
     from rich.console import Console
 
     from surge.producers import SurgeClient
+    from surge.producers.scoring import ScoreReport
     from surge.producers.shadow import ShadowReport
     from surge.workers.lag import TopicLag
 
@@ -32,6 +33,7 @@ _TIME_HELP = "ISO time, inclusive; UTC unless it has an offset (as `dlq inspect`
 _REDIS_PREFIX = "surge:result:"  # the workers' [redis] key_prefix by default
 _REDIS_PREFIX_HELP = "the workers' [redis] key_prefix (default: %(default)s)"
 _MAX_TIMEOUT_S = 86_400
+_BLOCK = 1 << 16  # bytes read at a time, back from a results file's end, for its last line
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -487,14 +489,27 @@ def _leftover(partial: Path | None) -> Path | None:
     return None
 
 
-def _answered_lines(partial: Path) -> int:
-    """The result lines a run that did not finish wrote, all complete: a line cut short (the
-    process killed as it wrote) is cut off, to be answered again."""
+def _answered_lines(partial: Path) -> ScoreReport:
+    """The result lines a run that did not finish wrote, all complete, counted as its run
+    counted them: a line cut short (the process killed as it wrote) is cut off, to be
+    answered again. Read block by block and line by line: the file may be gigabytes."""
+    from surge.producers.scoring import ScoreReport, tally_written
+
     with partial.open("r+b") as results:
-        written = results.read()
-        complete = written.rfind(b"\n") + 1
-        results.truncate(complete)
-    return written.count(b"\n", 0, complete)
+        end = results.seek(0, os.SEEK_END)
+        while end:
+            start = max(end - _BLOCK, 0)
+            results.seek(start)
+            block = results.read(end - start)
+            if (newline := block.rfind(b"\n")) >= 0:
+                end = start + newline + 1
+                break
+            end = start
+        results.truncate(end)
+        results.seek(0)
+        earlier = ScoreReport()
+        tally_written(results, earlier)
+    return earlier
 
 
 def _score(args: argparse.Namespace) -> int:
@@ -509,14 +524,15 @@ def _score(args: argparse.Namespace) -> int:
         return _fail(f"{args.output}: that would overwrite the input; choose another -o")
     if args.resume and not partial:
         return _fail("--resume continues the results file of an earlier run: give it with -o")
-    done = 0  # lines a run before this one answered, in its results file
+    earlier = ScoreReport()  # the lines a run before this one answered, in its results file
     if kept := _leftover(partial):
         if not args.resume:
             return _fail(
                 f"{kept} holds the results of a run that did not finish: --resume continues "
                 "after them, or remove it to start again"
             )
-        done = _answered_lines(kept)
+        earlier = _answered_lines(kept)
+    done = earlier.lines
     report = ScoreReport()
 
     async def send(client: SurgeClient, lines: Iterator[bytes]) -> int:
@@ -541,17 +557,22 @@ def _score(args: argparse.Namespace) -> int:
             )
         if partial:
             os.replace(partial, args.output)
-        resumed = f"resumed after {done:,} lines: " if done else ""
+        resumed = ""
+        if done:
+            resumed = (
+                f"resumed after {done:,} lines ({earlier.ok:,} ok, {earlier.errors:,} errors, "
+                f"{earlier.timed_out:,} timed out): "
+            )
         Console(stderr=True).print(
             f"{resumed}{report.lines:,} lines in {report.seconds:.1f} s ({report.rate:,.0f}/s): "
             f"{report.ok:,} ok, {report.errors:,} errors, {report.timed_out:,} timed out"
         )
-        return 0 if report.ok == report.lines else 1
+        return 0 if report.ok == report.lines and earlier.ok == done else 1
 
     try:
         status = _with_file(args, send)
     except KeyboardInterrupt:
-        return _interrupted(report.lines, partial)
+        return _interrupted(done + report.lines, partial)
     if kept := _leftover(partial):  # the run stopped on an error, which is reported
         print(f"results so far in {kept}", file=sys.stderr)
     return status

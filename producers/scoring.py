@@ -180,8 +180,10 @@ def parse_line(
     if not line.strip():
         return BadLine("empty line")
     try:
-        value = json.loads(line)
-    except ValueError as exc:  # JSONDecodeError, or an integer of more digits than Python reads
+        # As the worker reads JSON: a number past float64 (1e400) is refused, not made ±inf,
+        # and NaN and Infinity, which are no JSON, are refused too.
+        value = msgspec.json.decode(line)
+    except (msgspec.DecodeError, ValueError) as exc:  # ValueError: an int past Python's digits
         return BadLine(f"not JSON: {exc}")
     except RecursionError:
         return BadLine("not JSON: nested too deeply")
@@ -324,10 +326,35 @@ def _finite_or_null(values: Any) -> Any:
 def _write(lines: list[dict[str, Any]], out: TextIO, report: ScoreReport) -> None:
     for line in lines:
         out.write(json.dumps(line, allow_nan=False) + "\n")
-        report.lines += 1
-        if "outputs" in line:
-            report.ok += 1
-        elif line["code"] == NO_RESULT and "id" not in line:  # the worker's "timeout" has one
-            report.timed_out += 1
-        else:
-            report.errors += 1
+        _tally(report, "outputs" in line, line.get("code"), "id" in line)
+
+
+def _tally(report: ScoreReport, ok: bool, code: str | None, has_id: bool) -> None:
+    report.lines += 1
+    if ok:
+        report.ok += 1
+    elif code == NO_RESULT and not has_id:  # the worker's "timeout" result has an id
+        report.timed_out += 1
+    else:
+        report.errors += 1
+
+
+class _Written(msgspec.Struct):
+    """What `tally_written` reads of a result line; the outputs are skipped, not decoded."""
+
+    outputs: msgspec.Raw = msgspec.field(default_factory=msgspec.Raw)  # empty: none
+    code: str | None = None
+    id: str | None = None
+
+
+def tally_written(results: BinaryIO, report: ScoreReport) -> None:
+    """Count result lines written before, by a run that did not finish, into `report`, line
+    by line: a resumed run's summary and exit status cover the whole file. A line that is
+    no result line counts as an error."""
+    decoder = msgspec.json.Decoder(_Written)
+    for line in results:
+        try:
+            written = decoder.decode(line)
+        except msgspec.DecodeError:  # ValidationError included
+            written = _Written(code="unreadable")
+        _tally(report, len(written.outputs) > 0, written.code, written.id is not None)

@@ -19,6 +19,7 @@ import pytest
 from aiokafka.record.default_records import DefaultRecordBatchBuilder
 
 from surge.config import Settings
+from surge.main import _answered_lines
 from surge.producers import SurgeClient, request_body, request_headers
 from surge.producers.scoring import (
     BadLine,
@@ -57,6 +58,9 @@ HUGE = json.dumps({"x": [[0.5] * 300_000]})  # 1.2 MB of float32: more than Kafk
         pytest.param('{"x": [[1e300]]}', "float32", "not an array of float32", id="1e300-f32"),
         pytest.param('{"x": ' + "[" * 100_000 + "]}", "float32", "not JSON", id="too-deep"),
         pytest.param('{"x": [[' + "1" * 5000 + "]]}", "float32", "not JSON", id="5000-digits"),
+        pytest.param('{"x": [[1e400]]}', "float64", "not JSON", id="1e400-not-inf"),
+        pytest.param('{"x": [[-1e400]]}', "float32", "not JSON", id="-1e400-not-inf"),
+        pytest.param('{"x": [[NaN, Infinity]]}', "float32", "not JSON", id="nan-literal"),
         pytest.param('{"x": [[1]]}', "complex64", "cannot be encoded", id="no-wire-dtype"),
         pytest.param(HUGE, "float32", "more than Kafka takes", id="too-large"),
     ],
@@ -255,7 +259,10 @@ async def test_a_run_that_did_not_finish_is_resumed_not_overwritten(
     row = json.dumps({"x": [[0.5] * 32]})
     source.write_text("\n".join(["{oops", row, row, row, row]) + "\n")
     partial = tmp_path / "out.jsonl.partial"
-    earlier = '{"line": 1, "code": "bad_line", "error": "earlier"}\n{"line": 2, "id": "a"}\n'
+    earlier = (
+        '{"line": 1, "code": "bad_line", "error": "earlier"}\n'
+        '{"line": 2, "id": "a", "outputs": {"probs": [[0.5]]}}\n'
+    )
     partial.write_text(earlier + '{"line": 3, "i')  # killed as it wrote line 3
     refused = surge("score", "mlp", str(source), "-o", str(results), *where)
     assert refused.returncode == 2, refused.stderr
@@ -265,8 +272,10 @@ async def test_a_run_that_did_not_finish_is_resumed_not_overwritten(
     resumed = await asyncio.to_thread(
         surge, "score", "mlp", str(source), "-o", str(results), "--resume", *where
     )
-    assert resumed.returncode == 0, resumed.stderr
-    assert "resumed after 2 lines: 3 lines" in resumed.stderr
+    # Every line but the first, a bad line in the earlier run, is scored: the exit status and
+    # the summary cover the whole file.
+    assert resumed.returncode == 1, resumed.stderr
+    assert "resumed after 2 lines (1 ok, 1 errors, 0 timed out): 3 lines" in resumed.stderr
     written = results.read_text()
     assert written.startswith(earlier)  # kept as they were
     lines = [json.loads(line) for line in written.splitlines()]
@@ -372,6 +381,26 @@ async def test_ctrl_c_stops_a_run_in_one_line_and_keeps_what_it_wrote(
 def test_bytes_outputs_are_written_as_text_as_the_worker_writes_them_in_json() -> None:
     assert json_values(np.array([[b"ab", b"\xff"]], dtype=object)) == [["ab", "\ufffd"]]
     assert json_values(np.array([b"ab", b"c"])) == ["ab", "c"]
+
+
+@pytest.mark.parametrize("cut", [b"", b'{"line": 4, "id": "d", "outputs": [' + b"0.5, " * 30_000])
+def test_a_resumed_run_counts_the_complete_result_lines_of_the_one_before(
+    tmp_path: Path, cut: bytes
+) -> None:
+    """Read from the end back to the last complete line, however long the one cut short."""
+    complete = (
+        b'{"line": 1, "id": "a", "outputs": {"probs": [[0.5]]}}\n'
+        b'{"line": 2, "code": "bad_line", "error": "not JSON"}\n'
+        b'{"line": 3, "code": "timeout", "error": "no result for c within 30s"}\n'
+    )
+    partial = tmp_path / "out.jsonl.partial"
+    partial.write_bytes(complete + cut)
+    earlier = _answered_lines(partial)
+    assert (earlier.lines, earlier.ok, earlier.errors, earlier.timed_out) == (3, 1, 1, 1)
+    assert partial.read_bytes() == complete
+    partial.write_bytes(cut)  # killed as it wrote the first line
+    assert _answered_lines(partial).lines == 0
+    assert partial.read_bytes() == b""
 
 
 def test_a_workers_timeout_result_counts_as_an_error_not_as_no_result() -> None:
