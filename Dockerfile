@@ -12,9 +12,12 @@ COPY schemas schemas
 COPY producers producers
 COPY workers workers
 RUN pip install --no-cache-dir ".${EXTRAS}" && mkdir -p /models
+# The image's settings: models in /models, JSON logs. Written into its config file, not set in
+# the environment, which would override every field of a config file mounted in its place.
+RUN sed -e 's|^model_root = "models"|model_root = "/models"|' -e 's|^format = "auto"|format = "json"|' \
+        config/worker.toml > config/image.toml \
+    && grep -q '^model_root = "/models"' config/image.toml && grep -q '^format = "json"' config/image.toml
 
-ENV SURGE_WORKER__MODEL_ROOT=/models \
-    SURGE_LOG__FORMAT=json
 EXPOSE 9400
 ENTRYPOINT ["surge"]
-CMD ["worker", "--config", "/opt/surge/config/worker.toml"]
+CMD ["worker", "--config", "/opt/surge/config/image.toml"]

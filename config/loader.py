@@ -2,11 +2,11 @@
 
 from __future__ import annotations
 
-import contextlib
 import json
 import os
 import re
 import tomllib
+import typing
 from collections.abc import Iterator, Mapping
 from pathlib import Path
 from typing import Any, TypeVar
@@ -39,7 +39,10 @@ def load_settings(path: str | Path | None = None, env: Mapping[str, str] | None 
     env = os.environ if env is None else env
     if typos := list(_misspelt(env)):
         raise ConfigError("environment", typos)
-    overrides = env_overrides(env)
+    try:
+        overrides = env_overrides(env)
+    except ValueError as exc:
+        raise ConfigError("environment", [str(exc)]) from None
     for table, fields in overrides.items():
         if not isinstance(data.setdefault(table, {}), dict):
             raise ConfigError(
@@ -64,18 +67,38 @@ def read_toml(path: str | Path) -> dict[str, Any]:
 
 
 def env_overrides(env: Mapping[str, str]) -> dict[str, dict[str, Any]]:
-    """`SURGE_KAFKA__BOOTSTRAP_SERVERS=h:9092` -> {"kafka": {"bootstrap_servers": "h:9092"}}."""
+    """`SURGE_KAFKA__BOOTSTRAP_SERVERS=h:9092` -> {"kafka": {"bootstrap_servers": "h:9092"}}.
+    A list or a table is written as JSON (`SURGE_WORKER__MODELS='["mlp"]'`): one that is not
+    JSON raises a ValueError saying where. Any other value stays a string, whatever it looks
+    like (a password `[1]`)."""
+    structured = _structured_fields()
     tables: dict[str, dict[str, Any]] = {}
     for name, raw in env.items():
         if not name.startswith(ENV_PREFIX) or "__" not in name:
             continue
         table, _, field = name[len(ENV_PREFIX) :].lower().partition("__")
         value: Any = raw
-        if raw[:1] in "[{":  # lists and tables are written as JSON
-            with contextlib.suppress(json.JSONDecodeError):
+        if (table, field) in structured:
+            try:
                 value = json.loads(raw)
+            except json.JSONDecodeError as exc:
+                example = _EXAMPLES[structured[table, field]]
+                raise ValueError(f"{name}: not JSON ({exc}), e.g. {example}") from None
         tables.setdefault(table, {})[field] = value
     return tables
+
+
+_EXAMPLES = {list: '\'["a", "b"]\'', dict: '\'{"a": "b"}\''}
+
+
+def _structured_fields() -> dict[tuple[str, str], Any]:
+    """(table, field) of the settings that hold a list or a table."""
+    structured = {}
+    for table in msgspec.structs.fields(Settings):
+        for field in msgspec.structs.fields(table.type):
+            if (origin := typing.get_origin(field.type)) in (list, dict):
+                structured[table.encode_name, field.encode_name] = origin
+    return structured
 
 
 def _misspelt(env: Mapping[str, str]) -> Iterator[str]:

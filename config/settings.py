@@ -10,9 +10,12 @@ from urllib.parse import parse_qsl, urlencode
 
 import msgspec
 
+from surge.schemas.headers import REPLY_TO_REDIS
+
 # Kafka's protocol carries these (timeouts, sizes, counts) as 32-bit integers.
 Positive = Annotated[int, msgspec.Meta(ge=1, le=2**31 - 1)]
-NonNegative = Annotated[float, msgspec.Meta(ge=0)]
+# Durations: finite (`inf` parses as a float, and no timer or socket takes it), a week at most.
+Seconds = Annotated[float, msgspec.Meta(gt=0, le=7 * 86_400)]
 Port = Annotated[int, msgspec.Meta(ge=0, le=65535)]
 # What Kafka accepts as a topic name (and a prefix of one).
 TOPIC_NAME = r"[A-Za-z0-9._-]{1,249}"
@@ -36,6 +39,28 @@ class KafkaSettings(msgspec.Struct, kw_only=True, forbid_unknown_fields=True):
 
     def __post_init__(self) -> None:
         check_bootstrap(self.bootstrap_servers)
+        # Credentials or TLS files the protocol would not use: the user means to use them.
+        if not self.security_protocol.startswith("SASL"):
+            _unused(
+                self,
+                "sasl_mechanism",
+                "sasl_username",
+                "sasl_password",
+                because=(
+                    f"security_protocol {self.security_protocol} uses no SASL (SASL_PLAINTEXT "
+                    "or SASL_SSL does)"
+                ),
+            )
+        if self.security_protocol not in ("SSL", "SASL_SSL"):
+            _unused(
+                self,
+                "ssl_cafile",
+                "ssl_certfile",
+                "ssl_keyfile",
+                because=(
+                    f"security_protocol {self.security_protocol} uses no TLS (SSL or SASL_SSL does)"
+                ),
+            )
         if self.security_protocol.startswith("SASL") and self.sasl_mechanism is None:
             raise ValueError(f"security_protocol {self.security_protocol} needs sasl_mechanism")
         if self.sasl_mechanism and not (self.sasl_username and self.sasl_password):
@@ -99,6 +124,13 @@ def check_redis_url(url: str) -> str:
     return url
 
 
+def _unused(settings: object, *fields: str, because: str) -> None:
+    """None of these fields is set, since `because` says nothing would read them."""
+    for name in fields:
+        if getattr(settings, name) is not None:
+            raise ValueError(f"{name} is set, but {because}")
+
+
 def _readable(settings: object, *fields: str) -> None:
     """Each of these file fields that is set names a file this process can read."""
     for name in fields:
@@ -116,7 +148,7 @@ class RedisSettings(msgspec.Struct, kw_only=True, forbid_unknown_fields=True):
     ssl_keyfile: str | None = None
     result_ttl_s: Positive = 3600
     key_prefix: str = "surge:result:"
-    socket_timeout_s: Annotated[float, msgspec.Meta(gt=0)] = 5.0  # a hung connection is retried
+    socket_timeout_s: Seconds = 5.0  # a hung connection is retried
     # Replicas each result must reach (Redis WAIT) before its request counts as answered and
     # its offset may be committed: a failover then loses none. 0: the primary's word.
     min_replicas: Annotated[int, msgspec.Meta(ge=0, le=64)] = 0
@@ -126,6 +158,14 @@ class RedisSettings(msgspec.Struct, kw_only=True, forbid_unknown_fields=True):
             check_redis_url(self.url)
         if self.url.startswith("rediss://"):
             _readable(self, "ssl_ca_certs", "ssl_certfile", "ssl_keyfile")
+        else:
+            _unused(
+                self,
+                "ssl_ca_certs",
+                "ssl_certfile",
+                "ssl_keyfile",
+                because=("the url is not rediss:// (TLS)"),
+            )
 
     def client_options(self) -> dict[str, Any]:
         options: dict[str, Any] = {
@@ -146,7 +186,7 @@ class RedisSettings(msgspec.Struct, kw_only=True, forbid_unknown_fields=True):
 
 
 class WorkerSettings(msgspec.Struct, kw_only=True, forbid_unknown_fields=True):
-    group_id: str = "surge"
+    group_id: Annotated[str, msgspec.Meta(min_length=1)] = "surge"
     model_root: str = "models"
     models: list[str] = []  # empty: every model found in model_root
     topic_prefix: TopicPrefix = "surge.requests."
@@ -158,7 +198,7 @@ class WorkerSettings(msgspec.Struct, kw_only=True, forbid_unknown_fields=True):
     delivery: Literal["at_least_once", "exactly_once"] = "at_least_once"
     create_topics: bool = True
     topic_partitions: Positive = 8
-    topic_replication_factor: Positive = 1
+    topic_replication_factor: Annotated[int, msgspec.Meta(ge=1, le=2**15 - 1)] = 1  # 16-bit
     dead_letter_topic: Topic = "surge.dead-letters"
     default_reply_to: TopicPrefix = (
         ""  # for requests without `surge-reply-to`; empty: dead-letter them
@@ -171,18 +211,18 @@ class WorkerSettings(msgspec.Struct, kw_only=True, forbid_unknown_fields=True):
     # Model time a worker queues ahead of a model: past it, that model's own topics pause
     # until a quarter is left (or two batches per instance, if more). Kafka keeps the rest,
     # where the group's other workers can take it.
-    fetch_ahead_s: Annotated[float, msgspec.Meta(gt=0)] = 5.0
+    fetch_ahead_s: Seconds = 5.0
     max_message_bytes: Positive = 1_048_576
     max_tensor_elements: Positive = 1 << 22
     # Bounds a hung model call in an executor thread (where every model runs until it has
     # proved faster than its inline_below_ms), not the consumer's max.poll.interval. With
     # fetch_ahead_s, within shutdown_timeout_s: a stop then finishes the batch running.
-    batch_time_budget_s: Annotated[float, msgspec.Meta(gt=0)] = 20.0
+    batch_time_budget_s: Seconds = 20.0
     # A model version not loaded and warmed up by then is a failed load (tried again once its
     # files change): one that hangs must not keep every other model from loading.
-    model_load_timeout_s: Annotated[float, msgspec.Meta(gt=0)] = 300.0
+    model_load_timeout_s: Seconds = 300.0
     # A result its reply topic keeps refusing this long becomes a dead letter (reply_failed).
-    reply_retry_s: Annotated[float, msgspec.Meta(gt=0)] = 60.0
+    reply_retry_s: Seconds = 60.0
     max_poll_interval_ms: Positive = 300_000
     # Heartbeats go every third of it; brokers refuse one under group.min.session.timeout.ms
     # (6 s by default).
@@ -195,8 +235,8 @@ class WorkerSettings(msgspec.Struct, kw_only=True, forbid_unknown_fields=True):
     fetch_min_bytes: Positive = 1
     fetch_max_wait_ms: Positive = 500
     commit_interval_ms: Positive = 200
-    reload_interval_s: Annotated[float, msgspec.Meta(gt=0)] = 2.0
-    shutdown_timeout_s: Annotated[float, msgspec.Meta(gt=0)] = 30.0
+    reload_interval_s: Seconds = 2.0
+    shutdown_timeout_s: Seconds = 30.0
 
     @property
     def stop_cuts_batches(self) -> bool:
@@ -224,6 +264,17 @@ class WorkerSettings(msgspec.Struct, kw_only=True, forbid_unknown_fields=True):
             raise ValueError(
                 f"dead_letter_topic {self.dead_letter_topic!r} is also a request topic"
             )
+        reply_to = self.default_reply_to
+        if reply_to and reply_to != REPLY_TO_REDIS:
+            # Checked as each request's own reply topic is: refused here, it would dead-letter
+            # every request that names none.
+            if not re.fullmatch(self.reply_topic_pattern, reply_to):
+                raise ValueError(
+                    f"default_reply_to {reply_to!r} does not match reply_topic_pattern "
+                    f"{self.reply_topic_pattern!r}"
+                )
+            if reply_to in (*consumed, self.dead_letter_topic):
+                raise ValueError(f"default_reply_to {reply_to!r} is a request or dead-letter topic")
 
 
 class LogSettings(msgspec.Struct, kw_only=True, forbid_unknown_fields=True):
@@ -243,6 +294,8 @@ class Settings(msgspec.Struct, kw_only=True, forbid_unknown_fields=True):
     metrics: MetricsSettings = msgspec.field(default_factory=MetricsSettings)
 
     def __post_init__(self) -> None:
+        if self.worker.default_reply_to == REPLY_TO_REDIS and not self.redis.url:
+            raise ValueError("worker.default_reply_to is redis, but redis.url is not set")
         # A fetch waits up to fetch_max_wait_ms for records; a request not answered within
         # request_timeout_ms closes the connection: every idle fetch would, and reconnect.
         wait, timeout = self.worker.fetch_max_wait_ms, self.kafka.request_timeout_ms

@@ -60,6 +60,15 @@ def test_environment_overrides_the_file(tmp_path: Path) -> None:
     assert settings.worker.create_topics is False
 
 
+def test_lists_and_tables_from_the_environment_are_json_and_nothing_else_is() -> None:
+    with pytest.raises(ConfigError, match=r"SURGE_WORKER__MODELS: not JSON \(Expecting value"):
+        load_settings(env={"SURGE_WORKER__MODELS": "[mlp]"})
+    with pytest.raises(ConfigError, match="SURGE_WORKER__TOPICS: not JSON"):
+        load_settings(env={"SURGE_WORKER__TOPICS": "mlp=requests"})
+    settings = load_settings(env={"SURGE_REDIS__PASSWORD": "[1]", "SURGE_KAFKA__CLIENT_ID": "{x}"})
+    assert (settings.redis.password, settings.kafka.client_id) == ("[1]", "{x}")
+
+
 def test_cross_field_checks() -> None:
     with pytest.raises(ConfigError, match="sasl_mechanism"):
         load_settings(env={"SURGE_KAFKA__SECURITY_PROTOCOL": "SASL_SSL"})
@@ -103,6 +112,59 @@ def test_cross_field_checks() -> None:
             {"SURGE_WORKER__SESSION_TIMEOUT_MS": "300"},
             "session_timeout_ms: Expected `int` >= 1000",
             id="session-shorter-than-a-heartbeat-needs",
+        ),
+        pytest.param(
+            {"SURGE_KAFKA__SASL_MECHANISM": "PLAIN", "SURGE_KAFKA__SASL_USERNAME": "u"},
+            "sasl_mechanism is set, but security_protocol PLAINTEXT uses no SASL",
+            id="credentials-plaintext-would-not-send",
+        ),
+        pytest.param(
+            {"SURGE_KAFKA__SECURITY_PROTOCOL": "SASL_PLAINTEXT", "SURGE_KAFKA__SSL_CAFILE": "x"},
+            "ssl_cafile is set, but security_protocol SASL_PLAINTEXT uses no TLS",
+            id="tls-file-without-tls",
+        ),
+        pytest.param(
+            {"SURGE_REDIS__URL": "redis://h/0", "SURGE_REDIS__SSL_CA_CERTS": "ca.pem"},
+            "ssl_ca_certs is set, but the url is not rediss://",
+            id="redis-tls-file-without-tls",
+        ),
+        pytest.param(
+            {"SURGE_REDIS__SOCKET_TIMEOUT_S": "inf"},
+            "socket_timeout_s: Expected `float` <= 604800",
+            id="infinite-duration",
+        ),
+        pytest.param(
+            {"SURGE_WORKER__SHUTDOWN_TIMEOUT_S": "nan"},
+            "shutdown_timeout_s",
+            id="nan-duration",
+        ),
+        pytest.param(
+            {"SURGE_WORKER__TOPIC_REPLICATION_FACTOR": "40000"},
+            "topic_replication_factor: Expected `int` <= 32767",
+            id="replication-past-kafka-s-int16",
+        ),
+        pytest.param(
+            {"SURGE_WORKER__GROUP_ID": ""},
+            "group_id: Expected `str` of length >= 1",
+            id="no-group",
+        ),
+        pytest.param(
+            {
+                "SURGE_WORKER__DEFAULT_REPLY_TO": "replies",
+                "SURGE_WORKER__REPLY_TOPIC_PATTERN": "results\\..*",
+            },
+            "default_reply_to 'replies' does not match reply_topic_pattern",
+            id="default-reply-topic-not-allowed",
+        ),
+        pytest.param(
+            {"SURGE_WORKER__DEFAULT_REPLY_TO": "surge.dead-letters"},
+            "default_reply_to 'surge.dead-letters' is a request or dead-letter topic",
+            id="default-reply-topic-the-dead-letters",
+        ),
+        pytest.param(
+            {"SURGE_WORKER__DEFAULT_REPLY_TO": "redis"},
+            "default_reply_to is redis, but redis.url is not set",
+            id="default-reply-redis-without-redis",
         ),
     ],
 )

@@ -4,6 +4,7 @@ and the autoscaler reads the group, topics, port and metric the worker actually 
 from __future__ import annotations
 
 import re
+import subprocess
 from pathlib import Path
 from typing import Any
 
@@ -47,6 +48,23 @@ def test_the_pods_run_surge_worker_with_the_mounted_settings(manifests: dict[str
     ports = {p["name"]: p["containerPort"] for p in container["ports"]}
     assert ports["metrics"] == manifests["settings"].metrics.port
     assert container["readinessProbe"]["httpGet"]["port"] == "metrics"
+
+
+def test_the_image_s_settings_are_in_its_config_file_not_its_environment(tmp_path: Path) -> None:
+    """Variables would override a config file mounted in place of the image's."""
+    dockerfile = (ROOT / "Dockerfile").read_text()
+    assert "ENV SURGE_" not in dockerfile
+    edits = re.findall(r"-e '([^']+)'", dockerfile)
+    image = subprocess.run(
+        ["sed", *(f"-e{edit}" for edit in edits), str(ROOT / "config/worker.toml")],
+        capture_output=True,
+        text=True,
+        check=True,
+    ).stdout
+    (tmp_path / "image.toml").write_text(image)
+    settings = load_settings(tmp_path / "image.toml", env={})
+    assert (settings.worker.model_root, settings.log.format) == ("/models", "json")
+    assert 'CMD ["worker", "--config", "/opt/surge/config/image.toml"]' in dockerfile
 
 
 def test_a_stopping_pod_has_time_to_drain_and_commit(manifests: dict[str, Any]) -> None:
