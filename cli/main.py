@@ -30,8 +30,8 @@ if TYPE_CHECKING:  # the commands import what they use when they run: `surge --h
 
 _DATATYPE_HELP = "numpy dtype of the inputs: bool, (u)int8-64, float16-64 or str"
 _TIME_HELP = "ISO time, inclusive; UTC unless it has an offset (as `dlq inspect` prints)"
-_REDIS_PREFIX = "surge:result:"  # the workers' [redis] key_prefix by default
-_REDIS_PREFIX_HELP = "the workers' [redis] key_prefix (default: %(default)s)"
+_REDIS_PREFIX_HELP = "the workers' [redis] key_prefix (default: the settings', surge:result:)"
+_REDIS_URL_HELP = "the workers' Redis (default: the settings' [redis] url)"
 _MAX_TIMEOUT_S = 86_400
 _BLOCK = 1 << 16  # bytes read at a time, back from a results file's end, for its last line
 
@@ -68,8 +68,8 @@ def main(argv: list[str] | None = None) -> None:
     predict.add_argument("--topic", help="request topic (default: surge.requests.<model>)")
     _connection_arguments(predict)
     predict.add_argument("--via", choices=["kafka", "redis"], default="kafka")
-    predict.add_argument("--redis-url", type=_redis_url)
-    predict.add_argument("--redis-prefix", default=_REDIS_PREFIX, help=_REDIS_PREFIX_HELP)
+    predict.add_argument("--redis-url", type=_redis_url, help=_REDIS_URL_HELP)
+    predict.add_argument("--redis-prefix", help=_REDIS_PREFIX_HELP)
     predict.add_argument("--timeout", type=_seconds, default=30.0, help="seconds")
 
     score = commands.add_parser(
@@ -118,9 +118,9 @@ def main(argv: list[str] | None = None) -> None:
         "--reply-to", type=_reply_to, help="replace each request's surge-reply-to (or: redis)"
     )
     replay.add_argument(
-        "--redis-url", type=_redis_url, help="to find results already written to Redis"
+        "--redis-url", type=_redis_url, help=f"to find results already written: {_REDIS_URL_HELP}"
     )
-    replay.add_argument("--redis-prefix", default=_REDIS_PREFIX, help=_REDIS_PREFIX_HELP)
+    replay.add_argument("--redis-prefix", help=_REDIS_PREFIX_HELP)
     replay.add_argument("--dry-run", action="store_true")
 
     commands.add_parser("schema", help="print JSON Schema of the wire contract")
@@ -161,6 +161,15 @@ def _connect(args: argparse.Namespace) -> int:
     configured = options.pop("bootstrap_servers")
     args.bootstrap = args.bootstrap or configured
     args.kafka_options = options
+    if hasattr(args, "redis_prefix"):  # where results are, as the workers write them
+        redis = args.settings.redis
+        args.redis_url = args.redis_url or redis.url or None
+        args.redis_prefix = args.redis_prefix or redis.key_prefix
+        # Credentials and TLS files (what a URL holds itself wins); one connection for WAIT
+        # is the workers' business.
+        args.redis_options = {
+            k: v for k, v in redis.client_options().items() if k != "single_connection_client"
+        }
     return 0
 
 
@@ -321,6 +330,7 @@ def _predict(args: argparse.Namespace) -> int:
             args.bootstrap,
             redis_url=args.redis_url,
             redis_prefix=args.redis_prefix,
+            redis_options=args.redis_options,
             kafka_options=args.kafka_options,
         ) as client:
             try:
@@ -430,8 +440,8 @@ def _file_arguments(parser: argparse.ArgumentParser, *, window: int) -> None:
     parser.add_argument("--topic", help="request topic (default: surge.requests.<model>)")
     _connection_arguments(parser)
     parser.add_argument("--via", choices=["kafka", "redis"], default="kafka")
-    parser.add_argument("--redis-url", type=_redis_url)
-    parser.add_argument("--redis-prefix", default=_REDIS_PREFIX, help=_REDIS_PREFIX_HELP)
+    parser.add_argument("--redis-url", type=_redis_url, help=_REDIS_URL_HELP)
+    parser.add_argument("--redis-prefix", help=_REDIS_PREFIX_HELP)
     parser.add_argument(
         "--window", type=_positive_int, default=window, help="lines per batch of requests"
     )
@@ -460,6 +470,7 @@ def _with_file(
             args.bootstrap,
             redis_url=args.redis_url,
             redis_prefix=args.redis_prefix,
+            redis_options=args.redis_options,
             kafka_options=args.kafka_options,
         ) as client:
             return await send(client, file_lines(source))
@@ -822,6 +833,7 @@ def _dlq_action(args: argparse.Namespace) -> int:
             reply_to=args.reply_to,
             redis_url=args.redis_url,
             redis_prefix=args.redis_prefix,
+            redis_options=args.redis_options,
             dry_run=args.dry_run,
             kafka_options=args.kafka_options,
         )

@@ -318,6 +318,7 @@ async def replay(
     reply_to: str | None = None,
     redis_url: str | None = None,
     redis_prefix: str = "surge:result:",
+    redis_options: Mapping[str, Any] | None = None,
     dry_run: bool = False,
     kafka_options: Mapping[str, Any] | None = None,
 ) -> ReplayReport:
@@ -330,7 +331,13 @@ async def replay(
     marker in `topic`; one Kafka refuses is counted and the rest go on. Stopped part way
     (cancelled), a replay still marks what its producer sends as it stops."""
     answered, gone = await _answered(
-        bootstrap, letters, reply_to, redis_url, redis_prefix, kafka_options or {}
+        bootstrap,
+        letters,
+        reply_to,
+        redis_url,
+        redis_prefix,
+        redis_options or {},
+        kafka_options or {},
     )
     report = ReplayReport(len(letters), 0, 0, 0, 0)
     if not redis_url:
@@ -461,6 +468,7 @@ async def _answered(
     reply_to: str | None,
     redis_url: str | None,
     redis_prefix: str,
+    redis_options: Mapping[str, Any],
     kafka_options: Mapping[str, Any],
 ) -> tuple[set[str], set[str]]:
     """Request ids among `letters` that already have a result where they would reply, or
@@ -475,7 +483,7 @@ async def _answered(
     for target, ids in targets.items():
         if target == headers.REPLY_TO_REDIS:
             if redis_url:
-                redis = Redis.from_url(redis_url)
+                redis = Redis.from_url(redis_url, **redis_options)
                 try:
                     ordered = sorted(ids)
                     values = await redis.mget([redis_prefix + i for i in ordered])

@@ -276,9 +276,17 @@ async def test_reading_gives_up_when_a_partition_stops_short_of_its_end(kafka: s
         await consumer.stop()
 
 
+@pytest.mark.parametrize("given", ["options", "settings"])
 async def test_replay_looks_for_redis_results_under_the_workers_key_prefix(
-    kafka: str, redis_url: str, model_root: Path, run_worker: Callable[[Settings], Worker]
+    kafka: str,
+    redis_url: str,
+    model_root: Path,
+    run_worker: Callable[[Settings], Worker],
+    tmp_path: Path,
+    given: str,
 ) -> None:
+    """Where the workers' Redis and key prefix are: given as options, or read from their
+    settings file."""
     run, dead_letters = await _dead_letter_lost_requests(kafka, model_root, run_worker, 2)
     prefix = f"app.{run}:"
     redis = Redis.from_url(redis_url)
@@ -286,11 +294,17 @@ async def test_replay_looks_for_redis_results_under_the_workers_key_prefix(
         await redis.set(f"{prefix}{run}-0", b"answered")  # by a worker with that key_prefix
     finally:
         await redis.aclose()
+    where = ("--redis-url", redis_url, "--redis-prefix", prefix)
+    if given == "settings":
+        config = tmp_path / "worker.toml"
+        config.write_text(f'[redis]\nurl = "{redis_url}"\nkey_prefix = "{prefix}"\n')
+        where = ("-c", str(config))
     out = surge(
         "dlq",
         "replay",
         *("--topic", dead_letters, "--bootstrap", kafka, "--reply-to", "redis"),
-        *("--redis-url", redis_url, "--redis-prefix", prefix, "--dry-run"),
+        *where,
+        "--dry-run",
     )
     assert "would replay 1" in out.stdout, out.stdout + out.stderr
     assert "1 already answered" in out.stdout
