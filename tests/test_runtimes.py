@@ -266,6 +266,114 @@ async def test_a_model_whose_outputs_are_not_batch_first_is_not_served(tmp_path:
         await repository.close()
 
 
+def _one_row_at_a_time(model_root: Path, batch: int) -> None:
+    """A graph whose declared batch dimension is dynamic, but which reshapes to one row."""
+    graph = onnx.helper.make_graph(
+        [onnx.helper.make_node("Reshape", ["x", "one_row"], ["y"])],
+        "one_row",
+        [onnx.helper.make_tensor_value_info("x", onnx.TensorProto.FLOAT, ["batch", 4])],
+        [onnx.helper.make_tensor_value_info("y", onnx.TensorProto.FLOAT, ["batch", 4])],
+        [onnx.numpy_helper.from_array(np.array([1, 4], np.int64), "one_row")],
+    )
+    model = onnx.helper.make_model(graph, opset_imports=[onnx.helper.make_opsetid("", 17)])
+    model.ir_version = 8
+    (model_root / "one_row" / "1").mkdir(parents=True)
+    onnx.save(model, model_root / "one_row" / "1" / "model.onnx")
+    (model_root / "one_row" / "config.toml").write_text(f"max_batch_size = {batch}\n")
+
+
+@pytest.mark.parametrize("batch", [64, 1])
+async def test_a_model_that_runs_one_row_at_a_time_is_served_only_so(
+    tmp_path: Path, batch: int
+) -> None:
+    """Served with batches, every one would fail and be split down to single requests: said
+    at load, where it is refused unless its config says max_batch_size = 1."""
+    _one_row_at_a_time(tmp_path, batch)
+    write_mlp(tmp_path)
+    repository = ModelRepository(
+        tmp_path,
+        [],
+        replies=None,
+        time_budget_s=5,
+        max_tensor_elements=1 << 22,  # type: ignore[arg-type]
+    )
+    try:
+        with capture_logs() as logs:
+            await repository.reconcile(settle_s=0)
+        if batch == 1:
+            assert sorted(repository.served) == [("mlp", 1), ("one_row", 1)]
+        else:
+            assert sorted(repository.served) == [("mlp", 1)]
+            (failed,) = [log for log in logs if log["event"] == "model_load_failed"]
+            assert "runs one row but not two" in failed["error"]
+            assert "max_batch_size = 1" in failed["error"]
+    finally:
+        await repository.close()
+
+
+class _TwoOutputs(torch.nn.Module):
+    def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        return torch.softmax(x[:, :2], dim=1), x[:, :3] * 0.5
+
+
+@pytest.mark.parametrize(
+    ("declared", "error"),
+    [
+        pytest.param(
+            [("embedding", "FP32", [3]), ("probs", "FP32", [2])],
+            r"output 'embedding' is float32 of shape \[2, 2\] for a batch of 2, declared FP32 "
+            r"of shape \['batch', 3\]",
+            id="declared-in-another-order",
+        ),
+        pytest.param(
+            [("probs", "FP32", [2]), ("embedding", "FP32", [3, 1])],
+            r"output 'embedding' is float32 of shape \[2, 3\]",
+            id="rank",
+        ),
+    ],
+)
+def test_outputs_unlike_those_declared_fail_the_warm_up(
+    tmp_path: Path, declared: list[tuple[str, str, list[int]]], error: str
+) -> None:
+    """Served, they would go out under each other's names, or cut and cast."""
+    path = tmp_path / "model.pt"
+    torch.jit.script(_TwoOutputs()).save(str(path))
+    config = ModelConfig(
+        inputs=[TensorConfig(name="x", datatype="FP32", shape=[4])],
+        outputs=[TensorConfig(name=n, datatype=t, shape=d) for n, t, d in declared],
+    )
+    runtime = runtimes.load(path, config)
+    with pytest.raises(runtimes.OutputsUnlikeDeclared, match=error):
+        runtimes.warm_up(runtime, [2])
+    good = [
+        TensorConfig(name="probs", datatype="FP32", shape=[2]),
+        TensorConfig(name="embedding", datatype="FP32", shape=[-1]),
+    ]
+    runtimes.warm_up(runtimes.load(path, ModelConfig(inputs=config.inputs, outputs=good)), [2])
+
+
+def test_an_onnx_output_declared_as_another_type_fails_the_warm_up(tmp_path: Path) -> None:
+    config = ModelConfig(
+        inputs=[TensorConfig(name="x", datatype="FP32", shape=[MLP_FEATURES])],
+        outputs=[TensorConfig(name="probs", datatype="FP64", shape=[10])],
+    )
+    runtime = runtimes.load(write_mlp(tmp_path), config)
+    unlike = r"'probs' is float32 .* declared FP64"
+    with pytest.raises(runtimes.OutputsUnlikeDeclared, match=unlike):
+        runtimes.warm_up(runtime, [1])
+
+
+def test_a_torch_model_refuses_bytes_tensors(tmp_path: Path) -> None:
+    path = tmp_path / "model.pt"
+    torch.jit.script(Affine()).save(str(path))
+    config = ModelConfig(
+        inputs=[TensorConfig(name="x", datatype="BYTES", shape=[1])],
+        outputs=[TensorConfig(name="y", datatype="FP32", shape=[3])],
+    )
+    with pytest.raises(ValueError, match=r"\['x'\]: BYTES, which PyTorch tensors cannot hold"):
+        runtimes.load(path, config)
+
+
 def test_onnx_models_refuse_a_precision_setting(tmp_path: Path) -> None:
     with pytest.raises(ValueError, match="PyTorch"):
         runtimes.load(write_mlp(tmp_path), ModelConfig(precision="fp16"))

@@ -427,20 +427,29 @@ class ModelRepository:
         return ServedVersion(source, runtime, intake, batcher, executor)
 
     async def _warm_up(self, source: VersionSource, runtime: runtimes.Runtime) -> None:
-        """Warm the batch sizes it will see. Failing at one row means a broken model; failing
-        larger (out of memory, say) only means those batches will be split when they come,
-        unless its outputs proved not batch-first (a variable dimension of 1 hides that at
-        one row)."""
+        """Warm the batch sizes it will see. Failing at one row means a broken model, and at
+        two one that runs a row at a time (its batch dimension fixed inside the graph): every
+        batch would be split down to single requests. Failing larger (out of memory, say)
+        only means those batches will be split when they come, unless its outputs proved
+        not batch-first (a variable dimension of 1 hides that at one row) or unlike those
+        declared."""
         config = source.config
         sizes = sorted({1, *config.preferred_batch_sizes, config.max_batch_size})
+        if config.max_batch_size > 1:
+            sizes = sorted({*sizes, 2})
         for size in sizes:
             try:
                 await self._off_loop(runtimes.warm_up, runtime, [size])
+            except (runtimes.DeviceFailed, runtimes.NotBatchFirst, runtimes.OutputsUnlikeDeclared):
+                raise
             except Exception as exc:
-                if size == sizes[0] or isinstance(
-                    exc, runtimes.DeviceFailed | runtimes.NotBatchFirst
-                ):
+                if size == 1:
                     raise
+                if size == 2:
+                    raise ValueError(
+                        f"the model runs one row but not two ({exc!r:.300}): export it with a "
+                        "dynamic batch dimension (or set max_batch_size = 1 in its config.toml)"
+                    ) from exc
                 log.warning("warmup_failed", model=source.name, rows=size, error=repr(exc)[:300])
                 return
 

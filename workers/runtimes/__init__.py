@@ -8,6 +8,7 @@ from surge.config import ModelConfig
 from surge.workers.runtimes.base import (
     DeviceFailed,
     NotBatchFirst,
+    OutputsUnlikeDeclared,
     Runtime,
     TensorSpec,
     warm_up,
@@ -43,6 +44,7 @@ __all__ = [
     "ARTIFACTS",
     "DeviceFailed",
     "NotBatchFirst",
+    "OutputsUnlikeDeclared",
     "Runtime",
     "TensorSpec",
     "find_artifact",

@@ -110,9 +110,16 @@ class NotBatchFirst(ValueError):
     rows could not be told apart by request, at any batch size."""
 
 
+class OutputsUnlikeDeclared(ValueError):
+    """A model whose outputs are not what its config declares: served, they would go out
+    under the wrong name or type (outputs declared in another order, say)."""
+
+
 def warm_up(runtime: Runtime, batch_sizes: Sequence[int]) -> None:
     """Run zero-filled batches so first requests don't pay for lazy allocation and kernel
-    choice; raises NotBatchFirst for a model whose outputs are not batch-first."""
+    choice; raises NotBatchFirst for a model whose outputs are not batch-first, and
+    OutputsUnlikeDeclared for one whose outputs' types or fixed dimensions are not those
+    declared."""
     for rows in batch_sizes:
         inputs = {}
         for spec in runtime.inputs:
@@ -120,12 +127,27 @@ def warm_up(runtime: Runtime, batch_sizes: Sequence[int]) -> None:
                 return  # no meaningful zero value: skip warm-up rather than guess
             dims = tuple(1 if d < 0 else d for d in spec.shape)
             inputs[spec.name] = np.full((rows, *dims), _accepted(spec), dtype=spec.dtype)
-        for name, output in runtime.run(inputs).items():
-            if not output.shape or output.shape[0] != rows:
-                raise NotBatchFirst(
-                    f"output {name!r} has shape {list(output.shape)} for a batch of {rows}: "
-                    "outputs have the batch dimension first"
-                )
+        outputs = runtime.run(inputs)
+        for spec in runtime.outputs:
+            _check_output(spec, outputs[spec.name], rows)
+
+
+def _check_output(spec: TensorSpec, output: np.ndarray, rows: int) -> None:
+    if not output.shape or output.shape[0] != rows:
+        raise NotBatchFirst(
+            f"output {spec.name!r} has shape {list(output.shape)} for a batch of {rows}: "
+            "outputs have the batch dimension first"
+        )
+    shape = output.shape[1:]
+    fits = len(shape) == len(spec.shape) and all(
+        want in (-1, got) for want, got in zip(spec.shape, shape, strict=True)
+    )
+    if not fits or output.dtype != spec.dtype:
+        declared = ["batch", *(d if d >= 0 else "any" for d in spec.shape)]
+        raise OutputsUnlikeDeclared(
+            f"output {spec.name!r} is {output.dtype} of shape {list(output.shape)} for a batch "
+            f"of {rows}, declared {spec.datatype} of shape {declared}"
+        )
 
 
 def _accepted(spec: TensorSpec) -> float:

@@ -33,6 +33,10 @@ class TorchRuntime:
             raise ValueError("a PyTorch model needs [[inputs]] and [[outputs]] in its config.toml")
         self.inputs = tuple(TensorSpec.from_config(c) for c in config.inputs)
         self.outputs = tuple(TensorSpec.from_config(c) for c in config.outputs)
+        if strings := [
+            spec.name for spec in (*self.inputs, *self.outputs) if spec.dtype.kind == "O"
+        ]:
+            raise ValueError(f"{strings}: BYTES, which PyTorch tensors cannot hold")
         self.device = resolve_device(config.device)
         if self.device != "cpu" and not torch.cuda.is_available():
             # The driver sees a GPU that this torch build cannot use (a CPU-only build, or a
