@@ -17,6 +17,7 @@ from aiokafka import AIOKafkaProducer
 from prometheus_client import REGISTRY
 
 from surge.config import Settings
+from surge.examples import write_mlp
 from surge.producers import request_body, request_headers
 from surge.schemas import MSGPACK
 from surge.schemas.headers import REPLY_TO_REDIS
@@ -103,6 +104,29 @@ async def test_ready_answers_200_while_serving_and_503_once_stopping(
         worker.stop()
         await asyncio.wait_for(task, 90)
     assert await asyncio.to_thread(_status, f"http://127.0.0.1:{port}/ready") == 503
+
+
+async def test_ready_answers_503_until_a_model_is_served(kafka: str, tmp_path: Path) -> None:
+    """An empty or mis-mounted model root: the pod must not take a serving one's place."""
+    port = free_port()
+    settings = make_settings(
+        kafka, tmp_path, None, SURGE_METRICS__PORT=str(port), SURGE_WORKER__RELOAD_INTERVAL_S="0.2"
+    )
+    worker = Worker(settings)
+    task = asyncio.create_task(worker.run())
+    ready = f"http://127.0.0.1:{port}/ready"
+    try:
+        await asyncio.wait_for(worker.ready.wait(), 60)
+        assert await asyncio.to_thread(_status, ready) == 503
+        write_mlp(tmp_path)
+        deadline = time.monotonic() + 30
+        while await asyncio.to_thread(_status, ready) != 200:
+            assert time.monotonic() < deadline, "not ready once a model is served"
+            await asyncio.sleep(0.1)
+    finally:
+        worker.stop()
+        await asyncio.wait_for(task, 90)
+    assert await asyncio.to_thread(_status, ready) == 503
 
 
 def _status(url: str) -> int:

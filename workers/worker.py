@@ -123,6 +123,11 @@ class Worker:
             return False
         return bool(repository.calls_running + repository.loads_running + repository.scans_running)
 
+    def _say_ready(self) -> None:
+        """/ready: started, not stopping, and serving a model. One that found none (an empty
+        or mis-mounted model root) must not take a serving pod's place in a rollout."""
+        metrics.set_ready(bool(self._topics) and not self._stopping.is_set())
+
     def stop(self) -> None:
         """Begin a graceful shutdown (safe to call from a signal handler)."""
         self._stopping.set()
@@ -137,7 +142,7 @@ class Worker:
             for hook in self.ready_hooks:
                 hook()
             self.ready.set()
-            metrics.set_ready(True)
+            self._say_ready()
             await self._consume()
         finally:
             await self._shutdown()
@@ -680,6 +685,7 @@ class Worker:
                 self._held = set()
                 self._topics = topics
                 self._router = self._make_router()
+                self._say_ready()
                 log.info("subscription_changed", topics=sorted(topics))
             except Exception:
                 log.exception("reload_failed")
