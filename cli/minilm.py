@@ -108,7 +108,9 @@ def write_minilm(
 
     - `model.onnx`: ONNX, fp32.
     - `model.pt2`: a `torch.export` archive in `precision` (fp32, fp16 or bf16), every cast
-      in the graph included; the runtime moves it to its device when loading.
+      in the graph included, exported on the CPU whatever `device` says: the runtime moves
+      it to its device when loading, while weights saved on a GPU load only where that GPU
+      is.
     - `model.pt`: TorchScript traced on `device` in `precision`. A traced graph keeps the
       device it was traced on (for the tensors it makes), so trace it where it will serve.
     """
@@ -139,6 +141,8 @@ def write_minilm(
     if artifact != "model.onnx":
         config = f'precision = "{precision}"\n{config}'
     (directory / "config.toml").write_text(config)
+    if artifact == "model.pt2":
+        device = "cpu"
     module = _embedder().eval().to(dtypes[precision]).to(device)
     # Two rows, the second padded: any path a mask may take is the one taken here.
     example = tuple(torch.ones((2, 8), dtype=torch.int64, device=device) for _ in MINILM_INPUTS)

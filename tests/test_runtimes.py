@@ -5,6 +5,7 @@ from __future__ import annotations
 import ctypes
 import gc
 import weakref
+import zipfile
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
@@ -391,6 +392,29 @@ def test_torch_export_archive_matches_eager(tmp_path: Path) -> None:
     x, expected = _affine_reference(module)
     np.testing.assert_allclose(runtime.run({"x": x})["y"], expected, rtol=1e-5, atol=1e-6)
     runtimes.warm_up(runtime, [1, 16])
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="needs a machine without a GPU")
+def test_an_archive_saved_with_its_weights_on_a_gpu_says_to_export_on_the_cpu(
+    tmp_path: Path,
+) -> None:
+    """torch loads an archive's weights to the device they were saved on, before the runtime
+    can move them: where that GPU is not, the load says how to export instead."""
+    program = torch.export.export(Affine().eval(), (torch.randn(2, 8),))
+    saved = tmp_path / "saved.pt2"
+    torch.export.save(program, str(saved))
+    path = tmp_path / "model.pt2"
+    with zipfile.ZipFile(saved) as source, zipfile.ZipFile(path, "w") as archive:
+        for entry in source.infolist():  # as if saved on cuda:0: its payloads say where
+            data = source.read(entry.filename)
+            if entry.filename.endswith(".json"):
+                data = data.replace(
+                    b'"device": {"type": "cpu", "index": null}',
+                    b'"device": {"type": "cuda", "index": 0}',
+                )
+            archive.writestr(entry, data)
+    with pytest.raises(ValueError, match=r"loads only where that GPU is: export it on the CPU"):
+        runtimes.load(path, _affine_config())
 
 
 class Positions(torch.nn.Module):

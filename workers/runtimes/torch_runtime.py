@@ -126,9 +126,16 @@ def load_module(path: Path, device: str) -> torch.nn.Module:
     calls fail (trace it on the device that serves it, or ship a torch.export archive).
     """
     if path.suffix == ".pt2":
-        # The CPU too: an archive exported on a GPU serves where none is left.
-        program = move_to_device_pass(torch.export.load(str(path)), device)
-        return program.module()
+        try:
+            program = torch.export.load(str(path))
+        except RuntimeError as exc:
+            # torch loads the weights to the device they were saved on, before they can be
+            # moved, and logs why a load failed rather than saying it: the likely cause.
+            raise ValueError(
+                f"{exc} An archive saved with its weights on a GPU loads only where that "
+                "GPU is: export it on the CPU; it is then moved to the device that serves it."
+            ) from exc
+        return move_to_device_pass(program, device).module()
     module = torch.jit.load(str(path), map_location=device).eval()
     # `cuda:1` is another device than the `cuda:0` a graph was traced on; `cuda` means 0.
     if foreign := {d for d in traced_devices(module) if not _same_device(d, device)}:
