@@ -35,11 +35,18 @@ def _binary() -> str:
 
 
 def start_noida(
-    data_dir: Path, port: int, *, timeout: float = 30, log_path: Path | None = None
+    data_dir: Path,
+    port: int,
+    *,
+    timeout: float = 30,
+    log_path: Path | None = None,
+    stop_with: contextlib.ExitStack | None = None,
 ) -> subprocess.Popen[bytes]:
     """Start noida-db's Kafka endpoint in its own process group, ready to serve; its output
     goes to `log_path` (default: noida.log in `data_dir`). Interrupted while it starts, it
-    stops the broker again: in a session of its own, a terminal's Ctrl-C never reaches it."""
+    stops the broker again: in a session of its own, a terminal's Ctrl-C never reaches it.
+    `stop_with` gets the broker's stop as soon as it has a pid, so that a Ctrl-C just after
+    this returns cannot leave it running."""
     if not 1 <= port <= 65535:
         raise NoidaError(f"port {port} is not a TCP port (1-65535)")
     # Another broker on the port would answer the readiness check in noida-db's place.
@@ -47,7 +54,7 @@ def start_noida(
         raise PortInUse(f"port {port} is already in use")
     data_dir.mkdir(parents=True, exist_ok=True)
     log_path = log_path or data_dir / "noida.log"
-    with _ctrl_c_held() as held, log_path.open("ab") as log:
+    with ctrl_c_held() as held, log_path.open("ab") as log:
         process = subprocess.Popen(
             [
                 _binary(),
@@ -63,6 +70,8 @@ def start_noida(
             stderr=subprocess.STDOUT,
             start_new_session=True,  # its console script runs the real binary as a child
         )
+        if stop_with is not None:
+            stop_with.callback(stop_noida, process)
     deadline = time.monotonic() + timeout
     try:
         if held:
@@ -84,10 +93,10 @@ def start_noida(
 
 
 @contextlib.contextmanager
-def _ctrl_c_held() -> Iterator[list[int]]:
-    """Hold Ctrl-C (and SIGTERM taken as Ctrl-C) back while noida-db's process is made: one
-    that came between the fork and `Popen` returning would leave a broker whose pid no one
-    knows. The signals held are listed in what it yields."""
+def ctrl_c_held() -> Iterator[list[int]]:
+    """Hold Ctrl-C (and SIGTERM taken as Ctrl-C) back while a process is made and its stop
+    registered: one that came between the fork and `Popen` returning would leave a process
+    whose pid no one knows. The signals held are listed in what it yields."""
     held: list[int] = []
     if threading.current_thread() is not threading.main_thread():  # signals go to main
         yield held

@@ -27,7 +27,7 @@ from prometheus_client.parser import text_string_to_metric_families
 from rich.console import Console
 from rich.table import Table
 
-from surge.broker import start_noida, stop_noida
+from surge.broker import ctrl_c_held, start_noida
 from surge.config.loader import ENV_PREFIX
 from surge.examples import MLP_FEATURES, MLP_NAME, write_mlp
 from surge.producers import SurgeClient
@@ -59,8 +59,7 @@ def run_demo(*, requests: int, rate: float) -> int:
         cleanup.callback(shutil.rmtree, workdir / "models", ignore_errors=True)
         with console.status("starting the embedded broker (noida-db)"):
             # Its log beside the worker's: kept, while the broker's data goes.
-            broker = start_noida(workdir / "broker", port, log_path=workdir / "noida.log")
-        cleanup.callback(stop_noida, broker)
+            start_noida(workdir / "broker", port, log_path=workdir / "noida.log", stop_with=cleanup)
         write_mlp(workdir / "models")
         # The demo's own settings only: a SURGE_ variable of the user's (a cluster's address,
         # SASL, a TLS file) would send its worker elsewhere or stop it.
@@ -71,11 +70,13 @@ def run_demo(*, requests: int, rate: float) -> int:
             "SURGE_METRICS__PORT": str(metrics_port),
             "SURGE_LOG__FORMAT": "json",
         }
-        with worker_log.open("wb") as log:
+        with ctrl_c_held() as held, worker_log.open("wb") as log:
             worker = subprocess.Popen(
                 [sys.executable, "-m", "surge", "worker"], env=env, stderr=log
             )
-        cleanup.callback(_stop_worker, worker)
+            cleanup.callback(_stop_worker, worker)
+        if held:
+            signal.raise_signal(signal.SIGINT)  # as it would have been, now it stops the worker
         rng = np.random.default_rng(0)
         features = rng.standard_normal((1024, 1, MLP_FEATURES)).astype(np.float32)
 

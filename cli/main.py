@@ -767,8 +767,11 @@ def _demo(args: argparse.Namespace) -> int:
     _sigterm_as_ctrl_c()
     try:
         return run_demo(requests=args.requests, rate=args.rate)
-    except (NoidaError, DemoError) as exc:
+    except NoidaError as exc:  # the broker could not start: set-up, as a mistake is
         return _fail(str(exc))
+    except DemoError as exc:  # the worker died, or answered nothing: a failed demo
+        print(exc, file=sys.stderr)
+        return 1
     except KeyboardInterrupt:  # everything it started is stopped by now
         print("demo interrupted", file=sys.stderr)
         return 130  # 128 + SIGINT, as shells report it

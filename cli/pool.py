@@ -33,7 +33,7 @@ _RESTART_FIRST_S = 1.0
 _RESTART_MAX_S = 30.0
 _STABLE_S = 60.0  # a member up this long restarts after a crash without back-off
 _KILL_MARGIN_S = 10.0  # past a member's own bounds on its shutdown
-_GIVE_UP_FAILURES = 5
+_GIVE_UP_FAILURES = 8  # backing off 1 + 2 + … + 30 s: 91 s of retries before giving up
 _GIVE_UP_WINDOW_S = 600.0
 
 
@@ -140,16 +140,22 @@ def run_pool(settings: Settings, processes: str, config: Path | None) -> int:
 
     signal.signal(signal.SIGTERM, stop)
     signal.signal(signal.SIGINT, stop)
-    for member in members:
-        member.start()
-    while not stopping:
-        time.sleep(_POLL_S)
+    try:
         for member in members:
-            if stopping:
-                break
-            if _supervise(member):
-                log.error("pool_gave_up", member=member.index, exits=_GIVE_UP_FAILURES)
-                stopping = gave_up = True
+            member.start()
+        while not stopping:
+            time.sleep(_POLL_S)
+            for member in members:
+                if stopping:
+                    break
+                if _supervise(member):
+                    log.error("pool_gave_up", member=member.index, exits=_GIVE_UP_FAILURES)
+                    stopping = gave_up = True
+    except (OSError, subprocess.SubprocessError) as exc:
+        # A member could not be started (no memory or processes left to fork, its CPUs
+        # gone from the pool's): the others drain and stop as on SIGTERM, supervised.
+        log.error("pool_member_start_failed", error=repr(exc))
+        stopping = gave_up = True
     _terminate(members, signalled)  # a member restarted as the signal came in
     # A member's own shutdown is bounded by this (each step within its limit); past it,
     # something in it hangs and only SIGKILL ends it.

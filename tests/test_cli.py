@@ -326,7 +326,7 @@ def test_demo_stops_at_once_when_its_worker_dies(tmp_path: Path) -> None:
     started = time.monotonic()
     out = surge("demo", "--requests", "10", "--rate", "10", env=env, timeout=90)
     assert time.monotonic() - started < 30
-    assert out.returncode == 2, out.stdout + out.stderr
+    assert out.returncode == 1, out.stdout + out.stderr  # a failed demo, as the README says
     assert "Traceback" not in out.stderr
     (log,) = tmp_path.glob("surge-demo-*/worker.log")
     assert f"exited with status 2 before serving; see {log}" in out.stderr

@@ -79,6 +79,7 @@ def test_warm_up_feeds_values_the_model_accepts() -> None:
 
     class Model:
         inputs = (TensorSpec("ids", "INT64", (-1,), value_range=(101, 199)),)
+        outputs = ()
 
         def run(self, inputs: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
             seen.append(inputs["ids"])
