@@ -13,11 +13,13 @@ loading are left out for everyone. Also measured, as the limits: ONNX Runtime al
 best batch size, and the broker with one aiokafka client doing the same work and nothing else
 (drain the same burst, write each record straight back as record batches: no decode, no
 model, no commits; once a round, its median reported). Contenders run in turn, `--rounds`
-times over, each round in an order rotated by one, so that none always follows the same
-one; each reports its median throughput and median CPU per request over the rounds, and
-"Surge ÷ this" is the median of the ratios of the two in the same round. CPU per request is
-the contender's own processes' share of a core while its replies come in, over its
-throughput. Prints a table, writes bench/out/compare.json and bench/out/compare.png.
+times over, each round in its own shuffled order (seeded: the same in every run), so that
+none always follows the same one; each reports its median throughput and median CPU per
+request over the rounds, and "Surge ÷ this" is the median of the ratios of the two in the
+same round. CPU per request is the contender's own processes' share of a core while its
+replies come in, over its throughput. The hand-written peers get the worker's collector
+settings (`collect_young_less_often`, start-up frozen), so that the ratios compare designs.
+Prints a table, writes bench/out/compare.json and bench/out/compare.png.
 """
 
 from __future__ import annotations
@@ -26,6 +28,7 @@ import argparse
 import asyncio
 import json
 import os
+import random
 import signal
 import subprocess
 import sys
@@ -126,8 +129,8 @@ def main() -> None:
                 f"  round {round_ + 1}, broker alone (drain and write back, no model): "
                 f"{broker_rates[-1]:,.0f} msg/s"
             )
-            turn = round_ % len(chosen)
-            for contender in chosen[turn:] + chosen[:turn]:
+            # Shuffled (the same way every run): rotated, each would follow the same one.
+            for contender in random.Random(round_).sample(chosen, len(chosen)):
                 count = args.faust_requests if contender.kind == "faust" else args.requests
                 result = _run(contender, bootstrap, model_root, model_path, count)
                 console.print(
@@ -194,12 +197,7 @@ def _run(
         stamps, answered, duplicated, failed = asyncio.run(_reply_stamps(bootstrap, replies))
     finally:
         asyncio.run(_delete_topics(bootstrap, [topic, replies]))
-    # The replies stamped in the span's first millisecond (a record batch's, or a first
-    # transaction's) were computed before it opened: they are not counted over it.
-    opens = min(stamps, default=0)
-    before = sum(stamp == opens for stamp in stamps)
-    seconds = (max(stamps) - opens) / 1000 if stamps else float("nan")
-    throughput = (answered - before) / seconds if answered > before and seconds > 0 else 0.0
+    seconds, throughput = span_rate(stamps, answered)
     return Result(
         contender.name,
         contender.kind,
@@ -412,8 +410,17 @@ async def _broker_alone(bootstrap: str, count: int) -> float:
         stamps, _, _, _ = await _reply_stamps(bootstrap, replies, statuses=False)
     finally:
         await _delete_topics(bootstrap, [topic, replies])
-    opens = min(stamps)
-    return sum(stamp > opens for stamp in stamps) / ((max(stamps) - opens) / 1000)
+    return span_rate(stamps, len(stamps))[1]
+
+
+def span_rate(stamps: list[int], answered: int) -> tuple[float, float]:
+    """(seconds, per second): `answered` over the span of the replies' timestamps (ms), first
+    to last. The replies stamped in the span's first millisecond (a record batch's, or a
+    first transaction's) were computed before it opened: they are not counted over it."""
+    opens = min(stamps, default=0)
+    before = sum(stamp == opens for stamp in stamps)
+    seconds = (max(stamps) - opens) / 1000 if stamps else float("nan")
+    return seconds, (answered - before) / seconds if answered > before and seconds > 0 else 0.0
 
 
 async def _delete_topics(bootstrap: str, topics: list[str]) -> None:

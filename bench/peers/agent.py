@@ -5,6 +5,7 @@ python -m bench.peers.agent BOOTSTRAP TOPIC REPLY_TOPIC MODEL_PATH
 
 from __future__ import annotations
 
+import gc
 import sys
 import tempfile
 import time
@@ -14,6 +15,7 @@ import numpy as np
 
 from bench.peers.loops import session
 from bench.peers.wire import REPLY_HEADERS, decode, reply
+from surge.workers.worker import collect_young_less_often
 
 bootstrap, topic, reply_topic, model = sys.argv[1:5]
 model_session = session(model)
@@ -41,6 +43,12 @@ async def score(stream: faust.Stream) -> None:
         await replies.send(key=event.key, value=reply(request.id, y[0]), headers=REPLY_HEADERS)
 
 
+@app.task
+async def _started() -> None:
+    gc.freeze()  # as a Surge worker does once started
+
+
 if __name__ == "__main__":
+    collect_young_less_often()  # the worker's collector settings: the comparison is of designs
     sys.argv = [sys.argv[0], "worker", "--loglevel", "warn", "--without-web"]
     app.main()

@@ -17,6 +17,7 @@ Every kind takes up to 1,024 records per getmany, as a Surge worker does (max_po
 from __future__ import annotations
 
 import asyncio
+import gc
 import sys
 import time
 
@@ -25,6 +26,7 @@ import onnxruntime as ort
 from aiokafka import AIOKafkaConsumer, AIOKafkaProducer, ConsumerRecord, TopicPartition
 
 from bench.peers.wire import REPLY_HEADERS, Request, decode, reply
+from surge.workers.worker import collect_young_less_often
 
 FETCH = 1024
 
@@ -54,6 +56,7 @@ async def main(kind: str, bootstrap: str, topic: str, reply_topic: str, model: s
     )
     await consumer.start()
     await producer.start()
+    gc.freeze()  # as a Surge worker does once started
     print("ready", flush=True)
     while True:
         fetched = await consumer.getmany(timeout_ms=100, max_records=FETCH)
@@ -115,4 +118,5 @@ async def _send_batches(
 
 
 if __name__ == "__main__":
+    collect_young_less_often()  # the worker's collector settings: the comparison is of designs
     asyncio.run(main(*sys.argv[1:6]))
