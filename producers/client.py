@@ -86,6 +86,10 @@ class SurgeClient:
         self._retiring: set[asyncio.Task[None]] = set()  # replaced producers, being stopped
         self._replies: AIOKafkaConsumer | None = None
         self._replies_reader: asyncio.Task[None] | None = None
+        # By reply partition, the offset after the last result read: where a reader started
+        # again after one that ended (an error reading the topic) goes on from.
+        self._read_to: dict[int, int] = {}
+        self._reader_error: BaseException | None = None  # why the last reader ended
         self._redis: Redis | None = None
         self._pubsub: Any = None
         self._redis_reader: asyncio.Task[None] | None = None
@@ -327,7 +331,7 @@ class SurgeClient:
                 if pubsub is not None:
                     pubsub = await self._await_redis(sent_ids, sent, deadline, pubsub)
                 elif sent:
-                    await asyncio.wait(sent, timeout=max(0.0, deadline - loop.time()))
+                    await self._await_kafka(sent, deadline)
                 late = not all(f.done() for f in sent)
                 if late and pubsub is not None:
                     await self._tidy(self._fetch_missed(sent_ids, sent))
@@ -340,8 +344,11 @@ class SurgeClient:
                 self._waiting.pop(request_id, None)
             if subscribing:  # cut short while subscribing, too: on the connection in hand
                 await self._tidy(self._unsubscribe(ids, pubsub or self._pubsub))
+        why = ""
+        if via == "kafka" and self._reader_error is not None:
+            why = f" (reading {self.reply_topic} failed: {self._reader_error!r})"
         results = [
-            refused[n] if n in refused else _outcome(i, f, timeout)
+            refused[n] if n in refused else _outcome(i, f, timeout, why)
             for n, (i, f) in enumerate(zip(ids, futures, strict=True))
         ]
         if not return_exceptions:
@@ -349,6 +356,38 @@ class SurgeClient:
                 if isinstance(result, Exception):
                     raise result
         return results  # type: ignore[return-value]
+
+    async def _await_kafka(self, futures: list[asyncio.Future[Result]], deadline: float) -> None:
+        """Wait for results read from the reply topic, until the deadline. A reader that ended
+        meanwhile (an error reading the topic) is started again where it stopped, so that
+        the results written in between are read too: the callers would otherwise learn of it
+        only at their deadline."""
+        loop = asyncio.get_running_loop()
+        while True:
+            waiting = [f for f in futures if not f.done()]
+            remaining = deadline - loop.time()
+            if not waiting or remaining <= 0:
+                return
+            reader = self._replies_reader
+            if reader is not None and not reader.done():
+                answered = loop.create_task(asyncio.wait(waiting))  # cancelled below
+                try:
+                    await asyncio.wait(
+                        [answered, reader], timeout=remaining, return_when=asyncio.FIRST_COMPLETED
+                    )
+                finally:
+                    answered.cancel()
+                continue
+            # Not at once: an error that ends every reader (no right to read the topic) would
+            # otherwise start one after another as fast as they end.
+            await asyncio.sleep(min(_RESUBSCRIBE_S, remaining))
+            try:
+                async with asyncio.timeout_at(deadline):
+                    await self._closable(self._reply_channel("kafka"))
+            except (TimeoutError, ClientClosed):
+                return  # the deadline, or close(): each caller's outcome says which
+            except KafkaError as exc:  # the cluster away: try again shortly
+                log.debug("reply_reader_restart_failed", error=repr(exc))
 
     async def _await_redis(
         self, ids: list[str], futures: list[asyncio.Future[Result]], deadline: float, pubsub: Any
@@ -466,7 +505,7 @@ class SurgeClient:
                 return headers.REPLY_TO_REDIS
             if self._replies is not None and self._replies_reader_dead():
                 # Its reader died on an error (no right to read the topic, say): start
-                # afresh, from the topic's end, rather than leave every call to time out.
+                # another where it stopped, rather than leave every call to time out.
                 replies, self._replies = self._replies, None
                 with contextlib.suppress(KafkaError):
                     await replies.stop()
@@ -501,13 +540,18 @@ class SurgeClient:
                 await consumer._client.force_metadata_update()
             assigned = [TopicPartition(self.reply_topic, p) for p in partitions]
             consumer.assign(assigned)
-            await consumer.seek_to_end(*assigned)
+            # From the end at first; after a reader that ended, from where it stopped.
+            if fresh := [tp for tp in assigned if tp.partition not in self._read_to]:
+                await consumer.seek_to_end(*fresh)
             for tp in assigned:
-                await consumer.position(tp)  # pin the start before the first request goes out
+                if tp.partition in self._read_to:
+                    consumer.seek(tp, self._read_to[tp.partition])
+                # Pinned before the first request goes out.
+                self._read_to[tp.partition] = await consumer.position(tp)
         except BaseException:
             await consumer.stop()
             raise
-        self._replies = consumer
+        self._replies, self._reader_error = consumer, None
         self._replies_reader = asyncio.create_task(self._read_reply_topic(consumer))
         self._readers = [task for task in self._readers if not task.done()]
         self._readers.append(self._replies_reader)
@@ -519,7 +563,9 @@ class SurgeClient:
         try:
             async for record in consumer:
                 self._on_reply(record)
-        except Exception as exc:  # the next call starts a new reader
+                self._read_to[record.partition] = record.offset + 1
+        except Exception as exc:  # the callers waiting start a new reader, where this stopped
+            self._reader_error = exc
             log.warning("reply_reader_lost", topic=self.reply_topic, error=repr(exc))
 
     def _on_reply(self, record: Any) -> None:
@@ -664,11 +710,13 @@ def _read_result(
         return PredictionError(ErrorCode.BAD_ENCODING, message, request_id)
 
 
-def _outcome(request_id: str, future: asyncio.Future[Result], timeout: float) -> Result | Exception:
+def _outcome(
+    request_id: str, future: asyncio.Future[Result], timeout: float, why: str = ""
+) -> Result | Exception:
     if future.cancelled():
         return ClientClosed(f"the client was closed before the result for {request_id} came")
     if not future.done():
-        return TimeoutError(f"no result for {request_id} within {timeout:g}s")
+        return TimeoutError(f"no result for {request_id} within {timeout:g}s{why}")
     return future.result()
 
 

@@ -84,3 +84,34 @@ async def test_a_reply_reader_that_ended_is_replaced_by_the_next_call(
         started = time.monotonic()
         await client.predict("mlp", x, topic=topic, timeout=20)
         assert time.monotonic() - started < 10
+
+
+async def test_a_call_waiting_as_its_reader_ends_reads_what_came_meanwhile(kafka: str) -> None:
+    """The reader is started again where it stopped, not at the topic's end: the result
+    written while none ran is read, rather than the caller waiting out its timeout."""
+    topic = f"surge.requests.reader-{uuid.uuid4().hex[:8]}"
+    await create_topics(kafka, topic)
+    x = {"x": np.ones((1, 4), np.float32)}
+    async with SurgeClient(kafka) as client:
+        started = time.monotonic()
+        call = asyncio.create_task(client.predict("mlp", x, topic=topic, timeout=15))
+        (request_id,) = await read_topic(kafka, topic, until=1, key_of=None)
+        assert client._replies is not None
+        await client._replies.stop()  # its reader ends, as on an error reading the topic
+        error = {"error": "no such model", "code": "unknown_model", "id": request_id}
+        fields = [
+            (headers.REQUEST_ID, request_id.encode()),
+            (headers.STATUS, b"error"),
+            (headers.CONTENT_TYPE, MSGPACK.encode()),
+        ]
+        producer = AIOKafkaProducer(bootstrap_servers=kafka)
+        await producer.start()
+        try:
+            await producer.send_and_wait(
+                client.reply_topic, msgspec.msgpack.encode(error), headers=fields
+            )
+        finally:
+            await producer.stop()
+        with pytest.raises(PredictionError, match="no such model"):
+            await call
+    assert time.monotonic() - started < 10
