@@ -257,7 +257,8 @@ def main() -> None:
                         on_last_result=_stamp(window),
                     )
                 )
-                windows.append((window[0], window[-1]))
+                # Without its last result (some never came), the window ends now.
+                windows.append((window[0], window[1] if len(window) > 1 else time.monotonic()))
                 throughputs.append(report.throughput)
                 console.print(f"burst: {report.throughput:,.0f} req/s")
             stats = _batch_stats(before, worker.batch_totals())

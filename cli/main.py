@@ -163,13 +163,15 @@ def _connect(args: argparse.Namespace) -> int:
     args.kafka_options = options
     if hasattr(args, "redis_prefix"):  # where results are, as the workers write them
         redis = args.settings.redis
-        args.redis_url = args.redis_url or redis.url or None
-        args.redis_prefix = args.redis_prefix or redis.key_prefix
-        # Credentials and TLS files (what a URL holds itself wins); one connection for WAIT
-        # is the workers' business.
-        args.redis_options = {
-            k: v for k, v in redis.client_options().items() if k != "single_connection_client"
-        }
+        if args.redis_prefix is None:
+            args.redis_prefix = redis.key_prefix
+        args.redis_options = {}
+        if args.redis_url is None and redis.url:
+            # With its credentials and TLS files; one connection for WAIT is the workers'.
+            args.redis_url = redis.url
+            args.redis_options = {
+                k: v for k, v in redis.client_options().items() if k != "single_connection_client"
+            }
     return 0
 
 

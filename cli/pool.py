@@ -6,7 +6,7 @@ the partitions over them; with `gpus`, member i sees only the i-th visible GPU
 members, member i runs on the i-th of N shares of the pool's CPUs, so that a runtime sizing
 its threads to the CPUs it sees does not have N members each take every core. The pool
 restarts a member that dies (with back-off), forwards SIGTERM/SIGINT so every member drains
-and commits, and exits once all have stopped. A member that keeps dying (5 times within 10
+and commits, and exits once all have stopped. A member that keeps dying (8 times within 10
 minutes) stops the whole pool, with status 1: its supervisor (Kubernetes, systemd) sees the
 failure, where endless restarts in here would hide it and rebalance the group each time.
 """

@@ -125,9 +125,10 @@ def check_redis_url(url: str) -> str:
 
 
 def _unused(settings: object, *fields: str, because: str) -> None:
-    """None of these fields is set, since `because` says nothing would read them."""
+    """None of these fields is set, since `because` says nothing would read them (empty is
+    unset: a deployment's optional secret left blank)."""
     for name in fields:
-        if getattr(settings, name) is not None:
+        if getattr(settings, name):
             raise ValueError(f"{name} is set, but {because}")
 
 

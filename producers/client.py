@@ -90,6 +90,8 @@ class SurgeClient:
         # again after one that ended (an error reading the topic) goes on from.
         self._read_to: dict[int, int] = {}
         self._reader_error: BaseException | None = None  # why the last reader ended
+        self._orphans: set[str] = set()  # the calls waiting as it ended
+        self._resumed: dict[int, int] | None = None  # where the last reader started again
         self._redis: Redis | None = None
         self._pubsub: Any = None
         self._redis_reader: asyncio.Task[None] | None = None
@@ -386,7 +388,7 @@ class SurgeClient:
                     await self._closable(self._reply_channel("kafka"))
             except (TimeoutError, ClientClosed):
                 return  # the deadline, or close(): each caller's outcome says which
-            except KafkaError as exc:  # the cluster away: try again shortly
+            except (KafkaError, RuntimeError) as exc:  # the cluster away: try again shortly
                 log.debug("reply_reader_restart_failed", error=repr(exc))
 
     async def _await_redis(
@@ -503,17 +505,34 @@ class SurgeClient:
                 if self._redis is None:
                     await self._start_redis()
                 return headers.REPLY_TO_REDIS
+            resume: dict[int, int] = {}
             if self._replies is not None and self._replies_reader_dead():
-                # Its reader died on an error (no right to read the topic, say): start
-                # another where it stopped, rather than leave every call to time out.
+                # Its reader died on an error (a corrupt record, no right to read the topic):
+                # start another rather than leave every call to time out.
                 replies, self._replies = self._replies, None
                 with contextlib.suppress(KafkaError):
                     await replies.stop()
+                resume = self._resume_from()
             if self._replies is None:
-                await self._start_reply_topic()
+                await self._start_reply_topic(resume)
             return self.reply_topic
 
-    async def _start_reply_topic(self) -> None:
+    def _resume_from(self) -> dict[int, int]:
+        """Where a reader started after one that ended goes on from (by partition): where
+        that one stopped, if a call waiting then still waits, for its result may have come
+        meanwhile; else from the end, as a named reply topic may have taken hours of others'
+        results since. From the end too if the reader before stopped at the same place: a
+        record no reader gets past is skipped, rather than stop every reader after it."""
+        if not self._orphans & self._waiting.keys():
+            return {}
+        if self._read_to == self._resumed:
+            log.warning("reply_reader_skips_to_end", topic=self.reply_topic, at=self._read_to)
+            return {}
+        self._resumed = dict(self._read_to)
+        return self._resumed
+
+    async def _start_reply_topic(self, resume: dict[int, int]) -> None:
+        """Read the reply topic from its end, or from `resume` (offsets by partition)."""
         admin = AIOKafkaAdminClient(**self._kafka)
         try:
             await admin.start()
@@ -540,12 +559,11 @@ class SurgeClient:
                 await consumer._client.force_metadata_update()
             assigned = [TopicPartition(self.reply_topic, p) for p in partitions]
             consumer.assign(assigned)
-            # From the end at first; after a reader that ended, from where it stopped.
-            if fresh := [tp for tp in assigned if tp.partition not in self._read_to]:
+            if fresh := [tp for tp in assigned if tp.partition not in resume]:
                 await consumer.seek_to_end(*fresh)
             for tp in assigned:
-                if tp.partition in self._read_to:
-                    consumer.seek(tp, self._read_to[tp.partition])
+                if tp.partition in resume:
+                    consumer.seek(tp, resume[tp.partition])
                 # Pinned before the first request goes out.
                 self._read_to[tp.partition] = await consumer.position(tp)
         except BaseException:
@@ -567,6 +585,8 @@ class SurgeClient:
         except Exception as exc:  # the callers waiting start a new reader, where this stopped
             self._reader_error = exc
             log.warning("reply_reader_lost", topic=self.reply_topic, error=repr(exc))
+        finally:
+            self._orphans = set(self._waiting)
 
     def _on_reply(self, record: Any) -> None:
         try:

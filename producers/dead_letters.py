@@ -66,8 +66,9 @@ class DeadLetter:
     partition: int  # where it lies in the dead-letter topic
     offset: int
     replayed: bool = False  # a replay re-published it before (its marker is in the topic)
-    # A replay re-published its request before, from this letter or another letter of it (a
-    # request dead-lettered twice, redelivered after its first letter was written).
+    # A replay re-published its request since this letter was written: from this letter, or
+    # from another of the same request (dead-lettered twice, redelivered after its first
+    # letter was written). A letter of that replay, failed again, is newer: not this.
     request_replayed: bool = False
     fields: dict[str, str] = field(default_factory=dict)
 
@@ -91,6 +92,12 @@ class DeadLetter:
     @property
     def position(self) -> bytes:
         return f"{self.partition}:{self.offset}".encode()
+
+    @property
+    def replays(self) -> int:
+        """How many times its request had been replayed when this letter was written."""
+        count = self.fields.get(headers.REPLAYS, "0")
+        return int(count) if count.isdigit() else 0
 
     @property
     def source_topic(self) -> str | None:
@@ -225,9 +232,16 @@ async def load(
     ]
     for letter in letters:
         letter.replayed = letter.position in replayed
-    replayed_requests = {letter.request_id for letter in letters if letter.replayed}
+    # By request, the most replays any letter of it had when a replay re-published it: the
+    # letters written before that replay (as many replays or fewer) are answered by it.
+    replayed_at: dict[str, int] = {}
     for letter in letters:
-        letter.request_replayed = letter.request_id in replayed_requests
+        if letter.replayed:
+            request_id = letter.request_id
+            replayed_at[request_id] = max(replayed_at.get(request_id, 0), letter.replays)
+    for letter in letters:
+        replays = replayed_at.get(letter.request_id)
+        letter.request_replayed = replays is not None and letter.replays <= replays
     return letters
 
 
@@ -370,9 +384,9 @@ async def replay(
             continue
         seen.add(request_id)
         # The original deadline has long passed: replayed, the request runs again.
-        record_headers = [
-            (k, v) for k, v in letter.headers if k not in _ADDED and k != headers.DEADLINE_MS
-        ]
+        dropped = {*_ADDED, headers.DEADLINE_MS, headers.REPLAYS}
+        record_headers = [(k, v) for k, v in letter.headers if k not in dropped]
+        record_headers.append((headers.REPLAYS, str(letter.replays + 1).encode()))
         if reply_to:
             record_headers = [(k, v) for k, v in record_headers if k != headers.REPLY_TO]
             record_headers.append((headers.REPLY_TO, reply_to.encode()))

@@ -28,6 +28,10 @@ SOURCE_OFFSET = "surge-source-offset"
 # A record `surge dlq replay` adds to a dead-letter topic once it has re-published a letter:
 # "<partition>:<offset>" of that letter. It carries no body and is no dead letter itself.
 REPLAYED = "surge-replayed"
+# On a request `surge dlq replay` re-published: how many times its request was replayed. Kept
+# on a dead letter of it, this tells a letter of a replay (which may be replayed in turn) from
+# one the replay replaced.
+REPLAYS = "surge-replays"
 
 # `surge-reply-to: redis` sends the result to Redis instead of a Kafka topic.
 REPLY_TO_REDIS = "redis"

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import argparse
 import asyncio
 import contextlib
 import json
@@ -17,6 +18,7 @@ import psutil
 import pytest
 
 from surge.broker import _port_taken
+from surge.main import _connect
 from tests.conftest import WorkerProcess, topic_of, worker_env
 from tests.helpers import read_topic
 from tests.services import free_port
@@ -389,3 +391,30 @@ def test_ctrl_c_while_a_prediction_waits_is_one_line(kafka: str) -> None:
     assert process.returncode == 130, stderr
     assert "Traceback" not in stderr
     assert stderr.strip().endswith("predict interrupted"), stderr
+
+
+@pytest.mark.parametrize("given", [None, "redis://elsewhere:6379/0"])
+def test_client_commands_take_the_workers_redis_from_their_settings_unless_given_one(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, given: str | None
+) -> None:
+    """The URL, its credentials and TLS files and the key prefix come together: a URL given
+    on the command line takes none of the settings' TLS files, which a plain connection
+    would refuse."""
+    for name in [n for n in os.environ if n.startswith("SURGE_")]:
+        monkeypatch.delenv(name)
+    ca = tmp_path / "ca.pem"
+    ca.write_text("read when connecting")
+    config = tmp_path / "worker.toml"
+    config.write_text(
+        f'[redis]\nurl = "rediss://cache:6380/0"\npassword = "secret"\n'
+        f'ssl_ca_certs = "{ca}"\nkey_prefix = "app:"\n'
+    )
+    args = argparse.Namespace(config=config, bootstrap=None, redis_url=given, redis_prefix=None)
+    assert _connect(args) == 0
+    assert args.redis_prefix == "app:"
+    if given is None:
+        assert args.redis_url == "rediss://cache:6380/0"
+        assert args.redis_options["password"] == "secret"
+        assert args.redis_options["ssl_ca_certs"] == str(ca)
+    else:
+        assert (args.redis_url, args.redis_options) == (given, {})

@@ -60,6 +60,14 @@ def test_environment_overrides_the_file(tmp_path: Path) -> None:
     assert settings.worker.create_topics is False
 
 
+def test_settings_left_blank_are_unset() -> None:
+    """A deployment's optional secret templated empty: no SASL or TLS setting in use."""
+    settings = load_settings(
+        env={"SURGE_KAFKA__SASL_PASSWORD": "", "SURGE_REDIS__SSL_CA_CERTS": ""}
+    )
+    assert "sasl_mechanism" not in settings.kafka.client_options()
+
+
 def test_lists_and_tables_from_the_environment_are_json_and_nothing_else_is() -> None:
     with pytest.raises(ConfigError, match=r"SURGE_WORKER__MODELS: not JSON \(Expecting value"):
         load_settings(env={"SURGE_WORKER__MODELS": "[mlp]"})

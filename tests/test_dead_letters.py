@@ -356,6 +356,40 @@ async def test_a_second_replay_before_any_answer_sends_nothing_twice(kafka: str)
     assert re.search(r"invalid_reply_to\s*│\s*4\s*│\s*3\s*│", inspect.stdout), inspect.stdout
 
 
+async def test_a_replayed_request_that_fails_again_can_be_replayed_again(kafka: str) -> None:
+    """Its new letter (the replay's, `surge-replays: 1`) is newer than the replay: a fixed
+    cause lets it run again, while the letters the replay answered stay skipped."""
+    run = uuid.uuid4().hex[:8]
+    dead_letters, source, replies = f"test.dlq.{run}", f"test.src.{run}", f"test.replies.{run}"
+    await create_topics(kafka, dead_letters, source, replies)
+    letters = _letters(run, source, 2, replies)
+    await publish(kafka, [(dead_letters, k, v, h) for k, v, h in letters])
+    common = ("--topic", dead_letters, "--bootstrap", kafka)
+    assert "replayed 2" in surge("dlq", "replay", *common).stdout
+
+    # A worker dead-letters the replayed request of `{run}-0` again: its headers, the
+    # replay's count among them, and the evidence.
+    replayed = (await read_results(kafka, source, key_of=None))[f"{run}-0"]
+    (again,) = replayed
+    assert again.headers[headers.REPLAYS] == b"1"
+    evidence = [
+        (headers.ERROR_CODE, b"invalid_reply_to"),
+        (headers.SOURCE_TOPIC, source.encode()),
+        (headers.SOURCE_PARTITION, b"0"),
+        (headers.SOURCE_OFFSET, b"7"),
+    ]
+    letter = (dead_letters, again.key, again.value, [*again.headers.items(), *evidence])
+    await publish(kafka, [letter])
+
+    out = surge("dlq", "replay", *common)
+    assert "replayed 1" in out.stdout, out.stdout + out.stderr
+    assert "2 replayed before" in out.stdout
+    replayed = await read_results(kafka, source, key_of=None)
+    assert {k: len(v) for k, v in replayed.items()} == {f"{run}-0": 2, f"{run}-1": 1}
+    third = [r for r in replayed[f"{run}-0"] if r.headers[headers.REPLAYS] == b"2"]
+    assert len(third) == 1
+
+
 async def test_a_replay_stopped_part_way_marks_every_letter_it_sent(kafka: str) -> None:
     """Ctrl-C part way: the producer still sends what it holds as it stops, so each of those
     gets its marker too, and a rerun sends the others only."""

@@ -106,11 +106,20 @@ async def test_ready_answers_200_while_serving_and_503_once_stopping(
     assert await asyncio.to_thread(_status, f"http://127.0.0.1:{port}/ready") == 503
 
 
-async def test_ready_answers_503_until_a_model_is_served(kafka: str, tmp_path: Path) -> None:
-    """An empty or mis-mounted model root: the pod must not take a serving one's place."""
+@pytest.mark.parametrize("shared", ["[]", '["surge.requests.shared"]'])
+async def test_ready_answers_503_until_a_model_is_served(
+    kafka: str, tmp_path: Path, shared: str
+) -> None:
+    """An empty or mis-mounted model root: the pod must not take a serving one's place, even
+    subscribed to a shared topic."""
     port = free_port()
     settings = make_settings(
-        kafka, tmp_path, None, SURGE_METRICS__PORT=str(port), SURGE_WORKER__RELOAD_INTERVAL_S="0.2"
+        kafka,
+        tmp_path,
+        None,
+        SURGE_METRICS__PORT=str(port),
+        SURGE_WORKER__RELOAD_INTERVAL_S="0.2",
+        SURGE_WORKER__SHARED_TOPICS=shared,
     )
     worker = Worker(settings)
     task = asyncio.create_task(worker.run())

@@ -115,3 +115,19 @@ async def test_a_call_waiting_as_its_reader_ends_reads_what_came_meanwhile(kafka
         with pytest.raises(PredictionError, match="no such model"):
             await call
     assert time.monotonic() - started < 10
+
+
+def test_a_reader_started_again_goes_on_where_the_last_stopped_only_while_it_helps() -> None:
+    """From where it stopped while a call that waited then still waits; from the end once
+    no one does (a named topic may hold hours of others' results since), or once a reader
+    stopped at the same place before (a record no reader gets past)."""
+    client = SurgeClient()  # never started: its bookkeeping only
+    client._read_to = {0: 5, 1: 9}
+    client._waiting = {"a": asyncio.Future, "b": asyncio.Future}  # type: ignore[dict-item]
+    client._orphans = {"a"}
+    assert client._resume_from() == {0: 5, 1: 9}
+    assert client._resume_from() == {}  # stopped at the same place again: skipped
+    client._read_to = {0: 6, 1: 9}
+    assert client._resume_from() == {0: 6, 1: 9}
+    client._orphans = {"gone"}
+    assert client._resume_from() == {}

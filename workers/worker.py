@@ -126,7 +126,7 @@ class Worker:
     def _say_ready(self) -> None:
         """/ready: started, not stopping, and serving a model. One that found none (an empty
         or mis-mounted model root) must not take a serving pod's place in a rollout."""
-        metrics.set_ready(bool(self._topics) and not self._stopping.is_set())
+        metrics.set_ready(bool(self._repository.served) and not self._stopping.is_set())
 
     def stop(self) -> None:
         """Begin a graceful shutdown (safe to call from a signal handler)."""

@@ -10,6 +10,7 @@ overlap another's compute.
 from __future__ import annotations
 
 import threading
+import zipfile
 from collections.abc import Mapping
 from pathlib import Path
 
@@ -130,10 +131,12 @@ def load_module(path: Path, device: str) -> torch.nn.Module:
             program = torch.export.load(str(path))
         except RuntimeError as exc:
             # torch loads the weights to the device they were saved on, before they can be
-            # moved, and logs why a load failed rather than saying it: the likely cause.
+            # moved, and logs why a load failed rather than saying it.
+            if not _saved_on_a_gpu(path):
+                raise
             raise ValueError(
-                f"{exc} An archive saved with its weights on a GPU loads only where that "
-                "GPU is: export it on the CPU; it is then moved to the device that serves it."
+                f"{exc} Its weights were saved on a GPU, and load only where that GPU is: "
+                "export it on the CPU; it is then moved to the device that serves it."
             ) from exc
         return move_to_device_pass(program, device).module()
     module = torch.jit.load(str(path), map_location=device).eval()
@@ -147,6 +150,16 @@ def load_module(path: Path, device: str) -> torch.nn.Module:
             hint="trace it on the device that serves it, or ship a torch.export archive",
         )
     return module
+
+
+def _saved_on_a_gpu(path: Path) -> bool:
+    """Whether an archive's tensors were saved on a CUDA device (its payload config says)."""
+    try:
+        with zipfile.ZipFile(path) as archive:
+            configs = [n for n in archive.namelist() if n.endswith(".json")]
+            return any(b'"type": "cuda"' in archive.read(name) for name in configs)
+    except (OSError, zipfile.BadZipFile):
+        return False
 
 
 def traced_devices(module: torch.jit.ScriptModule) -> set[str]:
