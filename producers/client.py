@@ -372,13 +372,7 @@ class SurgeClient:
                 return
             reader = self._replies_reader
             if reader is not None and not reader.done():
-                answered = loop.create_task(asyncio.wait(waiting))  # cancelled below
-                try:
-                    await asyncio.wait(
-                        [answered, reader], timeout=remaining, return_when=asyncio.FIRST_COMPLETED
-                    )
-                finally:
-                    answered.cancel()
+                await _answered_or_ended(waiting, reader, remaining)
                 continue
             # Not at once: an error that ends every reader (no right to read the topic) would
             # otherwise start one after another as fast as they end.
@@ -406,14 +400,7 @@ class SurgeClient:
                 return pubsub
             reader = self._redis_reader
             if reader is not None and not reader.done() and pubsub is self._pubsub:
-                # Held here and cancelled below (ruff cannot tell).
-                answered = loop.create_task(asyncio.wait([f for _, f in waiting]))  # noqa: RUF006
-                try:
-                    await asyncio.wait(
-                        [answered, reader], timeout=remaining, return_when=asyncio.FIRST_COMPLETED
-                    )
-                finally:
-                    answered.cancel()
+                await _answered_or_ended([f for _, f in waiting], reader, remaining)
                 continue
             try:  # the connection went with the reader: subscribe again on a new one
                 async with asyncio.timeout_at(deadline):
@@ -738,6 +725,17 @@ def _outcome(
     if not future.done():
         return TimeoutError(f"no result for {request_id} within {timeout:g}s{why}")
     return future.result()
+
+
+async def _answered_or_ended(
+    futures: list[asyncio.Future[Result]], reader: asyncio.Task[None], timeout: float
+) -> None:
+    """Until every future is done, or the reader that would set them ends, or `timeout`."""
+    answered = asyncio.get_running_loop().create_task(asyncio.wait(futures))  # cancelled below
+    try:
+        await asyncio.wait([answered, reader], timeout=timeout, return_when=asyncio.FIRST_COMPLETED)
+    finally:
+        answered.cancel()
 
 
 async def _all_set(events: list[asyncio.Event]) -> None:

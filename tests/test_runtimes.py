@@ -251,15 +251,19 @@ def test_a_model_whose_outputs_are_not_batch_first_fails_its_warm_up(tmp_path: P
     runtimes.warm_up(runtimes.load(write_mlp(tmp_path), ModelConfig()), [1, 4])
 
 
+def _repository(root: Path) -> ModelRepository:
+    return ModelRepository(
+        root,
+        [],
+        replies=None,  # type: ignore[arg-type]
+        time_budget_s=5,
+        max_tensor_elements=1 << 22,
+    )
+
+
 async def test_a_model_whose_outputs_are_not_batch_first_is_not_served(tmp_path: Path) -> None:
     test_a_model_whose_outputs_are_not_batch_first_fails_its_warm_up(tmp_path)
-    repository = ModelRepository(
-        tmp_path,
-        [],
-        replies=None,
-        time_budget_s=5,
-        max_tensor_elements=1 << 22,  # type: ignore[arg-type]
-    )
+    repository = _repository(tmp_path)
     try:
         await repository.reconcile(settle_s=0)
         assert sorted(repository.served) == [("mlp", 1)]
@@ -291,13 +295,7 @@ async def test_a_model_that_runs_one_row_at_a_time_is_served_only_so(
     at load, where it is refused unless its config says max_batch_size = 1."""
     _one_row_at_a_time(tmp_path, batch)
     write_mlp(tmp_path)
-    repository = ModelRepository(
-        tmp_path,
-        [],
-        replies=None,
-        time_budget_s=5,
-        max_tensor_elements=1 << 22,  # type: ignore[arg-type]
-    )
+    repository = _repository(tmp_path)
     try:
         with capture_logs() as logs:
             await repository.reconcile(settle_s=0)
