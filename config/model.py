@@ -26,7 +26,8 @@ class TensorConfig(msgspec.Struct, kw_only=True, forbid_unknown_fields=True):
     # [low, high]: the values an input may hold (token ids below the vocabulary size, say),
     # checked per request. Out of range, a GPU kernel fails the whole process's CUDA context
     # (PyTorch) or reads zeros instead (ONNX Runtime); here the one request is refused.
-    value_range: tuple[float, float] | None = None
+    # Whole numbers stay exact (a float has no 2**63 - 1, INT64's highest).
+    value_range: tuple[int | float, int | float] | None = None
     # The padded input whose variable dimensions this tensor's leading ones follow. An output
     # (per-token scores, say) is cut back to each request's own length; an input (an
     # attention mask) must have that input's length in every request.

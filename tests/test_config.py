@@ -295,7 +295,7 @@ def test_a_pad_value_the_datatype_holds_is_taken(datatype: str, pad_value: float
                     }
                 ]
             },
-            "value_range [-inf, 9.0] is not within INT64's",
+            "value_range [-inf, 9] is not within INT64's",
             id="inf-bound-on-integers",
         ),
         pytest.param(
@@ -304,7 +304,7 @@ def test_a_pad_value_the_datatype_holds_is_taken(datatype: str, pad_value: float
                     {"name": "ids", "datatype": "UINT8", "shape": [-1], "value_range": [-1, 255]}
                 ]
             },
-            "value_range [-1.0, 255.0] is not within UINT8's [0, 255]",
+            "value_range [-1, 255] is not within UINT8's [0, 255]",
             id="bound-outside-the-type",
         ),
         pytest.param({"max_batch_delay_ms": math.inf}, "max_batch_delay_ms", id="endless-delay"),
@@ -325,6 +325,15 @@ def test_a_model_config_no_request_could_be_served_by_is_refused_at_load(
 def test_an_unbounded_range_on_floats_is_taken() -> None:
     tensor = {"name": "x", "datatype": "FP32", "shape": [4], "value_range": [-math.inf, 1]}
     assert convert({"inputs": [tensor]}, ModelConfig, "m").inputs[0].value_range == (-math.inf, 1)
+
+
+@pytest.mark.parametrize(("datatype", "high"), [("INT64", 2**63 - 1), ("UINT64", 2**64 - 1)])
+def test_a_range_up_to_the_integer_type_s_highest_is_taken_exactly(
+    datatype: str, high: int
+) -> None:
+    """As floats, 2**63 - 1 would round past INT64's highest and be refused."""
+    tensor = {"name": "ids", "datatype": datatype, "shape": [-1], "value_range": [0, high]}
+    assert convert({"inputs": [tensor]}, ModelConfig, "m").inputs[0].value_range == (0, high)
 
 
 def test_tls_files_are_checked_at_start_up(tmp_path: Path) -> None:

@@ -120,3 +120,12 @@ def test_max_shape_bounds_variable_dimensions_only() -> None:
     output = {"name": "y", "datatype": "FP32", "shape": [-1], "max_shape": [8]}
     with pytest.raises(ConfigError, match="max_shape applies to inputs"):
         convert({"outputs": [output]}, ModelConfig, "m")
+
+
+def test_a_range_up_to_int64_s_highest_is_checked_exactly() -> None:
+    """One short of the highest: the highest itself is refused, and said as written."""
+    spec = TensorSpec("ids", "INT64", (-1,), value_range=(0, 2**63 - 2))
+    assert isinstance(_admit(spec, np.array([[2**63 - 2]], np.int64), MSGPACK), Job)
+    result = _admit(spec, np.array([[2**63 - 1]], np.int64), MSGPACK)
+    assert isinstance(result, Rejection)
+    assert result.message.endswith(f"outside the model's range [0, {2**63 - 2}]")

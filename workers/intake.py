@@ -422,5 +422,10 @@ def _check_values(spec: TensorSpec, data: np.ndarray | memoryview) -> None:
         worst = smallest if not low <= smallest else largest
         raise _Reject(
             ErrorCode.INVALID_INPUT,
-            f"input {spec.name!r} holds {worst}, outside the model's range [{low:g}, {high:g}]",
+            f"input {spec.name!r} holds {worst}, outside the model's range {_shown(low, high)}",
         )
+
+
+def _shown(*bounds: float) -> str:
+    """Bounds as written: whole numbers exactly (INT64's highest has no float), others short."""
+    return "[" + ", ".join(str(b) if isinstance(b, int) else f"{b:g}" for b in bounds) + "]"

@@ -22,7 +22,7 @@ class TensorSpec:
     datatype: str
     shape: tuple[int, ...]
     pad_value: float | None = None
-    value_range: tuple[float, float] | None = None  # inputs: the values a request may hold
+    value_range: tuple[int | float, int | float] | None = None  # inputs: values a request may hold
     follows: str | None = None  # outputs: cut back per request to this padded input's length
     text: bool = False  # BYTES the model reads as UTF-8 strings (ONNX string tensors)
     max_shape: tuple[int, ...] | None = None  # inputs: the largest sizes, -1 for any
