@@ -71,6 +71,7 @@ async def run_load(
     content_type: str = MSGPACK,
     via: Literal["kafka", "redis"] = "kafka",
     redis_url: str | None = None,
+    redis_prefix: str = "surge:result:",
     topic: str | None = None,
     reply_topic: str | None = None,
     timeout_s: float = 120.0,
@@ -135,7 +136,7 @@ async def run_load(
 
     if via == "redis":
         collector, reply_to = (
-            await _redis_collector(redis_url, run_id, content_type, record),
+            await _redis_collector(redis_url, redis_prefix, run_id, content_type, record),
             headers.REPLY_TO_REDIS,
         )
     else:
@@ -343,9 +344,18 @@ async def _kafka_collector(
             received_at, now_ms = time.perf_counter(), time.time() * 1000
             for records in fetched.values():
                 for r in records:
+                    # A shared reply topic may hold others' records: what is not a result of
+                    # this run is passed over, not the end of the reading.
                     fields = dict(r.headers)
-                    request_id, status = fields[headers.REQUEST_ID], fields[headers.STATUS]
-                    record(request_id.decode(), status.decode(), received_at, now_ms - r.timestamp)
+                    request_id, status = fields.get(headers.REQUEST_ID), fields.get(headers.STATUS)
+                    if request_id and status:
+                        delivered_ms = now_ms - r.timestamp
+                        record(
+                            request_id.decode(errors="replace"),
+                            status.decode(),
+                            received_at,
+                            delivered_ms,
+                        )
 
     task = asyncio.create_task(read())
 
@@ -360,13 +370,17 @@ async def _kafka_collector(
 
 
 async def _redis_collector(
-    url: str | None, run_id: str, content_type: str, record: Callable[[str, str, float], None]
+    url: str | None,
+    key_prefix: str,
+    run_id: str,
+    content_type: str,
+    record: Callable[[str, str, float], None],
 ) -> Callable[[], Any]:
     if not url:
         raise ValueError("Redis replies need a Redis URL")
     redis = Redis.from_url(url)
     pubsub = redis.pubsub()
-    prefix = b"surge:result:"
+    prefix = key_prefix.encode()  # the workers' [redis] key_prefix
     await pubsub.psubscribe(prefix + run_id.encode() + b"-*")
     await pubsub.get_message(timeout=5)  # the psubscribe confirmation
 

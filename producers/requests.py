@@ -8,6 +8,7 @@ from dataclasses import dataclass
 import numpy as np
 
 from surge.schemas import (
+    MAX_ID_LENGTH,
     MSGPACK,
     DecodeError,
     ErrorCode,
@@ -45,6 +46,8 @@ class PredictionError(Exception):
 def request_body(inputs: Mapping[str, np.ndarray], request_id: str, content_type: str) -> bytes:
     """The encoded request; raises TensorError for inputs no worker would take, here rather
     than in an error result later."""
+    if not 1 <= len(request_id) <= MAX_ID_LENGTH:  # a worker would refuse the whole body
+        raise TensorError(f"request ids are 1 to {MAX_ID_LENGTH} characters: {request_id[:40]!r}")
     binary = content_type == MSGPACK
     tensors = []
     for name, value in inputs.items():
@@ -59,6 +62,9 @@ def _check_input(name: object, array: np.ndarray, binary: bool) -> None:
         raise TensorError(f"input names are non-empty strings, not {name!r}")
     if array.ndim == 0:
         raise TensorError(f"input {name!r}: a scalar; inputs are arrays, e.g. [{array.item()!r}]")
+    if not binary and array.dtype.kind == "f" and np.isinf(array).any():
+        # JSON has no infinity: it would go out as null, which a worker reads as NaN.
+        raise TensorError(f"input {name!r} holds ±Inf, which JSON cannot carry: send msgpack")
     if array.dtype.kind not in "OS":  # objects, or numpy's fixed-size bytes
         return
     for value in array.ravel().tolist():

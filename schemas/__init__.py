@@ -17,6 +17,7 @@ from surge.schemas.errors import ErrorCode
 from surge.schemas.frames import ResponseFrames
 from surge.schemas.headers import JSON, MSGPACK, Status
 from surge.schemas.inference import (
+    MAX_ID_LENGTH,
     ErrorResponse,
     InferenceRequest,
     InferenceResponse,
@@ -35,6 +36,7 @@ from surge.schemas.tensors import (
 )
 
 __all__ = [
+    "MAX_ID_LENGTH",
     # bodies
     "InferenceRequest",
     "InferenceResponse",

@@ -204,6 +204,8 @@ def from_array(name: str, array: np.ndarray, *, binary: bool) -> Tensor:
         values = array.ravel().tolist()
         data: list[Any] | bytes = values if binary else [_text(v) for v in values]
     elif binary:
+        if datatype == "BOOL":  # a bool array viewed from other bytes may hold 2: send 1
+            array = array != 0
         data = np.ascontiguousarray(array, dtype=DATATYPES[datatype]).tobytes()
     else:
         data = array.ravel().tolist()

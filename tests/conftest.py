@@ -140,7 +140,14 @@ async def run_worker() -> AsyncIterator[Callable[[Settings], asyncio.Task[None]]
     _, stuck = await asyncio.wait(tasks, timeout=90) if tasks else (set(), set())
     for task in stuck:
         task.cancel()
-    await asyncio.gather(*tasks, return_exceptions=True)
+    outcomes = await asyncio.gather(*tasks, return_exceptions=True)
+    # A worker that crashed (a background task died: it stops itself and run() returns) or
+    # hung fails the test that ran it, whatever that test checked before.
+    assert not stuck, f"{len(stuck)} worker(s) did not stop within 90 s"
+    for outcome in outcomes:
+        if isinstance(outcome, BaseException):
+            raise outcome
+    assert not [worker for worker, _ in started if worker.failed], "a worker crashed"
 
 
 class WorkerProcess:

@@ -363,7 +363,8 @@ class Peaks:
     async def __aexit__(self, *exc: object) -> None:
         assert self._sampler is not None
         self._sampler.cancel()
-        await asyncio.gather(self._sampler, return_exceptions=True)
+        with contextlib.suppress(asyncio.CancelledError):
+            await self._sampler  # a reader that raised stopped the sampling: fail, not pass
 
     async def _sample(self) -> None:
         while True:

@@ -8,6 +8,7 @@ import os
 import sys
 import threading
 import time
+from collections.abc import Iterator
 from concurrent.futures import CancelledError as FutureCancelled
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
@@ -38,6 +39,17 @@ from surge.workers.runtimes import DeviceFailed, TensorSpec
 from surge.workers.tickets import Rejection
 from surge.workers.writes import Write
 from tests.helpers import make_ticket
+
+# What the batchers and replies of a test reported as crashes, from a callback asyncio calls
+# (where `pytest.fail` would only be logged): the test fails on any.
+CRASHES: list[BaseException] = []
+
+
+@pytest.fixture(autouse=True)
+def _no_crash() -> Iterator[None]:
+    CRASHES.clear()
+    yield
+    assert not CRASHES, f"crashed: {CRASHES!r}"
 
 
 class _Embedder:
@@ -144,7 +156,7 @@ async def test_a_batch_padded_to_a_long_request_stays_within_the_element_limit()
     config = ModelConfig(max_batch_size=64, max_batch_delay_ms=20)
     batcher = _batcher(model, answers, config, max_elements=1000)
     _queue(batcher, [600] + [8] * 63)
-    batcher.start(on_crash=pytest.fail)
+    batcher.start(on_crash=CRASHES.append)
     await batcher.close()
     assert len(answers.answered) == 64
     assert sum(batch.shape[0] for batch in model.batches) == 64
@@ -183,7 +195,7 @@ async def test_a_batch_padded_in_two_dimensions_stays_within_the_element_limit(
     batcher = _batcher(model, answers, config, max_elements=1000)
     for shape in shapes:
         batcher.put(Job(make_ticket(b"{}"), {"pixels": np.ones(shape, np.float32)}, 1, None))
-    batcher.start(on_crash=pytest.fail)
+    batcher.start(on_crash=CRASHES.append)
     await batcher.close()
     assert len(answers.answered) == len(shapes)
     assert max(batch.size for batch in model.batches) <= 1000
@@ -209,7 +221,7 @@ async def test_an_output_that_follows_a_padded_input_is_cut_to_each_requests_len
         ticket = make_ticket(b"{}", content_type)
         ticket.request_id = request_id
         batcher.put(Job(ticket, {"ids": np.array([ids])}, 1, None))
-    batcher.start(on_crash=pytest.fail)
+    batcher.start(on_crash=CRASHES.append)
     await batcher.close()
     results = {
         request_id: decode_response(body, content_type).outputs[0]
@@ -281,7 +293,7 @@ async def test_a_model_proven_fast_runs_inline_until_its_batches_are_slow() -> N
     # for the GIL while this test's loop spins.
     config = ModelConfig(max_batch_size=8, max_batch_delay_ms=0, inline_below_ms=50)
     batcher = _batcher(model, answers, config)
-    batcher.start(on_crash=pytest.fail)
+    batcher.start(on_crash=CRASHES.append)
     main = threading.current_thread().name
 
     await _serve(batcher, answers, _INLINE_AFTER)  # proving itself, on the thread
@@ -336,7 +348,7 @@ async def test_a_model_slowed_by_a_busy_machine_stays_inline() -> None:
     config = ModelConfig(max_batch_size=8, max_batch_delay_ms=0, inline_below_ms=30)
     batcher = _batcher(model, answers, config)
     main = threading.current_thread().name
-    batcher.start(on_crash=pytest.fail)
+    batcher.start(on_crash=CRASHES.append)
     # Proven on the thread, now inline; on a busy machine one slow call restarts the proof.
     for _ in range(5):
         await _serve(batcher, answers, _INLINE_AFTER + 1)
@@ -368,7 +380,7 @@ async def test_inline_below_zero_always_uses_the_thread() -> None:
     model, answers = _Timed(), _Answers()
     config = ModelConfig(max_batch_size=8, max_batch_delay_ms=0, inline_below_ms=0)
     batcher = _batcher(model, answers, config)
-    batcher.start(on_crash=pytest.fail)
+    batcher.start(on_crash=CRASHES.append)
     await _serve(batcher, answers, _INLINE_AFTER + 4)
     await batcher.close()
     assert set(model.threads) == {"model_0"}
@@ -380,7 +392,7 @@ async def test_an_inline_call_over_its_budget_is_a_timeout_and_goes_back_to_the_
     model, answers = _Timed(), _Answers()
     config = ModelConfig(max_batch_size=8, max_batch_delay_ms=0, inline_below_ms=50)
     batcher = _batcher(model, answers, config, budget=0.5)
-    batcher.start(on_crash=pytest.fail)
+    batcher.start(on_crash=CRASHES.append)
     main = threading.current_thread().name
     await _serve(batcher, answers, _INLINE_AFTER + 1)
     assert model.threads[-1] == main
@@ -446,7 +458,7 @@ async def test_every_kind_of_response_in_one_batch_is_encoded_as_its_struct_woul
         jobs.append(Job(ticket, {"x": x}, rows, wanted))
     for job in jobs:
         batcher.put(job)
-    batcher.start(on_crash=pytest.fail)
+    batcher.start(on_crash=CRASHES.append)
     async with asyncio.timeout(10):
         while len(answers.answered) < len(jobs):
             await asyncio.sleep(0.01)
@@ -632,7 +644,7 @@ async def test_outputs_that_cannot_be_encoded_answer_every_request_with_an_error
         dead_letter_topic="dead",
         redis_ttl_s=60,
         redis_prefix="p:",
-        on_crash=lambda exc: pytest.fail(repr(exc)),
+        on_crash=CRASHES.append,
     )
     batcher = _batcher(_ObjectOutputs(), replies)  # type: ignore[arg-type]
     for i in range(3):
@@ -640,7 +652,7 @@ async def test_outputs_that_cannot_be_encoded_answer_every_request_with_an_error
         ticket.request_id = f"r{i}"
         ledger.admit(ticket)
         batcher.put(Job(ticket, {"x": np.ones((1, 4), np.float32)}, 1, None))
-    batcher.start(on_crash=lambda exc: pytest.fail(repr(exc)))
+    batcher.start(on_crash=CRASHES.append)
     async with asyncio.timeout(10):
         while len(writes) < 3:
             await asyncio.sleep(0.01)
@@ -674,7 +686,7 @@ async def test_requests_whose_deadline_passes_while_a_batch_is_split_are_not_run
         ticket = make_ticket(b"{}")
         ticket.deadline_ms = deadline_ms
         batcher.put(Job(ticket, {"x": np.ones((1, 4), np.float32)}, 1, None))
-    batcher.start(on_crash=lambda exc: pytest.fail(repr(exc)))
+    batcher.start(on_crash=CRASHES.append)
     async with asyncio.timeout(10):
         while len(answers.answered) + len(answers.failed) < 4:
             await asyncio.sleep(0.01)
@@ -782,7 +794,7 @@ def _refusing_batcher(model: _Refuses, answers: _Answers, budget: float) -> Batc
 
 
 async def _until_outcomes(batcher: Batcher, answers: _Answers, count: int) -> None:
-    batcher.start(on_crash=pytest.fail)
+    batcher.start(on_crash=CRASHES.append)
     async with asyncio.timeout(10):
         while len(answers.answered) + len(answers.failed) < count:
             await asyncio.sleep(0.01)
@@ -828,7 +840,7 @@ def test_result_headers_kept_for_reuse_stay_bounded_whatever_models_requests_nam
         dead_letter_topic="dead",
         redis_ttl_s=60,
         redis_prefix="p:",
-        on_crash=lambda exc: pytest.fail(repr(exc)),
+        on_crash=CRASHES.append,
     )
     counted = REGISTRY.get_sample_value("surge_errors_total", {"code": "unknown_model"}) or 0
     for i in range(3000):

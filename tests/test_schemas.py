@@ -218,6 +218,9 @@ def test_json_schema_covers_the_contract() -> None:
             {"t": np.array([b"\xff\xd8"], dtype=object)}, JSON, "need msgpack", id="binary"
         ),
         pytest.param({"t": np.array([b"\xff\xd8"])}, JSON, "need msgpack", id="binary-fixed"),
+        pytest.param(
+            {"x": np.array([[1, -np.inf]], np.float32)}, JSON, "JSON cannot carry", id="inf-json"
+        ),
     ],
 )
 def test_a_request_no_worker_would_take_is_refused_as_it_is_built(
@@ -225,6 +228,23 @@ def test_a_request_no_worker_would_take_is_refused_as_it_is_built(
 ) -> None:
     with pytest.raises(TensorError, match=error):
         request_body(inputs, "r", content_type)
+
+
+@pytest.mark.parametrize("request_id", ["", "x" * 257])
+def test_a_request_id_a_worker_would_refuse_is_refused_as_the_request_is_built(
+    request_id: str,
+) -> None:
+    with pytest.raises(TensorError, match="request ids are 1 to 256 characters"):
+        request_body({"x": np.ones((1, 2), np.float32)}, request_id, MSGPACK)
+
+
+def test_infinity_crosses_msgpack_and_bool_bytes_go_out_as_0_and_1() -> None:
+    """A bool array viewed from other bytes may hold 2, which a worker refuses as no BOOL."""
+    inputs = {"x": np.array([[np.inf]], np.float32), "m": np.array([[2, 0]], np.uint8).view(bool)}
+    x, m = decode_request(request_body(inputs, "r", MSGPACK), MSGPACK).inputs
+    assert to_array(x).tolist() == [[np.inf]]
+    assert bytes(m.data) == b"\x01\x00"
+    assert to_array(m).tolist() == [[True, False]]
 
 
 def test_binary_values_cross_msgpack_as_they_are() -> None:
