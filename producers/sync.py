@@ -84,6 +84,8 @@ class SyncClient:
             _, running = concurrent.futures.wait(calls, timeout=_CLOSE_WAIT_S)
             for future in running:
                 future.cancel()
+            if running:  # a cancellation is only scheduled: let the calls unwind on the loop
+                asyncio.run_coroutine_threadsafe(_unwind(), self._loop).result()
             self._stop_loop()
 
     def _stop_loop(self) -> None:
@@ -96,3 +98,11 @@ class SyncClient:
 
     def __exit__(self, *exc: object) -> None:
         self.close()
+
+
+async def _unwind() -> None:
+    """Until the loop's other tasks end (those just cancelled among them), for a while."""
+    others = [t for t in asyncio.all_tasks() if t is not asyncio.current_task()]
+    if others:
+        await asyncio.wait(others, timeout=_CLOSE_WAIT_S)
+    await asyncio.get_running_loop().shutdown_asyncgens()
