@@ -47,11 +47,20 @@ ValidationError = msgspec.ValidationError
 def decode_request(body: bytes, content_type: str) -> InferenceRequest:
     """Decode a request body; raises `DecodeError` (or its subclass `ValidationError`)."""
     try:  # as `_decode` does, inline: this one decodes every request
-        return _request_decoders[content_type].decode(body)
+        request = _request_decoders[content_type].decode(body)
     except RecursionError:
         raise ValidationError("structure nested too deeply") from None
     except UnicodeDecodeError as exc:
         raise DecodeError(f"invalid UTF-8 in a string: {exc.reason}") from None
+    if content_type == JSON:
+        # msgspec reads a JSON string as base64 for `memoryview`: raw bytes are msgpack's
+        # alone, and the same request must mean the same in both.
+        for tensor in request.inputs:
+            if type(tensor.data) is memoryview:
+                raise ValidationError(
+                    f"input {tensor.name!r}: JSON data is a list of values, not a string"
+                )
+    return request
 
 
 def decode_response(body: bytes, content_type: str) -> InferenceResponse:

@@ -273,3 +273,11 @@ def test_a_redis_value_that_is_no_result_says_why_as_a_result() -> None:
     body = msgspec.msgpack.encode({"model_name": "m", "id": "7", "outputs": "nope"})
     with pytest.raises(msgspec.ValidationError, match="outputs"):
         read_redis_result(body, MSGPACK)
+
+
+def test_json_tensor_data_is_a_list_of_values_never_base64_bytes() -> None:
+    """msgspec reads a string as base64 where raw bytes may be: the same string is refused in
+    msgpack, and a request must mean the same in both."""
+    body = b'{"inputs": [{"name": "x", "shape": [1], "datatype": "FP32", "data": "AACAPw=="}]}'
+    with pytest.raises(msgspec.ValidationError, match="JSON data is a list of values"):
+        decode_request(body, JSON)
