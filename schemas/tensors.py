@@ -201,7 +201,7 @@ def from_array(name: str, array: np.ndarray, *, binary: bool) -> Tensor:
     BYTES values stay bytes in msgpack, which carries them; JSON has text only."""
     datatype = datatype_of(array.dtype)
     if datatype == "BYTES":
-        values = array.ravel().tolist()
+        values = [_plain(v) for v in array.ravel().tolist()]
         data: list[Any] | bytes = values if binary else [_text(v) for v in values]
     elif binary:
         if datatype == "BOOL":  # a bool array viewed from other bytes may hold 2: send 1
@@ -240,6 +240,16 @@ def raw_rows(array: np.ndarray, datatype: str) -> tuple[memoryview, int]:
     contiguous = np.ascontiguousarray(array, dtype=DATATYPES[datatype])
     raw = memoryview(contiguous.reshape(-1).view(np.uint8))  # also for zero-sized outputs
     return raw, raw.nbytes // array.shape[0] if array.shape[0] else 0
+
+
+def _plain(value: object) -> object:
+    """numpy's string scalars (an object array made from a string array holds them) as the
+    str and bytes they are, which the encoders take."""
+    if type(value) is str or type(value) is bytes:
+        return value
+    if isinstance(value, str):
+        return str(value)
+    return bytes(value) if isinstance(value, bytes) else value
 
 
 def _text(value: object) -> object:

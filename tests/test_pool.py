@@ -3,6 +3,7 @@ when one dies, drained together on SIGTERM."""
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import signal
@@ -10,8 +11,10 @@ import subprocess
 import sys
 import time
 import uuid
+from collections.abc import Iterable
 from pathlib import Path
 
+import psutil
 import pytest
 
 from surge.config import load_settings
@@ -107,9 +110,12 @@ def test_a_pool_stopped_while_its_members_start_exits_cleanly(
     as asked: not a failure of the pool."""
     log = tmp_path / "pool.log"
     pool = _start_pool(worker_env(kafka, model_root, None), log, "2")
-    _wait(log, "pool_member_started", 2)
-    pool.send_signal(signal.SIGTERM)
-    assert pool.wait(60) == 0
+    try:
+        _wait(log, "pool_member_started", 2)
+        pool.send_signal(signal.SIGTERM)
+        assert pool.wait(60) == 0
+    finally:
+        _leave_nothing(pool)
 
 
 def test_members_of_a_killed_pool_stop(kafka: str, model_root: Path, tmp_path: Path) -> None:
@@ -117,17 +123,33 @@ def test_members_of_a_killed_pool_stop(kafka: str, model_root: Path, tmp_path: P
     own, rather than run on unsupervised, holding the metrics ports a new pool needs."""
     log = tmp_path / "pool.log"
     pool = _start_pool(worker_env(kafka, model_root, None), log, "2")
+    members: list[int] = []
     try:
         members = [int(e["pid"]) for e in _wait(log, "pool_member_started", 2)]  # type: ignore[call-overload]
         _wait(log, "worker_started", 2)
-    finally:
         pool.kill()
         pool.wait()
-    deadline = time.monotonic() + 60
-    while alive := [pid for pid in members if _running(pid)]:
-        assert time.monotonic() < deadline, f"members {alive} outlived their pool"
-        time.sleep(0.2)
+        deadline = time.monotonic() + 60
+        while alive := [pid for pid in members if _running(pid)]:
+            assert time.monotonic() < deadline, f"members {alive} outlived their pool"
+            time.sleep(0.2)
+    finally:
+        _leave_nothing(pool, members)
     assert len(_events(log, "worker_stopped")) == 2  # each drained and committed
+
+
+def _leave_nothing(pool: subprocess.Popen[bytes], members: Iterable[int] = ()) -> None:
+    """After a test, passed or failed: the pool and its members, killed if still running, so
+    that none takes the CPU from the tests after it."""
+    pids = set(members)
+    with contextlib.suppress(psutil.NoSuchProcess):
+        pids |= {child.pid for child in psutil.Process(pool.pid).children(recursive=True)}
+    if pool.poll() is None:
+        pool.kill()
+        pool.wait()
+    for pid in pids:
+        with contextlib.suppress(ProcessLookupError):
+            os.kill(pid, signal.SIGKILL)
 
 
 def _running(pid: int) -> bool:
@@ -173,16 +195,17 @@ def test_a_member_that_cannot_be_started_again_stops_the_pool_supervised(
         stderr=log.open("ab"),
         cwd=ROOT,
     )
+    members: list[int] = []
     try:
         members = [int(e["pid"]) for e in _wait(log, "pool_member_started", 2)]  # type: ignore[call-overload]
         _wait(log, "worker_started", 2)
         os.kill(members[0], signal.SIGKILL)
         assert pool.wait(90) == 1
+        still = _running(members[1])
     finally:
-        if pool.poll() is None:
-            pool.kill()
+        _leave_nothing(pool, members)
     assert _events(log, "pool_member_start_failed")
-    assert not _running(members[1])
+    assert not still
     assert len(_events(log, "worker_stopped")) == 1  # the other drained and committed
     assert "Traceback" not in log.read_text()
 

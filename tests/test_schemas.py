@@ -281,3 +281,16 @@ def test_json_tensor_data_is_a_list_of_values_never_base64_bytes() -> None:
     body = b'{"inputs": [{"name": "x", "shape": [1], "datatype": "FP32", "data": "AACAPw=="}]}'
     with pytest.raises(msgspec.ValidationError, match="JSON data is a list of values"):
         decode_request(body, JSON)
+
+
+@pytest.mark.parametrize("content_type", [JSON, MSGPACK])
+def test_numpy_string_scalars_in_an_object_array_go_out_as_strings_and_bytes(
+    content_type: str,
+) -> None:
+    """An object array made from a string array holds numpy's scalars, not str and bytes."""
+    texts = np.array(list(np.array(["ab", "c"])), dtype=object).reshape(1, 2)
+    (tensor,) = decode_request(request_body({"s": texts}, "r", content_type), content_type).inputs
+    assert to_array(tensor).tolist() == [["ab", "c"]]
+    raw = np.array([np.bytes_(b"x")], dtype=object).reshape(1, 1)
+    (tensor,) = decode_request(request_body({"s": raw}, "r", content_type), content_type).inputs
+    assert to_array(tensor).tolist() == [[b"x" if content_type == MSGPACK else "x"]]
