@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import functools
 from collections import Counter, deque
 from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass, field
@@ -107,7 +108,7 @@ class DeadLetter:
     def reply_to(self) -> str | None:
         return self.fields.get(headers.REPLY_TO)
 
-    @property
+    @functools.cached_property  # the body decoded once, though asked for at every step
     def request_id(self) -> str:
         """As the worker names it: the body's id, else the key, else the source position."""
         content_type = self.fields.get(headers.CONTENT_TYPE, "application/json")

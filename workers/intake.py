@@ -20,6 +20,7 @@ from surge.schemas import (
 )
 from surge.workers.layouts import Layout, learn
 from surge.workers.runtimes import TensorSpec
+from surge.workers.runtimes.base import batch_shape
 from surge.workers.tickets import Rejection, Ticket, fallback_id
 
 
@@ -361,24 +362,19 @@ def _raw_rows(spec: TensorSpec, tensor: Tensor, max_elements: int) -> tuple[int,
 def _check_shape(spec: TensorSpec, shape: tuple[int, ...]) -> None:
     if len(shape) == len(spec.shape) + 1 and shape[1:] == spec.shape and shape[0] >= 1:
         return  # the common case, without a loop
-    fits = (
-        len(shape) == len(spec.shape) + 1
-        and shape[0] >= 1
-        and all(want in (-1, got) for want, got in zip(spec.shape, shape[1:], strict=True))
-    )
-    if not fits:
-        expected = ["batch", *(d if d >= 0 else "any" for d in spec.shape)]
+    if not (shape and shape[0] >= 1 and spec.fits(shape[1:])):
         raise _Reject(
             ErrorCode.INVALID_INPUT,
-            f"input {spec.name!r} has shape {list(shape)}, the model takes {expected}",
+            f"input {spec.name!r} has shape {list(shape)}, the model takes "
+            f"{batch_shape(spec.shape)}",
         )
     if spec.max_shape is not None and any(
         got > most >= 0 for most, got in zip(spec.max_shape, shape[1:], strict=True)
     ):
-        most = ["batch", *(d if d >= 0 else "any" for d in spec.max_shape)]
         raise _Reject(
             ErrorCode.INVALID_INPUT,
-            f"input {spec.name!r} has shape {list(shape)}, the model takes at most {most}",
+            f"input {spec.name!r} has shape {list(shape)}, the model takes at most "
+            f"{batch_shape(spec.max_shape)}",
         )
 
 

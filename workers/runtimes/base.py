@@ -41,6 +41,12 @@ class TensorSpec:
     def dtype(self) -> np.dtype[Any]:
         return DATATYPES[self.datatype]
 
+    def fits(self, dims: Sequence[int]) -> bool:
+        """Whether a row of these dimensions is one of this tensor's (-1: any size)."""
+        return len(dims) == len(self.shape) and all(
+            want in (-1, got) for want, got in zip(self.shape, dims, strict=True)
+        )
+
     @classmethod
     def from_config(cls, config: TensorConfig) -> TensorSpec:
         if config.datatype not in DATATYPES:
@@ -138,16 +144,16 @@ def _check_output(spec: TensorSpec, output: np.ndarray, rows: int) -> None:
             f"output {spec.name!r} has shape {list(output.shape)} for a batch of {rows}: "
             "outputs have the batch dimension first"
         )
-    shape = output.shape[1:]
-    fits = len(shape) == len(spec.shape) and all(
-        want in (-1, got) for want, got in zip(spec.shape, shape, strict=True)
-    )
-    if not fits or output.dtype != spec.dtype:
-        declared = ["batch", *(d if d >= 0 else "any" for d in spec.shape)]
+    if not spec.fits(output.shape[1:]) or output.dtype != spec.dtype:
         raise OutputsUnlikeDeclared(
             f"output {spec.name!r} is {output.dtype} of shape {list(output.shape)} for a batch "
-            f"of {rows}, declared {spec.datatype} of shape {declared}"
+            f"of {rows}, declared {spec.datatype} of shape {batch_shape(spec.shape)}"
         )
+
+
+def batch_shape(dims: Sequence[int]) -> list[int | str]:
+    """A tensor's dimensions as messages show them: the batch first, -1 as "any"."""
+    return ["batch", *(d if d >= 0 else "any" for d in dims)]
 
 
 def _accepted(spec: TensorSpec) -> float:
