@@ -169,10 +169,8 @@ class SurgeClient:
             steps.append(self._replies.stop())
         if self._created_reply_topic and self._delete_reply_topic:
             steps.append(self._remove_reply_topic())
-        if self._pubsub is not None:
-            steps.append(self._pubsub.aclose())
         if self._redis is not None:
-            steps.append(self._redis.aclose())
+            steps.append(self._stop_redis())  # bounded: a Redis gone silent holds no close up
         if self._renewal is not None:
             await asyncio.gather(self._renewal, return_exceptions=True)
         if self._retiring:

@@ -3,6 +3,7 @@ worker that lost its partitions (a zombie) can commit nothing."""
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
 import time
 import uuid
@@ -304,6 +305,56 @@ async def test_a_commit_whose_answer_was_lost_is_not_sent_again(kafka: str) -> N
     assert ledger.records == 0
     await transactions.close()
     await consumer.stop()
+
+
+async def test_a_commit_never_answered_is_given_up_and_its_results_go_out_once(
+    kafka: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A coordinator that never answers a commit holds the partition no longer than the send
+    limit: its producer is replaced (which aborts the transaction) and the results go out in
+    the next one, once."""
+    run = uuid.uuid4().hex[:8]
+    source, out, group = f"test.source.{run}", f"test.out.{run}", f"test-{run}"
+    await create_topics(kafka, source, out, partitions=1)
+    tp = TopicPartition(source, 0)
+    unanswered = asyncio.Event()
+    commit = AIOKafkaProducer.commit_transaction
+
+    async def first_never_answered(producer: AIOKafkaProducer) -> None:
+        if not unanswered.is_set():
+            unanswered.set()
+            await asyncio.Event().wait()
+        await commit(producer)
+
+    monkeypatch.setattr(AIOKafkaProducer, "commit_transaction", first_never_answered)
+    consumer = AIOKafkaConsumer(bootstrap_servers=kafka, group_id=group, enable_auto_commit=False)
+    await consumer.start()
+    ledger = Ledger(1000, 1 << 20)
+    retry = RetryPolicy(out, 60, lambda exc: pytest.fail(repr(exc)))
+    options = {
+        "bootstrap_servers": kafka,
+        "acks": "all",
+        "enable_idempotence": True,
+        "request_timeout_ms": 2000,  # a send limit of 7 s
+    }
+    transactions = Transactions(
+        group, ledger, retry, options, lambda exc: pytest.fail(repr(exc)), consumer.committed
+    )
+    try:
+        await transactions.assign([tp])
+        ticket = _ticket(tp, 0, "r0")
+        ledger.admit(ticket)
+        transactions.buffer(Write(ticket, out, b"result", [], dead_letter=False))
+        give_up_at = time.monotonic() + 40
+        while ledger.records and time.monotonic() < give_up_at:
+            await transactions.commit(ledger.offsets.committable())
+            await asyncio.sleep(0.5)  # a round with its partition's transaction still running
+        assert unanswered.is_set()
+        assert ledger.records == 0
+        assert len((await read_to_end(kafka, out, key_of=None))["r0"]) == 1
+    finally:
+        await asyncio.wait_for(transactions.close(), 30)  # waits for a commit still running
+        await consumer.stop()
 
 
 async def test_results_over_a_topic_limit_only_together_go_again_one_by_one(kafka: str) -> None:

@@ -272,7 +272,11 @@ class Transactions:
                         return False
                     await producer.send_offsets_to_transaction({tp: position}, self._group_id)
                 state.uncertain = position
-                await producer.commit_transaction()
+                # Bounded too: a coordinator that never answers would hold this partition's
+                # lock for good. Given up on, the commit's outcome is unknown, which
+                # `_read_back` settles on the next round, as for an answer lost.
+                async with asyncio.timeout(self._send_limit_s):
+                    await producer.commit_transaction()
                 state.uncertain, state.committed = None, position
             except ProducerFenced as exc:
                 # Another owner initialised this id (we are a zombie), or the transaction
