@@ -20,6 +20,7 @@ from surge.config import Settings
 from surge.producers import request_body, request_headers
 from surge.schemas import MSGPACK, headers
 from surge.workers import Ledger, Ticket, Worker
+from surge.workers import transactions as transactions_module
 from surge.workers.transactions import Transactions
 from surge.workers.worker import _Rebalance
 from surge.workers.writes import RetryPolicy, Write
@@ -102,6 +103,22 @@ def _ticket(tp: TopicPartition, offset: int, request_id: str) -> Ticket:
         deadline_ms=None,
         received=time.monotonic(),
     )
+
+
+def _first_commit_never_answered(monkeypatch: pytest.MonkeyPatch) -> asyncio.Event:
+    """Make the next `commit_transaction` wait for ever, as on a coordinator that never
+    answers (later ones commit); the event is set once it has begun."""
+    unanswered = asyncio.Event()
+    commit = AIOKafkaProducer.commit_transaction
+
+    async def first_never_answered(producer: AIOKafkaProducer) -> None:
+        if not unanswered.is_set():
+            unanswered.set()
+            await asyncio.Event().wait()
+        await commit(producer)
+
+    monkeypatch.setattr(AIOKafkaProducer, "commit_transaction", first_never_answered)
+    return unanswered
 
 
 class _Owners:
@@ -242,6 +259,77 @@ async def test_a_worker_cut_off_while_its_partition_moved_does_not_take_it_back(
     assert sorted(results) == ["r0", "r1-heir"]
 
 
+async def test_a_partition_leaves_without_waiting_for_a_transaction_that_cannot_end(
+    kafka: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A revoked partition's transaction stuck (here its commit, as on a coordinator that
+    never answers) is abandoned within seconds, not waited for past the rebalance; the next
+    owner takes the id, which settles what was sent, and answers the request once."""
+    unanswered = _first_commit_never_answered(monkeypatch)
+    async with _owners(kafka) as owners:
+        tp = owners.tp
+        leaving, leaving_ledger = owners.owner()
+        await leaving.assign([tp])
+        owners.answer(leaving, leaving_ledger, 0, "r0")
+        assert await leaving.commit({tp: 1}) == {}  # still running after its round
+        assert unanswered.is_set()
+        started = time.monotonic()
+        await leaving.revoke([tp])
+        assert time.monotonic() - started < 5  # the commit alone is bounded at 35 s
+        assert leaving_ledger.records == 0
+
+        heir, heir_ledger = owners.owner()
+        assert await heir.assign([tp]) == {tp: None}  # nothing of it was committed
+        owners.answer(heir, heir_ledger, 0, "r0")
+        assert await heir.commit({tp: 1}) == {tp: 1}
+        await leaving.close()
+        await heir.close()
+    assert len((await read_to_end(kafka, owners.out, key_of=None))["r0"]) == 1
+    assert owners.crashes == []
+
+
+async def test_a_partition_whose_id_cannot_be_taken_yet_holds_up_no_other(
+    kafka: str,
+    model_root: Path,
+    run_worker: Callable[[Settings], Worker],
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """The transactional id of one assigned partition cannot be taken for a while (as when
+    its previous owner's transaction waits for a partition that cannot take its markers):
+    the other partitions are served meanwhile, the worker does not restart, and that one is
+    served once its id is taken."""
+    taken = asyncio.Event()
+    fence_in = transactions_module._fence_in
+
+    async def held_for_partition_0(producer: AIOKafkaProducer) -> None:
+        if producer._txn_manager.transactional_id.endswith(":0"):
+            await taken.wait()
+        await fence_in(producer)
+
+    monkeypatch.setattr(transactions_module, "_fence_in", held_for_partition_0)
+    run = uuid.uuid4().hex[:8]
+    replies = f"test.replies.{run}"
+    settings = make_settings(kafka, model_root, None, SURGE_WORKER__DELIVERY="exactly_once")
+    topic, group = settings.worker.topic_prefix + "mlp", settings.worker.group_id
+    await create_topics(kafka, topic, replies)
+    started = time.monotonic()
+    worker = await run_worker(settings)
+    x = {"x": np.ones((1, 32), np.float32)}
+    route = request_headers(model="mlp", content_type=MSGPACK, reply_to=replies)
+    ids = [f"{run}-{i}" for i in range(200)]
+    await publish(kafka, [(topic, i.encode(), request_body(x, i, MSGPACK), route) for i in ids])
+    await wait_committed(kafka, group, topic, timeout=60, only=[1, 2, 3])
+    await asyncio.sleep(max(0.0, started + 15 - time.monotonic()))  # past the 10 s bound
+    assert not worker.failed
+
+    taken.set()
+    await wait_committed(kafka, group, topic, timeout=60)
+    results = await read_to_end(kafka, replies)
+    assert sorted(results) == sorted(ids)
+    assert all(len(found) == 1 for found in results.values())
+    assert not worker.failed
+
+
 async def test_results_are_invisible_until_their_offsets_commit(kafka: str) -> None:
     """Outcomes finished out of order wait for the settled prefix: a transaction never holds a
     result whose offset it does not commit."""
@@ -317,16 +405,7 @@ async def test_a_commit_never_answered_is_given_up_and_its_results_go_out_once(
     source, out, group = f"test.source.{run}", f"test.out.{run}", f"test-{run}"
     await create_topics(kafka, source, out, partitions=1)
     tp = TopicPartition(source, 0)
-    unanswered = asyncio.Event()
-    commit = AIOKafkaProducer.commit_transaction
-
-    async def first_never_answered(producer: AIOKafkaProducer) -> None:
-        if not unanswered.is_set():
-            unanswered.set()
-            await asyncio.Event().wait()
-        await commit(producer)
-
-    monkeypatch.setattr(AIOKafkaProducer, "commit_transaction", first_never_answered)
+    unanswered = _first_commit_never_answered(monkeypatch)
     consumer = AIOKafkaConsumer(bootstrap_servers=kafka, group_id=group, enable_auto_commit=False)
     await consumer.start()
     ledger = Ledger(1000, 1 << 20)
@@ -424,6 +503,7 @@ async def test_partitions_not_fenced_in_are_neither_read_nor_committed(kafka: st
         _consumer=consumer,
         _transactions=transactions,
         _held=set(),
+        _fencing={},
         _ledger=ledger,
         _crashed=crashes.append,
     )

@@ -58,6 +58,9 @@ _METADATA_WAIT_S = 2.0  # a reply topic without metadata by then fails this roun
 _CLOSE_S = 10.0
 _ACK_MARGIN_S = 1.0  # of a transaction's send limit, left for giving up on what it sent
 _ROUND_S = 5.0  # a commit round waits no longer for its transactions (`Transactions.commit`)
+# A revoked partition's transaction still running is waited for this long, then abandoned: one
+# that wrote to a partition refusing every write can end only when that partition recovers.
+_DROP_WAIT_S = 2.0
 
 
 # Refusals of a record by its target (retried, then dead-lettered by the retry policy).
@@ -203,7 +206,8 @@ class Transactions:
         return {
             tp: positions[tp]
             for tp, task in started.items()
-            if task.done() and task.result()  # a bug raised there surfaces, as in `gather`
+            # A bug raised there surfaces, as in `gather`; one abandoned (`_drop`) did nothing.
+            if task.done() and not task.cancelled() and task.result()
         }
 
     @property
@@ -239,7 +243,7 @@ class Transactions:
     async def _commit(self, tp: TopicPartition, position: int) -> bool:
         """A task of its own, so never cancelled half-way (a shutdown cancelling the commit
         loop): a transaction whose commit went out but whose writes were kept would send
-        them again."""
+        them again. Only a partition leaving cancels it (`_drop`), its writes with it."""
         state = self._partitions.get(tp)
         if state is None:
             return False
@@ -410,9 +414,10 @@ class Transactions:
                 committed = await self._committed(tp)  # no one else can move it from now on
                 if state.started and committed not in (state.committed, state.uncertain):
                     raise ProducerFenced(f"{tp} was committed at {committed} by another owner")
-            except BaseException:
+            except BaseException as exc:
+                given_up = isinstance(exc, asyncio.CancelledError)  # revoked while fencing in
                 with contextlib.suppress(Exception):
-                    await stop_producer(producer, _CLOSE_S)
+                    await stop_producer(producer, 0 if given_up else _CLOSE_S)
                 raise
             state.started, state.committed = True, committed
             state.producer = producer
@@ -434,6 +439,7 @@ class Transactions:
         state = self._partitions.get(tp)
         if state is None:
             return
+        abandoned = await self._abandon_if_stuck(tp)
         async with state.lock:
             if self._partitions.get(tp) is state:
                 del self._partitions[tp]
@@ -441,7 +447,22 @@ class Transactions:
                 self._began.pop(tp, None)
             self._release(state.writes)
             state.writes = []
-            await self._stop(state)
+            await self._stop(state, at_once=abandoned)
+
+    async def _abandon_if_stuck(self, tp: TopicPartition) -> bool:
+        """Cancel the partition's transaction if it does not end within `_DROP_WAIT_S`, and
+        say whether it was. Waiting longer would hold the rebalance, and the group would evict
+        this worker; and the next owner can fence the id in only once the transaction ends
+        anyway. Whatever it sent is that owner's to settle: a commit sent takes effect, the
+        rest is aborted as the id is taken. Nothing of it is sent again from here: the
+        partition's writes leave with it."""
+        running = self._running.get(tp)
+        if running is None or (await asyncio.wait([running], timeout=_DROP_WAIT_S))[0]:
+            return False
+        running.cancel()
+        log.warning("transaction_abandoned", partition=str(tp))
+        await asyncio.wait([running])  # its producer, given up on, stops at once
+        return True
 
     async def _stop(self, state: _Partition, *, at_once: bool = False) -> None:
         """Stop the partition's producer: `at_once`, without waiting for what it holds."""

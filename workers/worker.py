@@ -24,7 +24,7 @@ import re
 import signal
 import sys
 import time
-from collections.abc import Awaitable, Callable, Mapping, Sequence
+from collections.abc import Awaitable, Callable, Iterable, Mapping, Sequence
 from pathlib import Path
 from typing import TypeVar
 
@@ -57,6 +57,10 @@ _FETCH_RETRY_S = 1.0
 _COMMIT_RETRY_S = 5.0
 _COMMIT_BACKOFF_S = 1.0
 _SHUTDOWN_STEP_S = 10.0
+# How long a rebalance waits for the assigned partitions' transactional ids: ids taken at once
+# (tens of ms) are served as it ends; a partition taken later is served from then on. Longer
+# would hold up the consumer's rebalance, and its heartbeats with it.
+_FENCE_WAIT_S = 2.0
 # After the drain (shutdown_timeout_s), the longest the rest of a shutdown takes: commit, stop
 # the consumer, close replies, writes, the producer and Redis, one step bound each.
 SHUTDOWN_AFTER_DRAIN_S = 6 * _SHUTDOWN_STEP_S
@@ -109,6 +113,8 @@ class Worker:
         # Paused while a model change gives them up, or while exactly-once fences them: the
         # consume loop, which pauses and resumes the others, must not resume these.
         self._held: set[TopicPartition] = set()
+        # Exactly once: partitions whose transactional ids are still being taken (`_Rebalance`).
+        self._fencing: dict[TopicPartition, asyncio.Task[None]] = {}
         self._ahead: set[str] = set()  # models with enough queued that fetching for them stops
         # What start-up opened, to close should it not finish (`_shutdown` closes the rest).
         self._opened: list[Callable[[], Awaitable[object]]] = []
@@ -374,11 +380,20 @@ class Worker:
         """Drop the revoked partitions' transactions, bounded: one stuck on a coordinator
         that stopped answering would hold the rebalance until the group evicted this member,
         alive but serving nothing. A restart instead; the next owner fences what was open."""
+        await self._stop_fencing(partitions)
         try:
             assert self._transactions is not None
             await asyncio.wait_for(self._transactions.revoke(partitions), _SHUTDOWN_STEP_S)
         except TimeoutError:
             self._crashed(TimeoutError("transactions of revoked partitions did not end"))
+
+    async def _stop_fencing(self, partitions: Iterable[TopicPartition]) -> None:
+        """Give up taking these partitions' transactional ids (they leave, or the worker
+        stops): a fence-in waiting for a partition that cannot take markers never ends."""
+        tasks = [task for tp in partitions if (task := self._fencing.pop(tp, None)) is not None]
+        for task in tasks:
+            task.cancel()
+        await asyncio.gather(*tasks, return_exceptions=True)
 
     def _subscribe(self, topics: dict[str, str | None]) -> None:
         if topics:
@@ -702,6 +717,7 @@ class Worker:
         for task in self._tasks:
             task.cancel()
         await asyncio.gather(*self._tasks, return_exceptions=True)
+        await self._stop_fencing(list(self._fencing))
         try:
             async with asyncio.timeout(self.settings.worker.shutdown_timeout_s):
                 await self._repository.close()
@@ -763,36 +779,60 @@ class _Rebalance(ConsumerRebalanceListener):  # type: ignore[misc]
             await self._fence(assigned)
         log.info(
             "partitions_assigned",
-            partitions=sorted(f"{tp.topic}:{tp.partition}" for tp in assigned),
+            partitions=_names(sorted(assigned)),
         )
 
     async def _fence(self, assigned: set[TopicPartition]) -> None:
         """Exactly-once: take the partitions' transactional ids first (which waits for the
         previous owner's last transaction to finish, or aborts it), then start from the
         offsets committed by then. The consumer read its positions before that, possibly
-        under a transaction still committing: what was read from them is read again."""
+        under a transaction still committing: what was read from them is read again.
+
+        Each partition is taken on its own, and served once it is. One whose previous
+        transaction cannot end (it wrote to a partition refusing every write, whose markers
+        wait for it) stays paused and is taken when it can, while the others are served:
+        a restart would not take it sooner, and would stop the others too."""
+        worker = self._worker
+        worker._consumer.pause(*assigned)
+        worker._held |= assigned
+        for tp in assigned:
+            name = f"fence-{tp.topic}-{tp.partition}"
+            worker._fencing[tp] = supervised(self._fence_one(tp), name, worker._crashed)
+        tasks = [worker._fencing[tp] for tp in assigned]
+        _, late = await asyncio.wait(tasks, timeout=_FENCE_WAIT_S)
+        if late:
+            waiting = sorted(tp for tp, task in worker._fencing.items() if task in late)
+            log.warning("partitions_not_fenced_in_yet", partitions=_names(waiting))
+
+    async def _fence_one(self, tp: TopicPartition) -> None:
         worker = self._worker
         consumer, transactions = worker._consumer, worker._transactions
         assert transactions is not None
-        consumer.pause(*assigned)
-        worker._held |= assigned
+        began = time.monotonic()
         try:
-            committed = await asyncio.wait_for(transactions.assign(assigned), _SHUTDOWN_STEP_S)
-            for tp, offset in committed.items():
-                restart = offset if offset is not None else worker._ledger.offsets.first(tp)
-                if restart is not None:  # None: nothing committed nor read yet
-                    consumer.seek(tp, restart)
+            committed = (await transactions.assign([tp]))[tp]
         except Exception as exc:
-            # Not fenced in, nor moved to the committed offsets: whatever were read or
-            # committed for them now would answer twice and move the group's offsets back.
-            # They stay paused, with no transaction of theirs left to commit, while the
+            # Not fenced in, nor moved to the committed offset: whatever were read or
+            # committed for it now would answer twice and move the group's offsets back.
+            # It stays paused, with no transaction of its own left to commit, while the
             # worker restarts and joins again.
-            await transactions.revoke(assigned)
+            worker._fencing.pop(tp, None)
+            await transactions.revoke([tp])
             worker._crashed(exc)
             return
-        worker._ledger.offsets.forget(assigned)
-        worker._held -= assigned
-        consumer.resume(*assigned)
+        worker._fencing.pop(tp, None)
+        restart = committed if committed is not None else worker._ledger.offsets.first(tp)
+        if restart is not None:  # None: nothing committed nor read yet
+            consumer.seek(tp, restart)
+        worker._ledger.offsets.forget([tp])
+        worker._held.discard(tp)
+        consumer.resume(tp)
+        if time.monotonic() - began > _FENCE_WAIT_S:  # said to be late: say it is served
+            log.info("partitions_fenced_in", partitions=_names([tp]))
+
+
+def _names(partitions: Iterable[TopicPartition]) -> list[str]:
+    return [f"{tp.topic}:{tp.partition}" for tp in partitions]
 
 
 def _say_threads_outliving(repository: ModelRepository | None) -> None:

@@ -303,3 +303,61 @@ async def test_a_partition_given_up_on_slows_no_other_results(
         f"other results took p50 {p50:.0f} ms, p99 {p99:.0f} ms; recovery: the last request "
         "whose result took over 50 ms",
     ).save()
+
+
+async def test_a_worker_joining_while_results_wait_for_a_reply_partition(
+    cluster: tuple[str, KafkaBroker],
+    model_root: Path,
+    run_worker: Callable[[Settings], Worker],
+) -> None:
+    """Exactly once, a second worker joins while partition 0's results wait for a reply
+    partition short of in-sync replicas: no worker restarts, and every request has one
+    outcome, its result (written once the broker is back) or its dead letter."""
+    bootstrap, down = cluster
+    run = uuid.uuid4().hex[:8]
+    retry_s = 40.0  # partition 0's results wait for the broker throughout
+    settings, replies, dead_letters = _settings(
+        bootstrap, model_root, run, "exactly_once", retry_s, SURGE_WORKER__SHUTDOWN_TIMEOUT_S="8"
+    )
+    topic = settings.worker.topic_prefix + "mlp"
+    group = settings.worker.group_id
+    await create_topics(bootstrap, topic, replies, dead_letters)
+    first_worker = await run_worker(settings)
+    lost = _request_ids(run, 0, 5)
+    first = [i for p in _PARTITIONS for i in _request_ids(f"{run}.a", p, 20)]
+    await publish(bootstrap, _requests(topic, lost + first, lost, replies))
+    await wait_committed(bootstrap, group, topic, timeout=60, only=_PARTITIONS[1:])
+
+    second_worker = await run_worker(settings)
+    joined = time.monotonic()
+    second = [i for p in _PARTITIONS[1:] for i in _request_ids(f"{run}.b", p, 20)]
+    await publish(bootstrap, _requests(topic, second, lost, replies))
+    await wait_committed(bootstrap, group, topic, timeout=90, only=_PARTITIONS[1:])
+    served_s = time.monotonic() - joined
+    assert not first_worker.failed
+    assert not second_worker.failed
+
+    await asyncio.to_thread(down.start)
+    back = time.monotonic()
+    await wait_committed(bootstrap, group, topic, timeout=120)
+    recovered_s = time.monotonic() - back
+    results = await read_to_end(bootstrap, replies)
+    # Partition 0's results went out once the broker was back, or were given up on before.
+    late = await read_to_end(bootstrap, _REFUSING)
+    letters = await read_to_end(bootstrap, dead_letters, key_of=None)
+    assert sorted(results) == sorted(first + second)
+    assert sorted([*late, *letters]) == sorted(lost)
+    duplicated = sum(len(v) > 1 for v in [*results.values(), *late.values(), *letters.values()])
+    assert duplicated == 0
+    assert not first_worker.failed
+    assert not second_worker.failed
+    FaultReport(
+        scenario="worker joins while a transaction waits for a reply partition (exactly_once)",
+        injected=f"1 of 2 brokers killed; reply_retry_s={retry_s:g}; a second worker joins",
+        requests=len(lost) + len(first) + len(second),
+        lost=0,
+        duplicated=duplicated,
+        recovery_s=round(recovered_s, 1),
+        note=f"partitions 1-3 served {served_s:.1f} s after the join, no worker restarted; "
+        "recovery: broker back to all committed",
+    ).save()
