@@ -330,6 +330,28 @@ async def test_a_partition_whose_id_cannot_be_taken_yet_holds_up_no_other(
     assert not worker.failed
 
 
+async def test_a_transaction_raising_after_its_round_restarts_the_worker(
+    kafka: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A bug raised in a transaction that outlived its commit round is not left to a "never
+    retrieved" warning: the worker hears of it and restarts."""
+
+    async def slow_then_broken(*_: object) -> bool:
+        await asyncio.sleep(6)  # past the round's 5 s
+        raise RuntimeError("a bug")
+
+    monkeypatch.setattr(Transactions, "_transaction", slow_then_broken)
+    async with _owners(kafka) as owners:
+        transactions, ledger = owners.owner()
+        await transactions.assign([owners.tp])
+        owners.answer(transactions, ledger, 0, "r0")
+        assert await transactions.commit({owners.tp: 1}) == {}
+        assert owners.crashes == []
+        await asyncio.sleep(2)
+        assert [repr(exc) for exc in owners.crashes] == ["RuntimeError('a bug')"]
+        await transactions.close()
+
+
 async def test_results_are_invisible_until_their_offsets_commit(kafka: str) -> None:
     """Outcomes finished out of order wait for the settled prefix: a transaction never holds a
     result whose offset it does not commit."""

@@ -199,16 +199,25 @@ class Transactions:
         for tp, position in positions.items():
             running = self._running.get(tp)
             if running is None or running.done():
-                started[tp] = self._running[tp] = asyncio.create_task(self._commit(tp, position))
+                task = asyncio.create_task(self._commit(tp, position))
+                task.add_done_callback(self._bug_check)
+                started[tp] = self._running[tp] = task
                 self._began[tp] = asyncio.get_running_loop().time()
         if started:
             await asyncio.wait(started.values(), timeout=_ROUND_S)
         return {
             tp: positions[tp]
             for tp, task in started.items()
-            # A bug raised there surfaces, as in `gather`; one abandoned (`_drop`) did nothing.
-            if task.done() and not task.cancelled() and task.result()
+            # One that raised (`_bug_check`) or was abandoned (`_drop`) committed nothing.
+            if task.done() and not task.cancelled() and not task.exception() and task.result()
         }
+
+    def _bug_check(self, task: asyncio.Task[bool]) -> None:
+        """A transaction raised (a bug: it handles the failures it expects): the worker
+        restarts, as for any background task's, also when it ended after its round."""
+        if not task.cancelled() and (exc := task.exception()) is not None:
+            log.error("transaction_crashed", error=repr(exc))
+            self._on_crash(exc)
 
     @property
     def overdue(self) -> set[TopicPartition]:
