@@ -5,13 +5,23 @@ from __future__ import annotations
 
 import asyncio
 from collections import deque
-from collections.abc import Callable, Coroutine
+from collections.abc import Awaitable, Callable, Coroutine
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, TypeVar
 
 import structlog
 
 log = structlog.get_logger("surge.tasks")
+
+T = TypeVar("T")
+
+
+async def within(awaitable: Awaitable[T], seconds: float) -> T:
+    """`asyncio.wait_for`, without its flaw in Python 3.11: there, a task cancelled just as
+    the awaited thing finishes gets its result instead of the cancellation, and a loop
+    cancelled that way (a worker's, at shutdown) runs on for good. Raises TimeoutError."""
+    async with asyncio.timeout(seconds):
+        return await awaitable
 
 
 @dataclass(slots=True)

@@ -37,6 +37,7 @@ from aiokafka.errors import (
 
 from surge.workers import metrics
 from surge.workers.ledger import Ledger
+from surge.workers.tasks import within
 from surge.workers.writes import (
     NoSuchTopic,
     NotAcknowledged,
@@ -385,7 +386,7 @@ class Transactions:
         if not await self._lookup.exists(topic):
             return False
         try:
-            await asyncio.wait_for(producer.partitions_for(topic), _METADATA_WAIT_S)
+            await within(producer.partitions_for(topic), _METADATA_WAIT_S)
         except (TimeoutError, KafkaError):
             return False
         return True

@@ -43,7 +43,7 @@ from surge.workers.batcher import ModelHung
 from surge.workers.ledger import Ledger
 from surge.workers.replies import Replies
 from surge.workers.repository import ModelRepository
-from surge.workers.tasks import supervised
+from surge.workers.tasks import supervised, within
 from surge.workers.tickets import Record, Rejection, Router, Ticket, run_end, unroutable
 from surge.workers.topics import CannotCreateTopic, ensure_topics
 from surge.workers.transactions import Transactions
@@ -322,7 +322,7 @@ class Worker:
             )
         for close in reversed(self._opened):
             with contextlib.suppress(Exception):
-                await asyncio.wait_for(close(), _SHUTDOWN_STEP_S)
+                await within(close(), _SHUTDOWN_STEP_S)
         self._opened.clear()
         _say_threads_outliving(getattr(self, "_repository", None))
         if stopped:
@@ -364,11 +364,11 @@ class Worker:
         self._revoked |= partitions
         try:
             try:
-                await asyncio.wait_for(self._ledger.drained(partitions), drain_s)
+                await within(self._ledger.drained(partitions), drain_s)
             except TimeoutError:
                 log.warning("revoke_drain_timeout", partitions=len(partitions))
             with contextlib.suppress(TimeoutError):  # commit what did settle, in any case
-                await asyncio.wait_for(self.commit(), _SHUTDOWN_STEP_S)
+                await within(self.commit(), _SHUTDOWN_STEP_S)
         except Exception:  # a bug: kept, their state would commit a later owner's work
             log.exception("revoke_failed", partitions=len(partitions))
         # (Cancelled, by a stop under way: its own drain and commit take these too.)
@@ -383,7 +383,7 @@ class Worker:
         await self._stop_fencing(partitions)
         try:
             assert self._transactions is not None
-            await asyncio.wait_for(self._transactions.revoke(partitions), _SHUTDOWN_STEP_S)
+            await within(self._transactions.revoke(partitions), _SHUTDOWN_STEP_S)
         except TimeoutError:
             self._crashed(TimeoutError("transactions of revoked partitions did not end"))
 
@@ -429,9 +429,7 @@ class Worker:
         while not self._stopping.is_set():
             if not self._topics:  # no models yet: until a reload finds some, or a stop
                 with contextlib.suppress(TimeoutError):
-                    await asyncio.wait_for(
-                        self._stopping.wait(), self.settings.worker.reload_interval_s
-                    )
+                    await within(self._stopping.wait(), self.settings.worker.reload_interval_s)
                 continue
             if self._ledger.full and not full:
                 full = True
@@ -448,7 +446,7 @@ class Worker:
             idle = bool(assigned) and stopped == assigned  # nothing to fetch
             if idle:  # until outcomes free room, but getmany keeps max.poll.interval alive
                 with contextlib.suppress(TimeoutError):
-                    await asyncio.wait_for(
+                    await within(
                         self._ledger.room() if full else self._ledger.progress(),
                         _PAUSED_KEEPALIVE_S,
                     )
@@ -628,7 +626,7 @@ class Worker:
             if not self._ledger.offsets.committable():
                 # Nothing to commit: wake on progress, or now and then anyway.
                 with contextlib.suppress(TimeoutError):
-                    await asyncio.wait_for(self._ledger.progress(), _COMMIT_RETRY_S)
+                    await within(self._ledger.progress(), _COMMIT_RETRY_S)
             await asyncio.sleep(interval)  # coalesce many settlements into one commit
             if not await self.commit():
                 await asyncio.sleep(_COMMIT_BACKOFF_S)  # a broker or group in trouble
@@ -716,7 +714,10 @@ class Worker:
         self._consumer.pause(*self._consumer.assignment())
         for task in self._tasks:
             task.cancel()
-        await asyncio.gather(*self._tasks, return_exceptions=True)
+        if self._tasks:  # bounded: a loop that outlives its cancellation must not hold the stop
+            _, stuck = await asyncio.wait(self._tasks, timeout=_SHUTDOWN_STEP_S)
+            if stuck:
+                log.error("tasks_outlived_cancel", tasks=sorted(t.get_name() for t in stuck))
         await self._stop_fencing(list(self._fencing))
         try:
             async with asyncio.timeout(self.settings.worker.shutdown_timeout_s):
@@ -740,13 +741,13 @@ class Worker:
         for name, step in steps.items():
             began = time.monotonic()
             try:  # commit, then leave the group: partitions move at once
-                await asyncio.wait_for(step(), _SHUTDOWN_STEP_S)
+                await within(step(), _SHUTDOWN_STEP_S)
             except Exception:  # a commit caught in a rebalance must not keep the process up
                 log.exception("shutdown_step_failed", step=name)
             timings[name] = time.monotonic() - began
         if self._redis is not None:
             with contextlib.suppress(Exception):  # a TLS close to a dead server can hang
-                await asyncio.wait_for(self._redis.aclose(), _SHUTDOWN_STEP_S)
+                await within(self._redis.aclose(), _SHUTDOWN_STEP_S)
         if running := self._repository.calls_running:
             # Python would wait for their threads at exit, as long as they take: the process
             # exits without them (status 1), and what they held is redelivered.

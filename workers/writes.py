@@ -30,6 +30,7 @@ from aiokafka.errors import (
 from surge.schemas import ErrorCode, headers
 from surge.workers import metrics
 from surge.workers.partitioning import key_partitions
+from surge.workers.tasks import within
 from surge.workers.tickets import Rejection, Ticket
 
 log = structlog.get_logger("surge.replies")
@@ -357,9 +358,9 @@ class TopicLookup:
         client = await self._started()
         if fresh:  # else the client answers from the metadata it holds
             with contextlib.suppress(TimeoutError):
-                await asyncio.wait_for(client.client.force_metadata_update(), self._wait_s)
+                await within(client.client.force_metadata_update(), self._wait_s)
         try:  # on a cluster that auto-creates topics, this creates it
-            await asyncio.wait_for(client.partitions_for(topic), self._wait_s)
+            await within(client.partitions_for(topic), self._wait_s)
         except (TimeoutError, KafkaError):
             # No such topic only if the cluster answered; unreachable, it is asked again later.
             if not await self._answers(client):
@@ -401,7 +402,7 @@ class TopicLookup:
     async def _answers(self, client: AIOKafkaProducer) -> bool:
         """Whether the cluster answers a metadata request now."""
         try:
-            return bool(await asyncio.wait_for(client.client.force_metadata_update(), self._wait_s))
+            return bool(await within(client.client.force_metadata_update(), self._wait_s))
         except TimeoutError:
             return False
 
