@@ -304,7 +304,8 @@ async def test_a_worker_commits_no_request_whose_result_a_replica_lacks(
     kafka: str, model_root: Path, run_worker: Callable[[Settings], Any]
 ) -> None:
     """End to end with `min_replicas = 1`: while the only replica is down, results are stored
-    on the primary but their requests stay uncommitted; once a replica is back, all are."""
+    on the primary (or wait) but their requests stay uncommitted; once a replica is back, all
+    are."""
     with RedisServer() as primary:
         replica = RedisServer(replica_of=primary).start()
         try:
@@ -328,7 +329,9 @@ async def test_a_worker_commits_no_request_whose_result_a_replica_lacks(
             replica.close()
             second = [f"b{i}" for i in range(50)]
             await send(second)
-            assert len(await read_redis(primary.url, second, timeout=10)) == 50
+            # Stored on the primary: the first write's results at least. A later write waits
+            # behind that one's retries, so how many depends on how the batches fell.
+            assert await read_redis(primary.url, second, timeout=10)
             await asyncio.sleep(2)
             assert await committed_lag(kafka, group, topic) == 50
             replica = RedisServer(replica_of=primary).start()
