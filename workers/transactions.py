@@ -289,8 +289,7 @@ class Transactions:
                 # Bounded too: a coordinator that never answers would hold this partition's
                 # lock for good. Given up on, the commit's outcome is unknown, which
                 # `_read_back` settles on the next round, as for an answer lost.
-                async with asyncio.timeout(self._send_limit_s):
-                    await producer.commit_transaction()
+                await within(producer.commit_transaction(), self._send_limit_s)
                 state.uncertain, state.committed = None, position
             except ProducerFenced as exc:
                 # Another owner initialised this id (we are a zombie), or the transaction

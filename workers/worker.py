@@ -796,13 +796,14 @@ class _Rebalance(ConsumerRebalanceListener):  # type: ignore[misc]
         worker = self._worker
         worker._consumer.pause(*assigned)
         worker._held |= assigned
-        for tp in assigned:
-            name = f"fence-{tp.topic}-{tp.partition}"
-            worker._fencing[tp] = supervised(self._fence_one(tp), name, worker._crashed)
-        tasks = [worker._fencing[tp] for tp in assigned]
-        _, late = await asyncio.wait(tasks, timeout=_FENCE_WAIT_S)
+        fencing = {
+            tp: supervised(self._fence_one(tp), f"fence-{tp.topic}-{tp.partition}", worker._crashed)
+            for tp in assigned
+        }
+        worker._fencing |= fencing
+        _, late = await asyncio.wait(fencing.values(), timeout=_FENCE_WAIT_S)
         if late:
-            waiting = sorted(tp for tp, task in worker._fencing.items() if task in late)
+            waiting = sorted(tp for tp, task in fencing.items() if task in late)
             log.warning("partitions_not_fenced_in_yet", partitions=_names(waiting))
 
     async def _fence_one(self, tp: TopicPartition) -> None:
