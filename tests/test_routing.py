@@ -15,7 +15,7 @@ from aiokafka import AIOKafkaProducer, TopicPartition
 from surge.config import Settings
 from surge.producers import SyncClient, read_result, request_body, request_headers
 from surge.producers.requests import Prediction
-from surge.schemas import JSON, MSGPACK, ErrorCode, headers
+from surge.schemas import JSON, MAX_ID_LENGTH, MSGPACK, ErrorCode, headers
 from surge.workers import Router, Worker
 from surge.workers.tickets import Rejection, Ticket
 from tests.conftest import make_settings
@@ -179,6 +179,21 @@ def test_a_ticket_holds_the_size_of_its_value_key_and_headers() -> None:
 def test_ids_fall_back_to_the_record_position() -> None:
     ticket, _ = _ticket(_Record("shared", {}, key=None))
     assert ticket.request_id == "shared-0-7"
+
+
+@pytest.mark.parametrize(
+    ("key", "request_id"),
+    [
+        (b"r-1", "r-1"),
+        (("é" * MAX_ID_LENGTH).encode(), "é" * MAX_ID_LENGTH),
+        (("é" * (MAX_ID_LENGTH + 1)).encode(), "shared-0-7"),  # longer than a body's id may be
+        (b"x" * 10_000, "shared-0-7"),
+        (b"\xff\xfe", "shared-0-7"),  # not UTF-8
+    ],
+)
+def test_a_key_is_the_id_only_where_it_could_be_a_bodys(key: bytes, request_id: str) -> None:
+    ticket, _ = _ticket(_Record("shared", {}, key=key))
+    assert ticket.request_id == request_id
 
 
 def test_consecutive_records_are_decided_by_their_own_headers() -> None:

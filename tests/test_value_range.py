@@ -129,3 +129,14 @@ def test_a_range_up_to_int64_s_highest_is_checked_exactly() -> None:
     result = _admit(spec, np.array([[2**63 - 1]], np.int64), MSGPACK)
     assert isinstance(result, Rejection)
     assert result.message.endswith(f"outside the model's range [0, {2**63 - 2}]")
+
+
+@pytest.mark.parametrize("content_type", [MSGPACK, JSON])
+def test_an_empty_variable_dimension_is_refused(content_type: str) -> None:
+    """No tokens at all: refused on its own, not passed to the model as all padding."""
+    result = _admit(IDS, np.zeros((1, 0), np.int64), content_type)
+    assert isinstance(result, Rejection)
+    assert result.code == ErrorCode.INVALID_INPUT
+    assert "has shape [1, 0]: a variable dimension of 0" in result.message
+    fixed_empty = TensorSpec("x", "FP32", (0,))  # a dimension the model fixes at 0 is its own
+    assert isinstance(_admit(fixed_empty, np.zeros((1, 0), np.float32), content_type), Job)

@@ -368,6 +368,15 @@ def _check_shape(spec: TensorSpec, shape: tuple[int, ...]) -> None:
             f"input {spec.name!r} has shape {list(shape)}, the model takes "
             f"{batch_shape(spec.shape)}",
         )
+    if 0 in shape[1:] and any(
+        want == -1 and got == 0 for want, got in zip(spec.shape, shape[1:], strict=True)
+    ):
+        # Padded into a batch, an empty row is all padding: a transformer's mean over no
+        # tokens, and a failed call for every request beside it.
+        raise _Reject(
+            ErrorCode.INVALID_INPUT,
+            f"input {spec.name!r} has shape {list(shape)}: a variable dimension of 0",
+        )
     if spec.max_shape is not None and any(
         got > most >= 0 for most, got in zip(spec.max_shape, shape[1:], strict=True)
     ):
