@@ -657,6 +657,60 @@ async def test_results_too_many_for_one_call_over_a_slow_link_go_in_smaller_call
         server.close()
 
 
+async def test_a_result_longer_than_redis_takes_is_refused_and_holds_up_no_other() -> None:
+    """Redis answers a bulk string over its `proto-max-bulk-len` by dropping the connection,
+    as it would if it went down; while it answers a PING, that result alone is refused after
+    a few tries, and the results around it are stored."""
+    with RedisServer(options=["--proto-max-bulk-len", "1mb"]) as server:
+        redis = Redis.from_url(server.url)
+        items = [(SimpleNamespace(request_id=f"r{i}"), bytes(10)) for i in range(4)]
+        items.insert(2, (SimpleNamespace(request_id="big"), bytes(16 << 20)))
+        try:
+            refused = await asyncio.wait_for(
+                _replies(redis, "long:")._write_redis(items),  # type: ignore[arg-type]
+                30,
+            )
+            assert [ticket.request_id for ticket, _ in refused] == ["big"]
+            assert "cut off 3 times while Redis answers" in str(refused[0][1])
+            assert sorted(await redis.keys("long:*")) == [f"long:r{i}".encode() for i in range(4)]
+        finally:
+            await redis.aclose()
+
+
+async def test_a_result_too_slow_to_send_alone_over_a_slow_link_is_refused() -> None:
+    """Halving ends at one result that still outlasts the socket timeout at every try: it is
+    refused, rather than retried for ever ahead of every later result."""
+    server = RedisServer().start()
+
+    async def forward(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        upstream_reader, upstream_writer = await asyncio.open_connection("127.0.0.1", server.port)
+        await asyncio.gather(
+            _throttled_pipe(reader, upstream_writer, 400_000),  # bytes/s towards Redis
+            _pipe(upstream_reader, writer),
+        )
+
+    proxy = await asyncio.start_server(forward, "127.0.0.1", 0)
+    port = proxy.sockets[0].getsockname()[1]
+    redis = Redis.from_url(f"redis://127.0.0.1:{port}/0", socket_timeout=1)
+    items = [(SimpleNamespace(request_id="big"), bytes(1_200_000)), *_items([10, 10])]
+    started = time.monotonic()
+    try:
+        refused = await asyncio.wait_for(
+            _replies(redis, "slowest:")._write_redis(items),  # type: ignore[arg-type]
+            30,
+        )
+        assert [ticket.request_id for ticket, _ in refused] == ["big"]
+        assert "slower to send than socket_timeout_s" in str(refused[0][1])
+        direct = Redis.from_url(server.url)
+        assert {b"slowest:r0", b"slowest:r1"} <= set(await direct.keys("slowest:*"))
+        await direct.aclose()
+        assert time.monotonic() - started < 15
+    finally:
+        await redis.aclose()
+        proxy.close()
+        server.close()
+
+
 @pytest.mark.integration
 async def test_a_request_kafka_refuses_does_not_hold_its_call_to_the_timeout(
     kafka: str, redis_url: str, model_root: Path, run_worker: Callable[[Settings], Any]

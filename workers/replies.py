@@ -42,8 +42,14 @@ _REDIS_CHUNK = 512  # results per script call
 # before it runs it (a pipeline's commands run as they arrive).
 _REDIS_CHUNK_BYTES = 4 << 20
 # A call of more than this that times out is split in two: on a slow link the whole would time
-# out at every try. A smaller one timing out means Redis itself is not answering.
+# out at every try. A smaller one timing out means Redis itself is not answering. The same for
+# a call whose connection Redis drops while it answers a PING: one of its results is longer
+# than Redis takes (`proto-max-bulk-len`), which it answers by closing the connection.
 _SPLIT_ON_TIMEOUT_BYTES = 64 << 10
+# Tries of one such result alone, with Redis answering a PING after each, before it counts as
+# refused: a result no try can get through would hold up every later one.
+_LONE_TRIES = 3
+_CUT_OFF = (redis_errors.ConnectionError, redis_errors.TimeoutError, OSError)
 # KEYS: result keys; ARGV: their bodies, then the TTL. The first result of an id wins and only
 # it is announced: a redelivered request never produces a second visible result (nor a second
 # notification). A result is stored and announced, or neither: one whose PUBLISH is refused (a
@@ -261,6 +267,7 @@ class Replies:
         assert self._set_and_publish is not None
         refused: list[tuple[Ticket, Exception]] = []
         delay = RETRY_FIRST_S
+        lone_tries = 0  # of a single large result cut off while Redis answers
         while True:
             keys = [self._prefix + ticket.request_id for ticket, _ in items]
             try:
@@ -269,11 +276,14 @@ class Replies:
                 )
             except (RedisError, OSError) as exc:
                 # Halved to find the results Redis refuses; and halved when a call this large
-                # timed out, which on a slow link it would at every try.
-                too_slow = isinstance(exc, redis_errors.TimeoutError) and (
-                    sum(len(body) for _, body in items) > _SPLIT_ON_TIMEOUT_BYTES
+                # was cut off (timed out, or dropped while Redis answers), which it would be
+                # at every try.
+                cut_off = (
+                    isinstance(exc, _CUT_OFF)
+                    and sum(len(body) for _, body in items) > _SPLIT_ON_TIMEOUT_BYTES
+                    and (isinstance(exc, redis_errors.TimeoutError) or await self._answers())
                 )
-                if (too_slow or not _unavailable(exc)) and len(items) > 1:
+                if (cut_off or not _unavailable(exc)) and len(items) > 1:
                     half = len(items) // 2
                     return [
                         *refused,
@@ -282,6 +292,16 @@ class Replies:
                     ]
                 if not _unavailable(exc):
                     return [*refused, *_refused([(items[0][0], exc)])]
+                if cut_off:
+                    lone_tries += 1
+                    if lone_tries >= _LONE_TRIES and await self._answers():
+                        size = len(items[0][1])
+                        why = (
+                            f"{size} bytes, cut off {lone_tries} times while Redis answers (over"
+                            " its proto-max-bulk-len, or slower to send than socket_timeout_s)"
+                        )
+                        cause = _CutOff(f"{why}: {_describe(exc)}")
+                        return [*refused, *_refused([(items[0][0], cause)])]
                 error, waiting = exc, items
             else:
                 # Results refused one by one: those Redis cannot take now wait with the others.
@@ -330,6 +350,19 @@ class Replies:
         if replicas < self._min_replicas:
             return _ShortOfReplicas(f"{replicas} of {self._min_replicas} replicas have them")
         return None
+
+    async def _answers(self) -> bool:
+        """Whether Redis answers a PING (within the socket timeout)."""
+        assert self._redis is not None
+        try:
+            return bool(await self._redis.ping())
+        except (RedisError, OSError):
+            return False
+
+
+class _CutOff(Exception):
+    """A result whose every write was cut off (timed out, or its connection dropped) while
+    Redis kept answering: too long for Redis, or for the link, to take within the timeout."""
 
 
 class _ShortOfReplicas(Exception):
