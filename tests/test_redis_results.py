@@ -19,6 +19,7 @@ import numpy as np
 import pytest
 from aiokafka.errors import MessageSizeTooLargeError
 from redis.asyncio import Redis
+from structlog.testing import capture_logs
 
 from surge.config import Settings
 from surge.producers import (
@@ -215,6 +216,29 @@ async def test_results_are_answered_once_the_replicas_they_must_reach_have_them(
                 assert await copy.get("surge:result:s9") == b"y"
             finally:
                 await copy.aclose()
+        finally:
+            await redis.aclose()
+            replica.close()
+
+
+async def test_a_redis_with_fewer_replicas_than_required_is_named_at_start() -> None:
+    with RedisServer() as primary:
+        replica = RedisServer(replica_of=primary).start()
+        redis = Redis.from_url(primary.url, single_connection_client=True)
+        try:
+            async with asyncio.timeout(20):
+                while (await redis.info("replication"))["connected_slaves"] < 1:
+                    await asyncio.sleep(0.1)
+            for min_replicas, warned in [(1, False), (2, True)]:
+                replies = _replies(redis, "surge:result:", min_replicas=min_replicas)
+                with capture_logs() as logs:
+                    replies.start()
+                    await asyncio.sleep(0.5)
+                    await replies.close()
+                short = [e for e in logs if e["event"] == "redis_short_of_replicas"]
+                assert bool(short) == warned
+            assert short[0]["replicas"] == 1
+            assert short[0]["min_replicas"] == 2
         finally:
             await redis.aclose()
             replica.close()

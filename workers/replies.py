@@ -138,15 +138,38 @@ class Replies:
         # Result headers but the request id, by (status, content type, model, error code).
         self._common_headers: dict[tuple[Any, ...], Headers] = {}
         self._task: asyncio.Task[None] | None = None
+        self._check: asyncio.Future[None] | None = None
 
     def start(self) -> None:
         if self._redis is not None:
             self._task = supervised(self._redis_loop(), "replies-redis", self._on_crash)
+            if self._min_replicas:
+                self._check = asyncio.ensure_future(self._check_replicas())
 
     async def close(self) -> None:
-        if self._task is not None:
-            self._task.cancel()
-            await asyncio.gather(self._task, return_exceptions=True)
+        for task in (self._task, self._check):
+            if task is not None:
+                task.cancel()
+                await asyncio.gather(task, return_exceptions=True)
+
+    async def _check_replicas(self) -> None:
+        """Say at start where Redis has fewer replicas than `min_replicas`: every result
+        would wait, its request uncommitted, with nothing but retries to show for it."""
+        assert self._redis is not None
+        try:
+            replication = await self._redis.info("replication")
+        except (RedisError, OSError) as exc:  # an ACL or a proxy may refuse INFO
+            log.info("redis_replicas_unknown", error=_describe(exc))
+            return
+        replicas = int(replication.get("connected_slaves", 0))
+        if replicas < self._min_replicas:
+            log.warning(
+                "redis_short_of_replicas",
+                replicas=replicas,
+                min_replicas=self._min_replicas,
+                effect="results to Redis wait, their requests uncommitted, until enough "
+                "replicas are connected",
+            )
 
     # -- outcomes -------------------------------------------------------------------------
 
