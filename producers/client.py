@@ -618,10 +618,14 @@ class SurgeClient:
         # Unset first: a caller past its deadline must not reuse what is being closed.
         self._redis = self._pubsub = self._redis_reader = None
         self._subscribed.clear()
+        # asyncio.timeout, not wait_for: Python 3.11's wait_for can swallow a cancellation
+        # that comes as the wait ends, and a cancelled close would go on.
         with contextlib.suppress(RedisError, OSError, TimeoutError):
-            await asyncio.wait_for(pubsub.aclose(), _REDIS_CLOSE_S)
+            async with asyncio.timeout(_REDIS_CLOSE_S):
+                await pubsub.aclose()
         with contextlib.suppress(RedisError, OSError, TimeoutError):
-            await asyncio.wait_for(redis.aclose(), _REDIS_CLOSE_S)  # type: ignore[union-attr]
+            async with asyncio.timeout(_REDIS_CLOSE_S):
+                await redis.aclose()  # type: ignore[union-attr]
 
     async def _subscribe(self, ids: list[str], pubsub: Any) -> None:
         channels = [self._redis_prefix + i for i in ids]

@@ -163,7 +163,8 @@ async def run_load(
         body = request_body(make_inputs(0), priming, content_type)
         await producer.send_and_wait(request_topic, body, key=priming.encode(), headers=route)
         with contextlib.suppress(TimeoutError):  # the timed requests will show what is wrong
-            await asyncio.wait_for(primed.wait(), min(timeout_s, _PRIMING_WAIT_S))
+            async with asyncio.timeout(min(timeout_s, _PRIMING_WAIT_S)):
+                await primed.wait()
         # No cyclic garbage collection while timing, as timeit does: a full collection walks
         # every object the process holds (50-65 ms in a benchmark that has imported torch),
         # and the results that arrive meanwhile would count it as the worker's latency.
@@ -208,7 +209,8 @@ async def run_load(
             await asyncio.sleep(0)  # let the collector read
         await asyncio.gather(*deliveries)
         with contextlib.suppress(TimeoutError):
-            await asyncio.wait_for(done.wait(), timeout_s)
+            async with asyncio.timeout(timeout_s):
+                await done.wait()
         got, delivered = np.array(got_at), np.array(delivered_in)
         received = ~np.isnan(got)
         last = np.nanmax(got) if received.any() else time.perf_counter()
