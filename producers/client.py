@@ -35,6 +35,8 @@ Result = Prediction | PredictionError
 T = TypeVar("T")
 log = structlog.get_logger("surge.client")
 
+MAX_REQUEST_SIZE = 1_048_576  # aiokafka's default `max_request_size`, in bytes
+
 # Redis clean-up after a caller's deadline (MGET of missed results, UNSUBSCRIBE) gets this long
 # of its own: a slow Redis must not hold the caller much past its timeout.
 _REDIS_TIDY_S = 0.25
@@ -71,6 +73,8 @@ class SurgeClient:
         redis_options: Mapping[str, Any] | None = None,
     ) -> None:
         self._kafka = {"bootstrap_servers": bootstrap_servers, **(kafka_options or {})}
+        # The largest record this client's producer sends, as its options set it.
+        self.max_request_size: int = self._kafka.get("max_request_size", MAX_REQUEST_SIZE)
         self.content_type = content_type
         self._topic_prefix = topic_prefix
         self.reply_topic = reply_topic or f"surge.replies.{uuid.uuid4().hex[:16]}"

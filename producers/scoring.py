@@ -31,7 +31,6 @@ BAD_LINE = "bad_line"  # the error code of a line that is no request
 TOO_LARGE = "too_large"  # Kafka refused the request as larger than its topic takes
 SEND_FAILED = "failed"  # Kafka refused the request for another reason
 NO_RESULT = "timeout"  # no result within the timeout
-MAX_REQUEST_SIZE = 1_048_576  # the producer's default `max_request_size`, in bytes
 Line = str | bytes  # bytes are decoded line by line: one that is not UTF-8 is one bad line
 
 _BOM = b"\xef\xbb\xbf"
@@ -74,10 +73,12 @@ def request_limit(
     client: SurgeClient,
     model: str,
     versions: Iterable[str | None] = (None,),
-    max_request_size: int = MAX_REQUEST_SIZE,
+    max_request_size: int | None = None,
 ) -> RequestLimit:
     """The limit of `model`'s requests through `client`, counted as the producer counts a
-    record; with several `versions` (a shadow run), the tightest."""
+    record; with several `versions` (a shadow run), the tightest. `max_request_size`: the
+    client's producer's own, unless given."""
+    max_request_size = max_request_size or client.max_request_size
     overhead = max(
         DefaultRecordBatchBuilder.estimate_size_in_bytes(
             _SIZING_ID.encode(),
@@ -120,15 +121,15 @@ async def score_lines(
     version: str | None = None,
     via: Literal["kafka", "redis"] = "kafka",
     topic: str | None = None,
-    max_request_size: int = MAX_REQUEST_SIZE,
+    max_request_size: int | None = None,
     report: ScoreReport | None = None,
     first_line: int = 1,
 ) -> ScoreReport:
     """Send each line as a request and write one JSON result line per input line, in order:
     `{"line": n, "id": ..., "outputs": {...}}`, or `{"line": n, "code": ..., "error": ...}`.
     `window` lines per `predict_many` call, `in_flight` calls at once; each call's requests
-    must be answered within `timeout`. `max_request_size` is the client producer's: a line
-    whose request exceeds it is a bad line. `report`, if given, is filled in as lines are
+    must be answered within `timeout`. A line whose request exceeds `max_request_size` (the
+    client producer's, unless given) is a bad line. `report`, if given, is filled in as lines are
     written, so a caller can tell how far an interrupted run got. `first_line` numbers the
     first of `lines` (a run resumed after the lines a run before it wrote)."""
     report = report if report is not None else ScoreReport()

@@ -25,7 +25,6 @@ from aiokafka.errors import MessageSizeTooLargeError
 from surge.producers.client import Result, SurgeClient
 from surge.producers.requests import Prediction, PredictionError
 from surge.producers.scoring import (
-    MAX_REQUEST_SIZE,
     BadLine,
     Line,
     chunks,
@@ -103,7 +102,7 @@ async def compare_lines(
     window: int = 256,
     timeout: float = 60.0,
     via: Literal["kafka", "redis"] = "kafka",
-    max_request_size: int = MAX_REQUEST_SIZE,
+    max_request_size: int | None = None,
     report: ShadowReport | None = None,
 ) -> ShadowReport:
     """Send each line (a JSON object of named arrays, as `score_lines` reads) to the live

@@ -55,6 +55,9 @@ class SyncClient:
             return future.result()
         except concurrent.futures.CancelledError:
             raise ClientClosed("the client was closed during the request") from None
+        except BaseException:  # Ctrl-C while waiting: the call stops sending, and waiting
+            future.cancel()
+            raise
         finally:
             self._calls.discard(future)
 

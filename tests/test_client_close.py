@@ -4,6 +4,8 @@ is nothing to wait for, and at its timeout whatever Redis does meanwhile."""
 from __future__ import annotations
 
 import asyncio
+import os
+import signal
 import threading
 import time
 import uuid
@@ -174,3 +176,19 @@ def test_a_sync_call_starting_as_the_client_closes_fails_at_once(
     caller.join(10)
     assert not caller.is_alive(), "the caller was left blocked"
     assert [type(exc) for exc in outcome] == [ClientClosed]
+
+
+def test_a_sync_call_interrupted_stops_on_the_clients_loop_too(kafka: str) -> None:
+    """Ctrl-C in a waiting caller: its request stops waiting on the client's loop as well,
+    rather than hold its subscription and its place until its timeout."""
+    topic = asyncio.run(_unserved_topic(kafka))
+    with SyncClient(kafka) as client:
+        interrupt = threading.Timer(1.0, os.kill, (os.getpid(), signal.SIGINT))  # Ctrl-C
+        interrupt.start()
+        with pytest.raises(KeyboardInterrupt):
+            client.predict("nobody", X, timeout=30, topic=topic)
+        interrupt.join()
+        deadline = time.monotonic() + 5
+        while client._client._waiting and time.monotonic() < deadline:
+            time.sleep(0.05)
+        assert not client._client._waiting, "the call still waits on the client's loop"

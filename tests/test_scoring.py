@@ -122,6 +122,13 @@ def test_a_request_at_the_limit_fits_what_the_producer_takes() -> None:
     assert size <= limit.max_request_size == 1_048_576  # how aiokafka checks it
 
 
+def test_the_limit_is_the_clients_own_producers() -> None:
+    """A client whose producer takes larger records scores larger lines."""
+    roomy = SurgeClient(kafka_options={"max_request_size": 8 << 20})
+    assert request_limit(roomy, "mlp").max_request_size == 8 << 20
+    assert request_limit(roomy, "mlp", max_request_size=2 << 20).max_request_size == 2 << 20
+
+
 def test_a_window_of_no_lines_is_refused() -> None:
     with pytest.raises(ValueError, match="at least 1"):
         next(chunks(["{}"], 0))
