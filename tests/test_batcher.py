@@ -820,6 +820,41 @@ async def test_a_timeout_or_cancellation_a_model_raises_is_isolated_like_any_oth
     assert [rejection.code for rejection in answers.failed] == [ErrorCode.MODEL_ERROR]
 
 
+@pytest.mark.parametrize("inline", [False, True], ids=["in-thread", "inline"])
+@pytest.mark.parametrize("error", [StopIteration, SystemExit, asyncio.CancelledError])
+async def test_whatever_a_model_raises_is_its_error_on_a_thread_or_inline(
+    error: type[BaseException], inline: bool
+) -> None:
+    """StopIteration (which no future can carry) and exceptions that are not `Exception`s
+    are the model's error like any other: they neither stall the batch, end its loop, nor
+    end the process."""
+    answers = _Answers()
+    config = ModelConfig(
+        max_batch_size=8, max_batch_delay_ms=1, inline_below_ms=1000 if inline else 0
+    )
+    model = _Refuses(error)  # type: ignore[arg-type]
+    batcher = _batcher(model, answers, config, budget=5)
+    batcher.start(on_crash=CRASHES.append)
+    try:
+        for _ in range(20):  # one batch at a time: fast calls prove it fit to run inline
+            batcher.put(Job(make_ticket(b"{}"), {"x": np.ones((1, 4), np.float32)}, 1, None))
+            async with asyncio.timeout(5):
+                while batcher.calls_running or batcher.queued:
+                    await asyncio.sleep(0.005)
+        assert (batcher._fast_streak >= 16) == inline
+        for i in range(8):
+            value = -1.0 if i == 5 else 1.0
+            batcher.put(Job(make_ticket(b"{}"), {"x": np.full((1, 4), value, np.float32)}, 1, None))
+        async with asyncio.timeout(5):
+            while len(answers.answered) + len(answers.failed) < 28:
+                await asyncio.sleep(0.01)
+    finally:
+        await batcher.close()
+    assert len(answers.answered) == 20 + 7
+    assert [rejection.code for rejection in answers.failed] == [ErrorCode.MODEL_ERROR]
+    assert not CRASHES
+
+
 async def test_the_calls_of_a_batch_split_to_find_a_failure_share_its_one_budget() -> None:
     model, answers = _Refuses(ValueError, delay=0.2), _Answers()
     started = time.monotonic()

@@ -310,7 +310,7 @@ class Batcher:
             started = time.perf_counter()
             WATCH.call = (self._label, started, self._budget)  # a hang ends the process
             try:
-                outputs = self._runtime.run(batch)
+                outputs = self._model(batch)
             finally:
                 WATCH.call = None
             seconds = time.perf_counter() - started
@@ -348,6 +348,21 @@ class Batcher:
             )
         return outputs, seconds
 
+    def _model(self, batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+        """The runtime's call, whatever it raises an `Exception` the batch's requests can be
+        answered with (split to find the culprit, then `model_error`)."""
+        try:
+            return self._runtime.run(batch)
+        except (StopIteration, FutureCancelled, asyncio.CancelledError) as exc:
+            # A future cannot carry StopIteration (asyncio would leave the batch waiting out
+            # its budget), and a cancellation would read as the batch's own and end the loop
+            # with the batch unanswered.
+            raise RuntimeError(f"the model raised {exc!r}") from exc
+        except Exception:
+            raise
+        except BaseException as exc:  # SystemExit from a model: not the process's to end
+            raise RuntimeError(f"the model raised {exc!r}") from exc
+
     async def _in_thread(
         self, batch: dict[str, np.ndarray], requests: int, deadline: float
     ) -> tuple[dict[str, np.ndarray], float, float]:
@@ -362,12 +377,7 @@ class Batcher:
             clock.append(time.perf_counter())
             waited = cpu_wait.waited_s()
             loop.call_soon_threadsafe(started.set)
-            try:
-                outputs = self._runtime.run(batch)
-            except (FutureCancelled, asyncio.CancelledError) as exc:
-                # Carried back, it would read as this batch's own cancellation and end the
-                # loop with the batch unanswered: a model error like any other.
-                raise RuntimeError(f"the model raised {exc!r}") from exc
+            outputs = self._model(batch)
             clock.append(time.perf_counter())  # the call's own time, not the loop's delay
             clock.append(cpu_wait.waited_s() - waited)
             return outputs
