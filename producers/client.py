@@ -4,9 +4,10 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import functools
 import time
 import uuid
-from collections.abc import Coroutine, Iterable, Mapping
+from collections.abc import Awaitable, Callable, Coroutine, Iterable, Mapping
 from typing import Any, Literal, TypeVar
 
 import numpy as np
@@ -311,21 +312,36 @@ class SurgeClient:
         pubsub = None  # the Redis subscription this call made, to undo
         subscribing = False  # ... however far it got
         refused: dict[int, KafkaError] = {}  # by position: requests Kafka did not take
+        handed: set[int] = set()  # by position: requests the producer took
+        step = "waiting for the reply topic" if via == "kafka" else "connecting to Redis"
         try:
             try:
                 async with asyncio.timeout_at(deadline):
                     reply_to = await self._closable(self._reply_channel(via))
                     if via == "redis":
-                        subscribing = True
+                        subscribing, step = True, "subscribing in Redis"
                         pubsub = await self._closable(self._subscribe_now(ids))
-                    refused = await self._closable(
-                        self._send_all(model, bodies, ids, version, reply_to, deadline_ms, topic)
+                    step = "sending"
+                    send = functools.partial(
+                        self._send,
+                        model,
+                        version=version,
+                        reply_to=reply_to,
+                        deadline_ms=deadline_ms,
+                        topic=topic,
                     )
-            except (TimeoutError, ClientClosed):
+                    await self._closable(self._send_all(send, bodies, ids, refused, handed))
+            except TimeoutError as exc:
+                if not return_exceptions:
+                    raise TimeoutError(
+                        f"timed out after {timeout:g}s {step}: {len(handed)} of {len(ids)} "
+                        "requests sent"
+                    ) from exc
+                # Each request without a result times out in its place, saying whether it
+                # was sent at all; those Kafka refused meanwhile keep their refusals.
+            except ClientClosed:
                 if not return_exceptions:
                     raise
-                # Not all sent in time (or closed meanwhile): each request without a result
-                # times out (or is abandoned) in its place.
             else:
                 if refused and not return_exceptions:
                     raise refused[min(refused)]
@@ -352,7 +368,9 @@ class SurgeClient:
         if via == "kafka" and self._reader_error is not None:
             why = f" (reading {self.reply_topic} failed: {self._reader_error!r})"
         results = [
-            refused[n] if n in refused else _outcome(i, f, timeout, why)
+            refused[n]
+            if n in refused
+            else _outcome(i, f, timeout, why if n in handed else f" (not sent: timed out {step})")
             for n, (i, f) in enumerate(zip(ids, futures, strict=True))
         ]
         if not return_exceptions:
@@ -433,25 +451,24 @@ class SurgeClient:
 
     async def _send_all(
         self,
-        model: str,
+        send: Callable[..., Awaitable[asyncio.Future[Any]]],
         bodies: list[bytes],
         ids: list[str],
-        version: str | int | None,
-        reply_to: str,
-        deadline_ms: int,
-        topic: str | None,
-    ) -> dict[int, KafkaError]:
-        """Send every request; return the ones Kafka refused, by position. A refusal (a
-        record over the topic's max.message.bytes, say) fails those requests, not the rest."""
-        refused: dict[int, KafkaError] = {}
+        refused: dict[int, KafkaError],
+        handed: set[int],
+    ) -> None:
+        """Send every request: into `handed` go the positions of those the producer took,
+        into `refused` those Kafka refused, as they happen (a call cut short keeps both). A
+        refusal (a record over the topic's max.message.bytes, say) fails those requests, not
+        the rest."""
         deliveries: dict[int, asyncio.Future[Any]] = {}
         for n, (request_id, body) in enumerate(zip(ids, bodies, strict=True)):
             try:
-                deliveries[n] = await self._send(
-                    model, body, version, request_id, reply_to, deadline_ms, topic
-                )
+                deliveries[n] = await send(body=body, request_id=request_id)
             except KafkaError as exc:  # refused before it went out: over max_request_size
                 refused[n] = exc
+                continue
+            handed.add(n)
         outcomes = await asyncio.gather(*deliveries.values(), return_exceptions=True)
         for n, outcome in zip(deliveries, outcomes, strict=True):
             if isinstance(outcome, KafkaError):
@@ -459,7 +476,6 @@ class SurgeClient:
                 self._delivery_failed(outcome)
             elif isinstance(outcome, BaseException):
                 raise outcome
-        return refused
 
     async def _tidy(self, step: Coroutine[Any, Any, None]) -> None:
         """Run a Redis step after a wait: bounded, and its failure never the caller's outcome."""
@@ -494,31 +510,33 @@ class SurgeClient:
                 if self._redis is None:
                     await self._start_redis()
                 return headers.REPLY_TO_REDIS
-            resume: dict[int, int] = {}
             if self._replies is not None and self._replies_reader_dead():
                 # Its reader died on an error (a corrupt record, no right to read the topic):
                 # start another rather than leave every call to time out.
                 replies, self._replies = self._replies, None
                 with contextlib.suppress(KafkaError):
                     await replies.stop()
-                resume = self._resume_from()
             if self._replies is None:
+                # After a reader that ended, and after a start of another that failed or was
+                # cut short, alike: from where the last reader stopped.
+                resume = self._resume_from() if self._replies_reader is not None else {}
                 await self._start_reply_topic(resume)
+                if resume:
+                    self._resumed = resume
             return self.reply_topic
 
     def _resume_from(self) -> dict[int, int]:
         """Where a reader started after one that ended goes on from (by partition): where
         that one stopped, if a call waiting then still waits, for its result may have come
         meanwhile; else from the end, as a named reply topic may have taken hours of others'
-        results since. From the end too if the reader before stopped at the same place: a
+        results since. From the end too if a reader resumed at the same place before: a
         record no reader gets past is skipped, rather than stop every reader after it."""
         if not self._orphans & self._waiting.keys():
             return {}
         if self._read_to == self._resumed:
             log.warning("reply_reader_skips_to_end", topic=self.reply_topic, at=self._read_to)
             return {}
-        self._resumed = dict(self._read_to)
-        return self._resumed
+        return dict(self._read_to)
 
     async def _start_reply_topic(self, resume: dict[int, int]) -> None:
         """Read the reply topic from its end, or from `resume` (offsets by partition)."""

@@ -104,3 +104,21 @@ async def test_close_ends_a_submit_waiting_for_a_topic_that_does_not_exist(
         with pytest.raises(ClientClosed):
             await submit
         assert time.monotonic() - started < 3
+
+
+async def test_a_call_that_times_out_before_its_requests_are_sent_says_so(
+    strict_kafka: str,
+) -> None:
+    """A request topic missing on a cluster that does not create topics: the send waits for
+    its metadata until the deadline. The timeout says the requests never went out, rather
+    than that no result came."""
+    topic = f"test.missing.{uuid.uuid4().hex[:8]}"
+    x = {"x": np.ones((1, 8), np.float32)}
+    async with SurgeClient(strict_kafka) as client:
+        with pytest.raises(TimeoutError, match=r"timed out after 1s sending: 0 of 2 requests sent"):
+            await client.predict_many("mlp", [x, x], timeout=1, topic=topic)
+        results = await client.predict_many(
+            "mlp", [x, x], timeout=1, topic=topic, return_exceptions=True
+        )
+    assert [type(r) for r in results] == [TimeoutError, TimeoutError]
+    assert all("(not sent: timed out sending)" in str(r) for r in results)

@@ -14,6 +14,7 @@ import msgspec
 import numpy as np
 import pytest
 from aiokafka import AIOKafkaProducer
+from aiokafka.errors import KafkaConnectionError
 
 from surge.config import Settings
 from surge.producers import PredictionError, SurgeClient
@@ -126,8 +127,35 @@ def test_a_reader_started_again_goes_on_where_the_last_stopped_only_while_it_hel
     client._waiting = {"a": asyncio.Future, "b": asyncio.Future}  # type: ignore[dict-item]
     client._orphans = {"a"}
     assert client._resume_from() == {0: 5, 1: 9}
+    client._resumed = {0: 5, 1: 9}  # a reader started there, and stopped there again
     assert client._resume_from() == {}  # stopped at the same place again: skipped
     client._read_to = {0: 6, 1: 9}
     assert client._resume_from() == {0: 6, 1: 9}
     client._orphans = {"gone"}
     assert client._resume_from() == {}
+
+
+async def test_a_reader_whose_start_failed_is_started_where_the_last_one_stopped() -> None:
+    """A start cut short (the broker away, or the deadline of the call making it) leaves
+    the next call to start one from the same place, not from the topic's end."""
+    client = SurgeClient()  # never started: its bookkeeping only
+    client._read_to = {0: 5, 1: 9}
+    client._waiting = {"a": asyncio.Future()}
+    client._orphans = {"a"}
+    ended = asyncio.create_task(asyncio.sleep(0))
+    await ended
+    client._replies_reader = ended  # a reader ran, and ended
+    starts: list[dict[int, int]] = []
+
+    async def start(resume: dict[int, int]) -> None:
+        starts.append(resume)
+        if len(starts) == 1:
+            raise KafkaConnectionError("the broker is away")
+        client._replies = object()  # type: ignore[assignment]
+
+    client._start_reply_topic = start  # type: ignore[method-assign]
+    with pytest.raises(KafkaConnectionError):
+        await client._reply_channel("kafka")
+    await client._reply_channel("kafka")
+    assert starts == [{0: 5, 1: 9}, {0: 5, 1: 9}]
+    assert client._resumed == {0: 5, 1: 9}
