@@ -14,7 +14,7 @@ import numpy as np
 import structlog
 from aiokafka import AIOKafkaConsumer, AIOKafkaProducer, TopicPartition
 from aiokafka.admin import AIOKafkaAdminClient, NewTopic
-from aiokafka.errors import KafkaError, TopicAlreadyExistsError
+from aiokafka.errors import KafkaError, ProducerClosed, TopicAlreadyExistsError
 from redis.asyncio import Redis
 from redis.asyncio.retry import Retry
 from redis.backoff import NoBackoff
@@ -244,18 +244,27 @@ class SurgeClient:
             raise ClientClosed("the client is closed")
         if (renewal := self._renewal) is not None:  # the producer breaks no more requests
             await asyncio.shield(renewal)
-        return await self._producer.send(
-            topic or self._topic_prefix + model,
-            body,
-            key=request_id.encode(),
-            headers=request_headers(
+        record = {
+            "topic": topic or self._topic_prefix + model,
+            "value": body,
+            "key": request_id.encode(),
+            "headers": request_headers(
                 model=model,
                 content_type=self.content_type,
                 reply_to=reply_to,
                 version=None if version is None else str(version),
                 deadline_ms=deadline_ms,
             ),
-        )
+        }
+        producer = self._producer
+        try:
+            return await producer.send(**record)
+        except ProducerClosed:
+            # Replaced while this send waited (for metadata, or for room in a full batch):
+            # the record never joined a batch of the old one, so the new one sends it.
+            if self._closed or producer is self._producer or self._producer is None:
+                raise
+            return await self._producer.send(**record)
 
     # -- awaiting results -------------------------------------------------------------------
 

@@ -7,10 +7,11 @@ from __future__ import annotations
 import asyncio
 import time
 import uuid
+from typing import Any
 
 import numpy as np
 import pytest
-from aiokafka.errors import MessageSizeTooLargeError
+from aiokafka.errors import MessageSizeTooLargeError, ProducerClosed
 
 from surge.producers import ClientClosed, SurgeClient
 from surge.schemas import TensorError
@@ -122,3 +123,35 @@ async def test_a_call_that_times_out_before_its_requests_are_sent_says_so(
         )
     assert [type(r) for r in results] == [TimeoutError, TimeoutError]
     assert all("(not sent: timed out sending)" in str(r) for r in results)
+
+
+class _Producer:
+    """A producer's `send` alone: records what it took, or is closed under a waiting send."""
+
+    def __init__(self, client: SurgeClient | None = None, successor: Any = None) -> None:
+        self.sent: list[bytes] = []
+        self._client, self._successor = client, successor
+
+    async def send(self, **record: Any) -> asyncio.Future[Any]:
+        if self._client is not None:  # replaced while this send waited, then closed
+            self._client._producer = self._successor
+            raise ProducerClosed()
+        self.sent.append(record["value"])
+        return asyncio.get_running_loop().create_future()
+
+
+@pytest.mark.parametrize("replaced", [True, False])
+async def test_a_send_whose_producer_was_replaced_meanwhile_goes_on_the_new_one(
+    replaced: bool,
+) -> None:
+    client = SurgeClient()  # never started: its send alone
+    fresh = _Producer()
+    old = _Producer(client)
+    old._successor = fresh if replaced else old  # not replaced: closed, as by close()
+    client._producer = old  # type: ignore[assignment]
+    if not replaced:
+        with pytest.raises(ProducerClosed):
+            await client._send("mlp", b"body", None, "r-1", None, None, None)
+        return
+    await client._send("mlp", b"body", None, "r-1", None, None, None)
+    assert fresh.sent == [b"body"]
