@@ -88,7 +88,8 @@ class SurgeClient:
         self._redis_prefix = redis_prefix
         self._producer: AIOKafkaProducer | None = None
         self._renewal: asyncio.Task[None] | None = None  # of the producer: `_renew_producer`
-        self._retiring: set[asyncio.Task[None]] = set()  # replaced producers, being stopped
+        # Replaced producers being stopped, and Redis clients being closed.
+        self._retiring: set[asyncio.Future[None]] = set()
         self._replies: AIOKafkaConsumer | None = None
         self._replies_reader: asyncio.Task[None] | None = None
         # By reply partition, the offset after the last result read: where a reader started
@@ -645,18 +646,16 @@ class SurgeClient:
         return self._redis_reader is not None and self._redis_reader.done()
 
     async def _stop_redis(self) -> None:
-        redis, pubsub = self._redis, self._pubsub
+        redis, pubsub, reader = self._redis, self._pubsub, self._redis_reader
         # Unset first: a caller past its deadline must not reuse what is being closed.
         self._redis = self._pubsub = self._redis_reader = None
         self._subscribed.clear()
-        # asyncio.timeout, not wait_for: Python 3.11's wait_for can swallow a cancellation
-        # that comes as the wait ends, and a cancelled close would go on.
-        with contextlib.suppress(RedisError, OSError, TimeoutError):
-            async with asyncio.timeout(_REDIS_CLOSE_S):
-                await pubsub.aclose()
-        with contextlib.suppress(RedisError, OSError, TimeoutError):
-            async with asyncio.timeout(_REDIS_CLOSE_S):
-                await redis.aclose()  # type: ignore[union-attr]
+        # On its own, shielded: a caller cut off meanwhile (its deadline) must not leave the
+        # second connection open, with nothing left that refers to it; close() waits for it.
+        closing = asyncio.ensure_future(_close_redis(redis, pubsub, reader))
+        self._retiring.add(closing)
+        closing.add_done_callback(self._retiring.discard)
+        await asyncio.shield(closing)
 
     async def _subscribe(self, ids: list[str], pubsub: Any) -> None:
         channels = [self._redis_prefix + i for i in ids]
@@ -731,6 +730,19 @@ class SurgeClient:
                 self._resolve(request_id, result)
         except Exception:  # one unreadable result must not stop the reader
             log.exception("unreadable_result", channel=message.get("channel"))
+
+
+async def _close_redis(redis: Any, pubsub: Any, reader: asyncio.Task[None] | None) -> None:
+    """Stop the subscription's reader (left running, it would connect again), then close
+    the subscription and its client, each within `_REDIS_CLOSE_S`: a connection that is gone
+    must not hold a rebuild up."""
+    if reader is not None:
+        reader.cancel()
+        await asyncio.gather(reader, return_exceptions=True)
+    for resource in (pubsub, redis):
+        with contextlib.suppress(RedisError, OSError, TimeoutError):
+            async with asyncio.timeout(_REDIS_CLOSE_S):
+                await resource.aclose()
 
 
 def _read_result(

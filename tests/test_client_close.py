@@ -192,3 +192,32 @@ def test_a_sync_call_interrupted_stops_on_the_clients_loop_too(kafka: str) -> No
         while client._client._waiting and time.monotonic() < deadline:
             time.sleep(0.05)
         assert not client._client._waiting, "the call still waits on the client's loop"
+
+
+async def test_a_redis_rebuild_cut_short_still_closes_both_connections(kafka: str) -> None:
+    """A caller's deadline falling while the old subscription closes: the client behind it
+    is closed all the same, not left open with nothing referring to it."""
+    with RedisServer() as server:
+        admin = Redis.from_url(server.url)
+        try:
+            async with SurgeClient(kafka, redis_url=server.url) as client:
+                await client._reply_channel("redis")
+                assert client._redis is not None
+                assert client._pubsub is not None
+                await client._redis.ping()  # the client's own connection, beside the pub/sub
+                close_subscription = client._pubsub.aclose
+
+                async def slow_close() -> None:
+                    await asyncio.sleep(0.3)  # a connection slow to go
+                    await close_subscription()
+
+                client._pubsub.aclose = slow_close  # type: ignore[method-assign]
+                stopping = asyncio.create_task(client._stop_redis())
+                await asyncio.sleep(0.1)
+                stopping.cancel()  # the deadline of the call rebuilding it
+                await asyncio.gather(stopping, return_exceptions=True)
+                await asyncio.sleep(1)
+                names = [c.get("cmd") for c in await admin.client_list()]
+                assert len(names) == 1, names  # the admin connection alone
+        finally:
+            await admin.aclose()
