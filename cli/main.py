@@ -161,6 +161,8 @@ def _connect(args: argparse.Namespace) -> int:
     configured = options.pop("bootstrap_servers")
     args.bootstrap = args.bootstrap or configured
     args.kafka_options = options
+    # For the commands that send: the largest record their producer may send, as the workers'.
+    args.sending_options = options | {"max_request_size": args.settings.kafka.max_request_size}
     if hasattr(args, "redis_prefix"):  # where results are, as the workers write them
         redis = args.settings.redis
         if args.redis_prefix is None:
@@ -333,7 +335,7 @@ def _predict(args: argparse.Namespace) -> int:
             redis_url=args.redis_url,
             redis_prefix=args.redis_prefix,
             redis_options=args.redis_options,
-            kafka_options=args.kafka_options,
+            kafka_options=args.sending_options,
         ) as client:
             try:
                 result = await client.predict(
@@ -473,7 +475,7 @@ def _with_file(
             redis_url=args.redis_url,
             redis_prefix=args.redis_prefix,
             redis_options=args.redis_options,
-            kafka_options=args.kafka_options,
+            kafka_options=args.sending_options,
         ) as client:
             return await send(client, file_lines(source))
 
@@ -840,7 +842,7 @@ def _dlq_action(args: argparse.Namespace) -> int:
             redis_prefix=args.redis_prefix,
             redis_options=args.redis_options,
             dry_run=args.dry_run,
-            kafka_options=args.kafka_options,
+            kafka_options=args.sending_options,
         )
     )
     verb = "would replay" if args.dry_run else "replayed"

@@ -37,6 +37,15 @@ T = TypeVar("T")
 log = structlog.get_logger("surge.client")
 
 MAX_REQUEST_SIZE = 1_048_576  # aiokafka's default `max_request_size`, in bytes
+# Options aiokafka's producer takes and its consumer and admin client refuse.
+PRODUCER_ONLY = frozenset({"max_request_size", "compression_type", "linger_ms", "max_batch_size"})
+
+
+def split_options(options: Mapping[str, Any]) -> tuple[dict[str, Any], dict[str, Any]]:
+    """Kafka client options as (for every client, for the producer alone)."""
+    common = {k: v for k, v in options.items() if k not in PRODUCER_ONLY}
+    return common, {k: v for k, v in options.items() if k in PRODUCER_ONLY}
+
 
 # Redis clean-up after a caller's deadline (MGET of missed results, UNSUBSCRIBE) gets this long
 # of its own: a slow Redis must not hold the caller much past its timeout.
@@ -73,9 +82,13 @@ class SurgeClient:
         kafka_options: Mapping[str, Any] | None = None,
         redis_options: Mapping[str, Any] | None = None,
     ) -> None:
-        self._kafka = {"bootstrap_servers": bootstrap_servers, **(kafka_options or {})}
+        # Those only a producer takes go to the producer alone.
+        common, self._producer_options = split_options(kafka_options or {})
+        self._kafka = {"bootstrap_servers": bootstrap_servers, **common}
         # The largest record this client's producer sends, as its options set it.
-        self.max_request_size: int = self._kafka.get("max_request_size", MAX_REQUEST_SIZE)
+        self.max_request_size: int = self._producer_options.get(
+            "max_request_size", MAX_REQUEST_SIZE
+        )
         self.content_type = content_type
         self._topic_prefix = topic_prefix
         self.reply_topic = reply_topic or f"surge.replies.{uuid.uuid4().hex[:16]}"
@@ -124,7 +137,8 @@ class SurgeClient:
             raise
 
     async def _new_producer(self) -> AIOKafkaProducer:
-        producer = AIOKafkaProducer(**self._kafka, acks="all", enable_idempotence=True, linger_ms=1)
+        options = {"linger_ms": 1, **self._producer_options}
+        producer = AIOKafkaProducer(**self._kafka, **options, acks="all", enable_idempotence=True)
         try:
             await producer.start()
         except BaseException:

@@ -18,6 +18,7 @@ from aiokafka.admin import AIOKafkaAdminClient
 from aiokafka.errors import KafkaError
 from redis.asyncio import Redis
 
+from surge.producers.client import split_options
 from surge.schemas import DecodeError, decode_request, headers
 
 # Headers the worker adds to a dead letter: stripped again on replay.
@@ -345,14 +346,9 @@ async def replay(
     The original `surge-deadline-ms` is dropped. Each letter Kafka acknowledges gets a
     marker in `topic`; one Kafka refuses is counted and the rest go on. Stopped part way
     (cancelled), a replay still marks what its producer sends as it stops."""
+    common, producer_options = split_options(kafka_options or {})
     answered, gone = await _answered(
-        bootstrap,
-        letters,
-        reply_to,
-        redis_url,
-        redis_prefix,
-        redis_options or {},
-        kafka_options or {},
+        bootstrap, letters, reply_to, redis_url, redis_prefix, redis_options or {}, common
     )
     report = ReplayReport(len(letters), 0, 0, 0, 0)
     if not redis_url:
@@ -395,7 +391,7 @@ async def replay(
     if dry_run:
         report.replayed = len(chosen)
         return report
-    options = {"bootstrap_servers": bootstrap, **(kafka_options or {})}
+    options = {"bootstrap_servers": bootstrap, **common, **producer_options}
     failed = await _publish(options, topic, chosen, report, together=True)
     if failed:
         # An idempotent producer fails the batches queued behind one the broker refused

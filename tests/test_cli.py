@@ -418,3 +418,16 @@ def test_client_commands_take_the_workers_redis_from_their_settings_unless_given
         assert args.redis_options["ssl_ca_certs"] == str(ca)
     else:
         assert (args.redis_url, args.redis_options) == (given, {})
+
+
+def test_client_commands_send_records_as_large_as_the_workers_settings_allow(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    for name in [n for n in os.environ if n.startswith("SURGE_")]:
+        monkeypatch.delenv(name)
+    config = tmp_path / "worker.toml"
+    config.write_text("[kafka]\nmax_request_size = 10485760\n")
+    args = argparse.Namespace(config=config, bootstrap=None)
+    assert _connect(args) == 0
+    assert args.sending_options["max_request_size"] == 10_485_760
+    assert "max_request_size" not in args.kafka_options  # a consumer would refuse it

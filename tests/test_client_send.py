@@ -155,3 +155,19 @@ async def test_a_send_whose_producer_was_replaced_meanwhile_goes_on_the_new_one(
         return
     await client._send("mlp", b"body", None, "r-1", None, None, None)
     assert fresh.sent == [b"body"]
+
+
+async def test_a_client_whose_producer_takes_larger_records_sends_them(kafka: str) -> None:
+    """`max_request_size` goes to the producer alone: the reply reader and the admin
+    client would refuse it."""
+    topic = f"test.large.{uuid.uuid4().hex[:8]}"
+    await create_topics(kafka, topic, partitions=1, configs={"max.message.bytes": str(8 << 20)})
+    large = {"x": np.ones((1, 500_000), np.float32)}  # 2 MB: over the default 1 MiB
+    options = {"max_request_size": 8 << 20}
+    async with SurgeClient(kafka, kafka_options=options) as client:
+        (result,) = await client.predict_many(
+            "mlp", [large], topic=topic, timeout=2, return_exceptions=True
+        )
+    assert isinstance(result, TimeoutError)  # sent, and never answered: no worker reads it
+    assert "not sent" not in str(result)
+    assert len(await read_topic(kafka, topic, until=1, key_of=None)) == 1
