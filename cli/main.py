@@ -33,6 +33,7 @@ _TIME_HELP = "ISO time, inclusive; UTC unless it has an offset (as `dlq inspect`
 _REDIS_PREFIX_HELP = "the workers' [redis] key_prefix (default: the settings', surge:result:)"
 _REDIS_URL_HELP = "the workers' Redis (default: the settings' [redis] url)"
 _MAX_TIMEOUT_S = 86_400
+_MEMBERS_PER_CPU = 4  # `--processes` at most
 _BLOCK = 1 << 16  # bytes read at a time, back from a results file's end, for its last line
 
 
@@ -223,9 +224,18 @@ def _worker(args: argparse.Namespace) -> int:
 
 
 def _processes(value: str) -> str:
-    if value == "gpus" or (value.isdigit() and int(value) >= 1):
+    if value == "gpus":
         return value
-    raise argparse.ArgumentTypeError(f"{value!r} is neither a positive number nor 'gpus'")
+    if not (value.isdigit() and int(value) >= 1):
+        raise argparse.ArgumentTypeError(f"{value!r} is neither a positive number nor 'gpus'")
+    # Past a few per CPU, members only take each other's time (and memory, a model each):
+    # a number this large is a slip of the keyboard, not a plan.
+    most = _MEMBERS_PER_CPU * len(os.sched_getaffinity(0))
+    if int(value) > most:
+        raise argparse.ArgumentTypeError(
+            f"{value} processes: at most {most} ({_MEMBERS_PER_CPU} per CPU this may use)"
+        )
+    return value
 
 
 def _port(value: str) -> int:
@@ -319,7 +329,7 @@ def _dtype(datatype: str) -> np.dtype[Any]:
 
 def _predict(args: argparse.Namespace) -> int:
 
-    from surge.producers import PredictionError, SurgeClient
+    from surge.producers import NotSent, PredictionError, SurgeClient
     from surge.producers.scoring import json_values
 
     try:
@@ -330,19 +340,27 @@ def _predict(args: argparse.Namespace) -> int:
         return _fail("--via redis needs --redis-url")
 
     async def run() -> int:
-        async with SurgeClient(
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + args.timeout  # connecting counts too
+        client = SurgeClient(
             args.bootstrap,
             redis_url=args.redis_url,
             redis_prefix=args.redis_prefix,
             redis_options=args.redis_options,
             kafka_options=args.sending_options,
-        ) as client:
+        )
+        try:
+            try:
+                async with asyncio.timeout_at(deadline):
+                    await client.start()
+            except TimeoutError:
+                raise NotSent(f"no answer within {args.timeout:g}s") from None
             try:
                 result = await client.predict(
                     args.model,
                     inputs,
                     version=args.version,
-                    timeout=args.timeout,
+                    timeout=max(deadline - loop.time(), 0.001),
                     via=args.via,
                     topic=args.topic,
                 )
@@ -351,6 +369,8 @@ def _predict(args: argparse.Namespace) -> int:
                     json.dumps({"error": exc.message, "code": str(exc.code), "id": exc.request_id})
                 )
                 return 1
+        finally:
+            await client.close()
         outputs = {name: json_values(array) for name, array in result.outputs.items()}
         answer = {
             "id": result.id,
@@ -363,6 +383,8 @@ def _predict(args: argparse.Namespace) -> int:
 
     try:
         return _explained(args, lambda: asyncio.run(run()))
+    except NotSent as exc:
+        return _fail(f"Kafka at {args.bootstrap}: {exc}")
     except TimeoutError:
         topic = args.topic or f"surge.requests.{args.model}"
         return _fail(

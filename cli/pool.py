@@ -142,6 +142,8 @@ def run_pool(settings: Settings, processes: str, config: Path | None) -> int:
     signal.signal(signal.SIGINT, stop)
     try:
         for member in members:
+            if stopping:  # told to stop while starting them: start no more
+                break
             member.start()
         while not stopping:
             time.sleep(_POLL_S)

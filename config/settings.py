@@ -4,11 +4,13 @@ from __future__ import annotations
 
 import os
 import re
+import socket
 import ssl
 from typing import Annotated, Any, Literal
 from urllib.parse import parse_qsl, urlencode
 
 import msgspec
+from redis.connection import parse_url
 
 from surge.schemas.headers import REPLY_TO_REDIS
 
@@ -104,12 +106,16 @@ def check_bootstrap(servers: str) -> str:
     when it has a port), as every Kafka client reads them; else a ValueError that says why."""
     for entry in map(str.strip, servers.split(",")):
         if entry.startswith("["):  # [::1]:9092
-            host, _, rest = entry[1:].partition("]")
-            port = rest.removeprefix(":") if rest else None
-        elif entry.count(":") == 1:
-            host, port = entry.split(":")
-        else:  # a host alone (port 9092), or an IPv6 address without one
+            host, bracket, rest = entry[1:].partition("]")
+            if not bracket or "]" in rest or (rest and not rest.startswith(":")):
+                raise ValueError(f"bootstrap servers {servers!r}: {entry!r} is not [host]:port")
+            port = rest[1:] if rest else None
+        elif ":" not in entry or _ipv6(entry):  # a host alone (port 9092)
             host, port = entry, None
+        else:
+            host, _, port = entry.rpartition(":")
+            if ":" in host:  # not an IPv6 address, which would need brackets before a port
+                raise ValueError(f"bootstrap servers {servers!r}: {entry!r} is not host:port")
         if not host:
             raise ValueError(f"bootstrap servers {servers!r}: an entry without a host")
         if port is not None and not (port.isdigit() and 0 < int(port) < 65536):
@@ -117,10 +123,23 @@ def check_bootstrap(servers: str) -> str:
     return servers
 
 
+def _ipv6(text: str) -> bool:
+    """Whether `text` is an IPv6 address as the Kafka clients read one (no zone)."""
+    try:
+        socket.inet_pton(socket.AF_INET6, text)
+    except (OSError, ValueError):
+        return False
+    return True
+
+
 def check_redis_url(url: str) -> str:
     """`url` if it names a Redis server the way redis-py reads one; else a ValueError."""
     if not url.startswith(("redis://", "rediss://", "unix://")):
         raise ValueError(f"redis url {url!r} must start with redis://, rediss:// or unix://")
+    try:
+        parse_url(url)
+    except ValueError as exc:  # a port that is no number, a database that is none
+        raise ValueError(f"redis url {url!r}: {exc}") from None
     return url
 
 
@@ -276,6 +295,12 @@ class WorkerSettings(msgspec.Struct, kw_only=True, forbid_unknown_fields=True):
                 )
             if reply_to in (*consumed, self.dead_letter_topic):
                 raise ValueError(f"default_reply_to {reply_to!r} is a request or dead-letter topic")
+            model = reply_to.removeprefix(self.topic_prefix)
+            if self.topic_prefix and model != reply_to and model not in self.topics:
+                raise ValueError(
+                    f"default_reply_to {reply_to!r} is the request topic of a model named "
+                    f"{model!r} (topic_prefix {self.topic_prefix!r})"
+                )
 
 
 class LogSettings(msgspec.Struct, kw_only=True, forbid_unknown_fields=True):

@@ -1,6 +1,6 @@
 """The client side: publish requests, await results."""
 
-from surge.producers.client import ClientClosed, Result, SurgeClient
+from surge.producers.client import ClientClosed, NotSent, Result, SurgeClient
 from surge.producers.requests import (
     Prediction,
     PredictionError,
@@ -20,6 +20,7 @@ __all__ = [
     "Prediction",
     "PredictionError",
     "ClientClosed",
+    "NotSent",
     "Result",
     # files
     "score_lines",

@@ -63,6 +63,10 @@ class ClientClosed(RuntimeError):
     """The client was closed while a request still waited for its result."""
 
 
+class NotSent(TimeoutError):
+    """A call's timeout came before all its requests were handed to Kafka."""
+
+
 class SurgeClient:
     """Submit requests and await results through a reply topic this client owns, or Redis.
 
@@ -357,7 +361,7 @@ class SurgeClient:
                     await self._closable(self._send_all(send, bodies, ids, refused, handed))
             except TimeoutError as exc:
                 if not return_exceptions:
-                    raise TimeoutError(
+                    raise NotSent(
                         f"timed out after {timeout:g}s {step}: {len(handed)} of {len(ids)} "
                         "requests sent"
                     ) from exc

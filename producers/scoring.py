@@ -205,8 +205,6 @@ def parse_line(
 
 
 def _array(name: str, data: Any, dtype: np.dtype[Any] | str) -> np.ndarray | BadLine:
-    if not isinstance(data, list):
-        return BadLine(f"input {name!r} is a scalar, not rows")
     try:
         return input_array(name, data, dtype)
     except TensorError as exc:
@@ -216,7 +214,9 @@ def _array(name: str, data: Any, dtype: np.dtype[Any] | str) -> np.ndarray | Bad
 def input_array(name: str, data: Any, dtype: np.dtype[Any] | str) -> np.ndarray:
     """Nested lists, as JSON reads them, as an array of `dtype`, converted as a worker converts
     a request's list: 1.7 or "12" is no int64 and 0.5 no bool, where numpy would send 1, 12
-    and True. Raises TensorError."""
+    and True. Raises TensorError, for a scalar too: a request's inputs are rows."""
+    if not isinstance(data, list):
+        raise TensorError(f"input {name!r}: a scalar, not rows")
     shape, inner = [], data
     while isinstance(inner, list):  # the first path down; a ragged list fails in to_array
         shape.append(len(inner))

@@ -8,6 +8,7 @@ import contextlib
 import json
 import os
 import signal
+import socket
 import subprocess
 import sys
 import time
@@ -121,6 +122,7 @@ def _refuse(token: str) -> None:
             id="half-as-bool",
         ),
         pytest.param(("mlp", "-i", "x=" + "[" * 50_000), "--input x: not valid JSON", id="deep"),
+        pytest.param(("mlp", "-i", "x=1"), "--input x: not an array of float32 (a scalar", id="1"),
         pytest.param(("mlp", "--via", "redis"), "--via redis needs --redis-url", id="no-redis"),
     ],
 )
@@ -184,6 +186,21 @@ def test_predict_refuses_a_timeout_that_is_not_a_positive_number(
             "argument --redis-url: redis url 'notaurl' must start with redis://",
             id="replay-redis-scheme",
         ),
+        pytest.param(
+            ("dlq", "inspect", "--bootstrap", "a:b:c"),
+            "argument --bootstrap: bootstrap servers 'a:b:c': 'a:b:c' is not host:port",
+            id="two-colons",
+        ),
+        pytest.param(
+            ("lag", "--bootstrap", "[::1"),
+            "argument --bootstrap: bootstrap servers '[::1': '[::1' is not [host]:port",
+            id="ipv6-unclosed",
+        ),
+        pytest.param(
+            ("predict", "mlp", "-i", "x=[[1]]", "--via", "redis", "--redis-url", "redis://h:abc/0"),
+            "argument --redis-url: redis url 'redis://h:abc/0': Port could not be cast",
+            id="redis-port",
+        ),
         pytest.param(("broker", "--port", "70000"), "'70000' is not a TCP port", id="broker-port"),
         pytest.param(
             ("demo", "--requests", "-1"), "'-1' is not a positive whole number", id="demo-count"
@@ -220,6 +237,22 @@ def test_predict_explains_an_unreachable_broker() -> None:
     out = surge("predict", "mlp", "--bootstrap", f"127.0.0.1:{free_port()}", "--timeout", "5")
     assert out.returncode == 2, out.stdout + out.stderr
     assert "Kafka at 127.0.0.1:" in out.stderr
+    assert "Traceback" not in out.stderr
+
+
+def test_predict_s_timeout_bounds_reaching_a_broker_that_never_answers() -> None:
+    """A listener that takes connections and says nothing (a wrong port behind a proxy):
+    the timeout given is the whole command's, connecting included."""
+    with socket.create_server(("127.0.0.1", 0)) as silent:
+        port = silent.getsockname()[1]
+        started = time.monotonic()
+        out = surge(
+            "predict", "mlp", "-i", "x=[[1]]", "--bootstrap", f"127.0.0.1:{port}", "--timeout", "2"
+        )
+        elapsed = time.monotonic() - started
+    assert out.returncode == 2, out.stdout + out.stderr
+    assert f"Kafka at 127.0.0.1:{port}: no answer within 2s" in out.stderr
+    assert elapsed < 10  # the interpreter's start-up, and 2 s
     assert "Traceback" not in out.stderr
 
 
@@ -431,3 +464,12 @@ def test_client_commands_send_records_as_large_as_the_workers_settings_allow(
     assert _connect(args) == 0
     assert args.sending_options["max_request_size"] == 10_485_760
     assert "max_request_size" not in args.kafka_options  # a consumer would refuse it
+
+
+@pytest.mark.parametrize("processes", ["100000", "99999999999999999999999"])
+def test_a_pool_of_more_processes_than_the_machine_could_run_is_refused(processes: str) -> None:
+    most = 4 * len(os.sched_getaffinity(0))
+    out = surge("worker", "--processes", processes, timeout=30)
+    assert out.returncode == 2, out.stdout + out.stderr
+    assert f"at most {most} (4 per CPU this may use)" in out.stderr
+    assert "Traceback" not in out.stderr

@@ -170,6 +170,11 @@ def test_cross_field_checks() -> None:
             id="default-reply-topic-the-dead-letters",
         ),
         pytest.param(
+            {"SURGE_WORKER__DEFAULT_REPLY_TO": "surge.requests.mlp"},
+            "default_reply_to 'surge.requests.mlp' is the request topic of a model named 'mlp'",
+            id="default-reply-topic-a-models-requests",
+        ),
+        pytest.param(
             {"SURGE_WORKER__DEFAULT_REPLY_TO": "redis"},
             "default_reply_to is redis, but redis.url is not set",
             id="default-reply-redis-without-redis",
