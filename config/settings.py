@@ -35,6 +35,7 @@ class KafkaSettings(msgspec.Struct, kw_only=True, forbid_unknown_fields=True):
     ssl_cafile: str | None = None
     ssl_certfile: str | None = None
     ssl_keyfile: str | None = None
+    ssl_password: str | None = None  # of an encrypted ssl_keyfile
     request_timeout_ms: Positive = 30_000
     # Keep equal to the broker's `message.max.bytes`: a mismatch makes sends fail late.
     max_request_size: Positive = 1_048_576
@@ -59,6 +60,7 @@ class KafkaSettings(msgspec.Struct, kw_only=True, forbid_unknown_fields=True):
                 "ssl_cafile",
                 "ssl_certfile",
                 "ssl_keyfile",
+                "ssl_password",
                 because=(
                     f"security_protocol {self.security_protocol} uses no TLS (SSL or SASL_SSL does)"
                 ),
@@ -97,8 +99,16 @@ class KafkaSettings(msgspec.Struct, kw_only=True, forbid_unknown_fields=True):
     def _ssl_context(self) -> ssl.SSLContext:
         context = ssl.create_default_context(cafile=self.ssl_cafile)
         if self.ssl_certfile:
-            context.load_cert_chain(self.ssl_certfile, self.ssl_keyfile)
+            # Asked for an encrypted key's passphrase, OpenSSL would prompt on a terminal (a
+            # worker hung at start) or fail with no reason given: the setting, or this.
+            context.load_cert_chain(
+                self.ssl_certfile, self.ssl_keyfile, password=self.ssl_password or _no_password
+            )
         return context
+
+
+def _no_password() -> str:
+    raise ValueError("the key is encrypted: give its passphrase as ssl_password")
 
 
 def check_bootstrap(servers: str) -> str:

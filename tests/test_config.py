@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import math
 import re
+import subprocess
 from pathlib import Path
 
 import pytest
@@ -18,6 +19,7 @@ from surge.config import (
     load_settings,
     redis_url_for_bytes,
 )
+from tests.services import make_certificates
 
 
 def test_shipped_configs_validate() -> None:
@@ -438,3 +440,30 @@ def test_a_redis_url_keeps_all_but_decode_responses_and_still_names_its_server(
 ) -> None:
     assert redis_url_for_bytes(url) == expected
     Redis.from_url(expected)  # redis-py reads it (no connection is made yet)
+
+
+def test_an_encrypted_tls_key_needs_its_passphrase_and_never_prompts(tmp_path: Path) -> None:
+    """Asked for a passphrase, OpenSSL would prompt on a terminal: a worker hung at start."""
+    certs = make_certificates(tmp_path)
+    encrypted = tmp_path / "encrypted.key"
+    subprocess.run(
+        [
+            *("openssl", "pkcs8", "-topk8", "-in", "server.key", "-out", encrypted.name),
+            *("-v2", "aes-256-cbc", "-passout", "pass:secret"),
+        ],
+        cwd=certs,
+        check=True,
+        capture_output=True,
+    )
+    env = {
+        "SURGE_KAFKA__SECURITY_PROTOCOL": "SSL",
+        "SURGE_KAFKA__SSL_CAFILE": str(certs / "ca.pem"),
+        "SURGE_KAFKA__SSL_CERTFILE": str(certs / "server.pem"),
+        "SURGE_KAFKA__SSL_KEYFILE": str(encrypted),
+    }
+    with pytest.raises(ConfigError, match="the key is encrypted: give its passphrase as ssl_pass"):
+        load_settings(env=env)
+    with pytest.raises(ConfigError, match="TLS files unusable"):
+        load_settings(env=env | {"SURGE_KAFKA__SSL_PASSWORD": "wrong"})
+    settings = load_settings(env=env | {"SURGE_KAFKA__SSL_PASSWORD": "secret"})
+    assert settings.kafka.client_options()["ssl_context"] is not None
