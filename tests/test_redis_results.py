@@ -652,19 +652,23 @@ async def _throttled_pipe(
     writer.close()
 
 
+async def _slow_link(port: int, rate: float) -> asyncio.Server:
+    """A proxy to the Redis on `port` that passes `rate` bytes a second towards it."""
+
+    async def forward(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        upstream_reader, upstream_writer = await asyncio.open_connection("127.0.0.1", port)
+        await asyncio.gather(
+            _throttled_pipe(reader, upstream_writer, rate), _pipe(upstream_reader, writer)
+        )
+
+    return await asyncio.start_server(forward, "127.0.0.1", 0)
+
+
 async def test_results_too_many_for_one_call_over_a_slow_link_go_in_smaller_calls() -> None:
     """A call that outlasts the socket timeout on a slow link would time out at every try:
     it is split until its parts get through."""
     server = RedisServer().start()
-
-    async def forward(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
-        upstream_reader, upstream_writer = await asyncio.open_connection("127.0.0.1", server.port)
-        await asyncio.gather(
-            _throttled_pipe(reader, upstream_writer, 400_000),  # bytes/s towards Redis
-            _pipe(upstream_reader, writer),
-        )
-
-    proxy = await asyncio.start_server(forward, "127.0.0.1", 0)
+    proxy = await _slow_link(server.port, 400_000)  # bytes/s towards Redis
     port = proxy.sockets[0].getsockname()[1]
     redis = Redis.from_url(f"redis://127.0.0.1:{port}/0", socket_timeout=1)
     replies = _replies(redis, "slow:")
@@ -705,15 +709,7 @@ async def test_a_result_too_slow_to_send_alone_over_a_slow_link_is_refused() -> 
     """Halving ends at one result that still outlasts the socket timeout at every try: it is
     refused, rather than retried for ever ahead of every later result."""
     server = RedisServer().start()
-
-    async def forward(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
-        upstream_reader, upstream_writer = await asyncio.open_connection("127.0.0.1", server.port)
-        await asyncio.gather(
-            _throttled_pipe(reader, upstream_writer, 400_000),  # bytes/s towards Redis
-            _pipe(upstream_reader, writer),
-        )
-
-    proxy = await asyncio.start_server(forward, "127.0.0.1", 0)
+    proxy = await _slow_link(server.port, 400_000)  # bytes/s towards Redis
     port = proxy.sockets[0].getsockname()[1]
     redis = Redis.from_url(f"redis://127.0.0.1:{port}/0", socket_timeout=1)
     items = [(SimpleNamespace(request_id="big"), bytes(1_200_000)), *_items([10, 10])]
