@@ -569,6 +569,10 @@ def _score(args: argparse.Namespace) -> int:
                 "after them, or remove it to start again"
             )
         earlier = _answered_lines(kept)
+    elif args.resume and args.output.exists():
+        # Finished before: scored again, every line would go out again and replace it.
+        print(f"{args.output} is complete: nothing to resume", file=sys.stderr)
+        return 0
     done = earlier.lines
     report = ScoreReport()
 

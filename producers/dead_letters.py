@@ -19,7 +19,7 @@ from aiokafka.errors import KafkaError
 from redis.asyncio import Redis
 
 from surge.producers.client import split_options
-from surge.schemas import DecodeError, decode_request, headers
+from surge.schemas import DecodeError, decode_request, headers, key_id
 
 # Headers the worker adds to a dead letter: stripped again on replay.
 _ADDED = {
@@ -99,7 +99,7 @@ class DeadLetter:
     def replays(self) -> int:
         """How many times its request had been replayed when this letter was written."""
         count = self.fields.get(headers.REPLAYS, "0")
-        return int(count) if count.isdigit() else 0
+        return int(count) if count.isascii() and count.isdigit() else 0  # "²" is a digit too
 
     @property
     def source_topic(self) -> str | None:
@@ -117,9 +117,8 @@ class DeadLetter:
             request_id = decode_request(self.value, content_type).id
             if request_id:
                 return request_id
-        if self.key:
-            with contextlib.suppress(UnicodeDecodeError):
-                return self.key.decode()
+        if request_id := key_id(self.key):
+            return request_id
         return "-".join(
             self.fields.get(h, "?")
             for h in (headers.SOURCE_TOPIC, headers.SOURCE_PARTITION, headers.SOURCE_OFFSET)
@@ -356,7 +355,9 @@ async def replay(
         report.unverified = targets.count(headers.REPLY_TO_REDIS)
     seen: set[str] = set()
     chosen: list[_Chosen] = []
-    for letter in letters:
+    # The most replayed letter of a request first: the one sent, and marked, is then the one
+    # whose count says its siblings were replayed, whichever of them a later replay reads.
+    for letter in sorted(letters, key=lambda letter: letter.replays, reverse=True):
         request_id = letter.request_id
         if request_id in answered:
             report.already_answered += 1

@@ -23,6 +23,7 @@ from surge.schemas.inference import (
     InferenceResponse,
     RequestedOutput,
     Tensor,
+    key_id,
 )
 from surge.schemas.tensors import (
     DATATYPES,
@@ -37,6 +38,7 @@ from surge.schemas.tensors import (
 
 __all__ = [
     "MAX_ID_LENGTH",
+    "key_id",
     # bodies
     "InferenceRequest",
     "InferenceResponse",

@@ -16,6 +16,7 @@ MAX_ID_LENGTH = 256
 MAX_DIMS = 16
 
 RequestId = Annotated[str, msgspec.Meta(min_length=1, max_length=MAX_ID_LENGTH)]
+_MAX_ID_BYTES = 4 * MAX_ID_LENGTH  # UTF-8 takes at most 4 bytes a character
 Dim = Annotated[int, msgspec.Meta(ge=0)]
 Shape = Annotated[list[Dim], msgspec.Meta(max_length=MAX_DIMS)]
 
@@ -64,3 +65,16 @@ class ErrorResponse(msgspec.Struct, omit_defaults=True):
     error: str
     code: ErrorCode
     id: str | None = None
+
+
+def key_id(key: bytes | None) -> str | None:
+    """The id of a request whose body has none: its Kafka key as text, where that could be a
+    body's id (UTF-8, 1 to `MAX_ID_LENGTH` characters); None, and the request is named by
+    its position (`<topic>-<partition>-<offset>`), where it could not."""
+    if not key or len(key) > _MAX_ID_BYTES:
+        return None
+    try:
+        request_id = key.decode()
+    except UnicodeDecodeError:
+        return None
+    return request_id if len(request_id) <= MAX_ID_LENGTH else None

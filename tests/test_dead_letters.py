@@ -20,7 +20,7 @@ from redis.asyncio import Redis
 from surge.config import Settings
 from surge.producers import dead_letters as dlq
 from surge.producers import request_body, request_headers
-from surge.producers.dead_letters import TopicUnreadable, read_all, read_to_end
+from surge.producers.dead_letters import DeadLetter, TopicUnreadable, read_all, read_to_end
 from surge.schemas import MSGPACK, headers
 from surge.workers import Worker
 from tests.conftest import make_settings
@@ -387,6 +387,39 @@ async def test_a_replayed_request_that_fails_again_can_be_replayed_again(kafka: 
     assert {k: len(v) for k, v in replayed.items()} == {f"{run}-0": 2, f"{run}-1": 1}
     third = [r for r in replayed[f"{run}-0"] if r.headers[headers.REPLAYS] == b"2"]
     assert len(third) == 1
+
+
+async def test_of_two_unmarked_letters_of_a_request_the_most_replayed_is_sent_once(
+    kafka: str,
+) -> None:
+    """A replay whose marker was lost, and whose request failed again: its letter (replays 0)
+    and the new one (replays 1) are both unmarked. One replay sends the newer, and a second
+    replay sends neither."""
+    run = uuid.uuid4().hex[:8]
+    dead_letters, source, replies = f"test.dlq.{run}", f"test.src.{run}", f"test.replies.{run}"
+    await create_topics(kafka, dead_letters, source, replies)
+    ((key, value, first),) = _letters(run, source, 1, replies)
+    newer = [*first, (headers.REPLAYS, b"1")]
+    await publish(kafka, [(dead_letters, key, value, first), (dead_letters, key, value, newer)])
+    common = ("--topic", dead_letters, "--bootstrap", kafka)
+    once = surge("dlq", "replay", *common)
+    assert "replayed 1" in once.stdout, once.stdout + once.stderr
+    again = surge("dlq", "replay", *common)
+    assert "replayed 0" in again.stdout, again.stdout + again.stderr
+    (sent,) = (await read_results(kafka, source, key_of=None))[f"{run}-0"]
+    assert sent.headers[headers.REPLAYS] == b"2"
+
+
+def test_a_letter_is_named_as_the_worker_named_its_request() -> None:
+    """Without an id in the body: by its key where that could be an id, else by its source
+    position, as the worker names it (and its result); a replay count not in ASCII digits
+    counts as none."""
+    position = [(headers.SOURCE_TOPIC, b"t"), (headers.SOURCE_PARTITION, b"0")]
+    position.append((headers.SOURCE_OFFSET, b"5"))
+    for key, request_id in [(b"r-1", "r-1"), (b"k" * 300, "t-0-5"), (None, "t-0-5")]:
+        letter = DeadLetter(key, b"{}", position, 0, 0, 0)
+        assert letter.request_id == request_id
+    assert DeadLetter(None, b"", [(headers.REPLAYS, "²".encode())], 0, 0, 0).replays == 0
 
 
 async def test_a_replay_stopped_part_way_marks_every_letter_it_sent(kafka: str) -> None:

@@ -290,6 +290,11 @@ async def test_a_run_that_did_not_finish_is_resumed_not_overwritten(
     assert all("outputs" in line for line in lines[2:])
     assert not partial.exists()
 
+    again = surge("score", "mlp", str(source), "-o", str(results), "--resume", *where)
+    assert again.returncode == 0, again.stderr
+    assert f"{results} is complete: nothing to resume" in again.stderr
+    assert results.read_text() == written  # not scored again
+
 
 @pytest.mark.integration
 async def test_surge_score_reads_a_file_that_is_not_all_utf8_line_by_line(

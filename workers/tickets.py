@@ -15,7 +15,7 @@ from typing import Any, NamedTuple, Protocol
 import msgspec
 from aiokafka import TopicPartition
 
-from surge.schemas import JSON, MAX_ID_LENGTH, ErrorCode, headers
+from surge.schemas import JSON, ErrorCode, headers, key_id
 from surge.schemas.headers import CONTENT_TYPES, REPLY_TO_REDIS
 
 
@@ -75,7 +75,6 @@ _ROUTING = frozenset(
     (headers.MODEL, headers.VERSION, headers.REPLY_TO, headers.DEADLINE_MS, headers.CONTENT_TYPE)
 )
 _ROUTE_CACHE = 1024
-_MAX_ID_BYTES = 4 * MAX_ID_LENGTH  # UTF-8 takes at most 4 bytes a character
 # A routing header's value at most: a topic name's limit and more than any model name or
 # version needs. Routes are cached by their headers' values, and a model's name goes into
 # each of its results' headers: unbounded, a few records could pin gigabytes there.
@@ -353,15 +352,6 @@ def fallback_id(ticket: Ticket) -> str:
 
 
 def _id_of(key: bytes | None, topic: str, partition: int, offset: int) -> str:
-    """The key as text when it could be a body's id (UTF-8, at most `MAX_ID_LENGTH`
-    characters), else the record's position: a key that could not be an id makes no Redis
-    key or reply header of any length."""
-    if key and len(key) <= _MAX_ID_BYTES:
-        try:
-            request_id = key.decode()
-        except UnicodeDecodeError:
-            pass
-        else:
-            if len(request_id) <= MAX_ID_LENGTH:
-                return request_id
-    return f"{topic}-{partition}-{offset}"
+    """The key as text where it could be a body's id, else the record's position: a key that
+    could not be an id makes no Redis key or reply header of any length."""
+    return key_id(key) or f"{topic}-{partition}-{offset}"
