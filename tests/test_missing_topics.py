@@ -5,6 +5,7 @@ every other request of the same partitions are written and committed, in both de
 from __future__ import annotations
 
 import asyncio
+import json
 import uuid
 from collections.abc import Callable
 from pathlib import Path
@@ -19,7 +20,7 @@ from surge.schemas import MSGPACK, ErrorCode, headers
 from surge.workers import Worker
 from surge.workers.writes import TopicLookup
 from tests.conftest import make_settings
-from tests.helpers import create_topics, publish, read_to_end, wait_committed
+from tests.helpers import create_topics, publish, read_to_end, read_topic, wait_committed
 
 pytestmark = pytest.mark.integration
 
@@ -88,3 +89,49 @@ async def test_a_topic_deleted_since_it_was_found_is_missing_when_asked_afresh(
     finally:
         await admin.close()
         await lookup.close()
+
+
+async def test_a_request_topic_deleted_under_way_holds_up_no_other_topics_commits(
+    strict_kafka: str, model_root: Path, run_worker: Callable[[Settings], Worker]
+) -> None:
+    """A commit naming a partition of a topic deleted meanwhile is answered "unknown topic",
+    which aiokafka retries for as long as it lasts: cut off, it leaves the next commit, of
+    the other topics' partitions, to go ahead."""
+    run = uuid.uuid4().hex[:8]
+    own, shared, replies = f"test.own.{run}", f"test.shared.{run}", f"test.replies.{run}"
+    settings = make_settings(
+        strict_kafka,
+        model_root,
+        None,
+        SURGE_WORKER__TOPICS=json.dumps({"mlp": own}),
+        SURGE_WORKER__SHARED_TOPICS=json.dumps([shared]),
+        SURGE_WORKER__CREATE_TOPICS="false",
+        SURGE_WORKER__COMMIT_INTERVAL_MS="3000",  # a result settled now is committed later
+        SURGE_WORKER__GROUP_ID=f"deleted-{run}",
+    )
+    group = settings.worker.group_id
+    await create_topics(strict_kafka, own, shared, replies, partitions=1)
+    await run_worker(settings)
+    route = request_headers(model="mlp", content_type=MSGPACK, reply_to=replies)
+    x = {"x": np.ones((1, 32), np.float32)}
+
+    async def send(topic: str, count: int) -> None:
+        ids = [uuid.uuid4().hex for _ in range(count)]
+        await publish(
+            strict_kafka, [(topic, None, request_body(x, i, MSGPACK), route) for i in ids]
+        )
+
+    await send(own, 1)
+    await send(shared, 1)
+    await wait_committed(strict_kafka, group, own, timeout=60)
+    await wait_committed(strict_kafka, group, shared, timeout=60)
+    await send(own, 1)
+    await read_topic(strict_kafka, replies, until=3, key_of=None)
+    admin = AIOKafkaAdminClient(bootstrap_servers=strict_kafka)
+    await admin.start()
+    try:  # answered, not yet committed: its topic goes before the commit does
+        await admin.delete_topics([own])
+    finally:
+        await admin.close()
+    await send(shared, 5)
+    await wait_committed(strict_kafka, group, shared, timeout=45)

@@ -56,6 +56,10 @@ _PAUSED_KEEPALIVE_S = 1.0  # while paused, getmany still runs this often (max.po
 _FETCH_RETRY_S = 1.0
 _COMMIT_RETRY_S = 5.0
 _COMMIT_BACKOFF_S = 1.0
+# aiokafka retries a commit on a retriable error for as long as it gets one: a partition of a
+# topic deleted meanwhile answers one for ever, holding every partition's commits (and the
+# lock a revocation's commit needs) behind it. Cut off, the next commit goes without it.
+_COMMIT_LIMIT_S = 10.0
 _SHUTDOWN_STEP_S = 10.0
 # How long a rebalance waits for the assigned partitions' transactional ids: ids taken at once
 # (tens of ms) are served as it ends; a partition taken later is served from then on. Longer
@@ -661,13 +665,21 @@ class Worker:
             # round: backing off would delay every other partition's results.
             held = self._transactions.overdue
             return all(tp in committed or tp in held for tp in positions)
+        # Of a topic gone from the cluster (deleted): a commit would be retried for ever.
+        gone = {tp for tp in positions if self._consumer.partitions_for_topic(tp.topic) is None}
+        positions = {tp: p for tp, p in positions.items() if tp not in gone}
+        if not positions:
+            return False
         try:
-            await self._consumer.commit(positions)
+            await within(self._consumer.commit(positions), _COMMIT_LIMIT_S)
         except KafkaError as exc:  # e.g. a rebalance under way: the next commit carries it
             log.warning("commit_failed", error=repr(exc))
             return False
+        except TimeoutError:
+            log.warning("commit_timed_out", partitions=len(positions), seconds=_COMMIT_LIMIT_S)
+            return False
         self._ledger.offsets.committed(positions)
-        return True
+        return not gone
 
     # -- hot reload -------------------------------------------------------------------------
 
