@@ -217,8 +217,8 @@ async def test_a_dead_letter_too_large_for_its_topic_keeps_the_evidence_and_land
     kafka: str, model_root: Path, run_worker: Callable[[Settings], Worker]
 ) -> None:
     """A request its topic takes, whose dead letter (it, plus why and where from) the
-    dead-letter topic does not: first its value goes, then its own headers, and the letter
-    lands rather than stop the worker and the partition for good."""
+    dead-letter topic does not: first its value goes, then its own headers, then its key, and
+    the letter lands rather than stop the worker and the partition for good."""
     settings = make_settings(
         kafka,
         model_root,
@@ -227,17 +227,24 @@ async def test_a_dead_letter_too_large_for_its_topic_keeps_the_evidence_and_land
         SURGE_WORKER__DEAD_LETTER_TOPIC=f"test.dlq.{uuid.uuid4().hex[:6]}",
     )
     topic, dead_letters = settings.worker.topic_prefix + "mlp", settings.worker.dead_letter_topic
-    limit = {"max.message.bytes": "40000"}
-    await create_topics(kafka, topic, dead_letters, partitions=1, configs=limit)
+    await create_topics(kafka, topic, partitions=1, configs={"max.message.bytes": "100000"})
+    await create_topics(kafka, dead_letters, partitions=1, configs={"max.message.bytes": "40000"})
     worker = await run_worker(settings)
     original = _json("big", np.ones((1, 32), np.float32))
     cases = {  # no reply target: each one's outcome is a dead letter
         "big-value": (original + b" " * 39_600, _route(None)),
         "big-headers": (b"{}", [*_route(None), ("x-trace", b"t" * 39_750)]),
     }
-    await publish(kafka, [(topic, key.encode(), body, h) for key, (body, h) in cases.items()])
-    letters = await read_topic(kafka, dead_letters, until=len(cases), key_of=None, timeout=30)
+    records = [(topic, key.encode(), body, h) for key, (body, h) in cases.items()]
+    records.append((topic, b"k" * 60_000, b"{}", _route(None)))  # a key no id can be
+    await publish(kafka, records)
+    letters = await read_topic(kafka, dead_letters, until=len(records), key_of=None, timeout=30)
     by_key = {reply.key.decode(): reply for replies in letters.values() for reply in replies}
+    big_key = by_key.pop(f"{topic}-0-2")  # its request's id: its position
+    assert (
+        big_key.headers[headers.ERROR_MESSAGE]
+        == b"original key of 60000 bytes replaced by the request id"
+    )
     assert set(by_key) == set(cases)
     assert by_key["big-value"].value == b""
     assert by_key["big-value"].headers[headers.ERROR_MESSAGE].startswith(b"original value of")
@@ -245,10 +252,10 @@ async def test_a_dead_letter_too_large_for_its_topic_keeps_the_evidence_and_land
     assert by_key["big-headers"].value == b""
     assert by_key["big-headers"].headers[headers.ERROR_MESSAGE].startswith(b"original headers of")
     assert "x-trace" not in by_key["big-headers"].headers
-    for letter in by_key.values():
+    for letter in [*by_key.values(), big_key]:
         assert letter.headers[headers.ERROR_CODE] == ErrorCode.INVALID_REPLY_TO.encode()
         assert letter.headers[headers.SOURCE_TOPIC] == topic.encode()
-        assert letter.headers[headers.SOURCE_OFFSET] in (b"0", b"1")
+        assert letter.headers[headers.SOURCE_OFFSET] in (b"0", b"1", b"2")
     assert not worker.failed
 
 

@@ -442,8 +442,9 @@ def _cut(text: str, limit: int) -> bytes:
 
 def _slim(letter: Write) -> None:
     """A dead letter the topic refused as too large loses the original's value, then, if it
-    is still too large, the original's headers: the evidence of what went wrong and where
-    it came from stays (the source topic, partition and offset find the rest)."""
+    is still too large, the original's headers, then its key (for the request's id): the
+    evidence of what went wrong and where it came from stays (the source topic, partition
+    and offset find the rest)."""
     if letter.value:
         note = f"original value of {len(letter.value)} bytes dropped: too large for the topic"
         letter.headers.append((headers.ERROR_MESSAGE, note.encode()))
@@ -455,6 +456,12 @@ def _slim(letter: Write) -> None:
         note = f"original headers of {size} bytes dropped: too large for the topic"
         ours = [(k, v) for k, v in letter.headers if k in _DEAD_LETTER_HEADERS]
         letter.headers = [*ours, (headers.ERROR_MESSAGE, note.encode())]
+        return
+    short = letter.ticket.request_id.encode()  # at most 256 characters, or the position
+    if letter.key != short:
+        note = f"original key of {len(letter.key)} bytes replaced by the request id"
+        letter.headers.append((headers.ERROR_MESSAGE, note.encode()))
+        letter.key = short
 
 
 class RetryPolicy:
