@@ -135,3 +135,34 @@ async def test_a_request_topic_deleted_under_way_holds_up_no_other_topics_commit
         await admin.close()
     await send(shared, 5)
     await wait_committed(strict_kafka, group, shared, timeout=45)
+
+
+async def test_results_for_many_missing_reply_topics_in_one_transaction_are_dead_lettered(
+    strict_kafka: str, model_root: Path, run_worker: Callable[[Settings], Worker]
+) -> None:
+    """Exactly once: each missing topic takes a while to be found missing; looked up one
+    after another, a dozen of them outlasted the transaction's time limit at every round,
+    and their partition was never committed again."""
+    run = uuid.uuid4().hex[:8]
+    dead_letters = f"dlq.{run}"
+    settings = make_settings(
+        strict_kafka,
+        model_root,
+        None,
+        SURGE_WORKER__DELIVERY="exactly_once",
+        SURGE_WORKER__DEAD_LETTER_TOPIC=dead_letters,
+        SURGE_WORKER__GROUP_ID=f"many-missing-{run}",
+        SURGE_KAFKA__REQUEST_TIMEOUT_MS="5000",  # a transaction's sends: 10 s at most
+    )
+    topic = settings.worker.topic_prefix + "mlp"
+    await create_topics(strict_kafka, topic, dead_letters, partitions=1)
+    await run_worker(settings)
+    x = {"x": np.ones((1, 32), np.float32)}
+    records = []
+    for i in range(12):  # each to a reply topic of its own, gone with its client
+        route = request_headers(model="mlp", content_type=MSGPACK, reply_to=f"gone.{run}.{i}")
+        records.append((topic, None, request_body(x, f"{run}-{i}", MSGPACK), route))
+    await publish(strict_kafka, records)
+    await wait_committed(strict_kafka, settings.worker.group_id, topic, timeout=60)
+    letters = await read_to_end(strict_kafka, dead_letters, key_of=None)
+    assert len(letters) == 12

@@ -333,12 +333,15 @@ class Transactions:
         `acks_by`: the latest event-loop time to wait for acknowledgements until."""
         failures: list[tuple[Write, BaseException]] = []
         groups, unknown = by_partition(producer, writes)
-        for topic in {w.topic for w in unknown}:
-            if not await self._has_topic(producer, topic):
-                # Dead-letter these results now rather than hold every other result of this
-                # partition back for reply_retry_s.
-                error = NoSuchTopic(f"no metadata for reply topic {topic!r}")
-                failures += [(w, error) for w in unknown if w.topic == topic]
+        # Looked up together: one after another, each missing topic's wait would add up, and
+        # twenty of them outlast the transaction's time limit, round after round.
+        topics = list({w.topic for w in unknown})
+        found = await asyncio.gather(*(self._has_topic(producer, t) for t in topics))
+        for topic in (t for t, exists in zip(topics, found, strict=True) if not exists):
+            # Dead-letter these results now rather than hold every other result of this
+            # partition back for reply_retry_s.
+            error = NoSuchTopic(f"no metadata for reply topic {topic!r}")
+            failures += [(w, error) for w in unknown if w.topic == topic]
         if failures:
             return failures
         if unknown:  # their topics' metadata has arrived: group everything again
