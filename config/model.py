@@ -141,6 +141,16 @@ class ModelConfig(msgspec.Struct, kw_only=True, forbid_unknown_fields=True):
             raise ValueError(f"device {self.device!r} must be auto, cpu, cuda or cuda:<n>")
         if self.version_policy == "specific" and not self.versions:
             raise ValueError("version_policy 'specific' needs a list of versions")
+        # Each read by one policy only: set under another, it would be ignored unnoticed.
+        if self.versions and self.version_policy != "specific":
+            raise ValueError(
+                f"versions {self.versions} apply to version_policy 'specific', not "
+                f"{self.version_policy!r}"
+            )
+        if self.latest_versions != 1 and self.version_policy != "latest":
+            raise ValueError(
+                f"latest_versions applies to version_policy 'latest', not {self.version_policy!r}"
+            )
         too_big = [n for n in self.preferred_batch_sizes if n > self.max_batch_size]
         if too_big:
             raise ValueError(f"preferred_batch_sizes {too_big} exceed max_batch_size")

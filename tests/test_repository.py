@@ -15,7 +15,7 @@ import onnx
 import pytest
 from prometheus_client import REGISTRY
 
-from surge.config import ModelConfig
+from surge.config import ConfigError, ModelConfig, convert
 from surge.examples import write_mlp
 from surge.schemas import ErrorCode
 from surge.workers import ModelRepository, Rejection, runtimes, scan
@@ -113,11 +113,11 @@ def test_a_model_directory_that_cannot_be_read_is_a_problem_of_that_model_alone(
     shutil.copytree(tmp_path / "mlp", tmp_path / "locked")
     find_artifact = runtimes.find_artifact
 
-    def forbidden(version_dir: Path) -> Path | None:
+    def forbidden(version_dir: Path, runtime: str = "auto") -> Path | None:
         # As a directory the worker's user may not list (tests run as root, which may).
         if version_dir.parent.name == "locked":
             raise PermissionError(13, "Permission denied", str(version_dir))
-        return find_artifact(version_dir)
+        return find_artifact(version_dir, runtime)
 
     monkeypatch.setattr(runtimes, "find_artifact", forbidden)
     found = scan(tmp_path, settle_s=0)
@@ -515,3 +515,74 @@ async def _until_no_call_runs(repository: ModelRepository) -> None:
             return
         await asyncio.sleep(0.02)
     assert repository.calls_running + repository.loads_running == 0
+
+
+async def test_a_config_that_is_a_broken_link_keeps_what_the_model_serves(tmp_path: Path) -> None:
+    """A mounted config moved away: not a model without one, served with no settings."""
+    write_mlp(tmp_path, config="max_batch_size = 8\n")
+    repository = _repository(tmp_path)
+    await repository.reconcile(settle_s=0)
+    config = tmp_path / "mlp" / "config.toml"
+    config.unlink()
+    config.symlink_to(tmp_path / "moved.toml")
+    await repository.reconcile(settle_s=0)
+    assert repository.served[("mlp", 1)].config.max_batch_size == 8  # not reloaded
+    await repository.close()
+
+
+async def test_a_broken_link_in_a_version_directory_stops_no_version_loading(
+    tmp_path: Path,
+) -> None:
+    write_mlp(tmp_path, 1)
+    write_mlp(tmp_path, 2, seed=3)
+    (tmp_path / "mlp" / "1" / "weights.bin").symlink_to(tmp_path / "gone.bin")
+    repository = _repository(tmp_path)
+    await repository.reconcile(settle_s=0)
+    assert _served(repository) == [("mlp", 2)]
+    await repository.close()
+
+
+async def test_the_newest_version_copied_over_in_place_loads_no_older_one(tmp_path: Path) -> None:
+    """Version 3 serves and is being rewritten: version 2 is not the newest meanwhile."""
+    write_mlp(tmp_path, 2)
+    write_mlp(tmp_path, 3, seed=3)
+    _age(tmp_path / "mlp")
+    repository = _repository(tmp_path)
+    await repository.reconcile()
+    assert _served(repository) == [("mlp", 3)]
+    model = tmp_path / "mlp" / "3" / "model.onnx"
+    model.write_bytes(model.read_bytes())  # written just now: still settling
+    await repository.reconcile()
+    assert _served(repository) == [("mlp", 3)]
+    _age(tmp_path / "mlp")
+    await repository.reconcile()
+    assert _served(repository) == [("mlp", 3)]
+    await repository.close()
+
+
+def test_the_runtime_setting_picks_its_own_file_where_a_version_holds_several(
+    tmp_path: Path,
+) -> None:
+    path = write_mlp(tmp_path)
+    torch_file = path.with_name("model.pt")
+    torch_file.write_bytes(b"a TorchScript file")
+    assert runtimes.find_artifact(path.parent) == path
+    assert runtimes.find_artifact(path.parent, "torch") == torch_file
+    assert runtimes.find_artifact(path.parent, "onnx") == path
+
+
+@pytest.mark.parametrize(
+    ("settings", "error"),
+    [
+        ({"versions": [2]}, r"versions \[2\] apply to version_policy 'specific', not 'latest'"),
+        (
+            {"version_policy": "all", "latest_versions": 2},
+            "latest_versions applies to version_policy 'latest', not 'all'",
+        ),
+    ],
+)
+def test_version_settings_another_policy_would_ignore_are_refused(
+    settings: dict[str, Any], error: str
+) -> None:
+    with pytest.raises(ConfigError, match=error):
+        convert(settings, ModelConfig, "mlp/config.toml")

@@ -351,6 +351,31 @@ def test_outputs_unlike_those_declared_fail_the_warm_up(
     runtimes.warm_up(runtimes.load(path, ModelConfig(inputs=config.inputs, outputs=good)), [2])
 
 
+class _ScoreAndLabel(torch.nn.Module):
+    def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        return x[:, :1] * 0.5, (x[:, :1] * 10).to(torch.int64)
+
+
+def test_a_torch_output_of_another_kind_than_declared_fails_the_warm_up(tmp_path: Path) -> None:
+    """A score and a label declared in each other's places: each converted to the other's
+    type, they would load and go out under each other's names."""
+    path = tmp_path / "model.pt"
+    torch.jit.script(_ScoreAndLabel()).save(str(path))
+    inputs = [TensorConfig(name="x", datatype="FP32", shape=[4])]
+    swapped = [
+        TensorConfig(name="label", datatype="INT64", shape=[1]),
+        TensorConfig(name="score", datatype="FP32", shape=[1]),
+    ]
+    runtime = runtimes.load(path, ModelConfig(inputs=inputs, outputs=swapped))
+    with pytest.raises(runtimes.OutputsUnlikeDeclared, match=r"'label' is float32 .* INT64"):
+        runtimes.warm_up(runtime, [2])
+    right = [*reversed(swapped)]
+    half = ModelConfig(inputs=inputs, outputs=right, precision="fp16")  # computed in fp16
+    outputs = runtimes.load(path, half).run({"x": np.full((2, 4), 0.7, np.float32)})
+    assert outputs["score"].dtype == np.float32  # converted, as declared
+    assert outputs["label"].tolist() == [[7], [7]]
+
+
 def test_an_onnx_output_declared_as_another_type_fails_the_warm_up(tmp_path: Path) -> None:
     config = ModelConfig(
         inputs=[TensorConfig(name="x", datatype="FP32", shape=[MLP_FEATURES])],

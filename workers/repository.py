@@ -115,7 +115,7 @@ def _scan_model(model_dir: Path, now_ns: int, settle_s: float, result: Scan) -> 
     config_path = model_dir / "config.toml"
     config_stamp = 0
     config = ModelConfig()
-    if config_path.is_file():
+    if config_path.is_file() or config_path.is_symlink():  # a broken link: unreadable
         config_stamp = config_path.stat().st_mtime_ns
         if now_ns - config_stamp < settle_s * 1e9:
             # Cut short mid-write, a config can still parse (empty, say) and reload every
@@ -125,7 +125,7 @@ def _scan_model(model_dir: Path, now_ns: int, settle_s: float, result: Scan) -> 
         config = convert(read_toml(config_path), ModelConfig, str(config_path))
     found: dict[int, VersionSource] = {}
     for version_dir in model_dir.iterdir():
-        artifact = runtimes.find_artifact(version_dir)
+        artifact = runtimes.find_artifact(version_dir, config.runtime)
         version = _version_number(version_dir.name)
         if artifact is None:
             # Its model file not there yet (weights copied first, a download under another
@@ -144,7 +144,10 @@ def _scan_model(model_dir: Path, now_ns: int, settle_s: float, result: Scan) -> 
             continue
         stamp = (size, newest, config_stamp)
         found[version] = VersionSource(name, version, artifact, stamp, config)
-    wanted = _apply_policy(config, sorted(found))
+    # Chosen among the versions still being written too: a newest version copied over in
+    # place is not a reason to load the one before it meanwhile.
+    settling = {v for n, v in result.settling if n == name}
+    wanted = [v for v in _apply_policy(config, sorted({*found, *settling})) if v in found]
     for version in wanted:
         result.wanted[(name, version)] = found[version]
     if config.version_policy == "latest":
@@ -169,6 +172,8 @@ def _files_stamp(version_dir: Path) -> tuple[int, int]:
     (and the directory's own: a file removed changes it)."""
     size, newest = 0, version_dir.stat().st_mtime_ns
     for path in version_dir.rglob("*"):
+        if path.is_symlink() and not path.exists():
+            continue  # a link to nothing: no part of the model, and nothing to wait for
         stat = path.stat()
         newest = max(newest, stat.st_mtime_ns)
         if path.is_file():

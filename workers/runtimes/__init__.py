@@ -18,10 +18,11 @@ from surge.workers.runtimes.base import (
 ARTIFACTS = {"model.onnx": "onnx", "model.pt2": "torch", "model.pt": "torch"}
 
 
-def find_artifact(version_dir: Path) -> Path | None:
-    for name in ARTIFACTS:
+def find_artifact(version_dir: Path, runtime: str = "auto") -> Path | None:
+    """The version's model file: of the kind `runtime` reads, or any (in order of preference)."""
+    for name, kind in ARTIFACTS.items():
         candidate = version_dir / name
-        if candidate.is_file():
+        if runtime in ("auto", kind) and candidate.is_file():
             return candidate
     return None
 

@@ -96,7 +96,12 @@ class TorchRuntime:
         """Host tensors in the declared types; from a GPU, copied into pinned memory."""
         host = []
         for tensor, dtype in zip(result, self._output_dtypes, strict=True):
-            tensor = tensor.detach() if dtype is None else tensor.detach().to(dtype)
+            tensor = tensor.detach()
+            if dtype is not None and _kind(tensor.dtype) == _kind(dtype):
+                # Within a kind (fp16 computed, FP32 declared): converted. Across kinds left
+                # as they are, for the check of declared outputs to see: a label declared
+                # where a score comes (outputs declared in another order) is no conversion.
+                tensor = tensor.to(dtype)
             if self._cuda:
                 target = torch.empty(tensor.shape, dtype=tensor.dtype, pin_memory=True)
                 host.append(target.copy_(tensor, non_blocking=True))
@@ -189,6 +194,14 @@ def _torch_dtype(spec: TensorSpec) -> torch.dtype | None:
         return torch.from_numpy(np.empty(0, spec.dtype.newbyteorder("="))).dtype
     except TypeError:
         return None
+
+
+def _kind(dtype: torch.dtype) -> str:
+    if dtype == torch.bool:
+        return "bool"
+    if dtype.is_complex:
+        return "complex"
+    return "float" if dtype.is_floating_point else "integer"
 
 
 def _cast(tensor: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
