@@ -28,8 +28,10 @@ class PortInUse(NoidaError):
 
 
 def _binary() -> str:
-    found = shutil.which("noida-db") or str(Path(sys.executable).with_name("noida-db"))
-    if not Path(found).exists():
+    """The noida-db installed beside this Python (the pinned one), else one on PATH."""
+    beside = Path(sys.executable).with_name("noida-db")
+    found = str(beside) if beside.exists() else shutil.which("noida-db")
+    if found is None:
         raise NoidaError("noida-db is not installed: pip install noida-db")
     return found
 

@@ -100,8 +100,16 @@ def run_demo(*, requests: int, rate: float) -> int:
         batches = _batch_sizes(metrics_port)
     _print_summary(ready_s, burst, steady, batches)
     console.print(f"worker log: {worker_log}")
-    served = all(report.statuses.get("ok", 0) == report.sent for report in (burst, steady))
-    return 0 if served else 1
+    sent = burst.sent + steady.sent
+    ok = burst.statuses.get("ok", 0) + steady.statuses.get("ok", 0)
+    if ok == sent:
+        return 0
+    missing = sent - burst.received - steady.received
+    console.print(
+        f"[red]{sent - ok:,} of {sent:,} requests got no ok result ({missing:,} none at all)"
+        f"[/red]: see the worker log"
+    )
+    return 1
 
 
 async def _while_alive(

@@ -42,8 +42,13 @@ def main(argv: list[str] | None = None) -> None:
     commands = parser.add_subparsers(dest="command", required=True)
 
     broker = commands.add_parser("broker", help="run the embedded zero-set-up broker (noida-db)")
-    broker.add_argument("--port", type=_port, default=9092)
-    broker.add_argument("--data-dir", type=Path, default=Path(".noida-db"))
+    broker.add_argument("--port", type=_port, default=9092, help="Kafka port (default: 9092)")
+    broker.add_argument(
+        "--data-dir",
+        type=Path,
+        default=Path(".noida-db"),
+        help="where its topics are kept between runs (default: ./.noida-db)",
+    )
 
     worker = commands.add_parser("worker", help="run a worker pool member")
     worker.add_argument("-c", "--config", type=Path, help="TOML settings (see config/worker.toml)")
@@ -435,13 +440,18 @@ def _explained(args: argparse.Namespace, run: Callable[[], int]) -> int:
 
 
 def _sigterm_as_ctrl_c() -> None:
-    """Take SIGTERM as Ctrl-C: a SIGINT raised in its place, so that an event loop running
-    then cancels its work as it does on Ctrl-C, rather than have KeyboardInterrupt thrown into
-    whichever task is running. A shell starts a background job (`surge broker &` in a script,
-    `nohup`) with SIGINT ignored: Ctrl-C is taken back then, or a SIGTERM would do nothing."""
+    """Take SIGTERM, and SIGHUP (the terminal closed), as Ctrl-C: a SIGINT raised in its
+    place, so that an event loop running then cancels its work as it does on Ctrl-C, rather
+    than have KeyboardInterrupt thrown into whichever task is running. A broker in a session
+    of its own never gets the terminal's SIGHUP: it would outlive the command, holding its
+    port and data. A shell starts a background job (`surge broker &` in a script, `nohup`)
+    with SIGINT ignored: Ctrl-C is taken back then, or a SIGTERM would do nothing; `nohup`
+    ignores SIGHUP, which stays ignored."""
     if signal.getsignal(signal.SIGINT) == signal.SIG_IGN:
         signal.signal(signal.SIGINT, signal.default_int_handler)
     signal.signal(signal.SIGTERM, lambda *_: signal.raise_signal(signal.SIGINT))
+    if signal.getsignal(signal.SIGHUP) != signal.SIG_IGN:
+        signal.signal(signal.SIGHUP, lambda *_: signal.raise_signal(signal.SIGINT))
 
 
 def _fail(message: str) -> int:

@@ -286,8 +286,9 @@ def test_broker_refuses_a_port_another_broker_holds(kafka: str, tmp_path: Path) 
         # As a shell starts a background job (`surge broker &` in a script, nohup): Ctrl-C
         # ignored, which SIGTERM, taken as Ctrl-C, must not inherit.
         (signal.SIGTERM, signal.SIG_IGN),
+        (signal.SIGHUP, signal.SIG_DFL),  # the terminal closed
     ],
-    ids=["SIGTERM", "SIGINT", "SIGTERM-in-the-background"],
+    ids=["SIGTERM", "SIGINT", "SIGTERM-in-the-background", "SIGHUP"],
 )
 def test_a_stopped_broker_command_stops_its_broker(
     tmp_path: Path, stop: signal.Signals, started_with: signal.Handlers
