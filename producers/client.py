@@ -360,11 +360,13 @@ class SurgeClient:
                     )
                     await self._closable(self._send_all(send, bodies, ids, refused, handed))
             except TimeoutError as exc:
-                if not return_exceptions:
+                if not return_exceptions and len(handed) < len(ids):
                     raise NotSent(
                         f"timed out after {timeout:g}s {step}: {len(handed)} of {len(ids)} "
                         "requests sent"
                     ) from exc
+                if not return_exceptions:  # all sent, not all acknowledged yet
+                    raise TimeoutError(f"no result within {timeout:g}s") from exc
                 # Each request without a result times out in its place, saying whether it
                 # was sent at all; those Kafka refused meanwhile keep their refusals.
             except ClientClosed:

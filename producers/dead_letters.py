@@ -345,7 +345,7 @@ async def replay(
     The original `surge-deadline-ms` is dropped. Each letter Kafka acknowledges gets a
     marker in `topic`; one Kafka refuses is counted and the rest go on. Stopped part way
     (cancelled), a replay still marks what its producer sends as it stops."""
-    common, producer_options = split_options(kafka_options or {})
+    common, _ = split_options(kafka_options or {})  # the producer's own: for `_publish` only
     answered, gone = await _answered(
         bootstrap, letters, reply_to, redis_url, redis_prefix, redis_options or {}, common
     )
@@ -392,7 +392,7 @@ async def replay(
     if dry_run:
         report.replayed = len(chosen)
         return report
-    options = {"bootstrap_servers": bootstrap, **common, **producer_options}
+    options = {"bootstrap_servers": bootstrap, **(kafka_options or {})}
     failed = await _publish(options, topic, chosen, report, together=True)
     if failed:
         # An idempotent producer fails the batches queued behind one the broker refused

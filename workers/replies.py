@@ -317,7 +317,9 @@ class Replies:
                     return [*refused, *_refused([(items[0][0], exc)])]
                 if cut_off:
                     lone_tries += 1
-                    if lone_tries >= _LONE_TRIES and await self._answers():
+                    # A timeout has not asked Redis yet (a dropped connection has).
+                    timed_out = isinstance(exc, redis_errors.TimeoutError)
+                    if lone_tries >= _LONE_TRIES and (not timed_out or await self._answers()):
                         size = len(items[0][1])
                         why = (
                             f"{size} bytes, cut off {lone_tries} times while Redis answers (over"

@@ -124,6 +124,7 @@ def _scan_model(model_dir: Path, now_ns: int, settle_s: float, result: Scan) -> 
             return
         config = convert(read_toml(config_path), ModelConfig, str(config_path))
     found: dict[int, VersionSource] = {}
+    settling: set[int] = set()  # versions whose files are still being written
     for version_dir in model_dir.iterdir():
         artifact = runtimes.find_artifact(version_dir, config.runtime)
         version = _version_number(version_dir.name)
@@ -131,7 +132,7 @@ def _scan_model(model_dir: Path, now_ns: int, settle_s: float, result: Scan) -> 
             # Its model file not there yet (weights copied first, a download under another
             # name) but written to lately: a version arriving, or being replaced.
             if version is not None and _written_lately(version_dir, now_ns, settle_s):
-                result.settling.add((name, version))
+                settling.add(version)
             continue
         if version is None:
             result.problems.append(
@@ -140,13 +141,13 @@ def _scan_model(model_dir: Path, now_ns: int, settle_s: float, result: Scan) -> 
             continue
         size, newest = _files_stamp(version_dir)
         if now_ns - newest < settle_s * 1e9:  # external weights too, not only the model file
-            result.settling.add((name, version))
+            settling.add(version)
             continue
         stamp = (size, newest, config_stamp)
         found[version] = VersionSource(name, version, artifact, stamp, config)
     # Chosen among the versions still being written too: a newest version copied over in
     # place is not a reason to load the one before it meanwhile.
-    settling = {v for n, v in result.settling if n == name}
+    result.settling |= {(name, version) for version in settling}
     wanted = [v for v in _apply_policy(config, sorted({*found, *settling})) if v in found]
     for version in wanted:
         result.wanted[(name, version)] = found[version]

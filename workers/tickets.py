@@ -342,7 +342,8 @@ def run_end(records: Sequence[Record], start: int) -> int:
 
 
 def _fallback_id(record: Record, tp: TopicPartition) -> str:
-    """The Kafka key, else the record's position: stable across redeliveries."""
+    """The Kafka key where it could be a body's id (`key_id`), else the record's position:
+    stable across redeliveries."""
     return _id_of(record.key, tp.topic, tp.partition, record.offset)
 
 

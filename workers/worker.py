@@ -665,11 +665,13 @@ class Worker:
             # round: backing off would delay every other partition's results.
             held = self._transactions.overdue
             return all(tp in committed or tp in held for tp in positions)
-        # Of a topic gone from the cluster (deleted): a commit would be retried for ever.
-        gone = {tp for tp in positions if self._consumer.partitions_for_topic(tp.topic) is None}
-        positions = {tp: p for tp, p in positions.items() if tp not in gone}
+        # Of a topic gone from the cluster (deleted): a commit would be retried for ever. They
+        # leave with the rebalance that follows; no failure of the round meanwhile.
+        topics = {tp.topic for tp in positions}
+        gone = {t for t in topics if self._consumer.partitions_for_topic(t) is None}
+        positions = {tp: p for tp, p in positions.items() if tp.topic not in gone}
         if not positions:
-            return False
+            return True
         try:
             await within(self._consumer.commit(positions), _COMMIT_LIMIT_S)
         except KafkaError as exc:  # e.g. a rebalance under way: the next commit carries it
@@ -679,7 +681,7 @@ class Worker:
             log.warning("commit_timed_out", partitions=len(positions), seconds=_COMMIT_LIMIT_S)
             return False
         self._ledger.offsets.committed(positions)
-        return not gone
+        return True
 
     # -- hot reload -------------------------------------------------------------------------
 

@@ -50,6 +50,7 @@ class TorchRuntime:
         self._dtype = _PRECISIONS[config.precision]
         self._module = module.to(self._dtype) if self._dtype != torch.float32 else module
         self._output_dtypes = [_torch_dtype(spec) for spec in self.outputs]
+        self._output_kinds = [None if d is None else _kind(d) for d in self._output_dtypes]
         self._cuda = self.device.startswith("cuda")
         self._streams = threading.local()  # a CUDA stream per executor thread
         if self._cuda:  # the weights' copies ran on the default stream: done before any other
@@ -95,9 +96,10 @@ class TorchRuntime:
     def _outputs(self, result: tuple[torch.Tensor, ...]) -> list[torch.Tensor]:
         """Host tensors in the declared types; from a GPU, copied into pinned memory."""
         host = []
-        for tensor, dtype in zip(result, self._output_dtypes, strict=True):
+        declared = zip(self._output_dtypes, self._output_kinds, strict=True)
+        for tensor, (dtype, kind) in zip(result, declared, strict=True):
             tensor = tensor.detach()
-            if dtype is not None and _kind(tensor.dtype) == _kind(dtype):
+            if dtype is not None and _kind(tensor.dtype) == kind:
                 # Within a kind (fp16 computed, FP32 declared): converted. Across kinds left
                 # as they are, for the check of declared outputs to see: a label declared
                 # where a score comes (outputs declared in another order) is no conversion.
