@@ -297,11 +297,17 @@ def test_a_stopped_broker_command_stops_its_broker(
     manager stops it) as with Ctrl-C, `surge broker` stops it, port and data with it."""
     port = free_port()
     data = tmp_path / "noida"
+
+    def as_started() -> None:
+        signal.signal(signal.SIGINT, started_with)
+        # From a terminal, whatever this test runs under (`nohup` ignores SIGHUP).
+        signal.signal(signal.SIGHUP, signal.SIG_DFL)
+
     process = subprocess.Popen(
         [sys.executable, "-m", "surge", "broker", "--port", str(port), "--data-dir", str(data)],
         stdout=subprocess.PIPE,
         stderr=subprocess.PIPE,
-        preexec_fn=lambda: signal.signal(signal.SIGINT, started_with),
+        preexec_fn=as_started,
     )
     try:
         assert process.stdout is not None
