@@ -7,7 +7,7 @@ from typing import Any
 import msgspec
 
 from surge.schemas.headers import JSON, MSGPACK
-from surge.schemas.inference import ErrorResponse, InferenceRequest, InferenceResponse
+from surge.schemas.inference import ErrorResponse, InferenceRequest, InferenceResponse, Tensor
 
 _request_decoders = {
     JSON: msgspec.json.Decoder(InferenceRequest),
@@ -53,19 +53,26 @@ def decode_request(body: bytes, content_type: str) -> InferenceRequest:
     except UnicodeDecodeError as exc:
         raise DecodeError(f"invalid UTF-8 in a string: {exc.reason}") from None
     if content_type == JSON:
-        # msgspec reads a JSON string as base64 for `memoryview`: raw bytes are msgpack's
-        # alone, and the same request must mean the same in both.
-        for tensor in request.inputs:
-            if type(tensor.data) is memoryview:
-                raise ValidationError(
-                    f"input {tensor.name!r}: JSON data is a list of values, not a string"
-                )
+        _no_base64(request.inputs, "input")
     return request
 
 
 def decode_response(body: bytes, content_type: str) -> InferenceResponse:
     """Decode a result body; raises as `decode_request` does."""
-    return _decode(_response_decoders[content_type], body)
+    response = _decode(_response_decoders[content_type], body)
+    if content_type == JSON:
+        _no_base64(response.outputs, "output")
+    return response
+
+
+def _no_base64(tensors: list[Tensor], kind: str) -> None:
+    """msgspec reads a JSON string as base64 for `memoryview`: raw bytes are msgpack's
+    alone, and the same body must mean the same in both."""
+    for tensor in tensors:
+        if type(tensor.data) is memoryview:
+            raise ValidationError(
+                f"{kind} {tensor.name!r}: JSON data is a list of values, not a string"
+            )
 
 
 def decode_error(body: bytes, content_type: str) -> ErrorResponse:

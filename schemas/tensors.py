@@ -202,6 +202,9 @@ def from_array(name: str, array: np.ndarray, *, binary: bool) -> Tensor:
     datatype = datatype_of(array.dtype)
     if datatype == "BYTES":
         values = [_plain(v) for v in array.ravel().tolist()]
+        if not all(type(v) is str or type(v) is bytes for v in values):
+            kinds = sorted({type(v).__name__ for v in values} - {"str", "bytes"})
+            raise TensorError(f"output {name!r}: BYTES values must be strings, not {kinds}")
         data: list[Any] | bytes = values if binary else [_text(v) for v in values]
     elif binary:
         if datatype == "BOOL":  # a bool array viewed from other bytes may hold 2: send 1
@@ -237,6 +240,8 @@ def row_tensors(name: str, array: np.ndarray, rows: Sequence[int], *, binary: bo
 def raw_rows(array: np.ndarray, datatype: str) -> tuple[memoryview, int]:
     """A numeric array's raw little-endian bytes (copied only if it must be) and its bytes
     per row along the first dimension."""
+    if datatype == "BOOL":  # as in from_array: bytes other than 0 and 1 sent as 1
+        array = array != 0
     contiguous = np.ascontiguousarray(array, dtype=DATATYPES[datatype])
     raw = memoryview(contiguous.reshape(-1).view(np.uint8))  # also for zero-sized outputs
     return raw, raw.nbytes // array.shape[0] if array.shape[0] else 0

@@ -133,6 +133,51 @@ def test_a_routing_header_too_long_for_any_route_is_refused_and_never_kept(
     assert all(len(value or "") <= 255 for value in (ticket.model, ticket.version, ticket.reply_to))
 
 
+@pytest.mark.parametrize("model_first", [True, False])
+@pytest.mark.parametrize("reply_to", [b"out\xff", b"o" * 300])
+def test_an_unusable_reply_to_is_refused_as_a_reply_topic_whatever_else_is_wrong(
+    reply_to: bytes, model_first: bool
+) -> None:
+    """A reply topic asked for but unreadable is not the default one: the error goes to the
+    dead letters, however the header was unusable and whichever other header is too."""
+    model = ("surge-model", b"m" * 300)
+    record = _Record("shared", {})
+    record.headers = [model, ("surge-reply-to", reply_to)]
+    if not model_first:
+        record.headers.reverse()
+    router = Router(
+        {"shared": None},
+        reply_topic_pattern=r"[a-z.]+",
+        default_reply_to="replies.default",
+        max_message_bytes=100,
+        redis_enabled=False,
+        forbidden_reply_topics=[],
+    )
+    ticket, rejection = router.ticket(record, TopicPartition("shared", 0), received=0.0)  # type: ignore[arg-type]
+    assert ticket.reply_to is None
+    assert rejection is not None
+    assert rejection.code is ErrorCode.INVALID_REPLY_TO
+    assert "surge-reply-to" in rejection.message
+
+
+@pytest.mark.parametrize("value", [b" 123 ", b"1_000", b"+5", "١٢٣".encode(), b"", b"1e3"])
+def test_a_deadline_is_read_only_as_a_kafka_client_writes_a_long(value: bytes) -> None:
+    record = _Record("surge.requests.mlp", {"surge-reply-to": "out"})
+    record.headers.append(("surge-deadline-ms", value))
+    _, rejection = _ticket(record)
+    assert rejection is not None
+    assert rejection.code is ErrorCode.INVALID_REQUEST
+    assert "not an integer" in rejection.message
+
+
+def test_a_deadline_of_digits_is_taken() -> None:
+    record = _Record("surge.requests.mlp", {"surge-reply-to": "out"})
+    record.headers.append(("surge-deadline-ms", b"1765000000123"))
+    ticket, rejection = _ticket(record)
+    assert rejection is None
+    assert ticket.deadline_ms == 1765000000123
+
+
 def test_a_repeated_routing_header_is_read_once_by_its_last_value() -> None:
     """A route is kept by its headers' values: thousands of repeats of one must not be."""
     router = _router()

@@ -16,6 +16,7 @@ from surge.schemas import (
     ErrorCode,
     ErrorResponse,
     InferenceRequest,
+    InferenceResponse,
     TensorError,
     TensorTooLarge,
     decode_error,
@@ -24,6 +25,8 @@ from surge.schemas import (
     encode,
     from_array,
     json_schema,
+    raw_rows,
+    row_tensors,
     to_array,
 )
 
@@ -277,10 +280,34 @@ def test_a_redis_value_that_is_no_result_says_why_as_a_result() -> None:
 
 def test_json_tensor_data_is_a_list_of_values_never_base64_bytes() -> None:
     """msgspec reads a string as base64 where raw bytes may be: the same string is refused in
-    msgpack, and a request must mean the same in both."""
+    msgpack, and a body must mean the same in both, request or result."""
     body = b'{"inputs": [{"name": "x", "shape": [1], "datatype": "FP32", "data": "AACAPw=="}]}'
     with pytest.raises(msgspec.ValidationError, match="JSON data is a list of values"):
         decode_request(body, JSON)
+    output = b'{"name": "y", "shape": [1], "datatype": "FP32", "data": "AACAPw=="}'
+    with pytest.raises(msgspec.ValidationError, match="JSON data is a list of values"):
+        decode_response(b'{"model_name": "m", "id": "r", "outputs": [' + output + b"]}", JSON)
+
+
+def test_bool_outputs_cut_into_rows_go_out_as_0_and_1() -> None:
+    """The rows of a batch's output, as the worker sends them, read as a client reads them."""
+    out = np.array([0, 2, 1, 255], np.uint8).view(np.bool_).reshape(4, 1)
+    raw, row_bytes = raw_rows(out, "BOOL")
+    assert (bytes(raw), row_bytes) == (b"\x00\x01\x01\x01", 1)
+    tensors = row_tensors("o", out, [2, 2], binary=True)
+    response = InferenceResponse(model_name="m", id="r", outputs=tensors)
+    outputs = decode_response(encode(response, MSGPACK), MSGPACK).outputs
+    assert [to_array(t).tolist() for t in outputs] == [[[False], [True]], [[True], [True]]]
+
+
+@pytest.mark.parametrize("values", [[1, None], ["a", 2.5], [None]])
+def test_bytes_outputs_that_are_not_strings_are_refused_as_they_are_encoded(
+    values: list[object],
+) -> None:
+    """A client could not read them: the worker answers model_error instead of sending them."""
+    for binary in (True, False):
+        with pytest.raises(TensorError, match="BYTES values must be strings"):
+            from_array("o", np.array(values, dtype=object), binary=binary)
 
 
 @pytest.mark.parametrize("content_type", [JSON, MSGPACK])

@@ -258,8 +258,15 @@ class Router:
         content_type = fields.get(headers.CONTENT_TYPE, JSON)
         supported = content_type in CONTENT_TYPES
         reply_to, rejection = self._reply_target(fields.get(headers.REPLY_TO))
-        if oversized == headers.REPLY_TO:  # asked for, unusable: as a topic not allowed
-            reply_to, rejection = None, _too_long(oversized, ErrorCode.INVALID_REPLY_TO)
+        if headers.REPLY_TO in unusable:  # asked for, unusable: as a topic not allowed
+            reply_to = None
+            rejection = (
+                _too_long(headers.REPLY_TO, ErrorCode.INVALID_REPLY_TO)
+                if unusable[headers.REPLY_TO]
+                else Rejection(
+                    ErrorCode.INVALID_REPLY_TO, f"header {headers.REPLY_TO!r} is not UTF-8"
+                )
+            )
         if not rejection and oversized:
             rejection = _too_long(oversized, ErrorCode.INVALID_REQUEST)
         if not rejection and undecodable:
@@ -292,25 +299,30 @@ class Router:
         return target, None
 
 
+_LONG = re.compile(rb"-?[0-9]{1,19}")
+
+
 def _too_long(header: str, code: ErrorCode) -> Rejection:
     return Rejection(code, f"header {header!r} is over {MAX_ROUTING_BYTES} bytes")
 
 
 def _deadline(raw: bytes) -> tuple[int | None, Rejection | None]:
-    """The deadline header's value (epoch ms), or why it is unusable."""
+    """The deadline header's value (epoch ms), or why it is unusable. Only what a Kafka
+    client writes for a long is taken: ASCII digits, maybe a minus sign (no spaces, `_` or
+    other scripts' digits, which `int` would take)."""
     if len(raw) > MAX_ROUTING_BYTES:
         return None, _too_long(headers.DEADLINE_MS, ErrorCode.INVALID_REQUEST)
+    if _LONG.fullmatch(raw):
+        return int(raw), None
     try:
-        return int(raw.decode()), None
+        text = raw.decode()
     except UnicodeDecodeError:
         return None, Rejection(
             ErrorCode.INVALID_REQUEST, f"header {headers.DEADLINE_MS!r} is not UTF-8"
         )
-    except ValueError:
-        text = raw.decode()
-        return None, Rejection(
-            ErrorCode.INVALID_REQUEST, f"{headers.DEADLINE_MS} {text!r} is not an integer"
-        )
+    return None, Rejection(
+        ErrorCode.INVALID_REQUEST, f"{headers.DEADLINE_MS} {text!r} is not an integer"
+    )
 
 
 def unroutable(record: Record, tp: TopicPartition) -> Ticket:
