@@ -24,7 +24,7 @@ from pathlib import Path
 import structlog
 
 from surge.config import Settings
-from surge.workers.worker import SHUTDOWN_AFTER_DRAIN_S
+from surge.workers.worker import SHUTDOWN_BEYOND_DRAIN_S
 
 log = structlog.get_logger("surge.pool")
 
@@ -161,7 +161,7 @@ def run_pool(settings: Settings, processes: str, config: Path | None) -> int:
     _terminate(members, signalled)  # a member restarted as the signal came in
     # A member's own shutdown is bounded by this (each step within its limit); past it,
     # something in it hangs and only SIGKILL ends it.
-    bound = settings.worker.shutdown_timeout_s + SHUTDOWN_AFTER_DRAIN_S + _KILL_MARGIN_S
+    bound = settings.worker.shutdown_timeout_s + SHUTDOWN_BEYOND_DRAIN_S + _KILL_MARGIN_S
     deadline = time.monotonic() + bound
     codes = [_stopped(member, deadline) for member in members if member.process is not None]
     log.info("pool_stopped", exit_codes=codes)

@@ -149,6 +149,63 @@ async def test_a_batch_never_acknowledged_is_dead_lettered_on_a_new_producer() -
     assert [producer.sent for producer in fresh] == [["dead"]]
 
 
+async def test_a_batch_acknowledged_while_its_producer_is_replaced_is_not_sent_again() -> None:
+    """Giving a producer up takes a moment (a new one starts): a batch of it that the broker
+    acknowledges meanwhile is written, and settled, not sent again on the new producer."""
+    ledger = Ledger(100, 1 << 20)
+    crashes: list[BaseException] = []
+    stuck = _Producer("stuck")
+    held: list[asyncio.Future[None]] = []
+    fresh: list[_Producer] = []
+    sent_before = stuck.send_batch
+
+    async def send_batch(batch: Any, topic: str, partition: int) -> asyncio.Future[None]:
+        if topic != "late":
+            return await sent_before(batch, topic, partition)
+        stuck.sent.append(topic)
+        held.append(asyncio.get_running_loop().create_future())  # acknowledged later
+        return held[-1]
+
+    written: list[bytes] = []  # the records the new producer took
+
+    async def new_producer() -> Any:
+        held[0].set_result(None)  # the broker's answer comes as the new producer starts
+        await asyncio.sleep(0.2)
+        fresh.append(_Producer("stuck"))
+        fresh[-1].create_batch = lambda: SimpleNamespace(  # type: ignore[method-assign]
+            append=lambda **record: written.append(record["value"]) or True
+        )
+        return fresh[-1]
+
+    stuck.send_batch = send_batch  # type: ignore[method-assign]
+    acked = AckedWrites(
+        stuck,  # type: ignore[arg-type]
+        ledger,
+        RetryPolicy("dead", 0.3, crashes.append),
+        crashes.append,
+        TopicLookup({}, 1),
+        new_producer,
+    )
+    tickets = [make_ticket(b"{}"), make_ticket(b"{}")]
+    for ticket in tickets:
+        ledger.admit(ticket)
+    acked.start()
+    try:
+        acked.put(Write(tickets[0], "stuck", b"result", [], dead_letter=False))
+        await asyncio.sleep(0.1)
+        acked.put(Write(tickets[1], "late", b"result", [], dead_letter=False))
+        async with asyncio.timeout(3):
+            while not all(ticket.settled for ticket in tickets):
+                await ledger.progress()
+        await asyncio.sleep(0.1)
+    finally:
+        await acked.close()
+    assert not crashes
+    assert stuck.sent == ["stuck", "late"]
+    assert [producer.sent for producer in fresh] == [["dead"]]
+    assert len(written) == 1  # the overdue result's dead letter alone
+
+
 class _Quarantining:
     """At-least-once writes with a reply_retry_s of 0.3 s over plain producers: the first
     never acknowledges a batch to "stuck"; those made later take `stuck` and `refused` as

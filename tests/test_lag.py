@@ -259,6 +259,27 @@ async def test_lag_of_an_offset_past_the_log_s_end_follows_the_reset_policy(kafk
     assert latest.records == 0
 
 
+async def test_an_offset_within_an_open_transaction_waits_there_and_is_not_reset(
+    kafka: str,
+) -> None:
+    """Past the last stable offset but within the log (a group reset to the log's end while a
+    transaction is open): the workers wait there, and nothing below it is waiting."""
+    topic, group = await _five_records(kafka)
+    tp = TopicPartition(topic, 0)
+    producer = AIOKafkaProducer(bootstrap_servers=kafka, transactional_id=f"test-lag-{group}")
+    await producer.start()
+    try:
+        await producer.begin_transaction()
+        for _ in range(3):  # offsets 5-7, open: the last stable offset stays at 5
+            await producer.send_and_wait(topic, b"open", partition=0)
+        await _commit(kafka, group, {tp: 7})
+        [lag] = await group_lag({"bootstrap_servers": kafka}, group, [topic], reset="earliest")
+        assert (lag.records, lag.oldest_s, lag.uncommitted) == (0, None, 0)
+    finally:
+        await producer.abort_transaction()
+        await producer.stop()
+
+
 async def test_surge_lag_shows_configured_topics_the_group_has_not_committed_on(
     kafka: str, tmp_path: Path
 ) -> None:

@@ -33,6 +33,30 @@ def test_processes_sharing_stderr_never_split_a_line(tmp_path: Path) -> None:
     assert all(json.loads(line)["event"] == "model_loading" for line in lines)
 
 
+_LIBRARY = """
+import logging
+from surge.workers.logs import configure
+configure("info", "json")
+logging.getLogger("aiokafka.producer").warning("Got error produce response: %s", "NoReplicas")
+try:
+    1 / 0
+except ZeroDivisionError:
+    logging.getLogger("aiokafka.consumer").exception("Unexpected error in fetcher routine")
+"""
+
+
+def test_what_libraries_log_is_json_lines_too_tracebacks_included() -> None:
+    """A log shipper parsing JSON lines must not meet a plain or multi-line one."""
+    run = subprocess.run([sys.executable, "-c", _LIBRARY], capture_output=True, text=True)
+    assert run.returncode == 0
+    produce, fetch = map(json.loads, run.stderr.splitlines())
+    assert produce["event"] == "Got error produce response: NoReplicas"
+    assert (produce["logger"], produce["level"]) == ("aiokafka.producer", "warning")
+    assert "timestamp" in produce
+    assert (fetch["logger"], fetch["level"]) == ("aiokafka.consumer", "error")
+    assert fetch["exception"].endswith("ZeroDivisionError: division by zero")
+
+
 def test_a_message_repeated_is_written_once_per_period_with_a_count() -> None:
     """aiokafka logs a retried write at every try: the same message is let through once per
     period, and the next to pass says how many were held back."""

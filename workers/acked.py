@@ -245,6 +245,10 @@ class AckedWrites:
                     self._stale = True
             self._refused(records, exc or KafkaTimeoutError("delivery cancelled"))
             return
+        self._settle(unacked)
+
+    def _settle(self, unacked: _Unacked) -> None:
+        records = unacked.records
         if self._quarantined:
             self._release(records.topic, unacked.partition)
         self._ledger.settle_all(records.tickets)
@@ -295,8 +299,11 @@ class AckedWrites:
             else:
                 await self._renew(retiring=producer)
         finally:  # whatever happened there, the records go on
-            for _, unacked in abandoned:
-                self._refused(unacked.records, NotAcknowledged(unacked.sent_at))
+            for delivery, unacked in abandoned:
+                if delivery.done() and not delivery.cancelled() and not delivery.exception():
+                    self._settle(unacked)  # acknowledged while a new producer was made
+                else:
+                    self._refused(unacked.records, NotAcknowledged(unacked.sent_at))
 
     async def _renew(self, *, retiring: AIOKafkaProducer | None = None) -> None:
         """aiokafka's idempotent producer keeps the sequence numbers of a batch the broker

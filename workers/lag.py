@@ -43,7 +43,9 @@ Reset = Literal["earliest", "latest"]
 class TopicLag:
     topic: str
     partitions: int
-    records: int  # end offsets minus committed offsets (where none is: see the reset policy)
+    # Last stable offsets minus committed offsets (where none is: see the reset policy): with
+    # transactional producers, their markers and aborted records count among them.
+    records: int
     oldest_s: float | None  # age of the oldest record not committed; None if none waits
     # A waiting partition's oldest record could not be read in time (oldest_s is None then).
     age_unknown: bool = False
@@ -96,9 +98,12 @@ async def group_lag(
         # there resets it as the group would reset: aiokafka's default, the end, shows none.
         auto_offset_reset=reset,
     )
+    # The log ends, past open transactions: a group may have committed up to there.
+    watermarks = AIOKafkaConsumer(**kafka, enable_auto_commit=False)
     try:
         await admin.start()
         await consumer.start()
+        await watermarks.start()
         committed = {
             tp: meta.offset
             for tp, meta in (await _group_offsets(admin, group)).items()
@@ -114,8 +119,9 @@ async def group_lag(
             for name in names
             for p in sorted(existing.get(name, ()), key=lambda p: p["partition"])
         ]
-        lags = await _partition_lags(consumer, partitions, committed, reset, read_s)
+        lags = await _partition_lags(consumer, watermarks, partitions, committed, reset, read_s)
     finally:
+        await watermarks.stop()
         await consumer.stop()
         await admin.close()
     now_ms = time.time() * 1000
@@ -138,6 +144,7 @@ async def _group_offsets(admin: AIOKafkaAdminClient, group: str) -> dict[TopicPa
 
 async def _partition_lags(
     consumer: AIOKafkaConsumer,
+    watermarks: AIOKafkaConsumer,
     partitions: list[TopicPartition],
     committed: dict[TopicPartition, int],
     reset: Reset,
@@ -146,8 +153,11 @@ async def _partition_lags(
     if not partitions:
         return {}
     ends = await consumer.end_offsets(partitions)  # last stable offsets, read_committed
+    highs = await watermarks.end_offsets(partitions)  # log ends, open transactions included
     firsts = await consumer.beginning_offsets(partitions)
-    positions = {tp: _start(committed.get(tp), firsts[tp], ends[tp], reset) for tp in partitions}
+    positions = {
+        tp: _start(committed.get(tp), firsts[tp], ends[tp], highs[tp], reset) for tp in partitions
+    }
     stamps, drained = await _oldest_waiting(consumer, positions, ends, read_s)
     return {
         tp: _PartitionLag(
@@ -159,11 +169,12 @@ async def _partition_lags(
     }
 
 
-def _start(committed: int | None, first: int, end: int, reset: Reset) -> int:
+def _start(committed: int | None, first: int, end: int, high: int, reset: Reset) -> int:
     """Where the group's consumer reads a partition from: its committed offset while the log
-    holds it, else where it resets to (as it does on an out-of-range offset: before the log's
-    start, or past its end after the log lost records)."""
-    if committed is not None and first <= committed <= end:
+    holds it (up to its high watermark: past the last stable offset `end`, it waits for a
+    transaction to end), else where it resets to (as it does on an out-of-range offset: before
+    the log's start, or past its end after the log lost records)."""
+    if committed is not None and first <= committed <= max(end, high):
         return committed
     return end if reset == "latest" else first
 

@@ -23,23 +23,28 @@ def configure(level: str = "info", fmt: str = "auto") -> None:
         structlog.dev.ConsoleRenderer() if fmt == "console" else structlog.processors.JSONRenderer()
     )
     numeric = logging.getLevelNamesMapping()[level.upper()]
+    stamped: list[structlog.typing.Processor] = [
+        structlog.processors.add_log_level,
+        structlog.processors.TimeStamper(fmt="iso", utc=True),
+        structlog.processors.format_exc_info,
+    ]
     structlog.configure(
-        processors=[
-            structlog.contextvars.merge_contextvars,
-            structlog.processors.add_log_level,
-            structlog.processors.TimeStamper(fmt="iso", utc=True),
-            structlog.processors.format_exc_info,
-            renderer,
-        ],
+        processors=[structlog.contextvars.merge_contextvars, *stamped, renderer],
         wrapper_class=structlog.make_filtering_bound_logger(numeric),
         # One write per line, newline included: pool members share their supervisor's
         # stderr, and a line split over two writes can interleave with another member's.
         logger_factory=structlog.WriteLoggerFactory(sys.stderr),
         cache_logger_on_first_use=True,
     )
-    # aiokafka logs through the standard library: keep its warnings, in the same stream.
+    # aiokafka logs through the standard library: keep its warnings, in the same stream and
+    # the same format (one JSON object per line, tracebacks included, where that is asked).
     handler = logging.StreamHandler(sys.stderr)
-    handler.setFormatter(logging.Formatter("%(name)s %(levelname)s %(message)s"))
+    handler.setFormatter(
+        structlog.stdlib.ProcessorFormatter(
+            processors=[structlog.stdlib.ProcessorFormatter.remove_processors_meta, renderer],
+            foreign_pre_chain=[structlog.stdlib.add_logger_name, *stamped],
+        )
+    )
     handler.addFilter(Repeats("aiokafka", REPEATS_EVERY_S))
     logging.basicConfig(level=max(numeric, logging.WARNING), handlers=[handler])
 

@@ -65,9 +65,10 @@ _SHUTDOWN_STEP_S = 10.0
 # (tens of ms) are served as it ends; a partition taken later is served from then on. Longer
 # would hold up the consumer's rebalance, and its heartbeats with it.
 _FENCE_WAIT_S = 2.0
-# After the drain (shutdown_timeout_s), the longest the rest of a shutdown takes: commit, stop
-# the consumer, close replies, writes, the producer and Redis, one step bound each.
-SHUTDOWN_AFTER_DRAIN_S = 6 * _SHUTDOWN_STEP_S
+# Beside the drain (shutdown_timeout_s), the longest the rest of a shutdown takes: end the
+# background loops and the fence-ins before it; commit, stop the consumer, close replies,
+# writes, the producer and Redis after it; one step bound each.
+SHUTDOWN_BEYOND_DRAIN_S = 8 * _SHUTDOWN_STEP_S
 _TOPIC_LOOKUP_S = 5.0  # a reply topic not found by then dead-letters its result at once
 _TOPIC = re.compile(TOPIC_NAME)
 _POOL_CHECK_S = 1.0
@@ -397,7 +398,8 @@ class Worker:
         tasks = [task for tp in partitions if (task := self._fencing.pop(tp, None)) is not None]
         for task in tasks:
             task.cancel()
-        await asyncio.gather(*tasks, return_exceptions=True)
+        if tasks:  # bounded, as the background loops are
+            await asyncio.wait(tasks, timeout=_SHUTDOWN_STEP_S)
 
     def _subscribe(self, topics: dict[str, str | None]) -> None:
         if topics:
