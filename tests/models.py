@@ -131,3 +131,29 @@ def write_echo_text(model_root: Path) -> Path:
     version.mkdir(parents=True)
     onnx.save(model, version / "model.onnx")
     return version
+
+
+def write_unpadded_conv(model_root: Path) -> Path:
+    """An ONNX 3×3 convolution without padding over images of any height and width, averaged
+    to one value per channel: it runs on images of 3×3 and more, not on a pixel."""
+    import numpy as np
+    import onnx
+    from onnx import TensorProto, helper, numpy_helper
+
+    weight = numpy_helper.from_array(np.ones((2, 1, 3, 3), np.float32), "w")
+    graph = helper.make_graph(
+        [
+            helper.make_node("Conv", ["x", "w"], ["features"]),
+            helper.make_node("ReduceMean", ["features"], ["y"], axes=[2, 3], keepdims=0),
+        ],
+        "conv",
+        [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["batch", 1, "h", "w"])],
+        [helper.make_tensor_value_info("y", TensorProto.FLOAT, ["batch", 2])],
+        initializer=[weight],
+    )
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
+    model.ir_version = 8
+    version = model_root / "conv" / "1"
+    version.mkdir(parents=True)
+    onnx.save(model, version / "model.onnx")
+    return version

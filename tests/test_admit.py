@@ -30,3 +30,25 @@ def test_an_input_that_follows_another_must_be_as_long_in_every_request() -> Non
     assert isinstance(refused, Rejection)
     assert refused.code == ErrorCode.INVALID_INPUT
     assert "follows" in refused.message
+
+
+def test_an_input_follows_only_the_lengths_that_vary() -> None:
+    """Token vectors of 3 features and a mask of 5 per token: their lengths agree, and a
+    fixed dimension of either is no length to follow."""
+    specs = [
+        TensorSpec("x", "FP32", (-1, 3), pad_value=0),
+        TensorSpec("mask", "FP32", (-1, 5), pad_value=0, follows="x"),
+    ]
+
+    def admitted(tokens: int, mask_tokens: int) -> Job | Rejection:
+        inputs = {
+            "x": np.ones((1, tokens, 3), np.float32),
+            "mask": np.ones((1, mask_tokens, 5), np.float32),
+        }
+        body = request_body(inputs, "r", MSGPACK)
+        return admit(make_ticket(body, MSGPACK), specs, [], max_rows=8, max_elements=1 << 16)
+
+    assert isinstance(admitted(4, 4), Job)
+    refused = admitted(4, 3)
+    assert isinstance(refused, Rejection)
+    assert refused.code == ErrorCode.INVALID_INPUT

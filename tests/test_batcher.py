@@ -232,6 +232,35 @@ async def test_an_output_that_follows_a_padded_input_is_cut_to_each_requests_len
     assert to_array(results["long"]).tolist() == [[10, 20, 30, 40, 50, 60]]
 
 
+class _Features:
+    """Ten features of each token of three: an output as long as its padded input, wider."""
+
+    inputs = (TensorSpec("x", "FP32", (-1, 3), pad_value=0),)
+    outputs = (TensorSpec("y", "FP32", (-1, 10), follows="x"),)
+
+    def run(self, batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+        return {"y": np.repeat(batch["x"][:, :, :1], 10, axis=2)}
+
+
+async def test_an_output_is_cut_along_the_lengths_it_follows_alone() -> None:
+    answers = _Answers()
+    batcher = _batcher(_Features(), answers, ModelConfig(max_batch_size=8, max_batch_delay_ms=20))
+    for request_id, tokens in (("short", 2), ("long", 5)):
+        ticket = make_ticket(b"{}", MSGPACK)
+        ticket.request_id = request_id
+        x = np.arange(1, tokens * 3 + 1, dtype=np.float32).reshape(1, tokens, 3)
+        batcher.put(Job(ticket, {"x": x}, 1, None))
+    batcher.start(on_crash=CRASHES.append)
+    await batcher.close()
+    results = {
+        request_id: to_array(decode_response(body, MSGPACK).outputs[0])
+        for request_id, body in answers.bodies.items()
+    }
+    assert results["short"].shape == (1, 2, 10)  # every feature, none of the padding
+    assert results["long"].shape == (1, 5, 10)
+    assert results["short"][0, :, 0].tolist() == [1, 4]
+
+
 def test_a_wider_bucket_window_pads_less_and_a_window_of_one_keeps_arrival_order() -> None:
     lengths = [int(n) for n in np.random.default_rng(0).integers(4, 48, 400)]
     padded = {window: _padded_rows(window, lengths)[0] for window in (1, 4, 16)}

@@ -22,6 +22,7 @@ from surge.workers import ModelRepository, Rejection, runtimes, scan
 from surge.workers import repository as repository_module
 from surge.workers.intake import Job, admit
 from tests.helpers import make_ticket
+from tests.models import write_unpadded_conv
 
 
 def _repository(root: Path) -> ModelRepository:
@@ -424,6 +425,7 @@ class _Stuck:
         self._inner, self._release = inner, release
         self.kind, self.device = inner.kind, inner.device
         self.inputs, self.outputs = inner.inputs, inner.outputs
+        self.closed = False
 
     def run(self, batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
         if (next(iter(batch.values()))[:, 0] == 13).any():
@@ -431,6 +433,7 @@ class _Stuck:
         return self._inner.run(batch)
 
     def close(self) -> None:
+        self.closed = True
         self._inner.close()
 
 
@@ -475,19 +478,24 @@ async def test_a_model_that_hangs_loading_fails_its_load_and_the_others_load(
     release = threading.Event()
     load = runtimes.load
 
+    stuck: list[_Stuck] = []
+
     def loaded(path: Path, config: ModelConfig) -> runtimes.Runtime:
         runtime = load(path, config)
-        return _Stuck(runtime, release) if "aaa" in str(path) else runtime
+        if "aaa" not in str(path):
+            return runtime
+        stuck.append(_Stuck(runtime, release))
+        return stuck[-1]
 
     monkeypatch.setattr(repository_module.runtimes, "load", loaded)
     write_mlp(tmp_path)
     shutil.copytree(tmp_path / "mlp", tmp_path / "aaa")  # loads first, by name
     warm_up = runtimes.warm_up
 
-    def warm_up_13(runtime: runtimes.Runtime, sizes: list[int]) -> None:
+    def warm_up_13(runtime: runtimes.Runtime, sizes: list[int], length: int = 1) -> None:
         if isinstance(runtime, _Stuck):  # a row that hangs it, as some input may
             runtime.run({"x": np.full((1, 32), 13, np.float32)})
-        warm_up(runtime, sizes)
+        warm_up(runtime, sizes, length)
 
     monkeypatch.setattr(repository_module.runtimes, "warm_up", warm_up_13)
     repository = ModelRepository(
@@ -502,10 +510,67 @@ async def test_a_model_that_hangs_loading_fails_its_load_and_the_others_load(
         await asyncio.wait_for(repository.reconcile(settle_s=0), 10)
         assert _served(repository) == [("mlp", 1)]
         assert (repository.calls_running, repository.loads_running) == (0, 1)
+        assert not stuck[0].closed  # its warm-up still runs on it
     finally:
         release.set()
     await _until_no_call_runs(repository)
+    for _ in range(100):  # closed once its warm-up let go, on a loader thread
+        if stuck[0].closed:
+            break
+        await asyncio.sleep(0.02)
+    assert stuck[0].closed
     await repository.close()
+
+
+async def test_a_model_that_cannot_run_a_pixel_is_warmed_up_on_larger_images(
+    tmp_path: Path,
+) -> None:
+    """Variable dimensions of 1 are only the first warm-up tried: a convolution without
+    padding loads, and serves images as small as it takes."""
+    write_unpadded_conv(tmp_path)
+    repository = _repository(tmp_path)
+    try:
+        await repository.reconcile(settle_s=0)
+        assert _served(repository) == [("conv", 1)]
+        runtime = repository.served[("conv", 1)].runtime
+        assert runtime.run({"x": np.ones((1, 1, 3, 3), np.float32)})["y"].tolist() == [[9, 9]]
+    finally:
+        await repository.close()
+
+
+async def test_a_runtime_that_fails_its_warm_up_is_closed(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """It serves nothing: what it holds (a GPU's memory) goes back at once, not at some
+    later collection, or after every retry of its load."""
+    closed: list[str] = []
+    load = runtimes.load
+
+    class Counted(_Stuck):
+        def close(self) -> None:
+            closed.append("closed")
+            super().close()
+
+    monkeypatch.setattr(
+        repository_module.runtimes, "load", lambda *a: Counted(load(*a), threading.Event())
+    )
+
+    def refused(runtime: runtimes.Runtime, sizes: list[int], length: int = 1) -> None:
+        raise runtimes.NotBatchFirst("outputs of one row for two")
+
+    monkeypatch.setattr(repository_module.runtimes, "warm_up", refused)
+    write_mlp(tmp_path)
+    repository = _repository(tmp_path)
+    try:
+        await repository.reconcile(settle_s=0)
+        assert _served(repository) == []
+        for _ in range(100):  # closed on a loader thread
+            if closed:
+                break
+            await asyncio.sleep(0.02)
+        assert closed == ["closed"]
+    finally:
+        await repository.close()
 
 
 async def _until_no_call_runs(repository: ModelRepository) -> None:

@@ -231,6 +231,30 @@ def test_an_onnx_graph_with_a_fixed_batch_dimension_loads_only_at_that_size(
         runtimes.load(_fixed_batch_mlp(tmp_path, 4), ModelConfig(max_batch_size=4))
 
 
+def test_an_onnx_tensor_of_unknown_rank_must_be_declared(tmp_path: Path) -> None:
+    """A graph that says nothing of a tensor's dimensions is not one of no dimensions
+    beside the batch's: requests shaped as the model takes them would all be refused."""
+    from onnx import TensorProto, helper
+
+    graph = helper.make_graph(
+        [helper.make_node("Relu", ["x"], ["y"])],
+        "relu",
+        [helper.make_tensor_value_info("x", TensorProto.FLOAT, None)],
+        [helper.make_tensor_value_info("y", TensorProto.FLOAT, None)],
+    )
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
+    model.ir_version = 8
+    onnx.save(model, tmp_path / "model.onnx")
+    with pytest.raises(ValueError, match=r"'x' has no dimensions.*under \[\[inputs\]\]"):
+        runtimes.load(tmp_path / "model.onnx", ModelConfig())
+    declared = ModelConfig(
+        inputs=[TensorConfig(name="x", datatype="FP32", shape=[3])],
+        outputs=[TensorConfig(name="y", datatype="FP32", shape=[3])],
+    )
+    runtime = runtimes.load(tmp_path / "model.onnx", declared)
+    assert runtime.run({"x": -np.ones((2, 3), np.float32)})["y"].tolist() == [[0] * 3] * 2
+
+
 def test_a_model_whose_outputs_are_not_batch_first_fails_its_warm_up(tmp_path: Path) -> None:
     """Time-major, its rows could not be split by request: said at load. At one row its
     variable time dimension, warmed at 1, hides it: a larger size tells."""

@@ -108,8 +108,14 @@ class Batcher:
         # Padded, a batch holds rows × each dimension's largest size: one long request could
         # make a batch of max_batch_size rows its length, far past what any request may hold.
         self._max_padded = max_elements
-        # Outputs cut back per request to the length of the padded input they follow.
-        self._follows = {spec.name: spec.follows for spec in runtime.outputs if spec.follows}
+        # Outputs cut back per request to the length of the padded input they follow: output
+        # name -> (that input, which of its row dimensions vary; the others are no padding).
+        shapes = {spec.name: spec.shape for spec in runtime.inputs}
+        self._follows = {
+            spec.name: (spec.follows, [size == -1 for size in shapes[spec.follows]])
+            for spec in runtime.outputs
+            if spec.follows
+        }
         self._cost = CallCost()  # of padded models' calls, for choosing what to batch
         self._queue: deque[Job] = deque()
         self._rows = 0
@@ -591,8 +597,12 @@ class Batcher:
             for name in job.outputs or list(outputs):
                 rows = outputs[name][start:end]
                 if (follows := self._follows.get(name)) is not None:
-                    own = job.inputs[follows].shape[1:]
-                    rows = rows[(slice(None), *(slice(0, size) for size in own))]
+                    source, varies = follows
+                    own = job.inputs[source].shape[1:]
+                    cut = (
+                        slice(0, n) if v else slice(None) for n, v in zip(own, varies, strict=True)
+                    )
+                    rows = rows[(slice(None), *cut)]
                 tensors.append(from_array(name, rows, binary=binary))
             response = InferenceResponse(
                 model_name=self.model,

@@ -325,7 +325,8 @@ def _admit(
         )
     for spec in specs:
         if spec.follows is not None:
-            _check_follows(spec, arrays[spec.name].shape, arrays[spec.follows].shape)
+            source = next(source for source in specs if source.name == spec.follows)
+            _check_follows(spec, arrays[spec.name].shape, arrays[spec.follows].shape, source.shape)
 
     wanted = None
     if request.outputs:
@@ -405,10 +406,14 @@ def _as_text(spec: TensorSpec, array: np.ndarray) -> np.ndarray:
     return converted.reshape(array.shape)
 
 
-def _check_follows(spec: TensorSpec, shape: tuple[int, ...], source: tuple[int, ...]) -> None:
+def _check_follows(
+    spec: TensorSpec, shape: tuple[int, ...], source: tuple[int, ...], varies: tuple[int, ...]
+) -> None:
     """Padded apart, an attention mask shorter than its ids would pass alone and be padded
-    to fit in a batch: the same request would get one answer or another by its company."""
-    if shape[1 : len(source)] != source[1:]:
+    to fit in a batch: the same request would get one answer or another by its company.
+    Only the lengths it follows must agree (`varies`: the source's declared row shape)."""
+    lengths = zip(shape[1 : len(source)], source[1:], varies, strict=False)
+    if any(own != theirs for own, theirs, declared in lengths if declared == -1):
         raise _Reject(
             ErrorCode.INVALID_INPUT,
             f"input {spec.name!r} has shape {list(shape)}, unlike {spec.follows!r} "

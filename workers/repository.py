@@ -8,9 +8,10 @@ takes traffic) and drains what is gone. Hot reload is scanning again, nothing mo
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import time
 from collections.abc import Callable, Collection
-from concurrent.futures import Future, ThreadPoolExecutor
+from concurrent.futures import Future, ThreadPoolExecutor, wait
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, TypeVar
@@ -26,6 +27,8 @@ from surge.workers.replies import Replies
 from surge.workers.tickets import Rejection
 
 log = structlog.get_logger("surge.repository")
+# Lengths of variable dimensions a warm-up tries, shortest first.
+_WARM_LENGTHS = (1, 32, 256)
 
 T = TypeVar("T")
 
@@ -380,9 +383,7 @@ class ModelRepository:
         started = time.perf_counter()
         try:
             async with asyncio.timeout(self._load_timeout_s):
-                runtime = await self._off_loop(runtimes.load, source.artifact, source.config)
-                if source.config.warmup:
-                    await self._warm_up(source, runtime)
+                runtime = await self._loaded(source)
         except TimeoutError:
             log.error(
                 "model_load_failed",
@@ -432,6 +433,22 @@ class ModelRepository:
         )
         return ServedVersion(source, runtime, intake, batcher, executor)
 
+    async def _loaded(self, source: VersionSource) -> runtimes.Runtime:
+        """The version's runtime, warmed up: one that fails its warm-up, or is cut off by the
+        load timeout, is closed (its memory, a GPU's, goes back) once no loader uses it."""
+        runtime = await self._off_loop(
+            runtimes.load, source.artifact, source.config, close_late=True
+        )
+        try:
+            if source.config.warmup:
+                await self._warm_up(source, runtime)
+        except BaseException:
+            # After the warm-up calls cut short by the timeout, which may still be using it.
+            with contextlib.suppress(RuntimeError):  # the loader shut down: left to the GC
+                self._loader.submit(_close_after, list(self._stuck), runtime)
+            raise
+        return runtime
+
     async def _warm_up(self, source: VersionSource, runtime: runtimes.Runtime) -> None:
         """Warm the batch sizes it will see. Failing at one row means a broken model, and at
         two one that runs a row at a time (its batch dimension fixed inside the graph): every
@@ -443,9 +460,10 @@ class ModelRepository:
         sizes = sorted({1, *config.preferred_batch_sizes, config.max_batch_size})
         if config.max_batch_size > 1:
             sizes = sorted({*sizes, 2})
+        length = await self._warm_length(runtime)
         for size in sizes:
             try:
-                await self._off_loop(runtimes.warm_up, runtime, [size])
+                await self._off_loop(runtimes.warm_up, runtime, [size], length)
             except (runtimes.DeviceFailed, runtimes.NotBatchFirst, runtimes.OutputsUnlikeDeclared):
                 raise
             except Exception as exc:
@@ -459,9 +477,27 @@ class ModelRepository:
                 log.warning("warmup_failed", model=source.name, rows=size, error=repr(exc)[:300])
                 return
 
-    async def _off_loop(self, call: Callable[..., T], *args: Any) -> T:
+    async def _warm_length(self, runtime: runtimes.Runtime) -> int:
+        """The length of variable dimensions to warm up with: 1 where the model takes it; a
+        model that cannot run so short (a convolution without padding, a minimum window)
+        is tried longer, and fails its load only if it runs at no length tried."""
+        if not runtimes.varies(runtime):
+            return 1
+        error: Exception | None = None
+        for length in _WARM_LENGTHS:
+            try:
+                await self._off_loop(runtimes.warm_up, runtime, [1], length)
+                return length
+            except (runtimes.DeviceFailed, runtimes.NotBatchFirst, runtimes.OutputsUnlikeDeclared):
+                raise
+            except Exception as exc:
+                error = exc
+        tried = ", ".join(map(str, _WARM_LENGTHS))
+        raise ValueError(f"the model runs one row at no length tried ({tried}): {error!r:.300}")
+
+    async def _off_loop(self, call: Callable[..., T], *args: Any, close_late: bool = False) -> T:
         """`call(*args)` on a loader thread; one cut short by the load timeout is kept in
-        `_stuck` while it runs on."""
+        `_stuck` while it runs on, and the runtime it returns closed if `close_late`."""
         future = self._loader.submit(call, *args)
         try:
             return await asyncio.wrap_future(future)
@@ -469,6 +505,8 @@ class ModelRepository:
             if not future.done():
                 self._stuck.add(future)
                 future.add_done_callback(self._stuck.discard)
+                if close_late:
+                    future.add_done_callback(_close_result)
             raise
 
     def _retire(self, served: ServedVersion) -> None:
@@ -519,3 +557,21 @@ class ModelRepository:
         await asyncio.gather(*self._draining)
         self._loader.shutdown(wait=False)
         self._scanner.shutdown(wait=False)
+
+
+def _close_after(calls: list[Future[Any]], runtime: runtimes.Runtime) -> None:
+    """Close a runtime that will serve nothing once these calls (which may use it) end."""
+    wait(calls)
+    _close(runtime)
+
+
+def _close_result(future: Future[Any]) -> None:
+    if not future.cancelled() and future.exception() is None:
+        _close(future.result())
+
+
+def _close(runtime: runtimes.Runtime) -> None:
+    try:
+        runtime.close()
+    except Exception as exc:  # nothing to serve either way: said, not raised
+        log.warning("model_close_failed", error=repr(exc))

@@ -11,6 +11,7 @@ from surge.workers.runtimes.base import (
     OutputsUnlikeDeclared,
     Runtime,
     TensorSpec,
+    varies,
     warm_up,
 )
 
@@ -50,5 +51,6 @@ __all__ = [
     "TensorSpec",
     "find_artifact",
     "load",
+    "varies",
     "warm_up",
 ]

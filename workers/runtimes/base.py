@@ -121,9 +121,10 @@ class OutputsUnlikeDeclared(ValueError):
     under the wrong name or type (outputs declared in another order, say)."""
 
 
-def warm_up(runtime: Runtime, batch_sizes: Sequence[int]) -> None:
+def warm_up(runtime: Runtime, batch_sizes: Sequence[int], length: int = 1) -> None:
     """Run zero-filled batches so first requests don't pay for lazy allocation and kernel
-    choice; raises NotBatchFirst for a model whose outputs are not batch-first, and
+    choice, every variable dimension `length` long (or as long as its max_shape allows);
+    raises NotBatchFirst for a model whose outputs are not batch-first, and
     OutputsUnlikeDeclared for one whose outputs' types or fixed dimensions are not those
     declared."""
     for rows in batch_sizes:
@@ -131,11 +132,23 @@ def warm_up(runtime: Runtime, batch_sizes: Sequence[int]) -> None:
         for spec in runtime.inputs:
             if spec.datatype == "BYTES":
                 return  # no meaningful zero value: skip warm-up rather than guess
-            dims = tuple(1 if d < 0 else d for d in spec.shape)
+            dims = tuple(
+                _warm_length(spec, i, length) if d < 0 else d for i, d in enumerate(spec.shape)
+            )
             inputs[spec.name] = np.full((rows, *dims), _accepted(spec), dtype=spec.dtype)
         outputs = runtime.run(inputs)
         for spec in runtime.outputs:
             _check_output(spec, outputs[spec.name], rows)
+
+
+def _warm_length(spec: TensorSpec, dim: int, length: int) -> int:
+    largest = -1 if spec.max_shape is None else spec.max_shape[dim]
+    return length if largest < 0 else max(1, min(length, largest))
+
+
+def varies(runtime: Runtime) -> bool:
+    """Whether any input has a variable dimension besides the batch's."""
+    return any(d < 0 for spec in runtime.inputs for d in spec.shape)
 
 
 def _check_output(spec: TensorSpec, output: np.ndarray, rows: int) -> None:

@@ -79,8 +79,8 @@ class OnnxRuntime:
             for arg in [*self._session.get_inputs(), *self._session.get_outputs()]
         ):  # strings have no device memory to bind: those models run as on the CPU
             self._binding = IoBinding(self._session, "cuda", device_id, pinned=True)
-        self.inputs = _specs(config.inputs, self._session.get_inputs())
-        self.outputs = _specs(config.outputs, self._session.get_outputs())
+        self.inputs = _specs(config.inputs, self._session.get_inputs(), "inputs")
+        self.outputs = _specs(config.outputs, self._session.get_outputs(), "outputs")
         self._output_names = [spec.name for spec in self.outputs]
 
     def run(self, inputs: Mapping[str, np.ndarray]) -> dict[str, np.ndarray]:
@@ -184,7 +184,7 @@ def _check_batch_dimension(declared: list[ort.NodeArg], max_batch_size: int) -> 
     )
 
 
-def _specs(configured: list, declared: list[ort.NodeArg]) -> tuple[TensorSpec, ...]:
+def _specs(configured: list, declared: list[ort.NodeArg], kind: str) -> tuple[TensorSpec, ...]:
     """Specs from config.toml when given (for padding values), else from the model's graph.
     String tensors take text: onnxruntime would pass a bytes value on as its repr."""
     strings = {arg.name for arg in declared if arg.type == "tensor(string)"}
@@ -196,6 +196,11 @@ def _specs(configured: list, declared: list[ort.NodeArg]) -> tuple[TensorSpec, .
             datatype = _DATATYPES.get(arg.type)
             if datatype is None:
                 raise ValueError(f"tensor {arg.name!r} has unsupported type {arg.type}")
+            if not arg.shape:  # a scalar, or (as onnxruntime shows it too) a rank unknown
+                raise ValueError(
+                    f"tensor {arg.name!r} has no dimensions in the graph: declare its shape "
+                    f"under [[{kind}]] in the model's config.toml"
+                )
             dims = tuple(d if isinstance(d, int) and d >= 0 else -1 for d in arg.shape[1:])
             specs.append(TensorSpec(arg.name, datatype, dims))
     return tuple(
