@@ -30,6 +30,7 @@ from rich.console import Console
 
 from surge.pool import member_devices
 from surge.producers import SurgeClient
+from surge.workers.runtimes.onnx_runtime import load_cuda_libraries
 from tests.services import KAFKA_GC, KafkaBroker, free_port
 
 OUT = Path(__file__).parent / "out"
@@ -202,6 +203,23 @@ def providers(gpu: bool) -> list[str]:
     return ["CUDAExecutionProvider", "CPUExecutionProvider"] if gpu else ["CPUExecutionProvider"]
 
 
+def ort_session(
+    path: Path, options: ort.SessionOptions | None = None, *, gpu: bool = False
+) -> ort.InferenceSession:
+    """An ONNX Runtime session for the model alone, on the GPU when asked for: its CUDA
+    libraries loaded as the worker loads them, and refused rather than timed on the CPU
+    where onnxruntime could not use them (it falls back without a word)."""
+    if gpu:
+        load_cuda_libraries()
+    session = ort.InferenceSession(str(path), options, providers=providers(gpu))
+    if gpu and "CUDAExecutionProvider" not in session.get_providers():
+        raise SystemExit(
+            f"ONNX Runtime cannot use the GPU here (providers: {session.get_providers()}): "
+            "install onnxruntime-gpu built for this CUDA"
+        )
+    return session
+
+
 def rows_per_second(run: Callable[[], object], rows: int, passes: int = 3) -> float:
     """`run` (which handles `rows` rows) timed `passes` times: the median rows per second."""
     rates = []
@@ -333,7 +351,7 @@ def direct_throughput(
     """ONNX Runtime alone, no Kafka: rows per second at a given batch size (median of runs)."""
     options = ort.SessionOptions()
     options.intra_op_num_threads = threads
-    session = ort.InferenceSession(str(model_path), options, providers=providers(gpu))
+    session = ort_session(model_path, options, gpu=gpu)
     x = np.random.default_rng(0).standard_normal((batch, 32)).astype(np.float32)
     for _ in range(20):
         session.run(None, {"x": x})

@@ -58,6 +58,7 @@ from surge.producers import request_body, request_headers
 from surge.producers.load import send_batches
 from surge.schemas import MSGPACK
 from surge.schemas.headers import STATUS
+from surge.workers import fetched as lean
 from surge.workers.partitioning import key_partitions
 
 console = Console()
@@ -124,13 +125,16 @@ def main() -> None:
     with kafka_broker(args.bootstrap) as bootstrap:
         broker_rates = []
         for round_ in range(args.rounds):  # contenders interleaved, so drift hits all alike
-            broker_rates.append(asyncio.run(_broker_alone(bootstrap, args.requests)))
-            console.print(
-                f"  round {round_ + 1}, broker alone (drain and write back, no model): "
-                f"{broker_rates[-1]:,.0f} msg/s"
-            )
-            # Shuffled (the same way every run): rotated, each would follow the same one.
-            for contender in random.Random(round_).sample(chosen, len(chosen)):
+            # Shuffled (the same way every run): rotated, each would follow the same one. The
+            # broker alone (None) takes its turn among them.
+            for contender in random.Random(round_).sample([None, *chosen], len(chosen) + 1):
+                if contender is None:
+                    broker_rates.append(asyncio.run(_broker_alone(bootstrap, args.requests)))
+                    console.print(
+                        f"  round {round_ + 1}, broker alone (drain and write back, no model): "
+                        f"{broker_rates[-1]:,.0f} msg/s"
+                    )
+                    continue
                 count = args.faust_requests if contender.kind == "faust" else args.requests
                 result = _run(contender, bootstrap, model_root, model_path, count)
                 console.print(
@@ -323,19 +327,23 @@ async def _wait_for(
     meter: CpuMeter | None = None,
     process: subprocess.Popen[bytes] | None = None,
 ) -> None:
-    """Until the reply topic holds `count` records (or the contender gave up or exited)."""
+    """Until the reply topic holds `count` records and stops growing (its offsets count a
+    transaction's commit markers too: exactly-once reaches `count` early), or the contender
+    gave up or exited."""
     consumer = AIOKafkaConsumer(bootstrap_servers=bootstrap)
     await consumer.start()
     try:
         partitions = [TopicPartition(topic, p) for p in range(PARTITIONS)]
         deadline = time.monotonic() + timeout
+        before = -1
         while time.monotonic() < deadline:
             written = sum((await consumer.end_offsets(partitions)).values())
-            if meter is not None:
+            if meter is not None and written != before:  # the drain's span: idle polls not
                 meter.sample(written)
-            if written >= count:
+            if written >= count and written == before:
                 await asyncio.sleep(settle)  # exactly-once: let the last transaction commit
                 return
+            before = written
             if process is not None and process.poll() is not None:
                 console.print(f"[red]{topic}: the contender exited ({process.returncode})")
                 return
@@ -382,15 +390,17 @@ async def _broker_alone(bootstrap: str, count: int) -> float:
     topic = f"bench.broker.{time.time_ns()}"
     replies = f"{topic}.replies"
     await _preload(bootstrap, topic, replies, count)
+    lean.install()  # records as their batches hold them, as a worker reads them
     consumer = AIOKafkaConsumer(
         topic,
         bootstrap_servers=bootstrap,
         auto_offset_reset="earliest",
         group_id=topic,
         enable_auto_commit=False,
+        key_deserializer=lean.lean_records,
     )
     producer = AIOKafkaProducer(
-        bootstrap_servers=bootstrap, acks=1, linger_ms=1, max_batch_size=256 * 1024
+        bootstrap_servers=bootstrap, acks=1, linger_ms=0, max_batch_size=256 * 1024
     )
     await consumer.start()
     await producer.start()
@@ -399,7 +409,7 @@ async def _broker_alone(bootstrap: str, count: int) -> float:
         while received < count:
             fetched = await consumer.getmany(timeout_ms=200, max_records=1024)
             for tp, records in fetched.items():
-                back = ((r.key, r.value, list(r.headers)) for r in records)
+                back = ((r.key, r.value, r.headers) for r in records)
                 deliveries += await send_batches(producer, replies, tp.partition, back)
                 received += len(records)
         await asyncio.gather(*deliveries)
@@ -510,7 +520,9 @@ def _plot(summaries: list[Summary]) -> None:
     names = [s.result.name for s in summaries]
     colours = ["tab:orange" if s.result.kind.startswith("surge") else "tab:grey" for s in summaries]
     axis.barh(names, [s.throughput for s in summaries], color=colours)
-    axis.set(xlabel="requests/s (log), median round", xscale="log", title="Draining the same burst")
+    axis.set(
+        xlabel="requests/s (log), median over rounds", xscale="log", title="Draining the same burst"
+    )
     axis.invert_yaxis()
     fig.tight_layout()
     fig.savefig(OUT / "compare.png", dpi=120)

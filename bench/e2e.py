@@ -52,7 +52,7 @@ from bench.common import (
     direct_throughput,
     kafka_broker,
     listener_pid,
-    providers,
+    ort_session,
     rows_per_second,
     scheduling,
     scratch_dir,
@@ -203,7 +203,7 @@ def _direct_padded(
     options.intra_op_num_threads = intra_op_threads(
         ModelConfig(instances=concurrent), shared_pool=True
     )
-    session = ort.InferenceSession(str(path), options, providers=providers(gpu))
+    session = ort_session(path, options, gpu=gpu)
     batches = padded_batches(requests, batch)
     session.run(None, batches[0])
 

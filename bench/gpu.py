@@ -45,7 +45,7 @@ from bench.common import (
     WorkerProcess,
     batch_rows,
     kafka_broker,
-    providers,
+    ort_session,
     rows_per_second,
     scratch_dir,
 )
@@ -112,7 +112,7 @@ def resident_throughput(path: Path, batches: list[dict[str, np.ndarray]]) -> flo
     """ONNX Runtime on the GPU with every batch's inputs already in device memory and its
     outputs left there: rows per second of the model's compute alone, no copies (median of
     3 passes over all batches)."""
-    session = ort.InferenceSession(str(path), providers=providers(True))
+    session = ort_session(path, gpu=True)
     outputs = [o.name for o in session.get_outputs()]
     bindings = []
     for inputs in batches:

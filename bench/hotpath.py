@@ -171,6 +171,7 @@ async def _main(
         await worker._repository.close()
         return
     fetches = _records(requests)
+    requests = len(fetches) * FETCH  # whole fetches: as many as asked for, or a few more
     profiler = cProfile.Profile() if profile else None
     if profiler:
         profiler.enable()

@@ -195,7 +195,7 @@ async def run_load(
             # Latency counts from when a request was due (open loop: a generator that falls
             # behind does not hide its delay), or, in a burst, from this round's start.
             if rate is None:
-                sent_at[sent:due] = time.perf_counter()
+                sent_at[sent:due] = started
             else:
                 sent_at[sent:due] = started + np.arange(sent, due) / rate
             # What is due goes out now as record batches, per partition: per-message sends

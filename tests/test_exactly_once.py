@@ -10,6 +10,7 @@ import uuid
 from collections.abc import AsyncIterator, Callable
 from pathlib import Path
 from types import SimpleNamespace
+from typing import Any
 
 import numpy as np
 import pytest
@@ -328,6 +329,87 @@ async def test_a_partition_whose_id_cannot_be_taken_yet_holds_up_no_other(
     assert sorted(results) == sorted(ids)
     assert all(len(found) == 1 for found in results.values())
     assert not worker.failed
+
+
+async def test_a_worker_whose_outcomes_wait_on_a_transaction_that_cannot_end_restarts(
+    kafka: str, model_root: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A transaction wrote to a reply partition refusing every write: its abort cannot be
+    written either, so its partition's outcomes stay in flight. Once they fill the bounds,
+    every partition is paused: past 3 × reply_retry_s with nothing released, the worker
+    restarts (its supervisor starts it again), handing them on uncommitted, instead of
+    stopping every partition for as long as that one refuses."""
+    run = uuid.uuid4().hex[:8]
+    refusing, replies = f"test.refusing.{run}", f"test.replies.{run}"
+    recovered = asyncio.Event()
+    held: set[str] = set()
+    send_batch = AIOKafkaProducer.send_batch
+    fence_in = transactions_module._fence_in
+
+    async def never_acknowledged(
+        self: AIOKafkaProducer, batch: Any, topic: str, partition: int
+    ) -> asyncio.Future[Any]:
+        if topic != refusing or recovered.is_set():
+            return await send_batch(self, batch, topic, partition=partition)
+        held.add(self._txn_manager.transactional_id)  # its markers cannot be written either
+        return asyncio.get_running_loop().create_future()
+
+    async def held_while_refused(producer: AIOKafkaProducer) -> None:
+        if producer._txn_manager.transactional_id in held:
+            await recovered.wait()
+        await fence_in(producer)
+
+    monkeypatch.setattr(AIOKafkaProducer, "send_batch", never_acknowledged)
+    monkeypatch.setattr(transactions_module, "_fence_in", held_while_refused)
+    settings = make_settings(
+        kafka,
+        model_root,
+        None,
+        SURGE_WORKER__DELIVERY="exactly_once",
+        SURGE_WORKER__REPLY_RETRY_S="2",
+        SURGE_WORKER__MAX_IN_FLIGHT="300",
+        SURGE_WORKER__SHUTDOWN_TIMEOUT_S="5",
+    )
+    topic = settings.worker.topic_prefix + "mlp"
+    await create_topics(kafka, topic, replies, refusing)
+    worker = Worker(settings)
+    task = asyncio.create_task(worker.run())
+    try:
+        await asyncio.wait_for(worker.ready.wait(), 60)
+        x = {"x": np.ones((1, 32), np.float32)}
+
+        producer = AIOKafkaProducer(bootstrap_servers=kafka, acks="all")
+        await producer.start()
+
+        async def send(partition: int, name: str, count: int, reply_to: str) -> None:
+            route = request_headers(model="mlp", content_type=MSGPACK, reply_to=reply_to)
+            sent = [
+                await producer.send(
+                    topic,
+                    request_body(x, i, MSGPACK),
+                    key=i.encode(),
+                    headers=route,
+                    partition=partition,
+                )
+                for i in (f"{run}-{name}-{n}" for n in range(count))
+            ]
+            await asyncio.gather(*sent)
+
+        try:  # partition 0 alone holds over half the bound, waiting on its transaction
+            await send(0, "lost", 5, refusing)
+            await send(0, "p0", 200, replies)
+            await asyncio.sleep(5)  # its transaction has failed, and its next one hangs
+            for partition in (1, 2, 3):
+                await send(partition, f"p{partition}", 100, replies)
+        finally:
+            await producer.stop()
+        await asyncio.wait_for(task, 60)  # it stopped itself
+        assert worker.failed
+    finally:
+        recovered.set()
+        worker.stop()
+        with contextlib.suppress(Exception):
+            await asyncio.wait_for(task, 60)
 
 
 async def test_a_transaction_raising_after_its_round_restarts_the_worker(

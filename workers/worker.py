@@ -53,6 +53,11 @@ log = structlog.get_logger("surge.worker")
 
 _GETMANY_TIMEOUT_MS = 100  # how soon a stop request is noticed while the topics are idle
 _PAUSED_KEEPALIVE_S = 1.0  # while paused, getmany still runs this often (max.poll.interval)
+# Exactly once, paused with nothing released for this many reply_retry_s: outcomes wait on a
+# transaction that cannot end (it wrote to a partition refusing every write, and its abort
+# cannot be written either). They count in flight until it does, and fill the bounds for
+# every partition: a restart hands them on, uncommitted, and the others go on.
+_STALLED_RETRIES = 3
 _FETCH_RETRY_S = 1.0
 _COMMIT_RETRY_S = 5.0
 _COMMIT_BACKOFF_S = 1.0
@@ -96,6 +101,10 @@ def _redis_client(settings: Settings) -> Redis:
     except (TypeError, ValueError) as exc:
         raise _CannotStart(f"redis url: {exc}") from None
     return redis
+
+
+class Stalled(RuntimeError):
+    """Paused, exactly once, with no outcome released for too long."""
 
 
 class _StoppedStarting(Exception):
@@ -432,6 +441,8 @@ class Worker:
         consumer = self._consumer
         max_records = self.settings.worker.max_poll_records
         full = False  # the ledger's bounds reached: every partition waits for half to drain
+        fewest, fewest_at = 0, 0.0  # while full: the fewest records in flight, since when
+        stalled_s = _STALLED_RETRIES * self.settings.worker.reply_retry_s
         while not self._stopping.is_set():
             if not self._topics:  # no models yet: until a reload finds some, or a stop
                 with contextlib.suppress(TimeoutError):
@@ -439,12 +450,18 @@ class Worker:
                 continue
             if self._ledger.full and not full:
                 full = True
+                fewest, fewest_at = self._ledger.records, time.monotonic()
                 metrics.PAUSED.set(1)
                 log.info("paused", in_flight=self._ledger.records, bytes=self._ledger.bytes)
             elif full and self._ledger.has_room:
                 full = False
                 metrics.PAUSED.set(0)
                 log.info("resumed", in_flight=self._ledger.records)
+            elif full and self._ledger.records < fewest:
+                fewest, fewest_at = self._ledger.records, time.monotonic()
+            elif full and self._transactions and time.monotonic() - fewest_at > stalled_s:
+                self._crashed(Stalled(f"paused, nothing released in {stalled_s:g}s"))
+                return
             assigned = consumer.assignment()
             ahead = self._fetched_ahead(assigned)  # also when full: it updates the gauges
             stopped = assigned if full else (self._held | ahead | self._overdue()) & assigned

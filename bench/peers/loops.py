@@ -51,7 +51,7 @@ async def main(kind: str, bootstrap: str, topic: str, reply_topic: str, model: s
         bootstrap_servers=bootstrap,
         acks="all" if guarantees else 1,
         enable_idempotence=guarantees,
-        linger_ms=1,
+        linger_ms=0,  # as a Surge worker writes: a record batch waits for nothing
         max_batch_size=256 * 1024,
     )
     await consumer.start()

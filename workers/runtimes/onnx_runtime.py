@@ -60,7 +60,7 @@ class OnnxRuntime:
         device_id = int(self.device.partition(":")[2] or 0)
         providers: list[str | tuple[str, dict[str, str]]] = ["CPUExecutionProvider"]
         if self.device.startswith("cuda"):
-            _load_cuda_libraries()
+            load_cuda_libraries()
             providers.insert(0, ("CUDAExecutionProvider", {"device_id": str(device_id)}))
         self._session = ort.InferenceSession(str(path), options, providers=providers)
         _check_batch_dimension(self._session.get_inputs(), config.max_batch_size)
@@ -100,7 +100,7 @@ class OnnxRuntime:
 
 
 @functools.cache
-def _load_cuda_libraries() -> None:
+def load_cuda_libraries() -> None:
     """onnxruntime-gpu finds CUDA and cuDNN by the loader's search path alone. Where they came
     as the `nvidia-*` wheels (with PyTorch's CUDA build, say), nothing points there: load them
     from the wheels installed beside onnxruntime, else from that path, once per process."""
