@@ -179,6 +179,40 @@ async def test_a_zombie_commits_nothing_once_its_partition_has_a_new_owner(kafka
     assert sorted(await read_to_end(kafka, owners.out, key_of=None)) == ["from-heir"]
 
 
+async def test_a_zombie_starting_its_producer_again_leaves_the_new_owner_alone(
+    kafka: str,
+) -> None:
+    """Cut off, a worker lost its producer, and its partition went to a new owner that has
+    committed since: the zombie sees that before it takes the id back, which would fence
+    the new owner too and restart it for nothing."""
+    async with _owners(kafka) as owners:
+        tp = owners.tp
+        zombie, zombie_ledger = owners.owner()
+        await zombie.assign([tp])
+        owners.answer(zombie, zombie_ledger, 0, "r0")
+        assert await zombie.commit({tp: 1}) == {tp: 1}
+        owners.answer(zombie, zombie_ledger, 1, "r1-zombie")
+        await zombie._stop(zombie._partitions[tp])  # its producer lost to a network cut
+
+        heir, heir_ledger = owners.owner()
+        await heir.assign([tp])
+        owners.answer(heir, heir_ledger, 1, "r1-heir")
+        assert await heir.commit({tp: 2}) == {tp: 2}
+        async with asyncio.timeout(10):  # the commit's markers reach the group's offsets
+            while await owners.offsets.committed(tp) != 2:
+                await asyncio.sleep(0.05)
+        assert await zombie.commit({tp: 2}) == {}
+        assert len(owners.crashes) == 1  # the zombie restarts
+
+        owners.answer(heir, heir_ledger, 2, "r2-heir")
+        assert await heir.commit({tp: 3}) == {tp: 3}  # not fenced by the zombie
+        assert len(owners.crashes) == 1
+        await zombie.close()
+        await heir.close()
+    results = sorted(await read_to_end(kafka, owners.out, key_of=None))
+    assert results == ["r0", "r1-heir", "r2-heir"]
+
+
 async def test_a_worker_of_the_former_id_scheme_is_fenced_as_the_partition_is_taken(
     kafka: str,
 ) -> None:

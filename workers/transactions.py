@@ -414,8 +414,11 @@ class Transactions:
         failed transaction), it fences whoever initialised the id since: if that was a new
         owner, which has committed the partition's offsets meanwhile, this worker is the
         zombie (aiokafka's offset commits carry no group generation to refuse it by) and
-        commits nothing more."""
+        commits nothing more. A new owner that has committed already is found before the id
+        is taken: taking it would fence that owner too, and restart it for nothing."""
         if state.producer is None:
+            if state.started:
+                _zombie_unless(tp, state, await self._committed(tp))
             producer = AIOKafkaProducer(
                 **self._options, transactional_id=transactional_id(self._group_id, tp)
             )
@@ -424,8 +427,8 @@ class Transactions:
                 if not state.started:
                     await self._fence_former(tp)
                 committed = await self._committed(tp)  # no one else can move it from now on
-                if state.started and committed not in (state.committed, state.uncertain):
-                    raise ProducerFenced(f"{tp} was committed at {committed} by another owner")
+                if state.started:  # a new owner may have committed as the id was taken
+                    _zombie_unless(tp, state, committed)
             except BaseException as exc:
                 given_up = isinstance(exc, asyncio.CancelledError)  # revoked while fencing in
                 with contextlib.suppress(Exception):
@@ -486,3 +489,9 @@ class Transactions:
     def _release(self, writes: list[Write]) -> None:
         for write in writes:
             self._ledger.release(write.ticket)
+
+
+def _zombie_unless(tp: TopicPartition, state: _Partition, committed: int | None) -> None:
+    """Raise, as fenced, where the partition's committed offset is none this worker wrote."""
+    if committed not in (state.committed, state.uncertain):
+        raise ProducerFenced(f"{tp} was committed at {committed} by another owner")
