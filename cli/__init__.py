@@ -1,3 +1,3 @@
 """Surge: Kafka-driven, dynamically batching inference workers."""
 
-__version__ = "0.1.0"
+__version__ = "0.2.0"

@@ -170,7 +170,7 @@ def _readable(settings: object, *fields: str) -> None:
 
 
 class RedisSettings(msgspec.Struct, kw_only=True, forbid_unknown_fields=True):
-    url: str = ""  # empty: `surge-reply-to: redis` is refused with an error result
+    url: str = ""  # empty: `surge-reply-to: redis` is refused (invalid_reply_to, a dead letter)
     username: str | None = None
     password: str | None = None
     ssl_ca_certs: str | None = None
