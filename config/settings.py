@@ -97,14 +97,18 @@ class KafkaSettings(msgspec.Struct, kw_only=True, forbid_unknown_fields=True):
         return options
 
     def _ssl_context(self) -> ssl.SSLContext:
-        context = ssl.create_default_context(cafile=self.ssl_cafile)
-        if self.ssl_certfile:
-            # Asked for an encrypted key's passphrase, OpenSSL would prompt on a terminal (a
-            # worker hung at start) or fail with no reason given: the setting, or this.
-            context.load_cert_chain(
-                self.ssl_certfile, self.ssl_keyfile, password=self.ssl_password or _no_password
-            )
-        return context
+        return _tls_context(self.ssl_cafile, self.ssl_certfile, self.ssl_keyfile, self.ssl_password)
+
+
+def _tls_context(
+    cafile: str | None, certfile: str | None, keyfile: str | None, password: str | None
+) -> ssl.SSLContext:
+    context = ssl.create_default_context(cafile=cafile)
+    if certfile:
+        # Asked for an encrypted key's passphrase, OpenSSL would prompt on a terminal (a
+        # worker hung at start) or fail with no reason given: the setting, or this.
+        context.load_cert_chain(certfile, keyfile, password=password or _no_password)
+    return context
 
 
 def _no_password() -> str:
@@ -176,6 +180,7 @@ class RedisSettings(msgspec.Struct, kw_only=True, forbid_unknown_fields=True):
     ssl_ca_certs: str | None = None
     ssl_certfile: str | None = None
     ssl_keyfile: str | None = None
+    ssl_password: str | None = None  # of an encrypted ssl_keyfile
     result_ttl_s: Positive = 3600
     key_prefix: str = "surge:result:"
     socket_timeout_s: Seconds = 5.0  # a hung connection is retried
@@ -188,12 +193,21 @@ class RedisSettings(msgspec.Struct, kw_only=True, forbid_unknown_fields=True):
             check_redis_url(self.url)
         if self.url.startswith("rediss://"):
             _readable(self, "ssl_ca_certs", "ssl_certfile", "ssl_keyfile")
+            if self.ssl_keyfile and not self.ssl_certfile:
+                raise ValueError("ssl_keyfile needs ssl_certfile (the key's certificate)")
+            try:  # at start-up, not at the first result (retried for ever as Redis away)
+                _tls_context(
+                    self.ssl_ca_certs, self.ssl_certfile, self.ssl_keyfile, self.ssl_password
+                )
+            except (OSError, ssl.SSLError) as exc:
+                raise ValueError(f"TLS files unusable: {exc}") from None
         else:
             _unused(
                 self,
                 "ssl_ca_certs",
                 "ssl_certfile",
                 "ssl_keyfile",
+                "ssl_password",
                 because=("the url is not rediss:// (TLS)"),
             )
 
@@ -211,6 +225,7 @@ class RedisSettings(msgspec.Struct, kw_only=True, forbid_unknown_fields=True):
                 "ssl_ca_certs": self.ssl_ca_certs,
                 "ssl_certfile": self.ssl_certfile,
                 "ssl_keyfile": self.ssl_keyfile,
+                "ssl_password": self.ssl_password,
             }
         return {k: v for k, v in options.items() if v is not None}
 

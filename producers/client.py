@@ -50,6 +50,7 @@ def split_options(options: Mapping[str, Any]) -> tuple[dict[str, Any], dict[str,
 # Redis clean-up after a caller's deadline (MGET of missed results, UNSUBSCRIBE) gets this long
 # of its own: a slow Redis must not hold the caller much past its timeout.
 _REDIS_TIDY_S = 0.25
+_MGET_KEYS = 64  # results read back at once: they may be large
 _RESUBSCRIBE_S = 0.2  # between tries to subscribe again while Redis is away
 # The subscription connection is pinged this often when quiet, and taken for lost after
 # `_REDIS_SILENT_S` without a word (no pong): a half-open connection (a NAT or a firewall
@@ -516,14 +517,18 @@ class SurgeClient:
             log.debug("redis_tidy_skipped", error=repr(exc))
 
     async def _fetch_missed(self, ids: list[str], futures: list[asyncio.Future[Result]]) -> None:
-        """Redis may hold results whose notification was missed (e.g. across a reconnect)."""
+        """Redis may hold results whose notification was missed (e.g. across a reconnect):
+        read those still unanswered, a few at a time (results may be large)."""
         redis = self._redis
         if self._closed or redis is None:  # closed, or lost and not rebuilt: nothing to ask
             return
-        values = await redis.mget([self._redis_prefix + i for i in ids])
-        for request_id, future, value in zip(ids, futures, values, strict=True):
-            if value is not None and not future.done():
-                future.set_result(_read_result(value, self.content_type, request_id))
+        pending = [(i, f) for i, f in zip(ids, futures, strict=True) if not f.done()]
+        for start in range(0, len(pending), _MGET_KEYS):
+            chunk = pending[start : start + _MGET_KEYS]
+            values = await redis.mget([self._redis_prefix + i for i, _ in chunk])
+            for (request_id, future), value in zip(chunk, values, strict=True):
+                if value is not None and not future.done():
+                    future.set_result(_read_result(value, self.content_type, request_id))
 
     def _resolve(self, request_id: str, result: Result) -> None:
         future = self._waiting.get(request_id)
@@ -678,6 +683,8 @@ class SurgeClient:
         await asyncio.shield(closing)
 
     async def _subscribe(self, ids: list[str], pubsub: Any) -> None:
+        if pubsub is None:  # another caller is rebuilding the connection: as lost
+            raise RedisConnectionError("the Redis subscription connection is being rebuilt")
         channels = [self._redis_prefix + i for i in ids]
         events = [self._subscribed.setdefault(c, asyncio.Event()) for c in channels]
         await pubsub.subscribe(*channels)

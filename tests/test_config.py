@@ -191,8 +191,7 @@ def test_settings_that_would_fail_once_running_are_refused_at_start_up(
 
 
 def test_sasl_and_tls_pass_through(tmp_path: Path) -> None:
-    ca = tmp_path / "ca.pem"
-    ca.write_text("read by Redis's client when it connects")
+    ca = make_certificates(tmp_path) / "ca.pem"
     settings = load_settings(
         env={
             "SURGE_KAFKA__SECURITY_PROTOCOL": "SASL_PLAINTEXT",
@@ -467,3 +466,35 @@ def test_an_encrypted_tls_key_needs_its_passphrase_and_never_prompts(tmp_path: P
         load_settings(env=env | {"SURGE_KAFKA__SSL_PASSWORD": "wrong"})
     settings = load_settings(env=env | {"SURGE_KAFKA__SSL_PASSWORD": "secret"})
     assert settings.kafka.client_options()["ssl_context"] is not None
+
+    redis = {
+        "SURGE_REDIS__URL": "rediss://cache:6380",
+        "SURGE_REDIS__SSL_CA_CERTS": str(certs / "ca.pem"),
+        "SURGE_REDIS__SSL_CERTFILE": str(certs / "server.pem"),
+        "SURGE_REDIS__SSL_KEYFILE": str(encrypted),
+    }
+    with pytest.raises(ConfigError, match="the key is encrypted: give its passphrase as ssl_pass"):
+        load_settings(env=redis)
+    with pytest.raises(ConfigError, match="TLS files unusable"):
+        load_settings(env=redis | {"SURGE_REDIS__SSL_PASSWORD": "wrong"})
+    settings = load_settings(env=redis | {"SURGE_REDIS__SSL_PASSWORD": "secret"})
+    assert settings.redis.client_options()["ssl_password"] == "secret"
+
+
+def test_redis_tls_files_are_loaded_at_start_up_not_at_the_first_result(tmp_path: Path) -> None:
+    """A result that cannot connect waits as for Redis away, for ever: said at start-up."""
+    certs = make_certificates(tmp_path)
+    bad = tmp_path / "bad.pem"
+    bad.write_text("not a certificate")
+    url = {"SURGE_REDIS__URL": "rediss://cache:6380"}
+    with pytest.raises(ConfigError, match="TLS files unusable"):
+        load_settings(env=url | {"SURGE_REDIS__SSL_CA_CERTS": str(bad)})
+    with pytest.raises(ConfigError, match="ssl_keyfile needs ssl_certfile"):
+        load_settings(env=url | {"SURGE_REDIS__SSL_KEYFILE": str(certs / "server.key")})
+    other = make_certificates(tmp_path / "other")
+    mismatched = {  # a key that is not the certificate's
+        "SURGE_REDIS__SSL_CERTFILE": str(certs / "server.pem"),
+        "SURGE_REDIS__SSL_KEYFILE": str(other / "server.key"),
+    }
+    with pytest.raises(ConfigError, match="TLS files unusable"):
+        load_settings(env=url | mismatched)

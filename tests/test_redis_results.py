@@ -368,7 +368,7 @@ async def test_a_worker_commits_no_request_whose_result_a_replica_lacks(
 @pytest.mark.integration
 # `decode_responses` in a URL overrides a client's own: results are still read as bytes.
 @pytest.mark.parametrize("url_options", ["", "?decode_responses=true"])
-@pytest.mark.parametrize("refused", ["keys", "channels"])
+@pytest.mark.parametrize("refused", ["keys", "channels", "channels-not-deleted"])
 async def test_a_worker_dead_letters_the_results_redis_refuses_and_goes_on(
     kafka: str,
     redis_url: str,
@@ -383,6 +383,10 @@ async def test_a_worker_dead_letters_the_results_redis_refuses_and_goes_on(
         user, password = await _restricted_user(redis_url, prefix + "ok-*")
     else:  # the call runs, and reports each result it may not announce
         user, password = await _restricted_user(redis_url, prefix + "*", prefix + "ok-*")
+    if refused == "channels-not-deleted":  # nor take back the result stored unannounced
+        admin = Redis.from_url(redis_url)
+        await admin.execute_command("ACL", "SETUSER", user, "-del")
+        await admin.aclose()
     settings = make_settings(
         kafka,
         model_root,
@@ -756,3 +760,49 @@ async def test_a_request_kafka_refuses_does_not_hold_its_call_to_the_timeout(
     # Kafka refuses a record batch whole: one that shared the large one's batch goes with it.
     assert all(isinstance(r, Prediction | MessageSizeTooLargeError) for r in results), results
     assert any(isinstance(r, Prediction) for r in results), results
+
+
+async def test_results_read_back_at_a_deadline_are_those_still_missing(
+    kafka: str, redis_url: str
+) -> None:
+    """At its deadline a call reads what it missed from the keys: the results it has already
+    (large, perhaps) are not read again, and many missing are read a few at a time."""
+    prefix = f"test:{uuid.uuid4().hex[:8]}:"
+    ids = [f"r{i}" for i in range(150)]
+    response = {"model_name": "m", "id": "", "outputs": []}
+    async with SurgeClient(kafka, redis_url=redis_url, redis_prefix=prefix) as client:
+        await client._reply_channel("redis")
+        direct = Redis.from_url(redis_url)
+        for request_id in ids:
+            body = msgspec.msgpack.encode(response | {"id": request_id})
+            await direct.set(prefix + request_id, body)
+        await direct.aclose()
+        loop = asyncio.get_running_loop()
+        futures = [loop.create_future() for _ in ids]
+        futures[0].set_result("answered already")
+        asked: list[list[str]] = []
+        mget = client._redis.mget  # type: ignore[union-attr]
+
+        async def counted(keys: list[str]) -> list[Any]:
+            asked.append(keys)
+            return await mget(keys)
+
+        client._redis.mget = counted  # type: ignore[union-attr,method-assign]
+        await client._fetch_missed(ids, futures)
+    assert [len(keys) for keys in asked] == [64, 64, 21]
+    assert prefix + "r0" not in {key for keys in asked for key in keys}
+    assert all(future.done() for future in futures)
+    assert futures[1].result().id == "r1"
+
+
+async def test_a_subscription_made_while_another_caller_rebuilds_the_connection_waits_for_it(
+    kafka: str, redis_url: str
+) -> None:
+    """Between a caller's check of the connection and its subscription, another may have
+    taken the lost connection down to rebuild it: the subscription goes on the new one."""
+    async with SurgeClient(kafka, redis_url=redis_url) as client:
+        await client._reply_channel("redis")
+        await client._stop_redis()  # as a caller finding its reader dead does, under the lock
+        pubsub = await client._subscribe_now(["r1"])
+        assert pubsub is not None
+        assert pubsub is client._pubsub

@@ -69,8 +69,8 @@ for i = 1, #KEYS do
     if set and not failed then
         local published = redis.pcall('PUBLISH', KEYS[i], ARGV[i])
         failed = type(published) == 'table' and published.err
-        if failed then
-            redis.call('DEL', KEYS[i])
+        if failed then  -- unannounced, it is no result: refused (kept if DEL is refused too)
+            redis.pcall('DEL', KEYS[i])
         end
     elseif not set and touch then
         redis.pcall('EXPIRE', KEYS[i], ttl)
