@@ -7,7 +7,7 @@ import re
 import socket
 import ssl
 from typing import Annotated, Any, Literal
-from urllib.parse import parse_qsl, urlencode
+from urllib.parse import parse_qsl, urlencode, urlsplit
 
 import msgspec
 from redis.connection import parse_url
@@ -173,6 +173,18 @@ def _readable(settings: object, *fields: str) -> None:
             raise ValueError(f"{name} {path}: no such file, or not readable")
 
 
+# Redis URL options that settings set: (option, the setting that sets it).
+_URL_OPTIONS_SET_HERE = {
+    "socket_timeout": "socket_timeout_s",
+    "socket_connect_timeout": "socket_timeout_s",
+    "single_connection_client": "min_replicas",
+    "ssl_ca_certs": "ssl_ca_certs",
+    "ssl_certfile": "ssl_certfile",
+    "ssl_keyfile": "ssl_keyfile",
+    "ssl_password": "ssl_password",
+}
+
+
 class RedisSettings(msgspec.Struct, kw_only=True, forbid_unknown_fields=True):
     url: str = ""  # empty: `surge-reply-to: redis` is refused (invalid_reply_to, a dead letter)
     username: str | None = None
@@ -191,6 +203,7 @@ class RedisSettings(msgspec.Struct, kw_only=True, forbid_unknown_fields=True):
     def __post_init__(self) -> None:
         if self.url:
             check_redis_url(self.url)
+            self._url_leaves_settings_alone()
         if self.url.startswith("rediss://"):
             _readable(self, "ssl_ca_certs", "ssl_certfile", "ssl_keyfile")
             if self.ssl_keyfile and not self.ssl_certfile:
@@ -209,6 +222,21 @@ class RedisSettings(msgspec.Struct, kw_only=True, forbid_unknown_fields=True):
                 "ssl_keyfile",
                 "ssl_password",
                 because=("the url is not rediss:// (TLS)"),
+            )
+
+    def _url_leaves_settings_alone(self) -> None:
+        """redis-py lets a URL's options override the client's: one that sets what a setting
+        sets would silently win (a socket timeout the WAIT budget is not sized by, say)."""
+        query = dict(parse_qsl(urlsplit(self.url).query))
+        for option, field in _URL_OPTIONS_SET_HERE.items():
+            if option in query:
+                raise ValueError(
+                    f"redis url sets {option}: set [redis] {field} instead (the url's would win)"
+                )
+        parts = urlsplit(self.url)
+        if (parts.username or parts.password) and (self.username or self.password):
+            raise ValueError(
+                "redis credentials are in the url and in username/password: give them once"
             )
 
     def client_options(self) -> dict[str, Any]:

@@ -124,7 +124,9 @@ class SurgeClient:
         self._readers: list[asyncio.Task[None]] = []
         # Steps of calls under way (setting up, subscribing, sending): close() cancels them.
         self._steps: set[asyncio.Future[Any]] = set()
-        self._lock = asyncio.Lock()
+        # One per reply channel: connecting to a Redis that does not answer must not hold up
+        # calls answered through Kafka, nor the other way round.
+        self._locks = {"kafka": asyncio.Lock(), "redis": asyncio.Lock()}
         self._closed = False
 
     async def __aenter__(self) -> SurgeClient:
@@ -185,7 +187,8 @@ class SurgeClient:
         self._closed = True
         for future in [*self._waiting.values(), *self._steps]:
             future.cancel()  # only close() cancels these: their callers raise ClientClosed
-        async with self._lock:  # a reply channel being set up is closed with the rest
+        # A reply channel being set up is closed with the rest.
+        async with self._locks["kafka"], self._locks["redis"]:
             for task in self._readers:
                 task.cancel()
             await asyncio.gather(*self._readers, return_exceptions=True)
@@ -444,21 +447,26 @@ class SurgeClient:
         published in between read from its keys: the callers would otherwise learn of it only
         at their deadline. Returns the pub/sub holding the subscriptions now."""
         loop = asyncio.get_running_loop()
+        missed = False  # subscribed again: what was announced before is read from the keys
         while True:
             waiting = [(i, f) for i, f in zip(ids, futures, strict=True) if not f.done()]
             remaining = deadline - loop.time()
             if not waiting or remaining <= 0:
                 return pubsub
             reader = self._redis_reader
-            if reader is not None and not reader.done() and pubsub is self._pubsub:
+            alive = reader is not None and not reader.done() and pubsub is self._pubsub
+            if alive and not missed:
                 await _answered_or_ended([f for _, f in waiting], reader, remaining)
                 continue
-            try:  # the connection went with the reader: subscribe again on a new one
+            try:
                 async with asyncio.timeout_at(deadline):
-                    await self._closable(self._reply_channel("redis"))
-                    pubsub = self._pubsub
-                    await self._closable(self._subscribe([i for i, _ in waiting], pubsub))
+                    if not alive:  # the connection went with the reader: a new one
+                        await self._closable(self._reply_channel("redis"))
+                        pubsub = self._pubsub
+                        await self._closable(self._subscribe([i for i, _ in waiting], pubsub))
+                        missed = True
                     await self._fetch_missed([i for i, _ in waiting], [f for _, f in waiting])
+                    missed = False
             except (TimeoutError, ClientClosed):
                 return pubsub  # the deadline, or close(): each caller's outcome says which
             except (RedisError, OSError) as exc:  # Redis still away: try again shortly
@@ -536,7 +544,7 @@ class SurgeClient:
             future.set_result(result)
 
     async def _reply_channel(self, via: str) -> str:
-        async with self._lock:
+        async with self._locks["redis" if via == "redis" else "kafka"]:
             if self._closed:
                 raise ClientClosed("the client is closed")
             if via == "redis":

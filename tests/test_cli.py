@@ -22,7 +22,7 @@ from surge.broker import _port_taken
 from surge.main import _connect
 from tests.conftest import WorkerProcess, topic_of, worker_env
 from tests.helpers import read_topic
-from tests.services import free_port
+from tests.services import free_port, make_certificates
 
 pytestmark = pytest.mark.integration
 
@@ -442,8 +442,7 @@ def test_client_commands_take_the_workers_redis_from_their_settings_unless_given
     would refuse."""
     for name in [n for n in os.environ if n.startswith("SURGE_")]:
         monkeypatch.delenv(name)
-    ca = tmp_path / "ca.pem"
-    ca.write_text("read when connecting")
+    ca = make_certificates(tmp_path) / "ca.pem"
     config = tmp_path / "worker.toml"
     config.write_text(
         f'[redis]\nurl = "rediss://cache:6380/0"\npassword = "secret"\n'

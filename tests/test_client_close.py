@@ -4,6 +4,7 @@ is nothing to wait for, and at its timeout whatever Redis does meanwhile."""
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import os
 import signal
 import threading
@@ -221,3 +222,24 @@ async def test_a_redis_rebuild_cut_short_still_closes_both_connections(kafka: st
                 assert len(names) == 1, names  # the admin connection alone
         finally:
             await admin.aclose()
+
+
+async def test_a_redis_that_never_answers_holds_up_no_call_answered_through_kafka(
+    kafka: str,
+) -> None:
+    """Connecting to Redis and starting the reply topic's reader are set up apart: a call
+    via Kafka goes on while another waits on a Redis that accepts and says nothing."""
+    silent = await asyncio.start_server(lambda reader, writer: None, "127.0.0.1", 0)
+    port = silent.sockets[0].getsockname()[1]
+    hanging = {"socket_connect_timeout": 120, "socket_timeout": 120}  # past the bound below
+    url = f"redis://127.0.0.1:{port}/0"
+    async with SurgeClient(kafka, redis_url=url, redis_options=hanging) as client:
+        connecting = asyncio.ensure_future(client._reply_channel("redis"))
+        await asyncio.sleep(0.2)
+        assert not connecting.done()
+        topic = await asyncio.wait_for(client._reply_channel("kafka"), 30)
+        assert topic == client.reply_topic
+        connecting.cancel()
+        with contextlib.suppress(BaseException):
+            await connecting
+    silent.close()

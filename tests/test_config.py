@@ -498,3 +498,20 @@ def test_redis_tls_files_are_loaded_at_start_up_not_at_the_first_result(tmp_path
     }
     with pytest.raises(ConfigError, match="TLS files unusable"):
         load_settings(env=url | mismatched)
+
+
+@pytest.mark.parametrize(
+    ("url", "env", "message"),
+    [
+        ("redis://h:6379/0?socket_timeout=1", {}, "sets socket_timeout: set \\[redis\\] socket"),
+        ("redis://h/0?socket_connect_timeout=0", {}, "socket_connect_timeout"),
+        ("redis://u:p@h/0", {"SURGE_REDIS__PASSWORD": "q"}, "in the url and in username/pass"),
+    ],
+)
+def test_a_redis_url_may_not_set_what_a_setting_sets(
+    url: str, env: dict[str, str], message: str
+) -> None:
+    """redis-py lets a URL's options win over the client's: the setting would be ignored."""
+    with pytest.raises(ConfigError, match=message):
+        load_settings(env={"SURGE_REDIS__URL": url} | env)
+    load_settings(env={"SURGE_REDIS__URL": "redis://u:p@h/0?health_check_interval=5"})

@@ -19,6 +19,7 @@ import numpy as np
 import pytest
 from aiokafka.errors import MessageSizeTooLargeError
 from redis.asyncio import Redis
+from redis.exceptions import ConnectionError as RedisConnectionError
 from structlog.testing import capture_logs
 
 from surge.config import Settings
@@ -806,3 +807,41 @@ async def test_a_subscription_made_while_another_caller_rebuilds_the_connection_
         pubsub = await client._subscribe_now(["r1"])
         assert pubsub is not None
         assert pubsub is client._pubsub
+
+
+async def test_results_missed_while_resubscribing_are_read_even_if_the_first_read_fails(
+    kafka: str, redis_url: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Subscribed again after losing its connection, a caller reads the keys of what it may
+    have missed; a read that fails is tried again, not left to the caller's deadline."""
+    topic = f"test.requests.{uuid.uuid4().hex[:8]}"
+    await create_topics(kafka, topic)  # no worker: the result is stored by hand, unannounced
+    fetch_missed = SurgeClient._fetch_missed
+    failures: list[str] = []
+
+    async def failing_once(self: SurgeClient, *args: Any) -> None:
+        if not failures:
+            failures.append("max number of clients reached")
+            raise RedisConnectionError(failures[0])
+        await fetch_missed(self, *args)
+
+    monkeypatch.setattr(SurgeClient, "_fetch_missed", failing_once)
+    admin = Redis.from_url(redis_url)
+    x = {"x": np.ones((1, 32), np.float32)}
+    try:
+        async with SurgeClient(kafka, redis_url=redis_url) as client:
+            started = asyncio.get_running_loop().time()
+            waiting = asyncio.create_task(
+                client.predict("mlp", x, via="redis", topic=topic, timeout=20)
+            )
+            await asyncio.sleep(0.5)  # subscribed and sent
+            (request_id,) = client._waiting
+            body = {"model_name": "mlp", "id": request_id, "outputs": []}
+            await admin.set("surge:result:" + request_id, msgspec.msgpack.encode(body))
+            assert await admin.client_kill_filter(_type="pubsub") >= 1
+            result = await waiting
+            assert result.id == request_id
+            assert failures
+            assert asyncio.get_running_loop().time() - started < 10, "waited for its deadline"
+    finally:
+        await admin.aclose()

@@ -418,7 +418,7 @@ class Transactions:
         is taken: taking it would fence that owner too, and restart it for nothing."""
         if state.producer is None:
             if state.started:
-                _zombie_unless(tp, state, await self._committed(tp))
+                _moved_on(tp, state, await self._committed(tp))
             producer = AIOKafkaProducer(
                 **self._options, transactional_id=transactional_id(self._group_id, tp)
             )
@@ -494,4 +494,13 @@ class Transactions:
 def _zombie_unless(tp: TopicPartition, state: _Partition, committed: int | None) -> None:
     """Raise, as fenced, where the partition's committed offset is none this worker wrote."""
     if committed not in (state.committed, state.uncertain):
+        raise ProducerFenced(f"{tp} was committed at {committed} by another owner")
+
+
+def _moved_on(tp: TopicPartition, state: _Partition, committed: int | None) -> None:
+    """Raise, as fenced, where the partition's committed offset is past any this worker
+    wrote. Read before the id is taken, it may lag this worker's own last commit (whose
+    markers can still be on their way): only a later offset tells of a new owner."""
+    known = max((o for o in (state.committed, state.uncertain) if o is not None), default=-1)
+    if committed is not None and committed > known:
         raise ProducerFenced(f"{tp} was committed at {committed} by another owner")
