@@ -37,6 +37,7 @@ from tests.conftest import make_settings
 from tests.helpers import (
     committed_lag,
     create_topics,
+    make_ticket,
     publish,
     read_redis,
     read_topic,
@@ -845,3 +846,37 @@ async def test_results_missed_while_resubscribing_are_read_even_if_the_first_rea
             assert asyncio.get_running_loop().time() - started < 10, "waited for its deadline"
     finally:
         await admin.aclose()
+
+
+async def test_results_stored_are_settled_without_waiting_for_a_later_chunk() -> None:
+    """A take of results goes to Redis in chunks of a few MB: one held up (waiting for its
+    replicas, say) must not hold back the commits of those stored before it."""
+    redis = Redis.from_url("redis://127.0.0.1:1/0")  # never reached: the writes stand in
+    replies = _replies(redis, "test:")
+    held, calls = asyncio.Event(), []
+
+    async def write(items: list[Any]) -> list[Any]:
+        calls.append(len(items))
+        if len(calls) > 1:
+            await held.wait()
+        return []
+
+    replies._write_redis = write  # type: ignore[method-assign]
+    tickets = [make_ticket(b"{}") for _ in range(2)]
+    for offset, ticket in enumerate(tickets):
+        ticket.offset = offset
+        replies._ledger.admit(ticket)
+        replies._redis_box.put((ticket, bytes(3 << 20)))  # one chunk each
+    replies.start()
+    try:
+        async with asyncio.timeout(5):
+            while len(calls) < 2:
+                await asyncio.sleep(0.01)
+        assert (tickets[0].settled, tickets[1].settled) == (True, False)
+        held.set()
+        async with asyncio.timeout(5):
+            while not tickets[1].settled:
+                await asyncio.sleep(0.01)
+    finally:
+        await replies.close()
+        await redis.aclose()

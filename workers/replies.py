@@ -267,17 +267,22 @@ class Replies:
     async def _redis_loop(self) -> None:
         while True:
             items: list[tuple[Ticket, bytes]] = await self._redis_box.take(_REDIS_CHUNK)
-            refused: list[tuple[Ticket, Exception]] = []
+            # Each chunk settled as it is stored: a later one Redis holds up (waiting for its
+            # replicas, say) must not hold back the commits of those stored before it.
             for chunk in _chunks_by_size(items, _REDIS_CHUNK_BYTES):
-                refused += await self._write_redis(chunk)
-            for ticket, exc in refused:  # settled once the dead-letter topic has it
-                reason = f"result could not be stored in Redis: {_describe(exc)}"
-                rejection = Rejection(ErrorCode.REPLY_FAILED, reason)
-                self._put(dead_letter(ticket, rejection, self._dead_letter_topic))
-            refused_ids = {id(ticket) for ticket, _ in refused}
-            stored = [ticket for ticket, _ in items if id(ticket) not in refused_ids]
-            self._ledger.settle_all(stored)
-            metrics.outcomes_durable("redis", (ticket.received for ticket in stored))
+                self._settle_redis(chunk, await self._write_redis(chunk))
+
+    def _settle_redis(
+        self, items: list[tuple[Ticket, bytes]], refused: list[tuple[Ticket, Exception]]
+    ) -> None:
+        for ticket, exc in refused:  # settled once the dead-letter topic has it
+            reason = f"result could not be stored in Redis: {_describe(exc)}"
+            rejection = Rejection(ErrorCode.REPLY_FAILED, reason)
+            self._put(dead_letter(ticket, rejection, self._dead_letter_topic))
+        refused_ids = {id(ticket) for ticket, _ in refused}
+        stored = [ticket for ticket, _ in items if id(ticket) not in refused_ids]
+        self._ledger.settle_all(stored)
+        metrics.outcomes_durable("redis", (ticket.received for ticket in stored))
 
     async def _write_redis(
         self, items: list[tuple[Ticket, bytes]]
