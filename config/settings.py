@@ -227,13 +227,13 @@ class RedisSettings(msgspec.Struct, kw_only=True, forbid_unknown_fields=True):
     def _url_leaves_settings_alone(self) -> None:
         """redis-py lets a URL's options override the client's: one that sets what a setting
         sets would silently win (a socket timeout the WAIT budget is not sized by, say)."""
-        query = dict(parse_qsl(urlsplit(self.url).query))
+        parts = urlsplit(self.url)
+        query = dict(parse_qsl(parts.query))
         for option, field in _URL_OPTIONS_SET_HERE.items():
             if option in query:
                 raise ValueError(
                     f"redis url sets {option}: set [redis] {field} instead (the url's would win)"
                 )
-        parts = urlsplit(self.url)
         if (parts.username or parts.password) and (self.username or self.password):
             raise ValueError(
                 "redis credentials are in the url and in username/password: give them once"

@@ -174,7 +174,7 @@ def _start(committed: int | None, first: int, end: int, high: int, reset: Reset)
     holds it (up to its high watermark: past the last stable offset `end`, it waits for a
     transaction to end), else where it resets to (as it does on an out-of-range offset: before
     the log's start, or past its end after the log lost records)."""
-    if committed is not None and first <= committed <= max(end, high):
+    if committed is not None and first <= committed <= high:
         return committed
     return end if reset == "latest" else first
 

@@ -457,18 +457,16 @@ class ModelRepository:
         not batch-first (a variable dimension of 1 hides that at one row) or unlike those
         declared."""
         config = source.config
-        sizes = sorted({1, *config.preferred_batch_sizes, config.max_batch_size})
+        sizes = {*config.preferred_batch_sizes, config.max_batch_size}
         if config.max_batch_size > 1:
-            sizes = sorted({*sizes, 2})
-        length = await self._warm_length(runtime)
-        for size in sizes:
+            sizes.add(2)
+        length = await self._warm_one_row(runtime)
+        for size in sorted(sizes - {1}):
             try:
                 await self._off_loop(runtimes.warm_up, runtime, [size], length)
             except (runtimes.DeviceFailed, runtimes.NotBatchFirst, runtimes.OutputsUnlikeDeclared):
                 raise
             except Exception as exc:
-                if size == 1:
-                    raise
                 if size == 2:
                     raise ValueError(
                         f"the model runs one row but not two ({exc!r:.300}): export it with a "
@@ -477,11 +475,13 @@ class ModelRepository:
                 log.warning("warmup_failed", model=source.name, rows=size, error=repr(exc)[:300])
                 return
 
-    async def _warm_length(self, runtime: runtimes.Runtime) -> int:
-        """The length of variable dimensions to warm up with: 1 where the model takes it; a
-        model that cannot run so short (a convolution without padding, a minimum window)
-        is tried longer, and fails its load only if it runs at no length tried."""
+    async def _warm_one_row(self, runtime: runtimes.Runtime) -> int:
+        """Warm one row, and say the length of variable dimensions it ran at: 1 where the
+        model takes it; a model that cannot run so short (a convolution without padding, a
+        minimum window) is tried longer, and fails its load only if it runs at no length
+        tried."""
         if not runtimes.varies(runtime):
+            await self._off_loop(runtimes.warm_up, runtime, [1])
             return 1
         error: Exception | None = None
         for length in _WARM_LENGTHS:

@@ -259,13 +259,10 @@ class Router:
         supported = content_type in CONTENT_TYPES
         reply_to, rejection = self._reply_target(fields.get(headers.REPLY_TO))
         if headers.REPLY_TO in unusable:  # asked for, unusable: as a topic not allowed
+            why = f"over {MAX_ROUTING_BYTES} bytes" if unusable[headers.REPLY_TO] else "not UTF-8"
             reply_to = None
-            rejection = (
-                _too_long(headers.REPLY_TO, ErrorCode.INVALID_REPLY_TO)
-                if unusable[headers.REPLY_TO]
-                else Rejection(
-                    ErrorCode.INVALID_REPLY_TO, f"header {headers.REPLY_TO!r} is not UTF-8"
-                )
+            rejection = Rejection(
+                ErrorCode.INVALID_REPLY_TO, f"header {headers.REPLY_TO!r} is {why}"
             )
         if not rejection and oversized:
             rejection = _too_long(oversized, ErrorCode.INVALID_REQUEST)

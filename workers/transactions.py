@@ -418,7 +418,7 @@ class Transactions:
         is taken: taking it would fence that owner too, and restart it for nothing."""
         if state.producer is None:
             if state.started:
-                _moved_on(tp, state, await self._committed(tp))
+                _check_owner(tp, state, await self._committed(tp), fenced_in=False)
             producer = AIOKafkaProducer(
                 **self._options, transactional_id=transactional_id(self._group_id, tp)
             )
@@ -428,7 +428,7 @@ class Transactions:
                     await self._fence_former(tp)
                 committed = await self._committed(tp)  # no one else can move it from now on
                 if state.started:  # a new owner may have committed as the id was taken
-                    _zombie_unless(tp, state, committed)
+                    _check_owner(tp, state, committed, fenced_in=True)
             except BaseException as exc:
                 given_up = isinstance(exc, asyncio.CancelledError)  # revoked while fencing in
                 with contextlib.suppress(Exception):
@@ -491,16 +491,18 @@ class Transactions:
             self._ledger.release(write.ticket)
 
 
-def _zombie_unless(tp: TopicPartition, state: _Partition, committed: int | None) -> None:
-    """Raise, as fenced, where the partition's committed offset is none this worker wrote."""
-    if committed not in (state.committed, state.uncertain):
-        raise ProducerFenced(f"{tp} was committed at {committed} by another owner")
-
-
-def _moved_on(tp: TopicPartition, state: _Partition, committed: int | None) -> None:
-    """Raise, as fenced, where the partition's committed offset is past any this worker
-    wrote. Read before the id is taken, it may lag this worker's own last commit (whose
-    markers can still be on their way): only a later offset tells of a new owner."""
-    known = max((o for o in (state.committed, state.uncertain) if o is not None), default=-1)
-    if committed is not None and committed > known:
+def _check_owner(
+    tp: TopicPartition, state: _Partition, committed: int | None, *, fenced_in: bool
+) -> None:
+    """Raise, as fenced, where the partition's committed offset tells of another owner.
+    Fenced in, the read is current: any offset this worker did not write tells. Read before
+    the id is taken, it may lag this worker's own last commit (whose markers can still be on
+    their way): only an offset past those it wrote tells."""
+    ours = (state.committed, state.uncertain)
+    if fenced_in:
+        another = committed not in ours
+    else:
+        known = max((o for o in ours if o is not None), default=-1)
+        another = committed is not None and committed > known
+    if another:
         raise ProducerFenced(f"{tp} was committed at {committed} by another owner")
