@@ -40,7 +40,7 @@ from typing import Any
 import numpy as np
 from aiokafka.consumer import fetcher
 from aiokafka.consumer.fetcher import READ_COMMITTED
-from aiokafka.producer.message_accumulator import BatchBuilder
+from aiokafka.producer.message_accumulator import BatchBuilder, MessageAccumulator
 from aiokafka.record.memory_records import MemoryRecords
 from aiokafka.structs import TopicPartition
 from rich.console import Console
@@ -70,6 +70,8 @@ class RecordBatches:
 
     def __init__(self, ledger: Ledger) -> None:
         self._ledger = ledger
+        # As the worker's producer holds one: how its record batches are to be built.
+        self._message_accumulator = MessageAccumulator(None, _BATCH_BYTES, 0, 30)
         self.outbox = Outbox()
         self.bytes = 0  # of reply record batches built
         self.replies = 0
@@ -84,7 +86,7 @@ class RecordBatches:
                 self._ledger.settle_all(records.tickets)
 
     def create_batch(self) -> BatchBuilder:  # as the worker's producer makes them
-        return BatchBuilder(_BATCH_BYTES, 0)
+        return self._message_accumulator.create_builder()
 
     async def send_batch(self, batch: BatchBuilder, topic: str, partition: int) -> None:
         self.bytes += batch.size()

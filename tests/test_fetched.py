@@ -15,6 +15,7 @@ from aiokafka.consumer.fetcher import READ_COMMITTED, READ_UNCOMMITTED, FetchRes
 from aiokafka.errors import CorruptRecordException
 from aiokafka.producer import message_accumulator
 from aiokafka.record import default_records
+from aiokafka.record.legacy_records import LegacyRecordBatchBuilder
 from aiokafka.record.memory_records import MemoryRecords
 
 from surge.producers import request_body, request_headers
@@ -108,6 +109,25 @@ def test_a_corrupt_batch_raises_as_aiokafkas_reader_does() -> None:
     with pytest.raises(CorruptRecordException):
         taken.extend(records)
     assert [r.offset for r in taken] == [0, 1, 2]
+
+
+@pytest.mark.parametrize("magic", [0, 1])
+@pytest.mark.parametrize("compression", [0, 1], ids=["plain", "gzip"])
+def test_messages_of_the_older_formats_are_read_and_checked_as_aiokafka_does(
+    magic: int, compression: int
+) -> None:
+    builder = LegacyRecordBatchBuilder(magic, compression, 1 << 20)
+    for offset in range(3):
+        builder.append(offset, timestamp=5 if magic else None, key=b"k", value=b"v%d" % offset)
+    data = bytes(builder.build())
+    ours, _ = _drain(fetched.LeanPartitionRecords, data, 0, 1024)
+    theirs, _ = _drain(fetched._AIOKAFKA, data, 0, 1024)
+    assert [_fields(r) for r in ours] == [_fields(r) for r in theirs]
+    assert [r.value for r in ours] == [b"v0", b"v1", b"v2"]
+    corrupt = bytearray(data)
+    corrupt[-1] ^= 0xFF  # the last message's value (plain) or the compressed bytes (gzip)
+    with pytest.raises(CorruptRecordException):
+        _drain(fetched.LeanPartitionRecords, bytes(corrupt), 0, 1024)
 
 
 class _RawName(str):

@@ -21,6 +21,7 @@ def _records(topic: str, count: int, start: int = 0) -> Records:
         records.tickets.append(ticket)
         records.keys.append(f"id-{offset}".encode())
         records.values.append(f"result-{offset}".encode())
+        records.ids.append(None)
         records.headers.append(_headers(offset))
     records.writes = [None] * count
     return records

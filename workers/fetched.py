@@ -28,11 +28,14 @@ from aiokafka.consumer import fetcher
 from aiokafka.errors import CorruptRecordException
 from aiokafka.record import default_records
 
+from surge.workers.record_batches import crc_ok
+
 log = structlog.get_logger("surge.fetched")
 
 _AIOKAFKA = fetcher.PartitionRecords
 _MEMORY_RECORDS = fetcher.MemoryRecords
 _BATCH_HEADER = 12  # a record batch's base offset (8 bytes) and length (4), before the rest
+_MAGIC_AT = 16  # the format's version, in every format
 
 
 class Fetched:
@@ -125,7 +128,7 @@ class LeanPartitionRecords(_AIOKAFKA):  # type: ignore[misc,valid-type]
         records = self._records
         while records.has_next():
             batch = records.next_batch()
-            if self._check_crcs and not batch.validate_crc():
+            if self._check_crcs and not _crc_valid(batch, self._records.last):
                 raise CorruptRecordException(f"Invalid CRC - {self._tp}")
             if self._isolation_level == fetcher.READ_COMMITTED and batch.producer_id is not None:
                 self._consume_aborted_up_to(batch.base_offset)
@@ -151,6 +154,12 @@ class LeanPartitionRecords(_AIOKAFKA):  # type: ignore[misc,valid-type]
             self.next_fetch_offset = start  # until the first of `taken` is handed over
             self._batch, self._left, self._after = taken, iter(taken), batch.next_offset
             yield self._left
+
+
+def _crc_valid(batch: Any, raw: memoryview) -> bool:
+    """A record batch's checksum checked by the CPU's CRC-32C instruction (aiokafka's reader
+    looks each byte up in a table: ten times slower); older formats' as aiokafka checks it."""
+    return crc_ok(raw) if raw[_MAGIC_AT] >= 2 else bool(batch.validate_crc())
 
 
 def _partition_records(

@@ -209,7 +209,8 @@ class Replies:
             records.tickets.append(ticket)
             records.keys.append(ticket.key or raw_id)
             records.values.append(body)
-            records.headers.append([(headers.REQUEST_ID, raw_id), *common])
+            records.ids.append(raw_id)
+            records.headers.append(common)  # shared: a record's own go in `ids`
         for records in by_topic.values():
             records.writes = [None] * len(records.tickets)
             # Held before they are handed over: a sink may settle them at once.

@@ -26,10 +26,12 @@ from aiokafka.errors import (
     OutOfOrderSequenceNumber,
     ProducerClosed,
 )
+from aiokafka.producer.message_accumulator import MessageAccumulator
 
 from surge.schemas import ErrorCode, headers
 from surge.workers import metrics
 from surge.workers.partitioning import key_partitions
+from surge.workers.record_batches import Alike
 from surge.workers.tasks import within
 from surge.workers.tickets import Rejection, Ticket
 
@@ -47,6 +49,9 @@ _DEAD_LETTER_HEADERS = (
 )
 
 Headers = list[tuple[str, bytes | None]]
+# Fewer records than this go through aiokafka's builder: building alike records whole has
+# fixed costs (numpy calls) that a few records do not pay back.
+_ALIKE_FROM = 8
 # The records of one enqueued record batch, and its delivery future or the error that refused it.
 Sent = tuple["Records", "asyncio.Future[Any] | BaseException"]
 
@@ -76,15 +81,18 @@ class Records:
     """Records to produce to one topic, as columns, and the tickets they settle.
 
     A batch's results travel as one of these, not as a `Write` each: per result that is a few
-    list appends instead of an object, from `Replies` to the record batch. A record that has a
-    `Write` (a retry, a dead letter) keeps it in `writes`, with its attempts' state; a first
-    attempt has None there, and gets a `Write` only if it fails (`write`).
+    list appends instead of an object, from `Replies` to the record batch. A record's headers
+    are its request id's (`ids`), then `headers`, the list that a batch's results share; or,
+    where `ids` has None, `headers` alone. A record that has a `Write` (a retry, a dead
+    letter) keeps it in `writes`, with its attempts' state; a first attempt has None there,
+    and gets a `Write` only if it fails (`write`).
     """
 
     topic: str
     tickets: list[Ticket] = field(default_factory=list)
     keys: list[bytes] = field(default_factory=list)
     values: list[bytes] = field(default_factory=list)
+    ids: list[bytes | None] = field(default_factory=list)
     headers: list[Headers] = field(default_factory=list)
     writes: list[Write | None] = field(default_factory=list)
 
@@ -95,13 +103,20 @@ class Records:
         self.tickets.append(write.ticket)
         self.keys.append(write.key)
         self.values.append(write.value)
-        self.headers.append(write.headers)
+        fields = write.headers
+        if fields and fields[0][0] == headers.REQUEST_ID and fields[0][1] is not None:
+            self.ids.append(fields[0][1])
+            self.headers.append(fields[1:])
+        else:
+            self.ids.append(None)
+            self.headers.append(fields)
         self.writes.append(write)
 
     def extend(self, other: Records) -> None:
         self.tickets += other.tickets
         self.keys += other.keys
         self.values += other.values
+        self.ids += other.ids
         self.headers += other.headers
         self.writes += other.writes
 
@@ -117,8 +132,15 @@ class Records:
 
     def _columns(self, select: Callable[[list[Any]], list[Any]]) -> Records:
         """Records of this topic with `select` of each column."""
-        columns = (self.tickets, self.keys, self.values, self.headers, self.writes)
+        columns = (self.tickets, self.keys, self.values, self.ids, self.headers, self.writes)
         return Records(self.topic, *map(select, columns))
+
+    def full_headers(self, index: int) -> Headers:
+        """A record's headers, its request id's first."""
+        request_id = self.ids[index]
+        if request_id is None:
+            return self.headers[index]
+        return [(headers.REQUEST_ID, request_id), *self.headers[index]]
 
     def write(self, index: int) -> Write:
         """The record's `Write`, made for it now if this is its first attempt."""
@@ -128,7 +150,7 @@ class Records:
                 self.tickets[index],
                 self.topic,
                 self.values[index],
-                self.headers[index],
+                self.full_headers(index),
                 False,
                 self.keys[index],
             )
@@ -137,6 +159,28 @@ class Records:
     def all_writes(self) -> list[Write]:
         """Every record's `Write`, made now for first attempts: for a refused record batch."""
         return [self.write(index) for index in range(len(self.tickets))]
+
+    def alike(self) -> Alike | None:
+        """These records as `Alike`, where they are: results with keys, values and request ids
+        of one length each and the same other headers (a batch's), none to go alone."""
+        count = len(self.tickets)
+        first = self.headers[0]
+        if (
+            count < _ALIKE_FROM
+            or self.headers.count(first) != count
+            or None in self.ids
+            or not all(_one_length(column) for column in (self.keys, self.values, self.ids))
+            or (self.writes.count(None) != count and any(w and w.alone for w in self.writes))
+        ):
+            return None
+        return Alike(self.keys, self.values, headers.REQUEST_ID, self.ids, first)  # type: ignore[arg-type]
+
+
+def _one_length(column: Sequence[bytes | None]) -> bool:
+    try:
+        return len(set(map(len, column))) == 1  # type: ignore[arg-type]
+    except TypeError:  # a None
+        return False
 
 
 def by_partition(
@@ -190,13 +234,23 @@ def split_by_key(records: Records, partitions: Sequence[int]) -> dict[int, Recor
 async def send_batches(
     producer: AIOKafkaProducer, topic: str, partition: int, records: Records
 ) -> list[Sent]:
-    """Enqueue the records of one partition as few record batches as fit."""
+    """Enqueue the records of one partition as few record batches as fit: built whole where
+    they are alike (`record_batches`), else a record at a time by aiokafka's builder."""
     now_ms = int(time.time() * 1000)
+    layout = _batch_layout(producer)
+    alike = None if layout is None else records.alike()
+    if layout is not None and alike is not None:
+        batch_size, transactional = layout
+        return [
+            await _send_batch(producer, batch, topic, partition, records.part(start, end))
+            for batch, start, end in alike.batches(batch_size, now_ms, transactional)
+        ]
     sent: list[Sent] = []
     batch, start = producer.create_batch(), 0  # `start`: the first record in `batch`
-    columns = zip(records.keys, records.values, records.headers, records.writes, strict=True)
-    for index, (key, value, fields, write) in enumerate(columns):
+    columns = zip(records.keys, records.values, records.writes, strict=True)
+    for index, (key, value, write) in enumerate(columns):
         alone = write is not None and write.alone
+        fields = records.full_headers(index)
         if not alone and batch.append(key=key, value=value, timestamp=now_ms, headers=fields):
             continue
         # Full, or this one goes alone: ship what is in it and start the next.
@@ -214,6 +268,16 @@ async def send_batches(
         part = records.part(start, len(records))
         sent.append(await _send_batch(producer, batch, topic, partition, part))
     return sent
+
+
+def _batch_layout(producer: AIOKafkaProducer) -> tuple[int, bool] | None:
+    """The producer's record batch size and whether it writes in transactions; None where it
+    compresses record batches, or holds no accumulator as aiokafka's does (a test's)."""
+    accumulator = getattr(producer, "_message_accumulator", None)
+    if not isinstance(accumulator, MessageAccumulator) or accumulator._compression_type:
+        return None
+    manager = accumulator._txn_manager
+    return accumulator._batch_size, manager is not None and manager.transactional_id is not None
 
 
 async def _send_batch(
