@@ -9,7 +9,7 @@ prefix and the bytes between the varying ones, made once per layout, around the 
 own keys, bodies and ids. Its CRC-32C is computed by the CPU's own instruction (`crc32c`,
 ten times faster than aiokafka's table here).
 
-Records that are not alike go through aiokafka's builder as before (`writes.send_batches`).
+Records that are not alike go through aiokafka's builder (`writes.send_batches`).
 The bytes are those aiokafka's builder writes for the same records (a property test checks
 it), and the producer sets its id, epoch and sequence on a built batch as on its own.
 """

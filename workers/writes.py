@@ -50,7 +50,7 @@ _DEAD_LETTER_HEADERS = (
 
 Headers = list[tuple[str, bytes | None]]
 # Fewer records than this go through aiokafka's builder: building alike records whole has
-# fixed costs (numpy calls) that a few records do not pay back.
+# fixed costs (the checks, the layout's look-up) that a few records do not pay back.
 _ALIKE_FROM = 8
 # The records of one enqueued record batch, and its delivery future or the error that refused it.
 Sent = tuple["Records", "asyncio.Future[Any] | BaseException"]
