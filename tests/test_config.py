@@ -5,6 +5,7 @@ from __future__ import annotations
 import math
 import re
 import subprocess
+from collections.abc import Callable
 from pathlib import Path
 
 import pytest
@@ -14,6 +15,7 @@ from surge.config import (
     CONFIG_DIR,
     ConfigError,
     ModelConfig,
+    Settings,
     WorkerSettings,
     convert,
     load_settings,
@@ -454,31 +456,30 @@ def test_an_encrypted_tls_key_needs_its_passphrase_and_never_prompts(tmp_path: P
         check=True,
         capture_output=True,
     )
-    env = {
+    kafka = {
         "SURGE_KAFKA__SECURITY_PROTOCOL": "SSL",
         "SURGE_KAFKA__SSL_CAFILE": str(certs / "ca.pem"),
         "SURGE_KAFKA__SSL_CERTFILE": str(certs / "server.pem"),
         "SURGE_KAFKA__SSL_KEYFILE": str(encrypted),
     }
-    with pytest.raises(ConfigError, match="the key is encrypted: give its passphrase as ssl_pass"):
-        load_settings(env=env)
-    with pytest.raises(ConfigError, match="TLS files unusable"):
-        load_settings(env=env | {"SURGE_KAFKA__SSL_PASSWORD": "wrong"})
-    settings = load_settings(env=env | {"SURGE_KAFKA__SSL_PASSWORD": "secret"})
-    assert settings.kafka.client_options()["ssl_context"] is not None
-
     redis = {
         "SURGE_REDIS__URL": "rediss://cache:6380",
         "SURGE_REDIS__SSL_CA_CERTS": str(certs / "ca.pem"),
         "SURGE_REDIS__SSL_CERTFILE": str(certs / "server.pem"),
         "SURGE_REDIS__SSL_KEYFILE": str(encrypted),
     }
-    with pytest.raises(ConfigError, match="the key is encrypted: give its passphrase as ssl_pass"):
-        load_settings(env=redis)
-    with pytest.raises(ConfigError, match="TLS files unusable"):
-        load_settings(env=redis | {"SURGE_REDIS__SSL_PASSWORD": "wrong"})
-    settings = load_settings(env=redis | {"SURGE_REDIS__SSL_PASSWORD": "secret"})
-    assert settings.redis.client_options()["ssl_password"] == "secret"
+    usable: dict[str, tuple[dict[str, str], Callable[[Settings], bool]]] = {
+        "KAFKA": (kafka, lambda s: s.kafka.client_options()["ssl_context"] is not None),
+        "REDIS": (redis, lambda s: s.redis.client_options()["ssl_password"] == "secret"),
+    }
+    encrypted_key = "the key is encrypted: give its passphrase as ssl_pass"
+    for table, (env, loaded) in usable.items():
+        password = f"SURGE_{table}__SSL_PASSWORD"
+        with pytest.raises(ConfigError, match=encrypted_key):
+            load_settings(env=env)
+        with pytest.raises(ConfigError, match="TLS files unusable"):
+            load_settings(env=env | {password: "wrong"})
+        assert loaded(load_settings(env=env | {password: "secret"}))
 
 
 def test_redis_tls_files_are_loaded_at_start_up_not_at_the_first_result(tmp_path: Path) -> None:

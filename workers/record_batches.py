@@ -24,6 +24,7 @@ from typing import Any
 
 import crc32c
 from aiokafka.producer.message_accumulator import BatchBuilder
+from aiokafka.record.util import encode_varint
 
 _HEADER = struct.Struct(">qiiBIhiqqqhii")  # a record batch's fixed header, 61 bytes
 _PRODUCER_STATE = struct.Struct(">qhi")  # producer id, epoch, base sequence
@@ -206,11 +207,7 @@ def _header(name: str, value: bytes | None) -> bytes:
 
 
 def _varint(value: int) -> bytes:
-    """Kafka's varint: zigzag, then 7 bits a byte, low first."""
-    zigzag = (value << 1) ^ (value >> 63)
+    """Kafka's varint (zigzag, 7 bits a byte), as aiokafka writes it."""
     out = bytearray()
-    while zigzag > 0x7F:
-        out.append(zigzag & 0x7F | 0x80)
-        zigzag >>= 7
-    out.append(zigzag)
+    encode_varint(value, out.append)
     return bytes(out)
