@@ -24,7 +24,7 @@ from typing import Any
 
 import crc32c
 from aiokafka.producer.message_accumulator import BatchBuilder
-from aiokafka.record.util import encode_varint
+from aiokafka.record.util import encode_varint, size_of_varint
 
 _HEADER = struct.Struct(">qiiBIhiqqqhii")  # a record batch's fixed header, 61 bytes
 _PRODUCER_STATE = struct.Struct(">qhi")  # producer id, epoch, base sequence
@@ -170,14 +170,15 @@ class _Layout:
         )
 
     def _size(self, delta: int) -> int:
-        body = self._body + len(_varint(delta))
-        return len(_varint(body)) + body
+        """A record's size, its length varint included, at this offset delta."""
+        body = self._body + size_of_varint(delta)
+        return size_of_varint(body) + body
 
     def _prefix(self, count: int) -> list[bytes]:
         """The prefixes of offset deltas 0 to `count`, made once per layout."""
         prefixes = self._prefixes
         for delta in range(len(prefixes), count):
-            body = self._body + len(_varint(delta))
+            body = self._body + size_of_varint(delta)
             prefixes.append(_varint(body) + b"\0\0" + _varint(delta) + self._key_length)
         return prefixes if len(prefixes) == count else prefixes[:count]
 
