@@ -1,7 +1,7 @@
 """Surge against hand-written peers: same broker, same model, same machine, one run.
 
     python -m bench.compare [--bootstrap HOST:PORT] [--requests 200000] [--faust-requests 10000]
-                            [--rounds 3] [--only KIND,...]
+                            [--rounds 3] [--only KIND,...] [--event-loop uvloop|asyncio]
 
 Every contender drains its own copy of the same burst of msgpack MLP requests (queued before
 it starts, keyed by request id and spread over 8 partitions by Kafka's default partitioner,
@@ -18,7 +18,9 @@ none always follows the same one; each reports its median throughput and median 
 request over the rounds, and "Surge ÷ this" is the median of the ratios of the two in the
 same round. CPU per request is the contender's own processes' share of a core while its
 replies come in, over its throughput. The hand-written peers get the worker's collector
-settings (`collect_young_less_often`, start-up frozen), so that the ratios compare designs.
+settings (`collect_young_less_often`, start-up frozen) and its event loop (`--event-loop`,
+uvloop by default, as the worker's), so that the ratios compare designs; so does the
+broker-alone client. The faust-streaming agent runs on the loop faust chooses.
 Prints a table, writes bench/out/compare.json and bench/out/compare.png.
 """
 
@@ -60,6 +62,7 @@ from surge.schemas import MSGPACK
 from surge.schemas.headers import STATUS
 from surge.workers import fetched as lean
 from surge.workers.partitioning import key_partitions
+from surge.workers.worker import loop_factory
 
 console = Console()
 PARTITIONS = 8
@@ -115,6 +118,12 @@ def main() -> None:
     parser.add_argument(
         "--only", help="comma-separated kinds, e.g. fast,surge,surge-pool (surge-pool: opt-in)"
     )
+    parser.add_argument(
+        "--event-loop",
+        choices=("uvloop", "asyncio"),
+        default="uvloop",
+        help="the event loop of Surge, of the hand-written loops and of the broker-alone client",
+    )
     args = parser.parse_args()
     kinds = args.only.split(",") if args.only else [c.kind for c in CONTENDERS if c.default]
     chosen = [c for c in CONTENDERS if c.kind in kinds]
@@ -129,14 +138,15 @@ def main() -> None:
             # broker alone (None) takes its turn among them.
             for contender in random.Random(round_).sample([None, *chosen], len(chosen) + 1):
                 if contender is None:
-                    broker_rates.append(asyncio.run(_broker_alone(bootstrap, args.requests)))
+                    with asyncio.Runner(loop_factory=loop_factory(args.event_loop)) as runner:
+                        broker_rates.append(runner.run(_broker_alone(bootstrap, args.requests)))
                     console.print(
                         f"  round {round_ + 1}, broker alone (drain and write back, no model): "
                         f"{broker_rates[-1]:,.0f} msg/s"
                     )
                     continue
                 count = args.faust_requests if contender.kind == "faust" else args.requests
-                result = _run(contender, bootstrap, model_root, model_path, count)
+                result = _run(contender, bootstrap, model_root, model_path, count, args.event_loop)
                 console.print(
                     f"  round {round_ + 1}, {contender.name}: {result.throughput:,.0f} req/s, "
                     f"{result.cpu_us_per_request:.1f} µs CPU/req "
@@ -145,7 +155,12 @@ def main() -> None:
                 )
                 rounds[contender.kind].append(result)
     direct = max(direct_throughput(model_path, b, threads=1) for b in (64, 128, 256, 512))
-    _report(rounds, float(np.median(broker_rates)), direct, broker_name(args.bootstrap))
+    _report(
+        rounds,
+        float(np.median(broker_rates)),
+        direct,
+        f"{broker_name(args.bootstrap)}, event loop {args.event_loop}",
+    )
 
 
 @dataclass
@@ -177,12 +192,17 @@ def summarise(runs: list[Result], surge: list[Result] | None) -> Summary:
 
 
 def _run(
-    contender: Contender, bootstrap: str, model_root: Path, model_path: Path, count: int
+    contender: Contender,
+    bootstrap: str,
+    model_root: Path,
+    model_path: Path,
+    count: int,
+    event_loop: str = "uvloop",
 ) -> Result:
     run = f"{contender.kind}.{time.time_ns()}"
     topic, replies = f"bench.{run}.requests", f"bench.{run}.replies"
     asyncio.run(_preload(bootstrap, topic, replies, count))
-    stop, process = _start(contender, bootstrap, topic, replies, model_root, model_path)
+    stop, process = _start(contender, bootstrap, topic, replies, model_root, model_path, event_loop)
     meter = CpuMeter(process.pid)
     try:
         asyncio.run(
@@ -253,10 +273,13 @@ def _start(
     replies: str,
     model_root: Path,
     model_path: Path,
+    event_loop: str,
 ) -> tuple[Callable[[], None], subprocess.Popen[bytes]]:
     """Start a contender; returns how to stop it and its process."""
     if contender.kind.startswith("surge"):
         delivery = "exactly_once" if contender.kind == "surge-eos" else "at_least_once"
+        # Set only where it is not the default: `bench.ab` runs earlier code, without it.
+        chosen = {} if event_loop == "uvloop" else {"SURGE_WORKER__EVENT_LOOP": event_loop}
         worker = WorkerProcess(
             bootstrap,
             model_root,
@@ -264,6 +287,7 @@ def _start(
             SURGE_WORKER__TOPICS=json.dumps({"mlp": topic}),
             SURGE_WORKER__DELIVERY=delivery,
             SURGE_WORKER__CREATE_TOPICS="false",
+            **chosen,
         )
         return worker.stop, worker.process
     module = "bench.peers.agent" if contender.kind == "faust" else "bench.peers.loops"
@@ -275,7 +299,7 @@ def _start(
         [sys.executable, "-m", module, *argv],
         stdout=log.open("wb"),
         stderr=subprocess.STDOUT,
-        env=os.environ | {"PYTHONUNBUFFERED": "1"},
+        env=os.environ | {"PYTHONUNBUFFERED": "1", "BENCH_EVENT_LOOP": event_loop},
         start_new_session=True,
     )
 

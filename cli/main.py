@@ -212,7 +212,7 @@ def _broker(args: argparse.Namespace) -> int:
 
 def _worker(args: argparse.Namespace) -> int:
     from surge.config import ConfigError, load_settings
-    from surge.workers import serve
+    from surge.workers import run
     from surge.workers.logs import configure
 
     try:
@@ -224,7 +224,7 @@ def _worker(args: argparse.Namespace) -> int:
         from surge.pool import run_pool
 
         return run_pool(settings, args.processes, args.config)
-    asyncio.run(serve(settings))
+    run(settings)
     return 0
 
 

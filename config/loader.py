@@ -125,7 +125,9 @@ def convert(data: dict[str, Any], cls: type[T], source: str) -> T:
     if not problems:
         try:
             return msgspec.convert(data, cls, strict=False)
-        except msgspec.ValidationError as exc:  # cross-field checks in __post_init__
+        # Cross-field checks in __post_init__; a table left out is built by its default
+        # factory, whose checks raise ValueError as they are, not msgspec's ValidationError.
+        except (msgspec.ValidationError, ValueError) as exc:
             problems = [str(exc)]
     raise ConfigError(source, problems)
 

@@ -58,12 +58,15 @@ def test_worker_refuses_a_redis_url_option_redis_py_does_not_know_at_start_up() 
     assert "Traceback" not in out.stderr
 
 
+@pytest.mark.parametrize("event_loop", ["uvloop", "asyncio"])
 def test_predict_prints_the_result(
-    kafka: str, model_root: Path, worker_processes: type[WorkerProcess]
+    kafka: str, model_root: Path, worker_processes: type[WorkerProcess], event_loop: str
 ) -> None:
-    env = worker_env(kafka, model_root, None)
+    env = worker_env(kafka, model_root, None, SURGE_WORKER__EVENT_LOOP=event_loop)
     worker = worker_processes(env)  # type: ignore[call-arg]
     worker.wait_for("worker_started")
+    started = next(e for e in worker.events() if e.get("event") == "worker_started")
+    assert started["event_loop"] == event_loop
     row = json.dumps([[0.1] * 32])
     route = ("--bootstrap", kafka, "--topic", topic_of(env, "mlp"))
     out = surge("predict", "mlp", "--input", f"x={row}", *route)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import importlib.util
 import math
 import re
 import subprocess
@@ -190,6 +191,27 @@ def test_settings_that_would_fail_once_running_are_refused_at_start_up(
 ) -> None:
     with pytest.raises(ConfigError, match=error):
         load_settings(env=env)
+
+
+def test_event_loop_is_uvloop_unless_asyncio_is_chosen(monkeypatch: pytest.MonkeyPatch) -> None:
+    assert load_settings(env={}).worker.event_loop == "uvloop"
+    chosen = load_settings(env={"SURGE_WORKER__EVENT_LOOP": "asyncio"})
+    assert chosen.worker.event_loop == "asyncio"
+    with pytest.raises(ConfigError, match=r"worker\.event_loop: Invalid enum value 'trio'"):
+        load_settings(env={"SURGE_WORKER__EVENT_LOOP": "trio"})
+
+    find_spec = importlib.util.find_spec
+    monkeypatch.setattr(
+        importlib.util,
+        "find_spec",
+        lambda name, *a: None if name == "uvloop" else find_spec(name, *a),
+    )
+    missing = re.escape('worker.event_loop is "uvloop", but uvloop is not installed')
+    with pytest.raises(ConfigError, match=missing):
+        load_settings(env={})  # the worker table built by its default factory
+    with pytest.raises(ConfigError, match=missing):
+        load_settings(env={"SURGE_WORKER__GROUP_ID": "g"})
+    assert load_settings(env={"SURGE_WORKER__EVENT_LOOP": "asyncio"}).worker.event_loop
 
 
 def test_sasl_and_tls_pass_through(tmp_path: Path) -> None:

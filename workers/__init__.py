@@ -7,11 +7,12 @@ from surge.workers.offsets import OffsetTracker
 from surge.workers.replies import Replies
 from surge.workers.repository import ModelRepository, scan
 from surge.workers.tickets import Rejection, Router, Ticket
-from surge.workers.worker import Worker, serve
+from surge.workers.worker import Worker, run, serve
 
 __all__ = [
     # lifecycle
     "Worker",
+    "run",
     "serve",
     # the pipeline, in order
     "Router",

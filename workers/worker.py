@@ -273,6 +273,7 @@ class Worker:
             group=worker.group_id,
             topics=sorted(self._topics),
             models=[f"{n}:{v}" for n, v in sorted(self._repository.served)],
+            event_loop=type(asyncio.get_running_loop()).__module__.partition(".")[0],
         )
 
     async def serve_models(self, kafka_sink: Callable[[Write], None]) -> None:
@@ -895,6 +896,21 @@ def collect_young_less_often() -> None:
     """Requests make many short-lived objects: at Python's default threshold, collecting
     them costs a third of the hot path."""
     gc.set_threshold(_GC_YOUNG_THRESHOLD, *gc.get_threshold()[1:])
+
+
+def run(settings: Settings) -> None:
+    """Serve `settings` on the event loop they choose, until SIGTERM or SIGINT."""
+    with asyncio.Runner(loop_factory=loop_factory(settings.worker.event_loop)) as runner:
+        runner.run(serve(settings))
+
+
+def loop_factory(event_loop: str) -> Callable[[], asyncio.AbstractEventLoop] | None:
+    """How to make the event loop `worker.event_loop` names; None: asyncio's own."""
+    if event_loop != "uvloop":
+        return None
+    import uvloop  # a dependency wherever it builds (not Windows)
+
+    return uvloop.new_event_loop
 
 
 async def serve(settings: Settings) -> None:

@@ -11,13 +11,15 @@ KIND:
   fast          getmany; one model call per fetch; replies as one record batch per
                 partition (create_batch/send_batch); no commits, no acks awaited (no guarantees)
 
-Every kind takes up to 1,024 records per getmany, as a Surge worker does (max_poll_records).
+Every kind takes up to 1,024 records per getmany, as a Surge worker does (max_poll_records),
+and runs on the event loop BENCH_EVENT_LOOP names (uvloop, as the worker's default, or asyncio).
 """
 
 from __future__ import annotations
 
 import asyncio
 import gc
+import os
 import sys
 import time
 
@@ -26,7 +28,7 @@ import onnxruntime as ort
 from aiokafka import AIOKafkaConsumer, AIOKafkaProducer, ConsumerRecord, TopicPartition
 
 from bench.peers.wire import REPLY_HEADERS, Request, decode, reply
-from surge.workers.worker import collect_young_less_often
+from surge.workers.worker import collect_young_less_often, loop_factory
 
 FETCH = 1024
 
@@ -119,4 +121,6 @@ async def _send_batches(
 
 if __name__ == "__main__":
     collect_young_less_often()  # the worker's collector settings: the comparison is of designs
-    asyncio.run(main(*sys.argv[1:6]))
+    event_loop = os.environ.get("BENCH_EVENT_LOOP", "uvloop")  # and its event loop
+    with asyncio.Runner(loop_factory=loop_factory(event_loop)) as runner:
+        runner.run(main(*sys.argv[1:6]))
