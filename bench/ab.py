@@ -1,7 +1,7 @@
 """Two versions of the Surge worker end to end, interleaved on one broker: this checkout
 against a git revision, with the no-guarantee `getmany` loop as a yardstick.
 
-    python -m bench.ab REV [--rounds 7] [--requests 50000]
+    python -m bench.ab REV [--rounds 7] [--requests 50000] [--delivery exactly_once]
 
 Each round drains the same burst as `bench.compare` (msgpack MLP requests on 8 partitions)
 three times: with the worker of REV, with this checkout's, and with the loop; the first two
@@ -41,7 +41,11 @@ def main() -> None:
     parser.add_argument("rev", help="the git revision to compare this checkout against")
     parser.add_argument("--rounds", type=int, default=7)
     parser.add_argument("--requests", type=int, default=50_000)
+    parser.add_argument(
+        "--delivery", choices=("at_least_once", "exactly_once"), default="at_least_once"
+    )
     args = parser.parse_args()
+    worker = "surge-eos" if args.delivery == "exactly_once" else "surge"
     kinds = {c.kind: c for c in compare.CONTENDERS}
     model_root = scratch_dir("surge-ab-models-")
     model_path = write_mlp(model_root)
@@ -51,7 +55,7 @@ def main() -> None:
         for round_ in range(args.rounds):
             order = names if round_ % 2 == 0 else (names[1], names[0], names[2])
             for name in order:
-                contender = kinds["fast" if name == names[2] else "surge"]
+                contender = kinds["fast" if name == names[2] else worker]
                 with _python_path(site if name == names[0] else None):
                     result = compare._run(
                         contender, bootstrap, model_root, model_path, args.requests

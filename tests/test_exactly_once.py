@@ -24,7 +24,7 @@ from surge.workers import Ledger, Ticket, Worker
 from surge.workers import transactions as transactions_module
 from surge.workers.transactions import Transactions
 from surge.workers.worker import _Rebalance
-from surge.workers.writes import RetryPolicy, Write
+from surge.workers.writes import Records, RetryPolicy, Write
 from tests.conftest import make_settings
 from tests.helpers import create_topics, publish, read_redis, read_to_end, wait_committed
 
@@ -574,9 +574,55 @@ async def test_a_commit_never_answered_is_given_up_and_its_results_go_out_once(
         await consumer.stop()
 
 
-async def test_results_over_a_topic_limit_only_together_go_again_one_by_one(kafka: str) -> None:
+async def test_a_batch_of_two_input_partitions_commits_each_part_with_its_partition(
+    kafka: str,
+) -> None:
+    """A batch's results, as `Records`, held for two input partitions' transactions: each
+    transaction carries the results of the offsets it commits, a part cut where its position
+    falls, and every result comes out once."""
+    run = uuid.uuid4().hex[:8]
+    source, out, group = f"test.source.{run}", f"test.out.{run}", f"test-{run}"
+    await create_topics(kafka, source, out, partitions=2)
+    first, second = TopicPartition(source, 0), TopicPartition(source, 1)
+    consumer = AIOKafkaConsumer(bootstrap_servers=kafka, group_id=group, enable_auto_commit=False)
+    await consumer.start()
+    ledger = Ledger(1000, 1 << 20)
+    retry = RetryPolicy(out, 60, lambda exc: pytest.fail(repr(exc)))
+    options = {"bootstrap_servers": kafka, "acks": "all", "enable_idempotence": True}
+    transactions = Transactions(
+        group, ledger, retry, options, lambda exc: pytest.fail(repr(exc)), consumer.committed
+    )
+    try:
+        await transactions.assign([first, second])
+        batch = Records(out)
+        for offset in range(10):  # interleaved, as a batch takes them
+            for tp in (first, second):
+                ticket = _ticket(tp, offset, f"{tp.partition}-{offset}")
+                ledger.admit(ticket)
+                batch.add(Write(ticket, out, b"result", [], dead_letter=False))
+        batch.writes = [None] * len(batch)  # first attempts, as `Replies` hands them over
+        transactions.buffer(batch)
+
+        assert await transactions.commit({first: 4}) == {first: 4}
+        assert sorted(await read_to_end(kafka, out, key_of=None)) == [f"0-{i}" for i in range(4)]
+        assert ledger.records == 16
+        assert await transactions.commit({first: 10, second: 10}) == {first: 10, second: 10}
+        results = await read_to_end(kafka, out, key_of=None)
+        assert sorted(results) == sorted(f"{p}-{i}" for p in (0, 1) for i in range(10))
+        assert all(len(copies) == 1 for copies in results.values())
+        assert ledger.records == 0
+    finally:
+        await transactions.close()
+        await consumer.stop()
+
+
+@pytest.mark.parametrize("as_batch", [False, True], ids=["writes", "records"])
+async def test_results_over_a_topic_limit_only_together_go_again_one_by_one(
+    kafka: str, as_batch: bool
+) -> None:
     """A record batch over the reply topic's max.message.bytes aborts its transaction; the next
-    one sends each result alone, and none becomes a dead letter."""
+    one sends each result alone, and none becomes a dead letter: results buffered one by one,
+    or as one batch's `Records`."""
     run = uuid.uuid4().hex[:8]
     source, out, dead, group = f"test.source.{run}", f"test.small.{run}", f"test.dead.{run}", run
     await create_topics(kafka, out, partitions=1, configs={"max.message.bytes": "20000"})
@@ -597,10 +643,18 @@ async def test_results_over_a_topic_limit_only_together_go_again_one_by_one(kafk
     )
     try:
         await transactions.assign([tp])
+        batch = Records(out)
         for offset in range(100):
             ticket = _ticket(tp, offset, f"r{offset}")
             ledger.admit(ticket)
-            transactions.buffer(Write(ticket, out, b"x" * 1000, [], dead_letter=False))
+            write = Write(ticket, out, b"x" * 1000, [], dead_letter=False)
+            if as_batch:
+                batch.add(write)
+            else:
+                transactions.buffer(write)
+        if as_batch:
+            batch.writes = [None] * len(batch)  # first attempts, as `Replies` hands them over
+            transactions.buffer(batch)
         for _ in range(5):  # the first commit fails whole; the next sends them one by one
             await transactions.commit(ledger.offsets.committable())
             if not ledger.records:

@@ -9,6 +9,7 @@ from aiokafka.producer.message_accumulator import BatchBuilder
 from aiokafka.record.memory_records import MemoryRecords
 
 from surge.workers.partitioning import key_partitions
+from surge.workers.transactions import _by_ownership, _split_at
 from surge.workers.writes import Records, Write, by_topic, send_batches, split_by_key
 from tests.helpers import make_ticket
 
@@ -92,9 +93,12 @@ def test_records_and_writes_join_by_topic_and_split_by_key_as_kafka_would() -> N
     topics = by_topic([first, other, retry])
     assert list(topics) == ["replies", "other"]
     joined = topics["replies"]
-    assert joined is first  # taken over, not copied
-    assert joined.values[-1] == b"again"
+    assert topics["other"] is other  # alone of its topic: as it is
+    assert joined is not first  # joined with others: new, the ones given unchanged
+    assert len(first) == 40
+    assert joined.values == [*first.values, b"again"]
     assert joined.writes[-1] is retry
+    assert by_topic([first])["replies"] is first
 
     parts = split_by_key(joined, [0, 1, 2, 3])
     chosen = key_partitions(joined.keys, [0, 1, 2, 3])
@@ -106,3 +110,28 @@ def test_records_and_writes_join_by_topic_and_split_by_key_as_kafka_would() -> N
         )
     assert sum(map(len, parts.values())) == len(joined)
     assert split_by_key(other, [0]) == {0: other}
+
+
+def test_outcomes_split_at_a_commit_position_and_by_input_partition() -> None:
+    batch = _records("replies", 6)
+    for ticket, offset in zip(batch.tickets, [3, 7, 4, 9, 5, 8], strict=True):
+        ticket.offset = offset
+    lone = Write(make_ticket(b"{}"), "replies", b"alone", [], dead_letter=False)
+    lone.ticket.offset = 2
+    below, rest = _split_at([lone, batch], 6)
+    assert below[0] is lone
+    assert [t.offset for t in below[1].tickets] == [3, 4, 5]
+    assert below[1].values == [b"result-0", b"result-2", b"result-4"]
+    assert [t.offset for t in rest[0].tickets] == [7, 9, 8]
+    assert _split_at([batch], 10) == ([batch], [])
+    assert _split_at([batch], 3) == ([], [batch])
+
+    owners = [object(), object()]
+    for index, ticket in enumerate(batch.tickets):
+        ticket.tracking = owners[index % 2]
+    parts = _by_ownership(batch)
+    assert [[t.tracking for t in p.tickets] for p in parts] == [[owners[0]] * 3, [owners[1]] * 3]
+    assert [p.values for p in parts] == [batch.values[0::2], batch.values[1::2]]
+    for ticket in batch.tickets:
+        ticket.tracking = owners[0]
+    assert _by_ownership(batch) == [batch]

@@ -85,7 +85,7 @@ class Ledger:
         """`settle` for a whole acknowledged record batch, waking waiters once."""
         finish = self.offsets.finish
         records = size = 0
-        for ticket in tickets:  # `_finish` and `_release`, inline: a batch's worth per call
+        for ticket in tickets:  # `finish_all` and `release_all` in one pass
             if not ticket.settled:
                 ticket.settled = True
                 finish(ticket.tp, ticket.offset, ticket.tracking)
@@ -98,13 +98,16 @@ class Ledger:
     def finish(self, ticket: Ticket) -> None:
         """The ticket's outcome is decided: its offset may be committed with that outcome (in
         exactly-once mode, in the same transaction). It still counts as in flight."""
-        if not ticket.settled:
-            self._finish(ticket)
-            self._wake()
+        self.finish_all((ticket,))
 
-    def _finish(self, ticket: Ticket) -> None:
-        ticket.settled = True
-        self.offsets.finish(ticket.tp, ticket.offset, ticket.tracking)
+    def finish_all(self, tickets: Iterable[Ticket]) -> None:
+        """`finish` for a batch's outcomes, waking waiters once."""
+        finish = self.offsets.finish
+        for ticket in tickets:
+            if not ticket.settled:
+                ticket.settled = True
+                finish(ticket.tp, ticket.offset, ticket.tracking)
+        self._wake()
 
     def current(self, ticket: Ticket) -> bool:
         """Whether the ticket's partition is still tracked as when it was admitted (not
@@ -113,12 +116,18 @@ class Ledger:
 
     def release(self, ticket: Ticket) -> None:
         """Stop counting the ticket as in flight (once, after `finish`)."""
-        self._release(ticket)
-        self._wake()
+        self.release_all((ticket,))
 
-    def _release(self, ticket: Ticket) -> None:
-        self.records -= 1
-        self.bytes -= ticket.size + ticket.held
+    def release_all(self, tickets: Iterable[Ticket]) -> None:
+        """`release` for many tickets, waking waiters once."""
+        records = size = 0
+        for ticket in tickets:
+            records += 1
+            size += ticket.size + ticket.held
+        if records:
+            self.records -= records
+            self.bytes -= size
+            self._wake()
 
     def _wake(self) -> None:
         if self._waiters:

@@ -10,7 +10,9 @@ is what fences.
 
 A transaction carries exactly the outcomes of the offsets it commits, those below the
 partition's settled prefix. Outcomes finished out of order wait for a later transaction, so a
-record redelivered after a crash never meets a committed result of itself.
+record redelivered after a crash never meets a committed result of itself. A batch's results
+wait as columns (`Records`), one per input partition, as at-least-once writes them: a `Write`
+is made only for a result that is refused.
 """
 
 from __future__ import annotations
@@ -38,6 +40,7 @@ from aiokafka.errors import (
 from surge.workers import metrics
 from surge.workers.ledger import Ledger
 from surge.workers.tasks import within
+from surge.workers.tickets import Ticket
 from surge.workers.writes import (
     NoSuchTopic,
     NotAcknowledged,
@@ -54,6 +57,9 @@ from surge.workers.writes import (
 )
 
 log = structlog.get_logger("surge.transactions")
+
+# Outcomes waiting for their input partition's transaction: one, or a batch's (`Records`).
+Outcomes = Write | Records
 
 _METADATA_WAIT_S = 2.0  # a reply topic without metadata by then fails this round, not the loop
 _CLOSE_S = 10.0
@@ -116,7 +122,7 @@ class _Partition:
     def __init__(self) -> None:
         self.lock = asyncio.Lock()  # one transaction at a time; revocation waits for it
         self.producer: AIOKafkaProducer | None = None
-        self.writes: list[Write] = []
+        self.writes: list[Outcomes] = []
         self.fenced = False  # another owner took the transactional id: commit nothing more
         # The position of a commit sent without an answer: whether it took is read back
         # once the producer is fenced in again (which lets that commit finish or abort it).
@@ -151,20 +157,27 @@ class Transactions:
         self._began: dict[TopicPartition, float] = {}  # when each of those started (loop time)
         self._lookup = TopicLookup(producer_options, _METADATA_WAIT_S)
 
-    def buffer(self, write: Write | Records) -> None:
-        """Hold an outcome for its partition's next transaction; its offset may now commit."""
-        if isinstance(write, Records):  # outcomes of many partitions: each goes to its own
-            for one in write.all_writes():
-                self.buffer(one)
+    def buffer(self, outcomes: Outcomes) -> None:
+        """Hold outcomes for their input partitions' next transactions; their offsets may now
+        commit. A batch's `Records` may hold several input partitions': each gets its part."""
+        if isinstance(outcomes, Write):
+            self._hold(outcomes, [outcomes.ticket])
             return
-        state = self._partitions.get(write.ticket.tp)
-        if state is None or state.fenced or not self._ledger.current(write.ticket):
+        if not outcomes.tickets:
+            return
+        for part in _by_ownership(outcomes):
+            self._hold(part, part.tickets)
+
+    def _hold(self, outcomes: Outcomes, tickets: list[Ticket]) -> None:
+        """`tickets`: the outcomes', all of one partition's ownership (`Ticket.tracking`)."""
+        state = self._partitions.get(tickets[0].tp)
+        if state is None or state.fenced or not self._ledger.current(tickets[0]):
             # Revoked since it was read (perhaps assigned again): whoever owns the partition
-            # now reads the record again. Committing this outcome would answer it twice.
-            self._ledger.settle(write.ticket)
+            # now reads the records again. Committing these outcomes would answer them twice.
+            self._ledger.settle_all(tickets)
             return
-        state.writes.append(write)
-        self._ledger.finish(write.ticket)
+        state.writes.append(outcomes)
+        self._ledger.finish_all(tickets)
 
     async def assign(
         self, partitions: Iterable[TopicPartition]
@@ -267,7 +280,8 @@ class Transactions:
                 producer = await self._producer(tp, state)
                 if state.uncertain is not None:
                     await self._read_back(tp, state)
-                writes = [w for w in state.writes if w.ticket.offset < position]
+                writes, later = _split_at(state.writes, position)
+                state.writes = writes + later  # the same outcomes, a batch cut at `position`
                 state.topics.used({w.topic for w in writes})
                 await producer.begin_transaction()
                 # Bounded: with idempotence aiokafka retries a stuck batch forever. Until the
@@ -311,7 +325,7 @@ class Transactions:
             committed = set(map(id, writes))
             state.writes = [w for w in state.writes if id(w) not in committed]
             self._release(writes)
-            metrics.outcomes_durable("kafka", (write.ticket.received for write in writes))
+            metrics.outcomes_durable("kafka", (t.received for w in writes for t in _tickets(w)))
             return True
 
     async def _read_back(self, tp: TopicPartition, state: _Partition) -> None:
@@ -320,14 +334,13 @@ class Transactions:
         assert state.uncertain is not None
         committed = state.committed  # read as its producer, just restarted, was fenced in
         if committed is not None and committed >= state.uncertain:
-            took = [w for w in state.writes if w.ticket.offset < state.uncertain]
-            state.writes = [w for w in state.writes if w.ticket.offset >= state.uncertain]
+            took, state.writes = _split_at(state.writes, state.uncertain)
             self._release(took)
-            log.info("lost_commit_answer_took", partition=str(tp), results=len(took))
+            log.info("lost_commit_answer_took", partition=str(tp), results=_count(took))
         state.uncertain = None
 
     async def _produce(
-        self, producer: AIOKafkaProducer, writes: list[Write], acks_by: float
+        self, producer: AIOKafkaProducer, writes: list[Outcomes], acks_by: float
     ) -> list[tuple[Write, BaseException]]:
         """Send the writes inside the open transaction; the ones that failed, and why.
         `acks_by`: the latest event-loop time to wait for acknowledgements until."""
@@ -372,7 +385,7 @@ class Transactions:
                     continue
                 else:
                     delivery = exc
-            batch = members.all_writes()  # each the Write it was buffered as
+            batch = members.all_writes()  # a retry's own Write; made now for a first attempt
             if isinstance(delivery, MessageSizeTooLargeError) and len(batch) > 1:
                 # The batch was over the topic's limit, not necessarily any one result in it:
                 # in the next transaction each goes in a batch of its own.
@@ -394,14 +407,24 @@ class Transactions:
         return True
 
     def _refused(self, state: _Partition, failures: list[tuple[Write, BaseException]]) -> None:
-        """Put each refused write's next attempt (itself, or its dead letter) in its place.
-        Errors of the producer or the transaction, not of a record, raise instead: the
-        producer is started afresh and the same writes are tried again."""
+        """Put each refused write's next attempt (itself, or its dead letter) in its place, a
+        batch holding one becoming a `Write` each. Errors of the producer or the transaction,
+        not of a record, raise instead: the producer is started afresh and the same writes
+        are tried again."""
         for _, exc in failures:
             if not isinstance(exc, _RECORD_ERRORS):
                 raise exc
-        replacing = {id(write): self._retry.after(write, exc) for write, exc in failures}
-        state.writes = [replacing.get(id(w), w) for w in state.writes]
+        # By ticket: a first attempt's `Write` was made for the refused batch, not kept here.
+        replacing = {id(write.ticket): self._retry.after(write, exc) for write, exc in failures}
+        writes: list[Outcomes] = []
+        for outcomes in state.writes:
+            if isinstance(outcomes, Records) and any(id(t) in replacing for t in outcomes.tickets):
+                writes += (replacing.get(id(w.ticket), w) for w in outcomes.all_writes())
+            elif isinstance(outcomes, Write):
+                writes.append(replacing.get(id(outcomes.ticket), outcomes))
+            else:
+                writes.append(outcomes)
+        state.writes = writes
 
     async def _start(self, tp: TopicPartition, state: _Partition) -> None:
         async with state.lock:
@@ -486,9 +509,48 @@ class Transactions:
             with contextlib.suppress(Exception):
                 await stop_producer(producer, 0 if at_once else _CLOSE_S)
 
-    def _release(self, writes: list[Write]) -> None:
-        for write in writes:
-            self._ledger.release(write.ticket)
+    def _release(self, writes: list[Outcomes]) -> None:
+        self._ledger.release_all([t for w in writes for t in _tickets(w)])
+
+
+def _tickets(outcomes: Outcomes) -> list[Ticket]:
+    return outcomes.tickets if isinstance(outcomes, Records) else [outcomes.ticket]
+
+
+def _count(outcomes: list[Outcomes]) -> int:
+    return sum(len(o) if isinstance(o, Records) else 1 for o in outcomes)
+
+
+def _by_ownership(records: Records) -> list[Records]:
+    """The records by their tickets' partition ownership (`Ticket.tracking`), which is one
+    input partition's, in order: a batch's results, of all the partitions it drew from."""
+    tokens = [ticket.tracking for ticket in records.tickets]
+    if tokens.count(tokens[0]) == len(tokens):  # tokens are compared by identity
+        return [records]
+    picks: dict[int, list[int]] = {}
+    for index, token in enumerate(tokens):
+        picks.setdefault(id(token), []).append(index)
+    return [records.pick(indices) for indices in picks.values()]
+
+
+def _split_at(outcomes: list[Outcomes], position: int) -> tuple[list[Outcomes], list[Outcomes]]:
+    """The outcomes of offsets below `position`, and the others; a batch holding both is cut
+    in two."""
+    below: list[Outcomes] = []
+    rest: list[Outcomes] = []
+    for item in outcomes:
+        if isinstance(item, Write):
+            (below if item.ticket.offset < position else rest).append(item)
+            continue
+        offsets = [ticket.offset for ticket in item.tickets]
+        if max(offsets) < position:
+            below.append(item)
+        elif min(offsets) >= position:
+            rest.append(item)
+        else:
+            below.append(item.pick([i for i, o in enumerate(offsets) if o < position]))
+            rest.append(item.pick([i for i, o in enumerate(offsets) if o >= position]))
+    return below, rest
 
 
 def _check_owner(

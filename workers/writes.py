@@ -187,8 +187,9 @@ def by_partition(
     producer: AIOKafkaProducer, items: Iterable[Write | Records]
 ) -> tuple[dict[tuple[str, int], Records], list[Write]]:
     """Records by the (topic, partition) Kafka's default partitioner gives their keys; writes
-    to topics whose metadata this producer does not hold yet come back apart. `Records` given
-    are taken over, not copied."""
+    to topics whose metadata this producer does not hold yet come back apart. A `Records`
+    given may come back as one of those; none has records added or taken away (a first
+    attempt's `Write`, made for an unknown topic, is kept in its `writes` column)."""
     cluster = producer.client.cluster
     groups: dict[tuple[str, int], Records] = {}
     unknown: list[Write] = []
@@ -203,19 +204,26 @@ def by_partition(
 
 
 def by_topic(items: Iterable[Write | Records]) -> dict[str, Records]:
-    """The items' records by topic, in order; `Records` given are taken over, not copied."""
+    """The items' records by topic, in order. A `Records` given, alone of its topic, comes
+    back as it is; joined with others, into new `Records`: never changed, as exactly-once
+    keeps its outcomes until their transaction commits."""
     topics: dict[str, Records] = {}
+    joined: set[str] = set()  # topics whose Records were made here, free to grow
     for item in items:
         records = topics.get(item.topic)
-        if isinstance(item, Records):
-            if records is None:
-                topics[item.topic] = item
-            else:
-                records.extend(item)
+        if records is None and isinstance(item, Records):
+            topics[item.topic] = item
             continue
-        if records is None:
-            records = topics[item.topic] = Records(item.topic)
-        records.add(item)
+        if item.topic not in joined:
+            joined.add(item.topic)
+            new = topics[item.topic] = Records(item.topic)
+            if records is not None:
+                new.extend(records)
+            records = new
+        if isinstance(item, Records):
+            records.extend(item)
+        else:
+            records.add(item)
     return topics
 
 
