@@ -2,6 +2,7 @@
 against a git revision, with the no-guarantee `getmany` loop as a yardstick.
 
     python -m bench.ab REV [--rounds 7] [--requests 50000] [--delivery exactly_once]
+                           [--event-loop asyncio]
 
 Each round drains the same burst as `bench.compare` (msgpack MLP requests on 8 partitions)
 three times: with the worker of REV, with this checkout's, and with the loop; the first two
@@ -44,6 +45,12 @@ def main() -> None:
     parser.add_argument(
         "--delivery", choices=("at_least_once", "exactly_once"), default="at_least_once"
     )
+    parser.add_argument(
+        "--event-loop",
+        choices=("uvloop", "asyncio"),
+        default="uvloop",
+        help="this checkout's worker's (REV's runs on its default; the loop on uvloop)",
+    )
     args = parser.parse_args()
     worker = "surge-eos" if args.delivery == "exactly_once" else "surge"
     kinds = {c.kind: c for c in compare.CONTENDERS}
@@ -57,8 +64,9 @@ def main() -> None:
             for name in order:
                 contender = kinds["fast" if name == names[2] else worker]
                 with _python_path(site if name == names[0] else None):
+                    event_loop = args.event_loop if name == names[1] else "uvloop"
                     result = compare._run(
-                        contender, bootstrap, model_root, model_path, args.requests
+                        contender, bootstrap, model_root, model_path, args.requests, event_loop
                     )
                 runs[name].append(result)
                 console.print(
