@@ -89,6 +89,22 @@ async def _group_offsets(kafka: str, group: str) -> AsyncIterator[AIOKafkaConsum
         await consumer.stop()
 
 
+async def _transactions(
+    kafka: str, group: str, out: str
+) -> tuple[AIOKafkaConsumer, Ledger, Transactions]:
+    """`Transactions` for `group` as the worker makes them, dead letters to `out` (none are
+    expected), with the consumer that reads the group's offsets (started) and their ledger."""
+    consumer = AIOKafkaConsumer(bootstrap_servers=kafka, group_id=group, enable_auto_commit=False)
+    await consumer.start()
+    ledger = Ledger(1000, 1 << 20)
+    retry = RetryPolicy(out, 60, lambda exc: pytest.fail(repr(exc)))
+    options = {"bootstrap_servers": kafka, "acks": "all", "enable_idempotence": True}
+    transactions = Transactions(
+        group, ledger, retry, options, lambda exc: pytest.fail(repr(exc)), consumer.committed
+    )
+    return consumer, ledger, transactions
+
+
 def _ticket(tp: TopicPartition, offset: int, request_id: str) -> Ticket:
     return Ticket(
         tp=tp,
@@ -506,14 +522,7 @@ async def test_a_commit_whose_answer_was_lost_is_not_sent_again(kafka: str) -> N
     source, out, group = f"test.source.{run}", f"test.out.{run}", f"test-{run}"
     await create_topics(kafka, source, out, partitions=1)
     tp = TopicPartition(source, 0)
-    consumer = AIOKafkaConsumer(bootstrap_servers=kafka, group_id=group, enable_auto_commit=False)
-    await consumer.start()
-    ledger = Ledger(1000, 1 << 20)
-    retry = RetryPolicy(out, 60, lambda exc: pytest.fail(repr(exc)))
-    options = {"bootstrap_servers": kafka, "acks": "all", "enable_idempotence": True}
-    transactions = Transactions(
-        group, ledger, retry, options, lambda exc: pytest.fail(repr(exc)), consumer.committed
-    )
+    consumer, ledger, transactions = await _transactions(kafka, group, out)
     await transactions.assign([tp])
     ticket = _ticket(tp, 0, "r0")
     ledger.admit(ticket)
@@ -584,14 +593,7 @@ async def test_a_batch_of_two_input_partitions_commits_each_part_with_its_partit
     source, out, group = f"test.source.{run}", f"test.out.{run}", f"test-{run}"
     await create_topics(kafka, source, out, partitions=2)
     first, second = TopicPartition(source, 0), TopicPartition(source, 1)
-    consumer = AIOKafkaConsumer(bootstrap_servers=kafka, group_id=group, enable_auto_commit=False)
-    await consumer.start()
-    ledger = Ledger(1000, 1 << 20)
-    retry = RetryPolicy(out, 60, lambda exc: pytest.fail(repr(exc)))
-    options = {"bootstrap_servers": kafka, "acks": "all", "enable_idempotence": True}
-    transactions = Transactions(
-        group, ledger, retry, options, lambda exc: pytest.fail(repr(exc)), consumer.committed
-    )
+    consumer, ledger, transactions = await _transactions(kafka, group, out)
     try:
         await transactions.assign([first, second])
         batch = Records(out)
