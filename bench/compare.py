@@ -62,7 +62,7 @@ from surge.schemas import MSGPACK
 from surge.schemas.headers import STATUS
 from surge.workers import fetched as lean
 from surge.workers.partitioning import key_partitions
-from surge.workers.worker import loop_factory
+from surge.workers.worker import run_on
 
 console = Console()
 PARTITIONS = 8
@@ -138,8 +138,8 @@ def main() -> None:
             # broker alone (None) takes its turn among them.
             for contender in random.Random(round_).sample([None, *chosen], len(chosen) + 1):
                 if contender is None:
-                    with asyncio.Runner(loop_factory=loop_factory(args.event_loop)) as runner:
-                        broker_rates.append(runner.run(_broker_alone(bootstrap, args.requests)))
+                    alone = _broker_alone(bootstrap, args.requests)
+                    broker_rates.append(run_on(args.event_loop, alone))
                     console.print(
                         f"  round {round_ + 1}, broker alone (drain and write back, no model): "
                         f"{broker_rates[-1]:,.0f} msg/s"

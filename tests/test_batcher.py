@@ -937,11 +937,11 @@ async def test_a_drain_can_leave_what_will_never_settle() -> None:
     for offset, ticket in enumerate(tickets):
         ticket.offset = offset
         ledger.admit(ticket)
-    ledger.settle(tickets[0])
+    ledger.settle_all([tickets[0]])
     drained = asyncio.ensure_future(ledger.drained(leaving=1))
     await asyncio.sleep(0.01)
     assert not drained.done()
-    ledger.settle(tickets[1])
+    ledger.settle_all([tickets[1]])
     await asyncio.wait_for(drained, 1)
     assert ledger.offsets.committable() == {tickets[0].tp: 2}  # the third is left unread
 

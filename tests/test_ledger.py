@@ -67,11 +67,11 @@ def test_an_outcome_decided_then_released_frees_its_result_too() -> None:
     ticket = make_ticket(b"x" * 10)
     ledger.admit(ticket)
     replies.ok_body(ticket, b"r" * 500)
-    ledger.finish(ticket)
+    ledger.finish_all([ticket])
     assert ledger.bytes == 511  # decided, still in memory
-    ledger.release(ticket)
+    ledger.release_all([ticket])
     assert (ledger.records, ledger.bytes) == (0, 0)
-    ledger.settle(ticket)  # settling a released ticket again changes nothing
+    ledger.settle_all([ticket])  # settling a released ticket again changes nothing
     assert (ledger.records, ledger.bytes) == (0, 0)
 
 
@@ -83,7 +83,7 @@ def test_a_record_counts_with_its_key_and_headers() -> None:
     ledger.admit(ticket)
     assert ledger.bytes == 2 + 10 + 1 + (1 << 20)
     assert ledger.full
-    ledger.settle(ticket)
+    ledger.settle_all([ticket])
     assert (ledger.records, ledger.bytes) == (0, 0)
 
 

@@ -77,12 +77,10 @@ class Ledger:
             ticket.held = size
         self.bytes += change
 
-    def settle(self, ticket: Ticket) -> None:
-        """The ticket's result or dead letter is durable. Settling twice changes nothing."""
-        self.settle_all((ticket,))
-
     def settle_all(self, tickets: Iterable[Ticket]) -> None:
-        """`settle` for a whole acknowledged record batch, waking waiters once."""
+        """The tickets' results or dead letters are durable (an acknowledged record batch's):
+        `finish_all` and `release_all` in one, waking waiters once. Settling twice changes
+        nothing."""
         finish = self.offsets.finish
         records = size = 0
         for ticket in tickets:  # `finish_all` and `release_all` in one pass
@@ -95,13 +93,9 @@ class Ledger:
         self.bytes -= size
         self._wake()
 
-    def finish(self, ticket: Ticket) -> None:
-        """The ticket's outcome is decided: its offset may be committed with that outcome (in
-        exactly-once mode, in the same transaction). It still counts as in flight."""
-        self.finish_all((ticket,))
-
     def finish_all(self, tickets: Iterable[Ticket]) -> None:
-        """`finish` for a batch's outcomes, waking waiters once."""
+        """The tickets' outcomes are decided: their offsets may be committed with them (in
+        exactly-once mode, in the same transaction). They still count as in flight."""
         finish = self.offsets.finish
         for ticket in tickets:
             if not ticket.settled:
@@ -114,12 +108,9 @@ class Ledger:
         revoked since, even if assigned again)."""
         return self.offsets.current(ticket.tp, ticket.tracking)
 
-    def release(self, ticket: Ticket) -> None:
-        """Stop counting the ticket as in flight (once, after `finish`)."""
-        self.release_all((ticket,))
-
     def release_all(self, tickets: Iterable[Ticket]) -> None:
-        """`release` for many tickets, waking waiters once."""
+        """Stop counting the tickets as in flight (once each, after `finish_all`), waking
+        waiters once."""
         records = size = 0
         for ticket in tickets:
             records += 1

@@ -7,7 +7,7 @@ The hot path, top to bottom:
             ─► Router.clean_tickets (headers only) ─► repository.resolve, once a run
             ─► intake.admit_all (decode + validate) ─► Ledger.admit_all ─► Batcher.put_all
       (a run that routing or its model refuses: the same steps record by record, `_accept`)
-    Batcher ─► runtime.run in an executor ─► Replies (encode, write, await ack) ─► Ledger.settle
+    Batcher ─► runtime.run in an executor ─► Replies (encode, write, await ack) ─► Ledger.settle_all
     commit loop ─► commit each partition's settled prefix
 
 Bad input becomes an error result or a dead letter at the step that finds it; nothing
@@ -24,9 +24,9 @@ import re
 import signal
 import sys
 import time
-from collections.abc import Awaitable, Callable, Iterable, Mapping, Sequence
+from collections.abc import Awaitable, Callable, Coroutine, Iterable, Mapping, Sequence
 from pathlib import Path
-from typing import TypeVar
+from typing import Any, TypeVar
 
 import structlog
 from aiokafka import AIOKafkaConsumer, AIOKafkaProducer, ConsumerRebalanceListener, TopicPartition
@@ -900,17 +900,16 @@ def collect_young_less_often() -> None:
 
 def run(settings: Settings) -> None:
     """Serve `settings` on the event loop they choose, until SIGTERM or SIGINT."""
-    with asyncio.Runner(loop_factory=loop_factory(settings.worker.event_loop)) as runner:
-        runner.run(serve(settings))
+    run_on(settings.worker.event_loop, serve(settings))
 
 
-def loop_factory(event_loop: str) -> Callable[[], asyncio.AbstractEventLoop] | None:
-    """How to make the event loop `worker.event_loop` names; None: asyncio's own."""
-    if event_loop != "uvloop":
-        return None
-    import uvloop  # a dependency wherever it builds (not Windows)
+def run_on(event_loop: str, main: Coroutine[Any, Any, T]) -> T:
+    """`asyncio.run(main)` on the event loop `worker.event_loop` names."""
+    if event_loop == "uvloop":
+        import uvloop  # a dependency wherever it builds (not Windows)
 
-    return uvloop.new_event_loop
+        return uvloop.run(main)
+    return asyncio.run(main)
 
 
 async def serve(settings: Settings) -> None:

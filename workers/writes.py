@@ -176,11 +176,8 @@ class Records:
         return Alike(self.keys, self.values, headers.REQUEST_ID, self.ids, first)  # type: ignore[arg-type]
 
 
-def _one_length(column: Sequence[bytes | None]) -> bool:
-    try:
-        return len(set(map(len, column))) == 1  # type: ignore[arg-type]
-    except TypeError:  # a None
-        return False
+def _one_length(column: Sequence[bytes]) -> bool:
+    return len(set(map(len, column))) == 1
 
 
 def by_partition(

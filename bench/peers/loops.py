@@ -28,7 +28,7 @@ import onnxruntime as ort
 from aiokafka import AIOKafkaConsumer, AIOKafkaProducer, ConsumerRecord, TopicPartition
 
 from bench.peers.wire import REPLY_HEADERS, Request, decode, reply
-from surge.workers.worker import collect_young_less_often, loop_factory
+from surge.workers.worker import collect_young_less_often, run_on
 
 FETCH = 1024
 
@@ -121,6 +121,4 @@ async def _send_batches(
 
 if __name__ == "__main__":
     collect_young_less_often()  # the worker's collector settings: the comparison is of designs
-    event_loop = os.environ.get("BENCH_EVENT_LOOP", "uvloop")  # and its event loop
-    with asyncio.Runner(loop_factory=loop_factory(event_loop)) as runner:
-        runner.run(main(*sys.argv[1:6]))
+    run_on(os.environ.get("BENCH_EVENT_LOOP", "uvloop"), main(*sys.argv[1:6]))  # and its loop
